@@ -1,0 +1,709 @@
+"""Raw logs (CSV/TSV, gzip, Parquet, JSON Lines) → binary shards + manifest, on all cores.
+
+The input is cut into blocks (byte ranges of text files, row groups of Parquet); worker processes parse,
+validate, hash and transform each block into one shard. Quantile boundaries of numeric fields are fitted
+from a bounded weighted sample of *all* blocks, so block results are staged first and finalized once the
+boundaries are known (or written directly when reusing an earlier conversion's transforms: `like`).
+
+Nothing is lost: every malformed row is counted by reason and written with its file and line number to
+`rejects.tsv`; the output folder appears only when complete (built as `<out>.partial-<pid>`, renamed).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import mmap
+import os
+import shutil
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ctrflow.data import shards as shardio
+from ctrflow.data.transforms import QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform
+from ctrflow.errors import ConfigError, InputError, SchemaError, TooManyRejectsError
+from ctrflow.schema import Schema, load_schema
+
+__all__ = ["ConvertOptions", "ConvertSummary", "convert", "REJECT_REASONS"]
+
+REJECT_REASONS = (
+    "wrong_field_count",  # the row has more or fewer fields than the schema's columns
+    "bad_label",          # label missing or not 0/1
+    "bad_number",         # a numeric field (or extra) is not a finite number
+    "bad_weight",         # weight missing, negative or not a number
+    "bad_time",           # time is neither an integer nor an ISO date-time
+    "invalid_utf8",       # a categorical value is not valid UTF-8 (serving could never match it)
+    "bad_json",           # a JSON Lines row is not a JSON object
+)
+
+ProgressFn = Callable[[int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How a conversion runs. Every field is checked once, here."""
+
+    workers: int = 0  # worker processes; 0 = one per core for large inputs, else 1; 1 = in this process
+    block_bytes: int = 32 << 20  # text bytes per block (= per shard), >= 4 KiB
+    max_errors: int | None = 1000  # abort when more rows are rejected; None = no bound
+    sample_capacity: int = 1_000_000  # rows kept per numeric field for quantile fitting
+    overwrite: bool = False  # replace an existing output folder
+    seed: int = 0  # sampling seed (quantile sketch); conversion is deterministic given it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"The 'workers' option of convert must be an int >= 0. Got {self.workers!r} instead.")
+        if not isinstance(self.block_bytes, int) or self.block_bytes < 4096:
+            raise ConfigError(f"The 'block_bytes' option of convert must be an int >= 4096. Got {self.block_bytes!r} instead.")
+        if self.max_errors is not None and (not isinstance(self.max_errors, int) or self.max_errors < 0):
+            raise ConfigError(f"The 'max_errors' option of convert must be an int >= 0 or None. Got {self.max_errors!r} instead.")
+        if self.sample_capacity < 1000:
+            raise ConfigError(f"The 'sample_capacity' option of convert must be >= 1000. Got {self.sample_capacity!r} instead.")
+
+
+@dataclass
+class ConvertSummary:
+    out: str
+    rows: int
+    rows_read: int
+    rows_rejected: int
+    rejects: dict[str, int]
+    rejects_path: str | None
+    shards: int
+    bytes: int
+    input_bytes: int
+    seconds: float
+    rows_per_s: float
+    inputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: cut inputs into blocks a worker can read on its own.
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    index: int
+    file: str
+    kind: str  # "text" | "parquet" | "jsonl"
+    start: int = 0  # byte range (text/jsonl in plain files) or row-group index (parquet)
+    end: int = 0
+    first_line: int = 1  # 1-based line number of the block's first line in its file
+    data: bytes | None = None  # decompressed text (gzip inputs are cut in this process)
+
+
+def _input_kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "parquet"
+    if name.endswith(".jsonl") or name.endswith(".ndjson") or name.endswith(".json"):
+        return "jsonl"
+    return "text"
+
+
+def _check_first_line(line: bytes, path: Path, schema: Schema) -> bool:
+    """Validate a text file's first line against the schema. Returns True if it is a header to skip."""
+    try:
+        text = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+    fields = next(csv.reader([text], delimiter=schema.delimiter), [])
+    expected = list(schema.columns) if schema.columns else None
+    if schema.header:
+        if expected is not None and fields != expected:
+            if len(fields) != len(expected):
+                raise SchemaError(
+                    f"{path} line 1: schema '{schema.name}' expects {len(expected)} fields, found {len(fields)} "
+                    f"(header {fields[:8]}{'...' if len(fields) > 8 else ''})."
+                )
+            differ = [(e, f) for e, f in zip(expected, fields) if e != f]
+            looks_like_data = schema.label in expected and fields[expected.index(schema.label)] in ("0", "1")
+            hint = " It looks like data: this file has no header; use a schema with header: false." if looks_like_data else ""
+            raise SchemaError(
+                f"{path} line 1: header does not match schema '{schema.name}': expected column(s) "
+                f"{[e for e, _ in differ][:5]} where the file has {[f for _, f in differ][:5]}.{hint}"
+            )
+        return True
+    assert expected is not None  # a headerless schema always lists its columns (checked in Schema)
+    if len(fields) != len(expected):
+        raise SchemaError(
+            f"{path} line 1: schema '{schema.name}' expects {len(expected)} fields, found {len(fields)}."
+        )
+    label_value = fields[expected.index(schema.label)]
+    if fields == expected or (label_value not in ("0", "1", "") and label_value in (schema.label, "label", "click")):
+        raise SchemaError(
+            f"{path} line 1 looks like a header ({fields[:4]}...) but schema '{schema.name}' expects none: "
+            "remove it or use a schema with header: true."
+        )
+    return False
+
+
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, start_index: int) -> Iterator[_Block]:
+    """Blocks of whole lines. Plain files become byte ranges; gzip is decompressed here, in order."""
+    compressed = path.suffix == ".gz"
+    try:
+        with _open_bytes(path) as f:
+            first = f.readline()
+            if not first:
+                raise InputError(f"{path}: empty file (no rows).")
+            skip = _check_first_line(first, path, schema) if (kind == "text" and schema) else False
+            line = 2 if skip else 1
+            offset = len(first) if skip else 0
+            carry = b"" if skip else first
+            index = start_index
+            if not compressed:
+                f.close()
+                size = path.stat().st_size
+                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    while offset < size:
+                        end = min(size, offset + block_bytes)
+                        if end < size:
+                            nl = mm.find(b"\n", end)
+                            end = size if nl < 0 else nl + 1
+                        yield _Block(index, str(path), kind, offset, end, line)
+                        line += mm[offset:end].count(b"\n")
+                        index += 1
+                        offset = end
+                return
+            while True:
+                chunk = f.read(block_bytes)
+                data = carry + chunk
+                if not chunk:
+                    if data:
+                        yield _Block(index, str(path), kind, first_line=line, data=data)
+                    return
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    carry = data
+                    continue
+                block, carry = data[:cut], data[cut:]
+                yield _Block(index, str(path), kind, first_line=line, data=block)
+                line += block.count(b"\n")
+                index += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"{path}: truncated or damaged gzip ({e}); re-copy the file or drop it from the inputs.") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e}).") from None
+
+
+def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int) -> Iterator[_Block]:
+    index = 0
+    for path in inputs:
+        kind = _input_kind(path)
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+                raise InputError(f"{path}: not a readable Parquet file ({e}).") from None
+            if pf.metadata.num_rows == 0:
+                raise InputError(f"{path}: empty file (no rows).")
+            missing = [c for c in schema.used_columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise SchemaError(f"{path}: schema '{schema.name}' needs columns {missing} that the Parquet file lacks (it has {pf.schema_arrow.names}).")
+            line = 1
+            for rg in range(pf.num_row_groups):
+                yield _Block(index, str(path), kind, rg, rg + 1, line)
+                line += pf.metadata.row_group(rg).num_rows
+                index += 1
+        else:
+            for block in _plan_text(path, kind, schema, block_bytes, index):
+                index = block.index + 1
+                yield block
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-block work (runs in worker processes).
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _BlockResult:
+    index: int
+    file: str
+    rows_read: int
+    rows: int
+    rejects: list[tuple[int, str, str, str]]  # (line, reason, field, row text)
+    staged: str | None  # folder of staged arrays (when boundaries were not known yet)
+    shard: dict[str, Any] | None  # manifest entry (when written directly)
+    sample: np.ndarray | None  # float32 [k, n_numeric] subsample of transformed numerics
+    sample_weight: float
+    time_range: tuple[int, int] | None
+
+
+def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], np.ndarray, list[tuple[int, str, str, str]], int]:
+    """Columns (pyarrow binary arrays) of one block, their line numbers, structural rejects, rows read."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rejects: list[tuple[int, str, str, str]] = []
+    if block.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(block.file).read_row_group(block.start, columns=schema.used_columns)
+        cols = {}
+        for name in schema.used_columns:
+            col = table.column(name).combine_chunks()
+            if pa.types.is_floating(col.type):  # 3.0 and 3 must hash alike: integral floats print as ints
+                import pyarrow.compute as pc
+
+                as_int = col.cast(pa.int64(), safe=False)
+                col = pc.if_else(pc.equal(as_int.cast(col.type), col), as_int.cast(pa.string()), col.cast(pa.string()))
+            cols[name] = col.cast(pa.string()).fill_null("").cast(pa.binary())
+        lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
+        return cols, lines, rejects, table.num_rows
+
+    data = block.data
+    if data is None:
+        with open(block.file, "rb") as f:
+            f.seek(block.start)
+            data = f.read(block.end - block.start)
+    if block.kind == "jsonl":
+        return _read_jsonl(data, block, schema)
+
+    columns = list(schema.columns) if schema.columns else None
+    assert columns is not None
+    n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    bad_lines: list[int] = []
+
+    def on_invalid(row: Any) -> str:
+        line = block.first_line + row.number - 1
+        bad_lines.append(line)
+        rejects.append((line, "wrong_field_count", f"{row.actual_columns} of {row.expected_columns}", row.text))
+        return "skip"
+
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+        parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.binary() for c in columns}, include_columns=schema.used_columns,
+            strings_can_be_null=False, quoted_strings_can_be_null=False,
+        ),
+    )
+    all_lines = np.arange(block.first_line, block.first_line + n_lines, dtype=np.int64)
+    lines = np.setdiff1d(all_lines, np.asarray(bad_lines, np.int64), assume_unique=True) if bad_lines else all_lines
+    if len(lines) != table.num_rows:  # quoted newlines inside fields: line numbers become approximate
+        lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
+    cols = {name: table.column(name).combine_chunks() for name in schema.used_columns}
+    return cols, lines, rejects, table.num_rows + len(bad_lines)
+
+
+def _read_jsonl(data: bytes, block: _Block, schema: Schema) -> tuple[dict[str, Any], np.ndarray, list, int]:
+    import pyarrow as pa
+
+    rejects: list[tuple[int, str, str, str]] = []
+    names = schema.used_columns
+    values: dict[str, list[bytes]] = {n: [] for n in names}
+    lines: list[int] = []
+    rows_read = 0
+    for i, raw in enumerate(data.splitlines()):
+        line = block.first_line + i
+        if not raw.strip():
+            rows_read += 1
+            rejects.append((line, "bad_json", "", ""))
+            continue
+        rows_read += 1
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            rejects.append((line, "bad_json", str(e)[:60], raw.decode("utf-8", "replace")))
+            continue
+        if not isinstance(obj, dict):
+            rejects.append((line, "bad_json", "not an object", raw.decode("utf-8", "replace")))
+            continue
+        for n in names:
+            v = obj.get(n)
+            if v is None:
+                values[n].append(b"")
+            elif isinstance(v, bool):
+                values[n].append(b"1" if v else b"0")
+            elif isinstance(v, float) and v.is_integer():
+                values[n].append(str(int(v)).encode())
+            else:
+                values[n].append(str(v).encode())
+        lines.append(line)
+    cols = {n: pa.array(v, pa.binary()) for n, v in values.items()}
+    return cols, np.asarray(lines, np.int64), rejects, rows_read
+
+
+def _parse_floats(col: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values (NaN where empty) and a mask of values that are present but not numbers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        s = col.cast(pa.string())
+        s = pc.if_else(pc.equal(s, ""), pa.scalar(None, pa.string()), s)
+        vals = s.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        bad = np.isinf(vals) | (np.isnan(vals) & s.is_valid().to_numpy(zero_copy_only=False))
+        return np.where(bad, np.nan, vals), bad
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = np.full(len(col), np.nan)
+        bad = np.zeros(len(col), bool)
+        for i, b in enumerate(col.to_pylist()):
+            if not b:
+                continue
+            try:
+                v = float(b)
+                if np.isfinite(v):
+                    out[i] = v
+                else:
+                    bad[i] = True
+            except ValueError:
+                bad[i] = True
+        return out, bad
+
+
+_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+def _parse_times(col: Any) -> tuple[np.ndarray, np.ndarray]:
+    """int64 times (integers as given, date-times as epoch seconds) and a mask of bad values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        s = col.cast(pa.string())
+    except pa.ArrowInvalid:
+        return np.zeros(len(col), np.int64), np.ones(len(col), bool)
+    try:
+        return s.cast(pa.int64()).to_numpy(zero_copy_only=False), np.zeros(len(col), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    out = pa.nulls(len(s), pa.timestamp("s"))
+    for fmt in _TIME_FORMATS:
+        out = pc.coalesce(out, pc.strptime(s, format=fmt, unit="s", error_is_null=True))
+    bad = out.is_null().to_numpy(zero_copy_only=False)
+    values = out.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    return values, bad
+
+
+def _bad_utf8(col: Any) -> np.ndarray | None:
+    import pyarrow as pa
+
+    try:
+        col.cast(pa.string())
+        return None
+    except pa.ArrowInvalid:
+        bad = np.zeros(len(col), bool)
+        for i, b in enumerate(col.to_pylist()):
+            try:
+                b.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+        return bad
+
+
+def _row_text(cols: dict[str, Any], i: int, schema: Schema) -> str:
+    return schema.delimiter.join(cols[n][i].as_py().decode("utf-8", "replace") for n in schema.used_columns)
+
+
+def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, final_dir: str,
+                   boundaries: dict[str, list[float]] | None, meta: dict[str, Any], sample_rows: int, seed: int) -> _BlockResult:
+    """Parse, validate, hash and transform one block; stage it or write its final shard."""
+    schema = Schema.from_dict(schema_dict)
+    cols, lines, rejects, rows_read = _read_block_columns(block, schema)
+    n = len(lines)
+    bad = np.zeros(n, bool)
+
+    def reject(mask: np.ndarray, reason: str, fieldname: str) -> None:
+        new = mask & ~bad
+        for i in np.flatnonzero(new):
+            rejects.append((int(lines[i]), reason, fieldname, _row_text(cols, int(i), schema)))
+        bad[:] |= mask
+
+    label, lbad = _parse_floats(cols[schema.label])
+    reject(lbad | ~np.isin(label, (0.0, 1.0)), "bad_label", schema.label)
+    numeric = np.zeros((n, len(schema.numeric)), np.float32)
+    for j, f in enumerate(schema.numeric):
+        v, vbad = _parse_floats(cols[f.name])
+        reject(vbad, "bad_number", f.name)
+        numeric[:, j] = log_transform(v) if f.transform == "log" else v
+    weight = None
+    if schema.weight:
+        w, wbad = _parse_floats(cols[schema.weight])
+        reject(wbad | np.isnan(w) | (w < 0), "bad_weight", schema.weight)
+        weight = w.astype(np.float32)
+    times = None
+    if schema.time:
+        times, tbad = _parse_times(cols[schema.time])
+        reject(tbad, "bad_time", schema.time)
+    extras = None
+    if schema.extras:
+        extras = np.zeros((n, len(schema.extras)), np.float32)
+        for j, name in enumerate(schema.extras):
+            v, vbad = _parse_floats(cols[name])
+            reject(vbad, "bad_number", name)
+            extras[:, j] = v
+    for f in schema.categorical:
+        m = _bad_utf8(cols[f.name])
+        if m is not None:
+            reject(m, "invalid_utf8", f.name)
+
+    good = ~bad
+    keep = np.flatnonzero(good)
+    rows = len(keep)
+    ids = np.zeros((rows, len(schema.categorical) + len(schema.numeric)), np.int32)
+    for j, f in enumerate(schema.categorical):
+        col = cols[f.name] if rows == n else cols[f.name].take(keep)
+        ids[:, j] = hash_values(col.to_numpy(zero_copy_only=False), f.hash_buckets, field_hash_key(schema.hash_seed, f.name))
+    data = shardio.ShardData(
+        label=label[keep].astype(np.float32), ids=ids, numeric=numeric[keep],
+        weight=None if weight is None else weight[keep], time=None if times is None else times[keep],
+        extras=None if extras is None else extras[keep],
+    )
+    time_range = (int(data.time.min()), int(data.time.max())) if data.time is not None and rows else None
+    name = f"part-{block.index:05d}"
+    if boundaries is not None:
+        entry = _finalize(data, schema, boundaries, Path(final_dir) / (name + shardio.SHARD_SUFFIX), meta)
+        return _BlockResult(block.index, block.file, rows_read, rows, rejects, None, entry, None, 0.0, time_range)
+    stage = Path(staging) / name
+    stage.mkdir(parents=True, exist_ok=True)
+    for key, arr in data.blocks():
+        np.save(stage / f"{key}.npy", arr)
+    rng = np.random.default_rng([seed, block.index])
+    k = min(rows, sample_rows)
+    pick = rng.choice(rows, size=k, replace=False) if k < rows else np.arange(rows)
+    return _BlockResult(block.index, block.file, rows_read, rows, rejects, str(stage), None,
+                        data.numeric[pick], rows / max(k, 1), time_range)
+
+
+def _finalize(data: shardio.ShardData, schema: Schema, boundaries: dict[str, list[float]], path: Path,
+              meta: dict[str, Any]) -> dict[str, Any]:
+    """Fill the discretized numeric ids, zero the missing numerics, write the shard atomically."""
+    offset = len(schema.categorical)
+    ids = np.array(data.ids, copy=True)
+    numeric = np.array(data.numeric, copy=True)
+    for j, f in enumerate(schema.numeric):
+        ids[:, offset + j] = discretize(numeric[:, j], np.asarray(boundaries[f.name], np.float32))
+    np.nan_to_num(numeric, copy=False, nan=0.0)
+    out = shardio.ShardData(data.label, ids, numeric, data.weight, data.time, data.extras)
+    return shardio.write_shard(path, out, meta)
+
+
+def _finalize_staged(stage: str, schema_dict: dict[str, Any], boundaries: dict[str, list[float]], path: str,
+                     meta: dict[str, Any]) -> dict[str, Any]:
+    schema = Schema.from_dict(schema_dict)
+    arrays = {p.stem: np.load(p, mmap_mode="r") for p in Path(stage).glob("*.npy")}
+    data = shardio.ShardData(**arrays)
+    entry = _finalize(data, schema, boundaries, Path(path), meta)
+    shutil.rmtree(stage, ignore_errors=True)
+    return entry
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+class _InlineExecutor(Executor):
+    """Runs tasks in this process: no start-up cost, for small inputs, tests and workers=1."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # delivered through the future like a pool would
+            fut.set_exception(e)
+        return fut
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver.
+# ------------------------------------------------------------------------------------------------
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("file\tline\treason\tfield\trow\n")
+        for file, line, reason, fieldname, text in sorted(rejects, key=lambda r: (r[0], r[1])):
+            f.write(f"{file}\t{line}\t{reason}\t{_escape(fieldname)}\t{_escape(text)}\n")
+    os.replace(tmp, path)
+
+
+def convert(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    schema: Schema | str | None = None,
+    like: str | os.PathLike | None = None,
+    options: ConvertOptions = ConvertOptions(),
+    on_progress: ProgressFn | None = None,
+) -> ConvertSummary:
+    """Convert raw logs into a shard folder.
+
+    Args:
+        inputs: one or more files (CSV/TSV, optionally .gz; .parquet; .jsonl).
+        out: the shard folder to create.
+        schema: a Schema, preset name or schema file. Exactly one of `schema` / `like`.
+        like: an earlier shard folder whose schema, hashing and discretizer boundaries are reused, so
+            later data (a test split, tomorrow's logs) gets exactly the same ids.
+        on_progress: called as on_progress(rows_done, rows_total_estimate) after each block.
+    """
+    t0 = time.perf_counter()
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    if not paths:
+        raise InputError("convert needs at least one input file.")
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such input file.")
+    if (schema is None) == (like is None):
+        raise ConfigError("convert needs exactly one of 'schema' (a preset, file or Schema) or 'like' (an earlier shard folder).")
+    boundaries: dict[str, list[float]] | None = None
+    if like is not None:
+        man = shardio.load_manifest(like)
+        schema_obj = man.schema()
+        boundaries = {k: list(v) for k, v in man.transforms().boundaries.items()}
+    else:
+        schema_obj = load_schema(schema)  # type: ignore[arg-type]
+    out = Path(out)
+    if out.exists():
+        if not options.overwrite:
+            raise ConfigError(f"{out} already exists: choose another folder or pass overwrite (--overwrite).")
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    staging = partial / ".staging"
+    input_bytes = sum(p.stat().st_size for p in paths)
+    meta = {"schema": schema_obj.to_dict(), "schema_fingerprint": schema_obj.fingerprint()}
+    if boundaries is not None:
+        meta["transforms"] = Transforms({k: tuple(v) for k, v in boundaries.items()}).to_dict()
+
+    # Worker processes pay a TensorFlow import each (seconds): worth it only for inputs of many blocks.
+    workers = options.workers or (1 if input_bytes < 4 * options.block_bytes else (os.cpu_count() or 1))
+    executor: Executor
+    if workers == 1:
+        executor = _InlineExecutor()
+    else:
+        import multiprocessing
+
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    results: list[_BlockResult] = []
+    rejects_all: list[tuple[str, int, str, str, str]] = []
+    reasons: Counter[str] = Counter()
+    rows_done = 0
+    sample_rows = max(1000, options.sample_capacity // 16)
+    schema_dict = schema_obj.to_dict()
+    try:
+        try:
+            pending: list[Future] = []
+            blocks = _plan(paths, schema_obj, options.block_bytes)
+            exhausted = False
+            while pending or not exhausted:
+                while not exhausted and len(pending) < 2 * workers:
+                    block = next(blocks, None)
+                    if block is None:
+                        exhausted = True
+                        break
+                    pending.append(executor.submit(_process_block, block, schema_dict, str(staging), str(partial),
+                                                   boundaries, meta, sample_rows, options.seed))
+                if not pending:
+                    break
+                res: _BlockResult = pending.pop(0).result()
+                results.append(res)
+                rows_done += res.rows
+                for line, reason, fieldname, text in res.rejects:
+                    reasons[reason] += 1
+                    rejects_all.append((res.file, line, reason, fieldname, text))
+                if options.max_errors is not None and len(rejects_all) > options.max_errors:
+                    for fut in pending:
+                        fut.cancel()
+                    raise TooManyRejectsError(
+                        f"more than {options.max_errors} malformed rows (max_errors): {dict(reasons)}; "
+                        f"see {out}.rejects.tsv for each row, its file and line."
+                    )
+                if on_progress:
+                    frac = (sum(1 for _ in results) / max(1, len(results) + len(pending)))
+                    est = None if not exhausted else int(rows_done / max(frac, 1e-9))
+                    on_progress(rows_done, est)
+            if rows_done == 0:
+                raise InputError(f"no valid rows in {', '.join(map(str, paths))} ({dict(reasons) or 'no rows at all'}).")
+
+            # Fit the discretizer on the weighted sample of every block, then finalize staged blocks.
+            if boundaries is None:
+                boundaries = {}
+                for j, f in enumerate(schema_obj.numeric):
+                    sketch = QuantileSketch(options.sample_capacity, seed=options.seed + j)
+                    for r in results:
+                        if r.sample is not None and len(r.sample):
+                            sketch.add(r.sample[:, j], np.full(len(r.sample), r.sample_weight))
+                    boundaries[f.name] = [float(x) for x in sketch.boundaries(f.bins)]
+                meta["transforms"] = Transforms({k: tuple(v) for k, v in boundaries.items()}).to_dict()
+                futs = [executor.submit(_finalize_staged, r.staged, schema_dict, boundaries,
+                                        str(partial / f"part-{r.index:05d}{shardio.SHARD_SUFFIX}"), meta)
+                        for r in results if r.staged and r.rows]
+                entries = [f.result() for f in futs]
+            else:
+                entries = [r.shard for r in results if r.shard and r.rows]
+            for r in results:  # blocks with no valid rows leave no shard
+                if r.rows == 0 and r.shard:
+                    (partial / r.shard["file"]).unlink(missing_ok=True)
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        if rejects_all:
+            _write_rejects(out.with_name(out.name + ".rejects.tsv"), rejects_all)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+    shutil.rmtree(staging, ignore_errors=True)
+    transforms = Transforms({k: tuple(v) for k, v in boundaries.items()})
+    rejects_path = None
+    if rejects_all:
+        _write_rejects(partial / "rejects.tsv", rejects_all)
+        rejects_path = str(out / "rejects.tsv")
+    times = [r.time_range for r in results if r.time_range]
+    rows_read = sum(r.rows_read for r in results)
+    manifest = {
+        "format": "ctrflow-shards",
+        "version": shardio.FORMAT_VERSION,
+        "schema": schema_dict,
+        "schema_fingerprint": schema_obj.fingerprint(),
+        "transforms": transforms.to_dict(),
+        "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
+        "rows": rows_done,
+        "rows_read": rows_read,
+        "rows_rejected": len(rejects_all),
+        "rejects": dict(reasons),
+        "time_range": [min(t[0] for t in times), max(t[1] for t in times)] if times else None,
+        "inputs": [str(p) for p in paths],
+        "like": str(like) if like is not None else None,
+        "created_unix": time.time(),
+        "shards": entries,
+    }
+    tmp = partial / (shardio.MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, partial / shardio.MANIFEST)
+    if out.exists():  # overwrite: swap the old folder out only now that the new one is complete
+        trash = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(partial, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    seconds = time.perf_counter() - t0
+    return ConvertSummary(
+        out=str(out), rows=rows_done, rows_read=rows_read, rows_rejected=len(rejects_all), rejects=dict(reasons),
+        rejects_path=rejects_path, shards=len(entries), bytes=sum(e["bytes"] for e in entries), input_bytes=input_bytes,
+        seconds=seconds, rows_per_s=rows_done / max(seconds, 1e-9), inputs=[str(p) for p in paths],
+    )

@@ -1,0 +1,370 @@
+"""Schemas: which column is the label, which are categorical or numeric features, and how they are read.
+
+A schema is a frozen dataclass that round-trips through YAML/JSON. Built-in presets (`criteo`, `avazu`,
+`synthetic`) cover the common public formats; `infer_schema` guesses one from a CSV header and sample.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from ctrflow.errors import SchemaError
+
+__all__ = [
+    "CategoricalField",
+    "NumericField",
+    "Schema",
+    "PRESETS",
+    "load_schema",
+    "infer_schema",
+]
+
+NumericTransform = Literal["log", "identity"]
+NumericMode = Literal["discretize", "normalize"]
+_TRANSFORMS = ("log", "identity")
+_MODES = ("discretize", "normalize")
+
+
+@dataclass(frozen=True)
+class CategoricalField:
+    """A categorical feature, hashed into `hash_buckets` ids (id 0 is reserved for missing)."""
+
+    name: str
+    hash_buckets: int = 1 << 20  # ids per field, >= 2; collisions grow as cardinality approaches it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hash_buckets, int) or self.hash_buckets < 2:
+            raise SchemaError(
+                f"The 'hash_buckets' of categorical field '{self.name}' must be an int >= 2. "
+                f"Got {self.hash_buckets!r} instead."
+            )
+
+
+@dataclass(frozen=True)
+class NumericField:
+    """A numeric feature: transformed (`log`: sign(x)*log1p(|x|)), then discretized into quantile bins
+    learned by the converter, or fed as an online-normalized value (`mode='normalize'`)."""
+
+    name: str
+    transform: NumericTransform = "log"
+    mode: NumericMode = "discretize"
+    bins: int = 32  # quantile bins learned from the data, 2..4096 (fewer if values repeat)
+
+    def __post_init__(self) -> None:
+        if self.transform not in _TRANSFORMS:
+            raise SchemaError(
+                f"The 'transform' of numeric field '{self.name}' must be one of {_TRANSFORMS}. "
+                f"Got {self.transform!r} instead."
+            )
+        if self.mode not in _MODES:
+            raise SchemaError(
+                f"The 'mode' of numeric field '{self.name}' must be one of {_MODES}. Got {self.mode!r} instead."
+            )
+        if not isinstance(self.bins, int) or not 2 <= self.bins <= 4096:
+            raise SchemaError(
+                f"The 'bins' of numeric field '{self.name}' must be an int in [2, 4096]. Got {self.bins!r} instead."
+            )
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How to read one kind of log file into features.
+
+    columns: the file's columns in order. Required for files without a header; for files with a header
+        it is the expected header (checked against the file, order included).
+    extras: float columns carried into the shards but never used as features (e.g. `true_ctr` of the
+        synthetic generator, for Bayes-optimal reference metrics).
+    ignore: columns read and dropped (ids, leakage such as an attribution time).
+    hash_seed: changes every field's hash function; keep it fixed for a model's whole life.
+    """
+
+    name: str
+    label: str
+    categorical: tuple[CategoricalField, ...] = ()
+    numeric: tuple[NumericField, ...] = ()
+    weight: str | None = None
+    time: str | None = None
+    extras: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    columns: tuple[str, ...] | None = None
+    delimiter: str = ","
+    header: bool = True
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categorical", tuple(self.categorical))
+        object.__setattr__(self, "numeric", tuple(self.numeric))
+        object.__setattr__(self, "extras", tuple(self.extras))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.columns is not None:
+            object.__setattr__(self, "columns", tuple(self.columns))
+        if not self.categorical and not self.numeric:
+            raise SchemaError(f"Schema '{self.name}' has no feature fields: name at least one categorical or numeric field.")
+        if len(self.delimiter) != 1:
+            raise SchemaError(f"The 'delimiter' of schema '{self.name}' must be one character. Got {self.delimiter!r} instead.")
+        used = self.used_columns
+        dupes = sorted({c for c in used if used.count(c) > 1})
+        if dupes:
+            raise SchemaError(f"Schema '{self.name}' uses these columns more than once: {dupes}.")
+        if self.columns is not None:
+            missing = [c for c in used if c not in self.columns]
+            if missing:
+                raise SchemaError(f"Schema '{self.name}' names fields {missing} that are not in its columns list.")
+        elif not self.header:
+            raise SchemaError(f"Schema '{self.name}' has header: false, so it must list its 'columns' in file order.")
+
+    # --- derived views -------------------------------------------------------------------------
+    @property
+    def used_columns(self) -> list[str]:
+        """Every column the converter reads (label, features, weight, time, extras)."""
+        cols = [self.label, *(f.name for f in self.categorical), *(f.name for f in self.numeric)]
+        cols += [c for c in (self.weight, self.time) if c]
+        return cols + list(self.extras)
+
+    @property
+    def categorical_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.categorical)
+
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.numeric)
+
+    @property
+    def id_names(self) -> tuple[str, ...]:
+        """Columns of `Batch.ids`: categoricals, then numerics (discretized)."""
+        return self.categorical_names + self.numeric_names
+
+    def fingerprint(self) -> str:
+        """Stable digest of everything that changes ids or columns; equal digests mean compatible data."""
+        d = self.to_dict()
+        d.pop("name", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- (de)serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["categorical"] = [asdict(f) for f in self.categorical]
+        d["numeric"] = [asdict(f) for f in self.numeric]
+        d["extras"] = list(self.extras)
+        d["ignore"] = list(self.ignore)
+        d["columns"] = list(self.columns) if self.columns is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "schema") -> "Schema":
+        if not isinstance(d, dict):
+            raise SchemaError(f"{source}: a schema must be a mapping, got {type(d).__name__}.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SchemaError(f"{source}: unknown schema keys {unknown}; valid keys are {sorted(known)}.")
+        if "label" not in d:
+            raise SchemaError(f"{source}: a schema needs a 'label' column.")
+        d = dict(d)
+        d.setdefault("name", Path(source).stem if source != "schema" else "custom")
+        try:
+            d["categorical"] = tuple(
+                CategoricalField(name=c) if isinstance(c, str) else CategoricalField(**c) for c in d.get("categorical") or ()
+            )
+            d["numeric"] = tuple(NumericField(name=c) if isinstance(c, str) else NumericField(**c) for c in d.get("numeric") or ())
+            for key in ("extras", "ignore"):
+                d[key] = tuple(d.get(key) or ())
+            if d.get("columns") is not None:
+                d["columns"] = tuple(d["columns"])
+            return cls(**d)
+        except TypeError as e:  # unknown keys inside a field entry
+            raise SchemaError(f"{source}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML (.yaml/.yml) or JSON (anything else), atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def describe(self) -> str:
+        """Human-readable table of the schema, for `ctrflow schema show`."""
+        lines = [
+            f"schema {self.name}  (fingerprint {self.fingerprint()})",
+            f"  format     delimiter={self.delimiter!r} header={self.header}",
+            f"  label      {self.label}",
+        ]
+        for k in ("weight", "time"):
+            if getattr(self, k):
+                lines.append(f"  {k:<10} {getattr(self, k)}")
+        lines.append(f"  categorical ({len(self.categorical)}):")
+        lines += [f"    {f.name:<24} hash_buckets={f.hash_buckets}" for f in self.categorical]
+        lines.append(f"  numeric ({len(self.numeric)}):")
+        lines += [f"    {f.name:<24} transform={f.transform} mode={f.mode} bins={f.bins}" for f in self.numeric]
+        if self.extras:
+            lines.append(f"  extras     {', '.join(self.extras)}")
+        if self.ignore:
+            lines.append(f"  ignore     {', '.join(self.ignore)}")
+        return "\n".join(lines)
+
+    def with_overrides(self, **changes: Any) -> "Schema":
+        return replace(self, **changes)
+
+
+# --- presets ------------------------------------------------------------------------------------
+# Criteo display-ads: approximate per-field cardinalities (Kaggle 45M rows) set the bucket counts so
+# small fields get small tables and huge ones are capped at 2^20.
+_CRITEO_CARD = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+                14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+
+
+def _buckets_for(cardinality: int, cap: int = 1 << 20) -> int:
+    """Next power of two at or above twice the cardinality, at least 16, at most `cap`."""
+    b = 16
+    while b < 2 * cardinality and b < cap:
+        b <<= 1
+    return b
+
+
+def _criteo() -> Schema:
+    cats = tuple(CategoricalField(f"C{i + 1}", _buckets_for(c)) for i, c in enumerate(_CRITEO_CARD))
+    nums = tuple(NumericField(f"I{i}") for i in range(1, 14))
+    cols = ("label", *(f.name for f in nums), *(f.name for f in cats))
+    return Schema("criteo", "label", cats, nums, columns=cols, delimiter="\t", header=False)
+
+
+def _synthetic() -> Schema:
+    # Matches ctrflow.data.generate: day,click,true_ctr,I1..I13,C1..C26 with a header.
+    s = _criteo()
+    cols = ("day", "click", "true_ctr", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27)))
+    return replace(s, name="synthetic", label="click", time="day", extras=("true_ctr",), columns=cols,
+                   delimiter=",", header=True)
+
+
+_AVAZU_CATS = {
+    "C1": 8, "banner_pos": 8, "site_id": 4738, "site_domain": 7746, "site_category": 26, "app_id": 8553,
+    "app_domain": 560, "app_category": 37, "device_id": 2686409, "device_ip": 6729487, "device_model": 8252,
+    "device_type": 5, "device_conn_type": 4, "C14": 2627, "C15": 8, "C16": 9, "C17": 436, "C18": 4,
+    "C19": 69, "C20": 173, "C21": 61,
+}
+
+
+def _avazu() -> Schema:
+    cats = tuple(CategoricalField(n, _buckets_for(c)) for n, c in _AVAZU_CATS.items())
+    cols = ("id", "click", "hour", *_AVAZU_CATS)
+    return Schema("avazu", "click", cats, (), time="hour", ignore=("id",), columns=cols, delimiter=",", header=True)
+
+
+PRESETS: dict[str, Schema] = {"criteo": _criteo(), "avazu": _avazu(), "synthetic": _synthetic()}
+
+
+def load_schema(name_or_path: str | os.PathLike | Schema) -> Schema:
+    """A preset by name, or a YAML/JSON schema file. Unknown names list the presets."""
+    if isinstance(name_or_path, Schema):
+        return name_or_path
+    s = str(name_or_path)
+    if s in PRESETS:
+        return PRESETS[s]
+    p = Path(s)
+    if p.is_dir() and (p / "manifest.json").exists():  # a shard folder carries its schema
+        return Schema.from_dict(json.loads((p / "manifest.json").read_text())["schema"], source=str(p))
+    if not p.is_file():
+        raise SchemaError(
+            f"Unknown schema {s!r}: not a preset ({', '.join(PRESETS)}) and no such file. "
+            "Pass a preset name or a .yaml/.json schema file."
+        )
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise SchemaError(f"{p}: cannot parse schema file: {e}") from None
+    return Schema.from_dict(data, source=str(p))
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def infer_schema(
+    path: str | os.PathLike,
+    *,
+    label: str,
+    categorical: Iterable[str] = (),
+    numeric: Iterable[str] = (),
+    time: str | None = None,
+    weight: str | None = None,
+    ignore: Iterable[str] = (),
+    delimiter: str | None = None,
+    sample_rows: int = 100_000,
+    name: str | None = None,
+) -> Schema:
+    """Guess a schema from a CSV/TSV header and a sample of rows.
+
+    Columns whose sampled values all parse as numbers become numeric, the rest categorical; name
+    columns in `categorical` / `numeric` to override (ids made of digits are categorical in truth).
+    Bucket counts follow the sampled cardinality (x8, power of two, 64..2^22).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"Cannot infer a schema: no such file {path}.")
+    if delimiter is None:
+        delimiter = "\t" if ".tsv" in path.suffixes else ","
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise SchemaError(f"Cannot infer a schema: {path} is empty (no header line).")
+        sample = [row for _, row in zip(range(sample_rows), reader) if len(row) == len(header)]
+    if label not in header:
+        raise SchemaError(f"Label column {label!r} is not in the header of {path}: found {header}.")
+    categorical, numeric, ignore = set(categorical), set(numeric), set(ignore)
+    for c in categorical | numeric | ignore | {x for x in (time, weight) if x}:
+        if c not in header:
+            raise SchemaError(f"Column {c!r} is not in the header of {path}: found {header}.")
+    cats: list[CategoricalField] = []
+    nums: list[NumericField] = []
+    for i, col in enumerate(header):
+        if col in ignore or col in (label, time, weight):
+            continue
+        values = [row[i] for row in sample]
+        present = [v for v in values if v != ""]
+        as_numeric = col in numeric or (col not in categorical and present and all(_is_number(v) for v in present[:5000]))
+        if as_numeric:
+            nums.append(NumericField(col))
+        else:
+            cats.append(CategoricalField(col, _buckets_for(4 * len(set(values)), cap=1 << 22) if values else 1024))
+    return Schema(
+        name or path.name.split(".")[0],
+        label,
+        tuple(cats),
+        tuple(nums),
+        weight=weight,
+        time=time,
+        ignore=tuple(c for c in header if c in ignore),
+        columns=tuple(header),
+        delimiter=delimiter,
+        header=True,
+    )
