@@ -42,6 +42,7 @@ REJECT_REASONS = (
     "bad_time",           # time is neither an integer nor an ISO date-time
     "invalid_utf8",       # a categorical value is not valid UTF-8 (serving could never match it)
     "bad_json",           # a JSON Lines row is not a JSON object
+    "empty_row",          # a blank line, or a row whose every field is empty
 )
 
 ProgressFn = Callable[[int, "int | None"], None]
@@ -426,6 +427,13 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
             rejects.append((int(lines[i]), reason, fieldname, _row_text(cols, int(i), schema)))
         bad[:] |= mask
 
+    if n:
+        import pyarrow.compute as pc
+
+        empty = np.ones(n, bool)
+        for name in schema.used_columns:
+            empty &= pc.equal(pc.binary_length(cols[name]), 0).to_numpy(zero_copy_only=False)
+        reject(empty, "empty_row", "")
     label, lbad = _parse_floats(cols[schema.label])
     reject(lbad | ~np.isin(label, (0.0, 1.0)), "bad_label", schema.label)
     numeric = np.zeros((n, len(schema.numeric)), np.float32)

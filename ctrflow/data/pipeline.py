@@ -142,25 +142,29 @@ class BatchStream:
                 buffer.append(piece)
                 buffered += piece.rows
                 if buffered >= target:
-                    data = _concat(buffer)
+                    data = self._mix(buffer, rng)
                     n_full = (data.rows // o.batch_size) * o.batch_size
-                    yield from self._cut(data, n_full, rng)
+                    yield from self._cut(data, n_full)
                     buffer = [_slice(data, n_full, data.rows)] if n_full < data.rows else []
                     buffered = data.rows - n_full
         if buffered:
-            data = _concat(buffer)
+            data = self._mix(buffer, rng)
             n = data.rows if not o.drop_remainder else (data.rows // o.batch_size) * o.batch_size
-            yield from self._cut(data, n, rng)
+            yield from self._cut(data, n)
 
-    def _cut(self, data: shardio.ShardData, n: int, rng: np.random.Generator) -> Iterator[Batch]:
+    def _mix(self, buffer: list[shardio.ShardData], rng: np.random.Generator) -> shardio.ShardData:
+        """The buffered rows as one block, permuted once when shuffling (batches are then views)."""
+        data = _concat(buffer)
+        if not self.options.shuffle:
+            return data
+        perm = rng.permutation(data.rows)
+        b = _take(data, perm)
+        return shardio.ShardData(label=b.label, ids=b.ids, numeric=b.numeric, weight=b.weight, extras=b.extras)
+
+    def _cut(self, data: shardio.ShardData, n: int) -> Iterator[Batch]:
         b = self.options.batch_size
-        if self.options.shuffle:
-            kept = rng.permutation(data.rows)[:n]
-            for i in range(0, n, b):
-                yield _take(data, kept[i : i + b])
-        else:
-            for i in range(0, n, b):
-                yield _take(data, slice(i, min(n, i + b)))
+        for i in range(0, n, b):
+            yield _take(data, slice(i, min(n, i + b)))
 
     # --- consumer side -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

@@ -1,0 +1,267 @@
+"""The `ctrflow` command: a thin layer that parses arguments, calls the API and reports.
+
+Every command accepts `--json` (its last stdout line is then one JSON object summarizing the run) and
+`--quiet`; work that takes a while shows a progress bar with a rate on stderr when stderr is a terminal.
+Errors ctrflow raises on purpose print one line, `error: ...` (and `{"error": ...}` with --json), exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from ctrflow.errors import CtrflowError
+
+__all__ = ["main", "ProgressBar"]
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: done/total, rate and extra stats. Silent when not a TTY."""
+
+    def __init__(self, unit: str = "rows", *, enabled: bool | None = None, min_interval_s: float = 0.1) -> None:
+        self.unit = unit
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.min_interval_s = min_interval_s
+        self._t0 = time.perf_counter()
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, done: int, total: int | None = None, **stats: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last < self.min_interval_s and (total is None or done < total):
+            return
+        self._last = now
+        elapsed = max(now - self._t0, 1e-9)
+        rate = done / elapsed
+        parts = []
+        if total:
+            frac = min(1.0, done / total)
+            filled = int(frac * 24)
+            parts.append(f"[{'#' * filled}{'.' * (24 - filled)}] {frac * 100:5.1f}%")
+        parts.append(f"{done:,} {self.unit}")
+        parts.append(f"{rate:,.0f} {self.unit}/s")
+        parts += [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()]
+        parts.append(f"{elapsed:.1f}s")
+        sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _emit(args: argparse.Namespace, summary: dict[str, Any], human: str) -> None:
+    if not args.quiet and human:
+        print(human)
+    if args.json:
+        print(json.dumps(summary, default=str))
+
+
+def _bar(args: argparse.Namespace, unit: str = "rows") -> ProgressBar:
+    return ProgressBar(unit, enabled=False if args.quiet else None)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def _cmd_schema_show(args: argparse.Namespace) -> int:
+    from ctrflow.schema import load_schema
+
+    schema = load_schema(args.schema)
+    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint()}, schema.describe())
+    return 0
+
+
+def _split(s: str | None) -> list[str]:
+    return [x for x in (s or "").split(",") if x]
+
+
+def _infer(args: argparse.Namespace, path: str):
+    from ctrflow.schema import infer_schema
+
+    return infer_schema(
+        path, label=args.label, categorical=_split(args.categorical), numeric=_split(args.numeric),
+        time=args.time, weight=args.weight, ignore=_split(args.ignore), delimiter=args.delimiter,
+    )
+
+
+def _cmd_schema_infer(args: argparse.Namespace) -> int:
+    schema = _infer(args, args.input)
+    if args.out:
+        schema.save(args.out)
+    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint(), "out": args.out}, schema.describe())
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ctrflow.data.generate import GenerateOptions, generate
+
+    bar = _bar(args)
+    try:
+        s = generate(args.out, GenerateOptions(rows=args.rows, seed=args.seed, days=args.days), on_progress=bar)
+    finally:
+        bar.close()
+    d = s.to_dict()
+    _emit(args, d, f"wrote {s.rows:,} rows ({s.days} day(s), CTR {s.mean_ctr:.4f}, Bayes logloss {s.bayes_logloss:.5f}) "
+                   f"to {s.path} in {s.seconds:.1f}s")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ctrflow.data.convert import ConvertOptions, convert
+
+    schema = args.schema
+    if schema is None and args.like is None:
+        if not args.label:
+            raise CtrflowError("convert needs --schema NAME|FILE, --like DIR, or --label COL to infer a schema from the header.")
+        schema = _infer(args, args.inputs[0])
+    opts = ConvertOptions(
+        workers=args.workers, block_bytes=args.block_mb << 20,
+        max_errors=None if args.max_errors < 0 else args.max_errors, overwrite=args.overwrite,
+    )
+    bar = _bar(args)
+    try:
+        s = convert(args.inputs, args.out, schema=schema, like=args.like, options=opts, on_progress=bar)
+    finally:
+        bar.close()
+    human = (f"converted {s.rows:,} rows into {s.shards} shard(s) at {s.out} "
+             f"({s.rows_per_s:,.0f} rows/s, {s.bytes / 1e6:.1f} MB)")
+    if s.rows_rejected:
+        human += f"\nrejected {s.rows_rejected:,} rows: {s.rejects}; each with file and line in {s.rejects_path}"
+    _emit(args, s.to_dict(), human)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ctrflow.data.shards import verify
+
+    r = verify(args.dir)
+    lines = [f"{args.dir}: {r['shards']} shard(s), {r['rows']:,} of {r['expected_rows']:,} rows readable: "
+             + ("OK" if r["ok"] else "DAMAGED")]
+    lines += [f"  {d['file']}: {d['reason']}" for d in r["damaged"]]
+    _emit(args, r | {"dir": args.dir}, "\n".join(lines))
+    return 0 if r["ok"] else 1
+
+
+def _cmd_read(args: argparse.Namespace) -> int:
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+
+    opts = PipelineOptions(batch_size=args.batch_size, epochs=args.epochs, shuffle=not args.no_shuffle, seed=args.seed)
+    bar = _bar(args)
+    t0 = time.perf_counter()
+    positives = 0.0
+    with open_batches(args.data, opts) as batches:
+        total = batches.rows * args.epochs if batches.rows else None
+        for b in batches:
+            positives += float(b.label.sum())
+            bar(batches.rows_yielded, total)
+        rows, nb, spec = batches.rows_yielded, batches.batches_yielded, batches.spec
+    bar.close()
+    secs = time.perf_counter() - t0
+    d = {"rows": rows, "batches": nb, "seconds": secs, "rows_per_s": rows / max(secs, 1e-9),
+         "ctr": positives / max(rows, 1), "id_fields": len(spec.id_names), "numeric_fields": len(spec.numeric_names)}
+    _emit(args, d, f"read {rows:,} rows in {nb} batches ({d['rows_per_s']:,.0f} rows/s), CTR {d['ctr']:.4f}, "
+                   f"{d['id_fields']} id fields, {d['numeric_fields']} numeric fields")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no human summary")
+
+
+def _schema_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", help="label column (infers the schema from the CSV header)")
+    p.add_argument("--categorical", help="comma-separated columns to treat as categorical")
+    p.add_argument("--numeric", help="comma-separated columns to treat as numeric")
+    p.add_argument("--time", help="time column (integers or date-times)")
+    p.add_argument("--weight", help="example-weight column")
+    p.add_argument("--ignore", help="comma-separated columns to drop")
+    p.add_argument("--delimiter", help="field delimiter (default: tab for .tsv, else comma)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrflow", description="Train and serve CTR models on sparse ad data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schema", help="show or infer schemas")
+    ssub = p.add_subparsers(dest="schema_command", required=True)
+    q = ssub.add_parser("show", help="print a preset or a schema file")
+    q.add_argument("schema", help="preset name (criteo, avazu, synthetic) or YAML/JSON file")
+    _common(q)
+    q.set_defaults(func=_cmd_schema_show)
+    q = ssub.add_parser("infer", help="infer a schema from a CSV header and sample")
+    q.add_argument("input")
+    q.add_argument("--out", help="write the schema here (.yaml or .json)")
+    _schema_flags(q)
+    _common(q)
+    q.set_defaults(func=_cmd_schema_infer)
+
+    p = sub.add_parser("generate", help="write synthetic Criteo-shaped RTB logs with known true CTR")
+    p.add_argument("--rows", type=int, required=True)
+    p.add_argument("--out", required=True, help="CSV file (.gz for gzip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--days", type=int, default=1, help="time-ordered drifting days")
+    _common(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("convert", help="convert raw logs into binary shards")
+    p.add_argument("inputs", nargs="+", help="CSV/TSV (.gz), Parquet or JSON Lines files")
+    p.add_argument("--out", required=True, help="shard folder to create")
+    p.add_argument("--schema", help="preset name or schema file")
+    p.add_argument("--like", help="reuse the schema, hashing and boundaries of this earlier shard folder")
+    p.add_argument("--max-errors", type=int, default=1000, help="abort after this many rejected rows (-1: no bound)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: automatic)")
+    p.add_argument("--block-mb", type=int, default=32, help="MiB of text per block/shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _schema_flags(p)
+    _common(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("verify", help="check a shard folder's checksums and row counts")
+    p.add_argument("dir")
+    _common(p)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("read", help="read batches from shards (or - for stdin) and report throughput")
+    p.add_argument("data", help="shard folder or - for a shard stream on stdin")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-shuffle", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_read)
+
+    for extend in _EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+# Later layers (train, export, serve) register their commands here, keeping this module thin.
+_EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CtrflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: small hand-written logs, the shared real datasets (skipped when absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CTRFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data, or a clean skip when the folder is absent."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.is_file():
+        pytest.skip(f"shared dataset {p} not present")
+    return p
+
+
+def criteo_rows(n: int, seed: int = 0) -> list[str]:
+    """n Criteo-format TSV lines (label, I1..I13, C1..C26) with missing values and repeats."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        label = str(int(rng.random() < 0.2))
+        ints = ["" if rng.random() < 0.1 else str(int(rng.pareto(1.5) * 3) - (1 if rng.random() < 0.05 else 0)) for _ in range(13)]
+        cats = ["" if rng.random() < 0.05 else f"{int(rng.zipf(1.3)) % 5000:08x}" for _ in range(26)]
+        lines.append("\t".join([label, *ints, *cats]))
+    return lines
+
+
+@pytest.fixture
+def criteo_file(tmp_path: Path) -> Path:
+    p = tmp_path / "day0.tsv"
+    p.write_text("\n".join(criteo_rows(3000)) + "\n")
+    return p
