@@ -1,0 +1,1 @@
+"""Serving: the autobatcher, the predictor over an exported model, and the HTTP/gRPC front ends."""

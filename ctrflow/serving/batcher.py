@@ -1,0 +1,699 @@
+"""The in-process autobatcher: joins many concurrent prediction requests into few large compute calls.
+
+Pure scheduling over numpy arrays and a plain callable (no TensorFlow import), so the predictor wraps
+it and tests drive it with real threads.
+
+Behaviour
+---------
+Callers submit a dict of arrays that share their first dimension (one row per candidate ad). Rows wait
+in one *open* batch; a batch thread flushes it to `compute` when it holds `max_batch_size` rows or when
+its first row has waited `batch_timeout_ms`, whichever comes first. A request larger than the room left
+in the open batch is split across consecutive batches; its future resolves when every piece is scored,
+with the scores reassembled in the caller's row order.
+
+Submitting never blocks. `submit` raises at once for anything it can tell up front:
+- `QueueFullError` (retryable) when the rows would push the queue past `max_enqueued`,
+- `DeadlineExceeded` when the deadline has already passed,
+- `SchemaError` when the arrays do not match the batcher's inputs (fixed by its first request),
+- `CtrflowError` once the batcher is closed.
+Everything later arrives through the future: `DeadlineExceeded` for a request whose deadline passed
+while it queued (its rows are dropped, never computed), or the exception `compute` raised, which fails
+only the requests in that batch.
+
+Recommended use
+---------------
+One batcher per served model version, created by the predictor and closed with it::
+
+    with AutoBatcher(model_fn, BatchingOptions(max_batch_size=2048, batch_timeout_ms=1.0)) as batcher:
+        scores = batcher.predict({"ids": ids, "numeric": numeric}, timeout_ms=20)   # one thread
+        future = batcher.submit(inputs, deadline=time.monotonic() + 0.02)           # fan-out
+        scores = await batcher.apredict(inputs, timeout_ms=20)                      # asyncio
+
+Tuning: pick the largest `max_batch_size` the model scores in well under your latency budget, then the
+smallest `batch_timeout_ms` that still fills batches at your request rate. `num_batch_threads` above 1
+only helps when `compute` releases the GIL (TensorFlow, numpy on big arrays) and the device has room.
+Keep `max_enqueued` near `num_batch_threads * max_batch_size * (a few)`: a longer queue only turns
+overload into timeouts instead of fast, retryable rejects.
+
+Implementation details follow: a `_Task` is a slice of one `_Request` and only knows its size; a
+`_Batch` is open, then closed once; the queue is a deque of closed batches plus the open one, guarded
+by one condition variable that the batch threads wait on (never a busy wait).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import numbers
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, QueueFullError, SchemaError
+
+__all__ = ["AutoBatcher", "BatcherStats", "BatchingOptions", "ComputeFn"]
+
+ComputeFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""Scores one batch: gets the merged inputs, returns an array whose first dimension is the batch rows."""
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How the autobatcher trades latency for throughput; every field is checked at construction."""
+
+    # Most rows in one compute call, >= 1. Larger requests are split across batches; 1 means every
+    # row is its own call (no merging). Default 4096.
+    max_batch_size: int = 4096
+    # Milliseconds the first row of an open batch may wait for more rows before the batch is flushed,
+    # >= 0. 0 flushes as soon as a batch thread is free; rows still merge while all threads are busy.
+    # Default 2.0.
+    batch_timeout_ms: float = 2.0
+    # Threads calling `compute` concurrently, >= 1. Default 1.
+    num_batch_threads: int = 1
+    # Most rows accepted but not yet taken by a batch thread, >= max_batch_size. Past it `submit`
+    # raises QueueFullError at once instead of queueing. Default 200_000.
+    max_enqueued: int = 200_000
+
+    def __post_init__(self) -> None:
+        _check_int("max_batch_size", self.max_batch_size, 1)
+        timeout = self.batch_timeout_ms
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, numbers.Real)
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise ConfigError(
+                "The 'batch_timeout_ms' option of BatchingOptions must be a finite number of "
+                f"milliseconds >= 0. Got {timeout!r} instead."
+            )
+        _check_int("num_batch_threads", self.num_batch_threads, 1)
+        _check_int("max_enqueued", self.max_enqueued, 1)
+        if self.max_enqueued < self.max_batch_size:
+            raise ConfigError(
+                "The 'max_enqueued' option of BatchingOptions must be >= max_batch_size "
+                f"({self.max_batch_size}) so that one full batch fits in the queue. "
+                f"Got {self.max_enqueued!r} instead."
+            )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(
+            f"The '{name}' option of BatchingOptions must be an int >= {minimum}. Got {value!r} instead."
+        )
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """A consistent snapshot of one batcher's counters (taken under its lock).
+
+    After `close()`, `requests == completed + timeouts + errors + cancelled` and
+    `rows_submitted == predictions + rows_dropped`.
+    """
+
+    name: str
+    requests: int  # requests accepted; refused ones count in `rejects` only
+    rows_submitted: int  # rows in accepted requests
+    predictions: int  # rows scored by a successful compute call
+    compute_calls: int  # calls to `compute`, failed ones included
+    completed: int  # requests whose future received scores
+    timeouts: int  # requests failed with DeadlineExceeded (at submit, in the queue, or while waited on)
+    rejects: int  # submits refused because the queue was full or the batcher closed
+    errors: int  # requests failed by a compute exception or by close(drain=False)
+    compute_errors: int  # compute calls that raised or returned the wrong number of rows
+    cancelled: int  # requests whose caller cancelled the future before they were computed
+    rows_dropped: int  # accepted rows never scored: expired, cancelled, failed or closed
+    rows_enqueued: int  # rows waiting for a batch thread at snapshot time (a gauge)
+    queue_wait_ms_sum: float  # submit → taken by a batch thread, summed over request pieces
+    queue_wait_count: int  # pieces measured (a request split over k batches counts k times)
+    queue_wait_ms_max: float
+    batch_size_bounds: tuple[int, ...]  # histogram bucket upper bounds in rows: 1, 2, 4, … max_batch_size
+    batch_size_counts: tuple[int, ...]  # compute calls with bounds[i-1] < rows <= bounds[i]
+
+    @property
+    def mean_queue_wait_ms(self) -> float:
+        return self.queue_wait_ms_sum / self.queue_wait_count if self.queue_wait_count else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; the histogram becomes {"<=bound": calls}."""
+        out = asdict(self)
+        del out["batch_size_bounds"], out["batch_size_counts"]
+        out["batch_size_histogram"] = {
+            f"<={bound}": count for bound, count in zip(self.batch_size_bounds, self.batch_size_counts)
+        }
+        out["mean_queue_wait_ms"] = self.mean_queue_wait_ms
+        return out
+
+
+class AutoBatcher:
+    """Merges concurrent `submit`/`predict`/`apredict` calls into batched calls of `compute`.
+
+    Args:
+        compute: scores one batch (see `ComputeFn`); called from the batch threads, at most
+            `num_batch_threads` at a time. It must not keep or modify the arrays it is given.
+        options: `BatchingOptions`; the defaults suit a CPU model at a few thousand requests/s.
+        name: names the threads and appears in every error message (e.g. the model name).
+    """
+
+    def __init__(
+        self, compute: ComputeFn, options: BatchingOptions = BatchingOptions(), *, name: str = "default"
+    ) -> None:
+        if not callable(compute):
+            raise ConfigError(
+                f"The 'compute' parameter of AutoBatcher must be callable. Got {compute!r} instead."
+            )
+        if not isinstance(options, BatchingOptions):
+            raise ConfigError(
+                f"The 'options' parameter of AutoBatcher must be a BatchingOptions. Got {options!r} instead."
+            )
+        self._compute = compute
+        self._options = options
+        self._name = name
+        self._max_batch = int(options.max_batch_size)
+        self._max_enqueued = int(options.max_enqueued)
+        self._timeout_s = float(options.batch_timeout_ms) / 1000.0
+        # Fixed by the first request: {key: (dtype, shape after the row axis)}. Checking every request
+        # against it keeps one malformed request from failing everyone else's batch in np.concatenate.
+        self._signature: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None
+
+        # Everything below is guarded by _cond.
+        self._cond = threading.Condition(threading.Lock())
+        self._ready: deque[_Batch] = deque()  # closed batches, oldest first
+        self._open = _Batch()
+        self._rows_enqueued = 0
+        self._closing = False
+        self._counts = _Counters(self._max_batch)
+
+        self._threads = [
+            threading.Thread(target=self._work, name=f"ctrflow-batcher-{name}-{i}", daemon=True)
+            for i in range(options.num_batch_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def options(self) -> BatchingOptions:
+        return self._options
+
+    def __repr__(self) -> str:
+        return f"AutoBatcher(name={self._name!r}, options={self._options!r})"
+
+    # ---- submitting -------------------------------------------------------------------------------
+
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
+    ) -> Future[np.ndarray]:
+        """Queue `inputs` for scoring and return at once; the future resolves to one score row per input row.
+
+        Args:
+            inputs: arrays sharing their first dimension (rows), e.g. {"ids": int32[rows, F],
+                "numeric": float32[rows, N]}; same keys, dtypes and row shapes on every call. They
+                are read later, on a batch thread: do not modify them until the future resolves.
+            deadline: absolute `time.monotonic()` seconds; rows still queued after it are dropped and
+                the future fails with DeadlineExceeded. None waits as long as it takes.
+
+        Raises at once (never blocks): QueueFullError, DeadlineExceeded, SchemaError, CtrflowError
+        (closed) — see the module docstring. A zero-row request resolves at once to an empty float32
+        array.
+        """
+        return self._enqueue(inputs, deadline).future
+
+    def predict(self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None) -> np.ndarray:
+        """Submit and wait: scores for `inputs`, or DeadlineExceeded after `timeout_ms` (None: no limit)."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        request = self._enqueue(inputs, deadline)
+        future = request.future
+        try:
+            return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if future.done():  # DeadlineExceeded is a TimeoutError too: that one came from the queue
+                raise
+        error = self._give_up(request, timeout_ms)
+        if error is None:  # it finished in the meantime
+            return future.result()
+        raise error
+
+    async def apredict(
+        self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None
+    ) -> np.ndarray:
+        """The asyncio twin of `predict`; cancelling the awaiting task drops the rows if not yet computed."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        request = self._enqueue(inputs, deadline)
+        waiter = asyncio.wrap_future(request.future)
+        if deadline is None:
+            return await waiter
+        try:
+            done, _ = await asyncio.wait((waiter,), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            waiter.cancel()
+            raise
+        if done:
+            return waiter.result()
+        error = self._give_up(request, timeout_ms)
+        if error is None:
+            return await waiter
+        waiter.cancel()  # the future now holds the error; cancelling the copy keeps asyncio quiet
+        raise error
+
+    def _enqueue(self, inputs: Mapping[str, np.ndarray], deadline: float | None) -> _Request:
+        rows = self._check_inputs(inputs)
+        request = _Request(inputs, rows, deadline)
+        max_batch = self._max_batch
+        with self._cond:
+            counts = self._counts
+            if self._closing:
+                counts.rejects += 1
+                raise CtrflowError(
+                    f"Batcher '{self._name}' is closed and accepts no new requests; "
+                    "submit to the batcher of the model version now being served."
+                )
+            if deadline is not None and request.submitted_at >= deadline:
+                counts.requests += 1
+                counts.rows_submitted += rows
+                counts.rows_dropped += rows
+                counts.timeouts += 1
+                raise DeadlineExceeded(
+                    f"Request of {rows} rows to batcher '{self._name}' arrived "
+                    f"{(request.submitted_at - deadline) * 1e3:.1f} ms after its deadline; not queued."
+                )
+            if self._rows_enqueued + rows > self._max_enqueued:
+                if rows > self._max_enqueued:
+                    raise ConfigError(
+                        f"A request of {rows} rows can never fit batcher '{self._name}': its 'max_enqueued' "
+                        f"option is {self._max_enqueued} rows. Split the request or raise max_enqueued."
+                    )
+                counts.rejects += 1
+                raise QueueFullError(
+                    f"Batcher '{self._name}' is full: {self._rows_enqueued} rows queued + {rows} requested "
+                    f"> max_enqueued={self._max_enqueued}. Retry later; if this persists, add capacity "
+                    "(num_batch_threads, max_batch_size) or shed load upstream."
+                )
+            counts.requests += 1
+            counts.rows_submitted += rows
+            if rows == 0:
+                request.pieces_expected(0)
+                counts.completed += 1
+                request.future.set_result(np.empty((0,), dtype=np.float32))
+                return request
+
+            batch = self._open
+            was_idle = not batch.tasks
+            room = max_batch - batch.size  # >= 1: a full batch is closed the moment it fills
+            request.pieces_expected(1 if rows <= room else 1 + -(-(rows - room) // max_batch))
+            start = index = newly_closed = 0
+            while start < rows:
+                size = min(rows - start, max_batch - batch.size)
+                batch.add(_Task(request, index, start, size), request.submitted_at)
+                start += size
+                index += 1
+                if batch.size == max_batch:
+                    batch.close()
+                    self._ready.append(batch)
+                    batch = _Batch()
+                    newly_closed += 1
+            self._open = batch
+            self._rows_enqueued += rows
+            if newly_closed:
+                self._cond.notify(newly_closed)
+            elif was_idle:
+                self._cond.notify()  # someone must start the open batch's timer
+        return request
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Rows in `inputs`, after checking they match the signature fixed by the first request."""
+        signature = self._signature
+        if signature is None:
+            signature = self._fix_signature(inputs)
+        if not isinstance(inputs, Mapping) or len(inputs) != len(signature):
+            raise SchemaError(
+                f"Inputs to batcher '{self._name}' must be a dict with keys {sorted(signature)}. "
+                f"Got {_describe(inputs)} instead."
+            )
+        rows = -1
+        for key, (dtype, row_shape) in signature.items():
+            array = inputs.get(key)
+            shape = getattr(array, "shape", None)
+            if (
+                not isinstance(array, np.ndarray)
+                or array.dtype != dtype
+                or len(shape) != len(row_shape) + 1
+                or shape[1:] != row_shape
+            ):
+                raise SchemaError(
+                    f"Input '{key}' to batcher '{self._name}' must be a {dtype} array of shape "
+                    f"(rows, *{row_shape}) like the batcher's first request. Got {_describe(array)} instead. "
+                    "Cast with np.asarray(x, dtype=...) before submitting."
+                )
+            if rows < 0:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise SchemaError(
+                    f"Inputs to batcher '{self._name}' must share their first dimension (rows). "
+                    f"Got {_describe(inputs)} instead."
+                )
+        return rows
+
+    def _fix_signature(self, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        if (
+            not isinstance(inputs, Mapping)
+            or not inputs
+            or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in inputs.values())
+        ):
+            raise SchemaError(
+                f"Inputs to batcher '{self._name}' must be a non-empty dict of numpy arrays with a row "
+                f"dimension first. Got {_describe(inputs)} instead."
+            )
+        signature = {k: (a.dtype, a.shape[1:]) for k, a in inputs.items()}
+        with self._cond:
+            if self._signature is None:
+                self._signature = signature
+            return self._signature
+
+    def _give_up(self, request: _Request, timeout_ms: float | None) -> DeadlineExceeded | None:
+        """Fail a request its waiter stopped waiting for; None if it finished first."""
+        error = DeadlineExceeded(
+            f"Request of {request.rows} rows to batcher '{self._name}' was not computed within its "
+            f"{timeout_ms} ms timeout; its queued rows are dropped. Allow more time or add capacity "
+            "(num_batch_threads, max_batch_size)."
+        )
+        if not request.fail(error):
+            return None
+        with self._cond:
+            self._counts.timeouts += 1
+        return error
+
+    # ---- batch threads ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                self._run(batch)
+            except BaseException as error:  # a bug here must not strand callers or kill the thread
+                for task in batch.tasks:
+                    task.request.fail(error)
+                if not isinstance(error, Exception):
+                    raise
+
+    def _take_batch(self) -> _Batch | None:
+        """Block until a batch is due (full, timed out, or closing); None once closed and empty."""
+        with self._cond:
+            while True:
+                if self._ready:
+                    batch = self._ready.popleft()
+                    break
+                batch = self._open
+                if batch.tasks:
+                    wait_s = batch.opened_at + self._timeout_s - time.monotonic()
+                    if wait_s <= 0.0 or self._closing:
+                        batch.close()
+                        self._open = _Batch()
+                        break
+                    self._cond.wait(wait_s)
+                elif self._closing:
+                    return None
+                else:
+                    self._cond.wait()
+            self._rows_enqueued -= batch.size
+            if self._ready or self._open.tasks:
+                self._cond.notify()  # more work: pass the baton to an idle thread
+            return batch
+
+    def _run(self, batch: _Batch) -> None:
+        """Drop expired/cancelled pieces, compute the rest in one call, hand each caller its rows."""
+        now = time.monotonic()
+        live: list[_Task] = []
+        wait_sum = wait_max = 0.0
+        dropped = timeouts = cancelled = 0
+        for task in batch.tasks:
+            request = task.request
+            wait = now - request.submitted_at
+            wait_sum += wait
+            wait_max = max(wait_max, wait)
+            if request.done:
+                dropped += task.size
+            elif request.future.cancelled():
+                cancelled += request.fail(None)
+                dropped += task.size
+            elif request.deadline is not None and now > request.deadline:
+                timeouts += request.fail(
+                    DeadlineExceeded(
+                        f"Request of {request.rows} rows to batcher '{self._name}' passed its deadline "
+                        f"while queued ({wait * 1e3:.1f} ms waited, {(now - request.deadline) * 1e3:.1f} ms "
+                        "late); dropped before compute. Allow more time or add capacity "
+                        "(num_batch_threads, max_batch_size)."
+                    )
+                )
+                dropped += task.size
+            else:
+                live.append(task)
+
+        rows = batch.size - dropped
+        completed = errors = 0
+        failed_call = False
+        if live:
+            try:
+                scores = self._compute(_gather(live))
+                if not isinstance(scores, np.ndarray):
+                    scores = np.asarray(scores)
+                if scores.ndim == 0 or scores.shape[0] != rows:
+                    raise CtrflowError(
+                        f"The compute function of batcher '{self._name}' returned shape {scores.shape} "
+                        f"for a batch of {rows} rows; it must return one row of scores per input row."
+                    )
+            except Exception as error:  # fails this batch's requests only; the thread goes on
+                failed_call = True
+                for task in live:
+                    errors += task.request.fail(error)
+            else:
+                offset = 0
+                for task in live:
+                    end = offset + task.size
+                    completed += task.request.deliver(task.index, scores[offset:end])
+                    offset = end
+
+        with self._cond:
+            counts = self._counts
+            counts.completed += completed
+            counts.timeouts += timeouts
+            counts.cancelled += cancelled
+            counts.errors += errors
+            counts.queue_wait_s_sum += wait_sum
+            counts.queue_wait_count += len(batch.tasks)
+            counts.queue_wait_s_max = max(counts.queue_wait_s_max, wait_max)
+            if live:
+                counts.compute_calls += 1
+                counts.batch_size_counts[(rows - 1).bit_length()] += 1
+                if failed_call:
+                    counts.compute_errors += 1
+                    dropped += rows
+                else:
+                    counts.predictions += rows
+            counts.rows_dropped += dropped
+
+    # ---- observing and closing --------------------------------------------------------------------
+
+    def stats(self) -> BatcherStats:
+        """A snapshot of the counters; cheap enough to scrape every second."""
+        with self._cond:
+            c = self._counts
+            return BatcherStats(
+                name=self._name,
+                requests=c.requests,
+                rows_submitted=c.rows_submitted,
+                predictions=c.predictions,
+                compute_calls=c.compute_calls,
+                completed=c.completed,
+                timeouts=c.timeouts,
+                rejects=c.rejects,
+                errors=c.errors,
+                compute_errors=c.compute_errors,
+                cancelled=c.cancelled,
+                rows_dropped=c.rows_dropped,
+                rows_enqueued=self._rows_enqueued,
+                queue_wait_ms_sum=c.queue_wait_s_sum * 1e3,
+                queue_wait_count=c.queue_wait_count,
+                queue_wait_ms_max=c.queue_wait_s_max * 1e3,
+                batch_size_bounds=c.batch_size_bounds,
+                batch_size_counts=tuple(c.batch_size_counts),
+            )
+
+    def close(self, *, drain: bool = True) -> None:
+        """Stop accepting requests, then finish and join the batch threads. Idempotent.
+
+        drain=True computes every queued request first (open batches flush without waiting for their
+        timeout); drain=False fails queued requests at once with CtrflowError. Batches already in
+        `compute` always finish. Blocks until the threads exit, so a hung `compute` hangs close too.
+        """
+        orphans: list[_Task] = []
+        with self._cond:
+            self._closing = True
+            if not drain:
+                for batch in self._ready:
+                    orphans.extend(batch.tasks)
+                orphans.extend(self._open.tasks)
+                self._ready.clear()
+                self._open = _Batch()
+                self._rows_enqueued = 0
+            self._cond.notify_all()
+        if orphans:
+            error = CtrflowError(
+                f"Batcher '{self._name}' was closed before this request was computed; resubmit it to "
+                "the batcher now serving."
+            )
+            failed = sum(task.request.fail(error) for task in orphans)
+            with self._cond:
+                self._counts.errors += failed
+                self._counts.rows_dropped += sum(task.size for task in orphans)
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:  # close() called from inside compute must not join itself
+                thread.join()
+
+    async def aclose(self, *, drain: bool = True) -> None:
+        """The asyncio twin of `close`: runs it on a worker thread so the event loop keeps serving."""
+        await asyncio.to_thread(self.close, drain=drain)
+
+    def __enter__(self) -> AutoBatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AutoBatcher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _Request:
+    """One caller's rows and future: resolves when its last piece is scored, or fails exactly once."""
+
+    __slots__ = (
+        "inputs", "rows", "deadline", "submitted_at", "future", "done", "_pieces", "_remaining", "_lock"
+    )
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.deadline = deadline
+        self.submitted_at = time.monotonic()
+        self.future: Future[np.ndarray] = Future()
+        self.done = False  # set once, under _lock, by whoever finishes the request
+        self._pieces: list[np.ndarray | None] = []
+        self._remaining = 0
+        self._lock = threading.Lock()  # pieces may finish on different batch threads
+
+    def pieces_expected(self, count: int) -> None:
+        self._pieces = [None] * count
+        self._remaining = count
+
+    def deliver(self, index: int, scores: np.ndarray) -> bool:
+        """Store one piece's scores; the last piece resolves the future. True if this call did."""
+        with self._lock:
+            if self.done:
+                return False
+            self._pieces[index] = scores
+            self._remaining -= 1
+            if self._remaining:
+                return False
+            self.done = True
+            pieces, self._pieces = self._pieces, []
+        _settle(self.future.set_result, pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+        return True
+
+    def fail(self, error: BaseException | None) -> bool:
+        """Finish without scores (None: the caller cancelled). True if this call finished it."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            self._pieces = []
+        if error is not None:
+            _settle(self.future.set_exception, error)
+        return True
+
+
+class _Task:
+    """A contiguous slice of one request's rows; a batch only needs its size."""
+
+    __slots__ = ("request", "index", "start", "size")
+
+    def __init__(self, request: _Request, index: int, start: int, size: int) -> None:
+        self.request = request
+        self.index = index  # position of this piece in the request's reassembled result
+        self.start = start
+        self.size = size
+
+
+class _Batch:
+    """Tasks for one compute call: open while rows are added, closed once when full or due."""
+
+    __slots__ = ("tasks", "size", "opened_at", "closed")
+
+    def __init__(self) -> None:
+        self.tasks: list[_Task] = []
+        self.size = 0
+        self.opened_at = 0.0  # when the first task arrived: the timeout counts from here
+        self.closed = False
+
+    def add(self, task: _Task, now: float) -> None:
+        if not self.tasks:
+            self.opened_at = now
+        self.tasks.append(task)
+        self.size += task.size
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Counters:
+    """Mutable totals behind `BatcherStats`; guarded by the batcher's lock."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.requests = self.rows_submitted = self.predictions = self.compute_calls = 0
+        self.completed = self.timeouts = self.rejects = self.errors = self.compute_errors = 0
+        self.cancelled = self.rows_dropped = self.queue_wait_count = 0
+        self.queue_wait_s_sum = self.queue_wait_s_max = 0.0
+        # Bucket i holds batches of 2**(i-1) < rows <= 2**i, so the index is (rows - 1).bit_length().
+        buckets = (max_batch_size - 1).bit_length() + 1
+        self.batch_size_bounds = tuple(min(1 << i, max_batch_size) for i in range(buckets))
+        self.batch_size_counts = [0] * buckets
+
+
+def _gather(tasks: list[_Task]) -> dict[str, np.ndarray]:
+    """Merge the tasks' rows into one input dict: one np.concatenate per key, none for a lone task."""
+    if len(tasks) == 1:
+        task = tasks[0]
+        stop = task.start + task.size
+        return {key: array[task.start : stop] for key, array in task.request.inputs.items()}
+    return {
+        key: np.concatenate([t.request.inputs[key][t.start : t.start + t.size] for t in tasks])
+        for key in tasks[0].request.inputs
+    }
+
+
+def _settle(setter: Callable[[Any], None], value: Any) -> None:
+    try:
+        setter(value)
+    except InvalidStateError:  # the caller cancelled the future while it was being computed
+        pass
+
+
+def _describe(value: object) -> str:
+    """Short, array-free description of a rejected input, for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
+    return type(value).__name__
