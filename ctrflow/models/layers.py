@@ -1,0 +1,613 @@
+"""Building blocks shared by every CTR model, and `CtrModel`, the life cycle the models share.
+
+Blocks: the one place big tables are made (`make_table`), field tables in shared or per-field mode
+(`FieldTables`), the Twitter-style sparse linear layer (`SparseLinear`), field embeddings
+(`FieldEmbedding`), online normalization of numeric values (`OnlineNormalizer`), the FM interaction
+(`fm_interaction`) and a plain MLP (`MLP`).
+
+How fields are looked up (the `Batch` contract is in ctrflow/data/batch.py):
+- every *active* ids column (`FeatureSpec.active_id_columns`) is one field with `buckets_f` rows;
+- every normalized numeric (`FeatureSpec.normalized_columns`) is one field with a single row, whose
+  vector is scaled by the field's normalized value ("weighted sparse lookup": value x weight).
+
+In `table_mode="shared"` all fields live in one table, field f's rows start at `offsets[f]` (the sum of
+the buckets before it) and the normalized numerics' rows come last, so one gather serves all fields.
+In `table_mode="per_field"` each id field has its own table and the numerics share one `[N, dim]` table.
+
+Every table lookup goes through `tf.nn.embedding_lookup`: on a plain variable that is `tf.gather`, whose
+gradient is a `tf.IndexedSlices` (duplicate indices included: sparse optimizers must sum them), and on a
+row-partitioned `ShardedVariable` it dispatches to one gather per shard.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+import tensorflow as tf
+
+from ctrflow.data.batch import FeatureSpec
+from ctrflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctrflow.models.registry import ModelConfig
+
+__all__ = [
+    "Initializer",
+    "normal_initializer",
+    "glorot_uniform_initializer",
+    "zeros_initializer",
+    "make_table",
+    "lookup",
+    "FieldLayout",
+    "FieldTables",
+    "SparseLinear",
+    "FieldEmbedding",
+    "OnlineNormalizer",
+    "fm_interaction",
+    "MLP",
+    "CtrModel",
+    "VARIABLE_GROUPS",
+]
+
+# An initializer maps (shape, dtype) to the initial value; tables receive it unevaluated (see make_table).
+# Table initializers also accept `partition_shape`/`partition_offset` (the protocol tf.distribute's
+# ParameterServerStrategy uses for row-partitioned variables) and then return only those rows.
+Initializer = Callable[..., tf.Tensor]
+
+# Tables are initialized in blocks of this many rows, each from its own seed, so the values of any row
+# range can be produced alone: a sharded table gets the same values as an unsharded one, and no
+# random-number kernel ever runs over a whole multi-million-row table at once (memory: see make_table).
+_INIT_BLOCK_ROWS = 1 << 16
+
+# Keys of `CtrModel.variable_groups()`: "linear" and "embedding" hold tables whose gradients are
+# tf.IndexedSlices; "dense" holds every other trainable variable (dense gradients).
+VARIABLE_GROUPS = ("linear", "embedding", "dense")
+
+
+def _stateless_seed(seed: int, salt: str) -> tf.Tensor:
+    # crc32, not hash(): Python's str hash is salted per process and would break determinism.
+    return tf.constant([seed, zlib.crc32(salt.encode("utf-8"))], dtype=tf.int64)
+
+
+def _row_range(shape, partition_shape, partition_offset) -> tuple[int, int]:
+    start = int(partition_offset[0]) if partition_offset is not None else 0
+    rows = int(partition_shape[0]) if partition_shape is not None else int(shape[0])
+    return start, start + rows
+
+
+def normal_initializer(stddev: float, seed: int, salt: str) -> Initializer:
+    """N(0, stddev^2) table rows; the same (stddev, seed, salt, shape) always gives the same values."""
+
+    def init(shape, dtype=tf.float32, partition_shape=None, partition_offset=None) -> tf.Tensor:
+        base = _stateless_seed(seed, salt)
+        rows, rest = int(shape[0]), [int(d) for d in shape[1:]]
+        start, stop = _row_range(shape, partition_shape, partition_offset)
+        pieces = []
+        for block in range(start // _INIT_BLOCK_ROWS, -(-stop // _INIT_BLOCK_ROWS)):
+            lo = block * _INIT_BLOCK_ROWS
+            hi = min(lo + _INIT_BLOCK_ROWS, rows)
+            values = tf.random.stateless_normal(
+                [hi - lo, *rest], seed=tf.random.experimental.stateless_fold_in(base, block), stddev=stddev, dtype=dtype
+            )
+            pieces.append(values[max(start, lo) - lo : min(stop, hi) - lo])
+        if not pieces:
+            return tf.zeros([0, *rest], dtype)
+        return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)
+
+    return init
+
+
+def zeros_initializer(shape, dtype=tf.float32, partition_shape=None, partition_offset=None) -> tf.Tensor:
+    """All zeros (linear weights and biases start at zero)."""
+    return tf.zeros(partition_shape if partition_shape is not None else shape, dtype)
+
+
+def glorot_uniform_initializer(seed: int, salt: str) -> Initializer:
+    """Glorot/Xavier uniform values for a `[fan_in, fan_out]` dense kernel, deterministic given seed and salt."""
+
+    def init(shape, dtype=tf.float32) -> tf.Tensor:
+        limit = (6.0 / (shape[0] + shape[-1])) ** 0.5
+        return tf.random.stateless_uniform(
+            shape, seed=_stateless_seed(seed, salt), minval=-limit, maxval=limit, dtype=dtype
+        )
+
+    return init
+
+
+def _variable_name(name: str) -> str:
+    # Field names come from user schemas; variable names only accept a small character set.
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name) or "table"
+
+
+def make_table(name: str, rows: int, dim: int, initializer: Initializer, *, trainable: bool = True) -> tf.Variable:
+    """Create one `[rows, dim]` float32 table: the single place where models make big variables.
+
+    Distributed training hooks row-wise partitioning (a `ShardedVariable` over parameter servers) here:
+    a `variable_partitioner` set on the strategy applies to this `tf.Variable` call, and the initial
+    value is handed over as an unevaluated callable, which the strategy calls once per shard with
+    `partition_shape`/`partition_offset` so only that shard's rows are made. Memory: rows x dim x 4
+    bytes (1M x 16 is 64 MB) once made, about twice that while the initial value is assembled.
+
+    Args:
+        name: variable name (characters outside `[A-Za-z0-9_.-/]` become `_`).
+        rows: number of rows, >= 1.
+        dim: row width, >= 1.
+        initializer: `(shape, dtype) -> Tensor`, e.g. `normal_initializer(0.01, seed=0, salt="emb")`.
+        trainable: False for state such as statistics.
+    """
+    return tf.Variable(
+        functools.partial(initializer, [rows, dim], tf.float32),
+        name=_variable_name(name),
+        trainable=trainable,
+        dtype=tf.float32,
+        shape=tf.TensorShape([rows, dim]),
+    )
+
+
+def _variable(initializer: Initializer, shape: Sequence[int], name: str, *, trainable: bool = True) -> tf.Variable:
+    """A small dense float32 variable. The initial value is a callable so `build()` may run inside the
+    first trace of a `tf.function` (the initializer is then lifted out of the function)."""
+    return tf.Variable(
+        functools.partial(initializer, shape, tf.float32), name=name, trainable=trainable, dtype=tf.float32
+    )
+
+
+def lookup(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+    """Rows of `table` at `ids`: `[...]` -> `[..., dim]`; the table's gradient is a `tf.IndexedSlices`."""
+    return tf.nn.embedding_lookup(table, ids)
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """Which input columns a model reads and where each field's rows sit in a shared table.
+
+    id_columns: columns of `ids` the model looks up (`FeatureSpec.active_id_columns`).
+    id_names / id_buckets: name and row count of each of those fields.
+    numeric_columns / numeric_names: columns of `numeric` that enter as normalized values.
+    n_ids_input / n_numeric_input: total columns of the `ids` / `numeric` inputs (the serving signature).
+    """
+
+    id_columns: tuple[int, ...]
+    id_names: tuple[str, ...]
+    id_buckets: tuple[int, ...]
+    numeric_columns: tuple[int, ...]
+    numeric_names: tuple[str, ...]
+    n_ids_input: int
+    n_numeric_input: int
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec) -> "FieldLayout":
+        ids = spec.active_id_columns
+        num = spec.normalized_columns
+        return cls(
+            id_columns=ids,
+            id_names=tuple(spec.id_names[i] for i in ids),
+            id_buckets=tuple(int(spec.id_buckets[i]) for i in ids),
+            numeric_columns=num,
+            numeric_names=tuple(spec.numeric_names[i] for i in num),
+            n_ids_input=len(spec.id_names),
+            n_numeric_input=len(spec.numeric_names),
+        )
+
+    @property
+    def n_id_fields(self) -> int:
+        return len(self.id_buckets)
+
+    @property
+    def n_numeric_fields(self) -> int:
+        return len(self.numeric_columns)
+
+    @property
+    def n_fields(self) -> int:
+        """Fields that get a vector: id fields, then normalized numerics."""
+        return self.n_id_fields + self.n_numeric_fields
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """First row of each id field in a shared table."""
+        out, start = [], 0
+        for b in self.id_buckets:
+            out.append(start)
+            start += b
+        return tuple(out)
+
+    @property
+    def shared_rows(self) -> int:
+        """Rows of a shared table: every id field's buckets, then one row per normalized numeric."""
+        return sum(self.id_buckets) + self.n_numeric_fields
+
+
+class FieldTables(tf.Module):
+    """The `[rows, dim]` tables of one kind ("linear" or "embedding") for all fields of a layout.
+
+    `lookup_ids(ids)` gives `[B, F, dim]` for local ids `[B, F]` (the active columns); `numeric_rows()`
+    gives the `[N, dim]` rows of the normalized numerics. Both gather, so gradients are IndexedSlices.
+    """
+
+    def __init__(
+        self,
+        layout: FieldLayout,
+        dim: int,
+        *,
+        table_mode: str,
+        group: str,
+        initializer_for: Callable[[str], Initializer],
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or group)
+        self.layout = layout
+        self.dim = dim
+        self.table_mode = table_mode
+        self.group = group
+        self._initializer_for = initializer_for
+        self.tables: list[tf.Variable] = []
+        self.built = False
+
+    def build(self) -> None:
+        if self.built:
+            return
+        lay = self.layout
+        with self.name_scope:
+            if self.table_mode == "shared":
+                rows = lay.shared_rows
+                self.tables = [make_table("shared", rows, self.dim, self._initializer_for("shared"))]
+            else:
+                # Names are unique within the model (optimizers key their slots by variable name):
+                # id tables live under "id/", and a field whose cleaned name repeats gets its column.
+                names = [_variable_name(n) for n in lay.id_names]
+                names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+                self.tables = [
+                    make_table(f"id/{n}", b, self.dim, self._initializer_for(field))
+                    for n, field, b in zip(names, lay.id_names, lay.id_buckets)
+                ]
+                if lay.n_numeric_fields:
+                    self.tables.append(
+                        make_table(
+                            "normalized_numeric",
+                            lay.n_numeric_fields,
+                            self.dim,
+                            self._initializer_for("normalized_numeric"),
+                        )
+                    )
+        self.built = True
+
+    def lookup_ids(self, ids: tf.Tensor) -> tf.Tensor:
+        """`[B, F]` int32 local ids -> `[B, F, dim]` rows."""
+        lay = self.layout
+        if lay.n_id_fields == 0:
+            return tf.zeros([tf.shape(ids)[0], 0, self.dim])
+        if self.table_mode == "shared":
+            if lay.shared_rows >= 2**31:
+                return lookup(self.tables[0], tf.cast(ids, tf.int64) + tf.constant(lay.offsets, tf.int64))
+            return lookup(self.tables[0], ids + tf.constant(lay.offsets, tf.int32))
+        columns = tf.unstack(ids, num=lay.n_id_fields, axis=1)
+        return tf.stack([lookup(t, c) for t, c in zip(self.tables, columns)], axis=1)
+
+    def numeric_rows(self) -> tf.Tensor:
+        """`[N, dim]` rows of the normalized numeric fields (gathered, for IndexedSlices gradients)."""
+        lay = self.layout
+        if self.table_mode == "shared":
+            start = sum(lay.id_buckets)
+            return lookup(self.tables[0], tf.range(start, start + lay.n_numeric_fields))
+        return lookup(self.tables[-1], tf.range(lay.n_numeric_fields))
+
+
+class SparseLinear(tf.Module):
+    """Twitter-style sparse linear layer: `sum_f w[id_f] + sum_j w_j * x_j + bias` -> `[B]` logits.
+
+    `w` is a `[rows, 1]` table (one scalar per id, zero-initialized); the normalized numerics `x_j` are
+    weighted lookups (value x their own row). The bias is a dense scalar.
+
+    Example:
+        >>> spec = FeatureSpec(("site", "hour"), (100, 26))
+        >>> linear = SparseLinear(FieldLayout.from_spec(spec), table_mode="shared"); linear.build()
+        >>> linear(tf.constant([[3, 1]]), None).shape
+        TensorShape([1])
+    """
+
+    def __init__(self, layout: FieldLayout, *, table_mode: str, name: str = "linear") -> None:
+        super().__init__(name=name)
+        with self.name_scope:
+            self.table = FieldTables(
+                layout,
+                1,
+                table_mode=table_mode,
+                group="linear",
+                initializer_for=lambda _: zeros_initializer,
+                name="table",
+            )
+        self.bias: tf.Variable | None = None
+
+    def build(self) -> None:
+        if self.bias is not None:
+            return
+        self.table.build()
+        with self.name_scope:
+            self.bias = _variable(tf.zeros, [], "bias")
+
+    def __call__(self, ids: tf.Tensor, values: tf.Tensor | None) -> tf.Tensor:
+        """ids: `[B, F]` int32 local ids; values: `[B, N]` normalized numerics or None when N = 0."""
+        logit = tf.reduce_sum(self.table.lookup_ids(ids), axis=[1, 2])
+        if values is not None:
+            logit += tf.linalg.matvec(values, self.table.numeric_rows()[:, 0])
+        return logit + self.bias
+
+
+class FieldEmbedding(tf.Module):
+    """One `dim`-vector per field: `[B, F + N, dim]`, id fields first, numerics scaled by their value.
+
+    Embeddings start as N(0, init_scale^2), deterministic given `seed`.
+    """
+
+    def __init__(
+        self, layout: FieldLayout, dim: int, *, table_mode: str, init_scale: float, seed: int, name: str = "embedding"
+    ) -> None:
+        super().__init__(name=name)
+        with self.name_scope:
+            self.table = FieldTables(
+                layout,
+                dim,
+                table_mode=table_mode,
+                group="embedding",
+                name="table",
+                initializer_for=lambda salt: normal_initializer(init_scale, seed, f"embedding/{salt}"),
+            )
+
+    def build(self) -> None:
+        self.table.build()
+
+    def __call__(self, ids: tf.Tensor, values: tf.Tensor | None) -> tf.Tensor:
+        """ids: `[B, F]` int32 local ids; values: `[B, N]` normalized numerics or None when N = 0."""
+        emb = self.table.lookup_ids(ids)
+        if values is None:
+            return emb
+        numeric = values[:, :, None] * self.table.numeric_rows()[None, :, :]
+        return tf.concat([emb, numeric], axis=1)
+
+
+def fm_interaction(emb: tf.Tensor) -> tf.Tensor:
+    """Second-order FM term `sum_{i<j} <v_i, v_j>` over fields, `[B, S, D]` -> `[B]`, in O(S D).
+
+    Uses `0.5 * sum_d((sum_i v_id)^2 - sum_i v_id^2)` (Rendle 2010).
+    """
+    total = tf.reduce_sum(emb, axis=1)
+    squares = tf.reduce_sum(tf.square(emb), axis=1)
+    return 0.5 * tf.reduce_sum(tf.square(total) - squares, axis=1)
+
+
+class OnlineNormalizer(tf.Module):
+    """Standardizes numeric values with running mean/variance, learned while training, frozen after.
+
+    `__call__(x, training=True)` first merges the batch's mean/variance into the running statistics, then
+    normalizes with the updated statistics; `training=False` only reads them (serving, evaluation), so
+    an exported model normalizes exactly as the last training step did. Statistics are non-trainable
+    float64 variables: `count` (rows seen), `mean`, `variance`, all `[N]` except `count`.
+
+    Args:
+        size: number of numeric columns N.
+        momentum: None (default) gives the exact mean/variance over all rows seen (Chan et al.'s
+            parallel Welford merge). A value in (0, 1) gives an exponential moving average where the old
+            statistics keep weight `momentum` per batch (early batches still get weight `b / (n + b)`
+            so the first batches are not biased to the initial values), for continuous training on
+            drifting data.
+        epsilon: added to the variance before the square root.
+    """
+
+    def __init__(self, size: int, *, momentum: float | None = None, epsilon: float = 1e-6, name: str = "normalizer"):
+        super().__init__(name=name)
+        self.size = size
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.count: tf.Variable | None = None
+
+    def build(self) -> None:
+        if self.count is not None:
+            return
+        with self.name_scope:
+            # Callable initial values: build() may run inside a tf.function's first trace.
+            self.count = tf.Variable(lambda: tf.constant(0.0, tf.float64), trainable=False, name="count")
+            self.mean = tf.Variable(lambda: tf.zeros([self.size], tf.float64), trainable=False, name="mean")
+            self.variance = tf.Variable(lambda: tf.ones([self.size], tf.float64), trainable=False, name="variance")
+
+    def update(self, x: tf.Tensor) -> None:
+        """Merge a batch `[B, N]` into the running statistics (a batch of 0 rows changes nothing)."""
+        x = tf.cast(x, tf.float64)
+        rows = tf.cast(tf.shape(x)[0], tf.float64)
+        batch_mean = tf.math.divide_no_nan(tf.reduce_sum(x, axis=0), rows)
+        batch_var = tf.math.divide_no_nan(tf.reduce_sum(tf.square(x - batch_mean), axis=0), rows)
+        # Weight of the new batch: exact merge of counts, or at least (1 - momentum) for an EMA.
+        alpha = tf.math.divide_no_nan(rows, self.count + rows)
+        if self.momentum is not None:
+            alpha = tf.where(rows > 0, tf.maximum(alpha, 1.0 - self.momentum), alpha)
+        delta = batch_mean - self.mean
+        self.variance.assign((1.0 - alpha) * self.variance + alpha * batch_var + alpha * (1.0 - alpha) * tf.square(delta))
+        self.mean.assign_add(alpha * delta)
+        self.count.assign_add(rows)
+
+    def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """`[B, N]` float32 -> `[B, N]` float32 `(x - mean) / sqrt(variance + epsilon)`."""
+        self.build()
+        if training:
+            self.update(x)
+        mean = tf.cast(self.mean, tf.float32)
+        scale = tf.cast(tf.math.rsqrt(self.variance + self.epsilon), tf.float32)
+        return (x - mean) * scale
+
+
+class MLP(tf.Module):
+    """Dense layers `input -> hidden... -> 1` with relu, optional batch norm and dropout -> `[B]` logits.
+
+    Each hidden layer: matmul + bias, then batch norm (if enabled: batch statistics while training,
+    moving averages with momentum 0.99 otherwise), relu, dropout (training only). All variables are
+    ordinary dense-gradient variables; the batch-norm moving averages are non-trainable. Dropout
+    masks come from TensorFlow's op seeds (`tf.random.set_seed` makes them repeatable).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        *,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        seed: int = 0,
+        name: str = "mlp",
+    ) -> None:
+        super().__init__(name=name)
+        self.input_dim = input_dim
+        self.hidden = tuple(hidden)
+        self.dropout = dropout
+        self.batch_norm = batch_norm
+        self.seed = seed
+        self.bn_momentum = 0.99
+        self.bn_epsilon = 1e-3
+        self.built = False
+
+    def build(self) -> None:
+        if self.built:
+            return
+        self.kernels, self.biases = [], []
+        self.gammas, self.betas, self.moving_means, self.moving_vars = [], [], [], []
+        widths = (self.input_dim, *self.hidden, 1)
+        with self.name_scope:
+            for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+                init = glorot_uniform_initializer(self.seed, f"mlp/kernel_{i}")
+                self.kernels.append(_variable(init, [fan_in, fan_out], f"kernel_{i}"))
+                self.biases.append(_variable(tf.zeros, [fan_out], f"bias_{i}"))
+                if self.batch_norm and i < len(self.hidden):
+                    self.gammas.append(_variable(tf.ones, [fan_out], f"bn_gamma_{i}"))
+                    self.betas.append(_variable(tf.zeros, [fan_out], f"bn_beta_{i}"))
+                    self.moving_means.append(_variable(tf.zeros, [fan_out], f"bn_mean_{i}", trainable=False))
+                    self.moving_vars.append(_variable(tf.ones, [fan_out], f"bn_var_{i}", trainable=False))
+        self.built = True
+
+    def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """`[B, input_dim]` -> `[B]`."""
+        h = x
+        for i in range(len(self.hidden)):
+            h = tf.matmul(h, self.kernels[i]) + self.biases[i]
+            if self.batch_norm:
+                h = self._batch_norm(i, h, training)
+            h = tf.nn.relu(h)
+            if training and self.dropout > 0.0:
+                h = tf.nn.dropout(h, rate=self.dropout)
+        return tf.matmul(h, self.kernels[-1])[:, 0] + self.biases[-1][0]
+
+    def _batch_norm(self, i: int, h: tf.Tensor, training: bool) -> tf.Tensor:
+        if training:
+            mean, var = tf.nn.moments(h, axes=[0])
+            m = self.bn_momentum
+            self.moving_means[i].assign(m * self.moving_means[i] + (1.0 - m) * mean)
+            self.moving_vars[i].assign(m * self.moving_vars[i] + (1.0 - m) * var)
+        else:
+            mean, var = self.moving_means[i], self.moving_vars[i]
+        return tf.nn.batch_normalization(h, mean, var, self.betas[i], self.gammas[i], self.bn_epsilon)
+
+
+class CtrModel(tf.Module):
+    """What every CTR model shares: inputs in the `Batch` layout, logits out, a Keras-like life cycle.
+
+    `__init__` stores the config and creates sub-layers, `build()` makes all variables (idempotent;
+    `make_model` calls it, otherwise the first call does), `__call__` computes. Subclasses set `kind`
+    and implement `build_layers()` and `call(ids, values, training)`.
+
+    `__call__(ids, numeric, training=False) -> logits [B]` (float32, pre-sigmoid):
+        ids: int32 `[B, n_id_fields]`, every column of `Batch.ids` (the model picks the active ones).
+            Each must lie in `[0, buckets_f)`; this hot path does not check (the converter and the
+            serving graph's hashing guarantee it), and in shared mode an out-of-range id would read
+            the next field's rows.
+        numeric: float32 `[B, n_numeric]`, every column of `Batch.numeric`; may be None when the spec
+            has no normalized numerics.
+        training: Python bool; True updates normalization statistics, batch-norm averages and applies
+            dropout. Works eagerly and inside `tf.function` (one trace per value of `training`).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: "ModelConfig", spec: FeatureSpec, *, name: str | None = None) -> None:
+        super().__init__(name=name or config.kind or type(self).__name__.lower())
+        self.config = config
+        self.spec = spec
+        self.layout = FieldLayout.from_spec(spec)
+        if self.layout.n_fields == 0:
+            raise ConfigError(
+                "A model needs at least one input field: the FeatureSpec has no id columns and no "
+                f"normalized numerics (id_names={spec.id_names}, normalized_numeric={spec.normalized_numeric})."
+            )
+        self.built = False
+        with self.name_scope:
+            self.normalizer = (
+                OnlineNormalizer(self.layout.n_numeric_fields, momentum=config.norm_momentum)
+                if self.layout.n_numeric_fields
+                else None
+            )
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create every variable (idempotent). Call it inside a distribution strategy's scope if any."""
+        if self.built:
+            return
+        with self.name_scope:
+            if self.normalizer is not None:
+                self.normalizer.build()
+            self.build_layers()
+        self.built = True
+
+    def build_layers(self) -> None:
+        raise NotImplementedError
+
+    def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
+        """ids: active id columns `[B, F]`; values: normalized numerics `[B, N]` or None -> logits `[B]`."""
+        raise NotImplementedError
+
+    def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
+        self.build()
+        lay = self.layout
+        ids = tf.cast(ids, tf.int32)
+        if len(lay.id_columns) != lay.n_ids_input:
+            ids = tf.gather(ids, lay.id_columns, axis=1)
+        values = None
+        if self.normalizer is not None:
+            if numeric is None:
+                raise ConfigError(
+                    f"This model reads normalized numerics {list(lay.numeric_names)}: pass `numeric` "
+                    f"(float32 [B, {lay.n_numeric_input}]), got None."
+                )
+            numeric = tf.cast(numeric, tf.float32)
+            if lay.n_numeric_fields != lay.n_numeric_input:
+                numeric = tf.gather(numeric, lay.numeric_columns, axis=1)
+            values = self.normalizer(numeric, training=training)
+        return self.call(ids, values, training)
+
+    # -- introspection ------------------------------------------------------------------------------
+    @property
+    def input_signature(self) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+        """`(ids, numeric)` specs for a serving concrete function: int32 `[None, F]`, float32 `[None, N]`."""
+        return (
+            tf.TensorSpec([None, self.layout.n_ids_input], tf.int32, name="ids"),
+            tf.TensorSpec([None, self.layout.n_numeric_input], tf.float32, name="numeric"),
+        )
+
+    def variable_groups(self) -> dict[str, list[tf.Variable]]:
+        """Trainable variables by optimizer group; every trainable variable is in exactly one group.
+
+        "linear": `[rows, 1]` linear tables; "embedding": `[rows, dim]` embedding tables (both get
+        `tf.IndexedSlices` gradients); "dense": everything else (biases, MLP, batch norm scale/offset).
+        """
+        self.build()
+        groups: dict[str, list[tf.Variable]] = {g: [] for g in VARIABLE_GROUPS}
+        sparse = set()
+        for module in (m for m in self.submodules if isinstance(m, FieldTables)):
+            groups[module.group].extend(module.tables)
+            sparse.update(v.ref() for v in module.tables)
+        groups["dense"] = [v for v in self.trainable_variables if v.ref() not in sparse]
+        return groups
+
+    def non_trainable_state(self) -> list[tf.Variable]:
+        """Variables updated in training mode but not by the optimizer: normalization statistics and
+        batch-norm moving averages. They belong in checkpoints and exports, never in optimizer groups."""
+        self.build()
+        return [v for v in self.variables if not v.trainable]

@@ -1,0 +1,1 @@
+"""Training: sparse-aware optimizers, the training loop, checkpoints and offline metrics."""
