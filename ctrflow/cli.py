@@ -103,7 +103,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     bar = _bar(args)
     try:
-        s = generate(args.out, GenerateOptions(rows=args.rows, seed=args.seed, days=args.days), on_progress=bar)
+        s = generate(args.out, GenerateOptions(rows=args.rows, seed=args.seed, days=args.days, split=args.split), on_progress=bar)
     finally:
         bar.close()
     d = s.to_dict()
@@ -115,11 +115,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ctrflow.data.convert import ConvertOptions, convert
 
+    from ctrflow.schema import load_schema
+
     schema = args.schema
     if schema is None and args.like is None:
         if not args.label:
             raise CtrflowError("convert needs --schema NAME|FILE, --like DIR, or --label COL to infer a schema from the header.")
         schema = _infer(args, args.inputs[0])
+    if args.max_buckets:
+        if args.like:
+            raise CtrflowError("--max-buckets changes the schema: it cannot be combined with --like.")
+        schema = load_schema(schema).capped(args.max_buckets)
     opts = ConvertOptions(
         workers=args.workers, block_bytes=args.block_mb << 20,
         max_errors=None if args.max_errors < 0 else args.max_errors, overwrite=args.overwrite,
@@ -170,6 +176,78 @@ def _cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from --config FILE (if any), overridden by every flag given on the command line."""
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.train.config import GroupOptimizer, TrainConfig
+
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    model = base.model.to_dict()
+    for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode")):
+        if getattr(args, flag) is not None:
+            model[key] = getattr(args, flag)
+    if args.hidden is not None:
+        model["hidden"] = [int(x) for x in args.hidden.split(",") if x]
+    if args.batch_norm:
+        model["batch_norm"] = True
+    changes: dict[str, Any] = {"model": ModelConfig.from_dict(model)}
+    for flag in ("optimizer", "learning_rate", "batch_size", "epochs", "steps_per_call", "seed", "max_steps", "l2",
+                 "valid_every_steps", "early_stopping_patience", "checkpoint_every_steps", "hogwild_threads"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    if args.seed is not None:
+        changes["model"] = ModelConfig.from_dict({**model, "seed": args.seed})
+    if args.deterministic:
+        changes["deterministic"] = True
+    if args.profile:
+        changes["profile"] = True
+    groups = dict(base.optimizer_groups)
+    for g in ("linear", "embedding", "dense"):
+        name = getattr(args, f"{g}_optimizer")
+        if name:
+            lr = getattr(args, f"{g}_learning_rate") or changes.get("learning_rate", base.learning_rate)
+            groups[g] = GroupOptimizer(name, lr)
+    changes["optimizer_groups"] = groups
+    return base.replace(**changes)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ctrflow.train.loop import train
+
+    config = _train_config(args)
+    bar = _bar(args, "examples")
+    try:
+        s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar)
+    finally:
+        bar.close()
+    d = s.to_dict()
+    if s.valid:
+        d.update({f"valid_{k}": v for k, v in s.valid.items() if isinstance(v, (int, float))})
+    human = (f"trained {config.model.kind} for {s.steps:,} steps ({s.examples:,} examples, {s.examples_per_s:,.0f} examples/s), "
+             f"train logloss {s.train_logloss:.5f}")
+    if s.valid:
+        human += f"\nvalid: auc {s.valid['auc']:.4f}  logloss {s.valid['logloss']:.5f}  ne {s.valid['ne']:.4f}  calibration {s.valid['calibration']:.3f}"
+    if s.resumed_from_step:
+        human += f"\nresumed from step {s.resumed_from_step}"
+    human += f"\nrun folder: {s.run} (learning_curves.png, history.jsonl, checkpoints/)"
+    _emit(args, d, human)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctrflow.train.evaluate import evaluate
+
+    r = evaluate(args.run, args.data, slice_by=args.slice_by, batch_size=args.batch_size)
+    human = (f"{args.run} on {args.data}: rows {r['rows']:,}  auc {r['auc']:.4f}  logloss {r['logloss']:.5f}  "
+             f"ne {r['ne']:.4f}  calibration {r['calibration']:.3f}")
+    if "bayes_logloss" in r:
+        human += f"\nBayes-optimal logloss {r['bayes_logloss']:.5f} (gap {r['logloss_gap']:.5f})"
+    for k, m in list(r.get("slices", {}).items())[:50]:
+        human += f"\n  {args.slice_by}={k}: rows {m['rows']:,} auc {m['auc']:.4f} logloss {m['logloss']:.5f}"
+    _emit(args, r, human)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
@@ -208,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file (.gz for gzip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--days", type=int, default=1, help="time-ordered drifting days")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="test: other rows from the same hidden model")
     _common(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -220,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: automatic)")
     p.add_argument("--block-mb", type=int, default=32, help="MiB of text per block/shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-buckets", type=int, help="cap every categorical field's hash buckets (smaller tables)")
     _schema_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_convert)
@@ -237,6 +317,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true")
     _common(p)
     p.set_defaults(func=_cmd_read)
+
+    p = sub.add_parser("train", help="train a CTR model into a run folder (rerun to resume)")
+    p.add_argument("--data", required=True, help="shard folder, or - for a shard stream on stdin")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", choices=["lr", "fm", "deepfm"])
+    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups)")
+    p.add_argument("--learning-rate", type=float)
+    for g in ("linear", "embedding", "dense"):
+        p.add_argument(f"--{g}-optimizer", help=f"optimizer of the {g} group only")
+        p.add_argument(f"--{g}-learning-rate", type=float)
+    p.add_argument("--valid", help="validation shard folder")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--hidden", help="DeepFM MLP widths, e.g. 256,128")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--table-mode", choices=["shared", "per_field"])
+    p.add_argument("--l2", type=float)
+    p.add_argument("--steps-per-call", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", help="single-threaded, bit-for-bit repeatable")
+    p.add_argument("--valid-every-steps", type=int)
+    p.add_argument("--early-stopping-patience", type=int)
+    p.add_argument("--checkpoint-every-steps", type=int)
+    p.add_argument("--hogwild-threads", type=int)
+    p.add_argument("--warm-start", help="initialize from another run's latest checkpoint")
+    p.add_argument("--config", help="TrainConfig JSON/YAML; flags override it")
+    p.add_argument("--profile", action="store_true", help="write a profiler trace to RUN/profile")
+    _common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on shards")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--slice-by", help="a field or the time column: metrics per value")
+    p.add_argument("--batch-size", type=int, default=16384)
+    _common(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     for extend in _EXTENSIONS:
         extend(sub)

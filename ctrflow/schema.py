@@ -218,6 +218,14 @@ class Schema:
     def with_overrides(self, **changes: Any) -> "Schema":
         return replace(self, **changes)
 
+    def capped(self, max_buckets: int) -> "Schema":
+        """The same schema with every categorical field's hash_buckets at most `max_buckets` (small tables
+        for quick experiments and tests; more collisions on high-cardinality fields)."""
+        if max_buckets < 2:
+            raise SchemaError(f"max_buckets must be >= 2. Got {max_buckets} instead.")
+        cats = tuple(replace(f, hash_buckets=min(f.hash_buckets, max_buckets)) for f in self.categorical)
+        return replace(self, categorical=cats)
+
 
 # --- presets ------------------------------------------------------------------------------------
 # Criteo display-ads: approximate per-field cardinalities (Kaggle 45M rows) set the bucket counts so

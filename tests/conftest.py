@@ -38,3 +38,21 @@ def criteo_file(tmp_path: Path) -> Path:
     p = tmp_path / "day0.tsv"
     p.write_text("\n".join(criteo_rows(3000)) + "\n")
     return p
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """(train_dir, test_dir, generate summary): 60k/20k synthetic rows from one hidden model, small tables."""
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.schema import PRESETS
+
+    root = tmp_path_factory.mktemp("synthetic")
+    g = generate(root / "all.csv", GenerateOptions(rows=80_000, seed=11))
+    lines = (root / "all.csv").read_text().splitlines(keepends=True)
+    (root / "train.csv").write_text("".join(lines[: 1 + 60_000]))
+    (root / "test.csv").write_text(lines[0] + "".join(lines[1 + 60_000 :]))
+    schema = PRESETS["synthetic"].capped(1 << 14)
+    convert(root / "train.csv", root / "train", schema=schema, options=ConvertOptions(workers=1, block_bytes=2 << 20))
+    convert(root / "test.csv", root / "test", like=root / "train", options=ConvertOptions(workers=1))
+    return root / "train", root / "test", g

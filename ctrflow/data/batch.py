@@ -21,6 +21,7 @@ class Batch(NamedTuple):
     label: float32 [B], 0/1.
     weight: float32 [B] or None.
     extras: float32 [B, E] or None: carried columns that are never features (e.g. `true_ctr`).
+    time: int64 [B] or None: the schema's time column (for slicing and time-ordered work, never a feature).
     """
 
     ids: np.ndarray
@@ -28,6 +29,7 @@ class Batch(NamedTuple):
     label: np.ndarray
     weight: np.ndarray | None = None
     extras: np.ndarray | None = None
+    time: np.ndarray | None = None
 
     @property
     def rows(self) -> int:

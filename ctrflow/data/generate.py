@@ -83,18 +83,25 @@ class GenerateOptions:
         days: time-ordered days, 1 <= days <= rows. Default 1 (no drift visible).
         chunk_rows: rows generated and written per step, >= 1. Default 65,536 (peak memory about
             160 MiB above the interpreter's, whatever `rows`). Bounds memory, never changes the file.
+        split: "train" or "test": other rows drawn from the same hidden model (same seed and days), so
+            a held-out set never repeats a training row. Default "train".
     """
 
     rows: int
     seed: int = 0
     days: int = 1
     chunk_rows: int = 65536
+    split: str = "train"
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, low=1)
         _check_int("seed", self.seed, low=0, high=2**64 - 1)
         _check_int("days", self.days, low=1)
         _check_int("chunk_rows", self.chunk_rows, low=1)
+        if self.split not in _SPLITS:
+            raise ConfigError(
+                f"The 'split' parameter of GenerateOptions must be one of {sorted(_SPLITS)}. Got {self.split!r} instead."
+            )
         if self.days > self.rows:
             raise ConfigError(
                 f"The 'days' parameter of GenerateOptions must be <= rows ({self.rows}) so that every "
@@ -162,7 +169,7 @@ def generate(
                 model = _DayModel(options.seed, day)
                 day_rows = options.rows // options.days + (day < options.rows % options.days)
                 for first in range(0, day_rows, options.chunk_rows):
-                    chunk = model.chunk(first, min(options.chunk_rows, day_rows - first))
+                    chunk = model.chunk(first, min(options.chunk_rows, day_rows - first), _SPLITS[options.split])
                     pending.append(writer.submit(csv_file.write, chunk.table))
                     while len(pending) > _CHUNKS_IN_FLIGHT:
                         pending.popleft().result()
@@ -332,7 +339,8 @@ _MISSING_ID = 0xFFFF_FFFF  # value id standing for "missing" in weight hashes (r
 _LOGIT_CLIP = 13.0  # keeps true_ctr strictly inside (0, 1) after rounding to 6 digits
 
 # Row-key namespaces (bits 62-63): the written rows and the calibration sample never share draws.
-_ROWS, _CALIBRATION = 0, 1
+_ROWS, _CALIBRATION, _TEST_ROWS = 0, 1, 2
+_SPLITS = {"train": _ROWS, "test": _TEST_ROWS}
 
 # ----- hashing: splitmix64 on uint64 arrays (numpy integer arithmetic wraps, which we rely on) -----
 
@@ -546,8 +554,8 @@ class _DayModel:
         z += _numeric_effects(draws, self._c17_slope[c17_ids])
         return np.clip(z, -_LOGIT_CLIP, _LOGIT_CLIP)
 
-    def chunk(self, first: int, n: int) -> _Chunk:
-        draws = _draw_rows(self.seed, self.day, first, n, _ROWS)
+    def chunk(self, first: int, n: int, namespace: int = _ROWS) -> _Chunk:
+        draws = _draw_rows(self.seed, self.day, first, n, namespace)
         ctr = _round_significant(1.0 / (1.0 + np.exp(-self.logit(draws))))
         click = draws.click_u < ctr
         logloss = -np.sum(np.log(np.where(click, ctr, 1.0 - ctr)))

@@ -67,6 +67,7 @@ def _take(d: shardio.ShardData, idx: np.ndarray | slice) -> Batch:
         ids=d.ids[idx], numeric=d.numeric[idx], label=d.label[idx],
         weight=None if d.weight is None else d.weight[idx],
         extras=None if d.extras is None else d.extras[idx],
+        time=None if d.time is None else d.time[idx],
     )
 
 
@@ -79,13 +80,13 @@ def _concat(parts: list[shardio.ShardData]) -> shardio.ShardData:
         return None if arrays[0] is None else np.concatenate(arrays)
 
     return shardio.ShardData(label=cat("label"), ids=cat("ids"), numeric=cat("numeric"), weight=cat("weight"),
-                             time=None, extras=cat("extras"))
+                             time=cat("time"), extras=cat("extras"))
 
 
 def _slice(d: shardio.ShardData, start: int, end: int) -> shardio.ShardData:
     s = slice(start, end)
     return shardio.ShardData(label=d.label[s], ids=d.ids[s], numeric=d.numeric[s],
-                             weight=None if d.weight is None else d.weight[s], time=None,
+                             weight=None if d.weight is None else d.weight[s], time=None if d.time is None else d.time[s],
                              extras=None if d.extras is None else d.extras[s])
 
 
@@ -159,7 +160,7 @@ class BatchStream:
             return data
         perm = rng.permutation(data.rows)
         b = _take(data, perm)
-        return shardio.ShardData(label=b.label, ids=b.ids, numeric=b.numeric, weight=b.weight, extras=b.extras)
+        return shardio.ShardData(label=b.label, ids=b.ids, numeric=b.numeric, weight=b.weight, extras=b.extras, time=b.time)
 
     def _cut(self, data: shardio.ShardData, n: int) -> Iterator[Batch]:
         b = self.options.batch_size

@@ -295,3 +295,14 @@ def test_output_folder_must_exist(tmp_path: Path) -> None:
         generate(tmp_path / "missing" / "out.csv", GenerateOptions(rows=10))
     with pytest.raises(ConfigError, match="folder"):
         generate(tmp_path, GenerateOptions(rows=10))
+
+
+def test_test_split_draws_other_rows_from_the_same_model(tmp_path):
+    a = generate(tmp_path / "a.csv", GenerateOptions(rows=20_000, seed=4))
+    b = generate(tmp_path / "b.csv", GenerateOptions(rows=20_000, seed=4, split="test"))
+    rows_a = set((tmp_path / "a.csv").read_text().splitlines()[1:])
+    rows_b = set((tmp_path / "b.csv").read_text().splitlines()[1:])
+    assert len(rows_a & rows_b) < 10  # duplicates only by chance (identical popular rows)
+    assert abs(a.mean_ctr - b.mean_ctr) < 0.006 and abs(a.bayes_logloss - b.bayes_logloss) < 0.01
+    with pytest.raises(ConfigError, match="'split' parameter of GenerateOptions must be one of"):
+        GenerateOptions(rows=10, split="valid")
