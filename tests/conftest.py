@@ -48,10 +48,8 @@ def synthetic_shards(tmp_path_factory):
     from ctrflow.schema import PRESETS
 
     root = tmp_path_factory.mktemp("synthetic")
-    g = generate(root / "all.csv", GenerateOptions(rows=80_000, seed=11))
-    lines = (root / "all.csv").read_text().splitlines(keepends=True)
-    (root / "train.csv").write_text("".join(lines[: 1 + 60_000]))
-    (root / "test.csv").write_text(lines[0] + "".join(lines[1 + 60_000 :]))
+    g = generate(root / "train.csv", GenerateOptions(rows=60_000, seed=11))
+    generate(root / "test.csv", GenerateOptions(rows=20_000, seed=11, split="test"))
     schema = PRESETS["synthetic"].capped(1 << 14)
     convert(root / "train.csv", root / "train", schema=schema, options=ConvertOptions(workers=1, block_bytes=2 << 20))
     convert(root / "test.csv", root / "test", like=root / "train", options=ConvertOptions(workers=1))

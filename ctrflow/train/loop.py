@@ -226,7 +226,8 @@ def _plot_curves(run: Path, history: list[dict[str, Any]]) -> None:
     ax.set_xlabel("examples seen")
     ax.set_ylabel("logloss")
     ax.set_title(f"learning curves — {run.name}")
-    ax.legend(loc="upper right")
+    if tr or va:
+        ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = run / "learning_curves.tmp.png"
