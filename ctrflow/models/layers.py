@@ -156,8 +156,11 @@ def _variable(initializer: Initializer, shape: Sequence[int], name: str, *, trai
 
 
 def lookup(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
-    """Rows of `table` at `ids`: `[...]` -> `[..., dim]`; the table's gradient is a `tf.IndexedSlices`."""
-    return tf.nn.embedding_lookup(table, ids)
+    """Rows of `table` at `ids`: `[...]` -> `[..., dim]`; the table's gradient is a `tf.IndexedSlices`.
+
+    A float16 table (a slim export) is widened to float32 after the gather, so only looked-up rows are cast."""
+    rows = tf.nn.embedding_lookup(table, ids)
+    return rows if rows.dtype == tf.float32 else tf.cast(rows, tf.float32)
 
 
 @dataclass(frozen=True)

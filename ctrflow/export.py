@@ -1,0 +1,210 @@
+"""Slim exports: a trained run → a SavedModel without optimizer state, with the data transforms in-graph.
+
+`export(run, "models/ctr")` writes `models/ctr/<version>/` in TensorFlow Serving's layout (integer
+version folders holding `saved_model.pb` and `variables/`), so TF Serving itself could load it, plus
+`ctrflow.json` (schema, transforms, feature spec, model config) for ctrflow's own server.
+
+Signatures:
+- `serving_default`: raw feature values, one input per schema field (categoricals `tf.string [None]`,
+  numerics `tf.float64 [None]`, NaN = missing), hashed and discretized in-graph with exactly the
+  converter's functions → `{"probabilities", "logits"}` float32 `[None]`.
+- `predict_ids`: pre-hashed `ids` int32 `[None, F]` and `numeric` float32 `[None, N]` (the shard layout).
+- `transform`: raw features → `{"ids", "numeric"}` (what the converter would have written), for parity checks.
+
+Only the model's variables are saved: optimizer slots (two per weight for Adam-family optimizers) stay
+in the checkpoints, so an export is about a third of a checkpoint. The version folder is built under a
+dot-prefixed temp name (which TF Serving and ctrflow ignore) and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ctrflow.data.transforms import field_hash_key
+from ctrflow.errors import ConfigError, TrainingError
+from ctrflow.schema import Schema
+
+__all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name"]
+
+EXPORT_INFO = "ctrflow.json"
+_NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
+
+
+def input_name(field: str) -> str:
+    """A field's signature input name (TensorFlow allows a restricted character set)."""
+    return field if _NAME_OK.match(field) else (re.sub(r"[^A-Za-z0-9_.\-/]", "_", field).lstrip("_-/") or "f")
+
+
+@dataclass
+class ExportSummary:
+    path: str
+    version: int
+    export_bytes: int
+    checkpoint_bytes: int
+    export_vs_checkpoint: float
+    embedding_dtype: str
+    signatures: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def find_versions(model_base_path: str | os.PathLike) -> list[int]:
+    """Complete version folders under a base path, ascending (temp folders and non-integers ignored)."""
+    base = Path(model_base_path)
+    if not base.is_dir():
+        return []
+    out = []
+    for p in base.iterdir():
+        if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists() and (p / EXPORT_INFO).exists():
+            out.append(int(p.name))
+    return sorted(out)
+
+
+def _raw_transform(features: dict[str, Any], schema: Schema, boundaries: dict[str, tuple[float, ...]]):
+    """The converter's transforms as TensorFlow ops: raw features → (ids int32 [B, F], numeric float32 [B, N])."""
+    import tensorflow as tf
+
+    cols, nums = [], []
+    batch = None
+    for f in schema.categorical:
+        x = features[input_name(f.name)]
+        batch = tf.shape(x)[0]
+        h = tf.strings.to_hash_bucket_strong(x, f.hash_buckets - 1, key=list(field_hash_key(schema.hash_seed, f.name))) + 1
+        cols.append(tf.where(tf.strings.length(x) > 0, h, tf.zeros_like(h)))
+    for f in schema.numeric:
+        x = features[input_name(f.name)]
+        batch = tf.shape(x)[0]
+        v = tf.sign(x) * tf.math.log1p(tf.abs(x)) if f.transform == "log" else x
+        v = tf.cast(v, tf.float32)  # the converter stores float32 after a float64 transform
+        missing = tf.math.is_nan(v)
+        b = tf.raw_ops.Bucketize(input=v, boundaries=[float(b) for b in boundaries[f.name]]) + 1
+        cols.append(tf.cast(tf.where(missing, tf.zeros_like(b), b), tf.int64))
+        nums.append(tf.where(missing, tf.zeros_like(v), v))
+    ids = tf.cast(tf.stack(cols, axis=1), tf.int32)
+    numeric = tf.stack(nums, axis=1) if nums else tf.zeros([batch, 0], tf.float32)
+    return ids, numeric
+
+
+def _slim_tables(model: Any, dtype: str) -> None:
+    """Replace every embedding/linear table of `model` by a copy in `dtype` (lookups widen to float32)."""
+    import tensorflow as tf
+
+    from ctrflow.models.layers import FieldTables
+
+    for module in model.submodules:
+        if isinstance(module, FieldTables):
+            module.tables = [tf.Variable(tf.cast(t, dtype), name=t.name.split(":")[0], trainable=False) for t in module.tables]
+
+
+def export(
+    run: str | os.PathLike,
+    model_base_path: str | os.PathLike,
+    *,
+    version: int | None = None,
+    embedding_dtype: str = "float32",
+    overwrite: bool = False,
+) -> ExportSummary:
+    """Export `run`'s latest checkpoint to `model_base_path/<version>/` (default: newest version + 1).
+
+    Args:
+        embedding_dtype: "float32" or "float16" (half the table bytes; report the AUC change with
+            `ctrflow evaluate` on the export, see BENCHMARKS.md).
+        overwrite: replace an existing folder of the same version.
+    """
+    import tensorflow as tf
+
+    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
+
+    t0 = time.perf_counter()
+    if embedding_dtype not in ("float32", "float16"):
+        raise ConfigError(f"The 'embedding_dtype' option of export must be 'float32' or 'float16'. Got {embedding_dtype!r} instead.")
+    info = load_run_info(run)
+    schema = Schema.from_dict(info["schema"])
+    boundaries = {k: tuple(v) for k, v in info["transforms"]["boundaries"].items()}
+    model = build_model_from_run(info)
+    checkpoint = restore_latest(run, model)
+    if embedding_dtype != "float32":
+        _slim_tables(model, embedding_dtype)
+    names = [input_name(f) for f in schema.categorical_names + schema.numeric_names]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"field names collide as signature inputs: {names}; rename the fields in the schema.")
+
+    base = Path(model_base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = find_versions(base)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if not isinstance(version, int) or version < 0:
+        raise ConfigError(f"The 'version' of export must be an int >= 0. Got {version!r} instead.")
+    final = base / str(version)
+    if final.exists() and not overwrite:
+        raise ConfigError(f"{final} already exists: pass another --version or --overwrite.")
+
+    raw_spec = {input_name(f.name): tf.TensorSpec([None], tf.string, name=input_name(f.name)) for f in schema.categorical}
+    raw_spec.update({input_name(f.name): tf.TensorSpec([None], tf.float64, name=input_name(f.name)) for f in schema.numeric})
+    n_ids, n_num = len(schema.id_names), len(schema.numeric)
+
+    module = tf.Module()
+    module.model = model
+
+    def serve_raw(features):
+        ids, numeric = _raw_transform(features, schema, boundaries)
+        logits = model(ids, numeric, training=False)
+        return {"probabilities": tf.sigmoid(logits), "logits": logits}
+
+    def serve_ids(ids, numeric):
+        logits = model(ids, numeric, training=False)
+        return {"probabilities": tf.sigmoid(logits), "logits": logits}
+
+    def transform(features):
+        ids, numeric = _raw_transform(features, schema, boundaries)
+        return {"ids": ids, "numeric": numeric}
+
+    module.serve_raw = tf.function(serve_raw, input_signature=[raw_spec])
+    module.serve_ids = tf.function(serve_ids, input_signature=[tf.TensorSpec([None, n_ids], tf.int32, name="ids"),
+                                                               tf.TensorSpec([None, n_num], tf.float32, name="numeric")])
+    module.transform = tf.function(transform, input_signature=[raw_spec])
+    signatures = {
+        "serving_default": module.serve_raw.get_concrete_function(),
+        "predict_ids": module.serve_ids.get_concrete_function(),
+        "transform": module.transform.get_concrete_function(),
+    }
+    tmp = base / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        meta = {
+            "format": "ctrflow-export", "version": version, "run": str(run), "checkpoint": checkpoint,
+            "schema": info["schema"], "schema_fingerprint": info["schema_fingerprint"], "transforms": info["transforms"],
+            "feature_spec": info["feature_spec"], "model": info["config"]["model"], "embedding_dtype": embedding_dtype,
+            "inputs": {f: input_name(f) for f in schema.categorical_names + schema.numeric_names},
+            "created_unix": time.time(),
+        }
+        (tmp / EXPORT_INFO).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, tf.errors.OpError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"export to {final} failed ({str(e).strip()[:300]}); nothing was published.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ckpt_bytes = sum(Path(p).stat().st_size for p in tf.io.gfile.glob(checkpoint + ".*"))
+    export_bytes = _dir_bytes(final)
+    return ExportSummary(
+        path=str(final), version=version, export_bytes=export_bytes, checkpoint_bytes=ckpt_bytes,
+        export_vs_checkpoint=export_bytes / max(ckpt_bytes, 1), embedding_dtype=embedding_dtype,
+        signatures=sorted(signatures), seconds=time.perf_counter() - t0,
+    )
