@@ -54,3 +54,30 @@ def synthetic_shards(tmp_path_factory):
     convert(root / "train.csv", root / "train", schema=schema, options=ConvertOptions(workers=1, block_bytes=2 << 20))
     convert(root / "test.csv", root / "test", like=root / "train", options=ConvertOptions(workers=1))
     return root / "train", root / "test", g
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synthetic_shards):
+    """A small FM run (LazyAdam, 40 steps) on the synthetic shards: (run_dir, train_dir, test_dir)."""
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import train
+
+    train_dir, test_dir, _ = synthetic_shards
+    run = tmp_path_factory.mktemp("runs") / "fm"
+    train(train_dir, run, TrainConfig(model=ModelConfig("fm", embedding_dim=8), batch_size=1024, learning_rate=0.003, max_steps=40))
+    return run, train_dir, test_dir
+
+
+def raw_rows(csv_path: Path, n: int) -> list[dict]:
+    """The first n rows of a synthetic CSV as serving instances (named raw features, None = missing)."""
+    import csv
+
+    out = []
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            out.append({k: (v if k.startswith("C") else (float(v) if v else None)) for k, v in row.items()
+                        if k not in ("day", "click", "true_ctr")})
+            if len(out) == n:
+                break
+    return out
