@@ -248,6 +248,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ctrflow.export import export
+
+    s = export(args.run, args.model_base_path, version=args.version, embedding_dtype=args.embedding_dtype, overwrite=args.overwrite)
+    _emit(args, s.to_dict(), f"exported version {s.version} to {s.path}: {s.export_bytes / 1e6:.1f} MB "
+                             f"({s.export_vs_checkpoint:.0%} of the {s.checkpoint_bytes / 1e6:.1f} MB checkpoint)")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
@@ -357,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16384)
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run as a slim SavedModel version (TF Serving layout)")
+    p.add_argument("run")
+    p.add_argument("--model-base-path", required=True, help="MODELS/NAME; the version folder goes inside")
+    p.add_argument("--version", type=int, help="default: newest existing version + 1")
+    p.add_argument("--embedding-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_export)
 
     for extend in _EXTENSIONS:
         extend(sub)
