@@ -22,6 +22,24 @@ from ctrflow.errors import (
 from ctrflow.schema import CategoricalField, NumericField, Schema, infer_schema, load_schema
 from ctrflow.serving.batcher import AutoBatcher, BatcherStats, BatchingOptions
 
+
+def __getattr__(name: str):
+    """TensorFlow-backed parts load on first use, so `import ctrflow` (and the CLI) stays fast."""
+    lazy = {
+        "TrainConfig": "ctrflow.train.config", "GroupOptimizer": "ctrflow.train.config",
+        "ModelConfig": "ctrflow.models.registry", "make_model": "ctrflow.models.registry",
+        "train": "ctrflow.train.loop", "TrainSummary": "ctrflow.train.loop",
+        "evaluate": "ctrflow.train.evaluate",
+        "export": "ctrflow.export", "ExportSummary": "ctrflow.export",
+        "Predictor": "ctrflow.serving.predictor",
+    }
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module 'ctrflow' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -30,6 +48,8 @@ __all__ = [
     "convert", "ConvertOptions", "ConvertSummary", "verify",
     "open_batches", "PipelineOptions", "BatchStream", "Batch", "FeatureSpec",
     "AutoBatcher", "BatchingOptions", "BatcherStats",
+    "TrainConfig", "GroupOptimizer", "ModelConfig", "make_model", "train", "TrainSummary", "evaluate",
+    "export", "ExportSummary", "Predictor",
     "CtrflowError", "ConfigError", "SchemaError", "InputError", "TooManyRejectsError", "ShardCorruptError",
     "TrainingError", "DeadlineExceeded", "QueueFullError", "ModelNotFoundError",
 ]

@@ -389,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("schema", "generate", "verify", "read"):  # these never touch TensorFlow
+        from ctrflow._tf import quiet_import
+
+        quiet_import()
     try:
         return int(args.func(args) or 0)
     except CtrflowError as e:

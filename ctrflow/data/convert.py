@@ -514,9 +514,9 @@ def _finalize_staged(stage: str, schema_dict: dict[str, Any], boundaries: dict[s
 
 
 def _worker_init() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from ctrflow._tf import quiet_import
 
+    tf = quiet_import()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 

@@ -1,0 +1,652 @@
+"""The registry of served models: which versions of which models answer requests, and hot reload.
+
+`ModelManager` watches each model's base path (TF Serving layout: integer version folders). A new
+complete version is loaded on a background thread, warmed up, then swapped in under a lock; requests
+hold a lease on the version they started with, so a swap fails none of them, and the old version is
+closed (its queue drained) once its last lease is returned. The `keep_versions` newest are served.
+
+Recommended use::
+
+    manager = ModelManager([ModelSpec("ctr", "models/ctr")], ManagerOptions(poll_interval_s=1.0))
+    manager.start()                           # loads what is there now, then watches
+    with manager.lease("ctr") as predictor:   # the newest version; lease("ctr", 3) for version 3
+        scores = predictor.predict(features)
+    manager.close()
+
+A bad version folder (incomplete, corrupt, a schema other than the one being served) is skipped with
+a logged reason, shown in `status()` and retried only once its files change; the serving version stays.
+
+Implementation details follow: each model has a `_ModelState` holding its served `_Loaded` versions
+(newest last) and the failures by version; every change to them happens under the manager's one lock,
+and leases count in-flight requests on a `_Loaded` under the same lock.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ctrflow.errors import ConfigError, CtrflowError, ModelNotFoundError
+from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.metrics import ModelGauges
+
+__all__ = [
+    "ManagerOptions",
+    "ModelManager",
+    "ModelNotReadyError",
+    "ModelSpec",
+    "VersionStatus",
+    "load_model_config",
+]
+
+log = logging.getLogger("ctrflow.serving")
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_EXPORT_INFO = "ctrflow.json"  # ctrflow.export.EXPORT_INFO, without importing TensorFlow here
+
+
+class ModelNotReadyError(CtrflowError):
+    """The model is configured but no version of it is loaded yet (or every version failed). Retryable."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: where its versions appear and how they are served."""
+
+    # URL-safe name clients use (`/v1/models/NAME`): letters, digits, '_', '.', '-'.
+    name: str
+    # Folder holding integer version folders (`BASE/1/`, `BASE/2/`, ...), watched for new ones.
+    base_path: str
+    # Autobatching of every version of this model; None scores each request on its own.
+    batching: BatchingOptions | None = field(default_factory=BatchingOptions)
+    # How many of the newest loadable versions are served at once, >= 1 (older ones are unloaded);
+    # requests naming no version get the newest. Default 1.
+    keep_versions: int = 1
+    # Serve a new version whose features differ from the served one's. Default False: such a version
+    # is skipped with a logged reason, since the clients send the old features.
+    allow_schema_change: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _MODEL_NAME.match(self.name):
+            raise ConfigError(
+                "The 'name' of a served model must start with a letter or digit and hold only letters, digits, "
+                f"'_', '.', '-'. Got {self.name!r} instead."
+            )
+        if not isinstance(self.base_path, (str, os.PathLike)) or not str(self.base_path):
+            raise ConfigError(f"The 'base_path' of model '{self.name}' must be a folder path. Got {self.base_path!r} instead.")
+        object.__setattr__(self, "base_path", str(self.base_path))
+        if self.batching is not None and not isinstance(self.batching, BatchingOptions):
+            raise ConfigError(
+                f"The 'batching' of model '{self.name}' must be BatchingOptions or None. Got {self.batching!r} instead."
+            )
+        k = self.keep_versions
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ConfigError(f"The 'keep_versions' of model '{self.name}' must be an int >= 1. Got {k!r} instead.")
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """How the registry watches base paths and retires old versions."""
+
+    # Seconds between scans of every base path, > 0. Default 1.0.
+    poll_interval_s: float = 1.0
+    # Run `Predictor.warmup()` before a version takes traffic (first requests then pay no tracing).
+    warmup: bool = True
+    # Longest a retired version waits for its in-flight requests before it is closed anyway, >= 0
+    # seconds. Its queued requests are still computed (drained). Default 30.
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, low_open in (("poll_interval_s", True), ("drain_grace_s", False)):
+            v = getattr(self, name)
+            bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+            if bad or v < 0 or (low_open and v == 0):
+                must = "> 0" if low_open else ">= 0"
+                raise ConfigError(f"The '{name}' option of ManagerOptions must be a finite number {must}. Got {v!r} instead.")
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version's state in TF Serving's words: LOADING, AVAILABLE, UNLOADING or END (failed/removed)."""
+
+    version: int
+    state: str
+    error_code: str = "OK"
+    error_message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """TF Serving's REST shape: {"version": "3", "state": ..., "status": {"error_code", "error_message"}}."""
+        return {
+            "version": str(self.version),
+            "state": self.state,
+            "status": {"error_code": self.error_code, "error_message": self.error_message},
+        }
+
+
+def load_model_config(path: str | os.PathLike) -> list[ModelSpec]:
+    """Read a model config file (YAML or JSON) into specs.
+
+    The format (a simple stand-in for TF Serving's textproto `model_config_list`)::
+
+        models:
+          - name: ctr
+            base_path: models/ctr          # relative paths are relative to this file's folder
+            keep_versions: 2
+            batching: {max_batch_size: 2048, batch_timeout_ms: 1.0}   # or `batching: false`
+          - name: cvr
+            base_path: /srv/models/cvr
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"Cannot read model config {p}: {e.strerror or e}.") from None
+    try:
+        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"Model config {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("models"), list) or not doc["models"]:
+        raise ConfigError(f"Model config {p} must be a mapping with a non-empty 'models' list. Got {type(doc).__name__}.")
+    extra = set(doc) - {"models"}
+    if extra:
+        raise ConfigError(f"Model config {p} has unknown top-level keys {sorted(extra)}; only 'models' is read.")
+    allowed = {"name", "base_path", "batching", "keep_versions", "allow_schema_change"}
+    batch_keys = {f.name for f in fields(BatchingOptions)}
+    specs: list[ModelSpec] = []
+    for i, entry in enumerate(doc["models"]):
+        where = f"model config {p}, models[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"In {where}: each model must be a mapping. Got {entry!r} instead.")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise ConfigError(f"In {where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
+        if "name" not in entry or "base_path" not in entry:
+            raise ConfigError(f"In {where}: 'name' and 'base_path' are required.")
+        base = Path(str(entry["base_path"]))
+        if not base.is_absolute():
+            base = p.parent / base
+        batching: BatchingOptions | None = BatchingOptions()
+        raw = entry.get("batching", True)
+        if raw is False or raw is None:
+            batching = None
+        elif isinstance(raw, Mapping):
+            bad = set(raw) - batch_keys
+            if bad:
+                raise ConfigError(f"In {where}: unknown batching options {sorted(bad)}; allowed: {sorted(batch_keys)}.")
+            batching = BatchingOptions(**raw)
+        elif raw is not True:
+            raise ConfigError(f"In {where}: 'batching' must be a mapping of BatchingOptions or false. Got {raw!r} instead.")
+        specs.append(
+            ModelSpec(
+                name=entry["name"], base_path=str(base), batching=batching,
+                keep_versions=entry.get("keep_versions", 1), allow_schema_change=bool(entry.get("allow_schema_change", False)),
+            )
+        )
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"Model config {p} names these models more than once: {dupes}.")
+    return specs
+
+
+class _Loaded:
+    """A loaded version and the requests currently using it."""
+
+    __slots__ = ("version", "predictor", "in_flight", "retired", "signature", "loaded_at")
+
+    def __init__(self, version: int, predictor: Any, signature: tuple) -> None:
+        self.version = version
+        self.predictor = predictor
+        self.in_flight = 0
+        self.retired = False
+        self.signature = signature  # (categorical names, numeric names): what clients must send
+        self.loaded_at = time.time()
+
+
+@dataclass
+class _Failure:
+    fingerprint: tuple
+    reason: str
+
+
+class _ModelState:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.served: list[_Loaded] = []  # ascending by version; the last one is the default
+        self.by_version: dict[int, _Loaded] = {}
+        self.failures: dict[int, _Failure] = {}
+        self.loading: int | None = None
+        self.unloading: list[_Loaded] = []
+        self.load_failures = 0
+        self.swaps = 0
+        self.retired_totals: dict[str, float] = {}
+        self.retired_hist: list[int] = []
+        self.hist_bounds: tuple[int, ...] = ()
+
+
+class ModelManager:
+    """Serves the versions of several models and hot-reloads them from their base paths.
+
+    Args:
+        models: one `ModelSpec` per served model (unique names).
+        options: `ManagerOptions` (poll interval, warmup, drain grace).
+        loader: `(version_dir, batching, name) -> predictor`; default `Predictor.load`. Tests and
+            benchmarks may pass their own.
+    """
+
+    def __init__(self, models: Sequence[ModelSpec], options: ManagerOptions = ManagerOptions(), *, loader: Any = None) -> None:
+        if not models:
+            raise ConfigError("The 'models' parameter of ModelManager must name at least one ModelSpec. Got none.")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"The 'models' parameter of ModelManager names a model twice: {names}.")
+        if not isinstance(options, ManagerOptions):
+            raise ConfigError(f"The 'options' parameter of ModelManager must be ManagerOptions. Got {options!r} instead.")
+        self._options = options
+        self._loader = loader
+        self._lock = threading.Condition(threading.Lock())
+        self._models: dict[str, _ModelState] = {m.name: _ModelState(m) for m in models}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()  # one scan at a time (watcher thread or poll_once)
+        self._closers: list[threading.Thread] = []
+
+    # ---- life cycle -------------------------------------------------------------------------------
+
+    def start(self, *, watch: bool = True) -> ModelManager:
+        """Load what every base path holds now (blocking), then watch on a background thread."""
+        self.poll_once()
+        if watch and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="ctrflow-model-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop watching, then close every version (queued requests are computed first). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self._options.poll_interval_s * 2 + 60))
+        with self._lock:
+            doomed = []
+            for state in self._models.values():
+                for loaded in state.served:
+                    loaded.retired = True
+                    doomed.append(loaded)
+                state.served, state.by_version = [], {}
+            closers = list(self._closers)
+        for loaded in doomed:
+            self._close_predictor(loaded)
+        for t in closers:
+            t.join(timeout=self._options.drain_grace_s + 5)
+
+    def __enter__(self) -> ModelManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def spec(self, name: str) -> ModelSpec:
+        return self._state(name).spec
+
+    def acquire(self, name: str, version: int | None = None) -> _Loaded:
+        """Lease the newest (or the given) version; pair with `release`. Raises ModelNotFoundError
+        (unknown model or version) or ModelNotReadyError (nothing loaded yet)."""
+        state = self._state(name)
+        with self._lock:
+            if version is None:
+                if not state.served:
+                    raise ModelNotReadyError(
+                        f"Model '{name}' has no version loaded yet ({self._why_not_ready(state)}); retry shortly."
+                    )
+                loaded = state.served[-1]
+            else:
+                loaded = state.by_version.get(version)
+                if loaded is None:
+                    served = [x.version for x in state.served]
+                    raise ModelNotFoundError(
+                        f"Model '{name}' has no version {version} loaded; versions being served: {served}."
+                    )
+            loaded.in_flight += 1
+            return loaded
+
+    def release(self, loaded: _Loaded) -> None:
+        with self._lock:
+            loaded.in_flight -= 1
+            if loaded.retired and loaded.in_flight == 0:
+                self._lock.notify_all()
+
+    @contextmanager
+    def lease(self, name: str, version: int | None = None) -> Iterator[Any]:
+        """`with manager.lease(name) as predictor:` — the version stays open until the block ends."""
+        loaded = self.acquire(name, version)
+        try:
+            yield loaded.predictor
+        finally:
+            self.release(loaded)
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when every model serves at least one version."""
+        with self._lock:
+            return all(state.served for state in self._models.values())
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of `name` being served, ascending."""
+        state = self._state(name)
+        with self._lock:
+            return [x.version for x in state.served]
+
+    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """Every version this model knows of (served, loading, unloading, failed), newest first."""
+        state = self._state(name)
+        with self._lock:
+            out: dict[int, VersionStatus] = {}
+            for v, failure in state.failures.items():
+                out[v] = VersionStatus(v, "END", "UNKNOWN", failure.reason)
+            for loaded in state.unloading:
+                out[loaded.version] = VersionStatus(loaded.version, "UNLOADING")
+            if state.loading is not None:
+                out[state.loading] = VersionStatus(state.loading, "LOADING")
+            for loaded in state.served:
+                out[loaded.version] = VersionStatus(loaded.version, "AVAILABLE")
+        if version is not None:
+            if version not in out:
+                raise ModelNotFoundError(f"Model '{name}' has no version {version}; known versions: {sorted(out)}.")
+            return [out[version]]
+        return [out[v] for v in sorted(out, reverse=True)]
+
+    def gauges(self) -> list[ModelGauges]:
+        """Per-model figures for `/metrics`; batcher counters are summed over retired versions too."""
+        with self._lock:
+            snapshot = [(s, list(s.served) + list(s.unloading)) for s in self._models.values()]
+        out = []
+        for state, live in snapshot:
+            totals = dict(state.retired_totals)
+            hist = list(state.retired_hist)
+            bounds = state.hist_bounds
+            for loaded in live:
+                stats = _batcher_stats(loaded.predictor)
+                if stats is None:
+                    continue
+                counters, b, counts = stats
+                for k, v in counters.items():
+                    totals[k] = totals.get(k, 0) + v
+                bounds, hist = _add_hist(bounds, hist, b, counts)
+            with self._lock:
+                out.append(
+                    ModelGauges(
+                        name=state.spec.name, versions_available=tuple(x.version for x in state.served),
+                        load_failures=state.load_failures, swaps=state.swaps, batcher=totals,
+                        batch_size_bounds=tuple(bounds), batch_size_counts=tuple(hist),
+                    )
+                )
+        return out
+
+    # ---- watching ---------------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        """Scan every base path once: load new versions, swap them in, retire the ones past the policy."""
+        with self._poll_lock:
+            for state in self._models.values():
+                if self._stop.is_set():
+                    return
+                try:
+                    self._poll_model(state)
+                except Exception:  # a watcher that dies would silently stop reloads for every model
+                    log.exception("model '%s': scanning %s failed; will retry", state.spec.name, state.spec.base_path)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._options.poll_interval_s):
+            self.poll_once()
+
+    def _poll_model(self, state: _ModelState) -> None:
+        spec = state.spec
+        on_disk = _scan(Path(spec.base_path))
+        with self._lock:
+            loaded_versions = set(state.by_version)
+            reference = state.served[-1].signature if state.served else None
+        keep: list[int] = []
+        for version in sorted(on_disk, reverse=True):
+            if len(keep) >= spec.keep_versions:
+                break
+            if version in loaded_versions:
+                keep.append(version)
+                continue
+            path, fingerprint, problem = on_disk[version]
+            failure = state.failures.get(version)
+            if failure is not None and failure.fingerprint == fingerprint:
+                continue  # failed before and unchanged since: do not retry every poll
+            if problem is None:
+                loaded, problem = self._load(state, version, path, reference)
+            if problem is not None:
+                self._record_failure(state, version, fingerprint, problem)
+                continue
+            with self._lock:
+                state.failures.pop(version, None)
+            self._publish(state, loaded)
+            loaded_versions.add(version)
+            if reference is None:
+                reference = loaded.signature
+            keep.append(version)
+        with self._lock:
+            # Retire what fell out of the policy, but never leave a model with nothing to serve.
+            keep_set = set(keep)
+            doomed = [x for x in state.served if x.version not in keep_set] if keep_set else []
+            if not doomed:
+                return
+            for loaded in doomed:
+                loaded.retired = True
+                state.unloading.append(loaded)
+            state.served = [x for x in state.served if x.version in keep_set]
+            state.by_version = {x.version: x for x in state.served}
+        for loaded in doomed:
+            log.info("model '%s': version %d retired; closing after its in-flight requests", spec.name, loaded.version)
+            closer = threading.Thread(
+                target=self._retire, args=(state, loaded), name=f"ctrflow-retire-{spec.name}-{loaded.version}", daemon=True
+            )
+            with self._lock:
+                self._closers = [t for t in self._closers if t.is_alive()] + [closer]
+            closer.start()
+
+    def _load(self, state: _ModelState, version: int, path: Path, reference: tuple | None) -> tuple[_Loaded | None, str | None]:
+        spec = state.spec
+        with self._lock:
+            state.loading = version
+        t0 = time.perf_counter()
+        predictor = None
+        try:
+            predictor = self._load_predictor(path, spec)
+            signature = (tuple(predictor.categorical_names), tuple(predictor.numeric_names))
+            if reference is not None and signature != reference and not spec.allow_schema_change:
+                predictor.close()
+                return None, (
+                    f"its features {_describe_signature(signature)} differ from the served version's "
+                    f"{_describe_signature(reference)}; clients would send the wrong features. Export it under "
+                    "another model name, or set allow_schema_change for this model"
+                )
+            if self._options.warmup:
+                predictor.warmup()
+        except Exception as e:  # noqa: BLE001 - any loader error means "skip this folder"
+            if predictor is not None:
+                try:
+                    predictor.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            message = " ".join(str(e).split())[:500] or type(e).__name__
+            return None, f"cannot be loaded: {type(e).__name__}: {message}"
+        finally:
+            with self._lock:
+                state.loading = None
+        log.info("model '%s': version %d loaded and warmed up in %.2f s", spec.name, version, time.perf_counter() - t0)
+        return _Loaded(version, predictor, signature), None
+
+    def _load_predictor(self, path: Path, spec: ModelSpec) -> Any:
+        if self._loader is not None:
+            return self._loader(path, spec.batching, spec.name)
+        from ctrflow.serving.predictor import Predictor
+
+        return Predictor.load(path, batching=spec.batching, name=spec.name)
+
+    def _publish(self, state: _ModelState, loaded: _Loaded) -> None:
+        with self._lock:
+            previous = state.served[-1].version if state.served else None
+            state.served = sorted([*state.served, loaded], key=lambda x: x.version)
+            state.by_version = {x.version: x for x in state.served}
+            if previous is not None and state.served[-1].version != previous:
+                state.swaps += 1
+        if previous is not None and loaded.version > previous:
+            log.info("model '%s': now serving version %d (was %d)", state.spec.name, loaded.version, previous)
+
+    def _record_failure(self, state: _ModelState, version: int, fingerprint: tuple, reason: str) -> None:
+        path = Path(state.spec.base_path) / str(version)
+        log.warning("model '%s': skipping version folder %s: %s; still serving %s", state.spec.name, path, reason,
+                    [x.version for x in state.served] or "nothing")
+        with self._lock:
+            state.failures[version] = _Failure(fingerprint, reason)
+            state.load_failures += 1
+
+    def _retire(self, state: _ModelState, loaded: _Loaded) -> None:
+        deadline = time.monotonic() + self._options.drain_grace_s
+        with self._lock:
+            while loaded.in_flight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("model '%s': version %d still has %d requests after %.0f s; closing it anyway",
+                                state.spec.name, loaded.version, loaded.in_flight, self._options.drain_grace_s)
+                    break
+                self._lock.wait(min(left, 0.5))
+        self._close_predictor(loaded)
+        final = _batcher_stats(loaded.predictor)
+        with self._lock:
+            if final is not None:
+                counters, bounds, counts = final
+                for k, v in counters.items():
+                    if k != "rows_enqueued":  # a gauge: a closed queue holds nothing
+                        state.retired_totals[k] = state.retired_totals.get(k, 0) + v
+                state.hist_bounds, state.retired_hist = _add_hist(state.hist_bounds, state.retired_hist, bounds, counts)
+            if loaded in state.unloading:
+                state.unloading.remove(loaded)
+
+    @staticmethod
+    def _close_predictor(loaded: _Loaded) -> None:
+        try:
+            loaded.predictor.close()
+        except Exception:  # noqa: BLE001 - closing must not stop the others from closing
+            log.exception("closing version %d failed", loaded.version)
+
+    def _state(self, name: str) -> _ModelState:
+        state = self._models.get(name)
+        if state is None:
+            raise ModelNotFoundError(f"Model '{name}' is not served here; served models: {sorted(self._models)}.")
+        return state
+
+    @staticmethod
+    def _why_not_ready(state: _ModelState) -> str:
+        if state.loading is not None:
+            return f"version {state.loading} is loading"
+        if state.failures:
+            v = max(state.failures)
+            return f"version {v} {state.failures[v].reason}"
+        return f"no version folder in {state.spec.base_path}"
+
+
+def _scan(base: Path) -> dict[int, tuple[Path, tuple, str | None]]:
+    """{version: (folder, fingerprint of its files, problem or None)} for integer folders of `base`.
+
+    Dot-prefixed folders (exports in progress) and non-integer names are ignored. The fingerprint
+    (names, sizes, mtimes) changes while a folder is still being copied, so a failed folder is
+    retried once it changes.
+    """
+    out: dict[int, tuple[Path, tuple, str | None]] = {}
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return out
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or not name.isdigit() or not entry.is_dir():
+            continue
+        path = Path(entry.path)
+        fingerprint = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for f in sorted(files):
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except OSError:
+                    continue
+                fingerprint.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+            if len(fingerprint) > 10_000:  # bounded: a version folder holds a handful of files
+                break
+        problem = None
+        missing = [n for n in ("saved_model.pb", _EXPORT_INFO, "variables") if not (path / n).exists()]
+        if missing:
+            problem = f"is incomplete: missing {', '.join(missing)}"
+        out[int(name)] = (path, tuple(fingerprint), problem)
+    return out
+
+
+def _describe_signature(signature: tuple) -> str:
+    cats, nums = signature
+    return f"(categorical {list(cats)}, numeric {list(nums)})"
+
+
+_COUNTER_KEYS = ("requests", "predictions", "compute_calls", "timeouts", "rejects", "errors", "rows_dropped",
+                 "rows_enqueued", "queue_wait_count")
+
+
+def _batcher_stats(predictor: Any) -> tuple[dict[str, float], tuple[int, ...], list[int]] | None:
+    """(counters, batch size bounds, counts) from a predictor's `stats()`, or None without batching."""
+    try:
+        stats = predictor.stats()
+    except Exception:  # noqa: BLE001 - a closed or odd predictor reports nothing
+        return None
+    if stats is None:
+        return None
+    if not isinstance(stats, Mapping):
+        stats = stats.to_dict() if hasattr(stats, "to_dict") else None
+        if stats is None:
+            return None
+    if "batcher" in stats and isinstance(stats["batcher"], Mapping):
+        stats = stats["batcher"]
+    if "compute_calls" not in stats:
+        return None
+    counters = {k: float(stats.get(k, 0) or 0) for k in _COUNTER_KEYS}
+    counters["queue_wait_seconds_sum"] = float(stats.get("queue_wait_ms_sum", 0) or 0) / 1e3
+    bounds: tuple[int, ...] = ()
+    counts: list[int] = []
+    if "batch_size_bounds" in stats:
+        bounds, counts = tuple(stats["batch_size_bounds"]), list(stats["batch_size_counts"])
+    elif isinstance(stats.get("batch_size_histogram"), Mapping):
+        items = [(int(str(k).lstrip("<=")), int(v)) for k, v in stats["batch_size_histogram"].items()]
+        bounds, counts = tuple(b for b, _ in items), [c for _, c in items]
+    return counters, bounds, counts
+
+
+def _add_hist(bounds: tuple[int, ...], counts: list[int], other_bounds: tuple[int, ...], other: list[int]):
+    if not other_bounds:
+        return bounds, counts
+    if not bounds or bounds != tuple(other_bounds):
+        if bounds and sum(counts):  # batching options changed between versions: keep the newest shape
+            return tuple(other_bounds), list(other)
+        return tuple(other_bounds), list(other)
+    return bounds, [a + b for a, b in zip(counts, other)]
