@@ -14,7 +14,6 @@ import csv
 import gzip
 import io
 import json
-import mmap
 import os
 import shutil
 import time
@@ -167,18 +166,24 @@ def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, s
             carry = b"" if skip else first
             index = start_index
             if not compressed:
-                f.close()
+                # Plain files: byte ranges cut after a newline. Read sequentially (not mmap), so this
+                # process's memory stays flat however large the file is.
                 size = path.stat().st_size
-                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    while offset < size:
-                        end = min(size, offset + block_bytes)
-                        if end < size:
-                            nl = mm.find(b"\n", end)
-                            end = size if nl < 0 else nl + 1
-                        yield _Block(index, str(path), kind, offset, end, line)
-                        line += mm[offset:end].count(b"\n")
-                        index += 1
-                        offset = end
+                while offset < size:
+                    end = min(size, offset + block_bytes)
+                    if end < size:
+                        f.seek(end)
+                        f.readline()
+                        end = min(size, f.tell())
+                    yield _Block(index, str(path), kind, offset, end, line)
+                    f.seek(offset)
+                    remaining = end - offset
+                    while remaining:
+                        chunk = f.read(min(remaining, 8 << 20))
+                        line += chunk.count(b"\n")
+                        remaining -= len(chunk)
+                    index += 1
+                    offset = end
                 return
             while True:
                 chunk = f.read(block_bytes)
