@@ -44,7 +44,7 @@ class TrainSummary:
     steps: int
     examples: int
     seconds: float
-    examples_per_s: float
+    examples_per_s: float  # training throughput: wall time minus validation and checkpoint writes
     train_logloss: float
     valid: dict[str, Any] | None
     best_valid_logloss: float | None
@@ -142,6 +142,7 @@ class _Trainer:
         self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
                                         batch_in_epoch=self.batch_in_epoch, examples=self.examples, best=self.best,
                                         bad_validations=self.bad_validations)
+        self.overhead_s = 0.0  # seconds in checkpoint writes and validation (not training throughput)
         self.manager = tf.train.CheckpointManager(self.ckpt, str(run / "checkpoints"), max_to_keep=config.keep_checkpoints)
         n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
         sig = [tf.TensorSpec([None, n_ids], tf.int32), tf.TensorSpec([None, n_num], tf.float32),
@@ -175,6 +176,7 @@ class _Trainer:
     def save(self) -> str:
         import tensorflow as tf
 
+        t0 = time.perf_counter()
         try:
             return self.manager.save(checkpoint_number=int(self.step.numpy()))
         except (OSError, tf.errors.OpError) as e:
@@ -183,6 +185,8 @@ class _Trainer:
                 f"checkpoint at step {int(self.step.numpy())} failed ({msg.strip()[:300]}); "
                 f"the last good checkpoint {self.manager.latest_checkpoint} is kept. Free disk space and rerun to resume."
             ) from None
+        finally:
+            self.overhead_s += time.perf_counter() - t0
 
 
 def _weights(b: Batch) -> np.ndarray:
@@ -336,8 +340,10 @@ def train(
         nonlocal last_valid, stopped_early
         if valid is None:
             return
+        tv = time.perf_counter()
         with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
             m = _evaluate_stream(trainer, vb)
+        trainer.overhead_s += time.perf_counter() - tv
         last_valid = m
         record({"kind": "valid", "step": int(trainer.step.numpy()), "examples": int(trainer.examples.numpy()),
                 "epoch": int(trainer.epoch.numpy()), "seconds": time.perf_counter() - t0, **m})
@@ -436,7 +442,7 @@ def train(
     tr_hist = [h for h in history if h["kind"] == "train"]
     summary = TrainSummary(
         run=str(run), steps=int(trainer.step.numpy()), examples=int(trainer.examples.numpy()), seconds=secs,
-        examples_per_s=trained / max(secs, 1e-9),
+        examples_per_s=trained / max(secs - trainer.overhead_s, 1e-9),
         train_logloss=tr_hist[-1]["logloss"] if tr_hist else running,
         valid=last_valid, best_valid_logloss=None if math.isinf(float(trainer.best.numpy())) else float(trainer.best.numpy()),
         stopped_early=stopped_early, resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=latest,

@@ -1,0 +1,729 @@
+"""The open-loop load generator: Poisson arrivals at a fixed rate against a server or an in-process predictor.
+
+Send times are drawn in advance (exponential gaps at `rate_rps`) and every request goes out at its
+time whether or not earlier ones have answered, so a slow server meets more load, not less; latency
+counts from the *scheduled* send time, which keeps client-side queueing in the figures (no
+coordinated omission). Requests carry `candidates` rows sampled from real feature values (a CSV in the
+model's schema, or rows from `ctrflow.data.generate`).
+
+    report = run_load(LoadOptions(model_base_path="models/ctr", rate_rps=500, candidates=100,
+                                  duration_s=10, compare_batching=True))
+    print(report.format_table()); json.dumps(report.to_dict())
+
+Targets: `url` (a running server, loopback only), or `model_base_path` with `target="http"` (a server
+started here in a child process per run, so its CPU is measured alone) or `target="inprocess"` (a
+`Predictor` in this process; its CPU figure then includes the generator's). `compare_batching` runs
+the same schedule twice, batching on and off, and reports both.
+
+Implementation details follow: one asyncio loop sends; an HTTP/1.1 keep-alive pool of at most
+`connections` sockets carries REST or binary-columnar bodies encoded ahead of time, so the generator
+spends its CPU on sockets, not on JSON. Every loop is bounded in count and in time.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import ipaddress
+import json
+import math
+import numbers
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, QueueFullError
+from ctrflow.serving.batcher import BatchingOptions
+
+__all__ = ["LoadOptions", "LoadReport", "LoadResult", "arrival_times", "latency_summary", "run_load"]
+
+_PROTOCOLS = ("rest", "columnar")
+_TARGETS = ("http", "inprocess")
+MAX_REQUESTS = 5_000_000  # one run's schedule, whatever rate and duration say
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """One load test; every field is checked at construction."""
+
+    # A running server to drive, e.g. "http://127.0.0.1:8501" (loopback addresses only). Or None and
+    # model_base_path.
+    url: str | None = None
+    # A model base path (integer version folders): the generator starts its own target(s).
+    model_base_path: str | None = None
+    # Model name in the URL path; default: the base path's folder name (required with `url`).
+    model_name: str | None = None
+    # With model_base_path: "http" (a server in a child process) or "inprocess" (a Predictor here).
+    target: str = "http"
+    # "rest" (TF Serving row format JSON) or "columnar" (the binary columnar endpoint).
+    protocol: str = "rest"
+    # Mean request arrivals per second (Poisson), > 0.
+    rate_rps: float = 200.0
+    # Candidate ads (rows) per request, >= 1.
+    candidates: int = 100
+    # Seconds of scheduled arrivals, > 0 (the run then waits at most drain_s for the last answers).
+    duration_s: float = 10.0
+    # Per-request deadline in ms, > 0: sent as X-Deadline-Ms; answers later than this count as `late`.
+    timeout_ms: float = 100.0
+    # Requests in flight at most; arrivals beyond it are counted as `dropped` (client overload), >= 1.
+    max_in_flight: int = 2048
+    # Keep-alive connections to the server at most, >= 1.
+    connections: int = 64
+    # Run twice, batching on then off (needs model_base_path); else one run with `batching`.
+    compare_batching: bool = False
+    # Batching of the target started here (None: off). Ignored with `url`.
+    batching: BatchingOptions | None = field(default_factory=lambda: BatchingOptions(max_batch_size=4096, batch_timeout_ms=2.0))
+    # CSV (in the model's schema, or with a header naming the features) to sample rows from;
+    # None: 20,000 rows from `ctrflow.data.generate` (models on the synthetic schema).
+    data: str | None = None
+    # Seeds the arrival times and the row sampling.
+    seed: int = 0
+    # Distinct request bodies encoded ahead of time and cycled, >= 1.
+    distinct_bodies: int = 256
+    # Seconds to wait for in-flight requests after the last arrival, > 0.
+    drain_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.model_base_path is None):
+            raise ConfigError("LoadOptions needs exactly one of 'url' (a running server) or 'model_base_path'. "
+                              f"Got url={self.url!r}, model_base_path={self.model_base_path!r}.")
+        if self.url is not None:
+            _check_loopback(self.url)
+            if not self.model_name:
+                raise ConfigError("With 'url', LoadOptions needs 'model_name' (the NAME in /v1/models/NAME).")
+            if self.compare_batching:
+                raise ConfigError("'compare_batching' needs 'model_base_path' (the generator starts both targets); "
+                                  "with 'url' the server's own batching is measured.")
+        if self.target not in _TARGETS:
+            raise ConfigError(f"The 'target' option of LoadOptions must be one of {_TARGETS}. Got {self.target!r} instead.")
+        if self.protocol not in _PROTOCOLS:
+            raise ConfigError(f"The 'protocol' option of LoadOptions must be one of {_PROTOCOLS}. Got {self.protocol!r} instead.")
+        for name in ("rate_rps", "duration_s", "timeout_ms", "drain_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"The '{name}' option of LoadOptions must be a finite number > 0. Got {v!r} instead.")
+        for name in ("candidates", "max_in_flight", "connections", "distinct_bodies"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ConfigError(f"The '{name}' option of LoadOptions must be an int >= 1. Got {v!r} instead.")
+        if self.rate_rps * self.duration_s > MAX_REQUESTS:
+            raise ConfigError(f"rate_rps * duration_s = {self.rate_rps * self.duration_s:.0f} requests is over the "
+                              f"limit of {MAX_REQUESTS} per run; shorten the run.")
+        if self.batching is not None and not isinstance(self.batching, BatchingOptions):
+            raise ConfigError(f"The 'batching' option of LoadOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
+
+
+def _check_loopback(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise ConfigError(f"The 'url' option of LoadOptions must look like http://127.0.0.1:PORT. Got {url!r} instead.")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        raise ConfigError(f"Cannot resolve {parts.hostname!r}: {e}.") from None
+    for info in infos:
+        if not ipaddress.ip_address(info[4][0]).is_loopback:
+            raise ConfigError(f"The load generator only drives loopback addresses; {parts.hostname!r} resolves to "
+                              f"{info[4][0]}. Run it on the serving machine against 127.0.0.1.")
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """One run's figures (latencies in ms, from the scheduled send time)."""
+
+    label: str  # e.g. "batching on"
+    target: str
+    protocol: str
+    rate_rps: float  # asked
+    candidates: int
+    duration_s: float  # from the first scheduled arrival to the last answer
+    scheduled: int  # arrivals drawn
+    sent: int
+    ok: int
+    timeouts: int  # 504 from the server, or no answer within the client's limit
+    late: int  # answered OK but after timeout_ms
+    rejected: int  # 503 (queue full / not ready)
+    errors: int  # any other failure
+    dropped: int  # arrivals not sent because max_in_flight requests were already out
+    status_counts: dict[str, int]
+    predictions: int
+    requests_per_s: float  # OK answers per second
+    predictions_per_s: float
+    latency_ms: dict[str, float]  # p50, p90, p99, p99.9, max, mean over OK answers
+    compute_calls: int | None
+    compute_calls_per_prediction: float | None
+    mean_batch_rows: float | None
+    server_cpu_s: float | None
+    cpu_s_per_million_predictions: float | None
+    cpu_includes_load_generator: bool
+    schedule_lag_ms_p99: float  # how late the generator itself sent (its own overload shows here)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadReport:
+    options: dict[str, Any]
+    results: list[LoadResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"options": self.options, "results": [r.to_dict() for r in self.results]}
+
+    def format_table(self) -> str:
+        """A fixed-width table, one column per run."""
+        rows = [
+            ("run", lambda r: r.label),
+            ("target / protocol", lambda r: f"{r.target}/{r.protocol}"),
+            ("requests/s asked", lambda r: f"{r.rate_rps:g}"),
+            ("candidates/request", lambda r: str(r.candidates)),
+            ("requests OK/s", lambda r: f"{r.requests_per_s:,.0f}"),
+            ("predictions/s", lambda r: f"{r.predictions_per_s:,.0f}"),
+            ("p50 ms", lambda r: f"{r.latency_ms['p50']:.2f}"),
+            ("p90 ms", lambda r: f"{r.latency_ms['p90']:.2f}"),
+            ("p99 ms", lambda r: f"{r.latency_ms['p99']:.2f}"),
+            ("p99.9 ms", lambda r: f"{r.latency_ms['p99.9']:.2f}"),
+            ("timeouts", lambda r: str(r.timeouts)),
+            ("late (> timeout)", lambda r: str(r.late)),
+            ("rejected / errors / dropped", lambda r: f"{r.rejected} / {r.errors} / {r.dropped}"),
+            ("compute calls/prediction", lambda r: "-" if r.compute_calls_per_prediction is None else f"{r.compute_calls_per_prediction:.5f}"),
+            ("mean batch rows", lambda r: "-" if r.mean_batch_rows is None else f"{r.mean_batch_rows:,.0f}"),
+            ("CPU s / M predictions", lambda r: "-" if r.cpu_s_per_million_predictions is None else
+             f"{r.cpu_s_per_million_predictions:.1f}{' *' if r.cpu_includes_load_generator else ''}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        cols = [[fmt(r) for _, fmt in rows] for r in self.results]
+        cw = [max(len(c) for c in col) for col in cols]
+        lines = [f"{k:<{width}}  " + "  ".join(f"{col[i]:>{w}}" for col, w in zip(cols, cw)) for i, (k, _) in enumerate(rows)]
+        if any(r.cpu_includes_load_generator for r in self.results):
+            lines.append("* in-process: the CPU figure includes the load generator")
+        return "\n".join(lines)
+
+
+# ---- scheduling math ------------------------------------------------------------------------------
+
+
+def arrival_times(rate_rps: float, duration_s: float, seed: int = 0, *, limit: int = MAX_REQUESTS) -> np.ndarray:
+    """Poisson arrival offsets in seconds within [0, duration_s): cumulative exponential gaps, sorted.
+
+    The count is Poisson(rate * duration); at most `limit`.
+    """
+    rng = np.random.default_rng(seed)
+    expected = rate_rps * duration_s
+    out: list[np.ndarray] = []
+    last, total = 0.0, 0
+    chunk = int(expected + 6 * math.sqrt(expected) + 16)
+    for _ in range(64):  # bounded: each round adds `chunk` arrivals, ~1 round in practice
+        gaps = rng.exponential(1.0 / rate_rps, chunk)
+        times = last + np.cumsum(gaps)
+        keep = times[times < duration_s]
+        out.append(keep)
+        total += len(keep)
+        if len(keep) < chunk or total >= limit:
+            break
+        last = float(times[-1])
+    return np.concatenate(out)[:limit] if out else np.zeros(0)
+
+
+def latency_summary(latencies_ms: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """p50/p90/p99/p99.9/max/mean of latencies (0s when empty); quantiles by linear interpolation."""
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    if not a.size:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p99.9": 0.0, "max": 0.0, "mean": 0.0}
+    q = np.percentile(a, [50, 90, 99, 99.9])
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "p99.9": float(q[3]),
+            "max": float(a.max()), "mean": float(a.mean())}
+
+
+# ---- request data ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Features:
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+
+
+def _read_rows(path: Path, features: _Features, schema: Any | None, limit: int = 50_000) -> dict[str, list]:
+    """Columns of the features from a CSV/TSV: categoricals as text, numerics as float or None."""
+    names = (*features.categorical, *features.numeric)
+    cols: dict[str, list] = {n: [] for n in names}
+    delimiter = schema.delimiter if schema is not None else ("\t" if path.suffix in (".tsv", ".txt") else ",")
+    header = schema.header if schema is not None else True
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        columns = list(schema.columns) if schema is not None and schema.columns else None
+        if header:
+            first = next(reader, None)
+            columns = first if columns is None else columns
+        if not columns:
+            raise ConfigError(f"{path}: no header and no schema columns; cannot tell which column is which feature.")
+        index = {c: i for i, c in enumerate(columns)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ConfigError(f"{path} has no columns {missing[:10]} that the model needs; pass data in the model's schema.")
+        where = [(n, index[n], n in features.numeric) for n in names]
+        for i, row in enumerate(reader):
+            if i >= limit:
+                break
+            if len(row) != len(columns):
+                continue
+            for n, j, is_num in where:
+                v = row[j]
+                if is_num:
+                    try:
+                        cols[n].append(float(v) if v else None)
+                    except ValueError:
+                        cols[n].append(None)
+                else:
+                    cols[n].append(v)
+    if not cols[names[0]]:
+        raise ConfigError(f"{path} holds no usable rows.")
+    return cols
+
+
+def _sample_data(options: LoadOptions, features: _Features, schema: Any | None, tmp: Path) -> dict[str, list]:
+    if options.data is not None:
+        return _read_rows(Path(options.data), features, schema)
+    from ctrflow.data.generate import CATEGORICAL_FIELDS, NUMERIC_FIELDS, GenerateOptions, generate
+
+    if not set(features.categorical) <= set(CATEGORICAL_FIELDS) or not set(features.numeric) <= set(NUMERIC_FIELDS):
+        raise ConfigError("The model is not on the synthetic schema, so the generator cannot invent its rows: "
+                          "pass data= (a CSV in the model's schema).")
+    path = tmp / "loadgen-rows.csv"
+    generate(path, GenerateOptions(rows=20_000, seed=options.seed + 1, split="test"))
+    return _read_rows(path, features, None)
+
+
+def _bodies(options: LoadOptions, data: dict[str, list], features: _Features) -> list[Any]:
+    """`distinct_bodies` requests of `candidates` sampled rows, encoded for the protocol/target."""
+    from ctrflow.serving.http import encode_columnar
+
+    rng = np.random.default_rng(options.seed + 2)
+    names = (*features.categorical, *features.numeric)
+    n = len(data[names[0]])
+    out = []
+    for _ in range(options.distinct_bodies):
+        idx = rng.integers(0, n, options.candidates)
+        cols = {k: [data[k][i] for i in idx] for k in names}
+        if options.target == "inprocess" and options.url is None:
+            out.append(cols)
+        elif options.protocol == "rest":
+            rows = [dict(zip(names, values)) for values in zip(*(cols[k] for k in names))]
+            out.append(json.dumps({"instances": rows}, separators=(",", ":")).encode())
+        else:
+            out.append(encode_columnar(cols, features.categorical, features.numeric))
+    return out
+
+
+# ---- the HTTP client --------------------------------------------------------------------------------
+
+
+class _HttpPool:
+    """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency)."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self._host, self._port, self._size = host, port, size
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._open = 0
+        self._free = asyncio.Condition()
+
+    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        conn = await self._acquire()
+        reader, writer = conn
+        ok = False
+        try:
+            writer.write(head + body)
+            status_head = await reader.readuntil(b"\r\n\r\n")
+            lines = status_head.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            length, close = 0, False
+            for line in lines[1:]:
+                k, _, v = line.partition(b":")
+                k = k.strip().lower()
+                if k == b"content-length":
+                    length = int(v)
+                elif k == b"connection" and b"close" in v.lower():
+                    close = True
+            payload = await reader.readexactly(length) if length else b""
+            ok = not close
+            return status, payload
+        finally:
+            await self._release(conn, ok)
+
+    async def _acquire(self):
+        async with self._free:
+            for _ in range(1_000_000):  # bounded; each pass waits for a release
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self._size:
+                    self._open += 1
+                    break
+                await self._free.wait()
+        try:
+            return await asyncio.open_connection(self._host, self._port)
+        except BaseException:
+            async with self._free:
+                self._open -= 1
+                self._free.notify()
+            raise
+
+    async def _release(self, conn, reusable: bool) -> None:
+        async with self._free:
+            if reusable:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+                conn[1].close()
+            self._free.notify()
+
+    async def close(self) -> None:
+        async with self._free:
+            for _, w in self._idle:
+                w.close()
+            self._idle.clear()
+
+
+async def _http_get(host: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(64 << 20), timeout_s)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _scrape(url: str, model: str) -> dict[str, float]:
+    from ctrflow.serving.metrics import parse_metrics
+
+    parts = urllib.parse.urlsplit(url)
+    status, body = asyncio.run(_http_get(parts.hostname, parts.port, "/metrics"))
+    if status != 200:
+        return {}
+    samples = parse_metrics(body.decode())
+    label = f'{{model="{model}"}}'
+    ok = sum(v for k, v in samples.items() if k.startswith("ctrflow_requests_total{") and f'model="{model}"' in k
+             and 'code="200"' in k)
+    return {
+        "cpu": samples.get("process_cpu_seconds_total", float("nan")),
+        "compute_calls": samples.get(f"ctrflow_batcher_compute_calls_total{label}", float("nan")),
+        "predictions": samples.get(f"ctrflow_predictions_total{label}", 0.0),
+        "requests_ok": ok,
+    }
+
+
+def _fetch_features(url: str, model: str) -> _Features:
+    parts = urllib.parse.urlsplit(url)
+    status, body = asyncio.run(_http_get(parts.hostname, parts.port, f"/v1/models/{model}/metadata"))
+    if status != 200:
+        raise ConfigError(f"{url}: GET /v1/models/{model}/metadata answered {status}: {body[:300]!r}.")
+    inputs = json.loads(body)["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    cats = tuple(n for n, v in inputs.items() if v.get("kind") == "categorical")
+    nums = tuple(n for n, v in inputs.items() if v.get("kind") == "numeric")
+    return _Features(cats, nums)
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+
+
+class _Tally:
+    def __init__(self, n: int) -> None:
+        self.latency_ms = np.full(n, np.nan)
+        self.lag_ms = np.zeros(n)
+        self.ok = np.zeros(n, dtype=bool)
+        self.status: dict[str, int] = {}
+        self.sent = self.dropped = 0
+        self.in_flight = 0
+
+    def count(self, key: str) -> None:
+        self.status[key] = self.status.get(key, 0) + 1
+
+
+async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_Tally, float]:
+    """Fire `send(i)` at each scheduled offset; returns the tally and the wall seconds used."""
+    tally = _Tally(len(times))
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+    client_limit_s = max(1.0, 10 * options.timeout_ms / 1e3)
+
+    async def one(i: int, scheduled: float) -> None:
+        try:
+            key = await asyncio.wait_for(send(i), client_limit_s)
+        except TimeoutError:
+            key = "client_timeout"
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+            key = f"connection_error:{type(e).__name__}"
+        except Exception as e:  # noqa: BLE001 - counted, never raised
+            key = f"error:{type(e).__name__}"
+        tally.latency_ms[i] = (loop.time() - scheduled) * 1e3
+        tally.ok[i] = key == "200"
+        tally.count(key)
+        tally.in_flight -= 1
+
+    start = loop.time() + 0.05
+    for i, offset in enumerate(times):
+        at = start + float(offset)
+        delay = at - loop.time()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        tally.lag_ms[i] = max(0.0, (loop.time() - at) * 1e3)
+        if tally.in_flight >= options.max_in_flight:
+            tally.dropped += 1
+            continue
+        tally.in_flight += 1
+        tally.sent += 1
+        task = loop.create_task(one(i, at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=options.drain_s + 10 * options.timeout_ms / 1e3)
+    for t in list(tasks):
+        t.cancel()
+    return tally, loop.time() - start
+
+
+def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, server: dict[str, Any]) -> LoadResult:
+    s = tally.status
+    ok = s.get("200", 0)
+    lat = tally.latency_ms
+    ok_lat = lat[tally.ok]  # what a bidder sees; the failures are counted by kind
+    late = int(np.sum(ok_lat > options.timeout_ms))
+    timeouts = s.get("504", 0) + s.get("client_timeout", 0)
+    rejected = s.get("503", 0)
+    errors = sum(v for k, v in s.items() if k not in ("200", "504", "503", "client_timeout"))
+    predictions = ok * options.candidates
+    calls = server.get("compute_calls")
+    cpu = server.get("cpu_s")
+    return LoadResult(
+        label=label, target=server.get("target", options.target), protocol=server.get("protocol", options.protocol),
+        rate_rps=options.rate_rps, candidates=options.candidates, duration_s=wall_s, scheduled=len(lat),
+        sent=tally.sent, ok=ok, timeouts=timeouts, late=late, rejected=rejected, errors=errors, dropped=tally.dropped,
+        status_counts=dict(sorted(s.items())), predictions=predictions, requests_per_s=ok / wall_s if wall_s else 0.0,
+        predictions_per_s=predictions / wall_s if wall_s else 0.0, latency_ms=latency_summary(ok_lat),
+        compute_calls=None if calls is None else int(calls),
+        compute_calls_per_prediction=None if calls is None or not predictions else calls / predictions,
+        mean_batch_rows=None if not calls else server.get("rows_computed", predictions) / calls,
+        server_cpu_s=cpu, cpu_s_per_million_predictions=None if cpu is None or not predictions else cpu / predictions * 1e6,
+        cpu_includes_load_generator=bool(server.get("cpu_includes_load_generator", False)),
+        schedule_lag_ms_p99=float(np.percentile(tally.lag_ms, 99)) if len(tally.lag_ms) else 0.0,
+    )
+
+
+def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], times: np.ndarray,
+              server_pid: int | None) -> tuple[_Tally, float, dict[str, Any]]:
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port
+    if options.protocol == "rest":
+        path, ctype = f"/v1/models/{model}:predict", "application/json"
+    else:
+        from ctrflow.serving.http import COLUMNAR_CONTENT_TYPE
+
+        path, ctype = f"/v1/models/{model}:predict_columnar", COLUMNAR_CONTENT_TYPE
+    heads = [
+        (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(b)}\r\n"
+         f"X-Deadline-Ms: {options.timeout_ms:g}\r\n\r\n").encode()
+        for b in bodies
+    ]
+    before = _scrape(url, model)
+    proc = None
+    if server_pid is not None:
+        import psutil
+
+        proc = psutil.Process(server_pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+
+    async def main() -> tuple[_Tally, float]:
+        pool = _HttpPool(host, port, options.connections)
+
+        async def send(i: int) -> str:
+            k = i % len(bodies)
+            status, _ = await pool.request(heads[k], bodies[k])
+            return str(status)
+
+        tally, wall = await _drive(options, times, send)
+        await pool.close()
+        return tally, wall
+
+    tally, wall = asyncio.run(main())
+    after = _scrape(url, model)
+    if proc is not None:
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+    else:
+        cpu = after.get("cpu", math.nan) - before.get("cpu", math.nan)
+    calls = after.get("compute_calls", math.nan) - before.get("compute_calls", math.nan)
+    rows = after.get("predictions", 0) - before.get("predictions", 0)
+    if math.isnan(calls):  # no batcher: every OK request was one compute call
+        calls = after.get("requests_ok", 0) - before.get("requests_ok", 0)
+    server = {"cpu_s": None if math.isnan(cpu) else cpu, "compute_calls": calls, "rows_computed": rows,
+              "target": "http", "protocol": options.protocol}
+    return tally, wall, server
+
+
+def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], times: np.ndarray) -> tuple[_Tally, float, dict[str, Any]]:
+    pool = ThreadPoolExecutor(16, thread_name_prefix="loadgen-predict")
+    before = predictor.stats() or {}
+    cpu0 = time.process_time()
+    batched = getattr(predictor, "batcher", None) is not None
+
+    async def main() -> tuple[_Tally, float]:
+        loop = asyncio.get_running_loop()
+
+        async def send(i: int) -> str:
+            features = bodies[i % len(bodies)]
+            try:
+                if batched:
+                    await predictor.apredict(features, timeout_ms=options.timeout_ms)
+                else:
+                    await loop.run_in_executor(pool, predictor.predict, features)
+            except DeadlineExceeded:
+                return "504"
+            except QueueFullError:
+                return "503"
+            return "200"
+
+        return await _drive(options, times, send)
+
+    try:
+        tally, wall = asyncio.run(main())
+    finally:
+        pool.shutdown(wait=True)
+    cpu = time.process_time() - cpu0
+    after = predictor.stats() or {}
+    ok = tally.status.get("200", 0)
+    calls = after.get("compute_calls", 0) - before.get("compute_calls", 0) if batched else ok
+    rows = after.get("predictions", 0) - before.get("predictions", 0) if batched else ok * options.candidates
+    server = {"cpu_s": cpu, "compute_calls": calls, "rows_computed": rows, "cpu_includes_load_generator": True,
+              "target": "inprocess", "protocol": "python"}
+    return tally, wall, server
+
+
+# ---- targets started here -----------------------------------------------------------------------------
+
+
+class _ChildServer:
+    """`serve()` in a child process on a free loopback port; its pid gives the server's own CPU."""
+
+    def __init__(self, base_path: str, name: str, batching: BatchingOptions | None, timeout_s: float = 180.0) -> None:
+        spec = {"model_base_path": base_path, "model_name": name, "batching": None if batching is None else asdict(batching)}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        self.port = None
+        while time.monotonic() < deadline:  # bounded by lines printed and by time
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("CTRFLOW_PORT "):
+                self.port = int(line.split()[1])
+                break
+        if self.port is None:
+            self.close()
+            raise CtrflowError(f"The child server for {base_path} did not start (exit code {self.proc.poll()}).")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # the child stops on EOF
+                self.proc.wait(30)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _child_server(spec_json: str) -> None:
+    from ctrflow.serving.http import ServeOptions, serve
+
+    spec = json.loads(spec_json)
+    batching = None if spec["batching"] is None else BatchingOptions(**spec["batching"])
+    server = serve(ServeOptions(model_base_path=spec["model_base_path"], model_name=spec["model_name"], port=0,
+                                batching=batching, poll_interval_s=3600.0))
+    print(f"CTRFLOW_PORT {server.port}", flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        server.stop()
+
+
+def _model_info(base_path: str) -> tuple[_Features, Any, Path]:
+    from ctrflow.schema import Schema
+
+    base = Path(base_path)
+    versions = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "ctrflow.json").exists()) \
+        if base.is_dir() else []
+    if (base / "ctrflow.json").exists():
+        folder = base
+    elif versions:
+        folder = base / str(versions[-1])
+    else:
+        raise ConfigError(f"{base} holds no exported model version (expected {base}/<version>/ctrflow.json).")
+    schema = Schema.from_dict(json.loads((folder / "ctrflow.json").read_text())["schema"])
+    return _Features(schema.categorical_names, schema.numeric_names), schema, folder
+
+
+def run_load(options: LoadOptions) -> LoadReport:
+    """Drive the target(s) with the open-loop schedule; one `LoadResult` per run (two with compare_batching)."""
+    times = arrival_times(options.rate_rps, options.duration_s, options.seed)
+    results: list[LoadResult] = []
+    with tempfile.TemporaryDirectory(prefix="ctrflow-loadgen-") as tmp:
+        if options.url is not None:
+            features, schema = _fetch_features(options.url, options.model_name), None
+        else:
+            features, schema, folder = _model_info(options.model_base_path)
+        data = _sample_data(options, features, schema, Path(tmp))
+        bodies = _bodies(options, data, features)
+        if options.url is not None:
+            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, None)
+            results.append(_result("server", options, tally, wall, server=server))
+            return LoadReport(_options_dict(options), results)
+        name = options.model_name or Path(options.model_base_path).resolve().name
+        modes = [("batching on", options.batching or BatchingOptions()), ("batching off", None)] \
+            if options.compare_batching else [("batching " + ("on" if options.batching else "off"), options.batching)]
+        for label, batching in modes:
+            if options.target == "http":
+                child = _ChildServer(str(Path(options.model_base_path).resolve()), name, batching)
+                try:
+                    tally, wall, server = _run_http(options, child.url, name, bodies, times, child.proc.pid)
+                finally:
+                    child.close()
+            else:
+                from ctrflow.serving.predictor import Predictor
+
+                with Predictor.load(folder, batching=batching, name=name) as predictor:
+                    predictor.warmup()
+                    tally, wall, server = _run_inprocess(options, predictor, bodies, times)
+            results.append(_result(label, options, tally, wall, server=server))
+    return LoadReport(_options_dict(options), results)
+
+
+def _options_dict(options: LoadOptions) -> dict[str, Any]:
+    return asdict(options)
+
+
+if __name__ == "__main__":  # the child server of `_ChildServer`; not a user-facing command
+    if len(sys.argv) == 3 and sys.argv[1] == "--child-server":
+        _child_server(sys.argv[2])
+    else:
+        sys.exit("usage: python -m ctrflow.bench.loadgen --child-server JSON (internal; use `ctrflow bench serve`)")

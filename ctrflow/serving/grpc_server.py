@@ -1,0 +1,269 @@
+"""The gRPC front end: TF Serving's `PredictionService` (Predict, GetModelMetadata) and `ModelService`
+(GetModelStatus), wire-compatible with clients built on the `tensorflow-serving-api` protos.
+
+It needs that package (`pip install --no-deps tensorflow-serving-api==2.21.0`: its protos import
+TensorFlow's, which tensorflow-cpu provides). Without it `GrpcServer` raises a ConfigError saying so;
+the REST server never imports this module unless a gRPC port is asked for.
+
+Predict takes one TensorProto per schema field, named as in the export (`ctrflow.json` "inputs"):
+DT_STRING for categoricals, DT_FLOAT/DT_DOUBLE (or integer types) for numerics, NaN = missing, all of
+shape [n]; it answers `outputs["probabilities"]` float32 [n]. Errors map to gRPC codes: NOT_FOUND
+(model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE (queue full, not ready: retry),
+DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNotFoundError, QueueFullError, SchemaError
+from ctrflow.serving.metrics import ServingMetrics
+from ctrflow.serving.models import ModelManager, ModelNotReadyError
+
+__all__ = ["GrpcServer", "grpc_available", "tensor_to_array", "array_to_tensor"]
+
+log = logging.getLogger("ctrflow.serving")
+
+# TensorFlow DataType enum values (tensorflow/core/framework/types.proto).
+DT_FLOAT, DT_DOUBLE, DT_INT32, DT_STRING, DT_INT64 = 1, 2, 3, 7, 9
+_STATE = {"START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50}
+
+
+def _import_apis() -> Any:
+    try:
+        import grpc
+        from tensorflow_serving.apis import (
+            get_model_metadata_pb2,
+            get_model_status_pb2,
+            model_service_pb2_grpc,
+            predict_pb2,
+            prediction_service_pb2_grpc,
+        )
+    except ImportError as e:
+        raise ConfigError(
+            f"gRPC serving needs grpcio and the TF Serving protos ({e}). Install them with "
+            "`pip install --no-deps tensorflow-serving-api==2.21.0` (no-deps: it would pull the full "
+            "tensorflow package over tensorflow-cpu), or serve REST only (no --grpc-port)."
+        ) from None
+    return grpc, predict_pb2, prediction_service_pb2_grpc, get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc
+
+
+def grpc_available() -> bool:
+    """True when the gRPC server can start (grpcio and tensorflow-serving-api importable)."""
+    try:
+        _import_apis()
+    except ConfigError:
+        return False
+    return True
+
+
+class _Invalid(CtrflowError):
+    """An input tensor the model cannot take (INVALID_ARGUMENT)."""
+
+
+def tensor_to_array(name: str, tensor: Any, kind: str) -> np.ndarray:
+    """A TensorProto of shape [n] → a numpy column: 'S' bytes for categoricals, float64 for numerics."""
+    dims = [d.size for d in tensor.tensor_shape.dim]
+    if len(dims) > 1:
+        raise _Invalid(f"input {name!r} must have shape [n] (one value per candidate). Got shape {dims}.")
+    dtype = tensor.dtype
+    if kind == "categorical":
+        if dtype != DT_STRING:
+            raise _Invalid(f"input {name!r} is categorical: send DT_STRING values. Got dtype enum {dtype}.")
+        values = list(tensor.string_val)
+        out = np.array(values, dtype="S") if values else np.zeros(0, "S1")
+    else:
+        if dtype == DT_FLOAT:
+            out = np.frombuffer(tensor.tensor_content, "<f4") if tensor.tensor_content else np.array(tensor.float_val, np.float32)
+        elif dtype == DT_DOUBLE:
+            out = np.frombuffer(tensor.tensor_content, "<f8") if tensor.tensor_content else np.array(tensor.double_val, np.float64)
+        elif dtype == DT_INT64:
+            out = np.frombuffer(tensor.tensor_content, "<i8") if tensor.tensor_content else np.array(tensor.int64_val, np.int64)
+        elif dtype == DT_INT32:
+            out = np.frombuffer(tensor.tensor_content, "<i4") if tensor.tensor_content else np.array(tensor.int_val, np.int32)
+        else:
+            raise _Invalid(f"input {name!r} is numeric: send DT_FLOAT or DT_DOUBLE values (NaN = missing). Got dtype enum {dtype}.")
+        out = out.astype(np.float64)
+    if dims and dims[0] != len(out):
+        raise _Invalid(f"input {name!r} declares shape {dims} but holds {len(out)} values.")
+    return out
+
+
+def array_to_tensor(values: np.ndarray, tensor: Any) -> None:
+    """Fill a TensorProto with a float32 vector (tensor_content: one copy, no per-value fields)."""
+    tensor.dtype = DT_FLOAT
+    tensor.tensor_shape.dim.add().size = int(values.shape[0])
+    tensor.tensor_content = np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+class GrpcServer:
+    """PredictionService + ModelService over a `ModelManager`; started and stopped by the REST `Server`."""
+
+    def __init__(self, manager: ModelManager, metrics: ServingMetrics, *, host: str = "127.0.0.1", port: int = 8500,
+                 workers: int = 8, default_timeout_ms: float | None = None, max_rows: int = 100_000,
+                 max_message_bytes: int = 8 << 20) -> None:
+        (self._grpc, self._predict_pb2, svc_grpc, self._meta_pb2, self._status_pb2, model_svc_grpc) = _import_apis()
+        self._manager = manager
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._default_timeout_ms = default_timeout_ms
+        self._max_rows = max_rows
+        grpc = self._grpc
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctrflow-grpc"),
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)],
+        )
+        outer = self
+
+        class Prediction(svc_grpc.PredictionServiceServicer):
+            def Predict(self, request, context):  # noqa: N802 - the proto's name
+                return outer._predict(request, context)
+
+            def GetModelMetadata(self, request, context):  # noqa: N802
+                return outer._metadata(request, context)
+
+        class Models(model_svc_grpc.ModelServiceServicer):
+            def GetModelStatus(self, request, context):  # noqa: N802
+                return outer._status(request, context)
+
+        svc_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
+        model_svc_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
+
+    def start(self) -> int:
+        """Bind and start; returns the port (useful with port 0)."""
+        address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
+        port = self._server.add_insecure_port(address)
+        if port == 0:
+            raise ConfigError(f"Cannot listen for gRPC on {address}: the port is taken or the address is not local.")
+        self._server.start()
+        return port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._server.stop(grace_s).wait(grace_s + 1)
+
+    # ---- handlers -----------------------------------------------------------------------------------
+
+    def _abort(self, context: Any, error: BaseException) -> None:
+        codes = self._grpc.StatusCode
+        if isinstance(error, ModelNotFoundError):
+            code = codes.NOT_FOUND
+        elif isinstance(error, (ModelNotReadyError, QueueFullError)):
+            code = codes.UNAVAILABLE
+        elif isinstance(error, DeadlineExceeded):
+            code = codes.DEADLINE_EXCEEDED
+        elif isinstance(error, (SchemaError, ConfigError, _Invalid)):
+            code = codes.INVALID_ARGUMENT
+        elif isinstance(error, CtrflowError):
+            code = codes.UNAVAILABLE
+        else:
+            log.exception("internal error in gRPC Predict", exc_info=error)
+            code = codes.INTERNAL
+        context.abort(code, str(error) if code != codes.INTERNAL else f"Internal error ({type(error).__name__}).")
+
+    def _predict(self, request: Any, context: Any) -> Any:
+        started = time.perf_counter()
+        name = request.model_spec.name
+        code, rows = "OK", 0
+        try:
+            version = request.model_spec.version.value if request.model_spec.HasField("version") else None
+            if request.model_spec.version_label:
+                raise ModelNotFoundError("Version labels are not supported by this server; set model_spec.version.")
+            signature = request.model_spec.signature_name or "serving_default"
+            if signature != "serving_default":
+                raise _Invalid(f"Unknown signature_name {signature!r}; gRPC Predict serves 'serving_default'.")
+            bad_outputs = set(request.output_filter) - {"probabilities"}
+            if bad_outputs:
+                raise _Invalid(f"output_filter names {sorted(bad_outputs)}; this server returns 'probabilities' only.")
+            remaining = context.time_remaining()
+            timeout_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
+            with self._manager.lease(name, version) as predictor:
+                features = self._features(request.inputs, predictor)
+                rows = len(next(iter(features.values())))
+                if rows > self._max_rows:
+                    raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
+                scores = predictor.predict(features, timeout_ms=timeout_ms)
+                used = predictor.version
+            response = self._predict_pb2.PredictResponse()
+            response.model_spec.name = name
+            response.model_spec.version.value = used
+            response.model_spec.signature_name = "serving_default"
+            array_to_tensor(scores, response.outputs["probabilities"])
+            return response
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            code = type(e).__name__
+            self._abort(context, e)
+        finally:
+            self._metrics.observe(name or "-", "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
+
+    @staticmethod
+    def _features(inputs: Any, predictor: Any) -> dict[str, np.ndarray]:
+        # Inputs are named as the export names them (ctrflow.json "inputs"); schema names also work.
+        aliases = getattr(predictor, "_inputs", None) or {}
+        by_input = {aliases.get(n, n): n for n in predictor.feature_names}
+        cats = set(predictor.categorical_names)
+        out: dict[str, np.ndarray] = {}
+        for key in inputs:
+            field = by_input.get(key, key if key in predictor.feature_names else None)
+            if field is None:
+                raise _Invalid(f"unknown input {key!r}; this model takes {list(by_input)[:60]}.")
+            if field in out:
+                raise _Invalid(f"input {key!r} given twice (by schema name and input name).")
+            out[field] = tensor_to_array(key, inputs[key], "categorical" if field in cats else "numeric")
+        missing = [n for n in predictor.feature_names if n not in out]
+        if missing:
+            raise _Invalid(f"missing inputs {missing[:30]}: send every feature (empty string / NaN for missing values).")
+        lengths = {len(v) for v in out.values()}
+        if len(lengths) != 1:
+            raise _Invalid(f"inputs have different lengths {sorted(lengths)}: one value per candidate in each.")
+        if lengths == {0}:
+            raise _Invalid("no candidates to score (empty inputs).")
+        return out
+
+    def _metadata(self, request: Any, context: Any) -> Any:
+        try:
+            name = request.model_spec.name
+            version = request.model_spec.version.value if request.model_spec.HasField("version") else None
+            fields = set(request.metadata_field) or {"signature_def"}
+            if fields != {"signature_def"}:
+                raise _Invalid(f"metadata_field {sorted(fields)}: only 'signature_def' is available.")
+            with self._manager.lease(name, version) as predictor:
+                aliases = getattr(predictor, "_inputs", None) or {}
+                sigmap = self._meta_pb2.SignatureDefMap()
+                sig = sigmap.signature_def["serving_default"]
+                sig.method_name = "tensorflow/serving/predict"
+                for n in predictor.feature_names:
+                    info = sig.inputs[n]
+                    info.name = aliases.get(n, n) + ":0"
+                    info.dtype = DT_STRING if n in predictor.categorical_names else DT_FLOAT
+                    info.tensor_shape.dim.add().size = -1
+                out = sig.outputs["probabilities"]
+                out.name, out.dtype = "probabilities:0", DT_FLOAT
+                out.tensor_shape.dim.add().size = -1
+                response = self._meta_pb2.GetModelMetadataResponse()
+                response.model_spec.name = name
+                response.model_spec.version.value = predictor.version
+                response.metadata["signature_def"].Pack(sigmap)
+                return response
+        except Exception as e:  # noqa: BLE001
+            self._abort(context, e)
+
+    def _status(self, request: Any, context: Any) -> Any:
+        try:
+            name = request.model_spec.name
+            version = request.model_spec.version.value if request.model_spec.HasField("version") else None
+            response = self._status_pb2.GetModelStatusResponse()
+            for s in self._manager.status(name, version):
+                entry = response.model_version_status.add()
+                entry.version = s.version
+                entry.state = _STATE.get(s.state, 0)
+                entry.status.error_code = 0 if s.error_code == "OK" else 2  # tensorflow.error.Code UNKNOWN
+                entry.status.error_message = s.error_message
+            return response
+        except Exception as e:  # noqa: BLE001
+            self._abort(context, e)
