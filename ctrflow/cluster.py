@@ -223,10 +223,13 @@ def check_port_free(address: str) -> None:
     """Raise ConfigError at once when another process holds the port of `address` on this machine.
 
     TensorFlow's gRPC server binds every interface with SO_REUSEPORT, so two servers on one port would
-    both start and split the connections between them; this check binds the port without that option.
+    both start and split the connections between them; this check binds the port without that option
+    (but with SO_REUSEADDR: lingering connections of a task that just died do not block its restart).
     """
     _, port = _split(address)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: connections of a task that just died (TIME_WAIT) do not count; a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError as e:

@@ -248,6 +248,7 @@ class _BlockResult:
     sample: np.ndarray | None  # float32 [k, n_numeric] subsample of transformed numerics
     sample_weight: float
     time_range: tuple[int, int] | None
+    positives: float = 0.0
 
 
 def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], np.ndarray, list[tuple[int, str, str, str]], int]:
@@ -481,9 +482,10 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     )
     time_range = (int(data.time.min()), int(data.time.max())) if data.time is not None and rows else None
     name = f"part-{block.index:05d}"
+    positives = float(data.label.sum())
     if boundaries is not None:
         entry = _finalize(data, schema, boundaries, Path(final_dir) / (name + shardio.SHARD_SUFFIX), meta)
-        return _BlockResult(block.index, block.file, rows_read, rows, rejects, None, entry, None, 0.0, time_range)
+        return _BlockResult(block.index, block.file, rows_read, rows, rejects, None, entry, None, 0.0, time_range, positives)
     stage = Path(staging) / name
     stage.mkdir(parents=True, exist_ok=True)
     for key, arr in data.blocks():
@@ -492,7 +494,7 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     k = min(rows, sample_rows)
     pick = rng.choice(rows, size=k, replace=False) if k < rows else np.arange(rows)
     return _BlockResult(block.index, block.file, rows_read, rows, rejects, str(stage), None,
-                        data.numeric[pick], rows / max(k, 1), time_range)
+                        data.numeric[pick], rows / max(k, 1), time_range, positives)
 
 
 def _finalize(data: shardio.ShardData, schema: Schema, boundaries: dict[str, list[float]], path: Path,
@@ -695,6 +697,7 @@ def convert(
         "transforms": transforms.to_dict(),
         "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
         "rows": rows_done,
+        "positives": sum(r.positives for r in results),
         "rows_read": rows_read,
         "rows_rejected": len(rejects_all),
         "rejects": dict(reasons),

@@ -104,6 +104,7 @@ class BatchStream:
         self.transforms: Transforms = records.transforms
         self.spec: FeatureSpec = self.transforms.feature_spec(self.schema)
         self.rows: int | None = records.rows
+        self.positives: float | None = records.positives  # label sum per epoch, when the manifest knows it
         self.batches_yielded = 0
         self.rows_yielded = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=options.prefetch_batches)
@@ -201,6 +202,7 @@ class _RecordSource:
     schema: Schema
     transforms: Transforms
     rows: int | None
+    positives: float | None = None
 
     def records(self, rng: np.random.Generator | None) -> Iterator[shardio.ShardData]:
         raise NotImplementedError
@@ -231,6 +233,8 @@ class _FolderSource(_RecordSource):
         self._entries = entries
         self._check_crc = options.check_crc
         self.rows = sum(r for _, r in entries)
+        whole = options.num_shards == 1 and all("positives" in m.data for m in mans)
+        self.positives = sum(m.data["positives"] for m in mans) if whole else None
 
     def records(self, rng: np.random.Generator | None) -> Iterator[shardio.ShardData]:
         order = rng.permutation(len(self._entries)) if rng is not None else range(len(self._entries))

@@ -491,7 +491,7 @@ class ModelManager:
                     predictor.close()
                 except Exception:  # noqa: BLE001
                     pass
-            message = " ".join(str(e).split())[:500] or type(e).__name__
+            message = " ".join(str(e).split())[:500].rstrip(".") or type(e).__name__
             return None, f"cannot be loaded: {type(e).__name__}: {message}"
         finally:
             with self._lock:

@@ -159,8 +159,8 @@ class Decision:
     rows_train: int = 0
     rows_gate: int = 0
     time_range: list[int] | None = None
-    run: str | None = None
-    warm_start: str | None = None  # the run (or reset copy of it) the candidate started from
+    run: str | None = None  # the candidate's run folder, relative to the state folder ("runs/<slice>")
+    warm_start: str | None = None  # the run (or reset copy of it) the candidate started from, same
     reset_rows: int = 0  # table rows reset before training (reset_stale_after_slices)
     live_rows: int | None = None  # rows touched by the line within the last K slices (with the reset option)
     seconds: dict[str, float] = field(default_factory=dict)  # split, train, gate, export, total
@@ -261,6 +261,7 @@ class StateLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no holder any more (after kill -9 the pid stays, but is dead)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -318,7 +319,7 @@ class _Follower:
 
     def line_run(self) -> Path | None:
         head = self.line
-        return Path(head["run"]) if head else None
+        return self.state / head["run"] if head else None
 
     def line_info(self) -> dict[str, Any] | None:
         from ctrflow.train.loop import load_run_info
@@ -366,12 +367,13 @@ class _Follower:
         shutil.rmtree(self.work / decision.slice, ignore_errors=True)
         if decision.decision == "quarantined":
             self._move_to_quarantine(decision.slice)
-        keep = {str(self.line_run())} if self.line_run() else set()
+        head = self.line
         trained = [d["run"] for d in self.log if d.get("run")]
-        keep.update(trained[len(trained) - self.options.keep_runs:] if self.options.keep_runs else [])
+        keep = set(trained[max(0, len(trained) - self.options.keep_runs):])
+        keep.update([head["run"]] if head else [])
         for run in trained:
             if run not in keep:
-                shutil.rmtree(run, ignore_errors=True)
+                shutil.rmtree(self.state / run, ignore_errors=True)
 
     def _move_to_quarantine(self, name: str) -> None:
         src = self.incoming / name
@@ -440,24 +442,18 @@ class _Follower:
         t = time.perf_counter()
         train_dir, gate_dir, split = _split(src, man, self.work / name, self.options.holdout_fraction)
         secs["split"] = time.perf_counter() - t
-        run = (self.runs / name).resolve()
+        run = self.runs / name
         line_run = self.line_run()
         ordinal = sum(d["decision"] == "published" for d in self.log)  # this slice's place in the line
-        warm, reset_rows, live_rows = line_run, 0, None
-        touched = None
-        if self.options.reset_stale_after_slices and info is not None:
-            touched = _Touched.load(self.state / TOUCHED_FILE, info["feature_spec"])
-            stale = touched.stale(ordinal, self.options.reset_stale_after_slices)
-            live_rows = touched.live(ordinal, self.options.reset_stale_after_slices)
-            reset_rows = int(sum(int(s.sum()) for s in stale.values()))
-            if reset_rows:
-                warm = _reset_rows_copy(line_run, self.work / name / "warm", stale)
+        trained = _run_complete(run, self.config)
+        start = self._warm_start(name, info, line_run, ordinal, trained)
+        warm = self.state / start["warm_start"] if start["warm_start"] else None
         base = Decision(name, "rejected", "", rows_train=split["rows_train"], rows_gate=split["rows_gate"],
-                        time_range=time_range, run=str(run), warm_start=str(warm) if warm else None,
-                        reset_rows=reset_rows, live_rows=live_rows, baseline_logloss=split["baseline_logloss"])
+                        time_range=time_range, run=self._relative(run), **start,
+                        baseline_logloss=split["baseline_logloss"])
 
         t = time.perf_counter()
-        if not _run_complete(run, self.config):
+        if not trained:
             from ctrflow.train.loop import train
 
             try:
@@ -476,18 +472,40 @@ class _Follower:
             return self._decide(base, t0, secs)
 
         t = time.perf_counter()
-        version = _exported_version(self.base, run)
+        head = self.line
+        version = _exported_version(self.base, name, after=head["version"] if head else -1)
         if version is None:
             from ctrflow.export import export
 
             version = export(run, self.base, embedding_dtype=self.options.embedding_dtype).version
         secs["export"] = time.perf_counter() - t
         if self.options.reset_stale_after_slices:
-            spec = (info or _load_run_json(run))["feature_spec"]
-            touched = touched or _Touched.load(self.state / TOUCHED_FILE, spec)
-            touched.apply(name, train_dir, ordinal, self.options.reset_stale_after_slices, reset=info is not None)
+            touched = _Touched.load(self.state / TOUCHED_FILE, (info or _load_run_json(run))["feature_spec"])
+            touched.apply(name, train_dir, ordinal, self.options.reset_stale_after_slices)
         base.decision, base.version = "published", version
         return self._decide(base, t0, secs)
+
+    def _warm_start(self, name: str, info: dict[str, Any] | None, line_run: Path | None, ordinal: int,
+                    trained: bool) -> dict[str, Any]:
+        """Where the candidate starts: the line's run, or a copy of it with stale rows reset. Saved in
+        work/<slice>/warm.json once decided, so a rerun reports the same."""
+        path = self.work / name / "warm.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        out: dict[str, Any] = {"warm_start": self._relative(line_run) if line_run else None, "reset_rows": 0, "live_rows": None}
+        k = self.options.reset_stale_after_slices
+        if k and info is not None and line_run is not None and not trained:
+            touched = _Touched.load(self.state / TOUCHED_FILE, info["feature_spec"])
+            stale = touched.stale(ordinal, k)
+            out["live_rows"] = touched.live(ordinal, k)
+            out["reset_rows"] = int(sum(int(s.sum()) for s in stale.values()))
+            if out["reset_rows"]:
+                out["warm_start"] = self._relative(_reset_rows_copy(line_run, self.work / name / "warm", stale))
+        _write_json(path, out)
+        return out
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.state)) if path.is_relative_to(self.state) else str(path)
 
     def _decide(self, decision: Decision, t0: float, secs: dict[str, float]) -> Decision:
         decision.seconds = {**{k: round(v, 3) for k, v in secs.items()}, "total": round(time.perf_counter() - t0, 3)}
@@ -541,13 +559,17 @@ def _run_complete(run: Path, config: TrainConfig) -> bool:
     return False
 
 
-def _exported_version(base: Path, run: Path) -> int | None:
-    """The version exported from `run`, if any (the export records its run in ctrflow.json)."""
+def _exported_version(base: Path, name: str, *, after: int) -> int | None:
+    """The version newer than `after` exported from the run of slice `name`, if any: the export was made
+    but the process died before logging it. (Each export records its run folder in ctrflow.json; only
+    the folder's last two parts are compared, so a moved state folder still matches.)"""
     from ctrflow.export import EXPORT_INFO, find_versions
 
     for v in find_versions(base):
+        if v <= after:
+            continue
         try:
-            if json.loads((base / str(v) / EXPORT_INFO).read_text()).get("run") == str(run):
+            if Path(json.loads((base / str(v) / EXPORT_INFO).read_text()).get("run", "")).parts[-2:] == ("runs", name):
                 return v
         except (OSError, ValueError):
             continue
@@ -645,13 +667,12 @@ class _Touched:
     def live(self, ordinal: int, k: int) -> int:
         return int(sum(int(((v >= 0) & (v >= ordinal - k)).sum()) for v in self.last.values()))
 
-    def apply(self, name: str, train_dir: Path, ordinal: int, k: int, *, reset: bool) -> None:
+    def apply(self, name: str, train_dir: Path, ordinal: int, k: int) -> None:
         """Record that published slice `name` (line ordinal `ordinal`) touched its rows. Idempotent."""
         if name in self.applied:
             return
-        if reset:  # rows reset before this slice trained count as never touched again
-            for c, s in self.stale(ordinal, k).items():
-                self.last[c][s] = -1
+        for c, s in self.stale(ordinal, k).items():  # rows reset before this slice count as untouched again
+            self.last[c][s] = -1
         man = shardio.load_manifest(train_dir)
         for p in man.shard_paths():
             ids = shardio.read_shard(p).ids
@@ -763,7 +784,7 @@ def continuous_train(
                 break
         head = follower.line
     return ContinuousSummary(state=str(state_dir), decisions=made, published_version=head["version"] if head else None,
-                             line_run=head["run"] if head else None, polls=polls, seconds=time.perf_counter() - t0)
+                             line_run=str(state_dir / head["run"]) if head else None, polls=polls, seconds=time.perf_counter() - t0)
 
 
 def status(state: str | os.PathLike) -> dict[str, Any]:
@@ -780,5 +801,5 @@ def status(state: str | os.PathLike) -> dict[str, Any]:
         pid = int(text) if text.isdigit() and _pid_alive(int(text)) else None
     counts = {k: sum(d["decision"] == k for d in decisions) for k in ("published", "rejected", "quarantined")}
     return {"state": str(state), "published_version": head["version"] if head else None,
-            "line_run": head["run"] if head else None, "slices": len(decisions), **counts,
+            "line_run": str(state / head["run"]) if head else None, "slices": len(decisions), **counts,
             "running_pid": pid, "decisions": decisions}

@@ -306,6 +306,11 @@ def train(
         resumed_from = int(trainer.step.numpy())
     elif warm_start is not None:
         warm_from = str(_warm_start(trainer, Path(warm_start), info))
+    elif first.positives is not None and first.rows:
+        # Start at the base rate: from logit 0 (p = 0.5) a 1% CTR takes hundreds of steps just to reach
+        # calibration, which on small data is most of the training.
+        rate = min(max(first.positives / first.rows, 1e-6), 1 - 1e-6)
+        trainer.model.linear.bias.assign(math.log(rate / (1 - rate)))
 
     history_path = run / "history.jsonl"
     history: list[dict[str, Any]] = []

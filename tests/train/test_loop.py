@@ -32,18 +32,23 @@ def test_models_rank_lr_worse_than_fm_worse_than_deepfm_near_bayes(tmp_path):
     from ctrflow.data.generate import GenerateOptions, generate
     from ctrflow.schema import PRESETS
 
-    generate(tmp_path / "train.csv", GenerateOptions(rows=150_000, seed=11))
+    generate(tmp_path / "train.csv", GenerateOptions(rows=300_000, seed=11))
     generate(tmp_path / "test.csv", GenerateOptions(rows=20_000, seed=11, split="test"))
     convert(tmp_path / "train.csv", tmp_path / "train", schema=PRESETS["synthetic"].capped(1 << 14), options=ConvertOptions(workers=1))
     convert(tmp_path / "test.csv", tmp_path / "test", like=tmp_path / "train", options=ConvertOptions(workers=1))
     results = {}
-    for kind, lr in (("lr", 0.01), ("fm", 0.003), ("deepfm", 0.003)):  # each at its own good learning rate
-        train(tmp_path / "train", tmp_path / kind, cfg(kind, learning_rate=lr, epochs=1))
+    fast_linear = {"linear": GroupOptimizer("lazyadam", 0.01)}
+    settings = {  # each model at its own good learning rates (LR's weights learn fastest at 0.01)
+        "lr": cfg("lr", learning_rate=0.01),
+        "fm": cfg("fm", learning_rate=0.002, l2=1e-5, optimizer_groups=fast_linear),
+        "deepfm": cfg("deepfm", learning_rate=0.003),
+    }
+    for kind, config in settings.items():
+        train(tmp_path / "train", tmp_path / kind, config)
         results[kind] = evaluate(tmp_path / kind, tmp_path / "test")
     ll = {k: r["logloss"] for k, r in results.items()}
     bayes = results["fm"]["bayes_logloss"]
-    assert ll["lr"] > ll["fm"] + 0.001, ll  # pairwise interactions are out of a linear model's reach
-    assert ll["deepfm"] <= ll["fm"] + 0.001, ll
+    assert ll["lr"] > ll["fm"] > ll["deepfm"], ll  # pairwise interactions are out of a linear model's reach
     assert min(ll.values()) - bayes < 0.04, (ll, bayes)  # the reported gap to the best possible
     assert all(r["auc"] > 0.7 for r in results.values())
 

@@ -1,0 +1,658 @@
+"""Distributed training on TensorFlow's parameter-server engine: sharded tables, asynchronous workers.
+
+`train_distributed(data, out, config, cluster=...)` is `train()` for a cluster (`ctrflow.cluster`): this
+process is the coordinator; `ps` tasks hold every variable, the big tables split row-wise into shards
+(`tf.distribute.ParameterServerStrategy` with a `variable_partitioner`); `worker` tasks run the steps,
+each on its own share of the shard files, and update the shared variables without waiting for each
+other (asynchronous data parallelism, as in the TensorFlow paper).
+
+How the pieces fit:
+- Tables: `layers.make_table` hands the strategy a partition-aware initializer, so each shard makes
+  only its rows on its own parameter server. Lookups (`tf.nn.embedding_lookup` on a `ShardedVariable`)
+  gather on each shard and send back only the rows a batch uses; no table is ever concatenated.
+- Optimizers: each shard (`ShardedVariable.variables`) is optimized as a variable of its own: its
+  gradient is a `tf.IndexedSlices` of the rows it served, the sparse optimizer updates only those
+  rows, and every slot variable is made on the shard's parameter server, shaped like the shard.
+- Steps: a `ClusterCoordinator` schedules one tf.function per `steps_per_function` steps on whichever
+  worker is free (a slow worker simply takes fewer), at most `in_flight_per_worker` per worker queued.
+  Step, example and loss counters are variables on a parameter server, so the coordinator can follow
+  progress without waiting for any function.
+- Input: each worker reads whole shard files, every len(workers)-th one (its worker index comes from
+  `tf.distribute.coordinator.experimental_get_current_worker_index`), straight in tf.data: the file is
+  read once, its column blocks decoded with `tf.io.decode_raw`, its rows permuted, then cut into
+  batches. (`tf.data.Dataset.from_generator` cannot serve here: its Python generator lives in the
+  coordinator, and a worker process cannot call it.)
+- Faults: a worker that dies is handled by the coordinator (its functions go to the other workers; a
+  worker restarted at the same address rejoins and rebuilds its input). A parameter server that dies
+  ends training with a `TrainingError` naming it and the last checkpoint; rerunning the same command on
+  a restarted cluster resumes from that checkpoint. No wait is unbounded: reaching the tasks
+  (`connect_timeout_s`) and progress (`stall_timeout_s`) have deadlines.
+- Run folder: exactly `train()`'s (`run.json`, `checkpoints/`, `history.jsonl`, ...), plus a
+  "distributed" record in run.json. A sharded table is saved as one full tensor, so `export()`,
+  `evaluate()` and a single-process `--warm-start` read a distributed run unchanged.
+
+Resume is approximate where the single-process loop is exact: the step counter, model and optimizer
+state come back from the checkpoint, but workers start a fresh shuffle of their files (asynchronous
+training has no exact replay order).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ctrflow.cluster import ClusterSpec, check_port_free, check_reachable, cluster_from_env, load_cluster
+from ctrflow.data import shards as shardio
+from ctrflow.data.batch import FeatureSpec
+from ctrflow.data.pipeline import PipelineOptions, open_batches
+from ctrflow.errors import ConfigError, CtrflowError, SchemaError, TrainingError
+from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
+from ctrflow.train.loop import RUN_FILE, TrainSummary, _evaluate_stream, _plot_curves, _write_json
+
+__all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS", "shard_table", "worker_dataset"]
+
+PARTITIONERS = ("min_size", "fixed")
+DISTRIBUTED_KEY = "distributed"  # the run.json record of the cluster layout a run was trained with
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """How a run is spread over a cluster. Checked once, here.
+
+    partitioner: "min_size" (default): a variable is split into as many shards as keep each at least
+        `min_shard_bytes`, at most `shards`; small variables stay whole. "fixed": every variable of rank
+        >= 1 is split into exactly `shards` (fewer if it has fewer rows).
+    min_shard_bytes: smallest shard of the "min_size" partitioner, bytes, >= 1 (default 256 KiB).
+    shards: the most shards per variable ("min_size") or the shard count ("fixed"), >= 0; 0 (default)
+        means the number of parameter servers, which places one shard of each big table on each.
+    steps_per_function: training steps per scheduled function, >= 1; None (default) takes
+        `TrainConfig.steps_per_call` when it is > 1, else 10. More steps per function amortize the
+        coordinator's round trip (~ms per function); fewer let a slow worker hold back less work.
+    in_flight_per_worker: scheduled functions per worker not finished yet, >= 1 (default 2): one
+        running, one queued, so no worker waits for the coordinator.
+    connect_timeout_s: how long to wait for every worker and ps to answer before training, > 0.
+    stall_timeout_s: stop with a TrainingError when no step finishes for this long (every worker
+        dead, the cluster wedged), > 0. A restarted worker has this long to come back.
+    poll_s: the coordinator's progress polling interval, > 0 (default 0.02 s).
+    """
+
+    partitioner: str = "min_size"
+    min_shard_bytes: int = 256 << 10
+    shards: int = 0
+    steps_per_function: int | None = None
+    in_flight_per_worker: int = 2
+    connect_timeout_s: float = 30.0
+    stall_timeout_s: float = 300.0
+    poll_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.partitioner not in PARTITIONERS:
+            raise ConfigError(f"The 'partitioner' option of DistributedOptions must be one of {list(PARTITIONERS)}. "
+                              f"Got {self.partitioner!r} instead.")
+        ints = {"min_shard_bytes": 1, "shards": 0, "in_flight_per_worker": 1}
+        if self.steps_per_function is not None:
+            ints["steps_per_function"] = 1
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"The '{name}' option of DistributedOptions must be an int >= {low}. Got {v!r} instead.")
+        for name in ("connect_timeout_s", "stall_timeout_s", "poll_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"The '{name}' option of DistributedOptions must be a number > 0. Got {v!r} instead.")
+
+    def function_steps(self, config: TrainConfig) -> int:
+        if self.steps_per_function is not None:
+            return self.steps_per_function
+        return config.steps_per_call if config.steps_per_call > 1 else 10
+
+
+# --- input: shard files read by tf.data on each worker ----------------------------------------------------
+def shard_table(data: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
+    """Where each shard file's columns are: {"path", "rows", "label", "ids", "numeric", "weight"} arrays,
+    one entry per shard file (absolute byte offsets of each column block; weight -1 when absent)."""
+    roots = [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(d) for d in data]
+    out: dict[str, list[Any]] = {k: [] for k in ("path", "rows", "label", "ids", "numeric", "weight")}
+    for root in roots:
+        manifest = shardio.load_manifest(root)
+        for entry in manifest.shards:
+            path = (manifest.root / entry["file"]).resolve()
+            header, start = _read_header(path)
+            blocks = {b["name"]: start + b["offset"] for b in header["blocks"]}
+            out["path"].append(str(path))
+            out["rows"].append(int(header["rows"]))
+            for name in ("label", "ids", "numeric"):
+                out[name].append(blocks[name])
+            out["weight"].append(blocks.get("weight", -1))
+    return {k: np.asarray(v, dtype=object if k == "path" else np.int64) for k, v in out.items()}
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(12)
+            hlen = int.from_bytes(prefix[8:12], "little") if len(prefix) == 12 else 0
+            return shardio._parse_header(prefix + f.read(min(hlen, 16 << 20)), str(path))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard ({e.strerror}).") from None
+
+
+def worker_dataset(table: dict[str, np.ndarray], spec: FeatureSpec, *, batch_size: int, num_workers: int,
+                   seed: int, worker_index: Any = None):
+    """An endless, shuffled `tf.data.Dataset` of (ids, numeric, label, weight) batches from one worker's
+    shard files (every `num_workers`-th, starting at `worker_index`; None: the current worker's index
+    inside a coordinator's per-worker dataset function).
+
+    Shuffling: the file order changes every pass, and each file's rows are permuted as a whole.
+    """
+    import tensorflow as tf
+
+    n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
+    if worker_index is None:
+        worker_index = tf.distribute.coordinator.experimental_get_current_worker_index()
+    files = tf.data.Dataset.from_tensor_slices({k: tf.constant(v.tolist()) for k, v in table.items()})
+    files = files.shard(num_workers, tf.cast(worker_index, tf.int64))
+    mine = -(-len(table["rows"]) // num_workers)
+    files = files.shuffle(max(mine, 1), seed=seed, reshuffle_each_iteration=True).repeat()
+
+    def read(f):
+        raw = tf.io.read_file(f["path"])
+        rows = f["rows"]
+
+        def column(offset, width, dtype):
+            return tf.reshape(tf.io.decode_raw(tf.strings.substr(raw, offset, rows * width * 4), dtype), [rows, width])
+
+        label = column(f["label"], 1, tf.float32)[:, 0]
+        ids = column(f["ids"], n_ids, tf.int32)
+        numeric = column(f["numeric"], n_num, tf.float32) if n_num else tf.zeros([rows, 0], tf.float32)
+        weight = tf.cond(f["weight"] >= 0, lambda: column(tf.maximum(f["weight"], 0), 1, tf.float32)[:, 0],
+                         lambda: tf.ones([rows], tf.float32))
+        order = tf.random.shuffle(tf.range(rows, dtype=tf.int64), seed=seed)
+        return tuple(tf.gather(x, order) for x in (ids, numeric, label, weight))
+
+    rows = files.map(read, num_parallel_calls=2, deterministic=False)
+    return rows.rebatch(batch_size, drop_remainder=True).prefetch(2)
+
+
+# --- the training state on the cluster -----------------------------------------------------------------
+def _partitioner(options: DistributedOptions, num_ps: int):
+    import tensorflow as tf
+
+    shards = options.shards or num_ps
+    if options.partitioner == "fixed":
+        return tf.distribute.experimental.partitioners.FixedShardsPartitioner(shards)
+    return tf.distribute.experimental.partitioners.MinSizePartitioner(min_shard_bytes=options.min_shard_bytes, max_shards=shards)
+
+
+def _parts(variable: Any) -> list[Any]:
+    """The shard variables of a ShardedVariable, or [variable] for a plain one."""
+    from tensorflow.python.distribute.sharded_variable import ShardedVariableMixin
+
+    return list(variable.variables) if isinstance(variable, ShardedVariableMixin) else [variable]
+
+
+class _ClusterTrainer:
+    """Model, sparse optimizers (per shard), counters and checkpoint, made under the strategy's scope.
+
+    The checkpoint has `train()`'s layout (model, optimizer, step, epoch, batch_in_epoch, examples,
+    best, bad_validations), so the run folder works with export, evaluate and warm starts.
+    """
+
+    def __init__(self, run: Path, config: TrainConfig, spec: FeatureSpec, strategy: Any) -> None:
+        import tensorflow as tf
+
+        from ctrflow.models.layers import FieldTables
+        from ctrflow.models.registry import make_model
+        from ctrflow.train.optimizers import OptimizerGroups, make_optimizer
+
+        self.run, self.config, self.spec, self.strategy = run, config, spec, strategy
+        with strategy.scope():
+            self.model = make_model(config.model, spec)
+            groups: dict[str, list[Any]] = {g: [] for g in OPTIMIZER_GROUPS}
+            sparse: set[int] = set()
+            self.table_shards: dict[str, list[int]] = {}
+            for module in self.model.submodules:
+                if isinstance(module, FieldTables):
+                    for table in module.tables:
+                        parts = _parts(table)
+                        self.table_shards[parts[0].name.split("/part_")[0].removesuffix(":0")] = [int(p.shape[0]) for p in parts]
+                        groups[module.group].extend(parts)
+                        sparse.update(id(p) for p in parts)
+            groups["dense"] = [v for v in self.model.trainable_variables if id(v) not in sparse]
+            group_of = {id(v): g for g, vs in groups.items() for v in vs}
+            optimizers = {}
+            for g in OPTIMIZER_GROUPS:
+                if groups[g]:
+                    o = config.group_optimizer(g)
+                    optimizers[g] = make_optimizer(o.name, learning_rate=o.learning_rate, l2=config.l2, **o.extra)
+            self.optimizer = OptimizerGroups(optimizers, assign=lambda v: group_of[id(v)])
+            self.variables = [v for g in OPTIMIZER_GROUPS for v in groups[g]]
+            for v in self.variables:  # slots live with their shard: same parameter server, same rows
+                with strategy.extended.colocate_vars_with(v):
+                    self.optimizer.build([v])
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_step")
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_epoch")
+            self.batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_batch_in_epoch")
+            self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_examples")
+            self.best = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name="loop_best_valid")
+            self.bad_validations = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_bad_validations")
+            # Progress since this process started (not checkpointed): weighted loss sum and weight sum.
+            self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="progress_loss_sum")
+            self.loss_rows = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="progress_loss_rows")
+        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+                                        batch_in_epoch=self.batch_in_epoch, examples=self.examples, best=self.best,
+                                        bad_validations=self.bad_validations)
+        self.manager = tf.train.CheckpointManager(self.ckpt, str(run / "checkpoints"), max_to_keep=config.keep_checkpoints)
+        n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
+        self.predict = tf.function(lambda ids, numeric: tf.sigmoid(self.model(ids, numeric, training=False)),
+                                   input_signature=[tf.TensorSpec([None, n_ids], tf.int32), tf.TensorSpec([None, n_num], tf.float32)])
+
+    def _step(self, ids, numeric, label, weight):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            logits = self.model(ids, numeric, training=True)
+            per_row = tf.nn.sigmoid_cross_entropy_with_logits(labels=label, logits=logits)
+            loss = tf.reduce_sum(per_row * weight) / tf.maximum(tf.reduce_sum(weight), 1e-12)
+        grads = tape.gradient(loss, self.variables)
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        return loss
+
+    def make_function(self) -> Callable[..., Any]:
+        """The scheduled function: `steps` training steps on a worker's iterator, then the counters."""
+        import tensorflow as tf
+
+        @tf.function
+        def train_steps(iterator, steps):
+            loss_sum = tf.constant(0.0, tf.float64)
+            weight_sum = tf.constant(0.0, tf.float64)
+            rows = tf.constant(0, tf.int64)
+            for _ in tf.range(steps):
+                ids, numeric, label, weight = next(iterator)
+                loss = self.strategy.run(self._step, args=(ids, numeric, label, weight))
+                tf.debugging.check_numerics(loss, "ctrflow: the training loss")
+                w = tf.reduce_sum(tf.cast(weight, tf.float64))
+                loss_sum += tf.cast(loss, tf.float64) * w
+                weight_sum += w
+                rows += tf.shape(label, out_type=tf.int64)[0]
+            self.loss_sum.assign_add(loss_sum)
+            self.loss_rows.assign_add(weight_sum)
+            self.examples.assign_add(rows)
+            self.step.assign_add(tf.cast(steps, tf.int64))
+            return loss_sum / tf.maximum(weight_sum, 1e-12)
+
+        return train_steps
+
+    def save(self, step: int) -> str:
+        import tensorflow as tf
+
+        try:
+            return self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as e:
+            if isinstance(e, tf.errors.UnavailableError):
+                raise
+            msg = getattr(e, "message", None) or str(e)
+            raise TrainingError(f"checkpoint at step {step} failed ({msg.strip()[:300]}); the last good checkpoint "
+                                f"{self.manager.latest_checkpoint} is kept. Free disk space and rerun to resume.") from None
+
+
+# --- the coordinator ---------------------------------------------------------------------------------------
+def _resolve_cluster(cluster: Any) -> ClusterSpec:
+    if cluster is not None:
+        return load_cluster(cluster)
+    from_env = cluster_from_env()
+    if from_env is None:
+        raise ConfigError("train_distributed needs a cluster: pass cluster=FILE (or --cluster FILE), or set TF_CONFIG.")
+    spec, task_type, _ = from_env
+    if task_type != "chief":
+        raise ConfigError(f"TF_CONFIG names this process {task_type}: server tasks run `ctrflow cluster {task_type}`; "
+                          "the coordinator's TF_CONFIG task is chief.")
+    return spec
+
+
+def _run_info(data: Any, config: TrainConfig, cluster: ClusterSpec, options: DistributedOptions) -> tuple[dict[str, Any], Any, int]:
+    if hasattr(data, "read") or str(data) == "-":
+        raise ConfigError("Distributed training reads shard folders (each worker takes whole shard files): "
+                          "convert the stream to a folder first (`ctrflow convert`), or train it in one process.")
+    with open_batches(data, PipelineOptions(batch_size=1, shuffle=False)) as first:
+        schema, transforms, spec, rows = first.schema, first.transforms, first.spec, first.rows or 0
+    info = {
+        "config": config.to_dict(), "schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(),
+        "transforms": transforms.to_dict(), "feature_spec": spec.to_dict(), "data": str(data),
+        DISTRIBUTED_KEY: {"workers": cluster.num_workers, "ps": cluster.num_ps, **asdict(options)},
+    }
+    return info, spec, rows
+
+
+def _check_prior(run: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    prior = run / RUN_FILE
+    if not prior.exists():
+        return None
+    old = json.loads(prior.read_text())
+    if old["schema_fingerprint"] != info["schema_fingerprint"] or old["feature_spec"] != info["feature_spec"]:
+        raise SchemaError(
+            f"{run} was trained on data with another schema or other transforms (fingerprint {old['schema_fingerprint']}, "
+            f"this data {info['schema_fingerprint']}): use a new --out, or convert this data with --like the run's original data."
+        )
+    if old["config"]["model"] != info["config"]["model"]:
+        raise ConfigError(f"{run} holds a {old['config']['model']} model; this command asks for {info['config']['model']}. Use a new --out.")
+    has_checkpoint = (run / "checkpoints" / "checkpoint").exists()
+    if has_checkpoint and DISTRIBUTED_KEY not in old:
+        raise ConfigError(f"{run} was trained in a single process; its optimizer state is not sharded. Resume it without "
+                          "--cluster, or start a new run folder with --warm-start {run} (the weights carry over).")
+    return old
+
+
+def _probe_dead(cluster: ClusterSpec) -> list[str]:
+    dead = []
+    for kind, index, address in cluster.tasks():
+        if kind == "chief":
+            continue
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                pass
+        except OSError:
+            dead.append(f"{kind} {index} ({address})")
+    return dead
+
+
+def _connect(cluster: ClusterSpec, options: DistributedOptions, run: Path):
+    import tensorflow as tf
+
+    check_reachable(cluster, timeout_s=options.connect_timeout_s)
+    if cluster.chief:
+        check_port_free(cluster.chief[0])
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster.to_dict()), task_type="chief" if cluster.chief else None,
+        task_id=0 if cluster.chief else None, rpc_layer="grpc")
+    strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=_partitioner(options, cluster.num_ps))
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    return strategy, coordinator
+
+
+def train_distributed(
+    data: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    *,
+    cluster: ClusterSpec | str | os.PathLike | dict | None = None,
+    valid: str | os.PathLike | None = None,
+    warm_start: str | os.PathLike | None = None,
+    options: DistributedOptions = DistributedOptions(),
+    on_progress: Callable[..., None] | None = None,
+) -> TrainSummary:
+    """Train on a parameter-server cluster, this process being the coordinator; `train()`'s contract.
+
+    Rerunning on an existing `out` resumes from its latest checkpoint (on a cluster with the same table
+    shards). `cluster`: a cluster file, a dict or `ClusterSpec`; None reads TF_CONFIG.
+
+    Example:
+        summary = train_distributed("shards/train", "runs/fm", TrainConfig(model=ModelConfig("fm")), cluster="cluster.json")
+
+    Raises:
+        ConfigError: bad cluster or settings, unreachable tasks, fewer shard files than workers,
+            a resume on a cluster that shards the tables differently.
+        TrainingError: a parameter server died, training stalled, or the loss became NaN; the last
+            checkpoint is kept and named.
+    """
+    import tensorflow as tf
+
+    if config.deterministic:
+        raise ConfigError("Asynchronous parameter-server training cannot be deterministic: drop --deterministic, or train in one process.")
+    if config.hogwild_threads > 1:
+        raise ConfigError("hogwild_threads applies to one process; on a cluster the workers are the parallelism. Drop --hogwild-threads.")
+    if config.profile:
+        raise ConfigError("--profile traces a single-process run; profile without --cluster.")
+    spec_cluster = _resolve_cluster(cluster)
+    run = Path(out)
+    info, spec, rows = _run_info(data, config, spec_cluster, options)
+    table = shard_table(data)
+    if len(table["rows"]) < spec_cluster.num_workers:
+        raise ConfigError(
+            f"{data} has {len(table['rows'])} shard file(s) for {spec_cluster.num_workers} workers: each worker reads whole "
+            "shard files. Convert with a smaller --block-mb (more files), or use fewer workers."
+        )
+    if valid is not None:
+        with open_batches(valid, PipelineOptions(batch_size=1, shuffle=False)) as vb:
+            if vb.schema.fingerprint() != info["schema_fingerprint"] or vb.spec != spec:
+                raise SchemaError(f"validation data {valid} has another schema or other transforms than the training data: convert it with --like.")
+    run.mkdir(parents=True, exist_ok=True)
+    old = _check_prior(run, info)
+
+    tf.random.set_seed(config.seed)
+    strategy, coordinator = _connect(spec_cluster, options, run)
+    try:
+        trainer = _ClusterTrainer(run, config, spec, strategy)
+    except (tf.errors.OpError, ValueError) as e:
+        raise _cluster_error(e, spec_cluster, None, run) from None
+    info[DISTRIBUTED_KEY]["table_shards"] = trainer.table_shards
+    if old is not None and trainer.manager.latest_checkpoint:
+        before = old.get(DISTRIBUTED_KEY, {}).get("table_shards")
+        if before is not None and before != trainer.table_shards:
+            changed = [k for k in trainer.table_shards if before.get(k) != trainer.table_shards[k]]
+            then = old[DISTRIBUTED_KEY]
+            what = ", ".join(f"{k}: {len(before.get(k) or [])} shard(s) then, {len(trainer.table_shards[k])} now" for k in changed)
+            raise ConfigError(
+                f"{run} was trained with its tables in other shards ({what}; {then['ps']} ps then, {spec_cluster.num_ps} now). "
+                f"Resume on a cluster with {then['ps']} ps and the same partitioner options, or start a new run folder "
+                f"with --warm-start {run} (the weights carry over)."
+            )
+    _write_json(run / RUN_FILE, info)
+    try:
+        return _coordinate(trainer, coordinator, spec_cluster, data, table, spec, rows, config, options, run,
+                           valid=valid, warm_start=warm_start, on_progress=on_progress, info=info)
+    except CtrflowError:
+        raise
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+        raise _cluster_error(e, spec_cluster, trainer, run) from None
+
+
+def _cluster_error(e: BaseException, cluster: ClusterSpec, trainer: _ClusterTrainer | None, run: Path) -> CtrflowError:
+    import tensorflow as tf
+
+    msg = (getattr(e, "message", None) or str(e)).strip().splitlines()
+    first = msg[0][:300] if msg else type(e).__name__
+    if isinstance(e, tf.errors.InvalidArgumentError) and "ctrflow: the training loss" in str(e):
+        latest = trainer.manager.latest_checkpoint if trainer else None
+        return TrainingError(f"the loss became NaN or inf; training stopped. The last good checkpoint {latest} is kept. "
+                             "Lower the learning rate or check the data.")
+    dead = _probe_dead(cluster)
+    latest = trainer.manager.latest_checkpoint if trainer else tf.train.latest_checkpoint(str(run / "checkpoints"))
+    where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    dead_ps = [d for d in dead if d.startswith("ps")]
+    if dead_ps:
+        return TrainingError(
+            f"parameter server {', '.join(dead_ps)} is gone: training stopped ({where}). Restart the cluster's ps and "
+            f"worker tasks and rerun the same command: it resumes from that checkpoint. (TensorFlow: {first})"
+        )
+    if dead:
+        return TrainingError(f"the cluster failed: {', '.join(dead)} unreachable ({where}); restart those tasks and rerun "
+                             f"to resume. (TensorFlow: {first})")
+    return TrainingError(f"distributed training failed: {type(e).__name__}: {first} ({where}). Rerun to resume.")
+
+
+def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec, data: Any, table: dict[str, np.ndarray],
+                spec: FeatureSpec, rows: int, config: TrainConfig, options: DistributedOptions, run: Path, *,
+                valid: Any, warm_start: Any, on_progress: Callable[..., None] | None, info: dict[str, Any]) -> TrainSummary:
+    import tensorflow as tf
+
+    resumed_from = 0
+    warm_from = None
+    if trainer.manager.latest_checkpoint:
+        trainer.ckpt.restore(trainer.manager.latest_checkpoint).assert_existing_objects_matched()
+        resumed_from = int(trainer.step.numpy())
+    elif warm_start is not None:
+        latest = tf.train.latest_checkpoint(str(Path(warm_start) / "checkpoints"))
+        if latest is None:
+            raise TrainingError(f"cannot warm start from {warm_start}: it has no checkpoint.")
+        other = json.loads((Path(warm_start) / RUN_FILE).read_text())
+        if other["feature_spec"] != info["feature_spec"] or other["config"]["model"] != info["config"]["model"]:
+            raise TrainingError(f"cannot warm start from {warm_start}: its feature spec or model shapes differ.")
+        tf.train.Checkpoint(model=trainer.model).read(latest).expect_partial()  # weights only: slots are per shard
+        warm_from = latest
+
+    history_path = run / "history.jsonl"
+    history: list[dict[str, Any]] = []
+    if history_path.exists():
+        history = [h for h in map(json.loads, history_path.read_text().splitlines()) if h["step"] <= resumed_from]
+        history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    hist_f = open(history_path, "a")
+    writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        hist_f.write(json.dumps(entry, default=float) + "\n")
+        hist_f.flush()
+        with writer.as_default(step=entry["examples"]):
+            for k, v in entry.items():
+                if k not in ("kind", "step", "examples", "epoch", "seconds") and isinstance(v, (int, float)):
+                    tf.summary.scalar(f"{entry['kind']}/{k}", v)
+
+    steps_per_epoch = max(1, -(-rows // config.batch_size))
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    k = options.function_steps(config)
+    workers = cluster.num_workers
+    in_flight = options.in_flight_per_worker * workers * k
+    # A resumed run starts a fresh shuffle (no exact replay in asynchronous training).
+    data_seed = (config.seed * 1_000_003 + resumed_from) % (2**31 - 1)
+    dataset = coordinator.create_per_worker_dataset(
+        lambda: worker_dataset(table, spec, batch_size=config.batch_size, num_workers=workers, seed=data_seed))
+    iterator = iter(dataset)
+    train_steps = trainer.make_function()
+
+    t0 = time.perf_counter()
+    start_examples = int(trainer.examples.numpy())
+    last_valid: dict[str, Any] | None = None
+    stopped_early = False
+    state = {"loss": 0.0, "rows": 0.0, "running": math.nan}
+    done = resumed_from
+    saved = resumed_from if trainer.manager.latest_checkpoint else -1
+
+    def read_progress() -> int:
+        return int(trainer.step.numpy())
+
+    def validate(step: int) -> None:
+        nonlocal last_valid, stopped_early
+        if valid is None:
+            return
+        with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
+            m = _evaluate_stream(trainer, vb)
+        last_valid = m
+        record({"kind": "valid", "step": step, "examples": int(trainer.examples.numpy()), "epoch": step // steps_per_epoch,
+                "seconds": time.perf_counter() - t0, **m})
+        if m["logloss"] < float(trainer.best.numpy()) - 1e-6:
+            trainer.best.assign(m["logloss"])
+            trainer.bad_validations.assign(0)
+        else:
+            trainer.bad_validations.assign_add(1)
+        if config.early_stopping_patience and trainer.bad_validations.numpy() >= config.early_stopping_patience:
+            stopped_early = True
+
+    def save(step: int) -> None:
+        nonlocal saved
+        trainer.epoch.assign(min(step // steps_per_epoch, config.epochs))
+        trainer.batch_in_epoch.assign(step - (step // steps_per_epoch) * steps_per_epoch)
+        trainer.save(step)
+        saved = step
+
+    def bookkeeping(before: int, now: int) -> None:
+        """Log, validate and checkpoint for the steps (before, now] that finished since the last look."""
+        loss_sum, loss_rows = float(trainer.loss_sum.numpy()), float(trainer.loss_rows.numpy())
+        interval_loss = (loss_sum - state["loss"]) / max(loss_rows - state["rows"], 1e-12)
+        if loss_rows > state["rows"]:
+            state["running"] = interval_loss if math.isnan(state["running"]) else 0.9 * state["running"] + 0.1 * interval_loss
+        examples = int(trainer.examples.numpy())
+        if on_progress:
+            on_progress(examples, rows * config.epochs if not config.max_steps else min(rows * config.epochs, total * config.batch_size),
+                        logloss=state["running"])
+        if before // config.log_every_steps != now // config.log_every_steps and loss_rows > state["rows"]:
+            record({"kind": "train", "step": now, "examples": examples, "epoch": now // steps_per_epoch,
+                    "seconds": time.perf_counter() - t0, "logloss": interval_loss})
+            state["loss"], state["rows"] = loss_sum, loss_rows
+        epoch_end = before // steps_per_epoch != now // steps_per_epoch
+        if config.valid_every_steps and before // config.valid_every_steps != now // config.valid_every_steps:
+            validate(now)
+        elif epoch_end and not config.valid_every_steps:
+            validate(now)
+        if before // config.checkpoint_every_steps != now // config.checkpoint_every_steps or epoch_end:
+            save(now)
+
+    scheduled = done
+    last_change = time.monotonic()
+    try:
+        while True:
+            now = read_progress()
+            if now != done:
+                bookkeeping(done, now)
+                done, last_change = now, time.monotonic()
+            if stopped_early or done >= total:
+                break
+            if scheduled < total and scheduled - done < in_flight:
+                steps = min(k, total - scheduled)
+                coordinator.schedule(train_steps, args=(iterator, tf.constant(steps, tf.int32)))
+                scheduled += steps
+                continue
+            coordinator.done()  # raises the error of any failed function
+            if time.monotonic() - last_change > options.stall_timeout_s:
+                dead = _probe_dead(cluster)
+                raise TrainingError(
+                    f"no training step finished in {options.stall_timeout_s:g} s (step {done} of {total}); "
+                    f"{'unreachable: ' + ', '.join(dead) if dead else 'every task answers, but none makes progress'}. "
+                    f"The last checkpoint is {trainer.manager.latest_checkpoint}; restart the cluster and rerun to resume."
+                )
+            time.sleep(options.poll_s)
+        _drain(coordinator, options, trainer, cluster)
+        final = read_progress()
+        if final != done:
+            bookkeeping(done, final)
+            done = final
+        if not config.valid_every_steps and (valid is not None) and (last_valid is None or history[-1]["step"] != done):
+            if not stopped_early and done % steps_per_epoch:
+                validate(done)  # max_steps reached mid-epoch: the end of training is a validation point
+        if saved != done:
+            save(done)
+        latest = trainer.manager.latest_checkpoint
+    finally:
+        hist_f.close()
+        writer.close()
+        try:
+            _plot_curves(run, history)
+        except Exception:  # a plot must never hide the real outcome of training
+            pass
+    secs = time.perf_counter() - t0
+    trained = int(trainer.examples.numpy()) - start_examples
+    tr_hist = [h for h in history if h["kind"] == "train"]
+    summary = TrainSummary(
+        run=str(run), steps=done, examples=int(trainer.examples.numpy()), seconds=secs,
+        examples_per_s=trained / max(secs, 1e-9),
+        train_logloss=tr_hist[-1]["logloss"] if tr_hist else state["running"],
+        valid=last_valid, best_valid_logloss=None if math.isinf(float(trainer.best.numpy())) else float(trainer.best.numpy()),
+        stopped_early=stopped_early, resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=latest,
+        history=history,
+    )
+    _write_json(run / "summary.json", summary.to_dict())
+    return summary
+
+
+def _drain(coordinator: Any, options: DistributedOptions, trainer: _ClusterTrainer, cluster: ClusterSpec) -> None:
+    """Wait for every scheduled function (with the stall deadline instead of join()'s unbounded wait)."""
+    last, last_change = int(trainer.step.numpy()), time.monotonic()
+    while not coordinator.done():
+        now = int(trainer.step.numpy())
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change > options.stall_timeout_s:
+            dead = _probe_dead(cluster)
+            raise TrainingError(f"the last scheduled steps did not finish in {options.stall_timeout_s:g} s"
+                                f"{' (unreachable: ' + ', '.join(dead) + ')' if dead else ''}; restart the cluster and rerun to resume.")
+        time.sleep(options.poll_s)

@@ -1,0 +1,132 @@
+"""Shared by the serving tests: one small real model (trained, exported), version folders, a live server.
+
+Not a conftest.py: a second conftest module would shadow `tests/conftest.py` for `from conftest import`.
+Each is built once per test process (cached here) and reached through a fixture in each test module.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import http.client
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+CATS = tuple(f"C{i}" for i in range(1, 27))
+NUMS = tuple(f"I{i}" for i in range(1, 14))
+
+
+_CACHE: dict[str, object] = {}
+_ROOT = Path(tempfile.mkdtemp(prefix="ctrflow-serving-tests-"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+def small_model():
+    """(run_dir, version_folder, rows): a tiny FM (20 steps) exported once; rows are raw serving instances."""
+    if "model" not in _CACHE:
+        _CACHE["model"] = _build_model()
+    return _CACHE["model"]
+
+
+def _build_model():
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.export import export
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.schema import PRESETS
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import train
+
+    root = _ROOT / "model"
+    root.mkdir()
+    generate(root / "train.csv", GenerateOptions(rows=3000, seed=5))
+    convert(root / "train.csv", root / "shards", schema=PRESETS["synthetic"].capped(1 << 12), options=ConvertOptions(workers=1))
+    train(root / "shards", root / "run", TrainConfig(model=ModelConfig("fm", embedding_dim=4), batch_size=512, max_steps=20))
+    summary = export(root / "run", root / "models" / "ctr")
+    return root / "run", Path(summary.path), read_instances(root / "train.csv", 400)
+
+
+def read_instances(path: Path, n: int) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            out.append({k: (v if k.startswith("C") else (float(v) if v else None)) for k, v in row.items() if k in CATS or k in NUMS})
+            if len(out) == n:
+                break
+    return out
+
+
+def copy_version(source: Path, base: Path, version: int) -> Path:
+    """Publish a copy of an exported version folder as `base/<version>` (built aside, then renamed)."""
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".copy-{version}"
+    shutil.copytree(source, tmp)
+    info = json.loads((tmp / "ctrflow.json").read_text())
+    info["version"] = version
+    (tmp / "ctrflow.json").write_text(json.dumps(info))
+    final = base / str(version)
+    tmp.rename(final)
+    return final
+
+
+def columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in (*CATS, *NUMS)}
+
+
+def grpc_ok() -> bool:
+    from ctrflow.serving.grpc_server import grpc_available
+
+    return grpc_available()
+
+
+def server():
+    """A live server (REST + gRPC when available) on loopback serving 'ctr' versions 1 and 2."""
+    if "server" not in _CACHE:
+        _CACHE["server"] = _start_server()
+    return _CACHE["server"]
+
+
+def _start_server():
+    from ctrflow.serving.batcher import BatchingOptions
+    from ctrflow.serving.http import ServeOptions, serve
+
+    _, version_dir, _ = small_model()
+    base = _ROOT / "served" / "ctr"
+    copy_version(version_dir, base, 1)
+    copy_version(version_dir, base, 2)
+    options = ServeOptions(
+        model_base_path=str(base), port=0, grpc_port=0 if grpc_ok() else None, keep_versions=2,
+        batching=BatchingOptions(max_batch_size=1024, batch_timeout_ms=1.0), poll_interval_s=3600.0,
+        max_body_bytes=1 << 20,
+    )
+    s = serve(options)
+    atexit.register(s.stop)
+    return s
+
+
+class Client:
+    """A keep-alive HTTP client for tests: `post(path, body|obj, headers)` → (status, headers, body)."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        self.conn.request(method, path, body=body, headers=headers or {})
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.getheader("Connection", "").lower() == "close":
+            self.conn.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+    def post(self, path: str, body: bytes | dict, headers: dict | None = None):
+        return self.request("POST", path, body, headers)
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def close(self) -> None:
+        self.conn.close()
