@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# gRPC protos of TF Serving: the package pins full `tensorflow`; its modules only need tensorflow-cpu's protos.
+	$(BIN)/python -m pip install -q --no-deps tensorflow-serving-api==2.21.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -257,6 +257,68 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batching(args: argparse.Namespace):
+    from ctrflow.serving.batcher import BatchingOptions
+
+    if getattr(args, "no_batching", False):
+        return None
+    return BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                           num_batch_threads=args.num_batch_threads, max_enqueued=args.max_enqueued)
+
+
+def _batching_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-batching", action="store_true", help="compute every request on its own")
+    p.add_argument("--max-batch-size", type=int, default=4096, help="rows per compute call")
+    p.add_argument("--batch-timeout-ms", type=float, default=2.0, help="longest a row waits for its batch to fill")
+    p.add_argument("--num-batch-threads", type=int, default=1)
+    p.add_argument("--max-enqueued", type=int, default=200_000, help="rows queued at most; beyond: 503 at once")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ctrflow.serving.http import ServeOptions, serve
+
+    opts = ServeOptions(
+        model_base_path=args.model_base_path, model_name=args.model_name, model_config_file=args.model_config,
+        host=args.host, port=args.port, grpc_port=args.grpc_port, batching=_batching(args),
+        keep_versions=args.keep_versions, poll_interval_s=args.poll_interval_s, warmup=not args.no_warmup,
+        drain_grace_s=args.drain_grace_s, max_body_bytes=args.max_body_bytes,
+        max_rows_per_request=args.max_rows_per_request, default_timeout_ms=args.default_timeout_ms,
+        worker_threads=args.worker_threads,
+    )
+    server = serve(opts)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": server.manager.versions()}
+    if not args.quiet:
+        print(f"serving {status['models']} at {server.url}" + (f", gRPC on port {server.grpc_port}" if server.grpc_port else ""), flush=True)
+    if args.json:
+        print(json.dumps(status, default=str), flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ctrflow.bench.loadgen import LoadOptions, run_load
+
+    opts = LoadOptions(
+        url=args.url, model_base_path=args.model_base_path, model_name=args.model_name, target=args.target,
+        protocol=args.protocol, rate_rps=args.rate, candidates=args.candidates, duration_s=args.duration_s,
+        timeout_ms=args.timeout_ms, connections=args.connections, max_in_flight=args.max_in_flight,
+        compare_batching=args.compare_batching, batching=_batching(args), data=args.data, seed=args.seed,
+    )
+    report = run_load(opts)
+    _emit(args, report.to_dict(), report.format_table())
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
@@ -375,6 +437,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _common(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve exported models over REST (TF Serving compatible) and gRPC, with hot reload")
+    p.add_argument("--model-base-path", help="MODELS/NAME with integer version folders")
+    p.add_argument("--model-name", help="default: the base path's folder name")
+    p.add_argument("--model-config", help="YAML/JSON list of models: {models: [{name, base_path, ...}]}")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--grpc-port", type=int, help="also serve gRPC PredictionService here")
+    _batching_flags(p)
+    p.add_argument("--keep-versions", type=int, default=1, help="newest versions served at once")
+    p.add_argument("--poll-interval-s", type=float, default=1.0, help="how often base paths are scanned")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--drain-grace-s", type=float, default=30.0)
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--max-rows-per-request", type=int, default=100_000)
+    p.add_argument("--default-timeout-ms", type=float, help="deadline of requests without X-Deadline-Ms")
+    p.add_argument("--worker-threads", type=int, default=8)
+    _common(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="load generators")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("serve", help="open-loop Poisson load against a server or the in-process predictor")
+    q.add_argument("--url", help="a running server (loopback only)")
+    q.add_argument("--model-base-path", help="start the target(s) here from this base path")
+    q.add_argument("--model-name")
+    q.add_argument("--target", choices=["http", "inprocess"], default="http")
+    q.add_argument("--protocol", choices=["rest", "columnar"], default="rest")
+    q.add_argument("--rate", type=float, default=200.0, help="mean requests per second (Poisson)")
+    q.add_argument("--candidates", type=int, default=100, help="candidate ads per request")
+    q.add_argument("--duration-s", type=float, default=10.0)
+    q.add_argument("--timeout-ms", type=float, default=100.0, help="per-request deadline")
+    q.add_argument("--connections", type=int, default=64)
+    q.add_argument("--max-in-flight", type=int, default=2048)
+    q.add_argument("--compare-batching", action="store_true", help="run with batching on, then off")
+    q.add_argument("--data", help="CSV to sample feature rows from (default: synthetic rows)")
+    q.add_argument("--seed", type=int, default=0)
+    _batching_flags(q)
+    _common(q)
+    q.set_defaults(func=_cmd_bench_serve)
 
     for extend in _EXTENSIONS:
         extend(sub)

@@ -34,3 +34,29 @@ $CTR evaluate "$OUT/runs/deepfm" --data "$OUT/shards/test"
 step "7. export a slim SavedModel (no optimizer slots), TF Serving layout"
 rm -rf "$OUT/models"
 $CTR export "$OUT/runs/deepfm" --model-base-path "$OUT/models/ctr"
+
+step "8. serve it (REST, TF Serving compatible) on a free port, score a few requests, run a short load test"
+$CTR serve --model-base-path "$OUT/models/ctr" --port 0 --json --quiet > "$OUT/serve.json" 2> "$OUT/serve.log" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 240); do grep -q '"url"' "$OUT/serve.json" 2>/dev/null && break; sleep 0.5; done
+URL=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['url'])" "$OUT/serve.json")
+echo "server at $URL"
+.venv/bin/python - "$URL" "$OUT/test.csv" <<'PY'
+import csv, json, sys, urllib.request
+url, path = sys.argv[1], sys.argv[2]
+rows = []
+with open(path) as f:
+    for r in csv.DictReader(f):
+        rows.append({k: (v if k.startswith("C") else (float(v) if v else None)) for k, v in r.items() if k not in ("day", "click", "true_ctr")})
+        if len(rows) == 5:
+            break
+req = urllib.request.Request(f"{url}/v1/models/ctr:predict", data=json.dumps({"instances": rows}).encode(),
+                             headers={"Content-Type": "application/json"})
+print("predictions:", json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"])
+print("status:", json.loads(urllib.request.urlopen(f"{url}/v1/models/ctr", timeout=30).read()))
+PY
+$CTR bench serve --url "$URL" --model-name ctr --protocol columnar --rate 100 --candidates 100 --duration-s 5 --data "$OUT/test.csv"
+kill -TERM $SERVER; wait $SERVER || true
+trap - EXIT
+echo "server stopped cleanly"

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,10 +269,8 @@ def _read_rows(path: Path, features: _Features, schema: Any | None, limit: int =
     header = schema.header if schema is not None else True
     with open(path, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
-        columns = list(schema.columns) if schema is not None and schema.columns else None
-        if header:
-            first = next(reader, None)
-            columns = first if columns is None else columns
+        # A header names the columns (in the file's order); without one the schema lists them.
+        columns = next(reader, None) if header else (list(schema.columns) if schema is not None and schema.columns else None)
         if not columns:
             raise ConfigError(f"{path}: no header and no schema columns; cannot tell which column is which feature.")
         index = {c: i for i, c in enumerate(columns)}
@@ -337,19 +335,23 @@ def _bodies(options: LoadOptions, data: dict[str, list], features: _Features) ->
 
 
 class _HttpPool:
-    """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency)."""
+    """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency).
+
+    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back.
+    """
 
     def __init__(self, host: str, port: int, size: int) -> None:
-        self._host, self._port, self._size = host, port, size
+        self._host, self._port = host, port
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._open = 0
-        self._free = asyncio.Condition()
+        self._slots = asyncio.Semaphore(size)
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
-        conn = await self._acquire()
-        reader, writer = conn
-        ok = False
+        await self._slots.acquire()
+        conn = None
+        reusable = False
         try:
+            conn = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
+            reader, writer = conn
             writer.write(head + body)
             status_head = await reader.readuntil(b"\r\n\r\n")
             lines = status_head.split(b"\r\n")
@@ -363,42 +365,20 @@ class _HttpPool:
                 elif k == b"connection" and b"close" in v.lower():
                     close = True
             payload = await reader.readexactly(length) if length else b""
-            ok = not close
+            reusable = not close
             return status, payload
         finally:
-            await self._release(conn, ok)
-
-    async def _acquire(self):
-        async with self._free:
-            for _ in range(1_000_000):  # bounded; each pass waits for a release
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self._size:
-                    self._open += 1
-                    break
-                await self._free.wait()
-        try:
-            return await asyncio.open_connection(self._host, self._port)
-        except BaseException:
-            async with self._free:
-                self._open -= 1
-                self._free.notify()
-            raise
-
-    async def _release(self, conn, reusable: bool) -> None:
-        async with self._free:
-            if reusable:
-                self._idle.append(conn)
-            else:
-                self._open -= 1
-                conn[1].close()
-            self._free.notify()
+            if conn is not None:
+                if reusable:
+                    self._idle.append(conn)
+                else:
+                    conn[1].close()
+            self._slots.release()
 
     async def close(self) -> None:
-        async with self._free:
-            for _, w in self._idle:
-                w.close()
-            self._idle.clear()
+        for _, w in self._idle:
+            w.close()
+        self._idle.clear()
 
 
 async def _http_get(host: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
@@ -513,6 +493,8 @@ def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, s
     predictions = ok * options.candidates
     calls = server.get("compute_calls")
     cpu = server.get("cpu_s")
+    # The server's own count: it also scored requests whose answer the client gave up on.
+    computed = server.get("rows_computed") or predictions
     return LoadResult(
         label=label, target=server.get("target", options.target), protocol=server.get("protocol", options.protocol),
         rate_rps=options.rate_rps, candidates=options.candidates, duration_s=wall_s, scheduled=len(lat),
@@ -520,9 +502,9 @@ def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, s
         status_counts=dict(sorted(s.items())), predictions=predictions, requests_per_s=ok / wall_s if wall_s else 0.0,
         predictions_per_s=predictions / wall_s if wall_s else 0.0, latency_ms=latency_summary(ok_lat),
         compute_calls=None if calls is None else int(calls),
-        compute_calls_per_prediction=None if calls is None or not predictions else calls / predictions,
-        mean_batch_rows=None if not calls else server.get("rows_computed", predictions) / calls,
-        server_cpu_s=cpu, cpu_s_per_million_predictions=None if cpu is None or not predictions else cpu / predictions * 1e6,
+        compute_calls_per_prediction=None if calls is None or not computed else calls / computed,
+        mean_batch_rows=None if not calls else computed / calls,
+        server_cpu_s=cpu, cpu_s_per_million_predictions=None if cpu is None or not computed else cpu / computed * 1e6,
         cpu_includes_load_generator=bool(server.get("cpu_includes_load_generator", False)),
         schedule_lag_ms_p99=float(np.percentile(tally.lag_ms, 99)) if len(tally.lag_ms) else 0.0,
     )

@@ -199,7 +199,8 @@ class GrpcServer:
             code = type(e).__name__
             self._abort(context, e)
         finally:
-            self._metrics.observe(name or "-", "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
+            label = name if name in self._manager.model_names else "_unknown"  # bounded label values
+            self._metrics.observe(label, "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
 
     @staticmethod
     def _features(inputs: Any, predictor: Any) -> dict[str, np.ndarray]:

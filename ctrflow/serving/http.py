@@ -77,7 +77,7 @@ COLUMNAR_FORMAT = """\
 The binary columnar body (Content-Type: application/x-ctrflow-columnar), little-endian:
   header   b"CTRC"  u8 format=1  u8 0  u16 n_columns  u32 n_rows                  (12 bytes)
   column   u16 name_len  name (UTF-8)  u8 kind  u8 0  u32 width  payload (n_rows * width bytes)
-           kind b"S": fixed-width byte strings, NUL-padded (b"" = missing), width >= 1
+           kind b"S": fixed-width byte strings, NUL-padded (b"" = missing; trailing NULs are padding), width >= 1
            kind b"f": float32 (width 4), kind b"d": float64 (width 8); NaN = missing
 Every schema field exactly once: categoricals as "S", numerics as "f"/"d". The answer is n_rows
 little-endian float32 probabilities (Content-Type application/octet-stream), or JSON
@@ -433,11 +433,15 @@ class _Handler:
         conn = h.get("connection", "").lower()
         keep_alive = ("close" not in conn) if head.version == "HTTP/1.1" else ("keep-alive" in conn)
 
+        # A body that trickles in slower than the idle timeout (slowloris) loses its connection.
+        timer = asyncio.get_running_loop().call_later(self.options.keep_alive_timeout_s, writer.close)
         try:
             body = await self._read_body(head, reader, writer)
         except RequestError as e:  # the body was not (fully) read: the connection cannot be reused
             writer.write(_response(e.status, _error_body(str(e)), b"application/json", keep_alive=False))
             return False
+        finally:
+            timer.cancel()
 
         path, _, _query = head.target.partition("?")
         model = "-"
@@ -449,7 +453,7 @@ class _Handler:
                 rest = path[len("/v1/models/"):]
                 rest, _, verb = rest.partition(":")
                 name, version, tail = _split_model_path(rest)
-                model = name
+                model = name if name in self.manager.model_names else "_unknown"  # bounded label values
                 if verb:
                     if head.method != "POST":
                         raise RequestError(f"{head.method} {path} is not allowed; use POST.", 405)
@@ -512,7 +516,10 @@ class _Handler:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             chunks, total = [], 0
             for _ in range(limit + 1):  # bounded: each chunk holds at least one byte
-                line = await reader.readuntil(b"\r\n")
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError:
+                    raise RequestError("Malformed chunked body: a chunk-size line is too long.") from None
                 try:
                     size = int(line.split(b";", 1)[0].strip(), 16)
                 except ValueError:
@@ -521,8 +528,11 @@ class _Handler:
                     raise RequestError("Malformed chunk size in a chunked body.")
                 if size == 0:
                     for _ in range(100):  # trailers, bounded
-                        if await reader.readuntil(b"\r\n") == b"\r\n":
-                            break
+                        try:
+                            if await reader.readuntil(b"\r\n") == b"\r\n":
+                                break
+                        except asyncio.LimitOverrunError:
+                            raise RequestError("Malformed chunked body: a trailer line is too long.") from None
                     return b"".join(chunks)
                 total += size
                 if total > limit:

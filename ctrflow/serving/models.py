@@ -16,9 +16,9 @@ Recommended use::
 A bad version folder (incomplete, corrupt, a schema other than the one being served) is skipped with
 a logged reason, shown in `status()` and retried only once its files change; the serving version stays.
 
-Implementation details follow: each model has a `_ModelState` holding its served `_Loaded` versions
+Implementation details follow: each model has a `_ModelState` holding its served `ServedVersion` versions
 (newest last) and the failures by version; every change to them happens under the manager's one lock,
-and leases count in-flight requests on a `_Loaded` under the same lock.
+and leases count in-flight requests on a `ServedVersion` under the same lock.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from ctrflow.serving.metrics import ModelGauges
 
 __all__ = [
     "ManagerOptions",
+    "ServedVersion",
     "ModelManager",
     "ModelNotReadyError",
     "ModelSpec",
@@ -201,8 +202,8 @@ def load_model_config(path: str | os.PathLike) -> list[ModelSpec]:
     return specs
 
 
-class _Loaded:
-    """A loaded version and the requests currently using it."""
+class ServedVersion:
+    """A loaded version and the requests currently using it (what `acquire` hands out)."""
 
     __slots__ = ("version", "predictor", "in_flight", "retired", "signature", "loaded_at")
 
@@ -224,11 +225,11 @@ class _Failure:
 class _ModelState:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.served: list[_Loaded] = []  # ascending by version; the last one is the default
-        self.by_version: dict[int, _Loaded] = {}
+        self.served: list[ServedVersion] = []  # ascending by version; the last one is the default
+        self.by_version: dict[int, ServedVersion] = {}
         self.failures: dict[int, _Failure] = {}
         self.loading: int | None = None
-        self.unloading: list[_Loaded] = []
+        self.unloading: list[ServedVersion] = []
         self.load_failures = 0
         self.swaps = 0
         self.retired_totals: dict[str, float] = {}
@@ -306,7 +307,7 @@ class ModelManager:
     def spec(self, name: str) -> ModelSpec:
         return self._state(name).spec
 
-    def acquire(self, name: str, version: int | None = None) -> _Loaded:
+    def acquire(self, name: str, version: int | None = None) -> ServedVersion:
         """Lease the newest (or the given) version; pair with `release`. Raises ModelNotFoundError
         (unknown model or version) or ModelNotReadyError (nothing loaded yet)."""
         state = self._state(name)
@@ -327,7 +328,7 @@ class ModelManager:
             loaded.in_flight += 1
             return loaded
 
-    def release(self, loaded: _Loaded) -> None:
+    def release(self, loaded: ServedVersion) -> None:
         with self._lock:
             loaded.in_flight -= 1
             if loaded.retired and loaded.in_flight == 0:
@@ -431,7 +432,8 @@ class ModelManager:
             if version in loaded_versions:
                 keep.append(version)
                 continue
-            path, fingerprint, problem = on_disk[version]
+            path = on_disk[version]
+            fingerprint, problem = _inspect(path)
             failure = state.failures.get(version)
             if failure is not None and failure.fingerprint == fingerprint:
                 continue  # failed before and unchanged since: do not retry every poll
@@ -467,7 +469,7 @@ class ModelManager:
                 self._closers = [t for t in self._closers if t.is_alive()] + [closer]
             closer.start()
 
-    def _load(self, state: _ModelState, version: int, path: Path, reference: tuple | None) -> tuple[_Loaded | None, str | None]:
+    def _load(self, state: _ModelState, version: int, path: Path, reference: tuple | None) -> tuple[ServedVersion | None, str | None]:
         spec = state.spec
         with self._lock:
             state.loading = version
@@ -497,7 +499,7 @@ class ModelManager:
             with self._lock:
                 state.loading = None
         log.info("model '%s': version %d loaded and warmed up in %.2f s", spec.name, version, time.perf_counter() - t0)
-        return _Loaded(version, predictor, signature), None
+        return ServedVersion(version, predictor, signature), None
 
     def _load_predictor(self, path: Path, spec: ModelSpec) -> Any:
         if self._loader is not None:
@@ -506,7 +508,7 @@ class ModelManager:
 
         return Predictor.load(path, batching=spec.batching, name=spec.name)
 
-    def _publish(self, state: _ModelState, loaded: _Loaded) -> None:
+    def _publish(self, state: _ModelState, loaded: ServedVersion) -> None:
         with self._lock:
             previous = state.served[-1].version if state.served else None
             state.served = sorted([*state.served, loaded], key=lambda x: x.version)
@@ -524,7 +526,7 @@ class ModelManager:
             state.failures[version] = _Failure(fingerprint, reason)
             state.load_failures += 1
 
-    def _retire(self, state: _ModelState, loaded: _Loaded) -> None:
+    def _retire(self, state: _ModelState, loaded: ServedVersion) -> None:
         deadline = time.monotonic() + self._options.drain_grace_s
         with self._lock:
             while loaded.in_flight > 0:
@@ -547,7 +549,7 @@ class ModelManager:
                 state.unloading.remove(loaded)
 
     @staticmethod
-    def _close_predictor(loaded: _Loaded) -> None:
+    def _close_predictor(loaded: ServedVersion) -> None:
         try:
             loaded.predictor.close()
         except Exception:  # noqa: BLE001 - closing must not stop the others from closing
@@ -569,40 +571,33 @@ class ModelManager:
         return f"no version folder in {state.spec.base_path}"
 
 
-def _scan(base: Path) -> dict[int, tuple[Path, tuple, str | None]]:
-    """{version: (folder, fingerprint of its files, problem or None)} for integer folders of `base`.
-
-    Dot-prefixed folders (exports in progress) and non-integer names are ignored. The fingerprint
-    (names, sizes, mtimes) changes while a folder is still being copied, so a failed folder is
-    retried once it changes.
-    """
-    out: dict[int, tuple[Path, tuple, str | None]] = {}
+def _scan(base: Path) -> dict[int, Path]:
+    """{version: folder} for the integer folders of `base`; dot-prefixed folders (exports in
+    progress) and other names are ignored."""
     try:
         entries = list(os.scandir(base))
     except OSError:
-        return out
-    for entry in entries:
-        name = entry.name
-        if name.startswith(".") or not name.isdigit() or not entry.is_dir():
-            continue
-        path = Path(entry.path)
-        fingerprint = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for f in sorted(files):
-                try:
-                    st = os.stat(os.path.join(root, f))
-                except OSError:
-                    continue
-                fingerprint.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
-            if len(fingerprint) > 10_000:  # bounded: a version folder holds a handful of files
-                break
-        problem = None
-        missing = [n for n in ("saved_model.pb", _EXPORT_INFO, "variables") if not (path / n).exists()]
-        if missing:
-            problem = f"is incomplete: missing {', '.join(missing)}"
-        out[int(name)] = (path, tuple(fingerprint), problem)
-    return out
+        return {}
+    return {int(e.name): Path(e.path) for e in entries
+            if not e.name.startswith(".") and e.name.isdigit() and e.is_dir()}
+
+
+def _inspect(path: Path) -> tuple[tuple, str | None]:
+    """(fingerprint of the folder's files, problem or None). The fingerprint (names, sizes, mtimes)
+    changes while a folder is still being copied, so a failed folder is retried once it changes."""
+    fingerprint = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            try:
+                st = os.stat(os.path.join(root, f))
+            except OSError:
+                continue
+            fingerprint.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+        if len(fingerprint) > 10_000:  # bounded: a version folder holds a handful of files
+            break
+    missing = [n for n in ("saved_model.pb", _EXPORT_INFO, "variables") if not (path / n).exists()]
+    return tuple(fingerprint), (f"is incomplete: missing {', '.join(missing)}" if missing else None)
 
 
 def _describe_signature(signature: tuple) -> str:
@@ -645,8 +640,6 @@ def _batcher_stats(predictor: Any) -> tuple[dict[str, float], tuple[int, ...], l
 def _add_hist(bounds: tuple[int, ...], counts: list[int], other_bounds: tuple[int, ...], other: list[int]):
     if not other_bounds:
         return bounds, counts
-    if not bounds or bounds != tuple(other_bounds):
-        if bounds and sum(counts):  # batching options changed between versions: keep the newest shape
-            return tuple(other_bounds), list(other)
+    if bounds != tuple(other_bounds):  # first one, or batching options changed: keep the newest shape
         return tuple(other_bounds), list(other)
     return bounds, [a + b for a, b in zip(counts, other)]

@@ -237,7 +237,10 @@ def test_queue_full_is_503_and_a_passed_deadline_is_504(tmp_path):
         t = threading.Thread(target=first)
         t.start()
         deadline = time.monotonic() + 5
-        while slow.batcher.stats().compute_calls == 0 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # until the first request is inside compute, held by the gate
+            stats = slow.batcher.stats()
+            if stats.requests == 1 and stats.rows_enqueued == 0:
+                break
             time.sleep(0.01)
         c = Client(server.url)
         assert c.post("/v1/models/m:predict", body, {"X-Deadline-Ms": "50"})[0] == 504  # queued, then expired
