@@ -292,7 +292,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": server.manager.versions()}
+    status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     if not args.quiet:
         print(f"serving {status['models']} at {server.url}" + (f", gRPC on port {server.grpc_port}" if server.grpc_port else ""), flush=True)
     if args.json:

@@ -39,7 +39,7 @@ step "8. serve it (REST, TF Serving compatible) on a free port, score a few requ
 $CTR serve --model-base-path "$OUT/models/ctr" --port 0 --json --quiet > "$OUT/serve.json" 2> "$OUT/serve.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 240); do grep -q '"url"' "$OUT/serve.json" 2>/dev/null && break; sleep 0.5; done
+for _ in $(seq 1 240); do grep -q "\"url\"" "$OUT/serve.json" 2>/dev/null && break; kill -0 $SERVER 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }; sleep 0.5; done
 URL=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['url'])" "$OUT/serve.json")
 echo "server at $URL"
 .venv/bin/python - "$URL" "$OUT/test.csv" <<'PY'
