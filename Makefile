@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 DEMO := demo-out
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo demo-continuous test test-fast bench install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO)
+
+demo-continuous: $(STAMP)
+	bash scripts/demo_continuous.sh $(DEMO)/continuous
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -392,32 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a CTR model into a run folder (rerun to resume)")
     p.add_argument("--data", required=True, help="shard folder, or - for a shard stream on stdin")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model", choices=["lr", "fm", "deepfm"])
-    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups)")
-    p.add_argument("--learning-rate", type=float)
-    for g in ("linear", "embedding", "dense"):
-        p.add_argument(f"--{g}-optimizer", help=f"optimizer of the {g} group only")
-        p.add_argument(f"--{g}-learning-rate", type=float)
     p.add_argument("--valid", help="validation shard folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--embedding-dim", type=int)
-    p.add_argument("--hidden", help="DeepFM MLP widths, e.g. 256,128")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--batch-norm", action="store_true")
-    p.add_argument("--table-mode", choices=["shared", "per_field"])
-    p.add_argument("--l2", type=float)
-    p.add_argument("--steps-per-call", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--deterministic", action="store_true", help="single-threaded, bit-for-bit repeatable")
-    p.add_argument("--valid-every-steps", type=int)
-    p.add_argument("--early-stopping-patience", type=int)
-    p.add_argument("--checkpoint-every-steps", type=int)
-    p.add_argument("--hogwild-threads", type=int)
     p.add_argument("--warm-start", help="initialize from another run's latest checkpoint")
-    p.add_argument("--config", help="TrainConfig JSON/YAML; flags override it")
-    p.add_argument("--profile", action="store_true", help="write a profiler trace to RUN/profile")
+    _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)
 
@@ -485,6 +462,102 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later layers (train, export, serve) register their commands here, keeping this module thin.
 _EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+# --- continuous ------------------------------------------------------------------------------------
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """The model and optimizer flags `_train_config` reads (shared by `train` and `continuous`)."""
+    p.add_argument("--model", choices=["lr", "fm", "deepfm"])
+    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups)")
+    p.add_argument("--learning-rate", type=float)
+    for g in ("linear", "embedding", "dense"):
+        p.add_argument(f"--{g}-optimizer", help=f"optimizer of the {g} group only")
+        p.add_argument(f"--{g}-learning-rate", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--hidden", help="DeepFM MLP widths, e.g. 256,128")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--table-mode", choices=["shared", "per_field"])
+    p.add_argument("--l2", type=float)
+    p.add_argument("--steps-per-call", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", help="single-threaded, bit-for-bit repeatable")
+    p.add_argument("--valid-every-steps", type=int)
+    p.add_argument("--early-stopping-patience", type=int)
+    p.add_argument("--checkpoint-every-steps", type=int)
+    p.add_argument("--hogwild-threads", type=int)
+    p.add_argument("--config", help="TrainConfig JSON/YAML; flags override it")
+    p.add_argument("--profile", action="store_true", help="write a profiler trace to RUN/profile")
+
+
+def _decision_line(d: dict[str, Any]) -> str:
+    version = f" v{d['version']}" if d.get("version") is not None else ""
+    secs = (d.get("seconds") or {}).get("total")
+    return f"{d['slice']}: {d['decision']}{version} - {d['reason']}" + (f" ({secs:.1f} s)" if secs is not None else "")
+
+
+def _cmd_continuous(args: argparse.Namespace) -> int:
+    from ctrflow.errors import ConfigError
+    from ctrflow.train.continuous import ContinuousOptions, continuous_train, status
+
+    if args.action == "status":
+        st = status(args.state)
+        head = (f"{st['state']}: {st['slices']} slices decided ({st['published']} published, {st['rejected']} rejected, "
+                f"{st['quarantined']} quarantined); published version {st['published_version']}, line {st['line_run']}"
+                + (f"; running as pid {st['running_pid']}" if st["running_pid"] else "; not running"))
+        _emit(args, st, "\n".join([head, *(_decision_line(d) for d in st["decisions"][-50:])]))
+        return 0
+    if not args.incoming or not args.model_base_path:
+        raise ConfigError("`ctrflow continuous` needs --incoming DIR and --model-base-path MODELS/NAME "
+                          "(or `ctrflow continuous status --state DIR`).")
+    options = ContinuousOptions(
+        tolerance=args.tolerance, holdout_fraction=args.holdout_fraction, poll_seconds=args.poll_seconds,
+        max_polls=args.max_polls, reset_stale_after_slices=args.reset_stale_after_slices, keep_runs=args.keep_runs,
+        embedding_dtype=args.embedding_dtype,
+    )
+
+    def show(d: Any) -> None:
+        if not args.quiet:
+            print(_decision_line(d.to_dict()), flush=True)
+
+    try:
+        s = continuous_train(args.incoming, args.model_base_path, args.state, _train_config(args), options,
+                             once=args.once, on_event=show)
+    except KeyboardInterrupt:
+        print("stopped; rerun the same command to go on where it left off", file=sys.stderr)
+        return 130
+    d = s.to_dict()
+    _emit(args, d, f"{len(s.decisions)} slice(s) decided ({d['published']} published, {d['rejected']} rejected, "
+                   f"{d['quarantined']} quarantined); published version {s.published_version}")
+    return 0
+
+
+def _add_continuous(sub: Any) -> None:
+    p = sub.add_parser("continuous", help="follow a folder of new shard sets: warm-start, gate, publish (or: status)")
+    p.add_argument("action", nargs="?", choices=["run", "status"], default="run",
+                   help="run (default): follow --incoming; status: print the decisions logged in --state")
+    p.add_argument("--state", required=True, help="state folder: decisions.jsonl, runs/, lock (one process at a time)")
+    p.add_argument("--incoming", help="folder whose sub-folders are shard sets (ctrflow convert --out incoming/NAME)")
+    p.add_argument("--model-base-path", help="MODELS/NAME: each published version goes to <newest + 1>/ inside")
+    p.add_argument("--once", action="store_true", help="process every ready slice, then exit")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="publish if gate logloss <= published logloss x (1 + tolerance) (default 0.01)")
+    p.add_argument("--holdout-fraction", type=float, default=0.1, help="latest share of each slice held out as gate rows")
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="pause between scans without --once")
+    p.add_argument("--max-polls", type=int, help="stop after this many scans (default: until Ctrl-C)")
+    p.add_argument("--reset-stale-after-slices", type=int,
+                   help="reset table rows no published slice touched in this many slices (default: never)")
+    p.add_argument("--keep-runs", type=int, default=3, help="run folders kept besides the published line's")
+    p.add_argument("--embedding-dtype", choices=["float32", "float16"], default="float32")
+    _train_flags(p)
+    _common(p)
+    p.set_defaults(func=_cmd_continuous)
+
+
+_EXTENSIONS.append(_add_continuous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,3 +60,6 @@ $CTR bench serve --url "$URL" --model-name ctr --protocol columnar --rate 100 --
 kill -TERM $SERVER; wait $SERVER || true
 trap - EXIT
 echo "server stopped cleanly"
+
+step "9. continuous training in miniature: drifting days land, get trained, gated and published"
+bash scripts/demo_continuous.sh "$OUT/continuous"

@@ -517,10 +517,20 @@ class _Follower:
         path = run / GATE_FILE
         if path.exists():
             return json.loads(path.read_text())
+        import logging
+
         from ctrflow.train.evaluate import evaluate
 
-        cand = _metrics(evaluate(run, gate_dir))
-        pub = _metrics(evaluate(line_run, gate_dir)) if line_run is not None else None
+        # Each evaluate traces its own model's function: expected here, so TensorFlow's retracing
+        # warning (logged from the second slice on) is held back while the gate runs.
+        tf_log = logging.getLogger("tensorflow")
+        level = tf_log.level
+        tf_log.setLevel(max(level, logging.ERROR))
+        try:
+            cand = _metrics(evaluate(run, gate_dir))
+            pub = _metrics(evaluate(line_run, gate_dir)) if line_run is not None else None
+        finally:
+            tf_log.setLevel(level)
         tol = self.options.tolerance
         ref_name, ref = ("published", pub["logloss"]) if pub and math.isfinite(pub["logloss"]) else ("constant-rate baseline", baseline)
         limit = ref * (1 + tol)

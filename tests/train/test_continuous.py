@@ -200,13 +200,31 @@ def test_a_second_instance_on_the_same_state_refuses_naming_the_holder(followed,
     continuous_train(root / "incoming", root / "models" / "ctr", root / "state", CFG, OPTS, once=True)  # free again
 
 
-def test_polling_stops_after_max_polls_and_picks_up_slices_that_land_later(followed, days, tmp_path):
+def test_polling_follower_publishes_what_lands_and_a_watching_server_hot_reloads_it(followed, days, tmp_path):
+    from ctrflow.data import shards
+    from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec
+
     root = _copy(followed[0], tmp_path)
-    _land(days, root / "incoming", "thu")
-    (root / "incoming" / "fri.partial-123").mkdir()  # a conversion in progress is not a slice
-    opts = ContinuousOptions(tolerance=0.5, poll_seconds=0.05, max_polls=2)
-    s = continuous_train(root / "incoming", root / "models" / "ctr", root / "state", CFG, opts)
-    assert s.polls == 2 and [(d.slice, d.version) for d in s.decisions] == [("thu", 4)]
+    base = root / "models" / "ctr"
+    manager = ModelManager([ModelSpec("ctr", str(base), batching=None)], ManagerOptions(poll_interval_s=0.1, warmup=False))
+    manager.start()
+    try:
+        assert manager.versions("ctr") == [3]
+        _land(days, root / "incoming", "thu")
+        (root / "incoming" / "fri.partial-123").mkdir()  # a conversion in progress is not a slice
+        opts = ContinuousOptions(tolerance=0.5, poll_seconds=0.05, max_polls=2)
+        s = continuous_train(root / "incoming", base, root / "state", CFG, opts)
+        assert s.polls == 2 and [(d.slice, d.version) for d in s.decisions] == [("thu", 4)]
+        deadline = time.time() + 60
+        while manager.versions("ctr") != [4] and time.time() < deadline:
+            time.sleep(0.05)
+        assert manager.versions("ctr") == [4] and not [st for st in manager.status("ctr") if st.state == "END"]
+        batch = shards.read_shard(next((root / "incoming" / "thu").glob("part-*.ctrs")))
+        with manager.lease("ctr") as predictor:
+            p = predictor.predict_ids(np.array(batch.ids[:64]), np.array(batch.numeric[:64]))
+        assert p.shape == (64,) and np.all((p > 0) & (p < 1))
+    finally:
+        manager.close()
 
 
 @pytest.mark.slow
@@ -222,23 +240,39 @@ def test_kill_9_at_random_points_then_rerun_trains_each_slice_once_and_never_sho
     )
     cmd = [sys.executable, "-c", script, str(tmp_path / "incoming"), str(base), str(state), json.dumps(CFG.to_dict())]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    runs = state / "runs"
+
+    def exporting() -> bool:
+        return base.exists() and any(p.name.startswith(".tmp-") for p in base.iterdir())
+
+    def checkpointed(name: str):
+        return lambda: (runs / name / "checkpoints" / "checkpoint").exists()
+
+    def versions_exceed(n: int):
+        return lambda: len(find_versions(base)) > n
+
+    # Kill points, each with a random delay of at most `jitter` s after it is seen: mid-training (a
+    # checkpoint written), mid-export (its temp folder exists), right after a version appeared (before or
+    # after its decision is logged), then mid-training and mid-export of the next slice.
+    milestones = [(checkpointed("mon"), 0.3), (exporting, 0.0), (versions_exceed(0), 0.02),
+                  (checkpointed("tue"), 0.3), (exporting, 0.0)]
     rng = np.random.default_rng(7)
     kills = 0
-    for delay in rng.uniform(3.0, 9.0, size=6):
+    for reached, jitter in milestones:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        deadline = time.time() + 120
+        while proc.poll() is None and not reached() and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, jitter))
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
             kills += 1
+        proc.wait()
         visible = sorted(int(p.name) for p in base.iterdir() if not p.name.startswith(".")) if base.exists() else []
         assert visible == find_versions(base)  # every visible version folder is complete
-        if proc.returncode == 0:
-            break
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert kills >= 2
+    assert kills >= 4
     log = read_decisions(state)
     assert [(d["slice"], d["decision"], d["version"]) for d in log] == [("mon", "published", 1), ("tue", "published", 2), ("wed", "published", 3)]
     assert find_versions(base) == [1, 2, 3] and not list(base.glob(".tmp-*"))
