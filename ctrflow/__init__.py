@@ -32,6 +32,8 @@ def __getattr__(name: str):
         "evaluate": "ctrflow.train.evaluate",
         "export": "ctrflow.export", "ExportSummary": "ctrflow.export",
         "Predictor": "ctrflow.serving.predictor",
+        "serve": "ctrflow.serving.http", "ServeOptions": "ctrflow.serving.http",
+        "continuous_train": "ctrflow.train.continuous", "ContinuousOptions": "ctrflow.train.continuous",
     }
     if name in lazy:
         import importlib
@@ -49,7 +51,7 @@ __all__ = [
     "open_batches", "PipelineOptions", "BatchStream", "Batch", "FeatureSpec",
     "AutoBatcher", "BatchingOptions", "BatcherStats",
     "TrainConfig", "GroupOptimizer", "ModelConfig", "make_model", "train", "TrainSummary", "evaluate",
-    "export", "ExportSummary", "Predictor",
+    "export", "ExportSummary", "Predictor", "serve", "ServeOptions", "continuous_train", "ContinuousOptions",
     "CtrflowError", "ConfigError", "SchemaError", "InputError", "TooManyRejectsError", "ShardCorruptError",
     "TrainingError", "DeadlineExceeded", "QueueFullError", "ModelNotFoundError",
 ]
