@@ -74,7 +74,6 @@ def _ctrflow(shards: Path, out: Path, kind: str, batch: int, steps: int, steps_p
 def _keras(shards: Path, kind: str, batch: int, steps: int) -> dict:
     """The same model written the plain Keras way: Embedding layers, Keras Adam, model.fit."""
     import keras
-    import tensorflow as tf
 
     with open_batches(shards, PipelineOptions(batch_size=batch, shuffle=False)) as bs:
         spec = bs.spec

@@ -217,7 +217,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     bar = _bar(args, "examples")
     try:
-        s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar)
+        if args.cluster or os.environ.get("TF_CONFIG"):  # this process coordinates a parameter-server cluster
+            from ctrflow.train.distributed import DistributedOptions, train_distributed
+
+            options = DistributedOptions(partitioner=args.partitioner, shards=args.shards)
+            s = train_distributed(args.data, args.out, config, cluster=args.cluster, valid=args.valid,
+                                  warm_start=args.warm_start, options=options, on_progress=bar)
+        else:
+            s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar)
     finally:
         bar.close()
     d = s.to_dict()
@@ -394,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--valid", help="validation shard folder")
     p.add_argument("--warm-start", help="initialize from another run's latest checkpoint")
+    p.add_argument("--cluster", help="coordinate this parameter-server cluster (cluster file, JSON/YAML; or set TF_CONFIG)")
+    p.add_argument("--partitioner", choices=["min_size", "fixed"], default="min_size",
+                   help="with a cluster: how tables split over the ps (default min_size: shards of >= 256 KiB)")
+    p.add_argument("--shards", type=int, default=0, help="with a cluster: most shards per table; 0 = one per ps")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)
@@ -560,11 +571,48 @@ def _add_continuous(sub: Any) -> None:
 _EXTENSIONS.append(_add_continuous)
 
 
+# --- cluster -----------------------------------------------------------------------------------------
+def _cmd_cluster_serve(args: argparse.Namespace) -> int:
+    from ctrflow.cluster import serve
+
+    serve(args.cluster, args.task_type, args.index, threads=args.threads)  # until Ctrl-C / SIGTERM
+    return 0
+
+
+def _cmd_cluster_local(args: argparse.Namespace) -> int:
+    from ctrflow.cluster import run_local
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_local([sys.executable, "-m", "ctrflow", *command], workers=args.workers, ps=args.ps, log_dir=args.log_dir)
+
+
+def _add_cluster(sub: Any) -> None:
+    p = sub.add_parser("cluster", help="parameter-server cluster tasks: a worker, a ps, or a whole local cluster")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+    for kind in ("worker", "ps"):
+        q = csub.add_parser(kind, help=f"serve one {kind} task of a cluster file until Ctrl-C")
+        q.add_argument("--cluster", required=True, help="cluster file (JSON/YAML)")
+        q.add_argument("--index", type=int, required=True, help=f"this task's index among the file's {kind} tasks")
+        q.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: TensorFlow's choice)")
+        _common(q)
+        q.set_defaults(func=_cmd_cluster_serve, task_type=kind)
+    q = csub.add_parser("local", help="run a ctrflow command as the coordinator of a local cluster, then tear it down")
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--ps", type=int, default=1)
+    q.add_argument("--log-dir", help="keep the tasks' logs (and the cluster file) here")
+    q.add_argument("command", nargs=argparse.REMAINDER, help="-- train --data D --out RUN ...")
+    _common(q)
+    q.set_defaults(func=_cmd_cluster_local)
+
+
+_EXTENSIONS.append(_add_cluster)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("schema", "generate", "verify", "read"):  # these never touch TensorFlow
+    if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
         from ctrflow._tf import quiet_import
 
         quiet_import()

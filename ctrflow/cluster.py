@@ -306,8 +306,9 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     parent = os.getppid()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from ctrflow._tf import quiet_import
+
+    tf = quiet_import()
 
     config = None
     if threads:

@@ -19,9 +19,10 @@ How the pieces fit:
   progress without waiting for any function.
 - Input: each worker reads whole shard files, every len(workers)-th one (its worker index comes from
   `tf.distribute.coordinator.experimental_get_current_worker_index`), straight in tf.data: the file is
-  read once, its column blocks decoded with `tf.io.decode_raw`, its rows permuted, then cut into
-  batches. (`tf.data.Dataset.from_generator` cannot serve here: its Python generator lives in the
-  coordinator, and a worker process cannot call it.)
+  read once, its column blocks decoded with `tf.io.decode_raw`, its rows permuted, then mixed with
+  other files' rows in a shuffle buffer and cut into batches. Not `tf.data.Dataset.from_generator` over `open_batches`: its generator runs in the
+  coordinator (every batch of every worker crosses that one process), and TensorFlow 2.21 deadlocks
+  when a function is released while a worker waits on the generator (BENCHMARKS.md).
 - Faults: a worker that dies is handled by the coordinator (its functions go to the other workers; a
   worker restarted at the same address rejoins and rebuilds its input). A parameter server that dies
   ends training with a `TrainingError` naming it and the last checkpoint; rerunning the same command on
@@ -38,6 +39,7 @@ training has no exact replay order).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -54,12 +56,16 @@ from ctrflow.data.batch import FeatureSpec
 from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, CtrflowError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
-from ctrflow.train.loop import RUN_FILE, TrainSummary, _evaluate_stream, _plot_curves, _write_json
+from ctrflow.train.loop import (RUN_FILE, RunHistory, TrainSummary, _evaluate_stream, _plot_curves, _write_json,
+                                init_output_bias)
 
 __all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS", "shard_table", "worker_dataset"]
 
 PARTITIONERS = ("min_size", "fixed")
 DISTRIBUTED_KEY = "distributed"  # the run.json record of the cluster layout a run was trained with
+_CHUNK_ROWS = 32  # rows moved together by a worker's shuffle buffer
+# TensorFlow connects a process to one cluster for its lifetime: (cluster, partitioner) -> (strategy, coordinator).
+_CONNECTED: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -145,22 +151,27 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def worker_dataset(table: dict[str, np.ndarray], spec: FeatureSpec, *, batch_size: int, num_workers: int,
-                   seed: int, worker_index: Any = None):
+                   seed: int, shuffle_buffer_rows: int = 262_144, worker_index: Any = None):
     """An endless, shuffled `tf.data.Dataset` of (ids, numeric, label, weight) batches from one worker's
     shard files (every `num_workers`-th, starting at `worker_index`; None: the current worker's index
     inside a coordinator's per-worker dataset function).
 
-    Shuffling: the file order changes every pass, and each file's rows are permuted as a whole.
+    Shuffling, as the single-process pipeline's: the file order changes every pass, each file's rows are
+    permuted as a whole, then cut into chunks of `_CHUNK_ROWS` rows that are shuffled in a buffer of
+    `shuffle_buffer_rows` rows within the pass, so a batch mixes rows of several files. Chunks keep
+    tf.data's element count (and cost) 32x below one element per row. Batches run on across passes
+    (every batch is full).
     """
     import tensorflow as tf
 
     n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
     if worker_index is None:
         worker_index = tf.distribute.coordinator.experimental_get_current_worker_index()
-    files = tf.data.Dataset.from_tensor_slices({k: tf.constant(v.tolist()) for k, v in table.items()})
+    files = tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant(v.tolist(), dtype=tf.string if k == "path" else tf.int64) for k, v in table.items()})
     files = files.shard(num_workers, tf.cast(worker_index, tf.int64))
     mine = -(-len(table["rows"]) // num_workers)
-    files = files.shuffle(max(mine, 1), seed=seed, reshuffle_each_iteration=True).repeat()
+    files = files.shuffle(max(mine, 1), seed=seed, reshuffle_each_iteration=True)
 
     def read(f):
         raw = tf.io.read_file(f["path"])
@@ -177,8 +188,11 @@ def worker_dataset(table: dict[str, np.ndarray], spec: FeatureSpec, *, batch_siz
         order = tf.random.shuffle(tf.range(rows, dtype=tf.int64), seed=seed)
         return tuple(tf.gather(x, order) for x in (ids, numeric, label, weight))
 
-    rows = files.map(read, num_parallel_calls=2, deterministic=False)
-    return rows.rebatch(batch_size, drop_remainder=True).prefetch(2)
+    chunks = files.map(read, num_parallel_calls=2, deterministic=False).rebatch(_CHUNK_ROWS)
+    # Shuffle within one pass, then repeat: a buffer spanning passes would serve some rows twice and
+    # others not at all in an "epoch" (sampling with replacement), which measurably hurt the model.
+    chunks = chunks.shuffle(max(1, shuffle_buffer_rows // _CHUNK_ROWS), seed=seed, reshuffle_each_iteration=True).repeat()
+    return chunks.rebatch(batch_size, drop_remainder=True).prefetch(2)
 
 
 # --- the training state on the cluster -----------------------------------------------------------------
@@ -282,10 +296,13 @@ class _ClusterTrainer:
                 loss_sum += tf.cast(loss, tf.float64) * w
                 weight_sum += w
                 rows += tf.shape(label, out_type=tf.int64)[0]
-            self.loss_sum.assign_add(loss_sum)
-            self.loss_rows.assign_add(weight_sum)
-            self.examples.assign_add(rows)
-            self.step.assign_add(tf.cast(steps, tf.int64))
+            # Counters move only once every update of these steps has landed: tf.function orders stateful
+            # ops per resource only, so without this edge the step could count before the tables change.
+            with tf.control_dependencies([loss_sum, weight_sum, rows]):
+                self.loss_sum.assign_add(loss_sum)
+                self.loss_rows.assign_add(weight_sum)
+                self.examples.assign_add(rows)
+                self.step.assign_add(tf.cast(steps, tf.int64))
             return loss_sum / tf.maximum(weight_sum, 1e-12)
 
         return train_steps
@@ -304,6 +321,20 @@ class _ClusterTrainer:
 
 
 # --- the coordinator ---------------------------------------------------------------------------------------
+class _SaverRetracingFilter(logging.Filter):
+    """Checkpoints of variables on several devices trace a fresh save function each time (TensorFlow's
+    MultiDeviceSaver); its "retracing" warning says nothing actionable here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "tf_function_save" not in record.getMessage()
+
+
+def _quiet_saver_retracing(tf: Any) -> None:
+    logger = tf.get_logger()
+    if not any(isinstance(f, _SaverRetracingFilter) for f in logger.filters):
+        logger.addFilter(_SaverRetracingFilter())
+
+
 def _resolve_cluster(cluster: Any) -> ClusterSpec:
     if cluster is not None:
         return load_cluster(cluster)
@@ -317,18 +348,20 @@ def _resolve_cluster(cluster: Any) -> ClusterSpec:
     return spec
 
 
-def _run_info(data: Any, config: TrainConfig, cluster: ClusterSpec, options: DistributedOptions) -> tuple[dict[str, Any], Any, int]:
+def _run_info(data: Any, config: TrainConfig, cluster: ClusterSpec,
+              options: DistributedOptions) -> tuple[dict[str, Any], FeatureSpec, int, float | None]:
     if hasattr(data, "read") or str(data) == "-":
         raise ConfigError("Distributed training reads shard folders (each worker takes whole shard files): "
                           "convert the stream to a folder first (`ctrflow convert`), or train it in one process.")
     with open_batches(data, PipelineOptions(batch_size=1, shuffle=False)) as first:
         schema, transforms, spec, rows = first.schema, first.transforms, first.spec, first.rows or 0
+        positives = getattr(first, "positives", None)
     info = {
         "config": config.to_dict(), "schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(),
         "transforms": transforms.to_dict(), "feature_spec": spec.to_dict(), "data": str(data),
         DISTRIBUTED_KEY: {"workers": cluster.num_workers, "ps": cluster.num_ps, **asdict(options)},
     }
-    return info, spec, rows
+    return info, spec, rows, positives
 
 
 def _check_prior(run: Path, info: dict[str, Any]) -> dict[str, Any] | None:
@@ -346,7 +379,7 @@ def _check_prior(run: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     has_checkpoint = (run / "checkpoints" / "checkpoint").exists()
     if has_checkpoint and DISTRIBUTED_KEY not in old:
         raise ConfigError(f"{run} was trained in a single process; its optimizer state is not sharded. Resume it without "
-                          "--cluster, or start a new run folder with --warm-start {run} (the weights carry over).")
+                          f"--cluster, or start a new run folder with --warm-start {run} (the weights carry over).")
     return old
 
 
@@ -364,17 +397,30 @@ def _probe_dead(cluster: ClusterSpec) -> list[str]:
     return dead
 
 
-def _connect(cluster: ClusterSpec, options: DistributedOptions, run: Path):
+def _connect(cluster: ClusterSpec, options: DistributedOptions):
+    """This process as the cluster's coordinator: (strategy, coordinator), reused by later runs in it."""
     import tensorflow as tf
 
+    key = json.dumps([cluster.to_dict(), options.partitioner, options.min_shard_bytes, options.shards])
+    if _CONNECTED:
+        if _CONNECTED["key"] != key:
+            raise ConfigError("This process already coordinates another cluster (or other partitioner options); "
+                              "TensorFlow connects a process to one cluster for its lifetime: use a new process.")
+        return _CONNECTED["strategy"], _CONNECTED["coordinator"]
     check_reachable(cluster, timeout_s=options.connect_timeout_s)
     if cluster.chief:
         check_port_free(cluster.chief[0])
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster.to_dict()), task_type="chief" if cluster.chief else None,
         task_id=0 if cluster.chief else None, rpc_layer="grpc")
-    strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=_partitioner(options, cluster.num_ps))
-    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    try:
+        strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=_partitioner(options, cluster.num_ps))
+        coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+        dead = _probe_dead(cluster)
+        raise ConfigError(f"cannot connect to the cluster{' (unreachable: ' + ', '.join(dead) + ')' if dead else ''}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
+    _CONNECTED.update(key=key, strategy=strategy, coordinator=coordinator)
     return strategy, coordinator
 
 
@@ -413,7 +459,7 @@ def train_distributed(
         raise ConfigError("--profile traces a single-process run; profile without --cluster.")
     spec_cluster = _resolve_cluster(cluster)
     run = Path(out)
-    info, spec, rows = _run_info(data, config, spec_cluster, options)
+    info, spec, rows, positives = _run_info(data, config, spec_cluster, options)
     table = shard_table(data)
     if len(table["rows"]) < spec_cluster.num_workers:
         raise ConfigError(
@@ -428,7 +474,8 @@ def train_distributed(
     old = _check_prior(run, info)
 
     tf.random.set_seed(config.seed)
-    strategy, coordinator = _connect(spec_cluster, options, run)
+    _quiet_saver_retracing(tf)
+    strategy, coordinator = _connect(spec_cluster, options)
     try:
         trainer = _ClusterTrainer(run, config, spec, strategy)
     except (tf.errors.OpError, ValueError) as e:
@@ -447,7 +494,7 @@ def train_distributed(
             )
     _write_json(run / RUN_FILE, info)
     try:
-        return _coordinate(trainer, coordinator, spec_cluster, data, table, spec, rows, config, options, run,
+        return _coordinate(trainer, coordinator, spec_cluster, table, spec, rows, positives, config, options, run,
                            valid=valid, warm_start=warm_start, on_progress=on_progress, info=info)
     except CtrflowError:
         raise
@@ -479,75 +526,62 @@ def _cluster_error(e: BaseException, cluster: ClusterSpec, trainer: _ClusterTrai
     return TrainingError(f"distributed training failed: {type(e).__name__}: {first} ({where}). Rerun to resume.")
 
 
-def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec, data: Any, table: dict[str, np.ndarray],
-                spec: FeatureSpec, rows: int, config: TrainConfig, options: DistributedOptions, run: Path, *,
+def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec, table: dict[str, np.ndarray],
+                spec: FeatureSpec, rows: int, positives: float | None, config: TrainConfig, options: DistributedOptions,
+                run: Path, *,
                 valid: Any, warm_start: Any, on_progress: Callable[..., None] | None, info: dict[str, Any]) -> TrainSummary:
     import tensorflow as tf
 
     resumed_from = 0
     warm_from = None
     if trainer.manager.latest_checkpoint:
-        trainer.ckpt.restore(trainer.manager.latest_checkpoint).assert_existing_objects_matched()
+        try:
+            trainer.ckpt.restore(trainer.manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            raise ConfigError(f"{trainer.manager.latest_checkpoint} does not match this model and optimizer "
+                              f"({str(e).strip()[:300]}): resume with the run's own settings, or use a new run folder.") from None
         resumed_from = int(trainer.step.numpy())
     elif warm_start is not None:
-        latest = tf.train.latest_checkpoint(str(Path(warm_start) / "checkpoints"))
-        if latest is None:
-            raise TrainingError(f"cannot warm start from {warm_start}: it has no checkpoint.")
-        other = json.loads((Path(warm_start) / RUN_FILE).read_text())
-        if other["feature_spec"] != info["feature_spec"] or other["config"]["model"] != info["config"]["model"]:
-            raise TrainingError(f"cannot warm start from {warm_start}: its feature spec or model shapes differ.")
-        tf.train.Checkpoint(model=trainer.model).read(latest).expect_partial()  # weights only: slots are per shard
-        warm_from = latest
+        warm_from = _warm_start(trainer, Path(warm_start), info)
+    else:
+        init_output_bias(trainer.model, positives, rows)
 
-    history_path = run / "history.jsonl"
-    history: list[dict[str, Any]] = []
-    if history_path.exists():
-        history = [h for h in map(json.loads, history_path.read_text().splitlines()) if h["step"] <= resumed_from]
-        history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    hist_f = open(history_path, "a")
-    writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+    runlog = RunHistory(run, resumed_from)
+    history, record = runlog.entries, runlog.record
 
-    def record(entry: dict[str, Any]) -> None:
-        history.append(entry)
-        hist_f.write(json.dumps(entry, default=float) + "\n")
-        hist_f.flush()
-        with writer.as_default(step=entry["examples"]):
-            for k, v in entry.items():
-                if k not in ("kind", "step", "examples", "epoch", "seconds") and isinstance(v, (int, float)):
-                    tf.summary.scalar(f"{entry['kind']}/{k}", v)
-
+    # Steps are counted as in train(): an epoch is as many global steps as one process would take.
     steps_per_epoch = max(1, -(-rows // config.batch_size))
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
+    total_examples = min(rows * config.epochs, total * config.batch_size)
     k = options.function_steps(config)
-    workers = cluster.num_workers
-    in_flight = options.in_flight_per_worker * workers * k
+    in_flight = options.in_flight_per_worker * cluster.num_workers * k
     # A resumed run starts a fresh shuffle (no exact replay in asynchronous training).
     data_seed = (config.seed * 1_000_003 + resumed_from) % (2**31 - 1)
-    dataset = coordinator.create_per_worker_dataset(
-        lambda: worker_dataset(table, spec, batch_size=config.batch_size, num_workers=workers, seed=data_seed))
-    iterator = iter(dataset)
+    workers = cluster.num_workers
+    iterator = iter(coordinator.create_per_worker_dataset(
+        lambda: worker_dataset(table, spec, batch_size=config.batch_size, num_workers=workers, seed=data_seed,
+                               shuffle_buffer_rows=config.shuffle_buffer_rows)))
     train_steps = trainer.make_function()
 
     t0 = time.perf_counter()
     start_examples = int(trainer.examples.numpy())
+    progress = {"loss": 0.0, "rows": 0.0, "running": math.nan, "valid_step": -1,
+                "saved": resumed_from if trainer.manager.latest_checkpoint else -1, "overhead_s": 0.0}
     last_valid: dict[str, Any] | None = None
     stopped_early = False
-    state = {"loss": 0.0, "rows": 0.0, "running": math.nan}
-    done = resumed_from
-    saved = resumed_from if trainer.manager.latest_checkpoint else -1
-
-    def read_progress() -> int:
-        return int(trainer.step.numpy())
 
     def validate(step: int) -> None:
         nonlocal last_valid, stopped_early
         if valid is None:
             return
+        tv = time.perf_counter()
         with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
-            m = _evaluate_stream(trainer, vb)
+            m = _evaluate_stream(trainer, vb)  # on the coordinator: lookups gather from the shards
+        progress["overhead_s"] += time.perf_counter() - tv
         last_valid = m
+        progress["valid_step"] = step
         record({"kind": "valid", "step": step, "examples": int(trainer.examples.numpy()), "epoch": step // steps_per_epoch,
                 "seconds": time.perf_counter() - t0, **m})
         if m["logloss"] < float(trainer.best.numpy()) - 1e-6:
@@ -559,26 +593,27 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
             stopped_early = True
 
     def save(step: int) -> None:
-        nonlocal saved
-        trainer.epoch.assign(min(step // steps_per_epoch, config.epochs))
-        trainer.batch_in_epoch.assign(step - (step // steps_per_epoch) * steps_per_epoch)
+        epoch = min(step // steps_per_epoch, config.epochs)
+        trainer.epoch.assign(epoch)
+        trainer.batch_in_epoch.assign(step - epoch * steps_per_epoch)
+        ts = time.perf_counter()
         trainer.save(step)
-        saved = step
+        progress["overhead_s"] += time.perf_counter() - ts
+        progress["saved"] = step
 
     def bookkeeping(before: int, now: int) -> None:
         """Log, validate and checkpoint for the steps (before, now] that finished since the last look."""
         loss_sum, loss_rows = float(trainer.loss_sum.numpy()), float(trainer.loss_rows.numpy())
-        interval_loss = (loss_sum - state["loss"]) / max(loss_rows - state["rows"], 1e-12)
-        if loss_rows > state["rows"]:
-            state["running"] = interval_loss if math.isnan(state["running"]) else 0.9 * state["running"] + 0.1 * interval_loss
-        examples = int(trainer.examples.numpy())
+        if loss_rows > progress["rows"]:
+            interval = (loss_sum - progress["loss"]) / (loss_rows - progress["rows"])
+            running = progress["running"]
+            progress["running"] = interval if math.isnan(running) else 0.9 * running + 0.1 * interval
+            if before // config.log_every_steps != now // config.log_every_steps:
+                record({"kind": "train", "step": now, "examples": int(trainer.examples.numpy()), "epoch": now // steps_per_epoch,
+                        "seconds": time.perf_counter() - t0, "logloss": interval})
+                progress["loss"], progress["rows"] = loss_sum, loss_rows
         if on_progress:
-            on_progress(examples, rows * config.epochs if not config.max_steps else min(rows * config.epochs, total * config.batch_size),
-                        logloss=state["running"])
-        if before // config.log_every_steps != now // config.log_every_steps and loss_rows > state["rows"]:
-            record({"kind": "train", "step": now, "examples": examples, "epoch": now // steps_per_epoch,
-                    "seconds": time.perf_counter() - t0, "logloss": interval_loss})
-            state["loss"], state["rows"] = loss_sum, loss_rows
+            on_progress(int(trainer.examples.numpy()), total_examples, logloss=progress["running"])
         epoch_end = before // steps_per_epoch != now // steps_per_epoch
         if config.valid_every_steps and before // config.valid_every_steps != now // config.valid_every_steps:
             validate(now)
@@ -587,11 +622,11 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
         if before // config.checkpoint_every_steps != now // config.checkpoint_every_steps or epoch_end:
             save(now)
 
-    scheduled = done
+    done = scheduled = resumed_from
     last_change = time.monotonic()
     try:
         while True:
-            now = read_progress()
+            now = int(trainer.step.numpy())  # finished steps, counted on a parameter server
             if now != done:
                 bookkeeping(done, now)
                 done, last_change = now, time.monotonic()
@@ -602,29 +637,18 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
                 coordinator.schedule(train_steps, args=(iterator, tf.constant(steps, tf.int32)))
                 scheduled += steps
                 continue
-            coordinator.done()  # raises the error of any failed function
+            coordinator.done()  # raises the error of any function that failed for good
             if time.monotonic() - last_change > options.stall_timeout_s:
-                dead = _probe_dead(cluster)
-                raise TrainingError(
-                    f"no training step finished in {options.stall_timeout_s:g} s (step {done} of {total}); "
-                    f"{'unreachable: ' + ', '.join(dead) if dead else 'every task answers, but none makes progress'}. "
-                    f"The last checkpoint is {trainer.manager.latest_checkpoint}; restart the cluster and rerun to resume."
-                )
+                raise _stalled(cluster, options, done, total, trainer)
             time.sleep(options.poll_s)
-        _drain(coordinator, options, trainer, cluster)
-        final = read_progress()
-        if final != done:
-            bookkeeping(done, final)
-            done = final
-        if not config.valid_every_steps and (valid is not None) and (last_valid is None or history[-1]["step"] != done):
-            if not stopped_early and done % steps_per_epoch:
-                validate(done)  # max_steps reached mid-epoch: the end of training is a validation point
-        if saved != done:
+        done = _drain(coordinator, options, trainer, cluster, done, total, bookkeeping)
+        if valid is not None and not config.valid_every_steps and not stopped_early and progress["valid_step"] != done:
+            validate(done)  # max_steps reached mid-epoch: the end of training is a validation point
+        if progress["saved"] != done:
             save(done)
         latest = trainer.manager.latest_checkpoint
     finally:
-        hist_f.close()
-        writer.close()
+        runlog.close()
         try:
             _plot_curves(run, history)
         except Exception:  # a plot must never hide the real outcome of training
@@ -634,8 +658,8 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
     tr_hist = [h for h in history if h["kind"] == "train"]
     summary = TrainSummary(
         run=str(run), steps=done, examples=int(trainer.examples.numpy()), seconds=secs,
-        examples_per_s=trained / max(secs, 1e-9),
-        train_logloss=tr_hist[-1]["logloss"] if tr_hist else state["running"],
+        examples_per_s=trained / max(secs - progress["overhead_s"], 1e-9),  # as train(): without validation and checkpoints
+        train_logloss=tr_hist[-1]["logloss"] if tr_hist else progress["running"],
         valid=last_valid, best_valid_logloss=None if math.isinf(float(trainer.best.numpy())) else float(trainer.best.numpy()),
         stopped_early=stopped_early, resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=latest,
         history=history,
@@ -644,15 +668,52 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
     return summary
 
 
-def _drain(coordinator: Any, options: DistributedOptions, trainer: _ClusterTrainer, cluster: ClusterSpec) -> None:
-    """Wait for every scheduled function (with the stall deadline instead of join()'s unbounded wait)."""
-    last, last_change = int(trainer.step.numpy()), time.monotonic()
-    while not coordinator.done():
+def _stalled(cluster: ClusterSpec, options: DistributedOptions, done: int, total: int, trainer: _ClusterTrainer) -> TrainingError:
+    dead = _probe_dead(cluster)
+    return TrainingError(
+        f"no training step finished in {options.stall_timeout_s:g} s (step {done} of {total}); "
+        f"{'unreachable: ' + ', '.join(dead) if dead else 'every task answers, but none makes progress'}. "
+        f"The last checkpoint is {trainer.manager.latest_checkpoint}; restart the cluster's tasks and rerun to resume."
+    )
+
+
+def _warm_start(trainer: _ClusterTrainer, src: Path, info: dict[str, Any]) -> str:
+    """Model weights from another run's latest checkpoint (single-process or sharded: tables are saved
+    whole); optimizer state starts fresh, its slots being per shard."""
+    import tensorflow as tf
+
+    other = json.loads((src / RUN_FILE).read_text()) if (src / RUN_FILE).exists() else None
+    if other is None:
+        raise ConfigError(f"{src}: not a training run folder (no {RUN_FILE}).")
+    if other["feature_spec"] != info["feature_spec"]:
+        raise TrainingError(f"cannot warm start from {src}: its feature spec differs (convert the data --like its data).")
+    keys = ("kind", "embedding_dim", "hidden", "table_mode", "batch_norm")
+    mine, theirs = info["config"]["model"], other["config"]["model"]
+    diff = [k for k in keys if mine.get(k) != theirs.get(k)]
+    if diff:
+        raise TrainingError(f"cannot warm start from {src}: model shapes differ in {diff}.")
+    latest = tf.train.latest_checkpoint(str(src / "checkpoints"))
+    if latest is None:
+        raise TrainingError(f"cannot warm start from {src}: it has no checkpoint.")
+    try:
+        tf.train.Checkpoint(model=trainer.model).read(latest).expect_partial()
+    except (ValueError, tf.errors.OpError) as e:
+        raise TrainingError(f"cannot warm start from {latest}: {str(e).strip()[:300]}") from None
+    return latest
+
+
+def _drain(coordinator: Any, options: DistributedOptions, trainer: _ClusterTrainer, cluster: ClusterSpec, done: int,
+           total: int, bookkeeping: Callable[[int, int], None]) -> int:
+    """Wait for every scheduled function, with the stall deadline instead of join()'s unbounded wait."""
+    last_change = time.monotonic()
+    while True:
+        finished = coordinator.done()  # raises the error of any function that failed for good
         now = int(trainer.step.numpy())
-        if now != last:
-            last, last_change = now, time.monotonic()
-        elif time.monotonic() - last_change > options.stall_timeout_s:
-            dead = _probe_dead(cluster)
-            raise TrainingError(f"the last scheduled steps did not finish in {options.stall_timeout_s:g} s"
-                                f"{' (unreachable: ' + ', '.join(dead) + ')' if dead else ''}; restart the cluster and rerun to resume.")
+        if now != done:
+            bookkeeping(done, now)
+            done, last_change = now, time.monotonic()
+        if finished:
+            return done
+        if time.monotonic() - last_change > options.stall_timeout_s:
+            raise _stalled(cluster, options, done, total, trainer)
         time.sleep(options.poll_s)

@@ -32,7 +32,8 @@ from ctrflow.data.pipeline import BatchStream, PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
-__all__ = ["TrainSummary", "train", "RUN_FILE", "load_run_info", "build_model_from_run", "restore_latest"]
+__all__ = ["TrainSummary", "train", "RUN_FILE", "RunHistory", "init_output_bias", "load_run_info", "build_model_from_run",
+           "restore_latest"]
 
 RUN_FILE = "run.json"
 ProgressFn = Callable[..., None]
@@ -58,6 +59,47 @@ class TrainSummary:
         d = asdict(self)
         d.pop("history")
         return d
+
+
+class RunHistory:
+    """A run folder's `history.jsonl` and TensorBoard scalars. Opening it for a resumed run keeps only
+    the lines the restored checkpoint had seen: the steps after it are redone and recorded again."""
+
+    def __init__(self, run: Path, resumed_from_step: int) -> None:
+        import tensorflow as tf
+
+        self.path = run / "history.jsonl"
+        self.entries: list[dict[str, Any]] = []
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.entries = [h for h in map(json.loads, lines) if h["step"] <= resumed_from_step]
+            self.path.write_text("".join(json.dumps(h) + "\n" for h in self.entries))
+        self._file = open(self.path, "a")
+        self._writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+
+    def record(self, entry: dict[str, Any]) -> None:
+        import tensorflow as tf
+
+        self.entries.append(entry)
+        self._file.write(json.dumps(entry, default=float) + "\n")
+        self._file.flush()
+        with self._writer.as_default(step=entry["examples"]):
+            for k, v in entry.items():
+                if k not in ("kind", "step", "examples", "epoch", "seconds") and isinstance(v, (int, float)):
+                    tf.summary.scalar(f"{entry['kind']}/{k}", v)
+
+    def close(self) -> None:
+        self._file.close()
+        self._writer.close()
+
+
+def init_output_bias(model: Any, positives: float | None, rows: int | None) -> None:
+    """Start the output bias at the data's base rate: from logit 0 (p = 0.5) a 1% CTR takes hundreds of
+    steps just to reach calibration, which on small data is most of the training."""
+    if positives is not None and rows:
+        rate = min(max(positives / rows, 1e-6), 1 - 1e-6)
+        model.linear.bias.assign(math.log(rate / (1 - rate)))
+
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -291,6 +333,11 @@ def train(
         if old["config"]["model"] != info["config"]["model"]:
             first.close()
             raise ConfigError(f"{run} holds a {old['config']['model']} model; this command asks for {info['config']['model']}. Use a new --out.")
+        sharded = [k for k, v in (old.get("distributed") or {}).get("table_shards", {}).items() if len(v) > 1]
+        if sharded and (run / "checkpoints" / "checkpoint").exists():
+            first.close()
+            raise ConfigError(f"{run} was trained on a cluster with sharded tables ({', '.join(sharded)}): resume it with "
+                              f"--cluster, or start a new run folder with --warm-start {run} (the weights carry over).")
     if valid is not None:
         vinfo = _data_info(valid)
         if vinfo is not None and (vinfo[0].fingerprint() != schema.fingerprint() or vinfo[1] != spec):
@@ -306,28 +353,11 @@ def train(
         resumed_from = int(trainer.step.numpy())
     elif warm_start is not None:
         warm_from = str(_warm_start(trainer, Path(warm_start), info))
-    elif first.positives is not None and first.rows:
-        # Start at the base rate: from logit 0 (p = 0.5) a 1% CTR takes hundreds of steps just to reach
-        # calibration, which on small data is most of the training.
-        rate = min(max(first.positives / first.rows, 1e-6), 1 - 1e-6)
-        trainer.model.linear.bias.assign(math.log(rate / (1 - rate)))
+    else:
+        init_output_bias(trainer.model, first.positives, first.rows)
 
-    history_path = run / "history.jsonl"
-    history: list[dict[str, Any]] = []
-    if history_path.exists():  # keep what the restored checkpoint had seen; later lines are redone
-        history = [h for h in map(json.loads, history_path.read_text().splitlines()) if h["step"] <= resumed_from]
-        history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    hist_f = open(history_path, "a")
-    writer = tf.summary.create_file_writer(str(run / "tensorboard"))
-
-    def record(entry: dict[str, Any]) -> None:
-        history.append(entry)
-        hist_f.write(json.dumps(entry, default=float) + "\n")
-        hist_f.flush()
-        with writer.as_default(step=entry["examples"]):
-            for k, v in entry.items():
-                if k not in ("kind", "step", "examples", "epoch", "seconds") and isinstance(v, (int, float)):
-                    tf.summary.scalar(f"{entry['kind']}/{k}", v)
+    runlog = RunHistory(run, resumed_from)
+    history, record = runlog.entries, runlog.record
 
     total_examples = None if is_stream else (first.rows or 0) * config.epochs
     if config.max_steps:
@@ -436,8 +466,7 @@ def train(
     finally:
         if profiling:
             tf.profiler.experimental.stop()
-        hist_f.close()
-        writer.close()
+        runlog.close()
         try:
             _plot_curves(run, history)
         except Exception:  # a plot must never hide the real outcome of training
