@@ -57,7 +57,7 @@ from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, CtrflowError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 from ctrflow.train.loop import (RUN_FILE, RunHistory, TrainSummary, _evaluate_stream, _plot_curves, _write_json,
-                                init_output_bias)
+                                init_output_bias, training_step)
 
 __all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS", "shard_table", "worker_dataset"]
 
@@ -269,15 +269,7 @@ class _ClusterTrainer:
                                    input_signature=[tf.TensorSpec([None, n_ids], tf.int32), tf.TensorSpec([None, n_num], tf.float32)])
 
     def _step(self, ids, numeric, label, weight):
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            logits = self.model(ids, numeric, training=True)
-            per_row = tf.nn.sigmoid_cross_entropy_with_logits(labels=label, logits=logits)
-            loss = tf.reduce_sum(per_row * weight) / tf.maximum(tf.reduce_sum(weight), 1e-12)
-        grads = tape.gradient(loss, self.variables)
-        self.optimizer.apply_gradients(zip(grads, self.variables))
-        return loss
+        return training_step(self.model, self.optimizer, self.variables, ids, numeric, label, weight)
 
     def make_function(self) -> Callable[..., Any]:
         """The scheduled function: `steps` training steps on a worker's iterator, then the counters."""

@@ -32,7 +32,7 @@ from ctrflow.data.pipeline import BatchStream, PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
-__all__ = ["TrainSummary", "train", "RUN_FILE", "RunHistory", "init_output_bias", "load_run_info", "build_model_from_run",
+__all__ = ["TrainSummary", "train", "RUN_FILE", "RunHistory", "init_output_bias", "training_step", "load_run_info", "build_model_from_run",
            "restore_latest"]
 
 RUN_FILE = "run.json"
@@ -162,6 +162,19 @@ def _make_optimizer(config: TrainConfig, model: Any):
     return OptimizerGroups(optimizers, assign=lambda v: group_of[v.ref()])
 
 
+def training_step(model: Any, optimizer: Any, variables: Sequence[Any], ids, numeric, label, weight):
+    """One weighted-logloss step (traced inside a tf.function): the same math for every training loop."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        logits = model(ids, numeric, training=True)
+        per_row = tf.nn.sigmoid_cross_entropy_with_logits(labels=label, logits=logits)
+        loss = tf.reduce_sum(per_row * weight) / tf.maximum(tf.reduce_sum(weight), 1e-12)
+    grads = tape.gradient(loss, variables)
+    optimizer.apply_gradients(zip(grads, variables))
+    return loss
+
+
 class _Trainer:
     """One training run's state and compiled functions."""
 
@@ -196,15 +209,7 @@ class _Trainer:
                                    input_signature=sig[:2])
 
     def _step(self, ids, numeric, label, weight):
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            logits = self.model(ids, numeric, training=True)
-            per_row = tf.nn.sigmoid_cross_entropy_with_logits(labels=label, logits=logits)
-            loss = tf.reduce_sum(per_row * weight) / tf.maximum(tf.reduce_sum(weight), 1e-12)
-        grads = tape.gradient(loss, self.variables)
-        self.optimizer.apply_gradients(zip(grads, self.variables))
-        return loss
+        return training_step(self.model, self.optimizer, self.variables, ids, numeric, label, weight)
 
     def _steps(self, ids, numeric, label, weight):
         import tensorflow as tf
