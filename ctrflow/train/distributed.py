@@ -56,7 +56,7 @@ from ctrflow.data.batch import FeatureSpec
 from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, CtrflowError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
-from ctrflow.train.loop import (RUN_FILE, RunHistory, TrainSummary, _evaluate_stream, _plot_curves, _write_json,
+from ctrflow.train.loop import (RUN_FILE, RunHistory, TrainSummary, _evaluate_stream, _write_json, finish_run,
                                 init_output_bias, training_step)
 
 __all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS", "shard_table", "worker_dataset"]
@@ -641,23 +641,9 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
         latest = trainer.manager.latest_checkpoint
     finally:
         runlog.close()
-        try:
-            _plot_curves(run, history)
-        except Exception:  # a plot must never hide the real outcome of training
-            pass
-    secs = time.perf_counter() - t0
-    trained = int(trainer.examples.numpy()) - start_examples
-    tr_hist = [h for h in history if h["kind"] == "train"]
-    summary = TrainSummary(
-        run=str(run), steps=done, examples=int(trainer.examples.numpy()), seconds=secs,
-        examples_per_s=trained / max(secs - progress["overhead_s"], 1e-9),  # as train(): without validation and checkpoints
-        train_logloss=tr_hist[-1]["logloss"] if tr_hist else progress["running"],
-        valid=last_valid, best_valid_logloss=None if math.isinf(float(trainer.best.numpy())) else float(trainer.best.numpy()),
-        stopped_early=stopped_early, resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=latest,
-        history=history,
-    )
-    _write_json(run / "summary.json", summary.to_dict())
-    return summary
+    return finish_run(run, trainer, history, seconds=time.perf_counter() - t0, overhead_s=progress["overhead_s"],
+                      start_examples=start_examples, steps=done, running_logloss=progress["running"], valid=last_valid,
+                      stopped_early=stopped_early, resumed_from=resumed_from, warm_from=warm_from, checkpoint=latest)
 
 
 def _stalled(cluster: ClusterSpec, options: DistributedOptions, done: int, total: int, trainer: _ClusterTrainer) -> TrainingError:

@@ -32,7 +32,7 @@ from ctrflow.data.pipeline import BatchStream, PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, SchemaError, TrainingError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
-__all__ = ["TrainSummary", "train", "RUN_FILE", "RunHistory", "init_output_bias", "training_step", "load_run_info", "build_model_from_run",
+__all__ = ["TrainSummary", "train", "RUN_FILE", "RunHistory", "finish_run", "init_output_bias", "training_step", "load_run_info", "build_model_from_run",
            "restore_latest"]
 
 RUN_FILE = "run.json"
@@ -89,8 +89,13 @@ class RunHistory:
                     tf.summary.scalar(f"{entry['kind']}/{k}", v)
 
     def close(self) -> None:
+        """Close the files and draw learning_curves.png (a failed plot never hides training's outcome)."""
         self._file.close()
         self._writer.close()
+        try:
+            _plot_curves(self.path.parent, self.entries)
+        except Exception:  # matplotlib raises many types; the PNG is a convenience
+            pass
 
 
 def init_output_bias(model: Any, positives: float | None, rows: int | None) -> None:
@@ -472,20 +477,24 @@ def train(
         if profiling:
             tf.profiler.experimental.stop()
         runlog.close()
-        try:
-            _plot_curves(run, history)
-        except Exception:  # a plot must never hide the real outcome of training
-            pass
-    secs = time.perf_counter() - t0
-    trained = int(trainer.examples.numpy()) - start_examples
+    return finish_run(run, trainer, history, seconds=time.perf_counter() - t0, overhead_s=trainer.overhead_s,
+                      start_examples=start_examples, steps=int(trainer.step.numpy()), running_logloss=running,
+                      valid=last_valid, stopped_early=stopped_early, resumed_from=resumed_from, warm_from=warm_from,
+                      checkpoint=latest)
+
+
+def finish_run(run: Path, trainer: Any, history: list[dict[str, Any]], *, seconds: float, overhead_s: float,
+               start_examples: int, steps: int, running_logloss: float, valid: dict[str, Any] | None,
+               stopped_early: bool, resumed_from: int, warm_from: str | None, checkpoint: str | None) -> TrainSummary:
+    """The run's summary (examples/s without validation and checkpoint time), also written to summary.json."""
     tr_hist = [h for h in history if h["kind"] == "train"]
+    best = float(trainer.best.numpy())
     summary = TrainSummary(
-        run=str(run), steps=int(trainer.step.numpy()), examples=int(trainer.examples.numpy()), seconds=secs,
-        examples_per_s=trained / max(secs - trainer.overhead_s, 1e-9),
-        train_logloss=tr_hist[-1]["logloss"] if tr_hist else running,
-        valid=last_valid, best_valid_logloss=None if math.isinf(float(trainer.best.numpy())) else float(trainer.best.numpy()),
-        stopped_early=stopped_early, resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=latest,
-        history=history,
+        run=str(run), steps=steps, examples=int(trainer.examples.numpy()), seconds=seconds,
+        examples_per_s=(int(trainer.examples.numpy()) - start_examples) / max(seconds - overhead_s, 1e-9),
+        train_logloss=tr_hist[-1]["logloss"] if tr_hist else running_logloss,
+        valid=valid, best_valid_logloss=None if math.isinf(best) else best, stopped_early=stopped_early,
+        resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=checkpoint, history=history,
     )
     _write_json(run / "summary.json", summary.to_dict())
     return summary
