@@ -1,34 +1,74 @@
-"""`TrainConfig`: every setting of a training run, one frozen object for the API, the CLI and the run folder."""
+"""`TrainConfig`: every setting of a training run, one frozen object for the API, the CLI and the run folder.
+
+Free of TensorFlow: a config is checked (optimizer names and their extra settings included) where it is
+written, before anything is trained.
+
+Defaults that converge without flags
+------------------------------------
+- Validation: with no `valid` data, the latest `holdout_fraction` of the rows by the schema's time
+  column (a seeded random share when there is none) is held out, and the summary says so
+  (`valid_source`).
+- Epochs: with validation data, train until `early_stopping_patience` validations in a row do not
+  improve, at most `MAX_EPOCHS` epochs (`epochs=None`), then restore the best checkpoint
+  (`restore_best`); without validation data, one epoch.
+- Learning rates: `learning_rate=None` takes the measured per-group rates of `DEFAULT_LEARNING_RATES`.
+  Every rate is the rate at `reference_batch_size` rows per batch and is scaled with the batch size
+  by `lr_scaling` ("sqrt": rate x sqrt(batch / reference), the rule for Adam-family and adaptive
+  optimizers; "linear" for plain SGD; "none"), so `--batch-size` can change without retuning.
+- Regularization: L2 on the rows a batch touched (`l2`), so rare ids do not overfit and are not shrunk
+  while absent.
+"""
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.models.registry import ModelConfig
-from ctrflow.train.optimizers import optimizer_names
+from ctrflow.train.optimizer_settings import OPTIMIZER_NAMES, check_optimizer_settings
+from ctrflow.validation import Bool, Choice, Float, Int, check_fields
 
-__all__ = ["GroupOptimizer", "TrainConfig", "OPTIMIZER_GROUPS"]
+__all__ = ["GroupOptimizer", "TrainConfig", "OPTIMIZER_GROUPS", "OPTIMIZER_NAMES", "DEFAULT_LEARNING_RATES", "MAX_EPOCHS",
+           "LR_SCALINGS"]
 
 OPTIMIZER_GROUPS = ("linear", "embedding", "dense")
+LR_SCALINGS = ("sqrt", "linear", "none")
+MAX_EPOCHS = 10  # the bound on epochs when `epochs` is None and early stopping decides
+
+# Rates at `reference_batch_size` (1024) rows per batch, per optimizer and variable group: LazyAdam
+# measured on the synthetic generator (benchmarks/bench_quality.py, BENCHMARKS.md "Defaults"): the linear
+# weights (one per id) learn best ~3-5x faster than the embeddings, the MLP slower.
+DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
+    "lazyadam": {"linear": 0.01, "embedding": 0.003, "dense": 0.001},
+    "adam": {"linear": 0.01, "embedding": 0.003, "dense": 0.001},
+    "adagrad": {"linear": 0.1, "embedding": 0.05, "dense": 0.01},
+    "ftrl": {"linear": 0.1, "embedding": 0.05, "dense": 0.01},
+    "sgd": {"linear": 0.5, "embedding": 0.2, "dense": 0.05},
+}
 
 
 @dataclass(frozen=True)
 class GroupOptimizer:
-    """The optimizer of one variable group ("linear", "embedding" or "dense")."""
+    """The optimizer of one variable group ("linear", "embedding" or "dense").
 
-    name: str  # sgd | adagrad | ftrl | adam | lazyadam
+    name: one of OPTIMIZER_NAMES (case, "_" and "-" ignored; a near miss is suggested).
+    learning_rate: > 0, the rate at `TrainConfig.reference_batch_size` rows per batch.
+    extra: that optimizer's own settings, checked here, e.g. {"l1": 1.0} for ftrl.
+    """
+
+    name: str
     learning_rate: float
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"l1": 1.0} for ftrl
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in optimizer_names():
-            raise ConfigError(f"Unknown optimizer {self.name!r}. Valid names: {', '.join(optimizer_names())}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"The 'learning_rate' of optimizer {self.name!r} must be > 0. Got {self.learning_rate!r} instead.")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"The 'extra' parameter of GroupOptimizer must be a mapping of settings. Got {self.extra!r} instead.")
+        name, extra = check_optimizer_settings("GroupOptimizer", self.name, self.extra)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "extra", extra)
+        check_fields(self, {"learning_rate": Float(0, low_open=True)})
 
 
 @dataclass(frozen=True)
@@ -41,19 +81,24 @@ class TrainConfig:
     """
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm"))
-    optimizer: str = "lazyadam"
-    learning_rate: float = 1e-3  # > 0
+    optimizer: str = "lazyadam"  # one of OPTIMIZER_NAMES, for every group not in optimizer_groups
+    learning_rate: float | None = None  # > 0 for every group; None: DEFAULT_LEARNING_RATES[optimizer][group]
     optimizer_groups: dict[str, GroupOptimizer] = field(default_factory=dict)
-    l2: float = 0.0  # L2 on the rows a batch touched (sparse groups) / all weights (dense), >= 0
-    batch_size: int = 4096
-    epochs: int = 1
+    l2: float = 1e-6  # L2 on the rows a batch touched (sparse groups) / all weights (dense), >= 0
+    batch_size: int = 4096  # >= 1
+    epochs: int | None = None  # >= 1; None: until early stopping (at most MAX_EPOCHS) with validation data, else 1
     shuffle_buffer_rows: int = 262_144
     steps_per_call: int = 1  # training steps per tf.function call (fewer Python round trips), >= 1
     seed: int = 0
     deterministic: bool = False  # single-threaded, deterministic ops: same seed → same model bit for bit
     max_steps: int | None = None  # stop after this many steps (None: all epochs)
     valid_every_steps: int = 0  # 0: validate at the end of each epoch
-    early_stopping_patience: int = 0  # stop after this many validations without improvement; 0: off
+    early_stopping_patience: int = 1  # stop after this many validations without improvement; 0: off
+    restore_best: bool = True  # end on the checkpoint of the best validation logloss, not the last
+    holdout_fraction: float = 0.1  # without valid data: latest share held out for validation, in [0, 0.5]; 0: none
+    reference_batch_size: int = 1024  # the batch size learning rates are given for, >= 1
+    lr_scaling: str = "sqrt"  # how rates follow batch_size / reference_batch_size: sqrt | linear | none
+    negative_sampling_rate: float = 1.0  # keep each negative row with this probability, in (0, 1]; exports correct for it
     checkpoint_every_steps: int = 500  # >= 1; also at each epoch end and at the end
     keep_checkpoints: int = 3
     log_every_steps: int = 50  # history/TensorBoard interval for train logloss
@@ -63,31 +108,61 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"The 'model' parameter of TrainConfig must be a ModelConfig or a mapping. Got {self.model!r} instead.")
+        if not isinstance(self.optimizer_groups, dict):
+            raise ConfigError(f"The 'optimizer_groups' parameter of TrainConfig must be a mapping of group to optimizer. "
+                              f"Got {self.optimizer_groups!r} instead.")
         groups = {}
-        for g, spec in dict(self.optimizer_groups).items():
-            if g not in OPTIMIZER_GROUPS:
-                raise ConfigError(f"Unknown optimizer group {g!r}; groups are {list(OPTIMIZER_GROUPS)}.")
-            groups[g] = GroupOptimizer(**spec) if isinstance(spec, dict) else spec
+        for g, spec in self.optimizer_groups.items():
+            Choice(OPTIMIZER_GROUPS)("TrainConfig", "optimizer_groups", g)
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - {"name", "learning_rate", "extra"})
+                if unknown or "name" not in spec:
+                    raise ConfigError(f"The optimizer of group {g!r} must be a mapping with 'name', 'learning_rate' (optional) "
+                                      f"and 'extra' (optional). Got {spec!r} instead.")
+                spec = GroupOptimizer(spec["name"], spec.get("learning_rate") or self._default_rate(spec["name"], g), spec.get("extra") or {})
+            if not isinstance(spec, GroupOptimizer):
+                raise ConfigError(f"The optimizer of group {g!r} must be a GroupOptimizer. Got {spec!r} instead.")
+            groups[g] = spec
         object.__setattr__(self, "optimizer_groups", groups)
-        GroupOptimizer(self.optimizer, self.learning_rate)  # validates name and rate
-        ints = {
-            "batch_size": 1, "epochs": 1, "shuffle_buffer_rows": 1, "steps_per_call": 1, "checkpoint_every_steps": 1,
-            "keep_checkpoints": 1, "log_every_steps": 1, "hogwild_threads": 1, "valid_every_steps": 0,
-            "early_stopping_patience": 0, "seed": 0,
-        }
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"The '{name}' parameter of TrainConfig must be an int >= {low}. Got {v!r} instead.")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ConfigError(f"The 'max_steps' parameter of TrainConfig must be None or an int >= 1. Got {self.max_steps!r} instead.")
-        if not self.l2 >= 0:
-            raise ConfigError(f"The 'l2' parameter of TrainConfig must be >= 0. Got {self.l2!r} instead.")
+        object.__setattr__(self, "optimizer", check_optimizer_settings("TrainConfig", self.optimizer, {}, param="optimizer")[0])
+        check_fields(self, {
+            "learning_rate": Float(0, low_open=True, optional=True), "l2": Float(0),
+            "batch_size": Int(1), "epochs": Int(1, optional=True), "shuffle_buffer_rows": Int(1), "steps_per_call": Int(1),
+            "seed": Int(0), "deterministic": Bool(), "max_steps": Int(1, optional=True), "valid_every_steps": Int(0),
+            "early_stopping_patience": Int(0), "restore_best": Bool(), "holdout_fraction": Float(0, 0.5),
+            "reference_batch_size": Int(1), "lr_scaling": Choice(LR_SCALINGS),
+            "negative_sampling_rate": Float(0, 1, low_open=True), "checkpoint_every_steps": Int(1),
+            "keep_checkpoints": Int(1), "log_every_steps": Int(1), "hogwild_threads": Int(1), "profile": Bool(),
+        })
         if self.hogwild_threads > 1 and self.deterministic:
             raise ConfigError("hogwild_threads > 1 cannot be deterministic: choose one (set deterministic=False or hogwild_threads=1).")
 
+    @staticmethod
+    def _default_rate(optimizer: str, group: str) -> float:
+        name = check_optimizer_settings("TrainConfig", optimizer, {}, param="optimizer")[0]
+        return DEFAULT_LEARNING_RATES[name][group]
+
     def group_optimizer(self, group: str) -> GroupOptimizer:
-        return self.optimizer_groups.get(group) or GroupOptimizer(self.optimizer, self.learning_rate)
+        """The optimizer of `group` as configured (rates at `reference_batch_size`)."""
+        if group in self.optimizer_groups:
+            return self.optimizer_groups[group]
+        return GroupOptimizer(self.optimizer, self.learning_rate or self._default_rate(self.optimizer, group))
+
+    def batch_scale(self) -> float:
+        """The factor every configured learning rate is multiplied by at this `batch_size`."""
+        ratio = self.batch_size / self.reference_batch_size
+        return {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[self.lr_scaling]
+
+    def effective_learning_rate(self, group: str) -> float:
+        """The rate `group`'s optimizer runs with: its configured rate scaled to this batch size."""
+        return self.group_optimizer(group).learning_rate * self.batch_scale()
+
+    def max_epochs(self, has_validation: bool) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return MAX_EPOCHS if has_validation and self.early_stopping_patience else 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,27 +172,27 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        if not isinstance(d, dict):
+            raise ConfigError(f"A TrainConfig must be a mapping of settings. Got {type(d).__name__} instead.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"Unknown TrainConfig keys {unknown}; valid keys are {sorted(known)}.")
+            from ctrflow.validation import suggest
+
+            hints = [f"{k!r} (did you mean {suggest(k, known)!r}?)" if suggest(k, known) else repr(k) for k in unknown]
+            raise ConfigError(f"Unknown TrainConfig keys {', '.join(hints)}; valid keys are {sorted(known)}.")
         return cls(**d)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
-        """From a JSON or YAML file (the `--config FILE` of `ctrflow train`)."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
+        """From a YAML or JSON file (the `--config FILE` of `ctrflow train`): YAML 1.2 numbers, file:line errors."""
+        from ctrflow.configfile import load_config_file
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{p}: cannot read the training config ({e}).") from None
-        return cls.from_dict(data or {})
+        data = load_config_file(path, what="training config")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)

@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Union
 import tensorflow as tf
 
 from ctrflow.errors import ConfigError, TrainingError
+from ctrflow.train.optimizer_settings import OPTIMIZER_NAMES, check_optimizer_settings, normalize_optimizer_name
 
 __all__ = [
     "SparseOptimizer",
@@ -362,8 +363,12 @@ class SparseFtrl(SparseOptimizer):
 
     `l1` makes weights exactly zero (a sparse model); this is the paper's algorithm 1 with its
     lambda_1 = `l1` and lambda_2 = `2 * l2`, and TensorFlow's FTRL with `learning_rate_power=-0.5`.
-    Each weight is recomputed from `z` and `n`, so start the variable at zeros (a nonzero starting
-    value is forgotten at a row's first update).
+
+    Starting values are kept: each weight is recomputed from `z` and `n`, so at a coordinate's first
+    update (its accumulator still at `initial_accumulator_value`) `z` is first set to the value whose
+    solution is the current weight, `z = -w * quadratic - sign(w) * l1`. An output bias started at the
+    base rate, a warm-started or an initialized weight therefore moves from where it is, instead of
+    being recomputed from a zero `z` (TensorFlow's FTRL forgets most of it at the first step).
 
     >>> optimizer = SparseFtrl(learning_rate=0.05, l1=1.0, l2=0.1)
 
@@ -411,11 +416,16 @@ class SparseFtrl(SparseOptimizer):
     def _update_rows(self, rows, grad, slot_rows, *, lr, step):
         dtype = rows.dtype
         accumulator = slot_rows["accumulator"]
+        l1 = tf.cast(self.l1, dtype)
+        beta, l2x2 = tf.cast(self.beta, dtype), tf.cast(2.0 * self.l2, dtype)
+        # A coordinate not updated yet: the z whose solution is its current weight (see the class docstring).
+        fresh = tf.equal(accumulator, tf.cast(self.initial_accumulator_value, dtype))
+        start_z = -rows * ((beta + tf.sqrt(accumulator)) / lr + l2x2) - tf.sign(rows) * l1
+        linear = tf.where(fresh, start_z, slot_rows["linear"])
         new_accumulator = accumulator + tf.square(grad)
         sqrt_new = tf.sqrt(new_accumulator)
-        linear = slot_rows["linear"] + grad - (sqrt_new - tf.sqrt(accumulator)) / lr * rows
-        l1 = tf.cast(self.l1, dtype)
-        quadratic = (tf.cast(self.beta, dtype) + sqrt_new) / lr + tf.cast(2.0 * self.l2, dtype)
+        linear = linear + grad - (sqrt_new - tf.sqrt(accumulator)) / lr * rows
+        quadratic = (beta + sqrt_new) / lr + l2x2
         solution = (tf.sign(linear) * l1 - linear) / quadratic
         rows = tf.where(tf.abs(linear) > l1, solution, tf.zeros_like(rows))
         return rows, {"accumulator": new_accumulator, "linear": linear}
@@ -663,11 +673,12 @@ class OptimizerGroups(tf.Module):
 _OPTIMIZERS: dict[str, type[SparseOptimizer]] = {
     cls.kind: cls for cls in (SparseSGD, SparseAdagrad, SparseFtrl, Adam, LazyAdam)
 }
+assert tuple(sorted(_OPTIMIZERS)) == OPTIMIZER_NAMES, "optimizer_settings.OPTIMIZER_NAMES must list every optimizer"
 
 
 def optimizer_names() -> list[str]:
-    """The names `make_optimizer` accepts, sorted."""
-    return sorted(_OPTIMIZERS)
+    """The names `make_optimizer` accepts, sorted (`optimizer_settings.OPTIMIZER_NAMES`, TensorFlow-free)."""
+    return list(OPTIMIZER_NAMES)
 
 
 def make_optimizer(name: str, **kwargs: Any) -> SparseOptimizer:
@@ -678,9 +689,9 @@ def make_optimizer(name: str, **kwargs: Any) -> SparseOptimizer:
     Raises:
         ConfigError: unknown name (the message lists the valid ones) or unknown / out-of-range setting.
     """
-    cls = _OPTIMIZERS.get(str(name).lower().replace("_", "").replace("-", ""))
+    cls = _OPTIMIZERS.get(normalize_optimizer_name(str(name)))
     if cls is None:
-        raise ConfigError(f"Unknown optimizer {name!r}. Valid names: {', '.join(optimizer_names())}.")
+        check_optimizer_settings("make_optimizer", name, {})  # raises, suggesting the nearest name
     return cls.from_config(kwargs)
 
 

@@ -1,6 +1,8 @@
 """Sparse optimizers against straightforward numpy implementations of their definitions."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -62,8 +64,11 @@ def reference_update(name, w, g, state, t, s):
         return w - s["learning_rate"] * g / (np.sqrt(n) + s["epsilon"]), {"n": n}
     if name == "ftrl":  # McMahan et al. 2013, algorithm 1, with lambda_2 = 2 * l2
         alpha, l1, lambda_2, beta = s["learning_rate"], s["l1"], 2 * s["l2"], s["beta"]
+        # A coordinate's first update starts z where its solution is the current weight (keeps w0).
+        fresh = state["n"] == s["initial_accumulator_value"]
+        z0 = -w * ((beta + np.sqrt(state["n"])) / alpha + lambda_2) - np.sign(w) * l1
         sigma = (np.sqrt(state["n"] + g**2) - np.sqrt(state["n"])) / alpha
-        z = state["z"] + g - sigma * w
+        z = np.where(fresh, z0, state["z"]) + g - sigma * w
         n = state["n"] + g**2
         w = np.where(np.abs(z) <= l1, 0.0, -(z - np.sign(z) * l1) / ((beta + np.sqrt(n)) / alpha + lambda_2))
         return w, {"n": n, "z": z}
@@ -361,7 +366,8 @@ def test_make_optimizer_names_and_classes():
 def test_unknown_optimizer_name_lists_valid_names():
     with pytest.raises(ConfigError) as error:
         make_optimizer("adamw")
-    assert str(error.value) == "Unknown optimizer 'adamw'. Valid names: adagrad, adam, ftrl, lazyadam, sgd."
+    assert str(error.value) == ("The 'name' parameter of make_optimizer must be one of 'adagrad', 'adam', 'ftrl', "
+                                "'lazyadam', 'sgd'. Got 'adamw' instead. Did you mean 'adam'?")
 
 
 def test_unknown_setting_raises_config_error_listing_parameters():
@@ -512,3 +518,38 @@ def test_groups_reject_unknown_groups_and_unmatched_variables():
 def test_every_optimizer_is_a_sparse_optimizer():
     for name in optimizer_names():
         assert isinstance(make_optimizer(name), SparseOptimizer)
+
+
+@pytest.mark.parametrize("name", optimizer_names())
+def test_every_optimizer_keeps_initial_and_warm_started_values(name):
+    """A tiny gradient moves a weight a little from where it starts, whatever the optimizer (FTRL used to
+    recompute it from a zeroed accumulator: a bias started at a 0.2% base rate went back to ~0)."""
+    start = np.array([[math.log(0.002 / 0.998)], [0.8], [-0.5], [0.0]], np.float32)
+    var = tf.Variable(start, name="bias_like")
+    opt = make_optimizer(name, learning_rate=0.05)
+    grad = tf.constant(np.full((4, 1), 1e-4, np.float32))
+    for _ in range(3):
+        opt.apply_gradients([(grad, var)])
+    # Adam-family steps are ~learning_rate each whatever the gradient's size: 3 steps move at most ~0.15.
+    np.testing.assert_allclose(var.numpy(), start, atol=0.16 if "adam" in name else 0.02)
+
+
+def test_ftrl_output_bias_at_the_base_rate_stays_there_with_l1():
+    """The failure of the issue: FTRL on the linear group, bias started at logit(0.2%), sparse gradient
+    of the same rows; after the first update the bias is still near its start, with l1 too."""
+    b0 = math.log(0.002 / 0.998)
+    var = tf.Variable([b0], name="output_bias")
+    opt = SparseFtrl(learning_rate=0.05, l1=1.0)
+    opt.apply_gradients([(tf.constant([0.001 - 0.002]), var)])  # predicted 0.2%, observed 0.1%: a tiny push
+    assert abs(float(var.numpy()[0]) - b0) < 0.05, var.numpy()
+
+
+def test_settings_lists_agree_with_the_classes():
+    """optimizer_settings (TensorFlow-free, used by TrainConfig) names every class and its settings."""
+    import inspect
+
+    from ctrflow.train.optimizer_settings import OPTIMIZER_SETTINGS
+
+    for name in optimizer_names():
+        params = set(inspect.signature(type(make_optimizer(name)).__init__).parameters) - {"self", "learning_rate", "l2"}
+        assert params == set(OPTIMIZER_SETTINGS[name]), name
