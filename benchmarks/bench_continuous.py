@@ -47,7 +47,7 @@ from ctrflow.data.generate import GenerateOptions, generate  # noqa: E402
 from ctrflow.models.registry import ModelConfig  # noqa: E402
 from ctrflow.schema import PRESETS, infer_schema  # noqa: E402
 from ctrflow.train.config import TrainConfig  # noqa: E402
-from ctrflow.train.continuous import ContinuousOptions, continuous_train  # noqa: E402
+from ctrflow.continuous import ContinuousOptions, continuous_train  # noqa: E402
 from ctrflow.train.evaluate import evaluate  # noqa: E402
 from ctrflow.train.loop import train  # noqa: E402
 from ctrflow.train.metrics import logloss  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from ctrflow.cluster import LocalCluster  # noqa: E402
+from ctrflow.train.cluster import LocalCluster  # noqa: E402
 from ctrflow.data.convert import ConvertOptions, convert  # noqa: E402
 from ctrflow.data.generate import GenerateOptions, generate  # noqa: E402
 from ctrflow.data.pipeline import PipelineOptions, open_batches  # noqa: E402
@@ -199,7 +199,7 @@ def input_rates(data: Path) -> dict:
     code = """
 import json, sys, time
 from ctrflow.data.pipeline import PipelineOptions, open_batches
-from ctrflow.train.distributed import shard_table, worker_dataset
+from ctrflow.data.tfdata import shard_table, worker_dataset
 data = sys.argv[1]
 with open_batches(data, PipelineOptions(batch_size=1, shuffle=False)) as b:
     spec = b.spec

@@ -62,7 +62,8 @@ def _ctrflow(shards: Path, out: Path, kind: str, batch: int, steps: int, steps_p
     shutil.rmtree(run, ignore_errors=True)
     log_every = 4 * steps_per_call
     cfg = TrainConfig(model=model, optimizer="lazyadam", learning_rate=1e-3, batch_size=batch, steps_per_call=steps_per_call,
-                      max_steps=steps + log_every, checkpoint_every_steps=10**9, log_every_steps=log_every, epochs=100)
+                      max_steps=steps + log_every, checkpoint_every_steps=10**9, log_every_steps=log_every, epochs=100,
+                      holdout_fraction=0.0, l2=0.0, lr_scaling="none")  # the settings BENCHMARKS.md's figures were measured with
     s = train(shards, run, cfg)
     hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     tr = [h for h in hist if h["kind"] == "train"]
@@ -120,11 +121,13 @@ def _memory_per_million(dim: int = 16) -> dict:
     one [rows, 16] embedding and one [rows, 1] linear table, each with two slot tables)."""
     from ctrflow.data.batch import FeatureSpec
     from ctrflow.models.registry import make_model
-    from ctrflow.train.loop import _make_optimizer
+    from ctrflow.train.core import make_optimizers
 
     config = TrainConfig(model=ModelConfig("fm", embedding_dim=dim), optimizer="lazyadam")
     model = make_model(config.model, FeatureSpec(("a",), (1_000_000,)))
-    opt = _make_optimizer(config, model)
+    groups = model.variable_groups()
+    group_of = {v.ref(): g for g, vs in groups.items() for v in vs}
+    opt = make_optimizers(config, groups, lambda v: group_of[v.ref()])
     opt.build(model.trainable_variables)
     model_bytes = sum(v.shape.num_elements() * v.dtype.size for v in model.variables)
     slot_bytes = sum(v.shape.num_elements() * v.dtype.size for v in opt.variables)

@@ -28,12 +28,13 @@ def __getattr__(name: str):
     lazy = {
         "TrainConfig": "ctrflow.train.config", "GroupOptimizer": "ctrflow.train.config",
         "ModelConfig": "ctrflow.models.registry", "make_model": "ctrflow.models.registry",
-        "train": "ctrflow.train.loop", "TrainSummary": "ctrflow.train.loop",
+        "train": "ctrflow.train.loop", "TrainSummary": "ctrflow.train.core",
+        "train_distributed": "ctrflow.train.distributed", "DistributedOptions": "ctrflow.train.distributed",
         "evaluate": "ctrflow.train.evaluate",
         "export": "ctrflow.export", "ExportSummary": "ctrflow.export",
         "Predictor": "ctrflow.serving.predictor",
         "serve": "ctrflow.serving.http", "ServeOptions": "ctrflow.serving.http",
-        "continuous_train": "ctrflow.train.continuous", "ContinuousOptions": "ctrflow.train.continuous",
+        "continuous_train": "ctrflow.continuous", "ContinuousOptions": "ctrflow.continuous",
     }
     if name in lazy:
         import importlib
@@ -51,6 +52,7 @@ __all__ = [
     "open_batches", "PipelineOptions", "BatchStream", "Batch", "FeatureSpec",
     "AutoBatcher", "BatchingOptions", "BatcherStats",
     "TrainConfig", "GroupOptimizer", "ModelConfig", "make_model", "train", "TrainSummary", "evaluate",
+    "train_distributed", "DistributedOptions",
     "export", "ExportSummary", "Predictor", "serve", "ServeOptions", "continuous_train", "ContinuousOptions",
     "CtrflowError", "ConfigError", "SchemaError", "InputError", "TooManyRejectsError", "ShardCorruptError",
     "TrainingError", "DeadlineExceeded", "QueueFullError", "ModelNotFoundError",

@@ -178,11 +178,14 @@ def _cmd_read(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """TrainConfig from --config FILE (if any), overridden by every flag given on the command line."""
-    from ctrflow.models.registry import ModelConfig
+    from ctrflow.models.registry import MODELS, ModelConfig
     from ctrflow.train.config import GroupOptimizer, TrainConfig
+    from ctrflow.validation import Choice
 
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     model = base.model.to_dict()
+    if args.model is not None:
+        Choice(tuple(sorted(MODELS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
     for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode")):
         if getattr(args, flag) is not None:
             model[key] = getattr(args, flag)
@@ -192,8 +195,9 @@ def _train_config(args: argparse.Namespace):
         model["batch_norm"] = True
     changes: dict[str, Any] = {"model": ModelConfig.from_dict(model)}
     for flag in ("optimizer", "learning_rate", "batch_size", "epochs", "steps_per_call", "seed", "max_steps", "l2",
-                 "valid_every_steps", "early_stopping_patience", "checkpoint_every_steps", "hogwild_threads"):
-        if getattr(args, flag) is not None:
+                 "valid_every_steps", "early_stopping_patience", "checkpoint_every_steps", "hogwild_threads",
+                 "negative_sampling_rate", "reference_batch_size", "lr_scaling"):
+        if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if args.seed is not None:
         changes["model"] = ModelConfig.from_dict({**model, "seed": args.seed})
@@ -201,11 +205,15 @@ def _train_config(args: argparse.Namespace):
         changes["deterministic"] = True
     if args.profile:
         changes["profile"] = True
+    if args.command == "train" and args.holdout_fraction is not None:  # `continuous` has its own (the gate's)
+        changes["holdout_fraction"] = args.holdout_fraction
+    if getattr(args, "no_restore_best", False):
+        changes["restore_best"] = False
     groups = dict(base.optimizer_groups)
     for g in ("linear", "embedding", "dense"):
         name = getattr(args, f"{g}_optimizer")
         if name:
-            lr = getattr(args, f"{g}_learning_rate") or changes.get("learning_rate", base.learning_rate)
+            lr = getattr(args, f"{g}_learning_rate") or changes.get("learning_rate", base.learning_rate) or TrainConfig._default_rate(name, g)
             groups[g] = GroupOptimizer(name, lr)
     changes["optimizer_groups"] = groups
     return base.replace(**changes)
@@ -230,10 +238,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     d = s.to_dict()
     if s.valid:
         d.update({f"valid_{k}": v for k, v in s.valid.items() if isinstance(v, (int, float))})
-    human = (f"trained {config.model.kind} for {s.steps:,} steps ({s.examples:,} examples, {s.examples_per_s:,.0f} examples/s), "
-             f"train logloss {s.train_logloss:.5f}")
+    human = (f"trained {config.model.kind} for {s.steps:,} steps, {s.epochs} epoch(s) ({s.examples:,} examples, "
+             f"{s.examples_per_s:,.0f} examples/s), train logloss {s.train_logloss:.5f}")
+    human += f"\n{s.valid_note}"
     if s.valid:
         human += f"\nvalid: auc {s.valid['auc']:.4f}  logloss {s.valid['logloss']:.5f}  ne {s.valid['ne']:.4f}  calibration {s.valid['calibration']:.3f}"
+        if s.restored_best:
+            human += f" (the best validation, step {s.best_step}, restored)"
+        elif s.stopped_early:
+            human += " (stopped early)"
+    if s.negative_sampling_rate < 1:
+        human += f"\nnegatives kept with probability {s.negative_sampling_rate:g}: evaluate and export correct for it"
     if s.resumed_from_step:
         human += f"\nresumed from step {s.resumed_from_step}"
     human += f"\nrun folder: {s.run} (learning_curves.png, history.jsonl, checkpoints/)"
@@ -244,11 +259,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ctrflow.train.evaluate import evaluate
 
-    r = evaluate(args.run, args.data, slice_by=args.slice_by, batch_size=args.batch_size)
+    png = None if args.reliability_png == "none" else (args.reliability_png or os.path.join(args.run, "reliability.png"))
+    r = evaluate(args.run, args.data, slice_by=args.slice_by, batch_size=args.batch_size, reliability_png=png)
     human = (f"{args.run} on {args.data}: rows {r['rows']:,}  auc {r['auc']:.4f}  logloss {r['logloss']:.5f}  "
-             f"ne {r['ne']:.4f}  calibration {r['calibration']:.3f}")
+             f"ne {r['ne']:.4f}  calibration {r['calibration']:.3f} (mean prediction / observed CTR)  "
+             f"calibration error {r['calibration_error']:.5f} (per bin)")
     if "bayes_logloss" in r:
         human += f"\nBayes-optimal logloss {r['bayes_logloss']:.5f} (gap {r['logloss_gap']:.5f})"
+    if png:
+        human += f"\nreliability diagram: {png}"
     for k, m in list(r.get("slices", {}).items())[:50]:
         human += f"\n  {args.slice_by}={k}: rows {m['rows']:,} auc {m['auc']:.4f} logloss {m['logloss']:.5f}"
     _emit(args, r, human)
@@ -405,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitioner", choices=["min_size", "fixed"], default="min_size",
                    help="with a cluster: how tables split over the ps (default min_size: shards of >= 256 KiB)")
     p.add_argument("--shards", type=int, default=0, help="with a cluster: most shards per table; 0 = one per ps")
+    p.add_argument("--holdout-fraction", type=float,
+                   help="without --valid: latest share of rows (by time) held out for validation (default 0.1; 0: none)")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)
@@ -414,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--slice-by", help="a field or the time column: metrics per value")
     p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--reliability-png", help="where to draw the reliability diagram (default RUN/reliability.png; none: skip)")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -478,13 +500,14 @@ _EXTENSIONS: list[Callable[[Any], None]] = []
 # --- continuous ------------------------------------------------------------------------------------
 def _train_flags(p: argparse.ArgumentParser) -> None:
     """The model and optimizer flags `_train_config` reads (shared by `train` and `continuous`)."""
-    p.add_argument("--model", choices=["lr", "fm", "deepfm"])
-    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups)")
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--model", help="model kind: lr, fm, deepfm, ... (default deepfm)")
+    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups; default lazyadam)")
+    p.add_argument("--learning-rate", type=float,
+                   help="every group's rate at --reference-batch-size rows (default: measured per-group rates)")
     for g in ("linear", "embedding", "dense"):
         p.add_argument(f"--{g}-optimizer", help=f"optimizer of the {g} group only")
         p.add_argument(f"--{g}-learning-rate", type=float)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="most epochs (default: until early stopping, at most 10, with validation; else 1)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--hidden", help="DeepFM MLP widths, e.g. 256,128")
@@ -497,7 +520,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_true", help="single-threaded, bit-for-bit repeatable")
     p.add_argument("--valid-every-steps", type=int)
-    p.add_argument("--early-stopping-patience", type=int)
+    p.add_argument("--early-stopping-patience", type=int, help="validations without improvement before stopping (default 1; 0: off)")
+    p.add_argument("--no-restore-best", action="store_true", help="end on the last checkpoint, not the best validation's")
+    p.add_argument("--negative-sampling-rate", type=float,
+                   help="keep each negative row with this probability, in (0, 1] (default 1); exports are corrected")
+    p.add_argument("--reference-batch-size", type=int, help="the batch size learning rates are given for (default 1024)")
+    p.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], help="rates follow the batch size (default sqrt)")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--hogwild-threads", type=int)
     p.add_argument("--config", help="TrainConfig JSON/YAML; flags override it")
@@ -512,7 +540,7 @@ def _decision_line(d: dict[str, Any]) -> str:
 
 def _cmd_continuous(args: argparse.Namespace) -> int:
     from ctrflow.errors import ConfigError
-    from ctrflow.train.continuous import ContinuousOptions, continuous_train, status
+    from ctrflow.continuous import ContinuousOptions, continuous_train, status
 
     if args.action == "status":
         st = status(args.state)
@@ -573,14 +601,14 @@ _EXTENSIONS.append(_add_continuous)
 
 # --- cluster -----------------------------------------------------------------------------------------
 def _cmd_cluster_serve(args: argparse.Namespace) -> int:
-    from ctrflow.cluster import serve
+    from ctrflow.train.cluster import serve
 
-    serve(args.cluster, args.task_type, args.index, threads=args.threads)  # until Ctrl-C / SIGTERM
+    serve(args.cluster, args.task_type, args.index, threads=args.threads, exit_with_parent=args.exit_with_parent)  # until Ctrl-C / SIGTERM
     return 0
 
 
 def _cmd_cluster_local(args: argparse.Namespace) -> int:
-    from ctrflow.cluster import run_local
+    from ctrflow.train.cluster import run_local
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return run_local([sys.executable, "-m", "ctrflow", *command], workers=args.workers, ps=args.ps, log_dir=args.log_dir)
@@ -594,6 +622,7 @@ def _add_cluster(sub: Any) -> None:
         q.add_argument("--cluster", required=True, help="cluster file (JSON/YAML)")
         q.add_argument("--index", type=int, required=True, help=f"this task's index among the file's {kind} tasks")
         q.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: TensorFlow's choice)")
+        q.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # LocalCluster's tasks
         _common(q)
         q.set_defaults(func=_cmd_cluster_serve, task_type=kind)
     q = csub.add_parser("local", help="run a ctrflow command as the coordinator of a local cluster, then tear it down")

@@ -125,7 +125,8 @@ def export(
     """
     import tensorflow as tf
 
-    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
+    from ctrflow.train.checkpoints import restore_latest
+    from ctrflow.train.core import build_model_from_run, load_run_info, logit_correction
 
     t0 = time.perf_counter()
     if embedding_dtype not in ("float32", "float16"):
@@ -157,14 +158,17 @@ def export(
 
     module = tf.Module()
     module.model = model
+    # A run trained on negatives kept with probability R predicts odds 1/R too high: log(R) on the logit
+    # is p / (p + (1 - p) / R), so served probabilities are calibrated on the un-sampled traffic.
+    correction = logit_correction(info)
 
     def serve_raw(features):
         ids, numeric = _raw_transform(features, schema, boundaries)
-        logits = model(ids, numeric, training=False)
+        logits = model(ids, numeric, training=False) + correction
         return {"probabilities": tf.sigmoid(logits), "logits": logits}
 
     def serve_ids(ids, numeric):
-        logits = model(ids, numeric, training=False)
+        logits = model(ids, numeric, training=False) + correction
         return {"probabilities": tf.sigmoid(logits), "logits": logits}
 
     def transform(features):
@@ -188,6 +192,7 @@ def export(
             "format": "ctrflow-export", "version": version, "run": str(run), "checkpoint": checkpoint,
             "schema": info["schema"], "schema_fingerprint": info["schema_fingerprint"], "transforms": info["transforms"],
             "feature_spec": info["feature_spec"], "model": info["config"]["model"], "embedding_dtype": embedding_dtype,
+            "negative_sampling_rate": info["config"].get("negative_sampling_rate", 1.0), "logit_correction": correction,
             "inputs": {f: input_name(f) for f in schema.categorical_names + schema.numeric_names},
             "created_unix": time.time(),
         }

@@ -30,6 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SHARD_SUFFIX",
     "MANIFEST",
+    "read_header",
     "ShardData",
     "encode_shard",
     "write_shard",
@@ -148,6 +149,18 @@ def _parse_header(buf: bytes | memoryview, where: str) -> tuple[dict[str, Any], 
     if header.get("version") != FORMAT_VERSION:
         raise ShardCorruptError(f"{where}: shard format version {header.get('version')!r}, this ctrflow reads {FORMAT_VERSION}.")
     return header, _PREFIX + hlen
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """A shard file's header dict and the byte offset its payload starts at, reading only the header."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX)
+            hlen = int.from_bytes(prefix[8:12], "little") if len(prefix) == _PREFIX else 0
+            return _parse_header(prefix + f.read(min(hlen, _MAX_HEADER)), where)
+    except OSError as e:
+        raise ShardCorruptError(f"{where}: cannot read shard ({e.strerror}).") from None
 
 
 def _views(header: dict[str, Any], payload: memoryview | bytes, where: str) -> ShardData:

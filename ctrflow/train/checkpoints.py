@@ -119,7 +119,7 @@ class RunCheckpoints:
             return None
         if self.latest and Path(self.latest).name == f"ckpt-best-{step}":  # a rerun of a finished run
             return self.latest
-        tf.train.Checkpoint(model=self.model).read(best).assert_existing_objects_matched()
+        tf.train.Checkpoint(model=self.model).read(best).assert_existing_objects_matched().expect_partial()
         final = tf.train.CheckpointManager(self.ckpt, str(self.run / CHECKPOINTS), max_to_keep=self._keep,
                                            checkpoint_name="ckpt-best")
         path = self._save(lambda: final.save(checkpoint_number=step), step)

@@ -416,33 +416,34 @@ def plot_curves(run: Path, history: list[dict[str, Any]], *, best_step: int | No
 
     tr = [h for h in history if h["kind"] == "train"]
     va = [h for h in history if h["kind"] == "valid"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    handles = []
     if tr:
-        ax.plot([h["examples"] for h in tr], [h["logloss"] for h in tr], ".-", markersize=5 if len(tr) < 50 else 2,
-                label="train logloss (interval mean)", color="tab:blue")
+        handles += ax.plot([h["examples"] for h in tr], [h["logloss"] for h in tr], ".-", markersize=6 if len(tr) < 50 else 2,
+                           label="train logloss (interval mean)", color="tab:blue")
     if va:
-        ax.plot([h["examples"] for h in va], [h["logloss"] for h in va], "o-", markersize=7, label="valid logloss", color="tab:orange")
+        handles += ax.plot([h["examples"] for h in va], [h["logloss"] for h in va], "o-", markersize=7, label="valid logloss",
+                           color="tab:orange")
         best = [h for h in va if h["step"] == best_step] or [min(va, key=lambda h: h["logloss"])]
-        ax.plot([best[-1]["examples"]], [best[-1]["logloss"]], "o", markersize=14, markerfacecolor="none",
-                markeredgecolor="tab:red", markeredgewidth=2, label=f"best (step {best[-1]['step']})")
+        handles += ax.plot([best[-1]["examples"]], [best[-1]["logloss"]], "o", markersize=14, markerfacecolor="none",
+                           markeredgecolor="tab:red", markeredgewidth=2, label=f"best valid (step {best[-1]['step']})")
         if any(math.isfinite(h.get("auc", float("nan"))) for h in va):
             ax2 = ax.twinx()
-            ax2.plot([h["examples"] for h in va], [h.get("auc", float("nan")) for h in va], "s--", markersize=6,
-                     color="tab:green", label="valid AUC")
+            handles += ax2.plot([h["examples"] for h in va], [h.get("auc", float("nan")) for h in va], "s--", markersize=6,
+                                color="tab:green", label="valid AUC (right axis)")
             ax2.set_ylabel("AUC")
-            ax2.legend(loc="upper center")
     xs = [h["examples"] for h in tr + va]
     if xs and max(xs) == min(xs):  # one point: give the axis a width so it is drawn mid-plot
         ax.set_xlim(0, 2 * max(xs) or 1)
     ax.set_xlabel("examples seen")
     ax.set_ylabel("logloss")
     ax.set_title(f"learning curves — {run.name} ({len(tr)} train, {len(va)} valid points)")
-    if tr or va:
-        ax.legend(loc="upper right")
+    if handles:  # below the axes: a legend inside hides the points of short runs
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no steps recorded", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     with atomic_writer(run / "learning_curves.png") as f:
         fig.savefig(f, format="png")
     plt.close(fig)

@@ -1,6 +1,6 @@
 """Distributed training on TensorFlow's parameter-server engine: sharded tables, asynchronous workers.
 
-`train_distributed(data, out, config, cluster=...)` is `train()` for a cluster (`ctrflow.cluster`): this
+`train_distributed(data, out, config, cluster=...)` is `train()` for a cluster (`ctrflow.train.cluster`): this
 process is the coordinator; `ps` tasks hold every variable, the big tables split row-wise into shards
 (`tf.distribute.ParameterServerStrategy` with a `variable_partitioner`); `worker` tasks run the steps,
 each on its own share of the shard files, and update the shared variables without waiting for each
@@ -18,18 +18,16 @@ How the pieces fit:
   Step, example and loss counters are variables on a parameter server, so the coordinator can follow
   progress without waiting for any function.
 - Input: each worker reads whole shard files, every len(workers)-th one (its worker index comes from
-  `tf.distribute.coordinator.experimental_get_current_worker_index`), straight in tf.data: the file is
-  read once, its column blocks decoded with `tf.io.decode_raw`, its rows permuted, then mixed with
-  other files' rows in a shuffle buffer and cut into batches. Not `tf.data.Dataset.from_generator` over `open_batches`: its generator runs in the
-  coordinator (every batch of every worker crosses that one process), and TensorFlow 2.21 deadlocks
-  when a function is released while a worker waits on the generator (BENCHMARKS.md).
+  `tf.distribute.coordinator.experimental_get_current_worker_index`), straight in tf.data
+  (`ctrflow.data.tfdata.worker_dataset`).
 - Faults: a worker that dies is handled by the coordinator (its functions go to the other workers; a
   worker restarted at the same address rejoins and rebuilds its input). A parameter server that dies
   ends training with a `TrainingError` naming it and the last checkpoint; rerunning the same command on
   a restarted cluster resumes from that checkpoint. No wait is unbounded: reaching the tasks
   (`connect_timeout_s`) and progress (`stall_timeout_s`) have deadlines.
 - Run folder: exactly `train()`'s (`run.json`, `checkpoints/`, `history.jsonl`, ...), plus a
-  "distributed" record in run.json. A sharded table is saved as one full tensor, so `export()`,
+  "distributed" record in run.json. Validation, early stopping, the best checkpoint, warm-start and
+  prior-run checks are the trainer core's (`ctrflow.train.core`), the same as in one process. A sharded table is saved as one full tensor, so `export()`,
   `evaluate()` and a single-process `--warm-start` read a distributed run unchanged.
 
 Resume is approximate where the single-process loop is exact: the step counter, model and optimizer
@@ -50,20 +48,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ctrflow.cluster import ClusterSpec, check_port_free, check_reachable, cluster_from_env, load_cluster
-from ctrflow.data import shards as shardio
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.data.pipeline import PipelineOptions, open_batches
-from ctrflow.errors import ConfigError, CtrflowError, SchemaError, TrainingError
+from ctrflow.data.tfdata import shard_table, worker_dataset
+from ctrflow.errors import ConfigError, CtrflowError, TrainingError
+from ctrflow.train import core
+from ctrflow.train.checkpoints import RunCheckpoints, clean_partial_checkpoints, latest_checkpoint, make_counters
+from ctrflow.train.cluster import ClusterSpec, check_port_free, check_reachable, cluster_from_env, load_cluster
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
-from ctrflow.train.loop import (RUN_FILE, RunHistory, TrainSummary, _evaluate_stream, _write_json, finish_run,
-                                init_output_bias, training_step)
+from ctrflow.train.core import DISTRIBUTED_KEY, RUN_FILE, RunHistory, TrainSummary, init_output_bias, training_step
 
-__all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS", "shard_table", "worker_dataset"]
+__all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS"]
 
 PARTITIONERS = ("min_size", "fixed")
-DISTRIBUTED_KEY = "distributed"  # the run.json record of the cluster layout a run was trained with
-_CHUNK_ROWS = 32  # rows moved together by a worker's shuffle buffer
 # TensorFlow connects a process to one cluster for its lifetime: (cluster, partitioner) -> (strategy, coordinator).
 _CONNECTED: dict[str, Any] = {}
 
@@ -120,81 +117,6 @@ class DistributedOptions:
         return config.steps_per_call if config.steps_per_call > 1 else 10
 
 
-# --- input: shard files read by tf.data on each worker ----------------------------------------------------
-def shard_table(data: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
-    """Where each shard file's columns are: {"path", "rows", "label", "ids", "numeric", "weight"} arrays,
-    one entry per shard file (absolute byte offsets of each column block; weight -1 when absent)."""
-    roots = [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(d) for d in data]
-    out: dict[str, list[Any]] = {k: [] for k in ("path", "rows", "label", "ids", "numeric", "weight")}
-    for root in roots:
-        manifest = shardio.load_manifest(root)
-        for entry in manifest.shards:
-            path = (manifest.root / entry["file"]).resolve()
-            header, start = _read_header(path)
-            blocks = {b["name"]: start + b["offset"] for b in header["blocks"]}
-            out["path"].append(str(path))
-            out["rows"].append(int(header["rows"]))
-            for name in ("label", "ids", "numeric"):
-                out[name].append(blocks[name])
-            out["weight"].append(blocks.get("weight", -1))
-    return {k: np.asarray(v, dtype=object if k == "path" else np.int64) for k, v in out.items()}
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(12)
-            hlen = int.from_bytes(prefix[8:12], "little") if len(prefix) == 12 else 0
-            return shardio._parse_header(prefix + f.read(min(hlen, 16 << 20)), str(path))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read shard ({e.strerror}).") from None
-
-
-def worker_dataset(table: dict[str, np.ndarray], spec: FeatureSpec, *, batch_size: int, num_workers: int,
-                   seed: int, shuffle_buffer_rows: int = 262_144, worker_index: Any = None):
-    """An endless, shuffled `tf.data.Dataset` of (ids, numeric, label, weight) batches from one worker's
-    shard files (every `num_workers`-th, starting at `worker_index`; None: the current worker's index
-    inside a coordinator's per-worker dataset function).
-
-    Shuffling, as the single-process pipeline's: the file order changes every pass, each file's rows are
-    permuted as a whole, then cut into chunks of `_CHUNK_ROWS` rows that are shuffled in a buffer of
-    `shuffle_buffer_rows` rows within the pass, so a batch mixes rows of several files. Chunks keep
-    tf.data's element count (and cost) 32x below one element per row. Batches run on across passes
-    (every batch is full).
-    """
-    import tensorflow as tf
-
-    n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
-    if worker_index is None:
-        worker_index = tf.distribute.coordinator.experimental_get_current_worker_index()
-    files = tf.data.Dataset.from_tensor_slices(
-        {k: tf.constant(v.tolist(), dtype=tf.string if k == "path" else tf.int64) for k, v in table.items()})
-    files = files.shard(num_workers, tf.cast(worker_index, tf.int64))
-    mine = -(-len(table["rows"]) // num_workers)
-    files = files.shuffle(max(mine, 1), seed=seed, reshuffle_each_iteration=True)
-
-    def read(f):
-        raw = tf.io.read_file(f["path"])
-        rows = f["rows"]
-
-        def column(offset, width, dtype):
-            return tf.reshape(tf.io.decode_raw(tf.strings.substr(raw, offset, rows * width * 4), dtype), [rows, width])
-
-        label = column(f["label"], 1, tf.float32)[:, 0]
-        ids = column(f["ids"], n_ids, tf.int32)
-        numeric = column(f["numeric"], n_num, tf.float32) if n_num else tf.zeros([rows, 0], tf.float32)
-        weight = tf.cond(f["weight"] >= 0, lambda: column(tf.maximum(f["weight"], 0), 1, tf.float32)[:, 0],
-                         lambda: tf.ones([rows], tf.float32))
-        order = tf.random.shuffle(tf.range(rows, dtype=tf.int64), seed=seed)
-        return tuple(tf.gather(x, order) for x in (ids, numeric, label, weight))
-
-    chunks = files.map(read, num_parallel_calls=2, deterministic=False).rebatch(_CHUNK_ROWS)
-    # Shuffle within one pass, then repeat: a buffer spanning passes would serve some rows twice and
-    # others not at all in an "epoch" (sampling with replacement), which measurably hurt the model.
-    chunks = chunks.shuffle(max(1, shuffle_buffer_rows // _CHUNK_ROWS), seed=seed, reshuffle_each_iteration=True).repeat()
-    return chunks.rebatch(batch_size, drop_remainder=True).prefetch(2)
-
-
 # --- the training state on the cluster -----------------------------------------------------------------
 def _partitioner(options: DistributedOptions, num_ps: int):
     import tensorflow as tf
@@ -224,8 +146,7 @@ class _ClusterTrainer:
 
         from ctrflow.models.layers import FieldTables
         from ctrflow.models.registry import make_model
-        from ctrflow.train.optimizers import OptimizerGroups, make_optimizer
-
+        
         self.run, self.config, self.spec, self.strategy = run, config, spec, strategy
         with strategy.scope():
             self.model = make_model(config.model, spec)
@@ -241,32 +162,20 @@ class _ClusterTrainer:
                         sparse.update(id(p) for p in parts)
             groups["dense"] = [v for v in self.model.trainable_variables if id(v) not in sparse]
             group_of = {id(v): g for g, vs in groups.items() for v in vs}
-            optimizers = {}
-            for g in OPTIMIZER_GROUPS:
-                if groups[g]:
-                    o = config.group_optimizer(g)
-                    optimizers[g] = make_optimizer(o.name, learning_rate=o.learning_rate, l2=config.l2, **o.extra)
-            self.optimizer = OptimizerGroups(optimizers, assign=lambda v: group_of[id(v)])
+            self.optimizer = core.make_optimizers(config, groups, lambda v: group_of[id(v)])
             self.variables = [v for g in OPTIMIZER_GROUPS for v in groups[g]]
             for v in self.variables:  # slots live with their shard: same parameter server, same rows
                 with strategy.extended.colocate_vars_with(v):
                     self.optimizer.build([v])
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_step")
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_epoch")
-            self.batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_batch_in_epoch")
-            self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_examples")
-            self.best = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name="loop_best_valid")
-            self.bad_validations = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_bad_validations")
+            self.counters = make_counters()
+            for name, var in self.counters.items():
+                setattr(self, name, var)
             # Progress since this process started (not checkpointed): weighted loss sum and weight sum.
             self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="progress_loss_sum")
             self.loss_rows = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="progress_loss_rows")
-        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-                                        batch_in_epoch=self.batch_in_epoch, examples=self.examples, best=self.best,
-                                        bad_validations=self.bad_validations)
-        self.manager = tf.train.CheckpointManager(self.ckpt, str(run / "checkpoints"), max_to_keep=config.keep_checkpoints)
-        n_ids, n_num = len(spec.id_names), len(spec.numeric_names)
-        self.predict = tf.function(lambda ids, numeric: tf.sigmoid(self.model(ids, numeric, training=False)),
-                                   input_signature=[tf.TensorSpec([None, n_ids], tf.int32), tf.TensorSpec([None, n_num], tf.float32)])
+        self.checkpoints = RunCheckpoints(run, self.model, self.optimizer, self.counters, config.keep_checkpoints)
+        self.ckpt, self.manager = self.checkpoints.ckpt, self.checkpoints.manager
+        self.predict = core.make_predict(self.model, spec, core.logit_correction(config.negative_sampling_rate))
 
     def _step(self, ids, numeric, label, weight):
         return training_step(self.model, self.optimizer, self.variables, ids, numeric, label, weight)
@@ -300,16 +209,7 @@ class _ClusterTrainer:
         return train_steps
 
     def save(self, step: int) -> str:
-        import tensorflow as tf
-
-        try:
-            return self.manager.save(checkpoint_number=step)
-        except (OSError, tf.errors.OpError) as e:
-            if isinstance(e, tf.errors.UnavailableError):
-                raise
-            msg = getattr(e, "message", None) or str(e)
-            raise TrainingError(f"checkpoint at step {step} failed ({msg.strip()[:300]}); the last good checkpoint "
-                                f"{self.manager.latest_checkpoint} is kept. Free disk space and rerun to resume.") from None
+        return self.checkpoints.save(step)
 
 
 # --- the coordinator ---------------------------------------------------------------------------------------
@@ -341,38 +241,22 @@ def _resolve_cluster(cluster: Any) -> ClusterSpec:
 
 
 def _run_info(data: Any, config: TrainConfig, cluster: ClusterSpec,
-              options: DistributedOptions) -> tuple[dict[str, Any], FeatureSpec, int, float | None]:
+              options: DistributedOptions) -> tuple[dict[str, Any], FeatureSpec]:
     if hasattr(data, "read") or str(data) == "-":
         raise ConfigError("Distributed training reads shard folders (each worker takes whole shard files): "
                           "convert the stream to a folder first (`ctrflow convert`), or train it in one process.")
     with open_batches(data, PipelineOptions(batch_size=1, shuffle=False)) as first:
-        schema, transforms, spec, rows = first.schema, first.transforms, first.spec, first.rows or 0
-        positives = getattr(first, "positives", None)
-    info = {
-        "config": config.to_dict(), "schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(),
-        "transforms": transforms.to_dict(), "feature_spec": spec.to_dict(), "data": str(data),
-        DISTRIBUTED_KEY: {"workers": cluster.num_workers, "ps": cluster.num_ps, **asdict(options)},
-    }
-    return info, spec, rows, positives
+        info = core.run_info(first, config, data, **{DISTRIBUTED_KEY: {"workers": cluster.num_workers, "ps": cluster.num_ps,
+                                                                          **asdict(options)}})
+        return info, first.spec
 
 
-def _check_prior(run: Path, info: dict[str, Any]) -> dict[str, Any] | None:
-    prior = run / RUN_FILE
-    if not prior.exists():
-        return None
-    old = json.loads(prior.read_text())
-    if old["schema_fingerprint"] != info["schema_fingerprint"] or old["feature_spec"] != info["feature_spec"]:
-        raise SchemaError(
-            f"{run} was trained on data with another schema or other transforms (fingerprint {old['schema_fingerprint']}, "
-            f"this data {info['schema_fingerprint']}): use a new --out, or convert this data with --like the run's original data."
+def _check_files(data: Any, table: dict[str, np.ndarray], cluster: ClusterSpec) -> None:
+    if len(table["rows"]) < cluster.num_workers:
+        raise ConfigError(
+            f"{data} has {len(table['rows'])} shard file(s) for {cluster.num_workers} workers: each worker reads whole "
+            "shard files. Convert with a smaller --block-mb (more files), or use fewer workers."
         )
-    if old["config"]["model"] != info["config"]["model"]:
-        raise ConfigError(f"{run} holds a {old['config']['model']} model; this command asks for {info['config']['model']}. Use a new --out.")
-    has_checkpoint = (run / "checkpoints" / "checkpoint").exists()
-    if has_checkpoint and DISTRIBUTED_KEY not in old:
-        raise ConfigError(f"{run} was trained in a single process; its optimizer state is not sharded. Resume it without "
-                          f"--cluster, or start a new run folder with --warm-start {run} (the weights carry over).")
-    return old
 
 
 def _probe_dead(cluster: ClusterSpec) -> list[str]:
@@ -451,29 +335,22 @@ def train_distributed(
         raise ConfigError("--profile traces a single-process run; profile without --cluster.")
     spec_cluster = _resolve_cluster(cluster)
     run = Path(out)
-    info, spec, rows, positives = _run_info(data, config, spec_cluster, options)
-    table = shard_table(data)
-    if len(table["rows"]) < spec_cluster.num_workers:
-        raise ConfigError(
-            f"{data} has {len(table['rows'])} shard file(s) for {spec_cluster.num_workers} workers: each worker reads whole "
-            "shard files. Convert with a smaller --block-mb (more files), or use fewer workers."
-        )
-    if valid is not None:
-        with open_batches(valid, PipelineOptions(batch_size=1, shuffle=False)) as vb:
-            if vb.schema.fingerprint() != info["schema_fingerprint"] or vb.spec != spec:
-                raise SchemaError(f"validation data {valid} has another schema or other transforms than the training data: convert it with --like.")
-    run.mkdir(parents=True, exist_ok=True)
-    old = _check_prior(run, info)
+    info, spec = _run_info(data, config, spec_cluster, options)
+    _check_files(data, shard_table(data), spec_cluster)
+    old = core.check_prior_run(run, info, distributed=True)
+    core.check_valid_data(valid, info)
+    warm = core.check_warm_start(warm_start, info) if warm_start is not None and latest_checkpoint(run) is None else None
 
     tf.random.set_seed(config.seed)
     _quiet_saver_retracing(tf)
     strategy, coordinator = _connect(spec_cluster, options)
+    clean_partial_checkpoints(run)
     try:
         trainer = _ClusterTrainer(run, config, spec, strategy)
     except (tf.errors.OpError, ValueError) as e:
         raise _cluster_error(e, spec_cluster, None, run) from None
     info[DISTRIBUTED_KEY]["table_shards"] = trainer.table_shards
-    if old is not None and trainer.manager.latest_checkpoint:
+    if old is not None and trainer.checkpoints.latest:
         before = old.get(DISTRIBUTED_KEY, {}).get("table_shards")
         if before is not None and before != trainer.table_shards:
             changed = [k for k in trainer.table_shards if before.get(k) != trainer.table_shards[k]]
@@ -484,10 +361,16 @@ def train_distributed(
                 f"Resume on a cluster with {then['ps']} ps and the same partitioner options, or start a new run folder "
                 f"with --warm-start {run} (the weights carry over)."
             )
-    _write_json(run / RUN_FILE, info)
+    source = core.resolve_validation(data, valid, config, run)
+    table = shard_table(source.train)
+    _check_files(source.train, table, spec_cluster)
+    info["validation"] = {"source": source.source, "note": source.note, "data": None if source.valid is None else str(source.valid)}
+    core.write_run_info(run, info)
+    with open_batches(source.train, PipelineOptions(batch_size=1, shuffle=False)) as first:
+        rows, positives = first.rows or 0, first.positives
     try:
         return _coordinate(trainer, coordinator, spec_cluster, table, spec, rows, positives, config, options, run,
-                           valid=valid, warm_start=warm_start, on_progress=on_progress, info=info)
+                           source=source, warm=warm, on_progress=on_progress)
     except CtrflowError:
         raise
     except (tf.errors.OpError, ValueError, RuntimeError) as e:
@@ -500,11 +383,11 @@ def _cluster_error(e: BaseException, cluster: ClusterSpec, trainer: _ClusterTrai
     msg = (getattr(e, "message", None) or str(e)).strip().splitlines()
     first = msg[0][:300] if msg else type(e).__name__
     if isinstance(e, tf.errors.InvalidArgumentError) and "ctrflow: the training loss" in str(e):
-        latest = trainer.manager.latest_checkpoint if trainer else None
+        latest = trainer.checkpoints.latest if trainer else None
         return TrainingError(f"the loss became NaN or inf; training stopped. The last good checkpoint {latest} is kept. "
                              "Lower the learning rate or check the data.")
     dead = _probe_dead(cluster)
-    latest = trainer.manager.latest_checkpoint if trainer else tf.train.latest_checkpoint(str(run / "checkpoints"))
+    latest = trainer.checkpoints.latest if trainer else tf.train.latest_checkpoint(str(run / "checkpoints"))
     where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
     dead_ps = [d for d in dead if d.startswith("ps")]
     if dead_ps:
@@ -520,33 +403,29 @@ def _cluster_error(e: BaseException, cluster: ClusterSpec, trainer: _ClusterTrai
 
 def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec, table: dict[str, np.ndarray],
                 spec: FeatureSpec, rows: int, positives: float | None, config: TrainConfig, options: DistributedOptions,
-                run: Path, *,
-                valid: Any, warm_start: Any, on_progress: Callable[..., None] | None, info: dict[str, Any]) -> TrainSummary:
+                run: Path, *, source: core.ValidationSource, warm: tuple[str, bool] | None,
+                on_progress: Callable[..., None] | None) -> TrainSummary:
     import tensorflow as tf
 
-    resumed_from = 0
+    resumed_from = trainer.checkpoints.restore_latest() or 0
     warm_from = None
-    if trainer.manager.latest_checkpoint:
-        try:
-            trainer.ckpt.restore(trainer.manager.latest_checkpoint).assert_existing_objects_matched()
-        except (AssertionError, ValueError) as e:
-            raise ConfigError(f"{trainer.manager.latest_checkpoint} does not match this model and optimizer "
-                              f"({str(e).strip()[:300]}): resume with the run's own settings, or use a new run folder.") from None
-        resumed_from = int(trainer.step.numpy())
-    elif warm_start is not None:
-        warm_from = _warm_start(trainer, Path(warm_start), info)
-    else:
-        init_output_bias(trainer.model, positives, rows)
+    if not resumed_from and trainer.checkpoints.latest is None:
+        if warm is not None:  # model weights only: optimizer slots here are per shard
+            warm_from = core.apply_warm_start(warm[0], trainer.model, None)
+        else:
+            init_output_bias(trainer.model, positives, rows, config.negative_sampling_rate)
 
     runlog = RunHistory(run, resumed_from)
     history, record = runlog.entries, runlog.record
 
     # Steps are counted as in train(): an epoch is as many global steps as one process would take.
-    steps_per_epoch = max(1, -(-rows // config.batch_size))
-    total = steps_per_epoch * config.epochs
+    epochs = config.max_epochs(source.valid is not None)
+    kept = rows if config.negative_sampling_rate >= 1.0 else int((positives or 0) + (rows - (positives or 0)) * config.negative_sampling_rate)
+    steps_per_epoch = max(1, -(-kept // config.batch_size))
+    total = steps_per_epoch * epochs
     if config.max_steps:
         total = min(total, config.max_steps)
-    total_examples = min(rows * config.epochs, total * config.batch_size)
+    total_examples = min(kept * epochs, total * config.batch_size)
     k = options.function_steps(config)
     in_flight = options.in_flight_per_worker * cluster.num_workers * k
     # A resumed run starts a fresh shuffle (no exact replay in asynchronous training).
@@ -554,38 +433,22 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
     workers = cluster.num_workers
     iterator = iter(coordinator.create_per_worker_dataset(
         lambda: worker_dataset(table, spec, batch_size=config.batch_size, num_workers=workers, seed=data_seed,
-                               shuffle_buffer_rows=config.shuffle_buffer_rows)))
+                               shuffle_buffer_rows=config.shuffle_buffer_rows,
+                               negative_sampling_rate=config.negative_sampling_rate)))
     train_steps = trainer.make_function()
 
     t0 = time.perf_counter()
     start_examples = int(trainer.examples.numpy())
-    progress = {"loss": 0.0, "rows": 0.0, "running": math.nan, "valid_step": -1,
-                "saved": resumed_from if trainer.manager.latest_checkpoint else -1, "overhead_s": 0.0}
-    last_valid: dict[str, Any] | None = None
-    stopped_early = False
+    progress = {"loss": 0.0, "rows": 0.0, "running": math.nan,
+                "saved": resumed_from if trainer.checkpoints.latest else -1, "overhead_s": 0.0}
+    # Validation on the coordinator: lookups gather from the shards.
+    validation = core.Validation(source.valid, config, trainer.checkpoints, trainer.predict, record, t0)
 
     def validate(step: int) -> None:
-        nonlocal last_valid, stopped_early
-        if valid is None:
-            return
-        tv = time.perf_counter()
-        with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
-            m = _evaluate_stream(trainer, vb)  # on the coordinator: lookups gather from the shards
-        progress["overhead_s"] += time.perf_counter() - tv
-        last_valid = m
-        progress["valid_step"] = step
-        record({"kind": "valid", "step": step, "examples": int(trainer.examples.numpy()), "epoch": step // steps_per_epoch,
-                "seconds": time.perf_counter() - t0, **m})
-        if m["logloss"] < float(trainer.best.numpy()) - 1e-6:
-            trainer.best.assign(m["logloss"])
-            trainer.bad_validations.assign(0)
-        else:
-            trainer.bad_validations.assign_add(1)
-        if config.early_stopping_patience and trainer.bad_validations.numpy() >= config.early_stopping_patience:
-            stopped_early = True
+        validation(step, step // steps_per_epoch)
 
     def save(step: int) -> None:
-        epoch = min(step // steps_per_epoch, config.epochs)
+        epoch = min(step // steps_per_epoch, epochs)
         trainer.epoch.assign(epoch)
         trainer.batch_in_epoch.assign(step - epoch * steps_per_epoch)
         ts = time.perf_counter()
@@ -622,7 +485,7 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
             if now != done:
                 bookkeeping(done, now)
                 done, last_change = now, time.monotonic()
-            if stopped_early or done >= total:
+            if validation.stop or done >= total:
                 break
             if scheduled < total and scheduled - done < in_flight:
                 steps = min(k, total - scheduled)
@@ -634,16 +497,19 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
                 raise _stalled(cluster, options, done, total, trainer)
             time.sleep(options.poll_s)
         done = _drain(coordinator, options, trainer, cluster, done, total, bookkeeping)
-        if valid is not None and not config.valid_every_steps and not stopped_early and progress["valid_step"] != done:
+        if validation.enabled and not config.valid_every_steps and not validation.stop and validation.last_step != done:
             validate(done)  # max_steps reached mid-epoch: the end of training is a validation point
         if progress["saved"] != done:
             save(done)
-        latest = trainer.manager.latest_checkpoint
+        restored = validation.finish(done)
+        latest = trainer.checkpoints.latest
     finally:
-        runlog.close()
-    return finish_run(run, trainer, history, seconds=time.perf_counter() - t0, overhead_s=progress["overhead_s"],
-                      start_examples=start_examples, steps=done, running_logloss=progress["running"], valid=last_valid,
-                      stopped_early=stopped_early, resumed_from=resumed_from, warm_from=warm_from, checkpoint=latest)
+        runlog.close(best_step=trainer.checkpoints.best_step)
+    return core.finish_run(run, trainer.counters, history, seconds=time.perf_counter() - t0,
+                           overhead_s=progress["overhead_s"] + validation.seconds, start_examples=start_examples, steps=done,
+                           running_logloss=progress["running"], validation=validation, source=source,
+                           stopped_early=validation.stop, resumed_from=resumed_from, warm_from=warm_from, checkpoint=latest,
+                           restored_best=restored, config=config)
 
 
 def _stalled(cluster: ClusterSpec, options: DistributedOptions, done: int, total: int, trainer: _ClusterTrainer) -> TrainingError:
@@ -651,33 +517,8 @@ def _stalled(cluster: ClusterSpec, options: DistributedOptions, done: int, total
     return TrainingError(
         f"no training step finished in {options.stall_timeout_s:g} s (step {done} of {total}); "
         f"{'unreachable: ' + ', '.join(dead) if dead else 'every task answers, but none makes progress'}. "
-        f"The last checkpoint is {trainer.manager.latest_checkpoint}; restart the cluster's tasks and rerun to resume."
+        f"The last checkpoint is {trainer.checkpoints.latest}; restart the cluster's tasks and rerun to resume."
     )
-
-
-def _warm_start(trainer: _ClusterTrainer, src: Path, info: dict[str, Any]) -> str:
-    """Model weights from another run's latest checkpoint (single-process or sharded: tables are saved
-    whole); optimizer state starts fresh, its slots being per shard."""
-    import tensorflow as tf
-
-    other = json.loads((src / RUN_FILE).read_text()) if (src / RUN_FILE).exists() else None
-    if other is None:
-        raise ConfigError(f"{src}: not a training run folder (no {RUN_FILE}).")
-    if other["feature_spec"] != info["feature_spec"]:
-        raise TrainingError(f"cannot warm start from {src}: its feature spec differs (convert the data --like its data).")
-    keys = ("kind", "embedding_dim", "hidden", "table_mode", "batch_norm")
-    mine, theirs = info["config"]["model"], other["config"]["model"]
-    diff = [k for k in keys if mine.get(k) != theirs.get(k)]
-    if diff:
-        raise TrainingError(f"cannot warm start from {src}: model shapes differ in {diff}.")
-    latest = tf.train.latest_checkpoint(str(src / "checkpoints"))
-    if latest is None:
-        raise TrainingError(f"cannot warm start from {src}: it has no checkpoint.")
-    try:
-        tf.train.Checkpoint(model=trainer.model).read(latest).expect_partial()
-    except (ValueError, tf.errors.OpError) as e:
-        raise TrainingError(f"cannot warm start from {latest}: {str(e).strip()[:300]}") from None
-    return latest
 
 
 def _drain(coordinator: Any, options: DistributedOptions, trainer: _ClusterTrainer, cluster: ClusterSpec, done: int,

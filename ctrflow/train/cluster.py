@@ -2,7 +2,8 @@
 
 A cluster is TensorFlow's parameter-server layout: `ps` tasks hold the (sharded) variables, `worker`
 tasks run training steps, and one coordinator (`chief`) schedules the steps and writes checkpoints.
-This module only places and supervises processes; the training itself is `ctrflow.train.distributed`.
+This module only places and supervises processes for distributed training (`ctrflow.train.distributed`);
+its commands are `ctrflow cluster worker|ps|local` (ctrflow/cli.py).
 
 A cluster file is JSON or YAML, either the plain cluster spec
 
@@ -162,23 +163,10 @@ def load_cluster(source: str | os.PathLike | Mapping[str, Any] | ClusterSpec) ->
     if isinstance(source, Mapping):
         data, name = source, "the cluster"
     else:
-        path = Path(source)
-        name = str(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the cluster file ({e.strerror or e}).") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
+        from ctrflow.configfile import load_config_file
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError are ValueErrors or close to
-            raise ConfigError(f"{path}: not a valid cluster file ({e}).") from None
-        except Exception as e:  # yaml.YAMLError
-            raise ConfigError(f"{path}: not a valid cluster file ({e}).") from None
+        name = str(source)
+        data = load_config_file(source, what="cluster file")
     if isinstance(data, Mapping) and "cluster" in data:  # TF_CONFIG shape
         data = data["cluster"]
     return ClusterSpec.from_dict(data, source=name)
@@ -426,13 +414,13 @@ class LocalCluster:
 
     def _spawn(self, kind: str, index: int) -> None:
         log = open(self.log_dir / f"{kind}-{index}.log", "ab")
-        cmd = [self.python, "-m", "ctrflow.cluster", kind, "--cluster", str(self.cluster_file), "--index", str(index),
+        cmd = [self.python, "-m", "ctrflow", "cluster", kind, "--cluster", str(self.cluster_file), "--index", str(index),
                "--exit-with-parent"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *filter(None, [env.get("PYTHONPATH")])])
         try:
             self._procs[(kind, index)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                           env=env, start_new_session=True)
@@ -613,38 +601,3 @@ def run_local(
         cluster.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# --- `python -m ctrflow.cluster worker|ps|local` (what `ctrflow cluster ...` runs) --------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """`worker|ps --cluster FILE --index I` serves a task; `local --workers W --ps P -- CMD...` runs a local
-    cluster around the coordinator command CMD (a `python -m ctrflow` argument list, e.g. `train ...`)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="ctrflow cluster", description="parameter-server cluster tasks")
-    sub = parser.add_subparsers(dest="task", required=True)
-    for kind in SERVER_TASK_TYPES:
-        p = sub.add_parser(kind, help=f"serve a {kind} task")
-        p.add_argument("--cluster", required=True, help="cluster file (JSON/YAML)")
-        p.add_argument("--index", type=int, required=True)
-        p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    p = sub.add_parser("local", help="run a coordinator command on a local multi-process cluster")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--ps", type=int, default=1)
-    p.add_argument("--log-dir")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    try:
-        if args.task == "local":
-            command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            return run_local([sys.executable, "-m", "ctrflow", *command], workers=args.workers, ps=args.ps, log_dir=args.log_dir)
-        serve(args.cluster, args.task, args.index, exit_with_parent=args.exit_with_parent, threads=args.threads)
-        return 0
-    except CtrflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from ctrflow.errors import ConfigError
 from ctrflow.export import EXPORT_INFO, find_versions
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
-from ctrflow.train.continuous import (
+from ctrflow.continuous import (
     DECISIONS_FILE,
     ContinuousOptions,
     StateLock,
@@ -234,7 +234,7 @@ def test_kill_9_at_random_points_then_rerun_trains_each_slice_once_and_never_sho
     script = (
         "import json, sys\n"
         "from ctrflow.train.config import TrainConfig\n"
-        "from ctrflow.train.continuous import ContinuousOptions, continuous_train\n"
+        "from ctrflow.continuous import ContinuousOptions, continuous_train\n"
         "continuous_train(sys.argv[1], sys.argv[2], sys.argv[3], TrainConfig.from_dict(json.loads(sys.argv[4])),\n"
         "                 ContinuousOptions(tolerance=0.5), once=True)\n"
     )

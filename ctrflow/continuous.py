@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ctrflow.atomic import atomic_write_json
 from ctrflow.data import shards as shardio
 from ctrflow.errors import ConfigError, CtrflowError, ShardCorruptError, TrainingError
 from ctrflow.train.config import TrainConfig
@@ -80,7 +81,6 @@ STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 GATE_FILE = "gate.json"  # in runs/<slice>/: the gate's result, written before the export
 TOUCHED_FILE = "touched.npz"
-_SHARD_ROWS = 1 << 20  # rows per shard file of a slice's train/gate split
 _MODEL_SHAPE_KEYS = ("kind", "embedding_dim", "hidden", "table_mode", "batch_norm")
 
 EventFn = Callable[["Decision"], None]
@@ -190,12 +190,7 @@ class ContinuousSummary:
 # Small durable-file helpers.
 # ------------------------------------------------------------------------------------------------
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1, default=_json_default))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, default=_json_default)
 
 
 def _json_default(x: Any) -> Any:
@@ -322,7 +317,7 @@ class _Follower:
         return self.state / head["run"] if head else None
 
     def line_info(self) -> dict[str, Any] | None:
-        from ctrflow.train.loop import load_run_info
+        from ctrflow.train.core import load_run_info
 
         run = self.line_run()
         return load_run_info(run) if run is not None else None
@@ -440,7 +435,7 @@ class _Follower:
                     "--like the first one)", time_range=time_range), t0, secs)
 
         t = time.perf_counter()
-        train_dir, gate_dir, split = _split(src, man, self.work / name, self.options.holdout_fraction)
+        train_dir, gate_dir, split = _split(src, self.work / name, self.options.holdout_fraction)
         secs["split"] = time.perf_counter() - t
         run = self.runs / name
         line_run = self.line_run()
@@ -456,8 +451,8 @@ class _Follower:
         if not trained:
             from ctrflow.train.loop import train
 
-            try:
-                train(train_dir, run, self.config, warm_start=warm, on_progress=self.on_progress)
+            try:  # the gate rows are this slice's validation: no second split inside the slice
+                train(train_dir, run, self.config.replace(holdout_fraction=0.0), warm_start=warm, on_progress=self.on_progress)
             except TrainingError as e:
                 secs["train"] = time.perf_counter() - t
                 base.reason = f"diverged: {e}"
@@ -552,7 +547,7 @@ def _metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_run_json(run: Path) -> dict[str, Any]:
-    from ctrflow.train.loop import load_run_info
+    from ctrflow.train.core import load_run_info
 
     return load_run_info(run)
 
@@ -589,63 +584,31 @@ def _exported_version(base: Path, name: str, *, after: int) -> int | None:
 # ------------------------------------------------------------------------------------------------
 # The train / gate split of a slice.
 # ------------------------------------------------------------------------------------------------
-def _read_all(man: shardio.Manifest) -> shardio.ShardData:
-    parts = [shardio.read_shard(p) for p in man.shard_paths()]
-
-    def cat(name: str) -> np.ndarray | None:
-        arrays = [getattr(p, name) for p in parts]
-        return None if arrays[0] is None else np.concatenate(arrays)
-
-    return shardio.ShardData(label=cat("label"), ids=cat("ids"), numeric=cat("numeric"), weight=cat("weight"),
-                             time=cat("time"), extras=cat("extras"))
+def _labels(folder: str) -> tuple[np.ndarray, np.ndarray | None]:
+    parts = [shardio.read_shard(p) for p in shardio.load_manifest(folder).shard_paths()]
+    label = np.concatenate([p.label for p in parts])
+    weight = None if parts[0].weight is None else np.concatenate([p.weight for p in parts])
+    return label, weight
 
 
-def _take(d: shardio.ShardData, idx: np.ndarray) -> shardio.ShardData:
-    return shardio.ShardData(label=d.label[idx], ids=d.ids[idx], numeric=d.numeric[idx],
-                             weight=None if d.weight is None else d.weight[idx],
-                             time=None if d.time is None else d.time[idx],
-                             extras=None if d.extras is None else d.extras[idx])
-
-
-def _write_folder(out: Path, data: shardio.ShardData, man: shardio.Manifest) -> None:
-    """A complete shard folder (shards, then manifest, then rename) holding `data` with `man`'s schema."""
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    meta = {k: man.data[k] for k in ("schema", "schema_fingerprint", "transforms")}
-    entries = []
-    for i, start in enumerate(range(0, data.rows, _SHARD_ROWS)):
-        piece = _take(data, np.arange(start, min(data.rows, start + _SHARD_ROWS)))
-        entries.append(shardio.write_shard(partial / f"part-{i:05d}{shardio.SHARD_SUFFIX}", piece, meta))
-    tr = [int(data.time.min()), int(data.time.max())] if data.time is not None and data.rows else None
-    manifest = {**man.data, "rows": data.rows, "rows_read": data.rows, "rows_rejected": 0, "rejects": {},
-                "time_range": tr, "inputs": [str(man.root)], "created_unix": time.time(), "shards": entries}
-    _write_json(partial / shardio.MANIFEST, manifest)
-    os.replace(partial, out)
-
-
-def _split(src: Path, man: shardio.Manifest, work: Path, fraction: float) -> tuple[Path, Path, dict[str, Any]]:
-    """Cut a slice into train rows and gate rows (its latest `fraction` by time). Reused once complete."""
+def _split(src: Path, work: Path, fraction: float) -> tuple[Path, Path, dict[str, Any]]:
+    """Cut a slice into train rows and gate rows (its latest `fraction` by time: the trainer's held-out
+    split, `ctrflow.train.holdout`), with the gate's constant-rate baseline. Reused once complete."""
+    from ctrflow.train.holdout import hold_out
     from ctrflow.train.metrics import logloss
 
-    train_dir, gate_dir, info_path = work / "train", work / "gate", work / "split.json"
+    info_path = work / "gate-split.json"
+    h = hold_out(src, work / "split", fraction)
     if info_path.exists():
-        return train_dir, gate_dir, json.loads(info_path.read_text())
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    data = _read_all(man)
-    order = np.argsort(data.time, kind="stable") if data.time is not None else np.arange(data.rows)
-    n_gate = min(data.rows - 1, max(1, int(round(data.rows * fraction))))
-    train, gate = _take(data, order[:-n_gate]), _take(data, order[-n_gate:])
-    _write_folder(train_dir, train, man)
-    _write_folder(gate_dir, gate, man)
-    w = train.weight
-    rate = float(np.average(train.label, weights=w)) if w is None or w.sum() > 0 else float(train.label.mean())
+        return Path(h.train), Path(h.valid), json.loads(info_path.read_text())
+    label, w = _labels(h.train)
+    rate = float(np.average(label, weights=w)) if w is None or w.sum() > 0 else float(label.mean())
     rate = min(max(rate, 1e-6), 1 - 1e-6)
-    info = {"rows_train": train.rows, "rows_gate": gate.rows, "train_ctr": rate,
-            "baseline_logloss": logloss(gate.label, np.full(gate.rows, rate, np.float32), gate.weight)}
+    gate_label, gate_w = _labels(h.valid)
+    info = {"rows_train": h.rows_train, "rows_gate": h.rows_valid, "train_ctr": rate,
+            "baseline_logloss": logloss(gate_label, np.full(len(gate_label), rate, np.float32), gate_w)}
     _write_json(info_path, info)
-    return train_dir, gate_dir, info
+    return Path(h.train), Path(h.valid), info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -701,7 +664,8 @@ def _reset_rows_copy(line_run: Path, out: Path, stale: dict[int, np.ndarray]) ->
 
     from ctrflow.data.batch import FeatureSpec
     from ctrflow.models.layers import FieldTables
-    from ctrflow.train.loop import RUN_FILE, _Trainer, load_run_info
+    from ctrflow.train.core import RUN_FILE, load_run_info
+    from ctrflow.train.loop import Trainer
 
     if tf.train.latest_checkpoint(str(out / "checkpoints")):
         return out
@@ -709,9 +673,9 @@ def _reset_rows_copy(line_run: Path, out: Path, stale: dict[int, np.ndarray]) ->
     out.mkdir(parents=True)
     info = load_run_info(line_run)
     config, spec = TrainConfig.from_dict(info["config"]), FeatureSpec.from_dict(info["feature_spec"])
-    state = _Trainer(out, config, spec)  # the same checkpoint layout as the line's runs
+    state = Trainer(out, config, spec)  # the same checkpoint layout as the line's runs
     state.ckpt.read(tf.train.latest_checkpoint(str(line_run / "checkpoints"))).assert_existing_objects_matched()
-    fresh = _Trainer(out / "fresh-unsaved", config, spec)  # initial values of every table and slot
+    fresh = Trainer(out / "fresh-unsaved", config, spec)  # initial values of every table and slot
     tables = [m for m in state.model.submodules if isinstance(m, FieldTables)]
     fresh_tables = [m for m in fresh.model.submodules if isinstance(m, FieldTables)]
     for mine, init in zip(tables, fresh_tables):
@@ -731,7 +695,7 @@ def _reset_rows_copy(line_run: Path, out: Path, stale: dict[int, np.ndarray]) ->
                 for slot_name, slot in opt.slots.get(key, {}).items():
                     slot0 = fresh.optimizer.optimizers[group].slots[key][slot_name]
                     slot.scatter_update(tf.IndexedSlices(tf.gather(slot0, idx), idx))
-    (out / RUN_FILE).write_text((line_run / RUN_FILE).read_text())
+    atomic_write_json(out / RUN_FILE, json.loads((line_run / RUN_FILE).read_text()))
     state.manager.save(checkpoint_number=int(state.step.numpy()))  # the index file is written last
     return out
 
