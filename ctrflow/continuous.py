@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ctrflow.atomic import atomic_write_json
+from ctrflow.atomic import atomic_write_json, atomic_writer
 from ctrflow.data import shards as shardio
 from ctrflow.errors import ConfigError, CtrflowError, ShardCorruptError, TrainingError
 from ctrflow.train.config import TrainConfig
@@ -652,9 +652,8 @@ class _Touched:
             for c in self.columns:
                 self.last[c][np.unique(ids[:, c])] = ordinal
         self.applied.append(name)
-        tmp = self.path.with_name(f"touched.tmp-{os.getpid()}.npz")
-        np.savez(tmp, applied=np.array(self.applied, dtype=str), **{f"c{c}": v for c, v in self.last.items()})
-        os.replace(tmp, self.path)
+        with atomic_writer(self.path) as f:
+            np.savez(f, applied=np.array(self.applied, dtype=str), **{f"c{c}": v for c, v in self.last.items()})
 
 
 def _reset_rows_copy(line_run: Path, out: Path, stale: dict[int, np.ndarray]) -> Path:

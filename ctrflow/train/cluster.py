@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ctrflow.atomic import atomic_write_json
 from ctrflow.errors import ConfigError, CtrflowError
 
 __all__ = [
@@ -396,7 +397,7 @@ class LocalCluster:
             ports = _free_ports(1 + self.ps + self.workers, self.host)
             addr = [f"{self.host}:{p}" for p in ports]
             self.cluster = ClusterSpec(chief=(addr[0],), ps=tuple(addr[1 : 1 + self.ps]), worker=tuple(addr[1 + self.ps :]))
-            self.cluster_file.write_text(json.dumps(self.cluster.to_dict(), indent=1))
+            atomic_write_json(self.cluster_file, self.cluster.to_dict())
             for kind, index, _ in self.cluster.tasks():
                 if kind != "chief":
                     self._spawn(kind, index)

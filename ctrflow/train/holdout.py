@@ -73,32 +73,37 @@ def hold_out(src: str | os.PathLike, work: str | os.PathLike, fraction: float, *
         valid_mask[np.random.default_rng(seed).choice(rows, n_valid, replace=False)] = True
     parts = {"train": work / "train", "valid": work / "valid"}
     partial = {k: v.with_name(f"{v.name}.partial-{os.getpid()}") for k, v in parts.items()}
-    for p in partial.values():
-        p.mkdir(parents=True)
-    meta = {k: man.data[k] for k in ("schema", "schema_fingerprint", "transforms")}
-    entries: dict[str, list] = {"train": [], "valid": []}
-    stats = {k: {"rows": 0, "positives": 0.0, "time": []} for k in parts}
-    start = 0
-    for i, shard in enumerate(shards):
-        mask = valid_mask[start:start + shard.rows]
-        start += shard.rows
-        for kind, idx in (("train", np.flatnonzero(~mask)), ("valid", np.flatnonzero(mask))):
-            if not len(idx):
-                continue
-            piece = _take(shard, idx)
-            entries[kind].append(shardio.write_shard(partial[kind] / f"part-{i:05d}{shardio.SHARD_SUFFIX}", piece, meta))
+    try:
+        for p in partial.values():
+            p.mkdir(parents=True)
+        meta = {k: man.data[k] for k in ("schema", "schema_fingerprint", "transforms")}
+        entries: dict[str, list] = {"train": [], "valid": []}
+        stats = {k: {"rows": 0, "positives": 0.0, "time": []} for k in parts}
+        start = 0
+        for i, shard in enumerate(shards):
+            mask = valid_mask[start:start + shard.rows]
+            start += shard.rows
+            for kind, idx in (("train", np.flatnonzero(~mask)), ("valid", np.flatnonzero(mask))):
+                if not len(idx):
+                    continue
+                piece = _take(shard, idx)
+                entries[kind].append(shardio.write_shard(partial[kind] / f"part-{i:05d}{shardio.SHARD_SUFFIX}", piece, meta))
+                st = stats[kind]
+                st["rows"] += piece.rows
+                st["positives"] += float(piece.label.sum())
+                if piece.time is not None:
+                    st["time"] += [int(piece.time.min()), int(piece.time.max())]
+        for kind in parts:
             st = stats[kind]
-            st["rows"] += piece.rows
-            st["positives"] += float(piece.label.sum())
-            if piece.time is not None:
-                st["time"] += [int(piece.time.min()), int(piece.time.max())]
-    for kind in parts:
-        st = stats[kind]
-        manifest = {**man.data, "rows": st["rows"], "rows_read": st["rows"], "rows_rejected": 0, "rejects": {},
-                    "positives": st["positives"], "time_range": [min(st["time"]), max(st["time"])] if st["time"] else None,
-                    "inputs": [str(man.root)], "created_unix": time.time(), "shards": entries[kind]}
-        atomic_write_json(partial[kind] / shardio.MANIFEST, manifest)
-        replace_atomically(partial[kind], parts[kind])
+            manifest = {**man.data, "rows": st["rows"], "rows_read": st["rows"], "rows_rejected": 0, "rejects": {},
+                        "positives": st["positives"], "time_range": [min(st["time"]), max(st["time"])] if st["time"] else None,
+                        "inputs": [str(man.root)], "created_unix": time.time(), "shards": entries[kind]}
+            atomic_write_json(partial[kind] / shardio.MANIFEST, manifest)
+            replace_atomically(partial[kind], parts[kind])
+    except BaseException:  # a full disk, an interrupt: no partial folder stays behind
+        for p in partial.values():
+            shutil.rmtree(p, ignore_errors=True)
+        raise
     schema_time = man.data.get("schema", {}).get("time")
     result = HoldOut(train=str(parts["train"]), valid=str(parts["valid"]), by="time" if has_time else "random",
                      time_column=schema_time if has_time else None, fraction=fraction,
