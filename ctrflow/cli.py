@@ -129,6 +129,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     opts = ConvertOptions(
         workers=args.workers, block_bytes=args.block_mb << 20,
         max_errors=None if args.max_errors < 0 else args.max_errors, overwrite=args.overwrite,
+        max_line_bytes=args.max_line_bytes, max_field_bytes=args.max_field_bytes,
     )
     bar = _bar(args)
     try:
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-mb", type=int, default=32, help="MiB of text per block/shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-buckets", type=int, help="cap every categorical field's hash buckets (smaller tables)")
+    p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="reject longer lines (line_too_long); default 1 MiB")
+    p.add_argument("--max-field-bytes", type=int, default=64 << 10, help="reject rows with a longer field (field_too_long)")
     _schema_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_convert)

@@ -30,6 +30,7 @@ from ctrflow.data import shards as shardio
 from ctrflow.data.transforms import QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform
 from ctrflow.errors import ConfigError, InputError, SchemaError, TooManyRejectsError
 from ctrflow.schema import Schema, load_schema
+from ctrflow.validation import Bool, Int, check_fields
 
 __all__ = ["ConvertOptions", "ConvertSummary", "convert", "REJECT_REASONS"]
 
@@ -42,6 +43,8 @@ REJECT_REASONS = (
     "invalid_utf8",       # a categorical value is not valid UTF-8 (serving could never match it)
     "bad_json",           # a JSON Lines row is not a JSON object
     "empty_row",          # a blank line, or a row whose every field is empty
+    "line_too_long",      # a line over max_line_bytes (skipped in pieces, never held in memory)
+    "field_too_long",     # a used field over max_field_bytes
 )
 
 ProgressFn = Callable[[int, "int | None"], None]
@@ -57,16 +60,15 @@ class ConvertOptions:
     sample_capacity: int = 1_000_000  # rows kept per numeric field for quantile fitting
     overwrite: bool = False  # replace an existing output folder
     seed: int = 0  # sampling seed (quantile sketch); conversion is deterministic given it
+    max_line_bytes: int = 1 << 20  # longer lines are rejected (`line_too_long`) while read in bounded pieces
+    max_field_bytes: int = 64 << 10  # a longer field value rejects its row (`field_too_long`)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"The 'workers' option of convert must be an int >= 0. Got {self.workers!r} instead.")
-        if not isinstance(self.block_bytes, int) or self.block_bytes < 4096:
-            raise ConfigError(f"The 'block_bytes' option of convert must be an int >= 4096. Got {self.block_bytes!r} instead.")
-        if self.max_errors is not None and (not isinstance(self.max_errors, int) or self.max_errors < 0):
-            raise ConfigError(f"The 'max_errors' option of convert must be an int >= 0 or None. Got {self.max_errors!r} instead.")
-        if self.sample_capacity < 1000:
-            raise ConfigError(f"The 'sample_capacity' option of convert must be >= 1000. Got {self.sample_capacity!r} instead.")
+        check_fields(self, {
+            "workers": Int(low=0), "block_bytes": Int(low=4096), "max_errors": Int(low=0, optional=True),
+            "sample_capacity": Int(low=1000), "overwrite": Bool(), "seed": Int(low=0),
+            "max_line_bytes": Int(low=64), "max_field_bytes": Int(low=1),
+        })
 
 
 @dataclass
@@ -99,7 +101,8 @@ class _Block:
     start: int = 0  # byte range (text/jsonl in plain files) or row-group index (parquet)
     end: int = 0
     first_line: int = 1  # 1-based line number of the block's first line in its file
-    data: bytes | None = None  # decompressed text (gzip inputs are cut in this process)
+    data: bytes | None = None  # decompressed text (gzip inputs are cut in this process); a long line's head
+    too_long: bool = False  # one line over max_line_bytes: rejected whole, its bytes never held in memory
 
 
 def _input_kind(path: Path) -> str:
@@ -152,61 +155,143 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
 
 
-def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, start_index: int) -> Iterator[_Block]:
-    """Blocks of whole lines. Plain files become byte ranges; gzip is decompressed here, in order."""
+_PIECE = 4 << 20  # bytes read at a time while cutting: the planner's memory is O(block + piece), never O(line)
+_HEAD = 256  # bytes of a too-long line kept for the rejects file
+
+
+class _LineCutter:
+    """Cuts a byte stream into blocks of whole lines, setting aside every line over `max_line` bytes.
+
+    Fed consecutive pieces, it returns `_Block`s: row blocks of at least `block_bytes` (cut after a
+    newline) and one `too_long` block per overlong line, whose bytes are skipped, not kept (only their
+    first `_HEAD` bytes are). `keep_data` keeps the row blocks' bytes (decompressed inputs); otherwise
+    blocks are byte ranges that a worker reads itself.
+    """
+
+    def __init__(self, file: str, kind: str, start: int, first_line: int, block_bytes: int, max_line: int,
+                 keep_data: bool, index: int) -> None:
+        self.file, self.kind, self.block_bytes, self.max_line, self.keep_data = file, kind, block_bytes, max_line, keep_data
+        self.index = index
+        self.pos = start  # stream offset of the bytes fed so far
+        self.blk: int | None = start  # start of the pending row block (a line start); None inside a long line
+        self.blk_line = first_line
+        self.line_start, self.line_no = start, first_line  # the open (unterminated) line
+        self.buf = bytearray()  # bytes [blk, blk + len(buf)) when keep_data
+        self.long_head: bytes | None = None  # head of the open line once it is known to be too long
+
+    def _emit_rows(self, end: int, out: list[_Block]) -> None:
+        assert self.blk is not None
+        if end > self.blk:
+            data = bytes(self.buf[: end - self.blk]) if self.keep_data else None
+            out.append(_Block(self.index, self.file, self.kind, self.blk, end, self.blk_line, data))
+            self.index += 1
+            del self.buf[: end - self.blk]
+        self.blk = end
+
+    def _append(self, c: bytes, base: int, upto: int) -> None:
+        if self.keep_data and self.blk is not None:
+            lo = self.blk + len(self.buf) - base
+            if upto - base > lo:
+                self.buf += c[max(lo, 0): upto - base]
+
+    def _normal(self, ends: np.ndarray, c: bytes, base: int, out: list[_Block]) -> None:
+        """Lines ending at `ends` (stream offsets after each newline) are short: cut full blocks among them."""
+        if not len(ends):
+            return
+        first = 0
+        while True:
+            assert self.blk is not None
+            k = int(np.searchsorted(ends[first:], self.blk + self.block_bytes, side="left")) + first
+            if k >= len(ends):
+                break
+            cut = int(ends[k])
+            self._append(c, base, cut)
+            self._emit_rows(cut, out)
+            self.blk_line = self.line_no + k + 1
+            first = k + 1
+        last = int(ends[-1])
+        self._append(c, base, last)
+        self.line_start, self.line_no = last, self.line_no + len(ends)
+
+    def _long(self, start: int, end: int, c: bytes, base: int, out: list[_Block]) -> None:
+        head = self.long_head
+        if head is None:
+            known = bytes(self.buf[start - self.blk:]) if (self.keep_data and self.blk is not None and start < self.blk + len(self.buf)) else b""
+            head = (known + c[max(start - base, 0): max(start - base, 0) + _HEAD])[:_HEAD]
+        if self.blk is not None:
+            self._emit_rows(start, out)
+        out.append(_Block(self.index, self.file, self.kind, start, end, self.line_no, head, too_long=True))
+        self.index += 1
+        self.blk, self.blk_line, self.buf, self.long_head = end, self.line_no + 1, bytearray(), None
+        self.line_start, self.line_no = end, self.line_no + 1
+
+    def feed(self, c: bytes) -> list[_Block]:
+        base, out = self.pos, []
+        ends = np.flatnonzero(np.frombuffer(c, np.uint8) == 10).astype(np.int64) + (base + 1)
+        j = 0
+        if len(ends):
+            starts = np.concatenate(([self.line_start], ends[:-1]))
+            for k in np.flatnonzero(ends - starts - 1 > self.max_line).tolist():
+                self._normal(ends[j:k], c, base, out)
+                self._long(int(starts[k]), int(ends[k]), c, base, out)
+                j = k + 1
+        self._normal(ends[j:], c, base, out)
+        self.pos = base + len(c)
+        if self.long_head is None:
+            if self.pos - self.line_start > self.max_line:  # the open line is already too long: stop keeping it
+                lo = self.line_start - base
+                known = bytes(self.buf[self.line_start - self.blk:]) if (self.keep_data and lo < 0) else b""
+                self.long_head = (known + c[max(lo, 0): max(lo, 0) + _HEAD])[:_HEAD]
+                self._emit_rows(self.line_start, out)
+                self.blk = None
+            else:
+                self._append(c, base, self.pos)
+        return out
+
+    def finish(self) -> list[_Block]:
+        out: list[_Block] = []
+        if self.long_head is not None:
+            out.append(_Block(self.index, self.file, self.kind, self.line_start, self.pos, self.line_no, self.long_head, too_long=True))
+            self.index += 1
+        elif self.blk is not None:
+            self._emit_rows(self.pos, out)
+        return out
+
+
+def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, start_index: int,
+               max_line_bytes: int = 1 << 20) -> Iterator[_Block]:
+    """Blocks of whole lines. Plain files become byte ranges; gzip is decompressed here, in order.
+
+    Lines over `max_line_bytes` become `too_long` blocks (rejects); reading is in pieces, so a
+    gigabyte-long line costs no more memory than a short one.
+    """
     compressed = path.suffix == ".gz"
     try:
         with _open_bytes(path) as f:
-            first = f.readline()
+            first = f.readline(max_line_bytes + 2)
             if not first:
                 raise InputError(f"{path}: empty file (no rows).")
+            if len(first) > max_line_bytes + 1 or (not first.endswith(b"\n") and f.read(1)):
+                raise InputError(f"{path} line 1: longer than {max_line_bytes} bytes (max_line_bytes); "
+                                 "is this a text file of rows? (raise the limit with --max-line-bytes)")
             skip = _check_first_line(first, path, schema) if (kind == "text" and schema) else False
             line = 2 if skip else 1
             offset = len(first) if skip else 0
-            carry = b"" if skip else first
-            index = start_index
-            if not compressed:
-                # Plain files: byte ranges cut after a newline. Read sequentially (not mmap), so this
-                # process's memory stays flat however large the file is.
-                size = path.stat().st_size
-                while offset < size:
-                    end = min(size, offset + block_bytes)
-                    if end < size:
-                        f.seek(end)
-                        f.readline()
-                        end = min(size, f.tell())
-                    yield _Block(index, str(path), kind, offset, end, line)
-                    f.seek(offset)
-                    remaining = end - offset
-                    while remaining:
-                        chunk = f.read(min(remaining, 8 << 20))
-                        line += chunk.count(b"\n")
-                        remaining -= len(chunk)
-                    index += 1
-                    offset = end
-                return
+            cutter = _LineCutter(str(path), kind, offset, line, block_bytes, max_line_bytes, compressed, start_index)
+            f.seek(offset)
             while True:
-                chunk = f.read(block_bytes)
-                data = carry + chunk
-                if not chunk:
-                    if data:
-                        yield _Block(index, str(path), kind, first_line=line, data=data)
-                    return
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
-                    continue
-                block, carry = data[:cut], data[cut:]
-                yield _Block(index, str(path), kind, first_line=line, data=block)
-                line += block.count(b"\n")
-                index += 1
+                piece = f.read(_PIECE)
+                if not piece:
+                    break
+                yield from cutter.feed(piece)
+            yield from cutter.finish()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise InputError(f"{path}: truncated or damaged gzip ({e}); re-copy the file or drop it from the inputs.") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}).") from None
 
 
-def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int) -> Iterator[_Block]:
+def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int, max_line_bytes: int = 1 << 20) -> Iterator[_Block]:
     index = 0
     for path in inputs:
         kind = _input_kind(path)
@@ -228,7 +313,7 @@ def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int) -> Iterator[
                 line += pf.metadata.row_group(rg).num_rows
                 index += 1
         else:
-            for block in _plan_text(path, kind, schema, block_bytes, index):
+            for block in _plan_text(path, kind, schema, block_bytes, index, max_line_bytes):
                 index = block.index + 1
                 yield block
 
@@ -415,12 +500,29 @@ def _bad_utf8(col: Any) -> np.ndarray | None:
         return bad
 
 
-def _row_text(cols: dict[str, Any], i: int, schema: Schema) -> str:
-    return schema.delimiter.join(cols[n][i].as_py().decode("utf-8", "replace") for n in schema.used_columns)
+def _row_text(cols: dict[str, Any], i: int, schema: Schema, limit: int = 4096) -> str:
+    """The row as the rejects file shows it (at most `limit` bytes per field, so a giant field stays small)."""
+    def show(b: bytes) -> str:
+        return b[:limit].decode("utf-8", "replace") + ("..." if len(b) > limit else "")
+
+    return schema.delimiter.join(show(cols[n][i].as_py()) for n in schema.used_columns)
+
+
+def _long_line_result(block: _Block) -> _BlockResult:
+    """The one reject a too-long line makes (its head is kept for the rejects file, the rest was skipped)."""
+    head = block.data or b""
+    if not head and not block.file.endswith(".gz"):
+        with open(block.file, "rb") as f:
+            f.seek(block.start)
+            head = f.read(_HEAD)
+    text = head.split(b"\n", 1)[0].decode("utf-8", "replace") + "..."
+    reject = (block.first_line, "line_too_long", f"{block.end - block.start} bytes", text)
+    return _BlockResult(block.index, block.file, 1, 0, [reject], None, None, None, 0.0, None)
 
 
 def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, final_dir: str,
-                   boundaries: dict[str, list[float]] | None, meta: dict[str, Any], sample_rows: int, seed: int) -> _BlockResult:
+                   boundaries: dict[str, list[float]] | None, meta: dict[str, Any], sample_rows: int, seed: int,
+                   max_field_bytes: int = 64 << 10) -> _BlockResult:
     """Parse, validate, hash and transform one block; stage it or write its final shard."""
     schema = Schema.from_dict(schema_dict)
     cols, lines, rejects, rows_read = _read_block_columns(block, schema)
@@ -438,7 +540,10 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
 
         empty = np.ones(n, bool)
         for name in schema.used_columns:
-            empty &= pc.equal(pc.binary_length(cols[name]), 0).to_numpy(zero_copy_only=False)
+            length = pc.binary_length(cols[name]).to_numpy(zero_copy_only=False)
+            empty &= length == 0
+            if length.max() > max_field_bytes:
+                reject(length > max_field_bytes, "field_too_long", name)
         reject(empty, "empty_row", "")
     label, lbad = _parse_floats(cols[schema.label])
     reject(lbad | ~np.isin(label, (0.0, 1.0)), "bad_label", schema.label)
@@ -622,7 +727,7 @@ def convert(
     try:
         try:
             pending: list[Future] = []
-            blocks = _plan(paths, schema_obj, options.block_bytes)
+            blocks = _plan(paths, schema_obj, options.block_bytes, options.max_line_bytes)
             exhausted = False
             while pending or not exhausted:
                 while not exhausted and len(pending) < 2 * workers:
@@ -630,8 +735,13 @@ def convert(
                     if block is None:
                         exhausted = True
                         break
+                    if block.too_long:  # nothing to parse: its reject is made here, in order
+                        done: Future = Future()
+                        done.set_result(_long_line_result(block))
+                        pending.append(done)
+                        continue
                     pending.append(executor.submit(_process_block, block, schema_dict, str(staging), str(partial),
-                                                   boundaries, meta, sample_rows, options.seed))
+                                                   boundaries, meta, sample_rows, options.seed, options.max_field_bytes))
                 if not pending:
                     break
                 res: _BlockResult = pending.pop(0).result()
