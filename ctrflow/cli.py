@@ -344,7 +344,7 @@ def _schema_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctrflow", description="Train and serve CTR models on sparse ad data.")
+    parser = _Parser(prog="ctrflow", description="Train and serve CTR models on sparse ad data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("schema", help="show or infer schemas")
@@ -611,24 +611,83 @@ def _add_cluster(sub: Any) -> None:
 _EXTENSIONS.append(_add_cluster)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
-        from ctrflow._tf import quiet_import
+class _UsageError(Exception):
+    """Bad command-line arguments (argparse's own error, raised instead of exiting so --json can answer)."""
 
-        quiet_import()
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _UsageError(self.format_usage(), f"{self.prog}: {message}")
+
+
+_OS_ERRORS = {  # errno name → what the user can do about it
+    "ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EROFS": "read-only file system",
+    "EACCES": "permission denied", "EPERM": "operation not permitted", "ENOENT": "no such file or folder",
+    "EISDIR": "is a folder, not a file", "ENOTDIR": "not a folder", "EMFILE": "too many open files",
+    "ENOMEM": "out of memory", "EIO": "input/output error (failing disk?)",
+}
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line for an OSError: what happened, to which path, with nothing partial published (writes are atomic)."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(e.errno or -1, "")
+    what = _OS_ERRORS.get(name, e.strerror or str(e) or type(e).__name__)
+    where = " ".join(str(x) for x in (e.filename, e.filename2) if x)
+    hint = {"ENOSPC": "; free some space and rerun (nothing partial was published)",
+            "EDQUOT": "; free some space and rerun (nothing partial was published)",
+            "EACCES": "; check the path's owner and mode"}.get(name, "")
+    return f"{what}{' (' + name + ')' if name else ''}{': ' + where if where else ''}{hint}"
+
+
+def _fail(message: str, kind: str, json_mode: bool, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if json_mode:
+        print(json.dumps({"error": message, "type": kind}))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every failure a user can cause (bad arguments, bad input, a full disk) prints one
+    `error: ...` line on stderr (and `{"error": ...}` as the last stdout line with --json) and exits 2;
+    an unexpected failure (a bug) prints one line too and exits 1. No traceback reaches the user
+    unless CTRFLOW_TRACEBACK=1."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        sys.stderr.write(e.usage)
+        return _fail(str(e), "UsageError", json_mode)
+    json_mode = bool(getattr(args, "json", False))
+    try:
+        if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
+            from ctrflow._tf import quiet_import
+
+            quiet_import()
         return int(args.func(args) or 0)
     except CtrflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2
+        return _fail(str(e), type(e).__name__, json_mode)
+    except OSError as e:
+        return _fail(_os_error_message(e), "OSError", json_mode)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a lower layer's error not mapped yet: one line, not a traceback
+        if os.environ.get("CTRFLOW_TRACEBACK") == "1":
+            raise
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if "No space left on device" in str(e):
+            return _fail(f"no space left on device (ENOSPC): {text}", "OSError", json_mode)
+        return _fail(f"unexpected {type(e).__name__}: {text} (a bug: rerun with CTRFLOW_TRACEBACK=1 and report it)",
+                     type(e).__name__, json_mode, code=1)
 
 
 if __name__ == "__main__":
