@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from ctrflow.errors import SchemaError
+from ctrflow.atomic import atomic_write_text
+from ctrflow.configfile import load_config_file
+from ctrflow.errors import ConfigError, SchemaError
 
 __all__ = [
     "CategoricalField",
@@ -191,9 +193,7 @@ class Schema:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
     def describe(self) -> str:
         """Human-readable table of the schema, for `ctrflow schema show`."""
@@ -283,22 +283,19 @@ def load_schema(name_or_path: str | os.PathLike | Schema) -> Schema:
         return PRESETS[s]
     p = Path(s)
     if p.is_dir() and (p / "manifest.json").exists():  # a shard folder carries its schema
-        return Schema.from_dict(json.loads((p / "manifest.json").read_text())["schema"], source=str(p))
+        manifest = load_config_file(p / "manifest.json", what="shard manifest")
+        if not isinstance(manifest.get("schema"), dict):
+            raise SchemaError(f"{p / 'manifest.json'}: no 'schema' in this manifest (not written by ctrflow convert?).")
+        return Schema.from_dict(manifest["schema"], source=str(p))
     if not p.is_file():
         raise SchemaError(
             f"Unknown schema {s!r}: not a preset ({', '.join(PRESETS)}) and no such file. "
             "Pass a preset name or a .yaml/.json schema file."
         )
-    text = p.read_text()
     try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
-        raise SchemaError(f"{p}: cannot parse schema file: {e}") from None
+        data = load_config_file(p, what="schema file", expect=dict)
+    except ConfigError as e:
+        raise SchemaError(str(e)) from None
     return Schema.from_dict(data, source=str(p))
 
 

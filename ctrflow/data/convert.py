@@ -11,11 +11,13 @@ Nothing is lost: every malformed row is counted by reason and written with its f
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
 import json
 import os
 import shutil
+import sys
 import time
 import zlib
 from collections import Counter
@@ -26,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ctrflow.atomic import atomic_write_json, atomic_writer, replace_atomically
 from ctrflow.data import shards as shardio
 from ctrflow.data.transforms import QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform
 from ctrflow.errors import ConfigError, InputError, SchemaError, TooManyRejectsError
@@ -120,7 +123,10 @@ def _check_first_line(line: bytes, path: Path, schema: Schema) -> bool:
         text = line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         text = line.decode("utf-8", "replace").rstrip("\r\n")
-    fields = next(csv.reader([text], delimiter=schema.delimiter), [])
+    try:
+        fields = next(csv.reader([text], delimiter=schema.delimiter), [])
+    except csv.Error as e:  # e.g. NUL bytes: binary data, not text
+        raise InputError(f"{path} line 1: not text ({e}); is this a CSV/TSV file?") from None
     expected = list(schema.columns) if schema.columns else None
     if schema.header:
         if expected is not None and fields != expected:
@@ -137,7 +143,8 @@ def _check_first_line(line: bytes, path: Path, schema: Schema) -> bool:
                 f"{[e for e, _ in differ][:5]} where the file has {[f for _, f in differ][:5]}.{hint}"
             )
         return True
-    assert expected is not None  # a headerless schema always lists its columns (checked in Schema)
+    if expected is None:  # a headerless schema always lists its columns (checked in Schema)
+        raise SchemaError(f"schema '{schema.name}' has header: false and no 'columns'.")
     if len(fields) != len(expected):
         raise SchemaError(
             f"{path} line 1: schema '{schema.name}' expects {len(expected)} fields, found {len(fields)}."
@@ -366,32 +373,71 @@ def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], 
     if block.kind == "jsonl":
         return _read_jsonl(data, block, schema)
 
-    columns = list(schema.columns) if schema.columns else None
-    assert columns is not None
+    if not schema.columns:
+        raise SchemaError(f"schema '{schema.name}' lists no 'columns': a text block cannot be read without them.")
+    columns = list(schema.columns)
+    blanked: set[int] = set()
+    if not data.isascii():  # pyarrow cannot hand a non-UTF-8 malformed row to the handler: set those lines aside
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            data = _blank_invalid_utf8(data, block.first_line, rejects, blanked, schema.delimiter, len(columns))
     n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     bad_lines: list[int] = []
 
     def on_invalid(row: Any) -> str:
         line = block.first_line + row.number - 1
         bad_lines.append(line)
-        rejects.append((line, "wrong_field_count", f"{row.actual_columns} of {row.expected_columns}", row.text))
+        if line not in blanked:
+            rejects.append((line, "wrong_field_count", f"{row.actual_columns} of {row.expected_columns}", row.text))
         return "skip"
 
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
-        parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.binary() for c in columns}, include_columns=schema.used_columns,
-            strings_can_be_null=False, quoted_strings_can_be_null=False,
-        ),
-    )
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None  # pyarrow reports a handler's failure there
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.binary() for c in columns}, include_columns=schema.used_columns,
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise InputError(f"{block.file} from line {block.first_line}: cannot be read as "
+                         f"{schema.delimiter!r}-separated text ({str(e)[:200]}); is it a text file of rows?") from None
+    finally:
+        sys.unraisablehook = hook
     all_lines = np.arange(block.first_line, block.first_line + n_lines, dtype=np.int64)
     lines = np.setdiff1d(all_lines, np.asarray(bad_lines, np.int64), assume_unique=True) if bad_lines else all_lines
     if len(lines) != table.num_rows:  # quoted newlines inside fields: line numbers become approximate
         lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
+    rows_read = table.num_rows + len(bad_lines)
+    if blanked:  # already rejected as invalid_utf8: drop their (empty) rows
+        keep = ~np.isin(lines, np.fromiter(blanked, np.int64))
+        table, lines = table.filter(pa.array(keep)), lines[keep]
     cols = {name: table.column(name).combine_chunks() for name in schema.used_columns}
-    return cols, lines, rejects, table.num_rows + len(bad_lines)
+    return cols, lines, rejects, rows_read
+
+
+def _blank_invalid_utf8(data: bytes, first_line: int, rejects: list, blanked: set[int], delimiter: str, n_columns: int) -> bytes:
+    """Replace each non-UTF-8 line of the wrong field count by an empty line (so line numbers hold) and
+    reject it; non-UTF-8 lines of the right shape are kept (their field is named by the invalid_utf8 check)."""
+    out = []
+    sep = delimiter.encode()
+    for i, raw in enumerate(data.split(b"\n")):
+        try:
+            raw.decode("utf-8")
+            out.append(raw)
+        except UnicodeDecodeError:
+            if raw.rstrip(b"\r").count(sep) + 1 == n_columns and b'"' not in raw:
+                out.append(raw)
+                continue
+            line = first_line + i
+            blanked.add(line)
+            rejects.append((line, "invalid_utf8", "", raw[:4096].decode("utf-8", "replace")))
+            out.append(b"")
+    return b"\n".join(out)
 
 
 def _read_jsonl(data: bytes, block: _Block, schema: Schema) -> tuple[dict[str, Any], np.ndarray, list, int]:
@@ -625,7 +671,39 @@ def _finalize_staged(stage: str, schema_dict: dict[str, Any], boundaries: dict[s
     return entry
 
 
-def _worker_init() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when `parent_pid` does, even by kill -9 (workers blocked on a pipe
+    would otherwise live on forever, holding their memory).
+
+    Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG). Everywhere: a daemon
+    thread polls the parent pid once a second, a fallback where prctl is missing.
+    """
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ctrflow-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     from ctrflow._tf import quiet_import
 
     tf = quiet_import()
@@ -653,12 +731,75 @@ def _escape(s: str) -> str:
 
 
 def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_writer(path, "w") as f:
         f.write("file\tline\treason\tfield\trow\n")
         for file, line, reason, fieldname, text in sorted(rejects, key=lambda r: (r[0], r[1])):
             f.write(f"{file}\t{line}\t{reason}\t{_escape(fieldname)}\t{_escape(text)}\n")
-    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[str]:
+    """Remove what dead conversions into `out` left: `out.partial-<pid>` / `out.old-<pid>` folders and
+    temp files of the rejects file, whose pid no longer runs. A live conversion's are kept."""
+    removed = []
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return removed
+    prefixes = (f"{out.name}.partial-", f"{out.name}.old-", f".{out.name}.rejects.tsv.tmp-")
+    for p in parent.iterdir():
+        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
+        pid = p.name[len(prefix):] if prefix else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p))
+    return removed
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _with_header_columns(schema: Schema, paths: Sequence[Path], max_line_bytes: int) -> Schema:
+    """A schema with `header: true` and no `columns` takes its columns from the first text input's header
+    (every other input's header is then checked against them); a clear SchemaError when it cannot."""
+    if schema.columns is not None or not schema.header:
+        return schema
+    text = [p for p in paths if _input_kind(p) == "text"]
+    if not text:
+        return schema
+    try:
+        with _open_bytes(text[0]) as f:
+            first = f.readline(max_line_bytes + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{text[0]}: cannot read its header ({getattr(e, 'strerror', None) or e}).") from None
+    if not first.strip():
+        raise SchemaError(f"schema '{schema.name}' has header: true and no 'columns', and {text[0]} has no header line: "
+                          "list the columns in the schema.")
+    try:
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")], delimiter=schema.delimiter))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SchemaError(f"{text[0]} line 1: not a text header ({e}); is this a CSV file?") from None
+    missing = [c for c in schema.used_columns if c not in header]
+    if missing:
+        raise SchemaError(f"schema '{schema.name}' has header: true and no 'columns', and the header of {text[0]} "
+                          f"lacks its columns {missing} (the header is {header[:12]}{'...' if len(header) > 12 else ''}).")
+    try:
+        return schema.with_overrides(columns=tuple(header))
+    except SchemaError as e:
+        raise SchemaError(f"{text[0]} line 1: {e}") from None
 
 
 def convert(
@@ -696,10 +837,12 @@ def convert(
         boundaries = {k: list(v) for k, v in man.transforms().boundaries.items()}
     else:
         schema_obj = load_schema(schema)  # type: ignore[arg-type]
+    schema_obj = _with_header_columns(schema_obj, paths, options.max_line_bytes)
     out = Path(out)
     if out.exists():
         if not options.overwrite:
             raise ConfigError(f"{out} already exists: choose another folder or pass overwrite (--overwrite).")
+    remove_stale_partials(out)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -717,7 +860,8 @@ def convert(
     else:
         import multiprocessing
 
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                       initargs=(os.getpid(),))
     results: list[_BlockResult] = []
     rejects_all: list[tuple[str, int, str, str, str]] = []
     reasons: Counter[str] = Counter()
@@ -785,48 +929,55 @@ def convert(
                     (partial / r.shard["file"]).unlink(missing_ok=True)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
-    except BaseException:
-        if rejects_all:
-            _write_rejects(out.with_name(out.name + ".rejects.tsv"), rejects_all)
+    except BaseException as e:
+        # Cleanup first frees space and never needs any; the rejects file (the diagnosis of bad input)
+        # is written afterwards, only when the input is at fault, and given up on if even that fails.
         shutil.rmtree(partial, ignore_errors=True)
+        if rejects_all and isinstance(e, InputError) and not _is_disk_full(e):
+            try:
+                _write_rejects(out.with_name(out.name + ".rejects.tsv"), rejects_all)
+            except OSError:
+                pass
         raise
 
-    shutil.rmtree(staging, ignore_errors=True)
-    transforms = Transforms({k: tuple(v) for k, v in boundaries.items()})
-    rejects_path = None
-    if rejects_all:
-        _write_rejects(partial / "rejects.tsv", rejects_all)
-        rejects_path = str(out / "rejects.tsv")
-    times = [r.time_range for r in results if r.time_range]
-    rows_read = sum(r.rows_read for r in results)
-    manifest = {
-        "format": "ctrflow-shards",
-        "version": shardio.FORMAT_VERSION,
-        "schema": schema_dict,
-        "schema_fingerprint": schema_obj.fingerprint(),
-        "transforms": transforms.to_dict(),
-        "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
-        "rows": rows_done,
-        "positives": sum(r.positives for r in results),
-        "rows_read": rows_read,
-        "rows_rejected": len(rejects_all),
-        "rejects": dict(reasons),
-        "time_range": [min(t[0] for t in times), max(t[1] for t in times)] if times else None,
-        "inputs": [str(p) for p in paths],
-        "like": str(like) if like is not None else None,
-        "created_unix": time.time(),
-        "shards": entries,
-    }
-    tmp = partial / (shardio.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, partial / shardio.MANIFEST)
+    try:  # a failure from here on (a full disk) also leaves nothing behind
+        shutil.rmtree(staging, ignore_errors=True)
+        transforms = Transforms({k: tuple(v) for k, v in boundaries.items()})
+        rejects_path = None
+        if rejects_all:
+            _write_rejects(partial / "rejects.tsv", rejects_all)
+            rejects_path = str(out / "rejects.tsv")
+        times = [r.time_range for r in results if r.time_range]
+        rows_read = sum(r.rows_read for r in results)
+        manifest = {
+            "format": "ctrflow-shards",
+            "version": shardio.FORMAT_VERSION,
+            "schema": schema_dict,
+            "schema_fingerprint": schema_obj.fingerprint(),
+            "transforms": transforms.to_dict(),
+            "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
+            "rows": rows_done,
+            "positives": sum(r.positives for r in results),
+            "rows_read": rows_read,
+            "rows_rejected": len(rejects_all),
+            "rejects": dict(reasons),
+            "time_range": [min(t[0] for t in times), max(t[1] for t in times)] if times else None,
+            "inputs": [str(p) for p in paths],
+            "like": str(like) if like is not None else None,
+            "created_unix": time.time(),
+            "shards": entries,
+        }
+        atomic_write_json(partial / shardio.MANIFEST, manifest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out.exists():  # overwrite: swap the old folder out only now that the new one is complete
         trash = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
-        os.replace(partial, out)
+        replace_atomically(partial, out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(partial, out)
+        replace_atomically(partial, out)
     seconds = time.perf_counter() - t0
     return ConvertSummary(
         out=str(out), rows=rows_done, rows_read=rows_read, rows_rejected=len(rejects_all), rejects=dict(reasons),
