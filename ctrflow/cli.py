@@ -82,19 +82,24 @@ def _split(s: str | None) -> list[str]:
 
 
 def _infer(args: argparse.Namespace, path: str):
-    from ctrflow.schema import infer_schema
+    """The inferred schema of `path` with the reason (and the overriding flag) of each column."""
+    from ctrflow.schema import explain_schema
 
-    return infer_schema(
+    return explain_schema(
         path, label=args.label, categorical=_split(args.categorical), numeric=_split(args.numeric),
-        time=args.time, weight=args.weight, ignore=_split(args.ignore), delimiter=args.delimiter,
+        both=_split(args.both), time=args.time, weight=args.weight, ignore=_split(args.ignore), delimiter=args.delimiter,
     )
 
 
 def _cmd_schema_infer(args: argparse.Namespace) -> int:
-    schema = _infer(args, args.input)
+    if not args.label:
+        raise CtrflowError("schema infer needs --label COL (the 0/1 label column).")
+    inference = _infer(args, args.input)
+    schema = inference.schema
     if args.out:
         schema.save(args.out)
-    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint(), "out": args.out}, schema.describe())
+    human = inference.describe() + (f"\nwrote {args.out}" if args.out else "")
+    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint(), "out": args.out, "inferred": inference.to_dict()}, human)
     return 0
 
 
@@ -118,10 +123,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ctrflow.schema import load_schema
 
     schema = args.schema
+    inferred = None
     if schema is None and args.like is None:
         if not args.label:
             raise CtrflowError("convert needs --schema NAME|FILE, --like DIR, or --label COL to infer a schema from the header.")
-        schema = _infer(args, args.inputs[0])
+        inferred = _infer(args, args.inputs[0])
+        schema = inferred.schema
+        if not args.quiet:
+            print(inferred.describe(), flush=True)
     if args.max_buckets:
         if args.like:
             raise CtrflowError("--max-buckets changes the schema: it cannot be combined with --like.")
@@ -140,7 +149,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
              f"({s.rows_per_s:,.0f} rows/s, {s.bytes / 1e6:.1f} MB)")
     if s.rows_rejected:
         human += f"\nrejected {s.rows_rejected:,} rows: {s.rejects}; each with file and line in {s.rejects_path}"
-    _emit(args, s.to_dict(), human)
+    _emit(args, s.to_dict() | ({"inferred": inferred.to_dict()} if inferred else {}), human)
     return 0
 
 
@@ -337,6 +346,7 @@ def _schema_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="label column (infers the schema from the CSV header)")
     p.add_argument("--categorical", help="comma-separated columns to treat as categorical")
     p.add_argument("--numeric", help="comma-separated columns to treat as numeric")
+    p.add_argument("--both", help="comma-separated integer columns to hash by exact value AND discretize (mode: both)")
     p.add_argument("--time", help="time column (integers or date-times)")
     p.add_argument("--weight", help="example-weight column")
     p.add_argument("--ignore", help="comma-separated columns to drop")

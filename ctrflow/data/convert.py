@@ -30,9 +30,10 @@ import numpy as np
 
 from ctrflow.atomic import atomic_write_json, atomic_writer, replace_atomically
 from ctrflow.data import shards as shardio
-from ctrflow.data.transforms import QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform
+from ctrflow.data.transforms import (QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform,
+                                     value_keys)
 from ctrflow.errors import ConfigError, InputError, SchemaError, TooManyRejectsError
-from ctrflow.schema import Schema, load_schema
+from ctrflow.schema import VALUE_ID_SUFFIX, Schema, load_schema
 from ctrflow.validation import Bool, Int, check_fields
 
 __all__ = ["ConvertOptions", "ConvertSummary", "convert", "REJECT_REASONS"]
@@ -594,10 +595,13 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     label, lbad = _parse_floats(cols[schema.label])
     reject(lbad | ~np.isin(label, (0.0, 1.0)), "bad_label", schema.label)
     numeric = np.zeros((n, len(schema.numeric)), np.float32)
+    exact: dict[str, np.ndarray] = {}  # raw values of `mode: both` numerics, hashed below
     for j, f in enumerate(schema.numeric):
         v, vbad = _parse_floats(cols[f.name])
         reject(vbad, "bad_number", f.name)
         numeric[:, j] = log_transform(v) if f.transform == "log" else v
+        if f.mode == "both":
+            exact[f.name] = v
     weight = None
     if schema.weight:
         w, wbad = _parse_floats(cols[schema.weight])
@@ -622,10 +626,14 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     good = ~bad
     keep = np.flatnonzero(good)
     rows = len(keep)
-    ids = np.zeros((rows, len(schema.categorical) + len(schema.numeric)), np.int32)
+    ids = np.zeros((rows, len(schema.id_names)), np.int32)
     for j, f in enumerate(schema.categorical):
         col = cols[f.name] if rows == n else cols[f.name].take(keep)
         ids[:, j] = hash_values(col.to_numpy(zero_copy_only=False), f.hash_buckets, field_hash_key(schema.hash_seed, f.name))
+    offset = len(schema.categorical) + len(schema.numeric)
+    for j, f in enumerate(schema.both_numeric):
+        name = f.name + VALUE_ID_SUFFIX
+        ids[:, offset + j] = hash_values(value_keys(exact[f.name][keep]), f.hash_buckets, field_hash_key(schema.hash_seed, name))
     data = shardio.ShardData(
         label=label[keep].astype(np.float32), ids=ids, numeric=numeric[keep],
         weight=None if weight is None else weight[keep], time=None if times is None else times[keep],
