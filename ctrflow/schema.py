@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal
 from ctrflow.atomic import atomic_write_text
 from ctrflow.configfile import load_config_file
 from ctrflow.errors import ConfigError, SchemaError
+from ctrflow.validation import Bool, Int, Str, check_fields
 
 __all__ = [
     "CategoricalField",
@@ -50,7 +51,9 @@ class CategoricalField:
     hash_buckets: int = 1 << 20  # ids per field, >= 2; collisions grow as cardinality approaches it
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hash_buckets, int) or self.hash_buckets < 2:
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"The 'name' of a categorical field must be a non-empty string. Got {self.name!r} instead.")
+        if not isinstance(self.hash_buckets, int) or isinstance(self.hash_buckets, bool) or self.hash_buckets < 2:
             raise SchemaError(
                 f"The 'hash_buckets' of categorical field '{self.name}' must be an int >= 2. "
                 f"Got {self.hash_buckets!r} instead."
@@ -74,6 +77,8 @@ class NumericField:
     hash_buckets: int = 1 << 16  # ids of the exact-value column (mode 'both' only), >= 2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"The 'name' of a numeric field must be a non-empty string. Got {self.name!r} instead.")
         if not isinstance(self.hash_buckets, int) or isinstance(self.hash_buckets, bool) or self.hash_buckets < 2:
             raise SchemaError(
                 f"The 'hash_buckets' of numeric field '{self.name}' must be an int >= 2. Got {self.hash_buckets!r} instead."
@@ -119,6 +124,19 @@ class Schema:
     hash_seed: int = 0
 
     def __post_init__(self) -> None:
+        try:
+            check_fields(self, {"name": Str(), "label": Str(), "weight": Str(optional=True), "time": Str(optional=True),
+                                "delimiter": Str(), "header": Bool(), "hash_seed": Int(low=0)}, owner="Schema")
+        except ConfigError as e:
+            raise SchemaError(str(e)) from None
+        for key in ("categorical", "numeric", "extras", "ignore", "columns"):
+            value = getattr(self, key)
+            if isinstance(value, (str, bytes)) or (value is None and key != "columns"):
+                raise SchemaError(f"The {key!r} parameter of Schema must be a list. Got {value!r} instead.")
+        for key in ("extras", "ignore", "columns"):
+            bad = [c for c in (getattr(self, key) or ()) if not isinstance(c, str) or not c]
+            if bad:
+                raise SchemaError(f"The {key!r} parameter of Schema must list column names (strings). Got {bad[:5]!r} in it.")
         object.__setattr__(self, "categorical", tuple(self.categorical))
         object.__setattr__(self, "numeric", tuple(self.numeric))
         object.__setattr__(self, "extras", tuple(self.extras))
@@ -210,7 +228,7 @@ class Schema:
             if d.get("columns") is not None:
                 d["columns"] = tuple(d["columns"])
             return cls(**d)
-        except TypeError as e:  # unknown keys inside a field entry
+        except (TypeError, SchemaError) as e:  # unknown keys inside a field entry, bad values
             raise SchemaError(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
