@@ -474,7 +474,14 @@ def explain_schema(
                                  ("numeric", numeric, "both", both)):
         if a & b:
             raise SchemaError(f"Columns {sorted(a & b)} are named both --{a_name} and --{b_name}: pick one.")
+    garbled = sum(1 for row in sample if any("\ufffd" in v or "\x00" in v for v in row))
+    if garbled > 0.1 * max(len(sample), 1) or any("\ufffd" in h or "\x00" in h for h in header):
+        raise SchemaError(f"Cannot infer a schema: {path} does not hold text ({garbled} of {len(sample)} sampled rows "
+                          "are not valid UTF-8); is it a CSV/TSV file?")
     li = header.index(label)
+    if sample and not any(row[li] in ("0", "1") for row in sample):
+        raise SchemaError(f"Cannot infer a schema: label column {label!r} of {path} holds no 0/1 values in "
+                          f"{len(sample)} sampled rows (e.g. {sample[0][li][:20]!r}).")
     positive = [row[li] == "1" for row in sample]
     n_pos = sum(positive)
 

@@ -46,11 +46,11 @@ def assert_clean_error(p: subprocess.CompletedProcess, *, json_mode: bool, what:
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
-    """A synthetic log of ~18 MB (120k rows) with a few malformed rows: big enough for several blocks."""
+    """A synthetic log of ~7 MB (45k rows) with a few malformed rows: several 1 MiB blocks."""
     from ctrflow.data.generate import GenerateOptions, generate
 
     root = tmp_path_factory.mktemp("faultlogs")
-    generate(root / "g.csv", GenerateOptions(rows=120_000, seed=4))
+    generate(root / "g.csv", GenerateOptions(rows=45_000, seed=4))
     with open(root / "g.csv", "ab") as f:
         f.write(b"2,not,a,row\n" * 5)
     return root / "g.csv"
@@ -88,7 +88,7 @@ def _wait_for(cond, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
-@pytest.mark.parametrize("point", ["workers_started", "blocks_staged", "shards_finalizing"])
+@pytest.mark.parametrize("point", ["workers_started", "blocks_staged"])
 def test_kill_9_mid_convert_leaves_no_orphan_workers_and_the_next_run_cleans_up(tmp_path, logs, point):
     out = tmp_path / "shards"
     proc = subprocess.Popen([PY, "-m", "ctrflow", "convert", str(logs), "--schema", "synthetic", "--out", str(out),
@@ -102,9 +102,7 @@ def test_kill_9_mid_convert_leaves_no_orphan_workers_and_the_next_run_cleans_up(
                 raise AssertionError(f"convert ended before {point}: {proc.stderr.read().decode()[-2000:]}")
             if point == "workers_started":
                 return partial.is_dir() and len([c for c in _children(proc.pid) if _alive(c)]) >= 2
-            if point == "blocks_staged":
-                return staging.is_dir() and any(staging.glob("part-*/label.npy"))
-            return any(partial.glob("part-*.ctrs"))
+            return staging.is_dir() and any(staging.glob("part-*/label.npy"))
 
         _wait_for(reached, 120, point)
         workers = [c for c in _children(proc.pid) if _alive(c)]
@@ -120,7 +118,7 @@ def test_kill_9_mid_convert_leaves_no_orphan_workers_and_the_next_run_cleans_up(
     assert partial.is_dir() and not out.exists()  # the dead run's leftovers: what the next run must remove
     p = ctrflow("convert", str(logs), "--schema", "synthetic", "--out", str(out), "--workers", "1", "--json", "--quiet")
     assert p.returncode == 0, p.stderr.decode()[-2000:]
-    assert json.loads(p.stdout.decode().splitlines()[-1])["rows"] == 120_000
+    assert json.loads(p.stdout.decode().splitlines()[-1])["rows"] == 45_000
     assert not partial.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["shards"]
 
 
@@ -340,35 +338,40 @@ def _bad_args(parser: argparse.ArgumentParser, garbage_file: Path) -> list[str]:
 
 
 EXTRA_BAD = {  # commands whose required arguments alone are not "bad input" enough
-    ("serve",): ["--model-base-path", "{g}", "--port", "0"],
+    ("generate",): ["--rows", "0"],  # its required arguments are all valid values otherwise
+    # A model base path that does not exist yet is served as "no version yet" (TF Serving's behaviour),
+    # so serve's bad input is a garbage model config.
+    ("serve",): ["--model-config", "{g}", "--port", "0"],
     ("bench", "serve"): ["--model-base-path", "{g}", "--duration-s", "1", "--target", "inprocess"],
 }
 
 
+def _all_commands() -> list[tuple[str, ...]]:
+    from ctrflow.cli import build_parser  # no TensorFlow import: cheap at collection
+
+    return [path for path, _ in _leaf_commands(build_parser())]
+
+
+def test_the_command_list_is_complete():
+    names = {" ".join(p) for p in _all_commands()}
+    assert {"schema show", "schema infer", "generate", "convert", "verify", "read", "train", "evaluate", "export",
+            "serve", "bench serve"} <= names, names
+
+
 @pytest.mark.slow
-def test_every_cli_command_answers_bad_input_with_one_error_line(tmp_path):
+@pytest.mark.parametrize("command", _all_commands(), ids=" ".join)
+def test_every_cli_command_answers_bad_input_with_one_error_line(tmp_path, command):
     from ctrflow.cli import build_parser
 
     g = tmp_path / "garbage.bin"
     g.write_bytes(os.urandom(4096))
-    leaves = _leaf_commands(build_parser())
-    assert len(leaves) >= 12, [c for c, _ in leaves]  # schema show/infer, generate, convert, ..., cluster local
-    failures = []
-    for path, parser in leaves:
-        args = [*path, *_bad_args(parser, g), *[x.format(g=g) for x in EXTRA_BAD.get(path, [])]]
-        if not any(a.option_strings == ["--json"] for a in parser._actions):
-            failures.append(f"{' '.join(path)}: has no --json flag")
-            continue
-        try:
-            p = ctrflow(*args, "--json", timeout=120)
-        except subprocess.TimeoutExpired:
-            failures.append(f"{' '.join(args)}: still running after 120 s on bad input")
-            continue
-        try:
-            assert_clean_error(p, json_mode=True, what=" ".join(path))
-        except AssertionError as e:
-            failures.append(f"ctrflow {' '.join(args)} --json: {e}")
-    # And bad arguments (argparse's own errors) answer the same way.
-    p = ctrflow("convert", "--json")
-    assert_clean_error(p, json_mode=True, what="missing arguments")
-    assert not failures, "\n\n".join(failures)
+    parser = dict(_leaf_commands(build_parser()))[command]
+    assert any(a.option_strings == ["--json"] for a in parser._actions), f"{' '.join(command)} has no --json flag"
+    args = [*command, *_bad_args(parser, g), *[x.format(g=g) for x in EXTRA_BAD.get(command, [])]]
+    p = ctrflow(*args, "--json", timeout=150)
+    assert_clean_error(p, json_mode=True, what="ctrflow " + " ".join(args))
+
+
+def test_bad_arguments_answer_like_bad_input():
+    assert_clean_error(ctrflow("convert", "--json"), json_mode=True, what="missing arguments")
+    assert_clean_error(ctrflow("read", "x", "--batch-size", "many"), json_mode=False, what="a word for a number")

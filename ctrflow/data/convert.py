@@ -648,12 +648,22 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     stage = Path(staging) / name
     stage.mkdir(parents=True, exist_ok=True)
     for key, arr in data.blocks():
-        np.save(stage / f"{key}.npy", arr)
+        _save_array(stage / f"{key}.npy", arr)
     rng = np.random.default_rng([seed, block.index])
     k = min(rows, sample_rows)
     pick = rng.choice(rows, size=k, replace=False) if k < rows else np.arange(rows)
     return _BlockResult(block.index, block.file, rows_read, rows, rejects, str(stage), None,
                         data.numeric[pick], rows / max(k, 1), time_range, positives)
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    """np.save, with numpy's errno-less short write ("N requested and M written") reported as the full disk it is."""
+    try:
+        np.save(path, arr)
+    except OSError as e:
+        if e.errno is None and "requested and" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 def _finalize(data: shardio.ShardData, schema: Schema, boundaries: dict[str, list[float]], path: Path,
