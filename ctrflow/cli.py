@@ -82,19 +82,24 @@ def _split(s: str | None) -> list[str]:
 
 
 def _infer(args: argparse.Namespace, path: str):
-    from ctrflow.schema import infer_schema
+    """The inferred schema of `path` with the reason (and the overriding flag) of each column."""
+    from ctrflow.schema import explain_schema
 
-    return infer_schema(
+    return explain_schema(
         path, label=args.label, categorical=_split(args.categorical), numeric=_split(args.numeric),
-        time=args.time, weight=args.weight, ignore=_split(args.ignore), delimiter=args.delimiter,
+        both=_split(args.both), time=args.time, weight=args.weight, ignore=_split(args.ignore), delimiter=args.delimiter,
     )
 
 
 def _cmd_schema_infer(args: argparse.Namespace) -> int:
-    schema = _infer(args, args.input)
+    if not args.label:
+        raise CtrflowError("schema infer needs --label COL (the 0/1 label column).")
+    inference = _infer(args, args.input)
+    schema = inference.schema
     if args.out:
         schema.save(args.out)
-    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint(), "out": args.out}, schema.describe())
+    human = inference.describe() + (f"\nwrote {args.out}" if args.out else "")
+    _emit(args, schema.to_dict() | {"fingerprint": schema.fingerprint(), "out": args.out, "inferred": inference.to_dict()}, human)
     return 0
 
 
@@ -118,10 +123,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ctrflow.schema import load_schema
 
     schema = args.schema
+    inferred = None
     if schema is None and args.like is None:
         if not args.label:
             raise CtrflowError("convert needs --schema NAME|FILE, --like DIR, or --label COL to infer a schema from the header.")
-        schema = _infer(args, args.inputs[0])
+        inferred = _infer(args, args.inputs[0])
+        schema = inferred.schema
+        if not args.quiet:
+            print(inferred.describe(), flush=True)
     if args.max_buckets:
         if args.like:
             raise CtrflowError("--max-buckets changes the schema: it cannot be combined with --like.")
@@ -129,6 +138,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     opts = ConvertOptions(
         workers=args.workers, block_bytes=args.block_mb << 20,
         max_errors=None if args.max_errors < 0 else args.max_errors, overwrite=args.overwrite,
+        max_line_bytes=args.max_line_bytes, max_field_bytes=args.max_field_bytes,
     )
     bar = _bar(args)
     try:
@@ -139,7 +149,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
              f"({s.rows_per_s:,.0f} rows/s, {s.bytes / 1e6:.1f} MB)")
     if s.rows_rejected:
         human += f"\nrejected {s.rows_rejected:,} rows: {s.rejects}; each with file and line in {s.rejects_path}"
-    _emit(args, s.to_dict(), human)
+    _emit(args, s.to_dict() | ({"inferred": inferred.to_dict()} if inferred else {}), human)
     return 0
 
 
@@ -355,6 +365,7 @@ def _schema_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="label column (infers the schema from the CSV header)")
     p.add_argument("--categorical", help="comma-separated columns to treat as categorical")
     p.add_argument("--numeric", help="comma-separated columns to treat as numeric")
+    p.add_argument("--both", help="comma-separated integer columns to hash by exact value AND discretize (mode: both)")
     p.add_argument("--time", help="time column (integers or date-times)")
     p.add_argument("--weight", help="example-weight column")
     p.add_argument("--ignore", help="comma-separated columns to drop")
@@ -362,7 +373,7 @@ def _schema_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctrflow", description="Train and serve CTR models on sparse ad data.")
+    parser = _Parser(prog="ctrflow", description="Train and serve CTR models on sparse ad data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("schema", help="show or infer schemas")
@@ -397,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-mb", type=int, default=32, help="MiB of text per block/shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-buckets", type=int, help="cap every categorical field's hash buckets (smaller tables)")
+    p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="reject longer lines (line_too_long); default 1 MiB")
+    p.add_argument("--max-field-bytes", type=int, default=64 << 10, help="reject rows with a longer field (field_too_long)")
     _schema_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_convert)
@@ -637,24 +650,83 @@ def _add_cluster(sub: Any) -> None:
 _EXTENSIONS.append(_add_cluster)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
-        from ctrflow._tf import quiet_import
+class _UsageError(Exception):
+    """Bad command-line arguments (argparse's own error, raised instead of exiting so --json can answer)."""
 
-        quiet_import()
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _UsageError(self.format_usage(), f"{self.prog}: {message}")
+
+
+_OS_ERRORS = {  # errno name → what the user can do about it
+    "ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EROFS": "read-only file system",
+    "EACCES": "permission denied", "EPERM": "operation not permitted", "ENOENT": "no such file or folder",
+    "EISDIR": "is a folder, not a file", "ENOTDIR": "not a folder", "EMFILE": "too many open files",
+    "ENOMEM": "out of memory", "EIO": "input/output error (failing disk?)",
+}
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line for an OSError: what happened, to which path, with nothing partial published (writes are atomic)."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(e.errno or -1, "")
+    what = _OS_ERRORS.get(name, e.strerror or str(e) or type(e).__name__)
+    where = " ".join(str(x) for x in (e.filename, e.filename2) if x)
+    hint = {"ENOSPC": "; free some space and rerun (nothing partial was published)",
+            "EDQUOT": "; free some space and rerun (nothing partial was published)",
+            "EACCES": "; check the path's owner and mode"}.get(name, "")
+    return f"{what}{' (' + name + ')' if name else ''}{': ' + where if where else ''}{hint}"
+
+
+def _fail(message: str, kind: str, json_mode: bool, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if json_mode:
+        print(json.dumps({"error": message, "type": kind}))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every failure a user can cause (bad arguments, bad input, a full disk) prints one
+    `error: ...` line on stderr (and `{"error": ...}` as the last stdout line with --json) and exits 2;
+    an unexpected failure (a bug) prints one line too and exits 1. No traceback reaches the user
+    unless CTRFLOW_TRACEBACK=1."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        sys.stderr.write(e.usage)
+        return _fail(str(e), "UsageError", json_mode)
+    json_mode = bool(getattr(args, "json", False))
+    try:
+        if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
+            from ctrflow._tf import quiet_import
+
+            quiet_import()
         return int(args.func(args) or 0)
     except CtrflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2
+        return _fail(str(e), type(e).__name__, json_mode)
+    except OSError as e:
+        return _fail(_os_error_message(e), "OSError", json_mode)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a lower layer's error not mapped yet: one line, not a traceback
+        if os.environ.get("CTRFLOW_TRACEBACK") == "1":
+            raise
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if "No space left on device" in str(e):
+            return _fail(f"no space left on device (ENOSPC): {text}", "OSError", json_mode)
+        return _fail(f"unexpected {type(e).__name__}: {text} (a bug: rerun with CTRFLOW_TRACEBACK=1 and report it)",
+                     type(e).__name__, json_mode, code=1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 from ctrflow.data.transforms import field_hash_key
 from ctrflow.errors import ConfigError, TrainingError
-from ctrflow.schema import Schema
+from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
 __all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name"]
 
@@ -92,6 +92,16 @@ def _raw_transform(features: dict[str, Any], schema: Schema, boundaries: dict[st
         b = tf.raw_ops.Bucketize(input=v, boundaries=[float(b) for b in boundaries[f.name]]) + 1
         cols.append(tf.cast(tf.where(missing, tf.zeros_like(b), b), tf.int64))
         nums.append(tf.where(missing, tf.zeros_like(v), v))
+    for f in schema.both_numeric:  # exact-value ids, keyed as transforms.value_keys keys them
+        x = features[input_name(f.name)]
+        missing = tf.math.is_nan(x)
+        integral = tf.logical_and(tf.logical_not(missing), tf.logical_and(tf.floor(x) == x, tf.abs(x) < 2.0**53))
+        as_int = tf.strings.as_string(tf.cast(tf.where(integral, x, tf.zeros_like(x)), tf.int64))
+        as_bits = tf.strings.join(["f", tf.strings.as_string(tf.bitcast(x, tf.int64))])
+        key = tf.where(integral, as_int, as_bits)
+        name = f.name + VALUE_ID_SUFFIX
+        h = tf.strings.to_hash_bucket_strong(key, f.hash_buckets - 1, key=list(field_hash_key(schema.hash_seed, name))) + 1
+        cols.append(tf.where(missing, tf.zeros_like(h), h))
     ids = tf.cast(tf.stack(cols, axis=1), tf.int32)
     numeric = tf.stack(nums, axis=1) if nums else tf.zeros([batch, 0], tf.float32)
     return ids, numeric

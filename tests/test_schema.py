@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from ctrflow.errors import SchemaError
@@ -45,7 +47,7 @@ def test_bad_schema_values_are_named(tmp_path):
     with pytest.raises(SchemaError, match="unknown schema keys \\['colour'\\]"):
         load_schema(p)
     p.write_text("{not json")
-    with pytest.raises(SchemaError, match="cannot parse"):
+    with pytest.raises(SchemaError, match="bad.json:1: not valid JSON"):
         load_schema(p)
 
 
@@ -64,3 +66,62 @@ def test_infer_on_real_talkingdata_with_overrides():
                      time="click_time", ignore=["attributed_time"])
     assert s.categorical_names == ("ip", "app", "device", "os", "channel")
     assert s.numeric == () and "attributed_time" in s.ignore
+
+
+def test_header_without_columns_takes_the_files_header_or_says_what_is_missing(tmp_path):
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.errors import SchemaError as SE
+
+    p = tmp_path / "x.csv"
+    p.write_text("when,site,y,price\n1,a,1,3\n2,b,0,\n")
+    f = tmp_path / "s.yaml"
+    f.write_text("label: y\ncategorical: [site]\nnumeric: [price]\nheader: true\n")
+    s = convert(p, tmp_path / "out", schema=str(f), options=ConvertOptions(workers=1))
+    assert s.rows == 2
+    f.write_text("label: y\ncategorical: [site, ad]\nheader: true\n")
+    with pytest.raises(SE, match=r"lacks its columns \['ad'\]"):
+        convert(p, tmp_path / "out2", schema=str(f), options=ConvertOptions(workers=1))
+    f.write_text("label: y\ncategorical: [site]\nnumeric: [price]\nweight: 1e-3\n")  # YAML 1.2: a number, not a string
+    with pytest.raises(SE, match="s.yaml"):
+        load_schema(f)
+
+
+def test_inference_knows_ad_logs_and_says_why(tmp_path):
+    from ctrflow.schema import explain_schema
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = (rng.random(n) < 0.05).astype(int)
+    rows = ["ip,app,hour,price,amount,when,conv_time,y"]
+    for i in range(n):
+        rows.append(f"{rng.integers(0, 5000)},{rng.integers(0, 40)},{rng.integers(0, 24)},{rng.random() * 10:.3f},"
+                    f"{i * 7919},2017-11-07 {i % 24}:00,{'2017-11-08 1:00' if y[i] else ''},{y[i]}")
+    p = tmp_path / "ads.csv"
+    p.write_text("\n".join(rows) + "\n")
+    r = explain_schema(p, label="y")
+    roles = {c.name: c.role for c in r.columns}
+    assert roles == {"ip": "categorical", "app": "categorical", "hour": "numeric", "price": "numeric",
+                     "amount": "both", "when": "time", "conv_time": "ignore", "y": "label"}
+    why = {c.name: c for c in r.columns}
+    assert "id-like name" in why["ip"].reason and why["ip"].override == "--numeric ip or --both ip"
+    assert "leaks the label" in why["conv_time"].reason
+    assert r.schema.time == "when" and r.schema.ignore == ("conv_time",)
+    assert r.schema.id_names[-1] == "amount#value"
+    text = r.describe()
+    assert all(name in text for name in roles) and "[override: --numeric ip or --both ip]" in text
+    r2 = explain_schema(p, label="y", numeric=["ip"], both=["hour"], time="when", ignore=["amount"])
+    roles2 = {c.name: c.role for c in r2.columns}
+    assert roles2["ip"] == "numeric" and roles2["hour"] == "both" and roles2["amount"] == "ignore"
+    with pytest.raises(SchemaError, match="Did you mean 'price'"):
+        explain_schema(p, label="y", categorical=["prise"])
+    with pytest.raises(SchemaError, match="named both --categorical and --numeric"):
+        explain_schema(p, label="y", categorical=["ip"], numeric=["ip"])
+
+
+def test_talkingdata_inference_makes_its_ids_categorical():
+    from conftest import shared_file
+    from ctrflow.schema import explain_schema
+
+    r = explain_schema(shared_file("talkingdata", "train_sample.csv"), label="is_attributed")
+    assert set(r.schema.categorical_names) == {"ip", "app", "device", "os", "channel"}
+    assert r.schema.numeric == () and r.schema.time == "click_time" and r.schema.ignore == ("attributed_time",)

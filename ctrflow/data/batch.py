@@ -40,7 +40,8 @@ class Batch(NamedTuple):
 class FeatureSpec:
     """What a model needs to know about its inputs.
 
-    id_names / id_buckets: one entry per column of `Batch.ids` (categoricals, then discretized numerics).
+    id_names / id_buckets: one entry per column of `Batch.ids` (categoricals, then discretized numerics,
+        then the exact-value ids `<name>#value` of numerics in `mode: both`).
     numeric_names: one entry per column of `Batch.numeric`.
     normalized_numeric: names of numeric fields that enter as (online-normalized) values; these fields'
         id columns are then ignored by the model. The others enter as discretized ids.

@@ -11,11 +11,13 @@ Nothing is lost: every malformed row is counted by reason and written with its f
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
 import json
 import os
 import shutil
+import sys
 import time
 import zlib
 from collections import Counter
@@ -26,10 +28,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ctrflow.atomic import atomic_write_json, atomic_writer, replace_atomically
 from ctrflow.data import shards as shardio
-from ctrflow.data.transforms import QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform
+from ctrflow.data.transforms import (QuantileSketch, Transforms, discretize, field_hash_key, hash_values, log_transform,
+                                     value_keys)
 from ctrflow.errors import ConfigError, InputError, SchemaError, TooManyRejectsError
-from ctrflow.schema import Schema, load_schema
+from ctrflow.schema import VALUE_ID_SUFFIX, Schema, load_schema
+from ctrflow.validation import Bool, Int, check_fields
 
 __all__ = ["ConvertOptions", "ConvertSummary", "convert", "REJECT_REASONS"]
 
@@ -42,6 +47,8 @@ REJECT_REASONS = (
     "invalid_utf8",       # a categorical value is not valid UTF-8 (serving could never match it)
     "bad_json",           # a JSON Lines row is not a JSON object
     "empty_row",          # a blank line, or a row whose every field is empty
+    "line_too_long",      # a line over max_line_bytes (skipped in pieces, never held in memory)
+    "field_too_long",     # a used field over max_field_bytes
 )
 
 ProgressFn = Callable[[int, "int | None"], None]
@@ -57,16 +64,15 @@ class ConvertOptions:
     sample_capacity: int = 1_000_000  # rows kept per numeric field for quantile fitting
     overwrite: bool = False  # replace an existing output folder
     seed: int = 0  # sampling seed (quantile sketch); conversion is deterministic given it
+    max_line_bytes: int = 1 << 20  # longer lines are rejected (`line_too_long`) while read in bounded pieces
+    max_field_bytes: int = 64 << 10  # a longer field value rejects its row (`field_too_long`)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"The 'workers' option of convert must be an int >= 0. Got {self.workers!r} instead.")
-        if not isinstance(self.block_bytes, int) or self.block_bytes < 4096:
-            raise ConfigError(f"The 'block_bytes' option of convert must be an int >= 4096. Got {self.block_bytes!r} instead.")
-        if self.max_errors is not None and (not isinstance(self.max_errors, int) or self.max_errors < 0):
-            raise ConfigError(f"The 'max_errors' option of convert must be an int >= 0 or None. Got {self.max_errors!r} instead.")
-        if self.sample_capacity < 1000:
-            raise ConfigError(f"The 'sample_capacity' option of convert must be >= 1000. Got {self.sample_capacity!r} instead.")
+        check_fields(self, {
+            "workers": Int(low=0), "block_bytes": Int(low=4096), "max_errors": Int(low=0, optional=True),
+            "sample_capacity": Int(low=1000), "overwrite": Bool(), "seed": Int(low=0),
+            "max_line_bytes": Int(low=64), "max_field_bytes": Int(low=1),
+        })
 
 
 @dataclass
@@ -99,7 +105,8 @@ class _Block:
     start: int = 0  # byte range (text/jsonl in plain files) or row-group index (parquet)
     end: int = 0
     first_line: int = 1  # 1-based line number of the block's first line in its file
-    data: bytes | None = None  # decompressed text (gzip inputs are cut in this process)
+    data: bytes | None = None  # decompressed text (gzip inputs are cut in this process); a long line's head
+    too_long: bool = False  # one line over max_line_bytes: rejected whole, its bytes never held in memory
 
 
 def _input_kind(path: Path) -> str:
@@ -117,7 +124,10 @@ def _check_first_line(line: bytes, path: Path, schema: Schema) -> bool:
         text = line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         text = line.decode("utf-8", "replace").rstrip("\r\n")
-    fields = next(csv.reader([text], delimiter=schema.delimiter), [])
+    try:
+        fields = next(csv.reader([text], delimiter=schema.delimiter), [])
+    except csv.Error as e:  # e.g. NUL bytes: binary data, not text
+        raise InputError(f"{path} line 1: not text ({e}); is this a CSV/TSV file?") from None
     expected = list(schema.columns) if schema.columns else None
     if schema.header:
         if expected is not None and fields != expected:
@@ -134,7 +144,8 @@ def _check_first_line(line: bytes, path: Path, schema: Schema) -> bool:
                 f"{[e for e, _ in differ][:5]} where the file has {[f for _, f in differ][:5]}.{hint}"
             )
         return True
-    assert expected is not None  # a headerless schema always lists its columns (checked in Schema)
+    if expected is None:  # a headerless schema always lists its columns (checked in Schema)
+        raise SchemaError(f"schema '{schema.name}' has header: false and no 'columns'.")
     if len(fields) != len(expected):
         raise SchemaError(
             f"{path} line 1: schema '{schema.name}' expects {len(expected)} fields, found {len(fields)}."
@@ -152,61 +163,143 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
 
 
-def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, start_index: int) -> Iterator[_Block]:
-    """Blocks of whole lines. Plain files become byte ranges; gzip is decompressed here, in order."""
+_PIECE = 4 << 20  # bytes read at a time while cutting: the planner's memory is O(block + piece), never O(line)
+_HEAD = 256  # bytes of a too-long line kept for the rejects file
+
+
+class _LineCutter:
+    """Cuts a byte stream into blocks of whole lines, setting aside every line over `max_line` bytes.
+
+    Fed consecutive pieces, it returns `_Block`s: row blocks of at least `block_bytes` (cut after a
+    newline) and one `too_long` block per overlong line, whose bytes are skipped, not kept (only their
+    first `_HEAD` bytes are). `keep_data` keeps the row blocks' bytes (decompressed inputs); otherwise
+    blocks are byte ranges that a worker reads itself.
+    """
+
+    def __init__(self, file: str, kind: str, start: int, first_line: int, block_bytes: int, max_line: int,
+                 keep_data: bool, index: int) -> None:
+        self.file, self.kind, self.block_bytes, self.max_line, self.keep_data = file, kind, block_bytes, max_line, keep_data
+        self.index = index
+        self.pos = start  # stream offset of the bytes fed so far
+        self.blk: int | None = start  # start of the pending row block (a line start); None inside a long line
+        self.blk_line = first_line
+        self.line_start, self.line_no = start, first_line  # the open (unterminated) line
+        self.buf = bytearray()  # bytes [blk, blk + len(buf)) when keep_data
+        self.long_head: bytes | None = None  # head of the open line once it is known to be too long
+
+    def _emit_rows(self, end: int, out: list[_Block]) -> None:
+        assert self.blk is not None
+        if end > self.blk:
+            data = bytes(self.buf[: end - self.blk]) if self.keep_data else None
+            out.append(_Block(self.index, self.file, self.kind, self.blk, end, self.blk_line, data))
+            self.index += 1
+            del self.buf[: end - self.blk]
+        self.blk = end
+
+    def _append(self, c: bytes, base: int, upto: int) -> None:
+        if self.keep_data and self.blk is not None:
+            lo = self.blk + len(self.buf) - base
+            if upto - base > lo:
+                self.buf += c[max(lo, 0): upto - base]
+
+    def _normal(self, ends: np.ndarray, c: bytes, base: int, out: list[_Block]) -> None:
+        """Lines ending at `ends` (stream offsets after each newline) are short: cut full blocks among them."""
+        if not len(ends):
+            return
+        first = 0
+        while True:
+            assert self.blk is not None
+            k = int(np.searchsorted(ends[first:], self.blk + self.block_bytes, side="left")) + first
+            if k >= len(ends):
+                break
+            cut = int(ends[k])
+            self._append(c, base, cut)
+            self._emit_rows(cut, out)
+            self.blk_line = self.line_no + k + 1
+            first = k + 1
+        last = int(ends[-1])
+        self._append(c, base, last)
+        self.line_start, self.line_no = last, self.line_no + len(ends)
+
+    def _long(self, start: int, end: int, c: bytes, base: int, out: list[_Block]) -> None:
+        head = self.long_head
+        if head is None:
+            known = bytes(self.buf[start - self.blk:]) if (self.keep_data and self.blk is not None and start < self.blk + len(self.buf)) else b""
+            head = (known + c[max(start - base, 0): max(start - base, 0) + _HEAD])[:_HEAD]
+        if self.blk is not None:
+            self._emit_rows(start, out)
+        out.append(_Block(self.index, self.file, self.kind, start, end, self.line_no, head, too_long=True))
+        self.index += 1
+        self.blk, self.blk_line, self.buf, self.long_head = end, self.line_no + 1, bytearray(), None
+        self.line_start, self.line_no = end, self.line_no + 1
+
+    def feed(self, c: bytes) -> list[_Block]:
+        base, out = self.pos, []
+        ends = np.flatnonzero(np.frombuffer(c, np.uint8) == 10).astype(np.int64) + (base + 1)
+        j = 0
+        if len(ends):
+            starts = np.concatenate(([self.line_start], ends[:-1]))
+            for k in np.flatnonzero(ends - starts - 1 > self.max_line).tolist():
+                self._normal(ends[j:k], c, base, out)
+                self._long(int(starts[k]), int(ends[k]), c, base, out)
+                j = k + 1
+        self._normal(ends[j:], c, base, out)
+        self.pos = base + len(c)
+        if self.long_head is None:
+            if self.pos - self.line_start > self.max_line:  # the open line is already too long: stop keeping it
+                lo = self.line_start - base
+                known = bytes(self.buf[self.line_start - self.blk:]) if (self.keep_data and lo < 0) else b""
+                self.long_head = (known + c[max(lo, 0): max(lo, 0) + _HEAD])[:_HEAD]
+                self._emit_rows(self.line_start, out)
+                self.blk = None
+            else:
+                self._append(c, base, self.pos)
+        return out
+
+    def finish(self) -> list[_Block]:
+        out: list[_Block] = []
+        if self.long_head is not None:
+            out.append(_Block(self.index, self.file, self.kind, self.line_start, self.pos, self.line_no, self.long_head, too_long=True))
+            self.index += 1
+        elif self.blk is not None:
+            self._emit_rows(self.pos, out)
+        return out
+
+
+def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, start_index: int,
+               max_line_bytes: int = 1 << 20) -> Iterator[_Block]:
+    """Blocks of whole lines. Plain files become byte ranges; gzip is decompressed here, in order.
+
+    Lines over `max_line_bytes` become `too_long` blocks (rejects); reading is in pieces, so a
+    gigabyte-long line costs no more memory than a short one.
+    """
     compressed = path.suffix == ".gz"
     try:
         with _open_bytes(path) as f:
-            first = f.readline()
+            first = f.readline(max_line_bytes + 2)
             if not first:
                 raise InputError(f"{path}: empty file (no rows).")
+            if len(first) > max_line_bytes + 1 or (not first.endswith(b"\n") and f.read(1)):
+                raise InputError(f"{path} line 1: longer than {max_line_bytes} bytes (max_line_bytes); "
+                                 "is this a text file of rows? (raise the limit with --max-line-bytes)")
             skip = _check_first_line(first, path, schema) if (kind == "text" and schema) else False
             line = 2 if skip else 1
             offset = len(first) if skip else 0
-            carry = b"" if skip else first
-            index = start_index
-            if not compressed:
-                # Plain files: byte ranges cut after a newline. Read sequentially (not mmap), so this
-                # process's memory stays flat however large the file is.
-                size = path.stat().st_size
-                while offset < size:
-                    end = min(size, offset + block_bytes)
-                    if end < size:
-                        f.seek(end)
-                        f.readline()
-                        end = min(size, f.tell())
-                    yield _Block(index, str(path), kind, offset, end, line)
-                    f.seek(offset)
-                    remaining = end - offset
-                    while remaining:
-                        chunk = f.read(min(remaining, 8 << 20))
-                        line += chunk.count(b"\n")
-                        remaining -= len(chunk)
-                    index += 1
-                    offset = end
-                return
+            cutter = _LineCutter(str(path), kind, offset, line, block_bytes, max_line_bytes, compressed, start_index)
+            f.seek(offset)
             while True:
-                chunk = f.read(block_bytes)
-                data = carry + chunk
-                if not chunk:
-                    if data:
-                        yield _Block(index, str(path), kind, first_line=line, data=data)
-                    return
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
-                    continue
-                block, carry = data[:cut], data[cut:]
-                yield _Block(index, str(path), kind, first_line=line, data=block)
-                line += block.count(b"\n")
-                index += 1
+                piece = f.read(_PIECE)
+                if not piece:
+                    break
+                yield from cutter.feed(piece)
+            yield from cutter.finish()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise InputError(f"{path}: truncated or damaged gzip ({e}); re-copy the file or drop it from the inputs.") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}).") from None
 
 
-def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int) -> Iterator[_Block]:
+def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int, max_line_bytes: int = 1 << 20) -> Iterator[_Block]:
     index = 0
     for path in inputs:
         kind = _input_kind(path)
@@ -228,7 +321,7 @@ def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int) -> Iterator[
                 line += pf.metadata.row_group(rg).num_rows
                 index += 1
         else:
-            for block in _plan_text(path, kind, schema, block_bytes, index):
+            for block in _plan_text(path, kind, schema, block_bytes, index, max_line_bytes):
                 index = block.index + 1
                 yield block
 
@@ -281,32 +374,71 @@ def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], 
     if block.kind == "jsonl":
         return _read_jsonl(data, block, schema)
 
-    columns = list(schema.columns) if schema.columns else None
-    assert columns is not None
+    if not schema.columns:
+        raise SchemaError(f"schema '{schema.name}' lists no 'columns': a text block cannot be read without them.")
+    columns = list(schema.columns)
+    blanked: set[int] = set()
+    if not data.isascii():  # pyarrow cannot hand a non-UTF-8 malformed row to the handler: set those lines aside
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            data = _blank_invalid_utf8(data, block.first_line, rejects, blanked, schema.delimiter, len(columns))
     n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     bad_lines: list[int] = []
 
     def on_invalid(row: Any) -> str:
         line = block.first_line + row.number - 1
         bad_lines.append(line)
-        rejects.append((line, "wrong_field_count", f"{row.actual_columns} of {row.expected_columns}", row.text))
+        if line not in blanked:
+            rejects.append((line, "wrong_field_count", f"{row.actual_columns} of {row.expected_columns}", row.text))
         return "skip"
 
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
-        parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.binary() for c in columns}, include_columns=schema.used_columns,
-            strings_can_be_null=False, quoted_strings_can_be_null=False,
-        ),
-    )
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None  # pyarrow reports a handler's failure there
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.binary() for c in columns}, include_columns=schema.used_columns,
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise InputError(f"{block.file} from line {block.first_line}: cannot be read as "
+                         f"{schema.delimiter!r}-separated text ({str(e)[:200]}); is it a text file of rows?") from None
+    finally:
+        sys.unraisablehook = hook
     all_lines = np.arange(block.first_line, block.first_line + n_lines, dtype=np.int64)
     lines = np.setdiff1d(all_lines, np.asarray(bad_lines, np.int64), assume_unique=True) if bad_lines else all_lines
     if len(lines) != table.num_rows:  # quoted newlines inside fields: line numbers become approximate
         lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
+    rows_read = table.num_rows + len(bad_lines)
+    if blanked:  # already rejected as invalid_utf8: drop their (empty) rows
+        keep = ~np.isin(lines, np.fromiter(blanked, np.int64))
+        table, lines = table.filter(pa.array(keep)), lines[keep]
     cols = {name: table.column(name).combine_chunks() for name in schema.used_columns}
-    return cols, lines, rejects, table.num_rows + len(bad_lines)
+    return cols, lines, rejects, rows_read
+
+
+def _blank_invalid_utf8(data: bytes, first_line: int, rejects: list, blanked: set[int], delimiter: str, n_columns: int) -> bytes:
+    """Replace each non-UTF-8 line of the wrong field count by an empty line (so line numbers hold) and
+    reject it; non-UTF-8 lines of the right shape are kept (their field is named by the invalid_utf8 check)."""
+    out = []
+    sep = delimiter.encode()
+    for i, raw in enumerate(data.split(b"\n")):
+        try:
+            raw.decode("utf-8")
+            out.append(raw)
+        except UnicodeDecodeError:
+            if raw.rstrip(b"\r").count(sep) + 1 == n_columns and b'"' not in raw:
+                out.append(raw)
+                continue
+            line = first_line + i
+            blanked.add(line)
+            rejects.append((line, "invalid_utf8", "", raw[:4096].decode("utf-8", "replace")))
+            out.append(b"")
+    return b"\n".join(out)
 
 
 def _read_jsonl(data: bytes, block: _Block, schema: Schema) -> tuple[dict[str, Any], np.ndarray, list, int]:
@@ -415,12 +547,29 @@ def _bad_utf8(col: Any) -> np.ndarray | None:
         return bad
 
 
-def _row_text(cols: dict[str, Any], i: int, schema: Schema) -> str:
-    return schema.delimiter.join(cols[n][i].as_py().decode("utf-8", "replace") for n in schema.used_columns)
+def _row_text(cols: dict[str, Any], i: int, schema: Schema, limit: int = 4096) -> str:
+    """The row as the rejects file shows it (at most `limit` bytes per field, so a giant field stays small)."""
+    def show(b: bytes) -> str:
+        return b[:limit].decode("utf-8", "replace") + ("..." if len(b) > limit else "")
+
+    return schema.delimiter.join(show(cols[n][i].as_py()) for n in schema.used_columns)
+
+
+def _long_line_result(block: _Block) -> _BlockResult:
+    """The one reject a too-long line makes (its head is kept for the rejects file, the rest was skipped)."""
+    head = block.data or b""
+    if not head and not block.file.endswith(".gz"):
+        with open(block.file, "rb") as f:
+            f.seek(block.start)
+            head = f.read(_HEAD)
+    text = head.split(b"\n", 1)[0].decode("utf-8", "replace") + "..."
+    reject = (block.first_line, "line_too_long", f"{block.end - block.start} bytes", text)
+    return _BlockResult(block.index, block.file, 1, 0, [reject], None, None, None, 0.0, None)
 
 
 def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, final_dir: str,
-                   boundaries: dict[str, list[float]] | None, meta: dict[str, Any], sample_rows: int, seed: int) -> _BlockResult:
+                   boundaries: dict[str, list[float]] | None, meta: dict[str, Any], sample_rows: int, seed: int,
+                   max_field_bytes: int = 64 << 10) -> _BlockResult:
     """Parse, validate, hash and transform one block; stage it or write its final shard."""
     schema = Schema.from_dict(schema_dict)
     cols, lines, rejects, rows_read = _read_block_columns(block, schema)
@@ -438,15 +587,21 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
 
         empty = np.ones(n, bool)
         for name in schema.used_columns:
-            empty &= pc.equal(pc.binary_length(cols[name]), 0).to_numpy(zero_copy_only=False)
+            length = pc.binary_length(cols[name]).to_numpy(zero_copy_only=False)
+            empty &= length == 0
+            if length.max() > max_field_bytes:
+                reject(length > max_field_bytes, "field_too_long", name)
         reject(empty, "empty_row", "")
     label, lbad = _parse_floats(cols[schema.label])
     reject(lbad | ~np.isin(label, (0.0, 1.0)), "bad_label", schema.label)
     numeric = np.zeros((n, len(schema.numeric)), np.float32)
+    exact: dict[str, np.ndarray] = {}  # raw values of `mode: both` numerics, hashed below
     for j, f in enumerate(schema.numeric):
         v, vbad = _parse_floats(cols[f.name])
         reject(vbad, "bad_number", f.name)
         numeric[:, j] = log_transform(v) if f.transform == "log" else v
+        if f.mode == "both":
+            exact[f.name] = v
     weight = None
     if schema.weight:
         w, wbad = _parse_floats(cols[schema.weight])
@@ -471,10 +626,14 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     good = ~bad
     keep = np.flatnonzero(good)
     rows = len(keep)
-    ids = np.zeros((rows, len(schema.categorical) + len(schema.numeric)), np.int32)
+    ids = np.zeros((rows, len(schema.id_names)), np.int32)
     for j, f in enumerate(schema.categorical):
         col = cols[f.name] if rows == n else cols[f.name].take(keep)
         ids[:, j] = hash_values(col.to_numpy(zero_copy_only=False), f.hash_buckets, field_hash_key(schema.hash_seed, f.name))
+    offset = len(schema.categorical) + len(schema.numeric)
+    for j, f in enumerate(schema.both_numeric):
+        name = f.name + VALUE_ID_SUFFIX
+        ids[:, offset + j] = hash_values(value_keys(exact[f.name][keep]), f.hash_buckets, field_hash_key(schema.hash_seed, name))
     data = shardio.ShardData(
         label=label[keep].astype(np.float32), ids=ids, numeric=numeric[keep],
         weight=None if weight is None else weight[keep], time=None if times is None else times[keep],
@@ -489,12 +648,22 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     stage = Path(staging) / name
     stage.mkdir(parents=True, exist_ok=True)
     for key, arr in data.blocks():
-        np.save(stage / f"{key}.npy", arr)
+        _save_array(stage / f"{key}.npy", arr)
     rng = np.random.default_rng([seed, block.index])
     k = min(rows, sample_rows)
     pick = rng.choice(rows, size=k, replace=False) if k < rows else np.arange(rows)
     return _BlockResult(block.index, block.file, rows_read, rows, rejects, str(stage), None,
                         data.numeric[pick], rows / max(k, 1), time_range, positives)
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    """np.save, with numpy's errno-less short write ("N requested and M written") reported as the full disk it is."""
+    try:
+        np.save(path, arr)
+    except OSError as e:
+        if e.errno is None and "requested and" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 def _finalize(data: shardio.ShardData, schema: Schema, boundaries: dict[str, list[float]], path: Path,
@@ -520,7 +689,39 @@ def _finalize_staged(stage: str, schema_dict: dict[str, Any], boundaries: dict[s
     return entry
 
 
-def _worker_init() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when `parent_pid` does, even by kill -9 (workers blocked on a pipe
+    would otherwise live on forever, holding their memory).
+
+    Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG). Everywhere: a daemon
+    thread polls the parent pid once a second, a fallback where prctl is missing.
+    """
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ctrflow-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     from ctrflow._tf import quiet_import
 
     tf = quiet_import()
@@ -548,12 +749,75 @@ def _escape(s: str) -> str:
 
 
 def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_writer(path, "w") as f:
         f.write("file\tline\treason\tfield\trow\n")
         for file, line, reason, fieldname, text in sorted(rejects, key=lambda r: (r[0], r[1])):
             f.write(f"{file}\t{line}\t{reason}\t{_escape(fieldname)}\t{_escape(text)}\n")
-    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[str]:
+    """Remove what dead conversions into `out` left: `out.partial-<pid>` / `out.old-<pid>` folders and
+    temp files of the rejects file, whose pid no longer runs. A live conversion's are kept."""
+    removed = []
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return removed
+    prefixes = (f"{out.name}.partial-", f"{out.name}.old-", f".{out.name}.rejects.tsv.tmp-")
+    for p in parent.iterdir():
+        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
+        pid = p.name[len(prefix):] if prefix else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p))
+    return removed
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _with_header_columns(schema: Schema, paths: Sequence[Path], max_line_bytes: int) -> Schema:
+    """A schema with `header: true` and no `columns` takes its columns from the first text input's header
+    (every other input's header is then checked against them); a clear SchemaError when it cannot."""
+    if schema.columns is not None or not schema.header:
+        return schema
+    text = [p for p in paths if _input_kind(p) == "text"]
+    if not text:
+        return schema
+    try:
+        with _open_bytes(text[0]) as f:
+            first = f.readline(max_line_bytes + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{text[0]}: cannot read its header ({getattr(e, 'strerror', None) or e}).") from None
+    if not first.strip():
+        raise SchemaError(f"schema '{schema.name}' has header: true and no 'columns', and {text[0]} has no header line: "
+                          "list the columns in the schema.")
+    try:
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")], delimiter=schema.delimiter))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SchemaError(f"{text[0]} line 1: not a text header ({e}); is this a CSV file?") from None
+    missing = [c for c in schema.used_columns if c not in header]
+    if missing:
+        raise SchemaError(f"schema '{schema.name}' has header: true and no 'columns', and the header of {text[0]} "
+                          f"lacks its columns {missing} (the header is {header[:12]}{'...' if len(header) > 12 else ''}).")
+    try:
+        return schema.with_overrides(columns=tuple(header))
+    except SchemaError as e:
+        raise SchemaError(f"{text[0]} line 1: {e}") from None
 
 
 def convert(
@@ -591,10 +855,12 @@ def convert(
         boundaries = {k: list(v) for k, v in man.transforms().boundaries.items()}
     else:
         schema_obj = load_schema(schema)  # type: ignore[arg-type]
+    schema_obj = _with_header_columns(schema_obj, paths, options.max_line_bytes)
     out = Path(out)
     if out.exists():
         if not options.overwrite:
             raise ConfigError(f"{out} already exists: choose another folder or pass overwrite (--overwrite).")
+    remove_stale_partials(out)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -612,7 +878,8 @@ def convert(
     else:
         import multiprocessing
 
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                       initargs=(os.getpid(),))
     results: list[_BlockResult] = []
     rejects_all: list[tuple[str, int, str, str, str]] = []
     reasons: Counter[str] = Counter()
@@ -622,7 +889,7 @@ def convert(
     try:
         try:
             pending: list[Future] = []
-            blocks = _plan(paths, schema_obj, options.block_bytes)
+            blocks = _plan(paths, schema_obj, options.block_bytes, options.max_line_bytes)
             exhausted = False
             while pending or not exhausted:
                 while not exhausted and len(pending) < 2 * workers:
@@ -630,8 +897,13 @@ def convert(
                     if block is None:
                         exhausted = True
                         break
+                    if block.too_long:  # nothing to parse: its reject is made here, in order
+                        done: Future = Future()
+                        done.set_result(_long_line_result(block))
+                        pending.append(done)
+                        continue
                     pending.append(executor.submit(_process_block, block, schema_dict, str(staging), str(partial),
-                                                   boundaries, meta, sample_rows, options.seed))
+                                                   boundaries, meta, sample_rows, options.seed, options.max_field_bytes))
                 if not pending:
                     break
                 res: _BlockResult = pending.pop(0).result()
@@ -675,48 +947,55 @@ def convert(
                     (partial / r.shard["file"]).unlink(missing_ok=True)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
-    except BaseException:
-        if rejects_all:
-            _write_rejects(out.with_name(out.name + ".rejects.tsv"), rejects_all)
+    except BaseException as e:
+        # Cleanup first frees space and never needs any; the rejects file (the diagnosis of bad input)
+        # is written afterwards, only when the input is at fault, and given up on if even that fails.
         shutil.rmtree(partial, ignore_errors=True)
+        if rejects_all and isinstance(e, InputError) and not _is_disk_full(e):
+            try:
+                _write_rejects(out.with_name(out.name + ".rejects.tsv"), rejects_all)
+            except OSError:
+                pass
         raise
 
-    shutil.rmtree(staging, ignore_errors=True)
-    transforms = Transforms({k: tuple(v) for k, v in boundaries.items()})
-    rejects_path = None
-    if rejects_all:
-        _write_rejects(partial / "rejects.tsv", rejects_all)
-        rejects_path = str(out / "rejects.tsv")
-    times = [r.time_range for r in results if r.time_range]
-    rows_read = sum(r.rows_read for r in results)
-    manifest = {
-        "format": "ctrflow-shards",
-        "version": shardio.FORMAT_VERSION,
-        "schema": schema_dict,
-        "schema_fingerprint": schema_obj.fingerprint(),
-        "transforms": transforms.to_dict(),
-        "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
-        "rows": rows_done,
-        "positives": sum(r.positives for r in results),
-        "rows_read": rows_read,
-        "rows_rejected": len(rejects_all),
-        "rejects": dict(reasons),
-        "time_range": [min(t[0] for t in times), max(t[1] for t in times)] if times else None,
-        "inputs": [str(p) for p in paths],
-        "like": str(like) if like is not None else None,
-        "created_unix": time.time(),
-        "shards": entries,
-    }
-    tmp = partial / (shardio.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, partial / shardio.MANIFEST)
+    try:  # a failure from here on (a full disk) also leaves nothing behind
+        shutil.rmtree(staging, ignore_errors=True)
+        transforms = Transforms({k: tuple(v) for k, v in boundaries.items()})
+        rejects_path = None
+        if rejects_all:
+            _write_rejects(partial / "rejects.tsv", rejects_all)
+            rejects_path = str(out / "rejects.tsv")
+        times = [r.time_range for r in results if r.time_range]
+        rows_read = sum(r.rows_read for r in results)
+        manifest = {
+            "format": "ctrflow-shards",
+            "version": shardio.FORMAT_VERSION,
+            "schema": schema_dict,
+            "schema_fingerprint": schema_obj.fingerprint(),
+            "transforms": transforms.to_dict(),
+            "feature_spec": transforms.feature_spec(schema_obj).to_dict(),
+            "rows": rows_done,
+            "positives": sum(r.positives for r in results),
+            "rows_read": rows_read,
+            "rows_rejected": len(rejects_all),
+            "rejects": dict(reasons),
+            "time_range": [min(t[0] for t in times), max(t[1] for t in times)] if times else None,
+            "inputs": [str(p) for p in paths],
+            "like": str(like) if like is not None else None,
+            "created_unix": time.time(),
+            "shards": entries,
+        }
+        atomic_write_json(partial / shardio.MANIFEST, manifest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out.exists():  # overwrite: swap the old folder out only now that the new one is complete
         trash = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
-        os.replace(partial, out)
+        replace_atomically(partial, out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(partial, out)
+        replace_atomically(partial, out)
     seconds = time.perf_counter() - t0
     return ConvertSummary(
         out=str(out), rows=rows_done, rows_read=rows_read, rows_rejected=len(rejects_all), rejects=dict(reasons),

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ctrflow.errors import ConfigError
+from ctrflow.validation import Choice, Int, check_fields
 
 __all__ = [
     "SYNTHETIC_COLUMNS",
@@ -94,14 +95,10 @@ class GenerateOptions:
     split: str = "train"
 
     def __post_init__(self) -> None:
-        _check_int("rows", self.rows, low=1)
-        _check_int("seed", self.seed, low=0, high=2**64 - 1)
-        _check_int("days", self.days, low=1)
-        _check_int("chunk_rows", self.chunk_rows, low=1)
-        if self.split not in _SPLITS:
-            raise ConfigError(
-                f"The 'split' parameter of GenerateOptions must be one of {sorted(_SPLITS)}. Got {self.split!r} instead."
-            )
+        check_fields(self, {
+            "rows": Int(low=1), "seed": Int(low=0, high=2**64 - 1), "days": Int(low=1), "chunk_rows": Int(low=1),
+            "split": Choice(tuple(sorted(_SPLITS))),
+        })
         if self.days > self.rows:
             raise ConfigError(
                 f"The 'days' parameter of GenerateOptions must be <= rows ({self.rows}) so that every "
@@ -236,15 +233,6 @@ class _CsvFile:
 
     def __exit__(self, *exc_info: object) -> None:
         self._raw.close()  # after commit, or abandoned: the caller deletes the temporary file
-
-
-def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if not is_int or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(
-            f"The '{name}' parameter of GenerateOptions must be an int {bound}. Got {value!r} instead."
-        )
 
 
 class _Categorical(NamedTuple):

@@ -21,6 +21,7 @@ from ctrflow.data.batch import Batch, FeatureSpec
 from ctrflow.data.transforms import Transforms
 from ctrflow.errors import ConfigError, SchemaError, ShardCorruptError
 from ctrflow.schema import Schema
+from ctrflow.validation import Bool, Int, check_fields
 
 __all__ = ["PipelineOptions", "BatchStream", "open_batches"]
 
@@ -41,17 +42,12 @@ class PipelineOptions:
     check_crc: bool = False  # verify each shard's checksum when it is opened (costs one read)
 
     def __post_init__(self) -> None:
-        checks = [
-            ("batch_size", self.batch_size >= 1, "an int >= 1"),
-            ("epochs", self.epochs >= 1, "an int >= 1"),
-            ("shuffle_buffer_rows", self.shuffle_buffer_rows >= 1, "an int >= 1"),
-            ("prefetch_batches", self.prefetch_batches >= 1, "an int >= 1"),
-            ("num_shards", self.num_shards >= 1, "an int >= 1"),
-            ("shard_index", 0 <= self.shard_index < self.num_shards, f"in [0, num_shards={self.num_shards})"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"The '{name}' option of PipelineOptions must be {what}. Got {getattr(self, name)!r} instead.")
+        check_fields(self, {
+            "batch_size": Int(low=1), "epochs": Int(low=1), "shuffle": Bool(), "shuffle_buffer_rows": Int(low=1),
+            "seed": Int(low=0), "prefetch_batches": Int(low=1), "drop_remainder": Bool(), "num_shards": Int(low=1),
+            "shard_index": Int(low=0, high=max(self.num_shards - 1, 0) if isinstance(self.num_shards, int) else None),
+            "check_crc": Bool(),
+        })
 
 
 _END = object()

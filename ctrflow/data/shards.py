@@ -24,6 +24,7 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
+from ctrflow.atomic import atomic_writer
 from ctrflow.errors import ShardCorruptError
 
 __all__ = [
@@ -118,12 +119,8 @@ def write_shard(path: str | os.PathLike, data: ShardData, meta: dict[str, Any]) 
     """Write one shard atomically (temp file, fsync, rename). Returns its manifest entry."""
     path = Path(path)
     head, blocks, payload, crc = encode_shard(data, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:
         _write_to(f, head, blocks)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"file": path.name, "rows": data.rows, "bytes": len(head) + payload, "crc32": crc}
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "field_hash_key",
     "hash_values",
     "log_transform",
+    "value_keys",
     "discretize",
     "QuantileSketch",
     "Transforms",
@@ -45,6 +46,25 @@ def hash_values(values: np.ndarray, buckets: int, key: tuple[int, int]) -> np.nd
     ids = tf.strings.to_hash_bucket_strong(t, buckets - 1, key=list(key)) + 1
     ids = tf.where(tf.strings.length(t) > 0, ids, tf.zeros_like(ids))
     return ids.numpy().astype(np.int32)
+
+
+def value_keys(x: np.ndarray) -> np.ndarray:
+    """The exact-value key of each float64 number, as bytes to hash (`mode: both`); NaN (missing) → b"".
+
+    Integral values below 2^53 print as integers ("3", "-7", so 3 and 3.0 agree); any other value is
+    keyed by its IEEE-754 bits ("f" + int64 bit pattern). Both forms are exactly reproducible in-graph
+    (export's `_raw_transform`), so serving hashes a value to the id the converter wrote.
+    """
+    x = np.asarray(x, np.float64)
+    missing = np.isnan(x)
+    integral = ~missing & (np.floor(x) == x) & (np.abs(x) < 2.0**53)
+    out = np.full(len(x), b"", dtype=object)
+    if integral.any():
+        out[integral] = np.char.encode(x[integral].astype(np.int64).astype(str))
+    other = ~missing & ~integral
+    if other.any():
+        out[other] = np.char.encode(np.char.add("f", x[other].view(np.int64).astype(str)))
+    return out
 
 
 def log_transform(x: np.ndarray) -> np.ndarray:
@@ -115,10 +135,11 @@ class Transforms:
         return np.asarray(self.boundaries[name], dtype=np.float32)
 
     def id_buckets(self, schema: Schema) -> tuple[int, ...]:
-        """Bucket count of every ids column: hash buckets, then len(boundaries)+2 per numeric."""
-        return tuple(f.hash_buckets for f in schema.categorical) + tuple(
-            len(self.boundaries[f.name]) + 2 for f in schema.numeric
-        )
+        """Bucket count of every ids column: hash buckets, then len(boundaries)+2 per numeric, then the
+        hash buckets of each `mode: both` numeric's exact-value column."""
+        return (tuple(f.hash_buckets for f in schema.categorical)
+                + tuple(len(self.boundaries[f.name]) + 2 for f in schema.numeric)
+                + tuple(f.hash_buckets for f in schema.both_numeric))
 
     def feature_spec(self, schema: Schema) -> FeatureSpec:
         return FeatureSpec(

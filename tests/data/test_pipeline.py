@@ -88,3 +88,24 @@ def test_cli_reads_shards_piped_on_stdin(shard_dir):
     assert json.loads(out.stdout.decode().splitlines()[-1])["rows"] == 3000
     out = subprocess.run([sys.executable, "-m", "ctrflow", "read", "-", "--json"], input=raw[:-5], capture_output=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and b"stream ended mid-record" in out.stderr
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", True), ("batch_size", "64"), ("batch_size", 0), ("epochs", 1.5),
+                                         ("shuffle", 1), ("shard_index", 2), ("prefetch_batches", None)])
+def test_pipeline_options_refuse_wrong_types_with_one_message_shape(field, value):
+    kwargs = {field: value} | ({"num_shards": 2} if field == "shard_index" else {})
+    with pytest.raises(ConfigError, match=f"The '{field}' parameter of PipelineOptions must be .* Got {value!r} instead"):
+        PipelineOptions(**kwargs)
+
+
+def test_convert_and_generate_options_use_the_same_checks():
+    from ctrflow.data.convert import ConvertOptions
+    from ctrflow.data.generate import GenerateOptions
+
+    for kwargs in ({"workers": True}, {"block_bytes": "64"}, {"max_errors": -1}, {"overwrite": "yes"}, {"max_line_bytes": 10}):
+        with pytest.raises(ConfigError, match=f"The '{next(iter(kwargs))}' parameter of ConvertOptions"):
+            ConvertOptions(**kwargs)
+    with pytest.raises(ConfigError, match="The 'rows' parameter of GenerateOptions must be an int >= 1. Got True"):
+        GenerateOptions(rows=True)
+    with pytest.raises(ConfigError, match="'split'.*Did you mean 'test'"):
+        GenerateOptions(rows=10, split="tset")
