@@ -115,3 +115,22 @@ def test_ffm_follows_continuous_slices_resets_stale_rows_and_publishes_servable_
     served = Predictor.load(tmp_path / "models" / "ctr").predict_ids(ids, numeric)
     np.testing.assert_allclose(served, tf.sigmoid(model(ids, numeric)).numpy(), rtol=1e-5, atol=1e-7)
     shutil.rmtree(tmp_path / "state" / "runs", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_cli_model_flags_reach_the_run_and_a_misspelled_model_gets_a_suggestion(tmp_path, synthetic_shards):
+    train_dir, _, _ = synthetic_shards
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ctrflow", "train", "--data", str(train_dir), *args], capture_output=True,
+                              text=True, cwd=REPO, timeout=300)
+
+    bad = cli("--out", str(tmp_path / "bad"), "--model", "dcn2")
+    assert bad.returncode == 2 and "Did you mean 'dcnv2'?" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
+    ok = cli("--out", str(tmp_path / "run"), "--model", "dcnv2", "--cross-structure", "stacked", "--cross-layers", "2",
+             "--cross-rank", "4", "--dropout", "0.1", "--embedding-dim", "4", "--hidden", "8", "--max-steps", "3", "--json")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    model = json.loads((tmp_path / "run" / "run.json").read_text())["config"]["model"]
+    assert (model["kind"], model["cross_structure"], model["cross_layers"], model["cross_rank"], model["dropout"]) == \
+        ("dcnv2", "stacked", 2, 4, 0.1)
