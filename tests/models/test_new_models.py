@@ -45,6 +45,19 @@ def test_ffm_interaction_pairs_each_fields_vector_for_the_other_field():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_ffm_hand_written_gradient_equals_autodiff_of_the_pairwise_sum():
+    s, k = 4, 2
+    x = tf.Variable(np.random.default_rng(5).normal(size=(3, s, (s - 1) * k)).astype(np.float32))
+    slot = lambda f, g: g if g < f else g - 1  # noqa: E731
+    weights = tf.constant([1.0, -2.0, 0.5])
+    with tf.GradientTape(persistent=True) as tape:
+        fast = tf.reduce_sum(weights * ffm_interaction(x, s, k))
+        v = tf.reshape(x, [3, s, s - 1, k])
+        slow = tf.reduce_sum(weights * tf.add_n([tf.reduce_sum(v[:, i, slot(i, j)] * v[:, j, slot(j, i)], axis=1)
+                                                 for i in range(s) for j in range(i + 1, s)]))
+    np.testing.assert_allclose(tape.gradient(fast, x).numpy(), tape.gradient(slow, x).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_ffm_with_equal_vectors_for_every_field_is_an_fm():
     emb = np.random.default_rng(1).normal(size=(6, 4, 2)).astype(np.float32)
     tiled = np.tile(emb, (1, 1, 3))  # each field's 3 field-aware vectors all equal its FM vector
