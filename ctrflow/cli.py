@@ -188,6 +188,8 @@ def _train_config(args: argparse.Namespace):
                       ("ffm_dim", "ffm_dim")):
         if getattr(args, flag) is not None:
             model[key] = getattr(args, flag)
+    if args.cross_rank == 0:
+        model["cross_rank"] = None  # full-rank cross layers
     if args.hidden is not None:
         model["hidden"] = [int(x) for x in args.hidden.split(",") if x]
     if args.batch_norm:
@@ -494,8 +496,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-norm", action="store_true")
     p.add_argument("--table-mode", choices=["shared", "per_field"])
     p.add_argument("--cross-layers", type=int, help="dcnv2: number of cross layers (default 3)")
-    p.add_argument("--cross-structure", help="dcnv2: parallel (default) or stacked")
-    p.add_argument("--cross-rank", type=int, help="dcnv2: low-rank cross layers of this rank (default: full rank)")
+    p.add_argument("--cross-structure", help="dcnv2: stacked (default) or parallel")
+    p.add_argument("--cross-rank", type=int, help="dcnv2: rank of the low-rank cross layers (default 64); 0 = full rank")
     p.add_argument("--ffm-dim", type=int, help="ffm: width of each field-aware vector (default 4; rows hold fields-1 of them)")
     p.add_argument("--l2", type=float)
     p.add_argument("--steps-per-call", type=int)

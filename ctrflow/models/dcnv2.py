@@ -1,10 +1,11 @@
 """DCN-v2 (Wang et al. 2021): a cross network for explicit bounded-degree crosses plus an MLP.
 
 `x0 = flatten(field embeddings)`; structures (`config.cross_structure`):
-- "parallel": `logit = linear + w^T [cross(x0); mlp_hidden(x0)]`;
-- "stacked":  `logit = linear + mlp(cross(x0))`.
+- "stacked" (default):  `logit = linear + mlp(cross(x0))`;
+- "parallel": `logit = linear + w^T [cross(x0); mlp_hidden(x0)]`.
 The sparse linear term carries the output bias (started at the base rate by the trainers) and the
-per-id main effects, as in every ctrflow model. `config.cross_rank` switches to low-rank layers.
+per-id main effects, as in every ctrflow model. Cross layers are low-rank (`config.cross_rank`, 64) by
+default: full rank cost 2.5x the training time for no measurable gain (BENCHMARKS.md, "Model zoo").
 
 Serving cost per row, D = fields x embedding_dim: cross layers x D^2 (full rank) or x 2 D r (low rank),
 plus the MLP's D x hidden[0] first layer, which in "parallel" is the part a context/candidates request

@@ -463,13 +463,14 @@ class CrossNetwork(tf.Module):
     """DCN-v2 cross layers (Wang et al. 2021): `x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`, `[B, D]` -> `[B, D]`.
 
     Each layer adds one degree of explicit feature crossing at O(D^2) per row (full rank) or O(2 D r)
-    with the low-rank factorization `W_l = U_l V_l^T` (`rank` = r, the paper's cost-efficient variant;
-    r ~ D/4 keeps most of the quality). Kernels start Glorot-uniform, biases at 0; all are "dense".
+    with the low-rank factorization `W_l = V_l U_l` (`rank` = r, the paper's cost-efficient variant).
+    Kernels start Glorot-uniform, biases at 0; all are "dense".
 
     Args:
         input_dim: D, the width of `x_0` (fields x embedding_dim).
         layers: number of cross layers, >= 1.
-        rank: None for full `[D, D]` kernels, else r for `[D, r]` factors U and V.
+        rank: None for full `[D, D]` kernels, else r for `[D, r]` and `[r, D]` factors V and U; a rank
+            with 2r >= D would cost more than full rank and express no more, so full rank is used then.
         seed: seeds the kernels' initializers.
     """
 
@@ -477,7 +478,7 @@ class CrossNetwork(tf.Module):
         super().__init__(name=name)
         self.input_dim = input_dim
         self.layers = layers
-        self.rank = rank
+        self.rank = rank if rank is not None and 2 * rank < input_dim else None
         self.seed = seed
         self.built = False
 

@@ -56,8 +56,8 @@ class ModelConfig:
     seed: int = 0  # seeds every initializer: same seed + same FeatureSpec = same initial variables, >= 0
     norm_momentum: float | None = None  # online normalization: None = exact running stats; (0, 1) = EMA
     cross_layers: int = 3  # dcnv2: number of cross layers, 1..16
-    cross_structure: str = "parallel"  # dcnv2: "parallel" (cross and MLP side by side) or "stacked" (MLP on cross)
-    cross_rank: int | None = None  # dcnv2: None = full-rank [D, D] cross kernels; r = low-rank U V^T, 1..4096
+    cross_structure: str = "stacked"  # dcnv2: "stacked" (MLP on the cross output) or "parallel" (side by side)
+    cross_rank: int | None = 64  # dcnv2: low-rank cross layers of rank r (full rank when 2r >= D); None = full rank
     ffm_dim: int = 4  # ffm: width of each field-aware vector; a row holds (fields - 1) of them, 1..256
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ def test_dcnv2_trains_on_a_local_cluster_with_sharded_cross_kernels_and_serves_w
     from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
 
     train_dir, test_dir, _ = synthetic_shards
-    model = ModelConfig("dcnv2", embedding_dim=8, hidden=(32,), cross_layers=2, dropout=0.1)
+    model = ModelConfig("dcnv2", embedding_dim=8, hidden=(32,), cross_layers=2, cross_rank=None, dropout=0.1)
     config = TrainConfig(model=model, batch_size=1024, learning_rate=0.003, max_steps=30, checkpoint_every_steps=10,
                          log_every_steps=10).to_dict()
     # 4 KiB shards: the tables, and every dense variable over 4 KiB such as the [312, 312] cross kernels

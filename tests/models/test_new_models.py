@@ -120,8 +120,14 @@ def test_dcnv2_low_rank_has_fewer_cross_weights_than_full_rank():
         return sum(int(np.prod(v.shape)) for v in make_model(config("dcnv2", **kw), SPEC).cross.trainable_variables)
 
     d = 5 * SMALL["embedding_dim"]
-    assert cross_params() == 3 * (d * d + d)
+    assert cross_params(cross_rank=None) == cross_params() == 3 * (d * d + d)  # rank 64 >= d / 2: full rank
     assert cross_params(cross_rank=2) == 3 * (2 * d * 2 + d)
+
+
+def test_a_cross_rank_that_would_cost_more_than_full_rank_gives_full_rank():
+    assert CrossNetwork(20, 1, rank=9).rank == 9
+    assert CrossNetwork(20, 1, rank=10).rank is None and CrossNetwork(20, 1, rank=None).rank is None
+    assert ModelConfig("dcnv2").cross_rank == 64 and ModelConfig("dcnv2").cross_structure == "stacked"
 
 
 def test_dcnv2_dropout_only_in_training():
