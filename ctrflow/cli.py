@@ -196,9 +196,13 @@ def _train_config(args: argparse.Namespace):
     model = base.model.to_dict()
     if args.model is not None:
         Choice(tuple(sorted(MODELS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
-    for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode")):
+    for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode"),
+                      ("cross_layers", "cross_layers"), ("cross_structure", "cross_structure"), ("cross_rank", "cross_rank"),
+                      ("ffm_dim", "ffm_dim")):
         if getattr(args, flag) is not None:
             model[key] = getattr(args, flag)
+    if args.cross_rank == 0:
+        model["cross_rank"] = None  # full-rank cross layers
     if args.hidden is not None:
         model["hidden"] = [int(x) for x in args.hidden.split(",") if x]
     if args.batch_norm:
@@ -513,8 +517,8 @@ _EXTENSIONS: list[Callable[[Any], None]] = []
 # --- continuous ------------------------------------------------------------------------------------
 def _train_flags(p: argparse.ArgumentParser) -> None:
     """The model and optimizer flags `_train_config` reads (shared by `train` and `continuous`)."""
-    p.add_argument("--model", help="model kind: lr, fm, deepfm, ... (default deepfm)")
-    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups; default lazyadam)")
+    p.add_argument("--model", help="lr|fm|fwfm|ffm|deepfm|dcnv2 (default deepfm; a misspelled name gets the nearest suggested)")
+    p.add_argument("--optimizer", help="sgd|adagrad|ftrl|adam|lazyadam (all groups; default: measured per-group optimizers)")
     p.add_argument("--learning-rate", type=float,
                    help="every group's rate at --reference-batch-size rows (default: measured per-group rates)")
     for g in ("linear", "embedding", "dense"):
@@ -523,10 +527,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="most epochs (default: until early stopping, at most 10, with validation; else 1)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--embedding-dim", type=int)
-    p.add_argument("--hidden", help="DeepFM MLP widths, e.g. 256,128")
+    p.add_argument("--hidden", help="DeepFM/DCN-v2 MLP widths, e.g. 256,128")
     p.add_argument("--dropout", type=float)
     p.add_argument("--batch-norm", action="store_true")
     p.add_argument("--table-mode", choices=["shared", "per_field"])
+    p.add_argument("--cross-layers", type=int, help="dcnv2: number of cross layers (default 3)")
+    p.add_argument("--cross-structure", help="dcnv2: stacked (default) or parallel")
+    p.add_argument("--cross-rank", type=int, help="dcnv2: rank of the low-rank cross layers (default 64); 0 = full rank")
+    p.add_argument("--ffm-dim", type=int, help="ffm: width of each field-aware vector (default 4; rows hold fields-1 of them)")
     p.add_argument("--l2", type=float)
     p.add_argument("--steps-per-call", type=int)
     p.add_argument("--max-steps", type=int)

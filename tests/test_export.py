@@ -106,3 +106,48 @@ def test_evaluate_reports_metrics_of_an_export_equal_to_the_run(tmp_path, traine
     with open_batches(test_dir, PipelineOptions(batch_size=20000, shuffle=False)) as bs:
         t = next(iter(bs))
     assert auc(t.label, p.predict_ids(t.ids, t.numeric)) == pytest.approx(evaluate(run, test_dir)["auc"], abs=1e-9)
+
+
+# --- every model kind: the export scores exactly what the model scores ------------------------------------
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """6k synthetic rows with tables capped at 1024 rows (FFM's rows hold 38 vectors: keep tables small)."""
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.schema import PRESETS
+
+    root = tmp_path_factory.mktemp("small")
+    generate(root / "train.csv", GenerateOptions(rows=6000, seed=3))
+    convert(root / "train.csv", root / "train", schema=PRESETS["synthetic"].capped(1 << 10), options=ConvertOptions(workers=1))
+    return root / "train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lr", "fm", "fwfm", "ffm", "deepfm", "dcnv2"])
+def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_converter_ids(tmp_path, small_shards, kind):
+    from ctrflow.models import MODELS
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import train
+
+    assert set(MODELS) == {"lr", "fm", "fwfm", "ffm", "deepfm", "dcnv2"}  # a new kind must join this test
+    model_config = ModelConfig(kind, embedding_dim=8, hidden=(32,), ffm_dim=2, cross_layers=2, batch_norm=kind == "dcnv2")
+    run = tmp_path / "run"
+    train(small_shards, run, TrainConfig(model=model_config, batch_size=512, learning_rate=0.003, max_steps=8))
+    export(run, tmp_path / "m")
+    with open_batches(small_shards, PipelineOptions(batch_size=500, shuffle=False)) as bs:
+        b = next(iter(bs))
+    model = build_model_from_run(load_run_info(run))
+    restore_latest(run, model)
+    expected = tf.sigmoid(model(b.ids, b.numeric)).numpy()
+    assert expected.std() > 0  # trained off its initial state: rows differ
+
+    rows = raw_rows(small_shards.parent / "train.csv", 500)
+    loaded = tf.saved_model.load(str(tmp_path / "m" / "1"))
+    feats = {k: tf.constant([r[k] if k.startswith("C") else (np.nan if r[k] is None else r[k]) for r in rows],
+                            tf.string if k.startswith("C") else tf.float64) for k in rows[0]}
+    transformed = loaded.signatures["transform"](**feats)
+    np.testing.assert_array_equal(transformed["ids"].numpy(), b.ids)  # the converter's ids
+    served = loaded.signatures["serving_default"](**feats)["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(Predictor.load(tmp_path / "m").predict_ids(b.ids, b.numeric), expected, rtol=1e-5, atol=1e-7)

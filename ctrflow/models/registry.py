@@ -8,25 +8,31 @@ from dataclasses import asdict, dataclass, fields
 
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.errors import ConfigError
+from ctrflow.models.dcnv2 import CROSS_STRUCTURES, DCNv2
 from ctrflow.models.deepfm import DeepFM
+from ctrflow.models.ffm import FieldAwareFM
 from ctrflow.models.fm import FactorizationMachine
+from ctrflow.models.fwfm import FieldWeightedFM
 from ctrflow.models.layers import CtrModel
 from ctrflow.models.lr import LogisticRegression
+from ctrflow.validation import Bool, Choice, Float, Int, check_fields, suggest
 
-__all__ = ["ModelConfig", "make_model", "MODELS", "TABLE_MODES"]
+__all__ = ["ModelConfig", "make_model", "MODELS", "TABLE_MODES", "CROSS_STRUCTURES"]
 
 # Model kinds by name, as written in configs and on the command line.
 MODELS: dict[str, type[CtrModel]] = {
-    LogisticRegression.kind: LogisticRegression,
-    FactorizationMachine.kind: FactorizationMachine,
-    DeepFM.kind: DeepFM,
+    m.kind: m for m in (LogisticRegression, FactorizationMachine, FieldWeightedFM, FieldAwareFM, DeepFM, DCNv2)
 }
 
 TABLE_MODES = ("shared", "per_field")
 
 
-def _bad(name: str, must: str, got: object) -> ConfigError:
-    return ConfigError(f"The '{name}' parameter of ModelConfig must be {must}. Got {got!r} instead.")
+def _widths(owner: str, name: str, value: object) -> tuple[int, ...]:
+    """A tuple (or list) of positive ints: the MLP's hidden widths."""
+    hidden = tuple(value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(hidden, tuple) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+        raise ConfigError(f"The {name!r} parameter of {owner} must be a tuple of positive ints (layer widths). Got {value!r} instead.")
+    return hidden
 
 
 @dataclass(frozen=True)
@@ -36,43 +42,40 @@ class ModelConfig:
     Example:
         >>> ModelConfig("deepfm", embedding_dim=8, hidden=(64, 32)).to_dict()["hidden"]
         [64, 32]
+
+    Fields a kind does not use are ignored by it (e.g. `cross_layers` by "fm").
     """
 
-    kind: str  # model kind: "lr", "fm" or "deepfm" (keys of MODELS)
-    embedding_dim: int = 16  # width of each field's embedding vector (fm, deepfm), 1..4096
-    hidden: tuple[int, ...] = (256, 128)  # deepfm MLP hidden widths, input to output; () = linear MLP
-    dropout: float = 0.0  # deepfm MLP dropout rate while training, in [0, 1); 0 = off
-    batch_norm: bool = False  # deepfm: batch normalization after each hidden layer
+    kind: str  # model kind: "lr", "fm", "fwfm", "ffm", "deepfm" or "dcnv2" (keys of MODELS)
+    embedding_dim: int = 16  # width of each field's embedding vector (fm, fwfm, deepfm, dcnv2), 1..4096
+    hidden: tuple[int, ...] = (256, 128)  # deepfm/dcnv2 MLP hidden widths, input to output; () = no hidden layer
+    dropout: float = 0.0  # deepfm/dcnv2 MLP dropout rate while training, in [0, 1); 0 = off
+    batch_norm: bool = False  # deepfm/dcnv2: batch normalization after each hidden layer
     table_mode: str = "shared"  # "shared": one table, per-field row offsets; "per_field": a table per field
     init_scale: float = 0.01  # stddev of the N(0, s^2) embedding init, > 0 (linear weights start at 0)
     seed: int = 0  # seeds every initializer: same seed + same FeatureSpec = same initial variables, >= 0
     norm_momentum: float | None = None  # online normalization: None = exact running stats; (0, 1) = EMA
+    cross_layers: int = 3  # dcnv2: number of cross layers, 1..16
+    cross_structure: str = "stacked"  # dcnv2: "stacked" (MLP on the cross output) or "parallel" (side by side)
+    cross_rank: int | None = 64  # dcnv2: low-rank cross layers of rank r (full rank when 2r >= D); None = full rank
+    ffm_dim: int = 4  # ffm: width of each field-aware vector; a row holds (fields - 1) of them, 1..256
 
     def __post_init__(self) -> None:
-        if self.kind not in MODELS:
-            raise _bad("kind", f"one of {sorted(MODELS)}", self.kind)
-        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or not 1 <= self.embedding_dim <= 4096:
-            raise _bad("embedding_dim", "an int in [1, 4096]", self.embedding_dim)
-        hidden = tuple(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden
-        if not isinstance(hidden, tuple) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
-        ):
-            raise _bad("hidden", "a tuple of positive ints (layer widths)", self.hidden)
-        object.__setattr__(self, "hidden", hidden)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise _bad("dropout", "a float in [0, 1)", self.dropout)
-        if not isinstance(self.batch_norm, bool):
-            raise _bad("batch_norm", "a bool", self.batch_norm)
-        if self.table_mode not in TABLE_MODES:
-            raise _bad("table_mode", f"one of {list(TABLE_MODES)}", self.table_mode)
-        if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
-            raise _bad("init_scale", "a float > 0", self.init_scale)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise _bad("seed", "an int >= 0", self.seed)
-        if self.norm_momentum is not None and (
-            not isinstance(self.norm_momentum, (int, float)) or not 0.0 < self.norm_momentum < 1.0
-        ):
-            raise _bad("norm_momentum", "None or a float in (0, 1)", self.norm_momentum)
+        check_fields(self, {
+            "kind": Choice(tuple(MODELS)),
+            "embedding_dim": Int(1, 4096),
+            "hidden": _widths,
+            "dropout": Float(0.0, 1.0, high_open=True),
+            "batch_norm": Bool(),
+            "table_mode": Choice(TABLE_MODES),
+            "init_scale": Float(0.0, low_open=True),
+            "seed": Int(0),
+            "norm_momentum": Float(0.0, 1.0, low_open=True, high_open=True, optional=True),
+            "cross_layers": Int(1, 16),
+            "cross_structure": Choice(CROSS_STRUCTURES),
+            "cross_rank": Int(1, 4096, optional=True),
+            "ffm_dim": Int(1, 256),
+        })
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict; `ModelConfig.from_dict(c.to_dict()) == c`."""
@@ -86,7 +89,9 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"Unknown ModelConfig keys {unknown}; valid keys are {sorted(known)}.")
+            hints = [f"{k!r} -> {suggest(k, known)!r}" for k in unknown if suggest(k, known)]
+            raise ConfigError(f"Unknown ModelConfig keys {unknown}; valid keys are {sorted(known)}."
+                              + (f" Did you mean {', '.join(hints)}?" if hints else ""))
         if "kind" not in d:
             raise ConfigError(f"ModelConfig needs a 'kind', one of {sorted(MODELS)}; got keys {sorted(d)}.")
         return cls(**d)
@@ -104,12 +109,8 @@ def make_model(config: ModelConfig, spec: FeatureSpec) -> CtrModel:
         ['dense', 'embedding', 'linear']
 
     Raises:
-        ConfigError: unknown `config.kind` (the message lists the valid names), or a spec with no fields.
+        ConfigError: a spec with no fields (or, for "ffm", fewer than two).
     """
-    try:
-        cls = MODELS[config.kind]
-    except KeyError:
-        raise ConfigError(f"Unknown model kind {config.kind!r}; valid kinds are {sorted(MODELS)}.") from None
-    model = cls(config, spec)
+    model = MODELS[config.kind](config, spec)  # the kind was checked when the config was made
     model.build()
     return model

@@ -351,9 +351,12 @@ def test_config_round_trips_through_dict_and_json():
     assert ModelConfig("deepfm", hidden=[8, 4]).hidden == (8, 4)
 
 
-def test_unknown_kind_error_lists_valid_kinds():
-    with pytest.raises(ConfigError, match=r"'kind'.*\['deepfm', 'fm', 'lr'\].*'xgboost'"):
+def test_unknown_kind_error_lists_valid_kinds_and_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"'kind'.*'lr', 'fm', 'fwfm', 'ffm', 'deepfm', 'dcnv2'.*'xgboost'") as e:
         ModelConfig("xgboost")
+    assert "Did you mean" not in str(e.value)
+    with pytest.raises(ConfigError, match="Did you mean 'dcnv2'"):
+        ModelConfig("dcn2")
     with pytest.raises(ConfigError, match="deepfm"):
         make_model(ModelConfig.from_dict({"kind": "gbdt"}), SPEC)
 
@@ -361,7 +364,8 @@ def test_unknown_kind_error_lists_valid_kinds():
 @pytest.mark.parametrize(
     "field,value",
     [("embedding_dim", 0), ("hidden", (8, 0)), ("dropout", 1.0), ("table_mode", "sharded"),
-     ("init_scale", 0.0), ("seed", -1), ("norm_momentum", 1.0), ("batch_norm", "yes")],
+     ("init_scale", 0.0), ("seed", -1), ("norm_momentum", 1.0), ("batch_norm", "yes"), ("cross_layers", 0),
+     ("cross_structure", "serial"), ("cross_rank", 0), ("ffm_dim", 0), ("dropout", -0.1)],
 )
 def test_invalid_config_values_name_the_parameter_and_value(field, value):
     with pytest.raises(ConfigError, match=re.escape(f"'{field}' parameter") + ".*" + re.escape(f"Got {value!r}")):
@@ -369,5 +373,5 @@ def test_invalid_config_values_name_the_parameter_and_value(field, value):
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(ConfigError, match="embeding_dim"):
+    with pytest.raises(ConfigError, match="embeding_dim.*Did you mean 'embeding_dim' -> 'embedding_dim'"):
         ModelConfig.from_dict({"kind": "fm", "embeding_dim": 8})
