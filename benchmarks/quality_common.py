@@ -108,7 +108,7 @@ def prepare(name: str, root: str | os.PathLike, *, rows: int = 300_000, test_row
             csv[split] = root / "csv" / f"{split}.csv"
             quality_data.generate(csv[split], n, seed=0, split=split)
         schema = quality_data.schema_for(csv["train"])
-        ds = Dataset(name, "click", csv, {}, [c for c in quality_data.COLUMNS if c[0] in "cn"], ["n0", "n1", "n2"])
+        ds = Dataset(name, "click", csv, {}, [c for c in quality_data.COLUMNS if c not in ("click", "true_ctr")], ["n0", "n1", "n2"])
     elif name == "talkingdata":
         from dataclasses import replace
 

@@ -95,19 +95,30 @@ def grid(name: str) -> list[tuple[str, str, dict[str, Any]]]:
         g.append(("deepfm", "lin lazyadam 0.01 + lazyadam 0.003 + dropout 0.2",
                   {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "dropout": 0.2}))
         g.append(("deepfm", "lazyadam 0.003, dense adam 0.001", {"opt": "lazyadam", "lr": 0.003, "dense": ("adam", 0.001)}))
-    elif name == "l2":
-        for model, base in (("lr", {"opt": "lazyadam", "lr": 0.01}), ("fm", {"opt": "lazyadam", "lr": 0.003})):
-            for l2 in (1e-6, 1e-5, 1e-4):
+    elif name == "l2":  # L2 on touched rows (the loss is a batch mean, so the penalty is per step)
+        for model, base, l2s in (("lr", {"opt": "lazyadam", "lr": 0.01}, (1e-5, 1e-4)),
+                                 ("fm", {"opt": "lazyadam", "lr": 0.003}, (1e-5, 1e-4, 1e-3)),
+                                 ("deepfm", {"opt": "lazyadam", "lr": 0.002}, (1e-4,))):
+            for l2 in l2s:
                 g.append((model, f"{base['opt']} {base['lr']} l2 {l2:g}", {**base, "l2": l2}))
     elif name == "dim":
         for dim in (4, 8, 32):
             g.append(("fm", f"lazyadam 0.003 dim {dim}", {"opt": "lazyadam", "lr": 0.003, "dim": dim}))
-    elif name == "batch":  # learning rate vs batch size: sqrt scaling from 4096
-        for model, lr0 in (("lr", 0.01), ("fm", 0.003)):
-            for b in (1024, 16384):
+    elif name == "batch":  # learning rate vs batch size: same rate, or sqrt-scaled from 4096
+        for model, lr0, batches in (("lr", 0.01, (1024,)), ("fm", 0.003, (1024, 16384))):
+            for b in batches:
                 g.append((model, f"lazyadam {lr0} b{b}", {"opt": "lazyadam", "lr": lr0, "batch": b}))
                 g.append((model, f"lazyadam {lr0 * math.sqrt(b / 4096):.4g} (sqrt-scaled) b{b}",
                           {"opt": "lazyadam", "lr": lr0 * math.sqrt(b / 4096), "batch": b}))
+    elif name == "lr2":  # the per-coordinate optimizers at larger rates
+        for opt, lrs in (("adagrad", (0.5, 1.0)), ("ftrl", (1.0,)), ("sgd", (2.0,)), ("lazyadam", (0.1,))):
+            for lr in lrs:
+                g.append(("lr", f"{opt} {lr}", {"opt": opt, "lr": lr}))
+    elif name == "combo":  # candidate defaults together
+        g.append(("lr", "lazyadam 0.01 l2 1e-4", {"opt": "lazyadam", "lr": 0.01, "l2": 1e-4}))
+        g.append(("fm", "lin lazyadam 0.01 + lazyadam 0.003 l2 1e-4", {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "l2": 1e-4}))
+        g.append(("deepfm", "lin lazyadam 0.01 + lazyadam 0.002 l2 1e-4 dropout 0.2",
+                  {"opt": "lazyadam", "lr": 0.002, "linear": ("lazyadam", 0.01), "l2": 1e-4, "dropout": 0.2}))
     elif name == "current":  # today's TrainConfig defaults, for reference
         for model in ("lr", "fm", "deepfm"):
             g.append((model, "current defaults (lazyadam 0.001, 1 epoch)", {}))
