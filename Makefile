@@ -32,6 +32,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)  # every claim in BENCHMARKS.md, one script each (tens of minutes on 2 cores)
 	for b in data optimizers train real continuous distributed; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt  # the quality peers (sklearn, VW, DeepCTR-Torch)
+	$(BIN)/python benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info

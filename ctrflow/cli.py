@@ -658,6 +658,54 @@ def _add_cluster(sub: Any) -> None:
 _EXTENSIONS.append(_add_cluster)
 
 
+# --- tune --------------------------------------------------------------------------------------------
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ctrflow.train.tune import TuneOptions, tune
+
+    if not args.model and not args.config:
+        raise CtrflowError("tune needs --model NAME (or --config FILE naming one).")
+    options = TuneOptions(trials=args.trials, budget_minutes=args.budget_minutes, max_epochs=args.max_epochs,
+                          seed=args.seed or 0)
+
+    def show(rec: dict[str, Any]) -> None:
+        if not args.quiet:
+            v = [x for x in rec["valid_by_epoch"] if x == x]
+            best = f"{min(v):.5f}" if v else "-"
+            params = ", ".join(f"{k}={x:.3g}" if isinstance(x, float) else f"{k}={x}" for k, x in rec["params"].items())
+            print(f"trial {rec['trial']}: {rec['state']}, valid logloss {best} in {len(v)} epoch(s), "
+                  f"{rec['seconds']:.1f} s ({params})", flush=True)
+
+    def note(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
+    s = tune(args.data, args.out, _train_config(args), valid=args.valid, options=options, overwrite=args.overwrite,
+             on_trial=show, on_note=note)
+    human = (f"best: trial {s.best_trial}, valid logloss {s.best_valid_logloss:.5f} after {s.best_epochs} epoch(s) "
+             f"({s.trials} trials: {s.completed} complete, {s.pruned} pruned{', stopped by the budget' if s.stopped_by_budget else ''}; "
+             f"{s.seconds:.0f} s)\nbest config: {s.best_config} (ctrflow train --config {s.best_config} ...); "
+             f"table and figure: {args.out}/trials.md, trials.png")
+    _emit(args, s.to_dict(), human)
+    return 0
+
+
+def _add_tune(sub: Any) -> None:
+    p = sub.add_parser("tune", help="search learning rates, embedding size, L2, dropout, batch size (Optuna, pruned, budgeted)")
+    p.add_argument("--data", required=True, help="training shard folder")
+    p.add_argument("--valid", help="validation shard folder (default: the latest 10%% of --data by time is held out)")
+    p.add_argument("--out", required=True, help="folder to write: best_config.yaml, trials.md/.tsv, trials.png, summary.json")
+    p.add_argument("--trials", type=int, default=20, help="most trials (default 20)")
+    p.add_argument("--budget-minutes", type=float, help="wall-clock budget of the whole search")
+    p.add_argument("--max-epochs", type=int, default=4, help="most epochs per trial (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _train_flags(p)
+    _common(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+_EXTENSIONS.append(_add_tune)
+
+
 class _UsageError(Exception):
     """Bad command-line arguments (argparse's own error, raised instead of exiting so --json can answer)."""
 

@@ -1,0 +1,322 @@
+"""Model quality vs peers: every ctrflow model with its defaults (and optionally after `ctrflow tune`)
+side by side with scikit-learn, Vowpal Wabbit and DeepCTR-Torch on the same train / valid / test rows.
+
+Datasets (benchmarks/quality_common.py): (a) synthetic (`ctrflow generate`), (b) zipfmix
+(benchmarks/quality_data.py), both with known true CTR, so each model's gap to the Bayes-optimal
+logloss is reported; (c) TalkingData, time split, schema inferred; (d) iPinYou, given train/test.
+
+Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and said so):
+- scikit-learn LogisticRegression: hashed one-hot of every categorical (2^20 columns) + 20 quantile bins
+  per numeric, L2, lbfgs to convergence, C chosen on the validation split;
+- Vowpal Wabbit: defaults (one online pass, logistic loss), and with --l2 and -q :: (all field pairs),
+  L2 chosen on the validation split;
+- DeepCTR-Torch DeepFM (its defaults: embedding 4, DNN 256-128, Adam; batch 1024), epochs up to 5, the best
+  validation epoch's test metrics.
+
+Usage:
+    python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
+        [--models lr,fm,deepfm] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
+        [--talkingdata-ids explicit|inferred] [--work /tmp/ctrflow-bench-quality]
+Prints a table per dataset, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import quality_common  # noqa: E402
+from ctrflow.train.metrics import evaluate_predictions  # noqa: E402
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, bayes: float | None) -> dict[str, Any]:
+    m = evaluate_predictions(y, np.clip(p, 1e-7, 1 - 1e-7))
+    out = {"logloss": m["logloss"], "auc": m["auc"], "calibration": m["calibration"]}
+    if bayes is not None:
+        out["gap"] = m["logloss"] - bayes
+    return out
+
+
+# --- ctrflow ----------------------------------------------------------------------------------------
+def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_trials: int, tune_minutes: float) -> list[dict]:
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.evaluate import evaluate
+    from ctrflow.train.loop import train
+
+    rows = []
+    run = work / f"ctrflow-{model}"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    config = TrainConfig(model=ModelConfig(model))  # the defaults `ctrflow train --model M` gets
+    s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
+    r = evaluate(run, ds.shards["test"])
+    rows.append({"model": f"ctrflow {model}, defaults", **_pick(r, ds), "seconds": time.perf_counter() - t0,
+                 "epochs": s.history[-1]["epoch"] if s.history else None})
+    shutil.rmtree(run, ignore_errors=True)
+    if tune_trials:
+        from ctrflow.train.tune import TuneOptions, tune
+
+        t0 = time.perf_counter()
+        tdir = work / f"tune-{model}"
+        shutil.rmtree(tdir, ignore_errors=True)
+        ts = tune(ds.shards["train"], tdir, config, valid=ds.shards["valid"],
+                  options=TuneOptions(trials=tune_trials, budget_minutes=tune_minutes))
+        best = TrainConfig.load(tdir / "best_config.yaml")
+        train(ds.shards["train"], run, best, valid=ds.shards["valid"])
+        r = evaluate(run, ds.shards["test"])
+        rows.append({"model": f"ctrflow {model}, tuned ({ts.trials} trials)", **_pick(r, ds),
+                     "seconds": time.perf_counter() - t0, "params": ts.best_params})
+        shutil.rmtree(run, ignore_errors=True)
+    return rows
+
+
+def _pick(r: dict[str, Any], ds: quality_common.Dataset) -> dict[str, Any]:
+    out = {"logloss": r["logloss"], "auc": r["auc"], "calibration": r["calibration"]}
+    if "test" in ds.bayes:
+        out["gap"] = r["logloss"] - ds.bayes["test"]
+    return out
+
+
+# --- peers: features from the same CSVs -------------------------------------------------------------
+class Tokens:
+    """Every row as `field=value` tokens: categoricals as they are, numerics as one of 20 quantile bins
+    learned on train (`field=NA` when missing). The peers' shared view of the data."""
+
+    def __init__(self, ds: quality_common.Dataset, bins: int = 20) -> None:
+        import pandas as pd
+
+        self.ds = ds
+        self.frames = {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in ds.csv.items()}
+        self.edges = {}
+        tr = self.frames["train"]
+        for c in ds.numeric:
+            v = pd.to_numeric(tr[c], errors="coerce").to_numpy(float)
+            v = v[np.isfinite(v)]
+            self.edges[c] = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])) if len(v) else np.array([])
+
+    def label(self, split: str) -> np.ndarray:
+        return self.frames[split][self.ds.label].to_numpy(float)
+
+    def columns(self, split: str) -> dict[str, np.ndarray]:
+        """field -> string token array (numerics binned)."""
+        import pandas as pd
+
+        df = self.frames[split]
+        out = {}
+        for c in self.ds.features:
+            if c in self.edges:
+                v = pd.to_numeric(df[c], errors="coerce").to_numpy(float)
+                b = np.searchsorted(self.edges[c], v, side="right").astype(str)
+                out[c] = np.where(np.isfinite(v), b, "NA")
+            else:
+                out[c] = df[c].to_numpy(str)
+        return out
+
+
+def run_sklearn(tok: Tokens, bayes: float | None) -> list[dict]:
+    from sklearn.feature_extraction import FeatureHasher
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    hasher = FeatureHasher(n_features=1 << 20, input_type="string", alternate_sign=False)
+
+    def matrix(split: str):
+        cols = tok.columns(split)
+        names = list(cols)
+        rows = zip(*(np.char.add(f"{n}=", cols[n]) for n in names))
+        return hasher.transform(rows)
+
+    X = {s: matrix(s) for s in ("train", "valid", "test")}
+    y = {s: tok.label(s) for s in ("train", "valid", "test")}
+    best = None
+    for C in (0.03, 0.1, 0.3, 1.0):
+        m = LogisticRegression(C=C, max_iter=2000, solver="lbfgs", tol=1e-6)
+        m.fit(X["train"], y["train"])
+        v = _metrics(y["valid"], m.predict_proba(X["valid"])[:, 1], None)["logloss"]
+        if best is None or v < best[0]:
+            best = (v, C, m)
+    _, C, m = best
+    return [{"model": f"scikit-learn LogisticRegression (hashed one-hot, 20 bins, C={C:g})",
+             **_metrics(y["test"], m.predict_proba(X["test"])[:, 1], bayes), "seconds": time.perf_counter() - t0}]
+
+
+def run_vw(tok: Tokens, bayes: float | None) -> list[dict]:
+    from vowpalwabbit import pyvw
+
+    def lines(split: str) -> list[str]:
+        cols = tok.columns(split)
+        names = list(cols)
+        y = tok.label(split)
+        ns = [chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i in range(len(names))]  # one namespace per field
+        feats = [np.char.add(f"|{ns[i]} ", np.char.replace(np.char.replace(cols[n], " ", "_"), ":", ";")) for i, n in enumerate(names)]
+        body = feats[0]
+        for f in feats[1:]:
+            body = np.char.add(np.char.add(body, " "), f)
+        return [("1 " if t > 0 else "-1 ") + b for t, b in zip(y, body)]
+
+    L = {s: lines(s) for s in ("train", "valid", "test")}
+    y = {s: tok.label(s) for s in ("train", "valid", "test")}
+
+    def fit(args: str) -> Any:
+        vw = pyvw.Workspace(f"--loss_function logistic --link logistic --quiet -b 24 {args}")
+        for line in L["train"]:
+            vw.learn(line)
+        return vw
+
+    def predict(vw: Any, split: str) -> np.ndarray:
+        return np.array([vw.predict(line.split(" ", 1)[1]) for line in L[split]], float)
+
+    out = []
+    t0 = time.perf_counter()
+    vw = fit("")
+    out.append({"model": "Vowpal Wabbit, defaults (1 pass)", **_metrics(y["test"], predict(vw, "test"), bayes),
+                "seconds": time.perf_counter() - t0})
+    vw.finish()
+    t0 = time.perf_counter()
+    best = None
+    for l2 in (1e-6, 1e-7, 1e-8):
+        vw = fit(f"--l2 {l2:g} -q ::")
+        v = _metrics(y["valid"], predict(vw, "valid"), None)["logloss"]
+        if best is None or v < best[0]:
+            if best is not None:
+                best[2].finish()
+            best = (v, l2, vw)
+        else:
+            vw.finish()
+    _, l2, vw = best
+    out.append({"model": f"Vowpal Wabbit, --l2 {l2:g} -q :: (1 pass)", **_metrics(y["test"], predict(vw, "test"), bayes),
+                "seconds": time.perf_counter() - t0})
+    vw.finish()
+    return out
+
+
+def run_deepctr(tok: Tokens, bayes: float | None, *, max_epochs: int = 5) -> list[dict]:
+    import torch
+    from deepctr_torch.inputs import SparseFeat, get_feature_names
+    from deepctr_torch.models import DeepFM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    cols = {s: tok.columns(s) for s in ("train", "valid", "test")}
+    y = {s: tok.label(s) for s in ("train", "valid", "test")}
+    enc = {}
+    for n, v in cols["train"].items():  # vocabulary from train; unseen values share index 0
+        uniq = np.unique(v)
+        enc[n] = uniq
+    def ids(split: str) -> dict[str, np.ndarray]:
+        out = {}
+        for n, v in cols[split].items():
+            i = np.searchsorted(enc[n], v)
+            i = np.clip(i, 0, len(enc[n]) - 1)
+            out[n] = np.where(enc[n][i] == v, i + 1, 0).astype(np.int64)
+        return out
+    X = {s: ids(s) for s in ("train", "valid", "test")}
+    feats = [SparseFeat(n, vocabulary_size=len(enc[n]) + 1) for n in cols["train"]]
+    names = get_feature_names(feats)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = DeepFM(feats, feats, task="binary", device="cpu", seed=0)
+    model.compile("adam", "binary_crossentropy")
+    best = None
+    for epoch in range(1, max_epochs + 1):
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepCTR prints its device and sizes on every fit
+            model.fit({n: X["train"][n] for n in names}, y["train"], batch_size=1024, epochs=1, verbose=0)
+        v = _metrics(y["valid"], model.predict({n: X["valid"][n] for n in names}, batch_size=8192).ravel(), None)["logloss"]
+        if best is None or v < best[0]:
+            best = (v, epoch, model.predict({n: X["test"][n] for n in names}, batch_size=8192).ravel())
+        elif epoch - best[1] >= 1:
+            break
+    _, epoch, p = best
+    return [{"model": f"DeepCTR-Torch DeepFM (defaults, best epoch {epoch})", **_metrics(y["test"], p, bayes),
+             "seconds": time.perf_counter() - t0}]
+
+
+PEERS = {"sklearn": run_sklearn, "vw": run_vw, "deepctr": run_deepctr}
+
+
+def _table(name: str, ds: quality_common.Dataset, rows: list[dict]) -> str:
+    bayes = ds.bayes.get("test")
+    head = f"\n### {name}" + (f" (Bayes-optimal test logloss {bayes:.5f})" if bayes is not None else "") + (f" — {ds.note}" if ds.note else "")
+    lines = [head, "", "| model | test logloss | AUC | calibration |" + (" gap to Bayes |" if bayes is not None else "") + " seconds |",
+             "|---|---|---|---|" + ("---|" if bayes is not None else "") + "---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['error']} |")
+            continue
+        gap = f" {r['gap']:.5f} |" if bayes is not None else ""
+        lines.append(f"| {r['model']} | {r['logloss']:.5f} | {r['auc']:.4f} | {r['calibration']:.3f} |{gap} {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default=",".join(quality_common.DATASETS))
+    ap.add_argument("--rows", type=int, default=300_000, help="train rows of the synthetic sets")
+    ap.add_argument("--test-rows", type=int, help="test rows of the synthetic sets (default: a third of --rows; valid: half that)")
+    ap.add_argument("--models", default="lr,fm,deepfm", help="ctrflow models (add dcnv2,fwfm,ffm once they exist)")
+    ap.add_argument("--peers", default="sklearn,vw,deepctr")
+    ap.add_argument("--tune-trials", type=int, default=0, help="also run `ctrflow tune` with this many trials per model")
+    ap.add_argument("--tune-minutes", type=float, default=10.0)
+    ap.add_argument("--talkingdata-ids", choices=["explicit", "inferred"], default="explicit",
+                    help="explicit: --categorical ip,app,device,os,channel; inferred: the schema inference alone")
+    ap.add_argument("--max-buckets", type=int, default=1 << 18, help="cap of the synthetic preset's hash buckets")
+    ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    results: dict[str, Any] = {}
+    for name in a.datasets.split(","):
+        try:
+            ds = quality_common.prepare(name, work / name, rows=a.rows, test_rows=a.test_rows, max_buckets=a.max_buckets,
+                                        explicit_ids=a.talkingdata_ids == "explicit")
+        except FileNotFoundError as e:
+            print(f"skipping {name}: {e} not present")
+            continue
+        rows: list[dict] = []
+        for m in [m for m in a.models.split(",") if m]:
+            try:
+                rows += run_ctrflow(ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes)
+            except Exception as e:  # an unknown model (not yet added) or a failed run is reported, not fatal
+                rows.append({"model": f"ctrflow {m}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
+            print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)
+        tok = Tokens(ds) if a.peers else None
+        for p in [p for p in a.peers.split(",") if p]:
+            try:
+                rows += PEERS[p](tok, ds.bayes.get("test"))
+            except ImportError as e:
+                rows.append({"model": p, "error": f"not installed ({e.name}): pip install -r benchmarks/requirements.txt"})
+            except Exception as e:
+                rows.append({"model": p, "error": f"{type(e).__name__}: {str(e)[:100]}"})
+            print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)
+        ok = [r for r in rows if "error" not in r]
+        best_ct = min((r for r in ok if r["model"].startswith("ctrflow")), key=lambda r: r["logloss"], default=None)
+        best_peer = min((r for r in ok if not r["model"].startswith("ctrflow")), key=lambda r: r["logloss"], default=None)
+        summary = {"rows": rows, "bayes_test": ds.bayes.get("test"), "note": ds.note,
+                   "best_ctrflow": best_ct and best_ct["model"], "best_peer": best_peer and best_peer["model"]}
+        if best_ct and best_peer:
+            summary["ctrflow_beats_peers"] = best_ct["logloss"] < best_peer["logloss"]
+            if "gap" in best_ct:
+                summary["gap_ratio_ctrflow_to_peer"] = best_ct["gap"] / best_peer["gap"] if best_peer["gap"] > 0 else math.nan
+        results[name] = summary
+        print(_table(name, ds, rows), flush=True)
+    print(json.dumps({"bench": "quality", "rows": a.rows, "models": a.models, "results": results}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
