@@ -381,11 +381,23 @@ class _HttpPool:
         self._idle.clear()
 
 
+async def _read_to_eof(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Everything until the server closes (it was asked to: Connection: close), at most `limit` bytes."""
+    parts, total = [], 0
+    while total < limit:  # bounded by limit (and by the caller's timeout)
+        part = await reader.read(limit - total)
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
 async def _http_get(host: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(64 << 20), timeout_s)
+        data = await asyncio.wait_for(_read_to_eof(reader, 64 << 20), timeout_s)
     finally:
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")

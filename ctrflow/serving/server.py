@@ -66,6 +66,17 @@ class ServeOptions:
     default_timeout_ms: float | None = None
     # Seconds an idle keep-alive connection stays open, > 0. Default 75.
     keep_alive_timeout_s: float = 75.0
+    # Seconds from a request's first byte to the end of its head, > 0; later: 408 and close. Default 10.
+    head_timeout_s: float = 10.0
+    # Seconds from the end of a request's head to the end of its body, > 0; later: 408 and close. Default 30.
+    body_timeout_s: float = 30.0
+    # Seconds a client may leave our answer unread (write buffer full) before its connection is dropped, > 0.
+    drain_timeout_s: float = 30.0
+    # Open HTTP connections at most, >= 1; one more is answered 503 and closed. Default 1000.
+    max_connections: int = 1000
+    # Request-body bytes buffered at once over all connections (requests read, not yet answered),
+    # >= max_body_bytes; a request that would pass it gets 503 (retry). Default 256 MiB.
+    max_buffered_body_bytes: int = 256 << 20
     # Threads computing unbatched requests (and gRPC handler threads), >= 1. Default 8.
     worker_threads: int = 8
 
@@ -87,7 +98,9 @@ class ServeOptions:
         _check_int("max_header_bytes", self.max_header_bytes, 1024)
         _check_int("max_rows_per_request", self.max_rows_per_request, 1)
         _check_int("worker_threads", self.worker_threads, 1)
-        for name in ("keep_alive_timeout_s", "poll_interval_s"):
+        _check_int("max_connections", self.max_connections, 1)
+        _check_int("max_buffered_body_bytes", self.max_buffered_body_bytes, self.max_body_bytes)
+        for name in ("keep_alive_timeout_s", "poll_interval_s", "head_timeout_s", "body_timeout_s", "drain_timeout_s"):
             _check_positive(name, getattr(self, name))
         if self.default_timeout_ms is not None:
             _check_positive("default_timeout_ms", self.default_timeout_ms)
