@@ -83,6 +83,7 @@ class _Shared:
         self.drain_timeout_s = float(options.drain_timeout_s)
         self.buffered = 0  # body bytes reserved by requests not yet answered, all connections
         self.refused: dict[int, int] = {}  # status → count, for tests and metrics
+        self.drain_timeouts = 0  # connections dropped because their client read no answer
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -101,7 +102,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._phase = "idle"  # idle → head → body → idle ...; "refused" is final
         self._head_bytes = 0  # request line and header fields received, exact
-        self._raw_head_bytes = 0  # bytes of the reads an unfinished head spans (may include the end of a previous message)
+        self._raw_head_bytes = 0  # bytes of whole reads an unfinished head spans
+        self._began = False  # a message began during the current read
         self._trailer_fields = 0
         self._trailer_bytes = 0
         self._body_bytes = 0
@@ -138,7 +140,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self.transport.abort()
             return
         self._unset_keepalive_if_required()
-        continues_head = self._phase == "head"
+        self._began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -152,8 +154,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         except _Refuse as e:  # raised outside a parser callback
             self._refuse(e.status, e.message)
         else:
-            if self._phase == "head":  # the head is still unfinished: count all of this read as head
-                self._raw_head_bytes = self._raw_head_bytes + len(data) if continues_head else len(data)
+            if self._phase == "head" and not self._began:  # all of this read went to an unfinished head
+                self._raw_head_bytes += len(data)  # (a head begun inside a read adds at most that one read)
             if self._phase == "head" and self._raw_head_bytes > self.shared.max_header_bytes:
                 self._refuse(431, f"Request head larger than max_header_bytes={self.shared.max_header_bytes}.")
 
@@ -170,6 +172,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _drain_timeout(self) -> None:
         self._drain_timer = None
+        self.shared.drain_timeouts += 1
         log.warning("closing a connection whose client read no answer for %.0f s", self.shared.drain_timeout_s)
         self.transport.abort()
 
@@ -178,6 +181,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase = "head"
+        self._began = True
         self._head_bytes = self._raw_head_bytes = 0
         self._trailer_fields = self._trailer_bytes = self._body_bytes = self._chunks = 0
         self._chunked = False
@@ -293,6 +297,11 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self, what: str, seconds: float) -> None:
         self._timer = None
+        if self.flow is not None and self.flow.read_paused:
+            # We stopped reading (a pipelined request waits, or the app has not taken the body yet):
+            # the client is not late. Look again later.
+            self._set_timer(seconds, what)
+            return
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
 
@@ -400,6 +409,25 @@ class HttpTransport:
             await asyncio.sleep(0.005)
         started.set()
         await task
+
+    def collect(self) -> list[Any]:
+        """The transport's own metric families (connections, buffered body bytes, refusals by code)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        shared = self.shared
+        connections = GaugeMetricFamily("ctrflow_http_connections", "Open HTTP connections.")
+        connections.add_metric((), len(self._server.server_state.connections))
+        buffered = GaugeMetricFamily("ctrflow_http_buffered_body_bytes",
+                                     "Request-body bytes held by requests read but not yet answered.")
+        buffered.add_metric((), shared.buffered)
+        refused = CounterMetricFamily("ctrflow_http_refused", "Requests or connections refused by the transport "
+                                      "(framing, limits, timeouts) by status code.", labels=("code",))
+        for code, n in sorted(shared.refused.items()):
+            refused.add_metric((str(code),), n)
+        drains = CounterMetricFamily("ctrflow_http_drain_timeouts", "Connections dropped: their client read no answer "
+                                     "for drain_timeout_s.")
+        drains.add_metric((), shared.drain_timeouts)
+        return [connections, buffered, refused, drains]
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = 60.0) -> Any:
         """Run a coroutine on the serving loop from another thread and wait for its result."""

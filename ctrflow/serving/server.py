@@ -18,7 +18,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
-from ctrflow.serving.metrics import ServingMetrics
+from ctrflow.serving.metrics import CONTENT_TYPE, ModelCollector, ServingMetrics, collector
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
 
@@ -154,10 +154,11 @@ class Server:
         from ctrflow.serving.http import HttpTransport
 
         self._http = HttpTransport(options, self.routes.handle)
+        self.metrics.add_collector(ModelCollector(self.manager.gauges, self.manager.ready))
+        self.metrics.add_collector(collector(self._http.collect))
 
     def _render_metrics(self) -> tuple[bytes, bytes]:
-        text = self.metrics.render(self.manager.gauges(), ready=self.manager.ready())
-        return text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
+        return self.metrics.render(), CONTENT_TYPE
 
     @property
     def url(self) -> str:

@@ -176,10 +176,11 @@ def test_metrics_health_and_readiness(live, rows, client):
     client.post("/v1/models/ctr:predict", {"instances": rows[:7]})
     status, headers, body = client.get("/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert client.get("/monitoring/prometheus/metrics")[0] == 200  # TF Serving's path
     samples = parse_metrics(body.decode())
-    assert samples['ctrflow_requests_total{model="ctr",protocol="rest",code="200"}'] >= 1
+    assert samples['ctrflow_requests_total{code="200",model="ctr",protocol="rest"}'] >= 1
     assert samples['ctrflow_request_duration_seconds_count{model="ctr",protocol="rest"}'] >= 1
-    assert samples['ctrflow_request_duration_seconds_bucket{model="ctr",protocol="rest",le="+Inf"}'] >= 1
+    assert samples['ctrflow_request_duration_seconds_bucket{le="+Inf",model="ctr",protocol="rest"}'] >= 1
     assert samples['ctrflow_predictions_total{model="ctr"}'] >= 7
     assert samples['ctrflow_batcher_compute_calls_total{model="ctr"}'] >= 1
     assert 'ctrflow_batcher_queue_depth_rows{model="ctr"}' in samples
@@ -187,6 +188,10 @@ def test_metrics_health_and_readiness(live, rows, client):
     assert samples['ctrflow_batch_size_rows_count{model="ctr"}'] >= 1
     assert samples['ctrflow_model_latest_version{model="ctr"}'] == 2
     assert samples["process_cpu_seconds_total"] > 0 and samples["ctrflow_ready"] == 1
+    import psutil  # the process's own start, not when a registry was made
+
+    assert abs(samples["process_start_time_seconds"] - psutil.Process().create_time()) < 2
+    assert samples["ctrflow_http_connections"] >= 1 and "ctrflow_http_buffered_body_bytes" in samples
     assert client.get("/healthz")[0] == 200
     status, _, body = client.get("/readyz")
     assert status == 200 and json.loads(body)["ready"] is True

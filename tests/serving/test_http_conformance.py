@@ -16,6 +16,7 @@ import time
 import pytest
 
 import serving_fixtures as sf
+from ctrflow.serving.metrics import parse_metrics
 
 MAX_BODY = 64 << 10
 MAX_BUFFERED = 4 * MAX_BODY
@@ -171,7 +172,7 @@ def test_a_head_over_the_limit_is_431_even_while_it_trickles_in(live):
     assert refused(exchange(live, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"), 431)
     with connect(live) as s:  # never-ending header: refused once max_header_bytes have arrived, not buffered on
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        for _ in range(40):
+        for _ in range(400):  # 1.6 MB at most: refused after max_header_bytes plus at most one read
             try:
                 s.sendall(b"a" * 4096)
             except (BrokenPipeError, ConnectionResetError):
@@ -292,14 +293,19 @@ def test_a_client_that_never_reads_its_answers_is_dropped_after_the_drain_timeou
     s.connect(("127.0.0.1", live.port))
     try:
         request = b"GET /v1/models/m/metadata HTTP/1.1\r\nHost: x\r\n\r\n"
-        n = 4000
-        s.sendall(request * n)  # pipelined; the answers (~n * 600 bytes) fill every buffer
+        n = 20_000
+        try:
+            s.sendall(request * n)  # pipelined; the answers (~n * 640 bytes) overfill every buffer
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # dropped while we were still sending
         time.sleep(2.5)  # > drain_timeout_s: the server gives up on us
         got = read_all(s, 5)
         assert 0 < got.count(b"HTTP/1.1 200") < n
     finally:
         s.close()
     still_serves(live)
+    samples = parse_metrics(sf.Client(live.url).get("/metrics")[2].decode())
+    assert samples["ctrflow_http_drain_timeouts_total"] >= 1 and samples['ctrflow_http_refused_total{code="400"}'] >= 1
 
 
 # ---- graceful stop -----------------------------------------------------------------------------------
