@@ -99,6 +99,8 @@ def test_content_length_with_chunked_is_400_and_close_and_the_smuggled_request_i
     data = exchange(live, PREDICT + headers + b"\r\n0\r\n\r\n" + smuggled)
     assert refused(data, 400, "Content-Length") and data.count(b"HTTP/1.1") == 1
     still_serves(live)
+    samples = parse_metrics(sf.Client(live.url).get("/metrics")[2].decode())
+    assert samples['ctrflow_http_refused_total{code="400"}'] >= 1
 
 
 @pytest.mark.parametrize("lengths", [(b"2", b"5"), (b"5", b"5"), (b"5, 5",)])
@@ -305,7 +307,7 @@ def test_a_client_that_never_reads_its_answers_is_dropped_after_the_drain_timeou
         s.close()
     still_serves(live)
     samples = parse_metrics(sf.Client(live.url).get("/metrics")[2].decode())
-    assert samples["ctrflow_http_drain_timeouts_total"] >= 1 and samples['ctrflow_http_refused_total{code="400"}'] >= 1
+    assert samples["ctrflow_http_drain_timeouts_total"] >= 1
 
 
 # ---- graceful stop -----------------------------------------------------------------------------------
