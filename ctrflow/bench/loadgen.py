@@ -92,6 +92,9 @@ class LoadOptions:
     distinct_bodies: int = 256
     # Seconds to wait for in-flight requests after the last arrival, > 0.
     drain_s: float = 10.0
+    # With `url`: the pid of that server when it runs on this machine; its CPU is then read from the
+    # OS (psutil) instead of its /metrics. None: from /metrics.
+    server_pid: int | None = None
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.model_base_path is None):
@@ -408,7 +411,10 @@ def _scrape(url: str, model: str) -> dict[str, float]:
     from ctrflow.serving.metrics import parse_metrics
 
     parts = urllib.parse.urlsplit(url)
-    status, body = asyncio.run(_http_get(parts.hostname, parts.port, "/metrics"))
+    try:
+        status, body = asyncio.run(_http_get(parts.hostname, parts.port, "/metrics", timeout_s=30.0))
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return {}  # figures from the server's metrics are then missing (NaN), the run's own are kept
     if status != 200:
         return {}
     samples = parse_metrics(body.decode())
@@ -689,7 +695,7 @@ def run_load(options: LoadOptions) -> LoadReport:
         data = _sample_data(options, features, schema, Path(tmp))
         bodies = _bodies(options, data, features)
         if options.url is not None:
-            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, None)
+            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, options.server_pid)
             results.append(_result("server", options, tally, wall, server=server))
             return LoadReport(_options_dict(options), results)
         name = options.model_name or Path(options.model_base_path).resolve().name

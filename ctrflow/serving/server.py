@@ -77,7 +77,7 @@ class ServeOptions:
     # Request-body bytes buffered at once over all connections (requests read, not yet answered),
     # >= max_body_bytes; a request that would pass it gets 503 (retry). Default 256 MiB.
     max_buffered_body_bytes: int = 256 << 20
-    # Threads computing unbatched requests (and gRPC handler threads), >= 1. Default 8.
+    # Threads computing unbatched requests (REST and gRPC), >= 1. Default 8.
     worker_threads: int = 8
 
     def __post_init__(self) -> None:
@@ -180,9 +180,9 @@ class Server:
 
             try:
                 self._grpc = GrpcServer(self.manager, self.metrics, host=self.options.host, port=self.options.grpc_port,
-                                        workers=self.options.worker_threads, default_timeout_ms=self.options.default_timeout_ms,
+                                        pool=self._pool, default_timeout_ms=self.options.default_timeout_ms,
                                         max_rows=self.options.max_rows_per_request)
-                self.grpc_port = self._grpc.start()
+                self.grpc_port = self._http.run(self._grpc.start())  # on the serving loop, beside REST
             except BaseException:
                 self.stop()
                 raise
@@ -196,7 +196,10 @@ class Server:
             return
         self._stopped.set()
         if self._grpc is not None:
-            self._grpc.stop(grace_s)
+            try:
+                self._http.run(self._grpc.stop(grace_s), timeout_s=grace_s + 5)
+            except Exception:  # noqa: BLE001 - stopping regardless
+                log.exception("the gRPC server did not stop cleanly")
         self._http.stop(grace_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.manager.close()

@@ -135,7 +135,7 @@ class Client:
 class SlowPredictor:
     """A stand-in model behind a real batcher: each compute call waits on a gate (for 503/504 tests)."""
 
-    def __init__(self, max_enqueued: int = 2) -> None:
+    def __init__(self, max_enqueued: int = 2, max_batch_size: int = 2) -> None:
         import threading
 
         import numpy as np
@@ -147,7 +147,8 @@ class SlowPredictor:
         self.categorical_names, self.numeric_names = ("C1",), ("I1",)
         self.feature_names = ("C1", "I1")
         self.gate = threading.Event()
-        self.batcher = AutoBatcher(self._compute, BatchingOptions(max_batch_size=2, batch_timeout_ms=0, max_enqueued=max_enqueued),
+        self.batcher = AutoBatcher(self._compute, BatchingOptions(max_batch_size=max_batch_size, batch_timeout_ms=0,
+                                                                   max_enqueued=max_enqueued),
                                    name="slow")
 
     def _compute(self, inputs):

@@ -103,6 +103,12 @@ def test_content_length_with_chunked_is_400_and_close_and_the_smuggled_request_i
     assert samples['ctrflow_http_refused_total{code="400"}'] >= 1
 
 
+def test_a_refusal_pipelined_behind_a_good_request_is_answered_after_it_in_order(live):
+    good = PREDICT + b"Content-Length: %d\r\n\r\n" % len(GOOD) + GOOD
+    data = exchange(live, good + PREDICT + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + good)
+    assert statuses(data) == [200, 400]
+
+
 @pytest.mark.parametrize("lengths", [(b"2", b"5"), (b"5", b"5"), (b"5, 5",)])
 def test_repeated_or_listed_content_length_is_400(live, lengths):
     head = b"".join(b"Content-Length: %s\r\n" % v for v in lengths)
