@@ -32,7 +32,7 @@ def __getattr__(name: str):
         "evaluate": "ctrflow.train.evaluate",
         "export": "ctrflow.export", "ExportSummary": "ctrflow.export",
         "Predictor": "ctrflow.serving.predictor",
-        "serve": "ctrflow.serving.http", "ServeOptions": "ctrflow.serving.http",
+        "serve": "ctrflow.serving.server", "ServeOptions": "ctrflow.serving.server",
         "continuous_train": "ctrflow.train.continuous", "ContinuousOptions": "ctrflow.train.continuous",
     }
     if name in lazy:

@@ -285,7 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ctrflow.serving.http import ServeOptions, serve
+    from ctrflow.serving.server import ServeOptions, serve
 
     opts = ServeOptions(
         model_base_path=args.model_base_path, model_name=args.model_name, model_config_file=args.model_config,

@@ -312,7 +312,7 @@ def _sample_data(options: LoadOptions, features: _Features, schema: Any | None, 
 
 def _bodies(options: LoadOptions, data: dict[str, list], features: _Features) -> list[Any]:
     """`distinct_bodies` requests of `candidates` sampled rows, encoded for the protocol/target."""
-    from ctrflow.serving.http import encode_columnar
+    from ctrflow.client.columnar import encode_columnar
 
     rng = np.random.default_rng(options.seed + 2)
     names = (*features.categorical, *features.numeric)
@@ -517,7 +517,7 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
     if options.protocol == "rest":
         path, ctype = f"/v1/models/{model}:predict", "application/json"
     else:
-        from ctrflow.serving.http import COLUMNAR_CONTENT_TYPE
+        from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE
 
         path, ctype = f"/v1/models/{model}:predict_columnar", COLUMNAR_CONTENT_TYPE
     heads = [
@@ -636,7 +636,7 @@ class _ChildServer:
 
 
 def _child_server(spec_json: str) -> None:
-    from ctrflow.serving.http import ServeOptions, serve
+    from ctrflow.serving.server import ServeOptions, serve
 
     spec = json.loads(spec_json)
     batching = None if spec["batching"] is None else BatchingOptions(**spec["batching"])

@@ -89,7 +89,7 @@ def server():
 
 def _start_server():
     from ctrflow.serving.batcher import BatchingOptions
-    from ctrflow.serving.http import ServeOptions, serve
+    from ctrflow.serving.server import ServeOptions, serve
 
     _, version_dir, _ = small_model()
     base = _ROOT / "served" / "ctr"

@@ -12,7 +12,8 @@ import pytest
 import serving_fixtures as sf
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
-from ctrflow.serving.http import COLUMNAR_CONTENT_TYPE, ServeOptions, Server, encode_columnar, serve
+from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, encode_columnar
+from ctrflow.serving.server import ServeOptions, Server, serve
 from ctrflow.serving.metrics import parse_metrics
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec
 from serving_fixtures import CATS, NUMS, Client, columns

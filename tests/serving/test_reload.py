@@ -10,7 +10,7 @@ import pytest
 import serving_fixtures as sf
 from ctrflow.errors import ConfigError, ModelNotFoundError
 from ctrflow.serving.batcher import BatchingOptions
-from ctrflow.serving.http import ServeOptions, serve
+from ctrflow.serving.server import ServeOptions, serve
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelNotReadyError, ModelSpec, load_model_config
 from serving_fixtures import Client, columns
 

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import serving_fixtures as sf
-from ctrflow.serving.http import RequestError, decode_columnar, encode_columnar, parse_head, parse_predict_json
+from ctrflow.client.columnar import encode_columnar
+from ctrflow.serving.codec import RequestError, decode_columnar, parse_predict_json
+from ctrflow.serving.http import parse_head
 from serving_fixtures import Client
 
 CATS = ("C1", "C2", "C3")

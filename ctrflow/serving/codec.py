@@ -1,0 +1,282 @@
+"""Request and response bodies of the REST API: TF Serving's JSON predict bodies and the binary columnar body.
+
+Decoders turn bytes into numpy columns the predictor takes as they are (few Python loops per row) and
+raise `RequestError` (400/413) with a message naming what is wrong and where; encoders build answers.
+The columnar layout itself is defined once, client side, in `ctrflow.client.columnar`.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ctrflow.client.columnar import COLUMN as _COLUMN
+from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, COLUMNAR_FORMAT, encode_columnar
+from ctrflow.client.columnar import HEADER as _HEADER
+from ctrflow.errors import CtrflowError
+
+__all__ = [
+    "COLUMNAR_CONTENT_TYPE",
+    "COLUMNAR_FORMAT",
+    "ParsedRequest",
+    "RequestError",
+    "decode_columnar",
+    "encode_columnar",
+    "error_body",
+    "parse_columnar_json",
+    "parse_predict_json",
+    "scores_json",
+]
+
+
+class RequestError(CtrflowError):
+    """A request the server refuses before any model sees it; `status` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---- request bodies (the hot path: few Python-level loops per row) ----------------------------------
+
+
+@dataclass
+class ParsedRequest:
+    """A decoded predict body: columnar features (or `ids`/`numeric` for predict_ids) and row count."""
+
+    signature: str  # "serving_default" or "predict_ids"
+    format: str  # "instances" (row format) or "inputs" (columnar)
+    features: dict[str, Any]
+    rows: int
+
+
+_CATEGORICAL_TYPES = frozenset((str, type(None), int))
+_NUMERIC_TYPES = frozenset((int, float, type(None)))
+
+
+def _load_json(body: bytes) -> Any:
+    if not body:
+        raise RequestError("Empty request body; send a JSON object.")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise RequestError(f"Malformed JSON: {str(e)[:200]}") from None
+
+
+def parse_predict_json(body: bytes, categorical: Sequence[str], numeric: Sequence[str]) -> ParsedRequest:
+    """Decode a TF Serving predict body for a model with these features; raise RequestError (400) if bad.
+
+    Row format `{"instances": [{name: value, ...}, ...]}` or columnar `{"inputs": {name: [values]}}`;
+    optional `"signature_name"`: "serving_default" (raw features) or "predict_ids" (`ids` int
+    [n, F] and `numeric` float [n, N]). Categorical values are strings (ints are taken as their text),
+    numerics are numbers; null is missing. Returns numpy columns the predictor takes as they are.
+    """
+    doc = _load_json(body)
+    if not isinstance(doc, dict):
+        raise RequestError(f"The body must be a JSON object with 'instances' or 'inputs'. Got a JSON {_json_type(doc)}.")
+    unknown = set(doc) - {"instances", "inputs", "signature_name"}
+    if unknown:
+        raise RequestError(f"Unknown top-level keys {sorted(unknown)[:10]}; a predict body has 'instances' or 'inputs' "
+                           "and optionally 'signature_name'.")
+    signature = doc.get("signature_name", "serving_default")
+    if signature in ("", None):
+        signature = "serving_default"
+    if signature not in ("serving_default", "predict_ids"):
+        raise RequestError(f"Unknown signature_name {str(signature)[:100]!r}; this model has 'serving_default' and 'predict_ids'.")
+    if ("instances" in doc) == ("inputs" in doc):
+        raise RequestError("The body must have exactly one of 'instances' (rows) or 'inputs' (columns).")
+    if signature == "predict_ids":
+        names, kinds = ("ids", "numeric"), None
+    else:
+        names = (*categorical, *numeric)
+        kinds = {**{n: "categorical" for n in categorical}, **{n: "numeric" for n in numeric}}
+    if "instances" in doc:
+        columns = _columns_from_instances(doc["instances"], names)
+        fmt = "instances"
+    else:
+        columns = _columns_from_inputs(doc["inputs"], names)
+        fmt = "inputs"
+    rows = len(columns[names[0]])
+    if signature == "predict_ids":
+        features = {"ids": _matrix(columns["ids"], "ids", rows, len(categorical) + len(numeric), integer=True),
+                    "numeric": _matrix(columns["numeric"], "numeric", rows, len(numeric), integer=False)}
+    else:
+        features = {n: _column(n, columns[n], kinds[n]) for n in names}
+    return ParsedRequest(signature, fmt, features, rows)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _key_problem(keys: Any, want: Sequence[str]) -> str:
+    keys, wanted = set(keys), set(want)
+    missing, extra = sorted(wanted - keys), sorted(map(str, keys - wanted))
+    parts = []
+    if missing:
+        parts.append(f"missing features {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    if extra:
+        parts.append(f"unknown features {extra[:20]}{' ...' if len(extra) > 20 else ''}")
+    return "; ".join(parts)
+
+
+def _columns_from_instances(instances: Any, names: Sequence[str]) -> dict[str, tuple]:
+    if not isinstance(instances, list):
+        raise RequestError(f"'instances' must be a list of objects (one per candidate). Got a JSON {_json_type(instances)}.")
+    if not instances:
+        raise RequestError("'instances' is empty: send at least one candidate.")
+    want = set(names)
+    for i, inst in enumerate(instances):
+        if type(inst) is not dict:
+            raise RequestError(f"instances[{i}] must be an object of named features. Got a JSON {_json_type(inst)}.")
+        if inst.keys() != want:
+            raise RequestError(f"instances[{i}]: {_key_problem(inst, names)}.")
+    if len(names) == 1:
+        return {names[0]: tuple(inst[names[0]] for inst in instances)}
+    return dict(zip(names, zip(*map(operator.itemgetter(*names), instances))))
+
+
+def _columns_from_inputs(inputs: Any, names: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(inputs, dict):
+        raise RequestError(f"'inputs' must be an object of named columns. Got a JSON {_json_type(inputs)}.")
+    if inputs.keys() != set(names):
+        raise RequestError(f"'inputs': {_key_problem(inputs, names)}.")
+    rows = None
+    for n in names:
+        col = inputs[n]
+        if not isinstance(col, list):
+            raise RequestError(f"inputs[{n!r}] must be a list (one value per candidate). Got a JSON {_json_type(col)}.")
+        if rows is None:
+            rows = len(col)
+        elif len(col) != rows:
+            raise RequestError(f"inputs[{n!r}] has {len(col)} values, inputs[{names[0]!r}] has {rows}: "
+                               "every column needs one value per candidate.")
+    if not rows:
+        raise RequestError("'inputs' columns are empty: send at least one candidate.")
+    return inputs
+
+
+def _column(name: str, values: Sequence[Any], kind: str) -> np.ndarray:
+    types = set(map(type, values))
+    if kind == "categorical":
+        if types <= {str}:
+            return np.array(values, dtype=object)
+        if not types <= _CATEGORICAL_TYPES:
+            i = next(i for i, v in enumerate(values) if type(v) not in _CATEGORICAL_TYPES)
+            raise RequestError(f"Feature {name!r} row {i}: expected a string (or null for missing). "
+                               f"Got a JSON {_json_type(values[i])}.")
+        return np.array(["" if v is None else v if type(v) is str else str(v) for v in values], dtype=object)
+    if not types <= _NUMERIC_TYPES:
+        i = next(i for i, v in enumerate(values) if type(v) not in _NUMERIC_TYPES)
+        raise RequestError(f"Feature {name!r} row {i}: expected a number (or null for missing). Got a JSON {_json_type(values[i])}.")
+    try:
+        return np.array(values, dtype=np.float64)  # None → NaN (missing)
+    except (OverflowError, ValueError, TypeError):
+        raise RequestError(f"Feature {name!r}: a number is out of the float range.") from None
+
+
+def _matrix(values: Sequence[Any], name: str, rows: int, width: int, *, integer: bool) -> np.ndarray:
+    for i, row in enumerate(values):
+        if not isinstance(row, list) or len(row) != width:
+            raise RequestError(f"{name!r} row {i} must be a list of {width} numbers.")
+        bad = set(map(type, row)) - ({int} if integer else {int, float})
+        if bad:
+            raise RequestError(f"{name!r} row {i} must hold {'integers' if integer else 'numbers'} only.")
+    try:
+        if integer:
+            out = np.array(values, dtype=np.int64).reshape(rows, width)
+            if out.size and (out.min() < 0 or out.max() >= 2**31):
+                raise RequestError(f"{name!r} holds ids outside [0, 2**31).")
+            return out.astype(np.int32)
+        return np.array(values, dtype=np.float32).reshape(rows, width)
+    except (OverflowError, ValueError, TypeError):
+        raise RequestError(f"{name!r} holds a number out of range.") from None
+
+
+def parse_columnar_json(body: bytes, categorical: Sequence[str], numeric: Sequence[str]) -> tuple[dict[str, Any], int]:
+    """`{"columns": [names], "data": [[values of column 0], ...]}` → (features, rows)."""
+    doc = _load_json(body)
+    if not isinstance(doc, dict) or set(doc) != {"columns", "data"}:
+        raise RequestError('A columnar JSON body is {"columns": [names], "data": [[values], ...]} and nothing else.')
+    names, data = doc["columns"], doc["data"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(data, list):
+        raise RequestError("'columns' must be a list of feature names and 'data' a list of columns.")
+    if len(names) != len(data):
+        raise RequestError(f"'columns' names {len(names)} features but 'data' holds {len(data)} columns.")
+    if len(set(names)) != len(names):
+        raise RequestError("'columns' names a feature twice.")
+    inputs = _columns_from_inputs(dict(zip(names, data)), (*categorical, *numeric))
+    kinds = {**{n: "categorical" for n in categorical}, **{n: "numeric" for n in numeric}}
+    rows = len(data[0])
+    return {n: _column(n, inputs[n], kinds[n]) for n in (*categorical, *numeric)}, rows
+
+
+def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
+    """The binary columnar body (see `COLUMNAR_FORMAT`) → (features as numpy columns, rows); no per-row loop."""
+    if len(body) < _HEADER.size:
+        raise RequestError(f"Columnar body of {len(body)} bytes is shorter than its {_HEADER.size}-byte header.")
+    magic, fmt, _, n_columns, rows = _HEADER.unpack_from(body, 0)
+    if magic != b"CTRC" or fmt != 1:
+        raise RequestError("Not a columnar body: it must start with b'CTRC' and format 1.")
+    if rows == 0:
+        raise RequestError("Columnar body has 0 rows: send at least one candidate.")
+    kinds = {**{n: "S" for n in categorical}, **{n: "fd" for n in numeric}}
+    out: dict[str, np.ndarray] = {}
+    offset = _HEADER.size
+    view = memoryview(body)
+    for _ in range(n_columns):
+        if offset + 2 > len(body):
+            raise RequestError("Columnar body ends inside a column header.")
+        (name_len,) = struct.unpack_from("<H", body, offset)
+        offset += 2
+        end = offset + name_len + _COLUMN.size
+        if end > len(body):
+            raise RequestError("Columnar body ends inside a column header.")
+        try:
+            name = bytes(view[offset:offset + name_len]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("A column name is not UTF-8.") from None
+        kind, _, width = _COLUMN.unpack_from(body, offset + name_len)
+        offset = end
+        kind = chr(kind)
+        if name not in kinds:
+            raise RequestError(f"Unknown feature {name[:100]!r} in the columnar body.")
+        if name in out:
+            raise RequestError(f"Feature {name!r} appears twice in the columnar body.")
+        if kind not in kinds[name]:
+            want = "'S' (byte strings)" if kinds[name] == "S" else "'f' or 'd' (floats)"
+            raise RequestError(f"Feature {name!r} has kind {kind!r}; it must be {want}.")
+        if kind == "S":
+            if width < 1 or width > 4096:
+                raise RequestError(f"Feature {name!r}: string width {width} must be in [1, 4096].")
+            dtype = np.dtype(f"S{width}")
+        else:
+            dtype = np.dtype("<f4" if kind == "f" else "<f8")
+            if width != dtype.itemsize:
+                raise RequestError(f"Feature {name!r}: width {width} does not match kind {kind!r}.")
+        size = rows * dtype.itemsize
+        if offset + size > len(body):
+            raise RequestError(f"Columnar body ends inside the values of feature {name!r}.")
+        out[name] = np.frombuffer(body, dtype, rows, offset)
+        offset += size
+    if offset != len(body):
+        raise RequestError(f"Columnar body has {len(body) - offset} bytes after its last column.")
+    if len(out) != len(kinds):
+        raise RequestError(f"Columnar body: {_key_problem(out, list(kinds))}.")
+    return out, rows
+
+
+
+def error_body(message: str) -> bytes:
+    """The JSON error answer: {"error": message}."""
+    return json.dumps({"error": message}).encode()
+
+
+def scores_json(key: str, scores: np.ndarray) -> bytes:
+    """{"<key>": [p, ...]} for a vector of scores."""
+    return b'{"%s": %s}' % (key.encode(), json.dumps(scores.tolist()).encode())

@@ -1,0 +1,345 @@
+"""The REST routes: TensorFlow Serving's predict API, the columnar endpoint, status, metadata, metrics, health.
+
+Routes see a decoded `RestRequest` (method, path, lower-cased headers, the whole body) and return a
+`RestResponse`; they never see bytes of HTTP framing, so the transport (`ctrflow.serving.http`) can
+change without touching them. Endpoints (NAME: a served model; `/versions/V` may follow NAME):
+
+    POST /v1/models/NAME:predict            {"instances": [{"C1": "68fd1e64", "I1": 3, ...}, ...]}
+                                            → {"predictions": [p, ...]}
+                                            {"inputs": {"C1": [...], "I1": [...]}} → {"outputs": [p, ...]}
+    POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`)
+    GET  /v1/models/NAME                    {"model_version_status": [{"version": "3", "state": "AVAILABLE", ...}]}
+    GET  /v1/models/NAME/metadata           input names and kinds
+    GET  /metrics, /monitoring/prometheus/metrics   Prometheus text format
+    GET  /healthz                           200 while the process serves
+    GET  /readyz                            200 once every model has a version loaded, else 503
+
+Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown model/version/path), 405, 413 (too
+many rows), 503 (queue full or not ready: retry), 504 (the request's deadline passed: header
+`X-Deadline-Ms`, else `default_timeout_ms`), 500 (a bug). Every predict response carries `X-Model-Version`.
+
+To add a route: write an `async def _name(self, request, target) -> RestResponse` method and add it
+to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../NAME:VERB,
+`model_gets` for GET .../NAME/TAIL, `paths` for fixed paths).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNotFoundError, QueueFullError, SchemaError
+from ctrflow.serving.codec import (
+    COLUMNAR_CONTENT_TYPE,
+    RequestError,
+    decode_columnar,
+    error_body,
+    parse_columnar_json,
+    parse_predict_json,
+    scores_json,
+)
+from ctrflow.serving.models import ModelManager, ModelNotReadyError
+
+__all__ = ["ModelTarget", "RestRequest", "RestResponse", "RestRoutes", "status_of"]
+
+log = logging.getLogger("ctrflow.serving")
+
+JSON = b"application/json"
+
+
+@dataclass
+class RestRequest:
+    """One HTTP request as the routes see it: the body is complete, header names are lower-case."""
+
+    method: str
+    path: str  # without the query string
+    headers: Mapping[str, str]
+    body: bytes | bytearray = b""
+    query: str = ""
+
+
+@dataclass
+class RestResponse:
+    """An answer: status, body, its content type and extra headers (name, value) as bytes."""
+
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @classmethod
+    def json(cls, status: int, doc: Any) -> RestResponse:
+        return cls(status, json.dumps(doc).encode())
+
+    @classmethod
+    def error(cls, status: int, message: str) -> RestResponse:
+        return cls(status, error_body(message))
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What a /v1/models/... path names: the model, a pinned version (or None) and what follows."""
+
+    name: str
+    version: int | None
+    tail: str  # "" or e.g. "metadata"
+    verb: str  # "" or e.g. "predict" (after ':')
+    label: str | None = None  # a version label (/labels/L); None when not given
+
+
+Handler = Callable[[RestRequest, ModelTarget], Awaitable[RestResponse]]
+PathHandler = Callable[[RestRequest], Awaitable[RestResponse]]
+
+
+class RestRoutes:
+    """Dispatches `RestRequest`s over a `ModelManager`; counts predict requests in `metrics`.
+
+    `render_metrics()` gives the `/metrics` text; `pool` runs unbatched compute off the event loop.
+    """
+
+    def __init__(self, manager: ModelManager, metrics: Any, *, pool: Executor, max_rows_per_request: int,
+                 default_timeout_ms: float | None, render_metrics: Callable[[], tuple[bytes, bytes]]) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.pool = pool
+        self.max_rows_per_request = max_rows_per_request
+        self.default_timeout_ms = default_timeout_ms
+        self._render_metrics = render_metrics
+        # POST /v1/models/NAME[/versions/V]:VERB → (handler, protocol label for metrics)
+        self.model_verbs: dict[str, tuple[Handler, str]] = {
+            "predict": (self._predict, "rest"),
+            "predict_columnar": (self._predict_columnar, "columnar"),
+        }
+        # GET /v1/models/NAME[/versions/V][/TAIL]
+        self.model_gets: dict[str, Handler] = {"": self._model_status, "metadata": self._metadata}
+        # Fixed paths: path → (method, handler)
+        self.paths: dict[str, tuple[str, PathHandler]] = {
+            "/metrics": ("GET", self._metrics),
+            "/monitoring/prometheus/metrics": ("GET", self._metrics),
+            "/healthz": ("GET", self._healthz), "/v1/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz), "/v1/readyz": ("GET", self._readyz),
+        }
+
+    async def handle(self, request: RestRequest) -> RestResponse:
+        """Answer one request; every error becomes an error response (500 only for bugs, logged)."""
+        started = time.perf_counter()
+        path = request.path
+        model, protocol, rows = "-", None, 0
+        try:
+            if path.startswith("/v1/models/"):
+                target = split_model_path(path[len("/v1/models/"):])
+                model = target.name if target.name in self.manager.model_names else "_unknown"  # bounded labels
+                if target.verb:
+                    if request.method != "POST":
+                        raise RequestError(f"{request.method} {path} is not allowed; use POST.", 405)
+                    if target.tail:
+                        raise RequestError(f"No such endpoint {path!r}.", 404)
+                    entry = self.model_verbs.get(target.verb)
+                    if entry is None:
+                        raise RequestError(f"Unknown method ':{target.verb}'; this server answers "
+                                           f"{', '.join(':' + v for v in self.model_verbs)}.", 404)
+                    handler, protocol = entry
+                    response = await handler(request, target)
+                    rows = getattr(response, "rows", 0)
+                else:
+                    if request.method != "GET":
+                        raise RequestError(f"{request.method} {path} is not allowed; use GET.", 405)
+                    handler = self.model_gets.get(target.tail)
+                    if handler is None:
+                        raise RequestError(f"No such endpoint {path!r}.", 404)
+                    response = await handler(request, target)
+            elif path in self.paths:
+                method, handler = self.paths[path]
+                if request.method != method:
+                    raise RequestError(f"{request.method} {path} is not allowed; use {method}.", 405)
+                response = await handler(request)
+            else:
+                raise RequestError(f"No such endpoint {path!r}; predictions are at POST /v1/models/NAME:predict.", 404)
+        except Exception as e:  # noqa: BLE001 - every error becomes an answer
+            status, message = status_of(e)
+            if status == 500:
+                log.exception("internal error answering %s %s", request.method, path)
+            response = RestResponse.error(status, message)
+        if response.status == 503 and not any(k == b"retry-after" for k, _ in response.headers):
+            response.headers.append((b"retry-after", b"1"))
+        if protocol is not None:
+            self.metrics.observe(model, protocol, response.status, time.perf_counter() - started,
+                                 rows if response.status == 200 else 0)
+        return response
+
+    # ---- predict ------------------------------------------------------------------------------------
+
+    def _timeout_ms(self, headers: Mapping[str, str]) -> float | None:
+        raw = headers.get("x-deadline-ms")
+        if raw is None:
+            return self.default_timeout_ms
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise RequestError(f"X-Deadline-Ms must be a number of milliseconds > 0. Got {raw[:40]!r} instead.")
+        return value
+
+    async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        timeout_ms = self._timeout_ms(request.headers)
+        body = request.body
+        loaded = self.manager.acquire(target.name, target.version)
+        try:
+            predictor = loaded.predictor
+            if len(body) > 1 << 20:
+                parsed = await asyncio.to_thread(parse_predict_json, body, predictor.categorical_names, predictor.numeric_names)
+            else:
+                parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
+            self._check_rows(parsed.rows)
+            if parsed.signature == "predict_ids":
+                scores = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, predictor.predict_ids, parsed.features["ids"], parsed.features["numeric"])
+            else:
+                scores = await self._score(predictor, parsed.features, timeout_ms)
+        finally:
+            self.manager.release(loaded)
+        key = "predictions" if parsed.format == "instances" else "outputs"
+        return _Predicted(200, scores_json(key, scores), JSON, [(b"x-model-version", b"%d" % loaded.version)], parsed.rows)
+
+    async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        headers = request.headers
+        timeout_ms = self._timeout_ms(headers)
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        loaded = self.manager.acquire(target.name, target.version)
+        try:
+            predictor = loaded.predictor
+            if ctype == COLUMNAR_CONTENT_TYPE:
+                features, rows = decode_columnar(request.body, predictor.categorical_names, predictor.numeric_names)
+            elif ctype in ("application/json", ""):
+                features, rows = parse_columnar_json(request.body, predictor.categorical_names, predictor.numeric_names)
+            else:
+                raise RequestError(f"Content-Type {ctype!r} is not understood here; send {COLUMNAR_CONTENT_TYPE} "
+                                   "or application/json.")
+            self._check_rows(rows)
+            scores = await self._score(predictor, features, timeout_ms)
+        finally:
+            self.manager.release(loaded)
+        if ctype == COLUMNAR_CONTENT_TYPE and "application/json" not in headers.get("accept", ""):
+            payload, out_type = np.ascontiguousarray(scores, dtype="<f4").tobytes(), b"application/octet-stream"
+        else:
+            payload, out_type = scores_json("outputs", scores), JSON
+        return _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
+
+    def _check_rows(self, rows: int) -> None:
+        if rows > self.max_rows_per_request:
+            raise RequestError(f"Request of {rows} candidates is over the limit of {self.max_rows_per_request} "
+                               "(max_rows_per_request); split it.", 413)
+
+    async def _score(self, predictor: Any, features: Mapping[str, Any], timeout_ms: float | None) -> np.ndarray:
+        if getattr(predictor, "batcher", None) is not None:
+            return await predictor.apredict(features, timeout_ms=timeout_ms)
+        # Without batching each request is its own compute call; run it off the loop so others proceed.
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
+        future = asyncio.get_running_loop().run_in_executor(self.pool, _predict_before, predictor, features, deadline)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(f"The request passed its deadline of {timeout_ms:g} ms.") from None
+
+    # ---- model status and metadata ------------------------------------------------------------------
+
+    async def _model_status(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        statuses = self.manager.status(target.name, target.version)
+        return RestResponse.json(200, {"model_version_status": [s.to_dict() for s in statuses]})
+
+    async def _metadata(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        with self.manager.lease(target.name, target.version) as predictor:
+            inputs = {n: {"dtype": "DT_STRING", "shape": [-1], "kind": "categorical"} for n in predictor.categorical_names}
+            inputs.update({n: {"dtype": "DT_FLOAT", "shape": [-1], "kind": "numeric"} for n in predictor.numeric_names})
+            meta = {
+                "model_spec": {"name": target.name, "version": str(predictor.version), "signature_name": ""},
+                "metadata": {"signature_def": {"signature_def": {
+                    "serving_default": {
+                        "inputs": inputs,
+                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
+                        "method_name": "tensorflow/serving/predict",
+                    },
+                    "predict_ids": {
+                        "inputs": {"ids": {"dtype": "DT_INT32", "shape": [-1, len(predictor.feature_names)]},
+                                   "numeric": {"dtype": "DT_FLOAT", "shape": [-1, len(predictor.numeric_names)]}},
+                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
+                        "method_name": "tensorflow/serving/predict",
+                    },
+                }}},
+            }
+        return RestResponse.json(200, meta)
+
+    # ---- fixed paths ----------------------------------------------------------------------------------
+
+    async def _metrics(self, request: RestRequest) -> RestResponse:
+        body, content_type = self._render_metrics()
+        return RestResponse(200, body, content_type)
+
+    async def _healthz(self, request: RestRequest) -> RestResponse:
+        return RestResponse(200, b'{"status": "ok"}')
+
+    async def _readyz(self, request: RestRequest) -> RestResponse:
+        ready = self.manager.ready()
+        waiting = [n for n in self.manager.model_names if not self.manager.versions(n)]
+        return RestResponse.json(200 if ready else 503, {"ready": ready, "models_not_ready": waiting})
+
+
+class _Predicted(RestResponse):
+    """A predict answer that also says how many candidates it scored (for the metrics)."""
+
+    def __init__(self, status: int, body: bytes, content_type: bytes, headers: list[tuple[bytes, bytes]], rows: int) -> None:
+        super().__init__(status, body, content_type, headers)
+        self.rows = rows
+
+
+def _predict_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> np.ndarray:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
+    return predictor.predict(features)
+
+
+def split_model_path(rest: str) -> ModelTarget:
+    """'NAME[/versions/V][/TAIL][:VERB]' → ModelTarget."""
+    rest, _, verb = rest.partition(":")
+    parts = rest.split("/")
+    name = parts[0]
+    if not name:
+        raise RequestError("No model name in the path; use /v1/models/NAME.", 404)
+    version = None
+    tail = parts[1:]
+    if len(tail) >= 2 and tail[0] == "versions":
+        if not tail[1].isdigit() or len(tail[1]) > 18:
+            raise RequestError(f"Version {tail[1][:40]!r} is not a non-negative integer.", 404)
+        version = int(tail[1])
+        tail = tail[2:]
+    elif len(tail) >= 2 and tail[0] == "labels":
+        raise RequestError("Version labels are not supported by this server; name the version: /versions/V.", 404)
+    return ModelTarget(name, version, "/".join(tail), verb)
+
+
+def status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and message for an error raised while answering."""
+    if isinstance(error, RequestError):
+        return error.status, str(error)
+    if isinstance(error, ModelNotFoundError):
+        return 404, str(error)
+    if isinstance(error, (ModelNotReadyError, QueueFullError)):
+        return 503, str(error)
+    if isinstance(error, DeadlineExceeded):
+        return 504, str(error)
+    if isinstance(error, (SchemaError, ConfigError)):
+        return 400, str(error)
+    if isinstance(error, CtrflowError):  # e.g. a batcher closed under a request: retryable
+        return 503, str(error)
+    return 500, f"Internal error ({type(error).__name__}); the server logged the details."

@@ -1,0 +1,208 @@
+"""The serving life cycle: `serve(ServeOptions(...))` loads the models, starts REST (and gRPC), `stop()` ends them.
+
+`serve(ServeOptions(model_base_path="models/ctr", port=8501))` starts a `Server`: the model registry
+with hot reload (`ModelManager`), the REST routes (`ctrflow.serving.rest`) behind the HTTP/1.1
+transport (`ctrflow.serving.http`) on a background event loop and, when `grpc_port` is set, the
+gRPC `PredictionService` (`ctrflow.serving.grpc_server`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctrflow.errors import ConfigError
+from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.metrics import ServingMetrics
+from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
+from ctrflow.serving.rest import RestRoutes
+
+__all__ = ["ServeOptions", "Server", "serve"]
+
+log = logging.getLogger("ctrflow.serving")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `serve` serves and how; exactly one of model_base_path, model_config_file, models."""
+
+    # One model: its base path (integer version folders). Its name defaults to the folder's name.
+    model_base_path: str | None = None
+    # Name of the model given by model_base_path; default: the base path's last folder name.
+    model_name: str | None = None
+    # Several models: a YAML/JSON file (see `ctrflow.serving.models.load_model_config`).
+    model_config_file: str | None = None
+    # Several models given directly (API use).
+    models: tuple[ModelSpec, ...] = ()
+    # Interface to listen on. Default loopback; "0.0.0.0" to accept remote clients.
+    host: str = "127.0.0.1"
+    # REST port, 0..65535; 0 picks a free one (read it back from `Server.port`). Default 8501.
+    port: int = 8501
+    # gRPC port (0 picks a free one); None: no gRPC server. Default None.
+    grpc_port: int | None = None
+    # Autobatching for model_base_path (None: every request computed on its own). Config-file
+    # models carry their own.
+    batching: BatchingOptions | None = field(default_factory=BatchingOptions)
+    # Newest versions served at once for model_base_path, >= 1. Default 1.
+    keep_versions: int = 1
+    # Seconds between scans of the base paths for new versions, > 0. Default 1.0.
+    poll_interval_s: float = 1.0
+    # Warm up each version before it takes traffic. Default True.
+    warmup: bool = True
+    # Longest a replaced version waits for its in-flight requests before closing, seconds. Default 30.
+    drain_grace_s: float = 30.0
+    # Largest request body accepted, in bytes, >= 1024; larger ones get 413. Default 8 MiB.
+    max_body_bytes: int = 8 << 20
+    # Largest request head (request line + headers), in bytes, >= 1024; else 431. Default 64 KiB.
+    max_header_bytes: int = 64 << 10
+    # Most candidates in one request, >= 1; more get 413. Default 100,000.
+    max_rows_per_request: int = 100_000
+    # Deadline of a request that sends no X-Deadline-Ms header, in ms (> 0); None: no deadline.
+    default_timeout_ms: float | None = None
+    # Seconds an idle keep-alive connection stays open, > 0. Default 75.
+    keep_alive_timeout_s: float = 75.0
+    # Threads computing unbatched requests (and gRPC handler threads), >= 1. Default 8.
+    worker_threads: int = 8
+
+    def __post_init__(self) -> None:
+        sources = [x for x in ("model_base_path", "model_config_file", "models") if getattr(self, x)]
+        if len(sources) != 1:
+            raise ConfigError(
+                "ServeOptions needs exactly one of 'model_base_path' (one model), 'model_config_file' or "
+                f"'models' (several). Got {sources or 'none'}."
+            )
+        object.__setattr__(self, "models", tuple(self.models))
+        _check_int("port", self.port, 0, 65535)
+        if self.grpc_port is not None:
+            _check_int("grpc_port", self.grpc_port, 0, 65535)
+            if self.grpc_port == self.port and self.port != 0:
+                raise ConfigError(f"The 'grpc_port' option of ServeOptions must differ from 'port' ({self.port}).")
+        _check_int("keep_versions", self.keep_versions, 1)
+        _check_int("max_body_bytes", self.max_body_bytes, 1024)
+        _check_int("max_header_bytes", self.max_header_bytes, 1024)
+        _check_int("max_rows_per_request", self.max_rows_per_request, 1)
+        _check_int("worker_threads", self.worker_threads, 1)
+        for name in ("keep_alive_timeout_s", "poll_interval_s"):
+            _check_positive(name, getattr(self, name))
+        if self.default_timeout_ms is not None:
+            _check_positive("default_timeout_ms", self.default_timeout_ms)
+        if self.batching is not None and not isinstance(self.batching, BatchingOptions):
+            raise ConfigError(f"The 'batching' option of ServeOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The served models these options name."""
+        if self.model_config_file:
+            return load_model_config(self.model_config_file)
+        if self.models:
+            return list(self.models)
+        base = os.path.abspath(str(self.model_base_path))
+        name = self.model_name or os.path.basename(base.rstrip(os.sep)) or "default"
+        return [ModelSpec(name, base, batching=self.batching, keep_versions=self.keep_versions)]
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"The '{name}' option of ServeOptions must be an int {span}. Got {value!r} instead.")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"The '{name}' option of ServeOptions must be a finite number > 0. Got {value!r} instead.")
+
+
+class Server:
+    """A running REST (and optional gRPC) server over a `ModelManager`; `stop()` shuts all down.
+
+    Use `serve(options)` to build and start one; `.port`, `.grpc_port`, `.url` tell where it listens.
+    """
+
+    def __init__(self, options: ServeOptions, *, manager: ModelManager | None = None) -> None:
+        self.options = options
+        self.manager = manager or ModelManager(
+            options.model_specs(),
+            ManagerOptions(poll_interval_s=options.poll_interval_s, warmup=options.warmup, drain_grace_s=options.drain_grace_s),
+        )
+        self.metrics = ServingMetrics()
+        self.port: int | None = None
+        self.grpc_port: int | None = None
+        self._grpc: Any = None
+        self._pool = ThreadPoolExecutor(options.worker_threads, thread_name_prefix="ctrflow-http-compute")
+        self._stopped = threading.Event()
+        self.routes = RestRoutes(
+            self.manager, self.metrics, pool=self._pool, max_rows_per_request=options.max_rows_per_request,
+            default_timeout_ms=options.default_timeout_ms, render_metrics=self._render_metrics,
+        )
+        from ctrflow.serving.http import HttpTransport
+
+        self._http = HttpTransport(options, self.routes.handle)
+
+    def _render_metrics(self) -> tuple[bytes, bytes]:
+        text = self.metrics.render(self.manager.gauges(), ready=self.manager.ready())
+        return text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
+
+    @property
+    def url(self) -> str:
+        host = self.options.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> Server:
+        """Load the models (blocking), bind the ports and start serving on background threads."""
+        self.manager.start()
+        try:
+            self.port = self._http.start()
+        except BaseException as e:
+            self.manager.close()
+            raise ConfigError(f"Cannot listen on {self.options.host}:{self.options.port}: {e}") from None
+        if self.options.grpc_port is not None:
+            from ctrflow.serving.grpc_server import GrpcServer
+
+            try:
+                self._grpc = GrpcServer(self.manager, self.metrics, host=self.options.host, port=self.options.grpc_port,
+                                        workers=self.options.worker_threads, default_timeout_ms=self.options.default_timeout_ms,
+                                        max_rows=self.options.max_rows_per_request)
+                self.grpc_port = self._grpc.start()
+            except BaseException:
+                self.stop()
+                raise
+        log.info("serving %s on %s%s", ", ".join(self.manager.model_names), self.url,
+                 f" and gRPC port {self.grpc_port}" if self.grpc_port else "")
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, finish in-flight requests (up to `grace_s`), close every model. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._grpc is not None:
+            self._grpc.stop(grace_s)
+        self._http.stop(grace_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.manager.close()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until `stop()` (from another thread or a signal handler); True if stopped."""
+        return self._stopped.wait(timeout_s)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(options: ServeOptions) -> Server:
+    """Start serving `options`' models; returns the running `Server` (call `.stop()` when done).
+
+    Example:
+        server = serve(ServeOptions(model_base_path="models/ctr", port=0))
+        print(server.url)   # http://127.0.0.1:43121 → POST {url}/v1/models/ctr:predict
+    """
+    return Server(options).start()
