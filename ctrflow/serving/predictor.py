@@ -212,6 +212,17 @@ class Predictor:
             return self._compute(inputs)
         return await self.batcher.apredict(inputs, timeout_ms=timeout_ms)
 
+    def predict_outputs(self, features: Mapping[str, Any], *, timeout_ms: float | None = None,
+                        output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Every serving_default output ({"logits", "probabilities"}) for columnar raw features."""
+        names = select_outputs(self.signatures["serving_default"], output_filter)
+        return self._split(self._predict_all(features, timeout_ms), names)
+
+    async def apredict_outputs(self, features: Mapping[str, Any], *, timeout_ms: float | None = None,
+                               output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        names = select_outputs(self.signatures["serving_default"], output_filter)
+        return self._split(await self._apredict_all(features, timeout_ms), names)
+
     # --- TF Serving's Predict: any signature, by key --------------------------------------------
     def _features_of(self, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """serving_default inputs by signature alias → columnar features by schema field."""

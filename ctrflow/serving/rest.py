@@ -25,6 +25,7 @@ to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNot
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
     RequestError,
+    _load_json,
     decode_columnar,
     error_body,
     parse_columnar_json,
@@ -47,6 +49,7 @@ from ctrflow.serving.codec import (
     scores_json,
 )
 from ctrflow.serving.models import ModelManager, ModelNotReadyError
+from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
 __all__ = ["ModelTarget", "RestRequest", "RestResponse", "RestRoutes", "status_of"]
 
@@ -190,31 +193,57 @@ class RestRoutes:
         return value
 
     async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        """TF Serving's predict, answered as TF Serving shapes it for the signature called (see
+        `ctrflow.serving.tfserving`): ctrflow exports' serving_default/predict_ids bodies take the
+        fast decoder; b64 values, other signatures and plain SavedModels the generic one."""
         timeout_ms = self._timeout_ms(request.headers)
-        body = request.body
-        loaded = self.manager.acquire(target.name, target.version)
+        body = bytes(request.body)
+        loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
-            if len(body) > 1 << 20:
-                parsed = await asyncio.to_thread(parse_predict_json, body, predictor.categorical_names, predictor.numeric_names)
+            fast = getattr(predictor, "kind", "ctrflow") == "ctrflow" and b'"b64"' not in body and b'"transform"' not in body
+            if fast:
+                if len(body) > 1 << 20:
+                    parsed = await asyncio.to_thread(parse_predict_json, body, predictor.categorical_names, predictor.numeric_names)
+                else:
+                    parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
+                fmt, rows = parsed.format, parsed.rows
+                self._check_rows(rows)
+                if parsed.signature == "predict_ids":
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, functools.partial(predictor.run, "predict_ids", parsed.features))
+                else:
+                    outputs = await self._score_outputs(predictor, parsed.features, timeout_ms)
             else:
-                parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
-            self._check_rows(parsed.rows)
-            if parsed.signature == "predict_ids":
-                scores = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, predictor.predict_ids, parsed.features["ids"], parsed.features["numeric"])
-            else:
-                scores = await self._score(predictor, parsed.features, timeout_ms)
+                doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
+                decoded = decode_json_request(doc, predictor.signatures)
+                fmt = decoded.format
+                rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
+                self._check_rows(rows)
+                outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
-        key = "predictions" if parsed.format == "instances" else "outputs"
-        return _Predicted(200, scores_json(key, scores), JSON, [(b"x-model-version", b"%d" % loaded.version)], parsed.rows)
+        return _Predicted(200, encode_json_response(outputs, fmt), JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
+
+    async def _score_outputs(self, predictor: Any, features: Mapping[str, Any], timeout_ms: float | None) -> dict[str, np.ndarray]:
+        if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor that scores probabilities only
+            return {"probabilities": await self._score(predictor, features, timeout_ms)}
+        if getattr(predictor, "batcher", None) is not None:
+            return await predictor.apredict_outputs(features, timeout_ms=timeout_ms)
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
+        future = asyncio.get_running_loop().run_in_executor(self.pool, _outputs_before, predictor, features, deadline)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(f"The request passed its deadline of {timeout_ms:g} ms.") from None
 
     async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         headers = request.headers
         timeout_ms = self._timeout_ms(headers)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        loaded = self.manager.acquire(target.name, target.version)
+        loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
             if ctype == COLUMNAR_CONTENT_TYPE:
@@ -255,30 +284,16 @@ class RestRoutes:
     # ---- model status and metadata ------------------------------------------------------------------
 
     async def _model_status(self, request: RestRequest, target: ModelTarget) -> RestResponse:
-        statuses = self.manager.status(target.name, target.version)
+        version = target.version
+        if target.label is not None:
+            version = self.manager.resolve_label(target.name, target.label)
+        statuses = self.manager.status(target.name, version)
         return RestResponse.json(200, {"model_version_status": [s.to_dict() for s in statuses]})
 
     async def _metadata(self, request: RestRequest, target: ModelTarget) -> RestResponse:
-        with self.manager.lease(target.name, target.version) as predictor:
-            inputs = {n: {"dtype": "DT_STRING", "shape": [-1], "kind": "categorical"} for n in predictor.categorical_names}
-            inputs.update({n: {"dtype": "DT_FLOAT", "shape": [-1], "kind": "numeric"} for n in predictor.numeric_names})
-            meta = {
-                "model_spec": {"name": target.name, "version": str(predictor.version), "signature_name": ""},
-                "metadata": {"signature_def": {"signature_def": {
-                    "serving_default": {
-                        "inputs": inputs,
-                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
-                        "method_name": "tensorflow/serving/predict",
-                    },
-                    "predict_ids": {
-                        "inputs": {"ids": {"dtype": "DT_INT32", "shape": [-1, len(predictor.feature_names)]},
-                                   "numeric": {"dtype": "DT_FLOAT", "shape": [-1, len(predictor.numeric_names)]}},
-                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
-                        "method_name": "tensorflow/serving/predict",
-                    },
-                }}},
-            }
-        return RestResponse.json(200, meta)
+        """TF Serving's metadata: the version's true SignatureDefMap (from its saved_model.pb)."""
+        with self.manager.lease(target.name, target.version, target.label) as predictor:
+            return RestResponse.json(200, metadata_json(target.name, predictor.version, predictor.signature_defs))
 
     # ---- fixed paths ----------------------------------------------------------------------------------
 
@@ -303,6 +318,12 @@ class _Predicted(RestResponse):
         self.rows = rows
 
 
+def _outputs_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> dict[str, np.ndarray]:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
+    return predictor.predict_outputs(features)
+
+
 def _predict_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> np.ndarray:
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
@@ -316,7 +337,7 @@ def split_model_path(rest: str) -> ModelTarget:
     name = parts[0]
     if not name:
         raise RequestError("No model name in the path; use /v1/models/NAME.", 404)
-    version = None
+    version = label = None
     tail = parts[1:]
     if len(tail) >= 2 and tail[0] == "versions":
         if not tail[1].isdigit() or len(tail[1]) > 18:
@@ -324,8 +345,11 @@ def split_model_path(rest: str) -> ModelTarget:
         version = int(tail[1])
         tail = tail[2:]
     elif len(tail) >= 2 and tail[0] == "labels":
-        raise RequestError("Version labels are not supported by this server; name the version: /versions/V.", 404)
-    return ModelTarget(name, version, "/".join(tail), verb)
+        if not tail[1]:
+            raise RequestError("Empty version label in the path; use /v1/models/NAME/labels/LABEL.", 404)
+        label = tail[1]
+        tail = tail[2:]
+    return ModelTarget(name, version, "/".join(tail), verb, label)
 
 
 def status_of(error: BaseException) -> tuple[int, str]:
