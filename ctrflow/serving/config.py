@@ -132,7 +132,7 @@ def specs_from_proto(config: Any, *, base_dir: Path, batching: BatchingOptions |
 
 def _batching_from(raw: Any, where: str, default: BatchingOptions | None) -> BatchingOptions | None:
     if raw is True:
-        return default if default is not None else BatchingOptions()
+        return default if default is not None else BatchingOptions()  # YAML asked for batching explicitly
     if raw is False or raw is None:
         return None
     if isinstance(raw, Mapping):
@@ -186,13 +186,16 @@ def specs_from_yaml(doc: Any, *, base_dir: Path, batching: BatchingOptions | Non
 # ---- the file -------------------------------------------------------------------------------------
 
 
-def load_model_config(path: str | Path, *, batching: BatchingOptions | None = None) -> ServerConfig:
+_DEFAULT: Any = object()
+
+
+def load_model_config(path: str | Path, *, batching: BatchingOptions | None = _DEFAULT) -> ServerConfig:
     """Read a model config file, textproto or YAML/JSON (see the module docstring).
 
     Args:
-        batching: what a textproto's models (and YAML models saying `batching: true`) are batched with:
-            TF Serving's config has no per-model batching, the server's flags decide. Default: ctrflow's
-            BatchingOptions().
+        batching: what a textproto's models are batched with (TF Serving's config has no per-model
+            batching: the server's flags decide; None: no batching), and YAML models that say
+            `batching: true` or nothing. Default: ctrflow's BatchingOptions().
     """
     from ctrflow.configfile import parse_config_text
 
@@ -203,7 +206,7 @@ def load_model_config(path: str | Path, *, batching: BatchingOptions | None = No
         raise ConfigError(f"{p}: no such model config file.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read the model config file ({getattr(e, 'strerror', None) or e}).") from None
-    default = batching if batching is not None else BatchingOptions()
+    default = BatchingOptions() if batching is _DEFAULT else batching
     digest = hashlib.sha256(text.encode()).hexdigest()
     names: list[str]
     if p.suffix.lower() in _YAML_SUFFIXES:
@@ -224,9 +227,9 @@ def load_model_config(path: str | Path, *, batching: BatchingOptions | None = No
     return ServerConfig(tuple(specs), tuple(rollouts), str(p), fmt, digest)
 
 
-def config_from_request(request: Any, *, batching: BatchingOptions | None = None) -> ServerConfig:
+def config_from_request(request: Any, *, batching: BatchingOptions | None = _DEFAULT) -> ServerConfig:
     """gRPC `ReloadConfigRequest` → ServerConfig (relative base paths: relative to the working folder)."""
-    specs = specs_from_proto(request.config, base_dir=Path.cwd(), batching=batching or BatchingOptions(),
+    specs = specs_from_proto(request.config, base_dir=Path.cwd(), batching=BatchingOptions() if batching is _DEFAULT else batching,
                              source="ReloadConfigRequest")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -242,7 +245,7 @@ class ConfigWatcher:
     """
 
     def __init__(self, path: str | Path, apply: Callable[[ServerConfig], None], poll_s: float, *,
-                 batching: BatchingOptions | None = None, current: ServerConfig | None = None) -> None:
+                 batching: BatchingOptions | None = _DEFAULT, current: ServerConfig | None = None) -> None:
         if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or not poll_s > 0:
             raise ConfigError(f"The 'model_config_file_poll_wait_seconds' must be a number > 0. Got {poll_s!r} instead.")
         self.path = Path(path)
@@ -364,3 +367,14 @@ def parse_batching_parameters(path: str | Path) -> BatchingOptions:
                                num_batch_threads=int(threads), max_enqueued=int(max(batches, 1) * size))
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+def apply_config(manager: Any, config: ServerConfig) -> None:
+    """Put a parsed config in force on a running `ModelManager`: its models, then its rollouts."""
+    from ctrflow.serving.rollout import RolloutSet, parse_rollouts
+
+    base_dir = Path(config.source).parent if config.source and config.format == "yaml" else None
+    rollouts = parse_rollouts(config.rollouts, [s.name for s in config.models], source=config.source or "model config",
+                              base_dir=base_dir)
+    manager.reconfigure(config.models)
+    manager.set_rollouts(RolloutSet(rollouts))

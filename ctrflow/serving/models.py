@@ -258,6 +258,10 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()  # one scan at a time (watcher thread or poll_once)
         self._closers: list[threading.Thread] = []
+        from ctrflow.serving.rollout import RolloutSet
+
+        # Traffic splits, shadows and request logs in force (`set_rollouts`; from the model config).
+        self.rollouts = RolloutSet()
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -269,9 +273,16 @@ class ModelManager:
             self._thread.start()
         return self
 
+    def set_rollouts(self, rollouts: Any) -> None:
+        """Put a `RolloutSet` in force (config load or reload); the previous one's logs are flushed."""
+        old, self.rollouts = self.rollouts, rollouts
+        if old is not rollouts:
+            old.close()
+
     def close(self) -> None:
         """Stop watching, then close every version (queued requests are computed first). Idempotent."""
         self._stop.set()
+        self.rollouts.close()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self._options.poll_interval_s * 2 + 60))
         with self._lock:

@@ -129,6 +129,7 @@ class RestRoutes:
             "/monitoring/prometheus/metrics": ("GET", self._metrics),
             "/healthz": ("GET", self._healthz), "/v1/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz), "/v1/readyz": ("GET", self._readyz),
+            "/v1/rollouts": ("GET", self._rollouts),
         }
 
     async def handle(self, request: RestRequest) -> RestResponse:
@@ -150,7 +151,11 @@ class RestRoutes:
                         raise RequestError(f"Unknown method ':{target.verb}'; this server answers "
                                            f"{', '.join(':' + v for v in self.model_verbs)}.", 404)
                     handler, protocol = entry
-                    response = await handler(request, target)
+                    rollout = self.manager.rollouts.get(target.name) if target.version is None and target.label is None else None
+                    if rollout is not None:
+                        response = await self._rollout(handler, request, target, rollout)
+                    else:
+                        response = await handler(request, target)
                     rows = getattr(response, "rows", 0)
                 else:
                     if request.method != "GET":
@@ -223,7 +228,10 @@ class RestRoutes:
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
-        return _Predicted(200, encode_json_response(outputs, fmt), JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        answer = _Predicted(200, encode_json_response(outputs, fmt), JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        if fast and parsed.signature == "serving_default":  # what a shadow compares and a request log keeps
+            answer.probabilities, answer.features, answer.predictor = outputs.get("probabilities"), parsed.features, predictor
+        return answer
 
     async def _score_outputs(self, predictor: Any, features: Mapping[str, Any], timeout_ms: float | None) -> dict[str, np.ndarray]:
         if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor that scores probabilities only
@@ -261,7 +269,48 @@ class RestRoutes:
             payload, out_type = np.ascontiguousarray(scores, dtype="<f4").tobytes(), b"application/octet-stream"
         else:
             payload, out_type = scores_json("outputs", scores), JSON
-        return _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        answer = _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        answer.probabilities, answer.features, answer.predictor = scores, features, predictor
+        return answer
+
+    # ---- rollouts: split, shadow, log (ctrflow.serving.rollout) ------------------------------------------
+
+    async def _rollout(self, handler: Handler, request: RestRequest, target: ModelTarget, rollout: Any) -> RestResponse:
+        from ctrflow.serving.rollout import choose_arm
+
+        rollouts = self.manager.rollouts
+        key = rollouts.key_of(rollout, request.headers, _key_features(rollout, request))
+        arm = choose_arm(rollout.arms, key)
+        started = time.perf_counter()
+        try:
+            response = await handler(request, ModelTarget(arm.model, arm.version, target.tail, target.verb, arm.label))
+        except BaseException:
+            rollouts.record(rollout, arm, 0, time.perf_counter() - started, False)
+            raise
+        rows = getattr(response, "rows", 0)
+        rollouts.record(rollout, arm, rows, time.perf_counter() - started, response.status == 200)
+        response.headers.append((b"x-rollout-arm", arm.key.encode()))
+        served = getattr(response, "probabilities", None)
+        if served is not None and rollouts.shadow_slot(rollout, key):
+            shadow = rollout.shadow
+            asyncio.get_running_loop().create_task(self._shadow(handler, request, target, rollout, shadow, served))
+        if served is not None:
+            rollouts.maybe_log(rollout, key, response.predictor, response.features, served, request.headers.get("x-request-id"))
+        return response
+
+    async def _shadow(self, handler: Handler, request: RestRequest, target: ModelTarget, rollout: Any, shadow: Any,
+                      served: np.ndarray) -> None:
+        """Score the same request on the shadow model after the answer left; never raises."""
+        got = None
+        try:
+            answer = await handler(request, ModelTarget(shadow.model, shadow.version, target.tail, target.verb, shadow.label))
+            got = getattr(answer, "probabilities", None)
+        except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer
+            log.debug("shadow %s of rollout %s failed: %s", shadow.model, rollout.name, e)
+        self.manager.rollouts.shadow_done(rollout, served, got)
+
+    async def _rollouts(self, request: RestRequest) -> RestResponse:
+        return RestResponse.json(200, {"rollouts": self.manager.rollouts.stats()})
 
     def _check_rows(self, rows: int) -> None:
         if rows > self.max_rows_per_request:
@@ -311,11 +360,32 @@ class RestRoutes:
 
 
 class _Predicted(RestResponse):
-    """A predict answer that also says how many candidates it scored (for the metrics)."""
+    """A predict answer that also says how many candidates it scored (for the metrics) and, for
+    rollouts, the served probabilities, the features and the predictor (shadow and request log)."""
 
     def __init__(self, status: int, body: bytes, content_type: bytes, headers: list[tuple[bytes, bytes]], rows: int) -> None:
         super().__init__(status, body, content_type, headers)
         self.rows = rows
+        self.probabilities: np.ndarray | None = None
+        self.features: Mapping[str, Any] | None = None
+        self.predictor: Any = None
+
+
+def _key_features(rollout: Any, request: RestRequest) -> Mapping[str, Any] | None:
+    """For a rollout keyed by a feature: {feature: [first candidate's value]} from a JSON body."""
+    if not rollout.key_feature or not request.headers.get("content-type", "application/json").startswith("application/json"):
+        return None
+    try:
+        doc = json.loads(request.body)
+        if isinstance(doc.get("instances"), list) and doc["instances"] and isinstance(doc["instances"][0], dict):
+            return {rollout.key_feature: [doc["instances"][0].get(rollout.key_feature)]}
+        if isinstance(doc.get("inputs"), dict):
+            return {rollout.key_feature: list(doc["inputs"].get(rollout.key_feature) or [])[:1]}
+        if isinstance(doc.get("columns"), list) and rollout.key_feature in doc["columns"]:
+            return {rollout.key_feature: list(doc["data"][doc["columns"].index(rollout.key_feature)])[:1]}
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None
+    return None
 
 
 def _outputs_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> dict[str, np.ndarray]:
