@@ -51,7 +51,8 @@ def run_once(source: Path, *, swap_at_s: float | None, rate: float, candidates: 
         _publish(source, base, 1)
         cmd = [sys.executable, "-m", "ctrflow", "serve", "--model-base-path", str(base), "--port", "0",
                "--poll-interval-s", "0.5", "--json", "--quiet", *extra_flags]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=tmp,  # cwd: not this checkout on sys.path
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         try:
             line = proc.stdout.readline()
             if not line:

@@ -5,11 +5,15 @@ Routes see a decoded `RestRequest` (method, path, lower-cased headers, the whole
 change without touching them. Endpoints (NAME: a served model; `/versions/V` may follow NAME):
 
     POST /v1/models/NAME:predict            {"instances": [{"C1": "68fd1e64", "I1": 3, ...}, ...]}
-                                            → {"predictions": [p, ...]}
-                                            {"inputs": {"C1": [...], "I1": [...]}} → {"outputs": [p, ...]}
+                                            → {"predictions": [{"logits": l, "probabilities": p}, ...]}
+                                            {"inputs": {"C1": [...], "I1": [...]}}
+                                            → {"outputs": {"logits": [...], "probabilities": [...]}}
+                                            (TF Serving's shapes for the signature called: see
+                                            `ctrflow.serving.tfserving`; `/labels/L` pins a labelled version)
     POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`)
     GET  /v1/models/NAME                    {"model_version_status": [{"version": "3", "state": "AVAILABLE", ...}]}
-    GET  /v1/models/NAME/metadata           input names and kinds
+    GET  /v1/models/NAME/metadata           the version's SignatureDefMap (TF Serving's JSON)
+    GET  /v1/rollouts                       per-arm and shadow figures of the rollouts in force
     GET  /metrics, /monitoring/prometheus/metrics   Prometheus text format
     GET  /healthz                           200 while the process serves
     GET  /readyz                            200 once every model has a version loaded, else 503
