@@ -92,6 +92,9 @@ class LoadOptions:
     distinct_bodies: int = 256
     # Seconds to wait for in-flight requests after the last arrival, > 0.
     drain_s: float = 10.0
+    # With `url`: the pid of that server when it runs on this machine; its CPU is then read from the
+    # OS (psutil) instead of its /metrics. None: from /metrics.
+    server_pid: int | None = None
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.model_base_path is None):
@@ -381,11 +384,23 @@ class _HttpPool:
         self._idle.clear()
 
 
+async def _read_to_eof(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Everything until the server closes (it was asked to: Connection: close), at most `limit` bytes."""
+    parts, total = [], 0
+    while total < limit:  # bounded by limit (and by the caller's timeout)
+        part = await reader.read(limit - total)
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
 async def _http_get(host: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(64 << 20), timeout_s)
+        data = await asyncio.wait_for(_read_to_eof(reader, 64 << 20), timeout_s)
     finally:
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
@@ -396,7 +411,10 @@ def _scrape(url: str, model: str) -> dict[str, float]:
     from ctrflow.serving.metrics import parse_metrics
 
     parts = urllib.parse.urlsplit(url)
-    status, body = asyncio.run(_http_get(parts.hostname, parts.port, "/metrics"))
+    try:
+        status, body = asyncio.run(_http_get(parts.hostname, parts.port, "/metrics", timeout_s=30.0))
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return {}  # figures from the server's metrics are then missing (NaN), the run's own are kept
     if status != 200:
         return {}
     samples = parse_metrics(body.decode())
@@ -678,7 +696,7 @@ def run_load(options: LoadOptions) -> LoadReport:
         data = _sample_data(options, features, schema, Path(tmp))
         bodies = _bodies(options, data, features)
         if options.url is not None:
-            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, None)
+            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, options.server_pid)
             results.append(_result("server", options, tally, wall, server=server))
             return LoadReport(_options_dict(options), results)
         name = options.model_name or Path(options.model_base_path).resolve().name

@@ -10,12 +10,18 @@ DT_STRING for categoricals, DT_FLOAT/DT_DOUBLE (or integer types) for numerics, 
 shape [n]; it answers `outputs["probabilities"]` float32 [n]. Errors map to gRPC codes: NOT_FOUND
 (model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE (queue full, not ready: retry),
 DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged).
+
+The server is `grpc.aio` on the REST server's event loop: a Predict call awaits the batcher's future
+(`apredict`), so any number of concurrent gRPC calls share one batch and cost no thread each; unbatched
+models compute on the server's worker pool. `start()`/`stop()` are coroutines run on that loop.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -37,6 +43,7 @@ _STATE = {"START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 5
 def _import_apis() -> Any:
     try:
         import grpc
+        import grpc.aio  # noqa: F401 - the server is grpc.aio
         from tensorflow_serving.apis import (
             get_model_metadata_pb2,
             get_model_status_pb2,
@@ -102,58 +109,64 @@ def array_to_tensor(values: np.ndarray, tensor: Any) -> None:
 
 
 class GrpcServer:
-    """PredictionService + ModelService over a `ModelManager`; started and stopped by the REST `Server`."""
+    """PredictionService + ModelService over a `ModelManager` on grpc.aio; started and stopped by `Server`."""
 
     def __init__(self, manager: ModelManager, metrics: ServingMetrics, *, host: str = "127.0.0.1", port: int = 8500,
-                 workers: int = 8, default_timeout_ms: float | None = None, max_rows: int = 100_000,
+                 pool: Executor | None = None, default_timeout_ms: float | None = None, max_rows: int = 100_000,
                  max_message_bytes: int = 8 << 20) -> None:
-        (self._grpc, self._predict_pb2, svc_grpc, self._meta_pb2, self._status_pb2, model_svc_grpc) = _import_apis()
+        (self._grpc, self._predict_pb2, self._svc_grpc, self._meta_pb2, self._status_pb2, self._model_svc_grpc) = _import_apis()
         self._manager = manager
         self._metrics = metrics
         self._host = host
         self._port = port
+        self._pool = pool
         self._default_timeout_ms = default_timeout_ms
         self._max_rows = max_rows
-        grpc = self._grpc
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctrflow-grpc"),
-            options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)],
-        )
+        self._max_message_bytes = max_message_bytes
+        self._server: Any = None
+
+    async def start(self) -> int:
+        """Bind and start on the running loop; returns the port (useful with port 0)."""
+        import grpc.aio
+
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", self._max_message_bytes),
+                                                ("grpc.max_send_message_length", self._max_message_bytes)])
         outer = self
 
-        class Prediction(svc_grpc.PredictionServiceServicer):
-            def Predict(self, request, context):  # noqa: N802 - the proto's name
-                return outer._predict(request, context)
+        class Prediction(self._svc_grpc.PredictionServiceServicer):
+            async def Predict(self, request, context):  # noqa: N802 - the proto's name
+                return await outer._predict(request, context)
 
-            def GetModelMetadata(self, request, context):  # noqa: N802
-                return outer._metadata(request, context)
+            async def GetModelMetadata(self, request, context):  # noqa: N802
+                return await outer._metadata(request, context)
 
-        class Models(model_svc_grpc.ModelServiceServicer):
-            def GetModelStatus(self, request, context):  # noqa: N802
-                return outer._status(request, context)
+        class Models(self._model_svc_grpc.ModelServiceServicer):
+            async def GetModelStatus(self, request, context):  # noqa: N802
+                return await outer._status(request, context)
 
-            def HandleReloadConfigRequest(self, request, context):  # noqa: N802
-                return outer._reload(request, context)
+            async def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+                return await outer._reload(request, context)
 
-        svc_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
-        model_svc_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
-
-    def start(self) -> int:
-        """Bind and start; returns the port (useful with port 0)."""
+        self._svc_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
+        self._model_svc_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
         address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
-        port = self._server.add_insecure_port(address)
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
             raise ConfigError(f"Cannot listen for gRPC on {address}: the port is taken or the address is not local.")
-        self._server.start()
+        await self._server.start()
         return port
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        self._server.stop(grace_s).wait(grace_s + 1)
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new calls, let in-flight ones finish for up to `grace_s`, then cancel the rest."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
 
     # ---- handlers -----------------------------------------------------------------------------------
 
-    def _abort(self, context: Any, error: BaseException) -> None:
+    async def _abort(self, context: Any, error: BaseException) -> None:
         codes = self._grpc.StatusCode
         if isinstance(error, ModelNotFoundError):
             code = codes.NOT_FOUND
@@ -166,11 +179,11 @@ class GrpcServer:
         elif isinstance(error, CtrflowError):
             code = codes.UNAVAILABLE
         else:
-            log.exception("internal error in gRPC Predict", exc_info=error)
+            log.error("internal error in gRPC Predict", exc_info=error)
             code = codes.INTERNAL
-        context.abort(code, str(error) if code != codes.INTERNAL else f"Internal error ({type(error).__name__}).")
+        await context.abort(code, str(error) if code != codes.INTERNAL else f"Internal error ({type(error).__name__}).")
 
-    def _predict(self, request: Any, context: Any) -> Any:
+    async def _predict(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         name = request.model_spec.name
         code, rows = "OK", 0
@@ -182,25 +195,37 @@ class GrpcServer:
             output_filter = list(request.output_filter)
             remaining = context.time_remaining()
             timeout_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
-            with self._manager.lease(name, version, label) as predictor:
+            loaded = self._manager.acquire(name, version, label)
+            try:
+                predictor = loaded.predictor
                 if signature == "serving_default" and getattr(predictor, "kind", "ctrflow") == "ctrflow":
                     features = self._features(request.inputs, predictor)
                     rows = len(next(iter(features.values())))
                     if rows > self._max_rows:
                         raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
-                    outputs = predictor.predict_outputs(features, timeout_ms=timeout_ms, output_filter=output_filter)
+                    if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor: probabilities only
+                        outputs = {"probabilities": await predictor.apredict(features, timeout_ms=timeout_ms)}
+                    elif getattr(predictor, "batcher", None) is not None:
+                        outputs = await predictor.apredict_outputs(features, timeout_ms=timeout_ms, output_filter=output_filter)
+                    else:
+                        outputs = await asyncio.get_running_loop().run_in_executor(
+                            self._pool, functools.partial(predictor.predict_outputs, features, output_filter=output_filter))
                 else:
                     inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
                     rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
                     if rows > self._max_rows:
                         raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                    outputs = predictor.run(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
-                used = predictor.version
+                    outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
+                used = loaded.version
+            finally:
+                self._manager.release(loaded)
             # Typed *_val fields, as TF Serving's default AsProtoField serialization fills them.
             return predict_response(name, used, signature, outputs)
+        except self._grpc.aio.AbortError:
+            raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             code = type(e).__name__
-            self._abort(context, e)
+            await self._abort(context, e)
         finally:
             label_ = name if name in self._manager.model_names else "_unknown"  # bounded label values
             self._metrics.observe(label_, "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
@@ -229,17 +254,19 @@ class GrpcServer:
             raise _Invalid("no candidates to score (empty inputs).")
         return out
 
-    def _metadata(self, request: Any, context: Any) -> Any:
+    async def _metadata(self, request: Any, context: Any) -> Any:
         try:
             spec = request.model_spec
             version = spec.version.value if spec.HasField("version") else None
             with self._manager.lease(spec.name, version, spec.version_label or None) as predictor:
                 # The version's true SignatureDefMap, read from its saved_model.pb.
                 return metadata_response(spec.name, predictor.version, predictor.signature_defs, list(request.metadata_field))
+        except self._grpc.aio.AbortError:
+            raise
         except Exception as e:  # noqa: BLE001
-            self._abort(context, e)
+            await self._abort(context, e)
 
-    def _reload(self, request: Any, context: Any) -> Any:
+    async def _reload(self, request: Any, context: Any) -> Any:
         """ModelService.HandleReloadConfigRequest: serve the request's model_config_list from now on."""
         from tensorflow_serving.apis import model_management_pb2
 
@@ -247,12 +274,15 @@ class GrpcServer:
 
         try:
             config = config_from_request(request)
-            self._manager.reconfigure(config.models)
+            # Loading the new models blocks: off the event loop, which keeps answering meanwhile.
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._manager.reconfigure, config.models)
             return model_management_pb2.ReloadConfigResponse()
+        except self._grpc.aio.AbortError:
+            raise
         except Exception as e:  # noqa: BLE001
-            self._abort(context, e)
+            await self._abort(context, e)
 
-    def _status(self, request: Any, context: Any) -> Any:
+    async def _status(self, request: Any, context: Any) -> Any:
         try:
             name = request.model_spec.name
             version = request.model_spec.version.value if request.model_spec.HasField("version") else None
@@ -267,4 +297,4 @@ class GrpcServer:
                 entry.status.error_message = s.error_message
             return response
         except Exception as e:  # noqa: BLE001
-            self._abort(context, e)
+            await self._abort(context, e)

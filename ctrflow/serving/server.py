@@ -18,7 +18,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
-from ctrflow.serving.metrics import ServingMetrics
+from ctrflow.serving.metrics import CONTENT_TYPE, ModelCollector, ServingMetrics, collector
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
 
@@ -66,7 +66,18 @@ class ServeOptions:
     default_timeout_ms: float | None = None
     # Seconds an idle keep-alive connection stays open, > 0. Default 75.
     keep_alive_timeout_s: float = 75.0
-    # Threads computing unbatched requests (and gRPC handler threads), >= 1. Default 8.
+    # Seconds from a request's first byte to the end of its head, > 0; later: 408 and close. Default 10.
+    head_timeout_s: float = 10.0
+    # Seconds from the end of a request's head to the end of its body, > 0; later: 408 and close. Default 30.
+    body_timeout_s: float = 30.0
+    # Seconds a client may leave our answer unread (write buffer full) before its connection is dropped, > 0.
+    drain_timeout_s: float = 30.0
+    # Open HTTP connections at most, >= 1; one more is answered 503 and closed. Default 1000.
+    max_connections: int = 1000
+    # Request-body bytes buffered at once over all connections (requests read, not yet answered),
+    # >= max_body_bytes; a request that would pass it gets 503 (retry). Default 256 MiB.
+    max_buffered_body_bytes: int = 256 << 20
+    # Threads computing unbatched requests (REST and gRPC), >= 1. Default 8.
     worker_threads: int = 8
 
     def __post_init__(self) -> None:
@@ -87,7 +98,9 @@ class ServeOptions:
         _check_int("max_header_bytes", self.max_header_bytes, 1024)
         _check_int("max_rows_per_request", self.max_rows_per_request, 1)
         _check_int("worker_threads", self.worker_threads, 1)
-        for name in ("keep_alive_timeout_s", "poll_interval_s"):
+        _check_int("max_connections", self.max_connections, 1)
+        _check_int("max_buffered_body_bytes", self.max_buffered_body_bytes, self.max_body_bytes)
+        for name in ("keep_alive_timeout_s", "poll_interval_s", "head_timeout_s", "body_timeout_s", "drain_timeout_s"):
             _check_positive(name, getattr(self, name))
         if self.default_timeout_ms is not None:
             _check_positive("default_timeout_ms", self.default_timeout_ms)
@@ -141,10 +154,11 @@ class Server:
         from ctrflow.serving.http import HttpTransport
 
         self._http = HttpTransport(options, self.routes.handle)
+        self.metrics.add_collector(ModelCollector(self.manager.gauges, self.manager.ready))
+        self.metrics.add_collector(collector(self._http.collect))
 
     def _render_metrics(self) -> tuple[bytes, bytes]:
-        text = self.metrics.render(self.manager.gauges(), ready=self.manager.ready())
-        return text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
+        return self.metrics.render(), CONTENT_TYPE
 
     @property
     def url(self) -> str:
@@ -166,9 +180,9 @@ class Server:
 
             try:
                 self._grpc = GrpcServer(self.manager, self.metrics, host=self.options.host, port=self.options.grpc_port,
-                                        workers=self.options.worker_threads, default_timeout_ms=self.options.default_timeout_ms,
+                                        pool=self._pool, default_timeout_ms=self.options.default_timeout_ms,
                                         max_rows=self.options.max_rows_per_request)
-                self.grpc_port = self._grpc.start()
+                self.grpc_port = self._http.run(self._grpc.start())  # on the serving loop, beside REST
             except BaseException:
                 self.stop()
                 raise
@@ -182,7 +196,10 @@ class Server:
             return
         self._stopped.set()
         if self._grpc is not None:
-            self._grpc.stop(grace_s)
+            try:
+                self._http.run(self._grpc.stop(grace_s), timeout_s=grace_s + 5)
+            except Exception:  # noqa: BLE001 - stopping regardless
+                log.exception("the gRPC server did not stop cleanly")
         self._http.stop(grace_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.manager.close()

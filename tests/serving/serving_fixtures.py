@@ -151,3 +151,54 @@ def plain_saved_model(base: Path, version: int = 1, *, with_signature: bool = Tr
     tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve} if with_signature else {})
     tmp.rename(path)
     return path
+
+
+class SlowPredictor:
+    """A stand-in model behind a real batcher: each compute call waits on a gate (for 503/504 tests)."""
+
+    def __init__(self, max_enqueued: int = 2, max_batch_size: int = 2) -> None:
+        import threading
+
+        import numpy as np
+
+        from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
+
+        self._np = np
+        self.version = 1
+        self.categorical_names, self.numeric_names = ("C1",), ("I1",)
+        self.feature_names = ("C1", "I1")
+        self.gate = threading.Event()
+        self.batcher = AutoBatcher(self._compute, BatchingOptions(max_batch_size=max_batch_size, batch_timeout_ms=0,
+                                                                   max_enqueued=max_enqueued),
+                                   name="slow")
+
+    def _compute(self, inputs):
+        self.gate.wait(10)
+        return self._np.full(len(inputs["I1"]), 0.5, self._np.float32)
+
+    async def apredict(self, features, *, timeout_ms=None):
+        return await self.batcher.apredict({"I1": self._np.asarray(features["I1"], self._np.float64)}, timeout_ms=timeout_ms)
+
+    def warmup(self):
+        pass
+
+    def stats(self):
+        return self.batcher.stats().to_dict()
+
+    def close(self):
+        self.gate.set()
+        self.batcher.close()
+
+
+def slow_server(tmp_path: Path, slow: SlowPredictor, **options):
+    """A real `Server` whose one model 'm' (version 1) is `slow`; options go to ServeOptions."""
+    from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec
+    from ctrflow.serving.server import ServeOptions, Server
+
+    version = tmp_path / "m" / "1"
+    (version / "variables").mkdir(parents=True, exist_ok=True)
+    for name in ("saved_model.pb", "ctrflow.json"):
+        (version / name).write_text("{}")
+    manager = ModelManager([ModelSpec("m", str(tmp_path / "m"))], ManagerOptions(), loader=lambda *a: slow)
+    opts = ServeOptions(model_base_path=str(tmp_path / "m"), port=0, poll_interval_s=3600, **options)
+    return Server(opts, manager=manager).start()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +106,34 @@ def test_metadata_and_status(live, channel):
     request.model_spec.name = "ctr"
     response = status_stub.GetModelStatus(request, timeout=30)
     assert [(s.version, s.state) for s in response.model_version_status] == [(2, 30), (1, 30)]
+
+
+def test_many_concurrent_calls_share_one_batch(tmp_path):
+    """grpc.aio awaits the batcher: 40 calls in flight at once wait in one queue (a thread per call capped it at 8)."""
+    import tensorflow as tf
+
+    slow = sf.SlowPredictor(max_enqueued=1000, max_batch_size=1000)
+    server = sf.slow_server(tmp_path, slow, grpc_port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "m"
+        request.inputs["C1"].CopyFrom(tf.make_tensor_proto(["a"], tf.string))
+        request.inputs["I1"].CopyFrom(tf.make_tensor_proto([1.0], tf.float32))
+        first = stub.Predict.future(request, timeout=30)  # held inside compute by the gate
+        deadline = time.monotonic() + 10
+        while slow.batcher.stats().requests < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest = [stub.Predict.future(request, timeout=30) for _ in range(40)]
+        while slow.batcher.stats().rows_enqueued < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.batcher.stats().rows_enqueued == 40
+        slow.gate.set()
+        answers = [f.result() for f in [first, *rest]]
+        assert all(tf.make_ndarray(a.outputs["probabilities"]).tolist() == [0.5] for a in answers)
+        assert slow.batcher.stats().compute_calls == 2  # the first call, then all 40 in one batch
+    finally:
+        channel.close()
+        server.stop()
+        slow.close()

@@ -133,7 +133,7 @@ def test_oversized_body_is_refused_with_413_before_it_is_read(live):
     with socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
         s.sendall(b"POST /v1/models/ctr:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
         reply = s.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 413 ") and b"max_body_bytes" in reply and b"Connection: close" in reply
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"max_body_bytes" in reply and b"connection: close" in reply.lower()
 
 
 def test_too_many_rows_get_413_and_odd_methods_and_headers_get_their_codes(live, rows, client):
@@ -163,9 +163,9 @@ def test_keep_alive_pipelining_chunked_bodies_and_expect_continue(live, rows):
         s.sendall(one + one + chunked)  # three requests in one write
         data = b""
         deadline = time.monotonic() + 10
-        while data.count(b"HTTP/1.1 200 OK") < 3 and time.monotonic() < deadline:
+        while data.count(b'{"predictions"') < 3 and time.monotonic() < deadline:
             data += s.recv(65536)
-        assert data.count(b"HTTP/1.1 200 OK") == 3 and b"Connection: close" not in data
+        assert data.count(b"HTTP/1.1 200 OK") == 3 and b"connection: close" not in data.lower()
         s.sendall(b"POST /v1/models/ctr:predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body))
         assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue")
@@ -177,10 +177,11 @@ def test_metrics_health_and_readiness(live, rows, client):
     client.post("/v1/models/ctr:predict", {"instances": rows[:7]})
     status, headers, body = client.get("/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert client.get("/monitoring/prometheus/metrics")[0] == 200  # TF Serving's path
     samples = parse_metrics(body.decode())
-    assert samples['ctrflow_requests_total{model="ctr",protocol="rest",code="200"}'] >= 1
+    assert samples['ctrflow_requests_total{code="200",model="ctr",protocol="rest"}'] >= 1
     assert samples['ctrflow_request_duration_seconds_count{model="ctr",protocol="rest"}'] >= 1
-    assert samples['ctrflow_request_duration_seconds_bucket{model="ctr",protocol="rest",le="+Inf"}'] >= 1
+    assert samples['ctrflow_request_duration_seconds_bucket{le="+Inf",model="ctr",protocol="rest"}'] >= 1
     assert samples['ctrflow_predictions_total{model="ctr"}'] >= 7
     assert samples['ctrflow_batcher_compute_calls_total{model="ctr"}'] >= 1
     assert 'ctrflow_batcher_queue_depth_rows{model="ctr"}' in samples
@@ -188,47 +189,18 @@ def test_metrics_health_and_readiness(live, rows, client):
     assert samples['ctrflow_batch_size_rows_count{model="ctr"}'] >= 1
     assert samples['ctrflow_model_latest_version{model="ctr"}'] == 2
     assert samples["process_cpu_seconds_total"] > 0 and samples["ctrflow_ready"] == 1
+    import psutil  # the process's own start, not when a registry was made
+
+    assert abs(samples["process_start_time_seconds"] - psutil.Process().create_time()) < 2
+    assert samples["ctrflow_http_connections"] >= 1 and "ctrflow_http_buffered_body_bytes" in samples
     assert client.get("/healthz")[0] == 200
     status, _, body = client.get("/readyz")
     assert status == 200 and json.loads(body)["ready"] is True
 
 
-class _SlowPredictor:
-    """A stand-in model behind a real batcher: each compute call waits on a gate (for 503/504 tests)."""
-
-    def __init__(self) -> None:
-        self.version = 1
-        self.categorical_names, self.numeric_names = ("C1",), ("I1",)
-        self.feature_names = ("C1", "I1")
-        self.gate = threading.Event()
-        self.batcher = AutoBatcher(self._compute, BatchingOptions(max_batch_size=2, batch_timeout_ms=0, max_enqueued=2),
-                                   name="slow")
-
-    def _compute(self, inputs):
-        self.gate.wait(10)
-        return np.full(len(inputs["I1"]), 0.5, np.float32)
-
-    async def apredict(self, features, *, timeout_ms=None):
-        return await self.batcher.apredict({"I1": np.asarray(features["I1"], np.float64)}, timeout_ms=timeout_ms)
-
-    def warmup(self):
-        pass
-
-    def stats(self):
-        return self.batcher.stats().to_dict()
-
-    def close(self):
-        self.gate.set()
-        self.batcher.close()
-
-
 def test_queue_full_is_503_and_a_passed_deadline_is_504(tmp_path):
-    slow = _SlowPredictor()
-    (tmp_path / "m" / "1" / "variables").mkdir(parents=True)
-    for name in ("saved_model.pb", "ctrflow.json"):
-        (tmp_path / "m" / "1" / name).write_text("{}")
-    manager = ModelManager([ModelSpec("m", str(tmp_path / "m"))], ManagerOptions(), loader=lambda *a: slow)
-    server = Server(ServeOptions(model_base_path=str(tmp_path / "m"), port=0, poll_interval_s=3600), manager=manager).start()
+    slow = sf.SlowPredictor()
+    server = sf.slow_server(tmp_path, slow)
     try:
         body = {"instances": [{"C1": "a", "I1": 1.0}, {"C1": "b", "I1": 2.0}]}
         results = {}

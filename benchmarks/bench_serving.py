@@ -1,0 +1,192 @@
+"""The REST front end: today's stack vs the candidates, at the same offered load, in one run.
+
+Stacks, each a server in its own child process (so its CPU is measured alone, from the OS):
+- `old`: the hand-framed HTTP/1.1 on asyncio streams, from git history (`--old-ref`, default the
+  commit before the transport change), extracted with `git archive` into a temporary folder;
+- `uvicorn`: ctrflow's server as it is (uvicorn + httptools under a bare ASGI app, strict framing);
+- `aiohttp`: the same routes under aiohttp's server (a bench-only adapter, defined here).
+Each gets the same open-loop Poisson schedule (same seed) of 100-candidate requests, binary columnar
+then JSON `instances`, from `ctrflow.bench.loadgen`. Reported: p50/p99 latency, CPU µs per prediction.
+
+Usage: python benchmarks/bench_serving.py [--model-base-path DIR] [--columnar-rate 400] [--json-rate 100]
+       [--duration-s 8] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2]
+Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
+Prints a table, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+OLD_REF = "54512f2"  # the last commit with the hand-framed server (ctrflow/serving/http.py on asyncio streams)
+
+
+def build_model(root: Path) -> Path:
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.export import export
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.schema import PRESETS
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import train
+
+    generate(root / "train.csv", GenerateOptions(rows=20_000, seed=5))
+    convert(root / "train.csv", root / "shards", schema=PRESETS["synthetic"].capped(1 << 16), options=ConvertOptions(workers=1))
+    train(root / "shards", root / "run", TrainConfig(model=ModelConfig("fm", embedding_dim=8), batch_size=1024, max_steps=30))
+    export(root / "run", root / "models" / "ctr")
+    return root / "models" / "ctr"
+
+
+class Child:
+    """A server in a child process that prints `CTRFLOW_PORT n` and stops when its stdin closes."""
+
+    def __init__(self, argv: list[str], pythonpath: str, timeout_s: float = 180.0) -> None:
+        env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=env, text=True, cwd=pythonpath)
+        self.port = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # bounded by time and by lines printed
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("CTRFLOW_PORT "):
+                self.port = int(line.split()[1])
+                break
+        if self.port is None:
+            self.close()
+            raise RuntimeError(f"{argv}: the child server did not start (exit code {self.proc.poll()})")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(30)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def spec_json(base: Path) -> str:
+    return json.dumps({"model_base_path": str(base), "model_name": "ctr",
+                       "batching": {"max_batch_size": 4096, "batch_timeout_ms": 2.0}})
+
+
+def start_stack(stack: str, base: Path, old_tree: Path | None) -> Child:
+    if stack == "old":
+        return Child([sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", spec_json(base)], str(old_tree))
+    if stack == "uvicorn":
+        return Child([sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", spec_json(base)], str(REPO))
+    if stack == "aiohttp":
+        return Child([sys.executable, str(Path(__file__).resolve()), "--child-aiohttp", spec_json(base)], str(REPO))
+    raise SystemExit(f"unknown stack {stack!r}; use old, uvicorn, aiohttp")
+
+
+def child_aiohttp(spec: str) -> None:
+    """ctrflow's routes and life cycle under aiohttp's server instead of uvicorn (bench only)."""
+    from aiohttp import web
+
+    from ctrflow.serving.batcher import BatchingOptions
+    from ctrflow.serving.rest import RestRequest
+    from ctrflow.serving.server import ServeOptions, Server
+
+    s = json.loads(spec)
+    server = Server(ServeOptions(model_base_path=s["model_base_path"], model_name=s["model_name"], port=0,
+                                 batching=BatchingOptions(**s["batching"]), poll_interval_s=3600.0))
+    server.manager.start()
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        r = await server.routes.handle(RestRequest(request.method, request.path, headers, body, request.query_string))
+        out = web.Response(status=r.status, body=r.body)
+        out.headers["Content-Type"] = r.content_type.decode()
+        for k, v in r.headers:
+            out.headers[k.decode()] = v.decode()
+        return out
+
+    async def main() -> None:
+        app = web.Application(client_max_size=8 << 20)
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        print(f"CTRFLOW_PORT {port}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.manager.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-base-path")
+    ap.add_argument("--stacks", default="old,uvicorn,aiohttp")
+    ap.add_argument("--old-ref", default=OLD_REF)
+    ap.add_argument("--columnar-rate", type=float, default=400.0)
+    ap.add_argument("--json-rate", type=float, default=100.0)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--duration-s", type=float, default=8.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child-aiohttp", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_aiohttp:
+        child_aiohttp(args.child_aiohttp)
+        return
+
+    from ctrflow.bench.loadgen import LoadOptions, run_load
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        tmp = Path(tmp)
+        base = Path(args.model_base_path).resolve() if args.model_base_path else build_model(tmp)
+        stacks = args.stacks.split(",")
+        old_tree = None
+        if "old" in stacks:
+            old_tree = tmp / "old"
+            old_tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.old_ref, "ctrflow"], check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        rows = []
+        for stack in stacks:
+            child = start_stack(stack, base, old_tree)
+            try:
+                for protocol, rate in (("columnar", args.columnar_rate), ("rest", args.json_rate)):
+                    report = run_load(LoadOptions(
+                        url=f"http://127.0.0.1:{child.port}", model_name="ctr", protocol=protocol, rate_rps=rate,
+                        candidates=args.candidates, duration_s=args.duration_s, timeout_ms=100.0, seed=args.seed,
+                        server_pid=child.proc.pid, connections=64))
+                    r = report.results[0]
+                    rows.append({"stack": stack, "protocol": protocol, "rate_rps": rate, "ok": r.ok, "sent": r.sent,
+                                 "p50_ms": r.latency_ms["p50"], "p99_ms": r.latency_ms["p99"],
+                                 "p99.9_ms": r.latency_ms["p99.9"], "errors": r.errors + r.timeouts + r.rejected,
+                                 "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
+                                 "predictions_per_s": r.predictions_per_s})
+            finally:
+                child.close()
+    head = f"{'stack':8s} {'protocol':9s} {'req/s':>6s} {'ok/sent':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'p99.9 ms':>8s} {'errors':>6s} {'CPU µs/pred':>11s}"
+    print(head)
+    for r in rows:
+        print(f"{r['stack']:8s} {r['protocol']:9s} {r['rate_rps']:6.0f} {r['ok']:>5d}/{r['sent']:<5d} {r['p50_ms']:7.2f} "
+              f"{r['p99_ms']:7.2f} {r['p99.9_ms']:8.2f} {r['errors']:6d} {r['cpu_us_per_prediction'] or float('nan'):11.2f}")
+    print(json.dumps({"benchmark": "serving_stacks", "candidates": args.candidates, "duration_s": args.duration_s,
+                      "old_ref": args.old_ref, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
