@@ -318,7 +318,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ctrflow.serving.server import ServeOptions, serve
+    from ctrflow.serving.model_server import start_server
+    from ctrflow.serving.server import ServeOptions
 
     opts = ServeOptions(
         model_base_path=args.model_base_path, model_name=args.model_name, model_config_file=args.model_config,
@@ -328,7 +329,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_rows_per_request=args.max_rows_per_request, default_timeout_ms=args.default_timeout_ms,
         worker_threads=args.worker_threads,
     )
-    server = serve(opts)
+    server, watcher = start_server(opts, config_poll_s=args.model_config_file_poll_wait_seconds or None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -342,6 +343,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         server.stop()
+        if watcher is not None:
+            watcher.close()
     return 0
 
 
@@ -468,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve exported models over REST (TF Serving compatible) and gRPC, with hot reload")
     p.add_argument("--model-base-path", help="MODELS/NAME with integer version folders")
     p.add_argument("--model-name", help="default: the base path's folder name")
-    p.add_argument("--model-config", help="YAML/JSON list of models: {models: [{name, base_path, ...}]}")
+    p.add_argument("--model-config", help="TF Serving's textproto model_config_list, or YAML/JSON {models: [...], rollouts: [...]}")
+    p.add_argument("--model-config-file-poll-wait-seconds", type=float, default=0,
+                   help="re-read --model-config every N seconds (0: never)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--grpc-port", type=int, help="also serve gRPC PredictionService here")

@@ -30,7 +30,7 @@ from ctrflow.data.transforms import field_hash_key
 from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
-__all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name"]
+__all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests"]
 
 EXPORT_INFO = "ctrflow.json"
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
@@ -105,6 +105,48 @@ def _raw_transform(features: dict[str, Any], schema: Schema, boundaries: dict[st
     ids = tf.cast(tf.stack(cols, axis=1), tf.int32)
     numeric = tf.stack(nums, axis=1) if nums else tf.zeros([batch, 0], tf.float32)
     return ids, numeric
+
+
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"  # TF Serving's convention (ctrflow.serving.tfserving)
+WARMUP_BATCH_SIZES = (1, 16, 64)  # small: the file ships in every export (shapes are [None] anyway)
+
+
+def write_warmup_requests(version_dir: str | os.PathLike, schema: Schema, boundaries: dict[str, tuple[float, ...]],
+                          *, batch_sizes: tuple[int, ...] = WARMUP_BATCH_SIZES) -> Path:
+    """Write TF Serving's warmup file: a TFRecord of `PredictionLog` predict requests, one per batch size
+    for `serving_default` plus one for `predict_ids`, that TF Serving and ctrflow's server replay before a
+    version takes traffic. Values cover the schema: tokens and blanks, numerics at every fitted bucket
+    boundary and NaN (missing), so every transform branch runs once. Returns the file's path."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path = Path(version_dir) / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def numeric_column(name: str, n: int) -> np.ndarray:
+        values = [float("nan"), *boundaries.get(name, ()), 0.0]
+        return np.array([values[i % len(values)] for i in range(n)], np.float64)
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for n in batch_sizes:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = "serving_default"
+            for f in schema.categorical:
+                tokens = [b"" if i % 3 == 0 else b"w%d" % i for i in range(n)]
+                request.inputs[input_name(f.name)].CopyFrom(tf.make_tensor_proto(tokens, tf.string, [n]))
+            for f in schema.numeric:
+                request.inputs[input_name(f.name)].CopyFrom(tf.make_tensor_proto(numeric_column(f.name, n), tf.float64, [n]))
+            writer.write(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+        request = predict_pb2.PredictRequest()
+        request.model_spec.signature_name = "predict_ids"
+        n = batch_sizes[min(1, len(batch_sizes) - 1)]
+        request.inputs["ids"].CopyFrom(tf.make_tensor_proto(np.zeros((n, len(schema.id_names)), np.int32), tf.int32))
+        request.inputs["numeric"].CopyFrom(tf.make_tensor_proto(np.zeros((n, len(schema.numeric)), np.float32), tf.float32))
+        writer.write(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+    return path
 
 
 def _slim_tables(model: Any, dtype: str) -> None:
@@ -207,6 +249,7 @@ def export(
             "created_unix": time.time(),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(meta, indent=1))
+        write_warmup_requests(tmp, schema, boundaries)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -435,8 +435,9 @@ def _fetch_features(url: str, model: str) -> _Features:
     if status != 200:
         raise ConfigError(f"{url}: GET /v1/models/{model}/metadata answered {status}: {body[:300]!r}.")
     inputs = json.loads(body)["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
-    cats = tuple(n for n, v in inputs.items() if v.get("kind") == "categorical")
-    nums = tuple(n for n, v in inputs.items() if v.get("kind") == "numeric")
+    # A TF Serving SignatureDef: strings are the categoricals, every other input a numeric.
+    cats = tuple(n for n, v in inputs.items() if v.get("dtype") == "DT_STRING")
+    nums = tuple(n for n, v in inputs.items() if v.get("dtype") != "DT_STRING")
     return _Features(cats, nums)
 
 

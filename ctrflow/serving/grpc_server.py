@@ -18,6 +18,7 @@ models compute on the server's worker pool. `start()`/`stop()` are coroutines ru
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import Executor
@@ -28,6 +29,7 @@ import numpy as np
 from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNotFoundError, QueueFullError, SchemaError
 from ctrflow.serving.metrics import ServingMetrics
 from ctrflow.serving.models import ModelManager, ModelNotReadyError
+from ctrflow.serving.tfserving import InvalidArgument, metadata_response, predict_response, tensor_to_ndarray
 
 __all__ = ["GrpcServer", "grpc_available", "tensor_to_array", "array_to_tensor"]
 
@@ -142,6 +144,9 @@ class GrpcServer:
             async def GetModelStatus(self, request, context):  # noqa: N802
                 return await outer._status(request, context)
 
+            async def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+                return await outer._reload(request, context)
+
         self._svc_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
         self._model_svc_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
         address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
@@ -169,7 +174,7 @@ class GrpcServer:
             code = codes.UNAVAILABLE
         elif isinstance(error, DeadlineExceeded):
             code = codes.DEADLINE_EXCEEDED
-        elif isinstance(error, (SchemaError, ConfigError, _Invalid)):
+        elif isinstance(error, (SchemaError, ConfigError, _Invalid, InvalidArgument)):
             code = codes.INVALID_ARGUMENT
         elif isinstance(error, CtrflowError):
             code = codes.UNAVAILABLE
@@ -183,45 +188,47 @@ class GrpcServer:
         name = request.model_spec.name
         code, rows = "OK", 0
         try:
-            version = request.model_spec.version.value if request.model_spec.HasField("version") else None
-            if request.model_spec.version_label:
-                raise ModelNotFoundError("Version labels are not supported by this server; set model_spec.version.")
-            signature = request.model_spec.signature_name or "serving_default"
-            if signature != "serving_default":
-                raise _Invalid(f"Unknown signature_name {signature!r}; gRPC Predict serves 'serving_default'.")
-            bad_outputs = set(request.output_filter) - {"probabilities"}
-            if bad_outputs:
-                raise _Invalid(f"output_filter names {sorted(bad_outputs)}; this server returns 'probabilities' only.")
+            spec = request.model_spec
+            version = spec.version.value if spec.HasField("version") else None
+            label = spec.version_label or None
+            signature = spec.signature_name or "serving_default"
+            output_filter = list(request.output_filter)
             remaining = context.time_remaining()
             timeout_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
-            loaded = self._manager.acquire(name, version)
+            loaded = self._manager.acquire(name, version, label)
             try:
                 predictor = loaded.predictor
-                features = self._features(request.inputs, predictor)
-                rows = len(next(iter(features.values())))
-                if rows > self._max_rows:
-                    raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
-                if getattr(predictor, "batcher", None) is not None:
-                    scores = await predictor.apredict(features, timeout_ms=timeout_ms)
+                if signature == "serving_default" and getattr(predictor, "kind", "ctrflow") == "ctrflow":
+                    features = self._features(request.inputs, predictor)
+                    rows = len(next(iter(features.values())))
+                    if rows > self._max_rows:
+                        raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
+                    if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor: probabilities only
+                        outputs = {"probabilities": await predictor.apredict(features, timeout_ms=timeout_ms)}
+                    elif getattr(predictor, "batcher", None) is not None:
+                        outputs = await predictor.apredict_outputs(features, timeout_ms=timeout_ms, output_filter=output_filter)
+                    else:
+                        outputs = await asyncio.get_running_loop().run_in_executor(
+                            self._pool, functools.partial(predictor.predict_outputs, features, output_filter=output_filter))
                 else:
-                    scores = await asyncio.get_running_loop().run_in_executor(self._pool, predictor.predict, features)
+                    inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
+                    rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+                    if rows > self._max_rows:
+                        raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
+                    outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
                 used = loaded.version
             finally:
                 self._manager.release(loaded)
-            response = self._predict_pb2.PredictResponse()
-            response.model_spec.name = name
-            response.model_spec.version.value = used
-            response.model_spec.signature_name = "serving_default"
-            array_to_tensor(scores, response.outputs["probabilities"])
-            return response
+            # Typed *_val fields, as TF Serving's default AsProtoField serialization fills them.
+            return predict_response(name, used, signature, outputs)
         except self._grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             code = type(e).__name__
             await self._abort(context, e)
         finally:
-            label = name if name in self._manager.model_names else "_unknown"  # bounded label values
-            self._metrics.observe(label, "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
+            label_ = name if name in self._manager.model_names else "_unknown"  # bounded label values
+            self._metrics.observe(label_, "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
 
     @staticmethod
     def _features(inputs: Any, predictor: Any) -> dict[str, np.ndarray]:
@@ -249,29 +256,29 @@ class GrpcServer:
 
     async def _metadata(self, request: Any, context: Any) -> Any:
         try:
-            name = request.model_spec.name
-            version = request.model_spec.version.value if request.model_spec.HasField("version") else None
-            fields = set(request.metadata_field) or {"signature_def"}
-            if fields != {"signature_def"}:
-                raise _Invalid(f"metadata_field {sorted(fields)}: only 'signature_def' is available.")
-            with self._manager.lease(name, version) as predictor:
-                aliases = getattr(predictor, "_inputs", None) or {}
-                sigmap = self._meta_pb2.SignatureDefMap()
-                sig = sigmap.signature_def["serving_default"]
-                sig.method_name = "tensorflow/serving/predict"
-                for n in predictor.feature_names:
-                    info = sig.inputs[n]
-                    info.name = aliases.get(n, n) + ":0"
-                    info.dtype = DT_STRING if n in predictor.categorical_names else DT_FLOAT
-                    info.tensor_shape.dim.add().size = -1
-                out = sig.outputs["probabilities"]
-                out.name, out.dtype = "probabilities:0", DT_FLOAT
-                out.tensor_shape.dim.add().size = -1
-                response = self._meta_pb2.GetModelMetadataResponse()
-                response.model_spec.name = name
-                response.model_spec.version.value = predictor.version
-                response.metadata["signature_def"].Pack(sigmap)
-                return response
+            spec = request.model_spec
+            version = spec.version.value if spec.HasField("version") else None
+            with self._manager.lease(spec.name, version, spec.version_label or None) as predictor:
+                # The version's true SignatureDefMap, read from its saved_model.pb.
+                return metadata_response(spec.name, predictor.version, predictor.signature_defs, list(request.metadata_field))
+        except self._grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            await self._abort(context, e)
+
+    async def _reload(self, request: Any, context: Any) -> Any:
+        """ModelService.HandleReloadConfigRequest: serve the request's model_config_list from now on."""
+        from tensorflow_serving.apis import model_management_pb2
+
+        from ctrflow.serving.config import config_from_request
+
+        try:
+            config = config_from_request(request)
+            # Loading the new models blocks: off the event loop, which keeps answering meanwhile.
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._manager.reconfigure, config.models)
+            return model_management_pb2.ReloadConfigResponse()
+        except self._grpc.aio.AbortError:
+            raise
         except Exception as e:  # noqa: BLE001
             await self._abort(context, e)
 
@@ -279,6 +286,8 @@ class GrpcServer:
         try:
             name = request.model_spec.name
             version = request.model_spec.version.value if request.model_spec.HasField("version") else None
+            if request.model_spec.version_label:
+                version = self._manager.resolve_label(name, request.model_spec.version_label)
             response = self._status_pb2.GetModelStatusResponse()
             for s in self._manager.status(name, version):
                 entry = response.model_version_status.add()

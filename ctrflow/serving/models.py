@@ -16,6 +16,22 @@ Recommended use::
 A bad version folder (incomplete, corrupt, a schema other than the one being served) is skipped with
 a logged reason, shown in `status()` and retried only once its files change; the serving version stays.
 
+Which versions are served follows TF Serving's version policies (`ModelSpec.version_policy`): the
+newest `keep_versions` ("latest"), every version on disk ("all"), or the listed `versions`
+("specific"); `labels` name versions (`lease(name, label="stable")`). `reconfigure(specs)` swaps the
+model list while serving (config reload): added models load, removed ones drain and close.
+
+The schema a model line accepted is kept across restarts in `BASE/.ctrflow-accepted-schema.json`
+(dot-prefixed: TF Serving and the version scan ignore it), written when the first version is served
+and whenever `allow_schema_change` accepts a new one. At start a version whose features differ from
+it is refused exactly as at hot reload, so a restart never serves what a reload refused.
+
+A folder without `ctrflow.json` is a plain SavedModel, served through its own signatures
+(`SavedModelPredictor`), unless the line already serves ctrflow exports (then it is incomplete).
+
+Loading and warming a new version runs on the watcher thread at a lower CPU priority (nice +10 for
+that thread only) so the version being served keeps the CPU it needs; see BENCHMARKS.md.
+
 Implementation details follow: each model has a `_ModelState` holding its served `ServedVersion` versions
 (newest last) and the failures by version; every change to them happens under the manager's one lock,
 and leases count in-flight requests on a `ServedVersion` under the same lock.
@@ -48,12 +64,16 @@ __all__ = [
     "ModelSpec",
     "VersionStatus",
     "load_model_config",
+    "ACCEPTED_SCHEMA_FILE",
 ]
 
 log = logging.getLogger("ctrflow.serving")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _EXPORT_INFO = "ctrflow.json"  # ctrflow.export.EXPORT_INFO, without importing TensorFlow here
+ACCEPTED_SCHEMA_FILE = ".ctrflow-accepted-schema.json"
+_POLICIES = ("latest", "all", "specific")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class ModelNotReadyError(CtrflowError):
@@ -76,6 +96,13 @@ class ModelSpec:
     # Serve a new version whose features differ from the served one's. Default False: such a version
     # is skipped with a logged reason, since the clients send the old features.
     allow_schema_change: bool = False
+    # TF Serving's model_version_policy: "latest" (the newest keep_versions), "all" (every version on
+    # disk), "specific" (exactly `versions`, those present). Default "latest".
+    version_policy: str = "latest"
+    # The versions a "specific" policy serves (non-empty then; empty otherwise).
+    versions: tuple[int, ...] = ()
+    # Version labels: {"stable": 3, "canary": 4}; `/v1/models/NAME/labels/stable`, gRPC version_label.
+    labels: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _MODEL_NAME.match(self.name):
@@ -93,6 +120,25 @@ class ModelSpec:
         k = self.keep_versions
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ConfigError(f"The 'keep_versions' of model '{self.name}' must be an int >= 1. Got {k!r} instead.")
+        if self.version_policy not in _POLICIES:
+            raise ConfigError(f"The 'version_policy' of model '{self.name}' must be one of {list(_POLICIES)}. "
+                              f"Got {self.version_policy!r} instead.")
+        versions = tuple(self.versions)
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in versions):
+            raise ConfigError(f"The 'versions' of model '{self.name}' must be ints >= 0. Got {list(versions)!r} instead.")
+        if (self.version_policy == "specific") != bool(versions):
+            raise ConfigError(f"Model '{self.name}': 'versions' lists the versions of a 'specific' version_policy "
+                              f"(and only then). Got version_policy={self.version_policy!r}, versions={list(versions)}.")
+        object.__setattr__(self, "versions", tuple(int(v) for v in versions))
+        if not isinstance(self.labels, Mapping):
+            raise ConfigError(f"The 'labels' of model '{self.name}' must map label names to versions. Got {self.labels!r} instead.")
+        for label, v in self.labels.items():
+            if not isinstance(label, str) or not _LABEL.match(label):
+                raise ConfigError(f"Model '{self.name}': version label {label!r} must start with a letter or digit and "
+                                  "hold only letters, digits, '_', '.', '-'.")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ConfigError(f"Model '{self.name}': label {label!r} must name a version (an int >= 0). Got {v!r} instead.")
+        object.__setattr__(self, "labels", {str(k): int(v) for k, v in self.labels.items()})
 
 
 @dataclass(frozen=True)
@@ -135,81 +181,30 @@ class VersionStatus:
 
 
 def load_model_config(path: str | os.PathLike) -> list[ModelSpec]:
-    """Read a model config file (YAML or JSON) into specs.
+    """Read a model config file (YAML/JSON, or TF Serving's textproto) into specs.
 
-    The format (a simple stand-in for TF Serving's textproto `model_config_list`)::
+    See `ctrflow.serving.config` for both formats; this keeps the older entry point::
 
         models:
           - name: ctr
             base_path: models/ctr          # relative paths are relative to this file's folder
             keep_versions: 2
             batching: {max_batch_size: 2048, batch_timeout_ms: 1.0}   # or `batching: false`
-          - name: cvr
-            base_path: /srv/models/cvr
     """
-    import yaml
+    from ctrflow.serving.config import load_model_config as load
 
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"Cannot read model config {p}: {e.strerror or e}.") from None
-    try:
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"Model config {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
-    if not isinstance(doc, Mapping) or not isinstance(doc.get("models"), list) or not doc["models"]:
-        raise ConfigError(f"Model config {p} must be a mapping with a non-empty 'models' list. Got {type(doc).__name__}.")
-    extra = set(doc) - {"models"}
-    if extra:
-        raise ConfigError(f"Model config {p} has unknown top-level keys {sorted(extra)}; only 'models' is read.")
-    allowed = {"name", "base_path", "batching", "keep_versions", "allow_schema_change"}
-    batch_keys = {f.name for f in fields(BatchingOptions)}
-    specs: list[ModelSpec] = []
-    for i, entry in enumerate(doc["models"]):
-        where = f"model config {p}, models[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"In {where}: each model must be a mapping. Got {entry!r} instead.")
-        unknown = set(entry) - allowed
-        if unknown:
-            raise ConfigError(f"In {where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
-        if "name" not in entry or "base_path" not in entry:
-            raise ConfigError(f"In {where}: 'name' and 'base_path' are required.")
-        base = Path(str(entry["base_path"]))
-        if not base.is_absolute():
-            base = p.parent / base
-        batching: BatchingOptions | None = BatchingOptions()
-        raw = entry.get("batching", True)
-        if raw is False or raw is None:
-            batching = None
-        elif isinstance(raw, Mapping):
-            bad = set(raw) - batch_keys
-            if bad:
-                raise ConfigError(f"In {where}: unknown batching options {sorted(bad)}; allowed: {sorted(batch_keys)}.")
-            batching = BatchingOptions(**raw)
-        elif raw is not True:
-            raise ConfigError(f"In {where}: 'batching' must be a mapping of BatchingOptions or false. Got {raw!r} instead.")
-        specs.append(
-            ModelSpec(
-                name=entry["name"], base_path=str(base), batching=batching,
-                keep_versions=entry.get("keep_versions", 1), allow_schema_change=bool(entry.get("allow_schema_change", False)),
-            )
-        )
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"Model config {p} names these models more than once: {dupes}.")
-    return specs
+    return list(load(path).models)
 
 
 class ServedVersion:
     """A loaded version and the requests currently using it (what `acquire` hands out)."""
 
-    __slots__ = ("version", "predictor", "in_flight", "retired", "signature", "loaded_at")
+    __slots__ = ("version", "predictor", "in_flight", "retired", "signature", "loaded_at", "predictor_kind")
 
     def __init__(self, version: int, predictor: Any, signature: tuple) -> None:
         self.version = version
         self.predictor = predictor
+        self.predictor_kind = getattr(predictor, "kind", "ctrflow")  # "ctrflow" or "savedmodel"
         self.in_flight = 0
         self.retired = False
         self.signature = signature  # (categorical names, numeric names): what clients must send
@@ -263,6 +258,10 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()  # one scan at a time (watcher thread or poll_once)
         self._closers: list[threading.Thread] = []
+        from ctrflow.serving.rollout import RolloutSet
+
+        # Traffic splits, shadows and request logs in force (`set_rollouts`; from the model config).
+        self.rollouts = RolloutSet()
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -274,9 +273,16 @@ class ModelManager:
             self._thread.start()
         return self
 
+    def set_rollouts(self, rollouts: Any) -> None:
+        """Put a `RolloutSet` in force (config load or reload); the previous one's logs are flushed."""
+        old, self.rollouts = self.rollouts, rollouts
+        if old is not rollouts:
+            old.close()
+
     def close(self) -> None:
         """Stop watching, then close every version (queued requests are computed first). Idempotent."""
         self._stop.set()
+        self.rollouts.close()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self._options.poll_interval_s * 2 + 60))
         with self._lock:
@@ -307,10 +313,22 @@ class ModelManager:
     def spec(self, name: str) -> ModelSpec:
         return self._state(name).spec
 
-    def acquire(self, name: str, version: int | None = None) -> ServedVersion:
-        """Lease the newest (or the given) version; pair with `release`. Raises ModelNotFoundError
-        (unknown model or version) or ModelNotReadyError (nothing loaded yet)."""
+    def resolve_label(self, name: str, label: str) -> int:
+        """The version a label names (TF Serving's version_labels); ModelNotFoundError if none."""
+        labels = self._state(name).spec.labels
+        if label not in labels:
+            raise ModelNotFoundError(f"Unrecognized servable version label: {label[:100]} (model '{name}' has labels "
+                                     f"{sorted(labels)}).")
+        return labels[label]
+
+    def acquire(self, name: str, version: int | None = None, label: str | None = None) -> ServedVersion:
+        """Lease the newest (or the given, or the labelled) version; pair with `release`. Raises
+        ModelNotFoundError (unknown model, version or label) or ModelNotReadyError (nothing loaded yet)."""
         state = self._state(name)
+        if label is not None:
+            if version is not None:
+                raise ModelNotFoundError("Give a version or a version label, not both.")
+            version = self.resolve_label(name, label)
         with self._lock:
             if version is None:
                 if not state.served:
@@ -335,9 +353,9 @@ class ModelManager:
                 self._lock.notify_all()
 
     @contextmanager
-    def lease(self, name: str, version: int | None = None) -> Iterator[Any]:
+    def lease(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[Any]:
         """`with manager.lease(name) as predictor:` — the version stays open until the block ends."""
-        loaded = self.acquire(name, version)
+        loaded = self.acquire(name, version, label)
         try:
             yield loaded.predictor
         finally:
@@ -422,18 +440,26 @@ class ModelManager:
     def _poll_model(self, state: _ModelState) -> None:
         spec = state.spec
         on_disk = _scan(Path(spec.base_path))
+        accepted = _read_accepted(Path(spec.base_path))
         with self._lock:
             loaded_versions = set(state.by_version)
             reference = state.served[-1].signature if state.served else None
+            line_kind = state.served[-1].predictor_kind if state.served else None
+        if reference is None and accepted is not None:
+            reference, line_kind = accepted  # what this line accepted before a restart
+        candidates = sorted(on_disk, reverse=True)
+        if spec.version_policy == "specific":
+            candidates = [v for v in candidates if v in set(spec.versions)]
+        limit = spec.keep_versions if spec.version_policy == "latest" else len(candidates)
         keep: list[int] = []
-        for version in sorted(on_disk, reverse=True):
-            if len(keep) >= spec.keep_versions:
+        for version in candidates:
+            if len(keep) >= limit:
                 break
             if version in loaded_versions:
                 keep.append(version)
                 continue
             path = on_disk[version]
-            fingerprint, problem = _inspect(path)
+            fingerprint, problem = _inspect(path, ctrflow_line=line_kind == "ctrflow")
             failure = state.failures.get(version)
             if failure is not None and failure.fingerprint == fingerprint:
                 continue  # failed before and unchanged since: do not retry every poll
@@ -446,8 +472,11 @@ class ModelManager:
                 state.failures.pop(version, None)
             self._publish(state, loaded)
             loaded_versions.add(version)
-            if reference is None:
-                reference = loaded.signature
+            if reference is None or (loaded.signature != reference and version == max(keep + [version])):
+                reference, line_kind = loaded.signature, loaded.predictor_kind
+            if accepted is None or accepted != (reference, line_kind):
+                accepted = (reference, line_kind)
+                _write_accepted(Path(spec.base_path), reference, line_kind, version)
             keep.append(version)
         with self._lock:
             # Retire what fell out of the policy, but never leave a model with nothing to serve.
@@ -461,13 +490,51 @@ class ModelManager:
             state.served = [x for x in state.served if x.version in keep_set]
             state.by_version = {x.version: x for x in state.served}
         for loaded in doomed:
-            log.info("model '%s': version %d retired; closing after its in-flight requests", spec.name, loaded.version)
-            closer = threading.Thread(
-                target=self._retire, args=(state, loaded), name=f"ctrflow-retire-{spec.name}-{loaded.version}", daemon=True
-            )
+            self._start_retire(state, loaded)
+
+    def _start_retire(self, state: _ModelState, loaded: ServedVersion) -> None:
+        log.info("model '%s': version %d retired; closing after its in-flight requests", state.spec.name, loaded.version)
+        closer = threading.Thread(
+            target=self._retire, args=(state, loaded), name=f"ctrflow-retire-{state.spec.name}-{loaded.version}", daemon=True
+        )
+        with self._lock:
+            self._closers = [t for t in self._closers if t.is_alive()] + [closer]
+        closer.start()
+
+    def reconfigure(self, models: Sequence[ModelSpec]) -> None:
+        """Serve this model list from now on (TF Serving's config reload): new models are loaded now,
+        models no longer listed drain and close, changed settings (policy, labels, batching of new
+        versions) apply from this call. A model whose base path changed is reloaded from the new path."""
+        if not models:
+            raise ConfigError("A model config must list at least one model; refusing to serve nothing.")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"The model config names a model twice: {names}.")
+        if not all(isinstance(m, ModelSpec) for m in models):
+            raise ConfigError("reconfigure takes ModelSpec values.")
+        with self._poll_lock:
             with self._lock:
-                self._closers = [t for t in self._closers if t.is_alive()] + [closer]
-            closer.start()
+                new: dict[str, _ModelState] = {}
+                for spec in models:
+                    old = self._models.get(spec.name)
+                    if old is not None and old.spec.base_path == spec.base_path:
+                        old.spec = spec
+                        new[spec.name] = old
+                    else:
+                        new[spec.name] = _ModelState(spec)
+                removed = [st for n, st in self._models.items() if new.get(n) is not st]
+                self._models = new
+                doomed = []
+                for st in removed:
+                    for loaded in st.served:
+                        loaded.retired = True
+                        st.unloading.append(loaded)
+                        doomed.append((st, loaded))
+                    st.served, st.by_version = [], {}
+        for st, loaded in doomed:
+            self._start_retire(st, loaded)
+        log.info("model config applied: serving %s", names)
+        self.poll_once()
 
     def _load(self, state: _ModelState, version: int, path: Path, reference: tuple | None) -> tuple[ServedVersion | None, str | None]:
         spec = state.spec
@@ -476,17 +543,19 @@ class ModelManager:
         t0 = time.perf_counter()
         predictor = None
         try:
-            predictor = self._load_predictor(path, spec)
-            signature = (tuple(predictor.categorical_names), tuple(predictor.numeric_names))
-            if reference is not None and signature != reference and not spec.allow_schema_change:
-                predictor.close()
-                return None, (
-                    f"its features {_describe_signature(signature)} differ from the served version's "
-                    f"{_describe_signature(reference)}; clients would send the wrong features. Export it under "
-                    "another model name, or set allow_schema_change for this model"
-                )
-            if self._options.warmup:
-                predictor.warmup()
+            with _background_priority(enabled=threading.current_thread() is self._thread):
+                predictor = self._load_predictor(path, spec)
+                signature = _signature_of(predictor)
+                if reference is not None and signature != reference and not spec.allow_schema_change:
+                    predictor.close()
+                    return None, (
+                        f"its features {_describe_signature(signature)} differ from the ones this model line accepted "
+                        f"{_describe_signature(reference)} (kept in {Path(spec.base_path) / ACCEPTED_SCHEMA_FILE}); "
+                        "clients would send the wrong features. Export it under another model name, or set "
+                        "allow_schema_change for this model"
+                    )
+                if self._options.warmup:
+                    predictor.warmup()
         except Exception as e:  # noqa: BLE001 - any loader error means "skip this folder"
             if predictor is not None:
                 try:
@@ -504,9 +573,9 @@ class ModelManager:
     def _load_predictor(self, path: Path, spec: ModelSpec) -> Any:
         if self._loader is not None:
             return self._loader(path, spec.batching, spec.name)
-        from ctrflow.serving.predictor import Predictor
+        from ctrflow.serving.predictor import load_predictor
 
-        return Predictor.load(path, batching=spec.batching, name=spec.name)
+        return load_predictor(path, batching=spec.batching, name=spec.name)
 
     def _publish(self, state: _ModelState, loaded: ServedVersion) -> None:
         with self._lock:
@@ -582,7 +651,7 @@ def _scan(base: Path) -> dict[int, Path]:
             if not e.name.startswith(".") and e.name.isdigit() and e.is_dir()}
 
 
-def _inspect(path: Path) -> tuple[tuple, str | None]:
+def _inspect(path: Path, *, ctrflow_line: bool = False) -> tuple[tuple, str | None]:
     """(fingerprint of the folder's files, problem or None). The fingerprint (names, sizes, mtimes)
     changes while a folder is still being copied, so a failed folder is retried once it changes."""
     fingerprint = []
@@ -596,12 +665,85 @@ def _inspect(path: Path) -> tuple[tuple, str | None]:
             fingerprint.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
         if len(fingerprint) > 10_000:  # bounded: a version folder holds a handful of files
             break
-    missing = [n for n in ("saved_model.pb", _EXPORT_INFO, "variables") if not (path / n).exists()]
+    # A plain SavedModel (no ctrflow.json) is served through its signatures; on a line that serves ctrflow
+    # exports a missing ctrflow.json means the folder is still being written.
+    needed = ("saved_model.pb", _EXPORT_INFO, "variables") if ctrflow_line or (path / _EXPORT_INFO).exists() else ("saved_model.pb",)
+    missing = [n for n in needed if not (path / n).exists()]
     return tuple(fingerprint), (f"is incomplete: missing {', '.join(missing)}" if missing else None)
+
+
+def _signature_of(predictor: Any) -> tuple:
+    """What clients must send: (categorical names, numeric names) for a ctrflow export; for a plain
+    SavedModel (("savedmodel",), serving_default's "alias:dtype" inputs)."""
+    if getattr(predictor, "kind", "ctrflow") == "savedmodel":
+        sig = predictor.signatures.get("serving_default") or next(iter(predictor.signatures.values()))
+        return (("savedmodel",), tuple(sorted(f"{a}:{i.dtype_name}" for a, i in sig.inputs.items())))
+    return (tuple(predictor.categorical_names), tuple(predictor.numeric_names))
+
+
+def _read_accepted(base: Path) -> tuple[tuple, str] | None:
+    """(signature, kind) this model line accepted before, from its state file; None if none (or unreadable)."""
+    path = base / ACCEPTED_SCHEMA_FILE
+    try:
+        doc = json.loads(path.read_text())
+        cats, nums = doc["features"]["categorical"], doc["features"]["numeric"]
+        return (tuple(map(str, cats)), tuple(map(str, nums))), str(doc.get("kind", "ctrflow"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s is unreadable (%s); the next served version's schema replaces it", path, e)
+        return None
+
+
+def _write_accepted(base: Path, signature: tuple, kind: str, version: int) -> None:
+    from ctrflow.atomic import atomic_write_json
+
+    cats, nums = signature
+    doc = {"kind": kind, "features": {"categorical": list(cats), "numeric": list(nums)}, "accepted_version": version,
+           "updated_unix": time.time(),
+           "note": "ctrflow: the features this model line serves; versions with others are refused (allow_schema_change)"}
+    try:
+        atomic_write_json(base / ACCEPTED_SCHEMA_FILE, doc)
+    except OSError as e:  # a read-only model store still serves; the check then covers this process only
+        log.warning("cannot record the accepted schema in %s (%s); a restart will not remember it",
+                    base / ACCEPTED_SCHEMA_FILE, e)
+
+
+@contextmanager
+def _background_priority(nice: int = 10, *, enabled: bool = True, switch_interval_s: float = 0.0005) -> Iterator[None]:
+    """Run the block (loading and warming a version) so the version being served keeps its tail:
+    this thread's CPU priority is lowered (Linux: per-thread nice +10), and Python's GIL switch
+    interval is cut from 5 ms to 0.5 ms meanwhile, so a request thread waits at most about that long
+    for the interpreter while the loader runs Python (tf.saved_model.load is mostly Python). Only the
+    watcher thread does this (an unprivileged process cannot raise its priority back)."""
+    if not enabled:
+        yield
+        return
+    import sys
+
+    tid = threading.get_native_id()
+    before_switch = sys.getswitchinterval()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
+    except (AttributeError, OSError):
+        before = None
+    sys.setswitchinterval(min(before_switch, switch_interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before_switch)
+        if before is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, before)  # needs CAP_SYS_NICE; else the watcher stays lower
+            except OSError:
+                pass
 
 
 def _describe_signature(signature: tuple) -> str:
     cats, nums = signature
+    if tuple(cats) == ("savedmodel",):
+        return f"(SavedModel inputs {list(nums)})"
     return f"(categorical {list(cats)}, numeric {list(nums)})"
 
 

@@ -10,10 +10,19 @@ Inputs are columnar: every schema field is required (values may be missing: None
 None/NaN for numerics); extra or missing keys, ragged columns and non-numeric numerics raise
 `SchemaError` naming the field (and row). The backend is the SavedModel's restored `tf.function` called
 with a dict of tensors — measured faster than the signature's concrete function (BENCHMARKS.md).
+
+Every signature of the export is callable by its key (`run`/`arun`: TF Serving's Predict), with the
+true signature read from `saved_model.pb` (`signatures`, `signature_defs`); `serving_default` goes
+through the batcher and its compute call returns every output (probabilities and logits), so one
+batch answers both. A SavedModel without `ctrflow.json` is served by `SavedModelPredictor`, through
+its own signatures only. `warmup()` replays the version's `assets.extra/tf_serving_warmup_requests`
+(TF Serving's convention: PredictionLog records) when the export holds one.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -25,8 +34,21 @@ from ctrflow.errors import ModelNotFoundError, SchemaError
 from ctrflow.export import EXPORT_INFO, find_versions
 from ctrflow.schema import Schema
 from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
+from ctrflow.serving.tfserving import (
+    WARMUP_FILE,
+    InvalidArgument,
+    Signature,
+    read_signature_defs,
+    select_outputs,
+    signatures_from_defs,
+    tensor_to_ndarray,
+)
 
-__all__ = ["Predictor", "find_versions", "columns_from_rows"]
+__all__ = ["Predictor", "SavedModelPredictor", "find_versions", "columns_from_rows", "load_predictor", "replay_warmup"]
+
+log = logging.getLogger("ctrflow.serving")
+# TF Serving replays at most this many warmup records (model_warmup_util.cc: kMaxNumRecords).
+MAX_WARMUP_RECORDS = 1000
 
 
 def columns_from_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
@@ -105,7 +127,18 @@ class Predictor:
         self._loaded = loaded
         self._serve = loaded.serve_raw
         self._serve_ids = loaded.serve_ids
+        self.signature_defs = read_signature_defs(path)
+        self.signatures: dict[str, Signature] = signatures_from_defs(self.signature_defs)
+        default = self.signatures.get("serving_default")
+        if default is None:
+            raise ModelNotFoundError(f"{path}: the export has no 'serving_default' signature.")
+        # One compute call answers every output of serving_default, stacked as columns in this order.
+        self._outputs = default.output_names
+        self._p_index = self._outputs.index("probabilities") if "probabilities" in self._outputs else 0
+        self._field_of = {alias: field for field, alias in self._inputs.items()}
         self.batcher = AutoBatcher(self._compute, batching, name=f"{name}/{self.version}") if batching else None
+
+    kind = "ctrflow"
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None) -> "Predictor":
@@ -127,10 +160,14 @@ class Predictor:
 
     # --- compute ---------------------------------------------------------------------------------
     def _compute(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """[n, outputs]: every serving_default output as a column (`self._outputs` order)."""
         import tensorflow as tf
 
         feats = {self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names}
-        return self._serve(feats)["probabilities"].numpy()
+        out = self._serve(feats)
+        if len(self._outputs) == 1:
+            return out[self._outputs[0]].numpy()[:, None]
+        return np.stack([out[k].numpy() for k in self._outputs], axis=1)
 
     def prepare(self, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate and convert columnar raw features into the arrays the model takes."""
@@ -158,16 +195,73 @@ class Predictor:
 
     def predict(self, features: Mapping[str, Any], *, timeout_ms: float | None = None) -> np.ndarray:
         """Probabilities (float32 [n]) for columnar raw features."""
+        return self._predict_all(features, timeout_ms)[:, self._p_index]
+
+    async def apredict(self, features: Mapping[str, Any], *, timeout_ms: float | None = None) -> np.ndarray:
+        return (await self._apredict_all(features, timeout_ms))[:, self._p_index]
+
+    def _predict_all(self, features: Mapping[str, Any], timeout_ms: float | None) -> np.ndarray:
         inputs = self.prepare(features)
         if self.batcher is None:
             return self._compute(inputs)
         return self.batcher.predict(inputs, timeout_ms=timeout_ms)
 
-    async def apredict(self, features: Mapping[str, Any], *, timeout_ms: float | None = None) -> np.ndarray:
+    async def _apredict_all(self, features: Mapping[str, Any], timeout_ms: float | None) -> np.ndarray:
         inputs = self.prepare(features)
         if self.batcher is None:
             return self._compute(inputs)
         return await self.batcher.apredict(inputs, timeout_ms=timeout_ms)
+
+    def predict_outputs(self, features: Mapping[str, Any], *, timeout_ms: float | None = None,
+                        output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Every serving_default output ({"logits", "probabilities"}) for columnar raw features."""
+        names = select_outputs(self.signatures["serving_default"], output_filter)
+        return self._split(self._predict_all(features, timeout_ms), names)
+
+    async def apredict_outputs(self, features: Mapping[str, Any], *, timeout_ms: float | None = None,
+                               output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        names = select_outputs(self.signatures["serving_default"], output_filter)
+        return self._split(await self._apredict_all(features, timeout_ms), names)
+
+    # --- TF Serving's Predict: any signature, by key --------------------------------------------
+    def _features_of(self, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """serving_default inputs by signature alias → columnar features by schema field."""
+        return {self._field_of.get(alias, alias): values for alias, values in inputs.items()}
+
+    def _split(self, stacked: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return {n: stacked[:, self._outputs.index(n)] for n in names}
+
+    def run(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
+            timeout_ms: float | None = None) -> dict[str, np.ndarray]:
+        """TF Serving's Predict on one signature: {input alias: array} → {output alias: array}."""
+        signature = self._signature(signature_key)
+        names = select_outputs(signature, output_filter)
+        if signature_key == "serving_default":
+            return self._split(self._predict_all(self._features_of(inputs), timeout_ms), names)
+        return call_signature(self._loaded, signature, inputs, names)
+
+    async def arun(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
+                   timeout_ms: float | None = None) -> dict[str, np.ndarray]:
+        signature = self._signature(signature_key)
+        names = select_outputs(signature, output_filter)
+        if signature_key == "serving_default":
+            return self._split(await self._apredict_all(self._features_of(inputs), timeout_ms), names)
+        return await asyncio.to_thread(call_signature, self._loaded, signature, inputs, names)
+
+    def run_direct(self, signature_key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Like `run` but never through the batcher (warmup replays this way)."""
+        signature = self._signature(signature_key)
+        names = select_outputs(signature, output_filter)
+        if signature_key == "serving_default":
+            return self._split(self._compute(self.prepare(self._features_of(inputs))), names)
+        return call_signature(self._loaded, signature, inputs, names)
+
+    def _signature(self, key: str) -> Signature:
+        signature = self.signatures.get(key or "serving_default")
+        if signature is None:
+            raise InvalidArgument(f"Serving signature name: \"{key[:100]}\" not found in signature def; this model "
+                                  f"has {sorted(self.signatures)}.")
+        return signature
 
     def predict_ids(self, ids: np.ndarray, numeric: np.ndarray) -> np.ndarray:
         """Probabilities for pre-hashed inputs in the shard layout (no batching: callers batch already)."""
@@ -183,10 +277,14 @@ class Predictor:
         out = self._loaded.signatures["transform"](**{self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names})
         return out["ids"].numpy(), out["numeric"].numpy()
 
-    def warmup(self, rows: int = 64) -> None:
-        """Run the graph once on blank rows so the first real request pays no one-time cost."""
+    def warmup(self, rows: int = 64) -> int:
+        """Replay the export's recorded warmup requests (else run blank rows once) so the first real
+        request pays no one-time cost. Returns the requests replayed."""
+        if (self.path / WARMUP_FILE).exists():
+            return replay_warmup(self, self.path / WARMUP_FILE)
         feats = {n: [""] * rows if n in self.categorical_names else [None] * rows for n in self.feature_names}
         self._compute(self.prepare(feats))
+        return 1
 
     def stats(self) -> dict[str, Any]:
         return self.batcher.stats().to_dict() if self.batcher else {}
@@ -200,3 +298,140 @@ class Predictor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def call_signature(loaded: Any, signature: Signature, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Call one restored signature with numpy inputs cast to its dtypes; {output alias: numpy}."""
+    import tensorflow as tf
+
+    want, got = set(signature.inputs), set(inputs)
+    if want != got:
+        missing, extra = sorted(want - got), sorted(got - want)
+        raise InvalidArgument(f"signature '{signature.key}': " + "; ".join(
+            p for p in (f"missing inputs {missing[:20]}" if missing else "", f"unknown inputs {extra[:20]}" if extra else "") if p))
+    tensors = {}
+    for alias, info in signature.inputs.items():
+        try:
+            tensors[alias] = tf.constant(inputs[alias], dtype=tf.dtypes.as_dtype(info.dtype))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"input {alias!r} cannot be a {info.dtype_name} tensor: {str(e)[:200]}") from None
+    try:
+        out = loaded.signatures[signature.key](**tensors)
+    except (tf.errors.InvalidArgumentError, TypeError, ValueError) as e:
+        raise InvalidArgument(f"signature '{signature.key}': {' '.join(str(e).split())[:300]}") from None
+    return {n: out[n].numpy() for n in names}
+
+
+def replay_warmup(predictor: Any, path: str | os.PathLike) -> int:
+    """Run every PredictionLog of a TF Serving warmup file (TFRecord) through `predictor.run_direct`.
+
+    As in TF Serving, a record that fails makes the version fail to load (a broken warmup file is a
+    broken export); at most MAX_WARMUP_RECORDS are read. Returns the requests replayed.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    replayed = 0
+    try:
+        records = list(tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS).as_numpy_iterator())
+    except tf.errors.OpError as e:
+        raise ModelNotFoundError(f"{path}: the warmup file is not a TFRecord file of PredictionLog ({str(e)[:200]}).") from None
+    for i, raw in enumerate(records):
+        record = prediction_log_pb2.PredictionLog()
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError
+            raise ModelNotFoundError(f"{path}: record {i} is not a PredictionLog.") from None
+        kind = record.WhichOneof("log_type")
+        if kind != "predict_log":
+            raise ModelNotFoundError(f"{path}: record {i} is a {kind}; only predict_log warmup records are supported.")
+        request = record.predict_log.request
+        inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
+        try:
+            predictor.run_direct(request.model_spec.signature_name or "serving_default", inputs, list(request.output_filter))
+        except SchemaError as e:
+            raise ModelNotFoundError(f"{path}: warmup record {i} failed: {e}") from None
+        replayed += 1
+    return replayed
+
+
+class SavedModelPredictor:
+    """A plain SavedModel (no ctrflow.json): served through its own signatures only, without batching.
+
+    ctrflow's columnar endpoints need a ctrflow export's schema; `predict` says so. Thread-safe.
+    """
+
+    kind = "savedmodel"
+    batcher = None
+    categorical_names: tuple[str, ...] = ()
+    numeric_names: tuple[str, ...] = ()
+    feature_names: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, loaded: Any, *, name: str) -> None:
+        self.path = path
+        self.version = int(path.name) if path.name.isdigit() else 0
+        self.name = name
+        self.info: dict[str, Any] = {}
+        self._loaded = loaded
+        self.signature_defs = read_signature_defs(path)
+        self.signatures = {k: v for k, v in signatures_from_defs(self.signature_defs).items() if k in loaded.signatures}
+        if not self.signatures:
+            raise ModelNotFoundError(f"{path}: this SavedModel has no serving signature; export it with "
+                                     "`signatures=` (TF Serving could not serve it either).")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, name: str | None = None) -> "SavedModelPredictor":
+        import tensorflow as tf
+
+        p = Path(path)
+        try:
+            loaded = tf.saved_model.load(str(p))
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise ModelNotFoundError(f"{p}: cannot load the SavedModel ({' '.join(str(e).split())[:300]}).") from None
+        return cls(p, loaded, name=name or p.parent.name)
+
+    def _signature(self, key: str) -> Signature:
+        return Predictor._signature(self, key)  # type: ignore[arg-type]
+
+    def run(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
+            timeout_ms: float | None = None) -> dict[str, np.ndarray]:
+        signature = self._signature(signature_key)
+        return call_signature(self._loaded, signature, inputs, select_outputs(signature, output_filter))
+
+    async def arun(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
+                   timeout_ms: float | None = None) -> dict[str, np.ndarray]:
+        signature = self._signature(signature_key)
+        names = select_outputs(signature, output_filter)
+        return await asyncio.to_thread(call_signature, self._loaded, signature, inputs, names)
+
+    def run_direct(self, signature_key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        return self.run(signature_key, inputs, output_filter=output_filter)
+
+    def predict(self, features: Mapping[str, Any], *, timeout_ms: float | None = None) -> np.ndarray:
+        raise SchemaError(f"model '{self.name}' version {self.version} is a plain SavedModel (no ctrflow.json): "
+                          "call POST /v1/models/NAME:predict (or gRPC Predict) with its signature's inputs; "
+                          f"signatures: {sorted(self.signatures)}.")
+
+    async def apredict(self, features: Mapping[str, Any], *, timeout_ms: float | None = None) -> np.ndarray:
+        return self.predict(features)
+
+    def warmup(self, rows: int = 64) -> int:
+        if (self.path / WARMUP_FILE).exists():
+            return replay_warmup(self, self.path / WARMUP_FILE)
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self, *, drain: bool = True) -> None:
+        pass
+
+
+def load_predictor(path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None) -> Any:
+    """A version folder → `Predictor` (ctrflow export) or `SavedModelPredictor` (a plain SavedModel)."""
+    p = Path(path)
+    if (p / EXPORT_INFO).exists():
+        return Predictor.load(p, batching=batching, name=name)
+    if (p / "saved_model.pb").exists():
+        return SavedModelPredictor.load(p, name=name)
+    return Predictor.load(p, batching=batching, name=name)  # a base path: its newest ctrflow version

@@ -5,11 +5,15 @@ Routes see a decoded `RestRequest` (method, path, lower-cased headers, the whole
 change without touching them. Endpoints (NAME: a served model; `/versions/V` may follow NAME):
 
     POST /v1/models/NAME:predict            {"instances": [{"C1": "68fd1e64", "I1": 3, ...}, ...]}
-                                            → {"predictions": [p, ...]}
-                                            {"inputs": {"C1": [...], "I1": [...]}} → {"outputs": [p, ...]}
+                                            → {"predictions": [{"logits": l, "probabilities": p}, ...]}
+                                            {"inputs": {"C1": [...], "I1": [...]}}
+                                            → {"outputs": {"logits": [...], "probabilities": [...]}}
+                                            (TF Serving's shapes for the signature called: see
+                                            `ctrflow.serving.tfserving`; `/labels/L` pins a labelled version)
     POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`)
     GET  /v1/models/NAME                    {"model_version_status": [{"version": "3", "state": "AVAILABLE", ...}]}
-    GET  /v1/models/NAME/metadata           input names and kinds
+    GET  /v1/models/NAME/metadata           the version's SignatureDefMap (TF Serving's JSON)
+    GET  /v1/rollouts                       per-arm and shadow figures of the rollouts in force
     GET  /metrics, /monitoring/prometheus/metrics   Prometheus text format
     GET  /healthz                           200 while the process serves
     GET  /readyz                            200 once every model has a version loaded, else 503
@@ -25,6 +29,7 @@ to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -40,6 +45,7 @@ from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNot
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
     RequestError,
+    _load_json,
     decode_columnar,
     error_body,
     parse_columnar_json,
@@ -47,6 +53,7 @@ from ctrflow.serving.codec import (
     scores_json,
 )
 from ctrflow.serving.models import ModelManager, ModelNotReadyError
+from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
 __all__ = ["ModelTarget", "RestRequest", "RestResponse", "RestRoutes", "status_of"]
 
@@ -126,6 +133,7 @@ class RestRoutes:
             "/monitoring/prometheus/metrics": ("GET", self._metrics),
             "/healthz": ("GET", self._healthz), "/v1/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz), "/v1/readyz": ("GET", self._readyz),
+            "/v1/rollouts": ("GET", self._rollouts),
         }
 
     async def handle(self, request: RestRequest) -> RestResponse:
@@ -147,7 +155,11 @@ class RestRoutes:
                         raise RequestError(f"Unknown method ':{target.verb}'; this server answers "
                                            f"{', '.join(':' + v for v in self.model_verbs)}.", 404)
                     handler, protocol = entry
-                    response = await handler(request, target)
+                    rollout = self.manager.rollouts.get(target.name) if target.version is None and target.label is None else None
+                    if rollout is not None:
+                        response = await self._rollout(handler, request, target, rollout)
+                    else:
+                        response = await handler(request, target)
                     rows = getattr(response, "rows", 0)
                 else:
                     if request.method != "GET":
@@ -190,31 +202,60 @@ class RestRoutes:
         return value
 
     async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        """TF Serving's predict, answered as TF Serving shapes it for the signature called (see
+        `ctrflow.serving.tfserving`): ctrflow exports' serving_default/predict_ids bodies take the
+        fast decoder; b64 values, other signatures and plain SavedModels the generic one."""
         timeout_ms = self._timeout_ms(request.headers)
-        body = request.body
-        loaded = self.manager.acquire(target.name, target.version)
+        body = bytes(request.body)
+        loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
-            if len(body) > 1 << 20:
-                parsed = await asyncio.to_thread(parse_predict_json, body, predictor.categorical_names, predictor.numeric_names)
+            fast = getattr(predictor, "kind", "ctrflow") == "ctrflow" and b'"b64"' not in body and b'"transform"' not in body
+            if fast:
+                if len(body) > 1 << 20:
+                    parsed = await asyncio.to_thread(parse_predict_json, body, predictor.categorical_names, predictor.numeric_names)
+                else:
+                    parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
+                fmt, rows = parsed.format, parsed.rows
+                self._check_rows(rows)
+                if parsed.signature == "predict_ids":
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, functools.partial(predictor.run, "predict_ids", parsed.features))
+                else:
+                    outputs = await self._score_outputs(predictor, parsed.features, timeout_ms)
             else:
-                parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
-            self._check_rows(parsed.rows)
-            if parsed.signature == "predict_ids":
-                scores = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, predictor.predict_ids, parsed.features["ids"], parsed.features["numeric"])
-            else:
-                scores = await self._score(predictor, parsed.features, timeout_ms)
+                doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
+                decoded = decode_json_request(doc, predictor.signatures)
+                fmt = decoded.format
+                rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
+                self._check_rows(rows)
+                outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
-        key = "predictions" if parsed.format == "instances" else "outputs"
-        return _Predicted(200, scores_json(key, scores), JSON, [(b"x-model-version", b"%d" % loaded.version)], parsed.rows)
+        answer = _Predicted(200, encode_json_response(outputs, fmt), JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        if fast and parsed.signature == "serving_default":  # what a shadow compares and a request log keeps
+            answer.probabilities, answer.features, answer.predictor = outputs.get("probabilities"), parsed.features, predictor
+        return answer
+
+    async def _score_outputs(self, predictor: Any, features: Mapping[str, Any], timeout_ms: float | None) -> dict[str, np.ndarray]:
+        if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor that scores probabilities only
+            return {"probabilities": await self._score(predictor, features, timeout_ms)}
+        if getattr(predictor, "batcher", None) is not None:
+            return await predictor.apredict_outputs(features, timeout_ms=timeout_ms)
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
+        future = asyncio.get_running_loop().run_in_executor(self.pool, _outputs_before, predictor, features, deadline)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(f"The request passed its deadline of {timeout_ms:g} ms.") from None
 
     async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         headers = request.headers
         timeout_ms = self._timeout_ms(headers)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        loaded = self.manager.acquire(target.name, target.version)
+        loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
             if ctype == COLUMNAR_CONTENT_TYPE:
@@ -232,7 +273,48 @@ class RestRoutes:
             payload, out_type = np.ascontiguousarray(scores, dtype="<f4").tobytes(), b"application/octet-stream"
         else:
             payload, out_type = scores_json("outputs", scores), JSON
-        return _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        answer = _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        answer.probabilities, answer.features, answer.predictor = scores, features, predictor
+        return answer
+
+    # ---- rollouts: split, shadow, log (ctrflow.serving.rollout) ------------------------------------------
+
+    async def _rollout(self, handler: Handler, request: RestRequest, target: ModelTarget, rollout: Any) -> RestResponse:
+        from ctrflow.serving.rollout import choose_arm
+
+        rollouts = self.manager.rollouts
+        key = rollouts.key_of(rollout, request.headers, _key_features(rollout, request))
+        arm = choose_arm(rollout.arms, key)
+        started = time.perf_counter()
+        try:
+            response = await handler(request, ModelTarget(arm.model, arm.version, target.tail, target.verb, arm.label))
+        except BaseException:
+            rollouts.record(rollout, arm, 0, time.perf_counter() - started, False)
+            raise
+        rows = getattr(response, "rows", 0)
+        rollouts.record(rollout, arm, rows, time.perf_counter() - started, response.status == 200)
+        response.headers.append((b"x-rollout-arm", arm.key.encode()))
+        served = getattr(response, "probabilities", None)
+        if served is not None and rollouts.shadow_slot(rollout, key):
+            shadow = rollout.shadow
+            asyncio.get_running_loop().create_task(self._shadow(handler, request, target, rollout, shadow, served))
+        if served is not None:
+            rollouts.maybe_log(rollout, key, response.predictor, response.features, served, request.headers.get("x-request-id"))
+        return response
+
+    async def _shadow(self, handler: Handler, request: RestRequest, target: ModelTarget, rollout: Any, shadow: Any,
+                      served: np.ndarray) -> None:
+        """Score the same request on the shadow model after the answer left; never raises."""
+        got = None
+        try:
+            answer = await handler(request, ModelTarget(shadow.model, shadow.version, target.tail, target.verb, shadow.label))
+            got = getattr(answer, "probabilities", None)
+        except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer
+            log.debug("shadow %s of rollout %s failed: %s", shadow.model, rollout.name, e)
+        self.manager.rollouts.shadow_done(rollout, served, got)
+
+    async def _rollouts(self, request: RestRequest) -> RestResponse:
+        return RestResponse.json(200, {"rollouts": self.manager.rollouts.stats()})
 
     def _check_rows(self, rows: int) -> None:
         if rows > self.max_rows_per_request:
@@ -255,30 +337,16 @@ class RestRoutes:
     # ---- model status and metadata ------------------------------------------------------------------
 
     async def _model_status(self, request: RestRequest, target: ModelTarget) -> RestResponse:
-        statuses = self.manager.status(target.name, target.version)
+        version = target.version
+        if target.label is not None:
+            version = self.manager.resolve_label(target.name, target.label)
+        statuses = self.manager.status(target.name, version)
         return RestResponse.json(200, {"model_version_status": [s.to_dict() for s in statuses]})
 
     async def _metadata(self, request: RestRequest, target: ModelTarget) -> RestResponse:
-        with self.manager.lease(target.name, target.version) as predictor:
-            inputs = {n: {"dtype": "DT_STRING", "shape": [-1], "kind": "categorical"} for n in predictor.categorical_names}
-            inputs.update({n: {"dtype": "DT_FLOAT", "shape": [-1], "kind": "numeric"} for n in predictor.numeric_names})
-            meta = {
-                "model_spec": {"name": target.name, "version": str(predictor.version), "signature_name": ""},
-                "metadata": {"signature_def": {"signature_def": {
-                    "serving_default": {
-                        "inputs": inputs,
-                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
-                        "method_name": "tensorflow/serving/predict",
-                    },
-                    "predict_ids": {
-                        "inputs": {"ids": {"dtype": "DT_INT32", "shape": [-1, len(predictor.feature_names)]},
-                                   "numeric": {"dtype": "DT_FLOAT", "shape": [-1, len(predictor.numeric_names)]}},
-                        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "shape": [-1]}},
-                        "method_name": "tensorflow/serving/predict",
-                    },
-                }}},
-            }
-        return RestResponse.json(200, meta)
+        """TF Serving's metadata: the version's true SignatureDefMap (from its saved_model.pb)."""
+        with self.manager.lease(target.name, target.version, target.label) as predictor:
+            return RestResponse.json(200, metadata_json(target.name, predictor.version, predictor.signature_defs))
 
     # ---- fixed paths ----------------------------------------------------------------------------------
 
@@ -296,11 +364,38 @@ class RestRoutes:
 
 
 class _Predicted(RestResponse):
-    """A predict answer that also says how many candidates it scored (for the metrics)."""
+    """A predict answer that also says how many candidates it scored (for the metrics) and, for
+    rollouts, the served probabilities, the features and the predictor (shadow and request log)."""
 
     def __init__(self, status: int, body: bytes, content_type: bytes, headers: list[tuple[bytes, bytes]], rows: int) -> None:
         super().__init__(status, body, content_type, headers)
         self.rows = rows
+        self.probabilities: np.ndarray | None = None
+        self.features: Mapping[str, Any] | None = None
+        self.predictor: Any = None
+
+
+def _key_features(rollout: Any, request: RestRequest) -> Mapping[str, Any] | None:
+    """For a rollout keyed by a feature: {feature: [first candidate's value]} from a JSON body."""
+    if not rollout.key_feature or not request.headers.get("content-type", "application/json").startswith("application/json"):
+        return None
+    try:
+        doc = json.loads(request.body)
+        if isinstance(doc.get("instances"), list) and doc["instances"] and isinstance(doc["instances"][0], dict):
+            return {rollout.key_feature: [doc["instances"][0].get(rollout.key_feature)]}
+        if isinstance(doc.get("inputs"), dict):
+            return {rollout.key_feature: list(doc["inputs"].get(rollout.key_feature) or [])[:1]}
+        if isinstance(doc.get("columns"), list) and rollout.key_feature in doc["columns"]:
+            return {rollout.key_feature: list(doc["data"][doc["columns"].index(rollout.key_feature)])[:1]}
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None
+    return None
+
+
+def _outputs_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> dict[str, np.ndarray]:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
+    return predictor.predict_outputs(features)
 
 
 def _predict_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> np.ndarray:
@@ -316,7 +411,7 @@ def split_model_path(rest: str) -> ModelTarget:
     name = parts[0]
     if not name:
         raise RequestError("No model name in the path; use /v1/models/NAME.", 404)
-    version = None
+    version = label = None
     tail = parts[1:]
     if len(tail) >= 2 and tail[0] == "versions":
         if not tail[1].isdigit() or len(tail[1]) > 18:
@@ -324,8 +419,11 @@ def split_model_path(rest: str) -> ModelTarget:
         version = int(tail[1])
         tail = tail[2:]
     elif len(tail) >= 2 and tail[0] == "labels":
-        raise RequestError("Version labels are not supported by this server; name the version: /versions/V.", 404)
-    return ModelTarget(name, version, "/".join(tail), verb)
+        if not tail[1]:
+            raise RequestError("Empty version label in the path; use /v1/models/NAME/labels/LABEL.", 404)
+        label = tail[1]
+        tail = tail[2:]
+    return ModelTarget(name, version, "/".join(tail), verb, label)
 
 
 def status_of(error: BaseException) -> tuple[int, str]:

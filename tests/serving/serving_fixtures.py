@@ -132,6 +132,27 @@ class Client:
         self.conn.close()
 
 
+def plain_saved_model(base: Path, version: int = 1, *, with_signature: bool = True) -> Path:
+    """A SavedModel without ctrflow.json (what any TensorFlow user exports): serving_default takes
+    `x` float32 [n, 2] and `s` string [n], answers `y` = x0 + 2*x1 and `n` = len(s)."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.w = tf.Variable([1.0, 2.0])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x"), tf.TensorSpec([None], tf.string, name="s")])
+    def serve(x, s):
+        return {"y": tf.reduce_sum(x * module.w, axis=1), "n": tf.strings.length(s)}
+
+    module.serve = serve
+    path = base / str(version)
+    tmp = base / f".tmp-{version}"
+    base.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve} if with_signature else {})
+    tmp.rename(path)
+    return path
+
+
 class SlowPredictor:
     """A stand-in model behind a real batcher: each compute call waits on a gate (for 503/504 tests)."""
 

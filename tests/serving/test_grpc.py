@@ -63,7 +63,8 @@ def test_predict_matches_rest_and_names_the_version(live, channel):
     got = tf.make_ndarray(response.outputs["probabilities"])
     status, _, body = Client(live.url).post("/v1/models/ctr:predict", {"instances": rows})
     assert status == 200 and got.shape == (20,)
-    np.testing.assert_allclose(got, json.loads(body)["predictions"], rtol=1e-6)
+    np.testing.assert_allclose(got, [p["probabilities"] for p in json.loads(body)["predictions"]], rtol=1e-6)
+    assert list(response.outputs["probabilities"].float_val) == got.tolist()  # AsProtoField, as TF Serving answers
     assert response.model_spec.name == "ctr" and response.model_spec.version.value == 2
     pinned = stub.Predict(make_request(rows, version=1), timeout=30)
     assert pinned.model_spec.version.value == 1
@@ -74,7 +75,7 @@ def test_predict_matches_rest_and_names_the_version(live, channel):
     ({"version": 9}, "NOT_FOUND", "no version 9"),
     ({"drop": "I5"}, "INVALID_ARGUMENT", "missing inputs ['I5']"),
     ({"float_categorical": True}, "INVALID_ARGUMENT", "'C1' is categorical"),
-    ({"signature": "other"}, "INVALID_ARGUMENT", "Unknown signature_name"),
+    ({"signature": "other"}, "INVALID_ARGUMENT", "not found in signature def"),
 ])
 def test_bad_calls_get_the_matching_status_code(live, channel, change, code, message):
     rows = sf.small_model()[2][:3]
@@ -98,7 +99,7 @@ def test_metadata_and_status(live, channel):
     sigmap = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(sigmap)
     inputs = sigmap.signature_def["serving_default"].inputs
-    assert set(inputs) == set(CATS + NUMS) and inputs["C1"].dtype == 7 and inputs["I1"].dtype == 1
+    assert set(inputs) == set(CATS + NUMS) and inputs["C1"].dtype == 7 and inputs["I1"].dtype == 2  # DT_DOUBLE: what the graph takes
 
     status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
     request = get_model_status_pb2.GetModelStatusRequest()

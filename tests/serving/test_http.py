@@ -46,11 +46,12 @@ def test_row_columnar_and_binary_bodies_score_like_the_in_process_predictor(live
     want = expected_scores(live, batch)
     status, headers, body = client.post("/v1/models/ctr:predict", {"instances": batch})
     assert status == 200 and headers["x-model-version"] == "2"
-    np.testing.assert_allclose(json.loads(body)["predictions"], want, rtol=1e-6)
+    # serving_default has two outputs, so TF Serving answers per-output objects (rows) / an object of columns
+    np.testing.assert_allclose([p["probabilities"] for p in json.loads(body)["predictions"]], want, rtol=1e-6)
 
     status, _, body = client.post("/v1/models/ctr:predict", {"signature_name": "serving_default", "inputs": columns(batch)})
     assert status == 200
-    np.testing.assert_allclose(json.loads(body)["outputs"], want, rtol=1e-6)
+    np.testing.assert_allclose(json.loads(body)["outputs"]["probabilities"], want, rtol=1e-6)
 
     binary = encode_columnar(columns(batch), CATS, NUMS)
     status, headers, body = client.post("/v1/models/ctr:predict_columnar", binary, {"Content-Type": COLUMNAR_CONTENT_TYPE})
@@ -74,20 +75,20 @@ def test_version_status_pinned_versions_and_metadata(live, rows, client):
     assert status == 200 and headers["x-model-version"] == "1"
     status, _, body = client.get("/v1/models/ctr/metadata")
     inputs = json.loads(body)["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
-    assert status == 200 and inputs["C1"]["dtype"] == "DT_STRING" and inputs["I1"]["dtype"] == "DT_FLOAT"
+    assert status == 200 and inputs["C1"]["dtype"] == "DT_STRING" and inputs["I1"]["dtype"] == "DT_DOUBLE"
 
 
 def test_predict_ids_signature_takes_pre_hashed_rows(live, client):
     ids = [[1] * 39, [2] * 39]
     status, _, body = client.post("/v1/models/ctr:predict", {"signature_name": "predict_ids",
                                                              "inputs": {"ids": ids, "numeric": [[0.5] * 13] * 2}})
-    assert status == 200 and len(json.loads(body)["outputs"]) == 2
+    assert status == 200 and len(json.loads(body)["outputs"]["probabilities"]) == 2
 
 
 @pytest.mark.parametrize("path, body, code, message", [
     ("/v1/models/nope:predict", {"instances": [{}]}, 404, "not served here"),
     ("/v1/models/ctr/versions/9:predict", None, 404, "no version 9"),
-    ("/v1/models/ctr/labels/stable:predict", None, 404, "labels are not supported"),
+    ("/v1/models/ctr/labels/stable:predict", None, 404, "Unrecognized servable version label: stable"),
     ("/v1/models/ctr:classify", None, 404, "Unknown method"),
     ("/v2/whatever", None, 404, "No such endpoint"),
     ("/v1/models/ctr:predict", b"{not json", 400, "Malformed JSON"),

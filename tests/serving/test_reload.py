@@ -114,7 +114,7 @@ def test_corrupt_half_copied_and_mismatched_versions_are_skipped_and_the_served_
         assert status[1].state == "AVAILABLE"
         assert status[2].state == "END" and "incomplete: missing variables" in status[2].error_message
         assert status[3].state == "END" and "cannot be loaded" in status[3].error_message
-        assert status[4].state == "END" and "differ from the served version" in status[4].error_message
+        assert status[4].state == "END" and "differ from the ones this model line accepted" in status[4].error_message
         assert 5 not in status
         assert sum("skipping version folder" in r.message for r in caplog.records) == 3
         # A failed folder is not retried while unchanged; once the copy completes it loads.
