@@ -137,12 +137,13 @@ def main() -> None:
     for r in rows:
         r["serve_us_per_prediction"] = serve[r["model"]]
     base = next((r for r in rows if r["model"] == "deepfm"), None)
-    print(f"\n| model | test logloss | vs DeepFM | AUC | train examples/s | serving µs/prediction (batch 4000) | export MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | test logloss | vs DeepFM | AUC | train examples/s | serving µs/prediction (batch 4000) | serving vs DeepFM | export MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = f"{r['logloss'] - base['logloss']:+.5f}" if base else "—"
+        x = f"{r['serve_us_per_prediction'] / base['serve_us_per_prediction']:.2f}×" if base else "—"
         print(f"| {r['model']} | {r['logloss']:.5f} | {d} | {r['auc']:.4f} | {r['examples_per_s']:,.0f} | "
-              f"{r['serve_us_per_prediction']:.2f} | {r['export_mb']:.1f} |")
+              f"{r['serve_us_per_prediction']:.2f} | {x} | {r['export_mb']:.1f} |")
     print(json.dumps({"rows": args.rows, "test_rows": args.test_rows, "epochs": args.epochs, "batch_size": args.batch_size,
                       "learning_rate": args.learning_rate, "l2": args.l2, "max_buckets": args.max_buckets, "results": rows}))
 

@@ -5,9 +5,10 @@
 gather (sparse-aware optimizers update only looked-up rows, tables shard by row as every other table).
 
 Size: table rows x (S - 1) x ffm_dim x 4 bytes, S = id fields + normalized numerics. The synthetic
-preset (a few 100k rows, ~20 fields, dim 4) is tens of MB; 7.2M rows x 38 x 4 x 4 B = 4.4 GB for a
-39-field Criteo-sized model (plus two optimizer slots while training), hence the small default
-`ffm_dim=4` (libffm's own default) and `embedding_dim` not being used here.
+preset's 39 fields capped at 16k buckets (223k rows): 223k x 38 x 4 x 4 B = 136 MB; uncapped (7.2M
+rows) 4.4 GB, plus two LazyAdam slots while training. Hence the small default `ffm_dim=4` (libffm's
+own default) and `embedding_dim` not being used here. Serving moves S x (S - 1) x ffm_dim floats per
+prediction (23.7 KB for 39 fields): ~9x DeepFM's compute (BENCHMARKS.md, "Model zoo").
 """
 from __future__ import annotations
 
