@@ -777,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), type(e).__name__, json_mode)
     except OSError as e:
         return _fail(_os_error_message(e), "OSError", json_mode)
+    except UnicodeDecodeError as e:  # a file given as text (a config, a schema) holds binary data
+        return _fail(f"a file given to {args.command} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                     "check the paths passed", "InputError", json_mode)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -228,7 +228,7 @@ class _LineCutter:
             head = (known + c[max(start - base, 0): max(start - base, 0) + _HEAD])[:_HEAD]
         if self.blk is not None:
             self._emit_rows(start, out)
-        out.append(_Block(self.index, self.file, self.kind, start, end, self.line_no, head, too_long=True))
+        out.append(_Block(self.index, self.file, self.kind, start, end, self.line_no, head if self.keep_data else None, too_long=True))
         self.index += 1
         self.blk, self.blk_line, self.buf, self.long_head = end, self.line_no + 1, bytearray(), None
         self.line_start, self.line_no = end, self.line_no + 1
@@ -259,7 +259,8 @@ class _LineCutter:
     def finish(self) -> list[_Block]:
         out: list[_Block] = []
         if self.long_head is not None:
-            out.append(_Block(self.index, self.file, self.kind, self.line_start, self.pos, self.line_no, self.long_head, too_long=True))
+            out.append(_Block(self.index, self.file, self.kind, self.line_start, self.pos, self.line_no,
+                              self.long_head if self.keep_data else None, too_long=True))
             self.index += 1
         elif self.blk is not None:
             self._emit_rows(self.pos, out)

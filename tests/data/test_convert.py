@@ -168,3 +168,40 @@ def test_verify_names_the_damaged_shard(tmp_path, criteo_file):
     r = shards.verify(tmp_path / "o")
     assert not r["ok"] and [d["file"] for d in r["damaged"]] == [victim.name]
     assert "checksum mismatch" in r["damaged"][0]["reason"]
+
+
+@pytest.mark.parametrize("keep_data", [False, True])
+def test_line_cutter_matches_a_line_by_line_reference(keep_data):
+    """Random line lengths (some over the limit), random piece sizes, with and without a final newline."""
+    from ctrflow.data.convert import _LineCutter
+
+    rng = np.random.default_rng(1 if keep_data else 2)
+    for trial in range(30):
+        lengths = rng.choice([0, 1, 5, 30, 99, 100, 101, 400], size=int(rng.integers(1, 60)))
+        lines = [bytes([97 + i % 26]) * int(n) for i, n in enumerate(lengths)]
+        data = b"\n".join(lines) + (b"\n" if trial % 2 else b"")
+        block_bytes, max_line = int(rng.integers(1, 300)), 100
+        cutter = _LineCutter("f", "text", 0, 1, block_bytes, max_line, keep_data, 0)
+        blocks, pos = [], 0
+        while pos < len(data):
+            step = int(rng.integers(1, 250))
+            blocks += cutter.feed(data[pos:pos + step])
+            pos += step
+        blocks += cutter.finish()
+        # Reference: every line either inside exactly one row block, or a too_long block of its own.
+        starts = np.cumsum([0] + [len(x) + 1 for x in lines])[:-1]
+        got_rows, got_long = [], []
+        for b in blocks:
+            if b.too_long:
+                got_long.append((b.first_line, b.start))
+                continue
+            text = data[b.start:b.end]
+            if keep_data:
+                assert b.data == text
+            got_rows += [(b.first_line + i, line) for i, line in enumerate(text.split(b"\n")[:text.count(b"\n") + (0 if text.endswith(b"\n") else 1)])]
+        assert [b.index for b in blocks] == list(range(len(blocks)))
+        assert all(b.end - b.start >= block_bytes or b is blocks[-1] or blocks[blocks.index(b) + 1].too_long or b.too_long for b in blocks)
+        n_real = len(lines) - (0 if trial % 2 or lines[-1] else 1)  # no final newline + empty last "line" = no line
+        want_long = [(i + 1, int(starts[i])) for i in range(n_real) if len(lines[i]) > max_line]
+        want_rows = [(i + 1, lines[i]) for i in range(n_real) if len(lines[i]) <= max_line]
+        assert got_long == want_long and got_rows == want_rows, (trial, block_bytes)
