@@ -9,7 +9,7 @@ Each gets the same open-loop Poisson schedule (same seed) of 100-candidate reque
 then JSON `instances`, from `ctrflow.bench.loadgen`. Reported: p50/p99 latency, CPU µs per prediction.
 
 Usage: python benchmarks/bench_serving.py [--model-base-path DIR] [--columnar-rate 400] [--json-rate 100]
-       [--duration-s 8] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2]
+       [--duration-s 8] [--repeat 2] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2]
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--duration-s", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds over the stacks, interleaved (a busy machine drifts)")
     ap.add_argument("--child-aiohttp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_aiohttp:
@@ -163,29 +165,47 @@ def main() -> None:
             archive = subprocess.run(["git", "-C", str(REPO), "archive", args.old_ref, "ctrflow"], check=True, capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
         rows = []
-        for stack in stacks:
-            child = start_stack(stack, base, old_tree)
-            try:
-                for protocol, rate in (("columnar", args.columnar_rate), ("rest", args.json_rate)):
-                    report = run_load(LoadOptions(
-                        url=f"http://127.0.0.1:{child.port}", model_name="ctr", protocol=protocol, rate_rps=rate,
-                        candidates=args.candidates, duration_s=args.duration_s, timeout_ms=100.0, seed=args.seed,
-                        server_pid=child.proc.pid, connections=64))
-                    r = report.results[0]
-                    rows.append({"stack": stack, "protocol": protocol, "rate_rps": rate, "ok": r.ok, "sent": r.sent,
-                                 "p50_ms": r.latency_ms["p50"], "p99_ms": r.latency_ms["p99"],
-                                 "p99.9_ms": r.latency_ms["p99.9"], "errors": r.errors + r.timeouts + r.rejected,
-                                 "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
-                                 "predictions_per_s": r.predictions_per_s})
-            finally:
-                child.close()
-    head = f"{'stack':8s} {'protocol':9s} {'req/s':>6s} {'ok/sent':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'p99.9 ms':>8s} {'errors':>6s} {'CPU µs/pred':>11s}"
+        for round_ in range(args.repeat):
+            for stack in stacks:
+                child = start_stack(stack, base, old_tree)
+                try:
+                    for protocol, rate in (("columnar", args.columnar_rate), ("rest", args.json_rate)):
+                        report = run_load(LoadOptions(
+                            url=f"http://127.0.0.1:{child.port}", model_name="ctr", protocol=protocol, rate_rps=rate,
+                            candidates=args.candidates, duration_s=args.duration_s, timeout_ms=100.0, seed=args.seed,
+                            server_pid=child.proc.pid, connections=64))
+                        r = report.results[0]
+                        rows.append({"stack": stack, "round": round_, "protocol": protocol, "rate_rps": rate, "ok": r.ok,
+                                     "sent": r.sent, "p50_ms": r.latency_ms["p50"], "p99_ms": r.latency_ms["p99"],
+                                     "p99.9_ms": r.latency_ms["p99.9"], "errors": r.errors + r.timeouts + r.rejected,
+                                     "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
+                                     "predictions_per_s": r.predictions_per_s, "mean_batch_rows": r.mean_batch_rows})
+                finally:
+                    child.close()
+    summary = []
+    for stack in stacks:
+        for protocol in ("columnar", "rest"):
+            mine = [r for r in rows if r["stack"] == stack and r["protocol"] == protocol]
+            med = lambda k: statistics.median(r[k] for r in mine if r[k] is not None)  # noqa: E731
+            summary.append({"stack": stack, "protocol": protocol, "runs": len(mine), "p50_ms": med("p50_ms"),
+                            "p99_ms": med("p99_ms"), "cpu_us_per_prediction": med("cpu_us_per_prediction"),
+                            "mean_batch_rows": med("mean_batch_rows"),
+                            "errors": sum(r["errors"] for r in mine), "sent": sum(r["sent"] for r in mine)})
+    head = f"{'stack':8s} {'round':>5s} {'protocol':9s} {'req/s':>6s} {'ok/sent':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'p99.9 ms':>8s} {'errors':>6s} {'CPU µs/pred':>11s}"
     print(head)
     for r in rows:
-        print(f"{r['stack']:8s} {r['protocol']:9s} {r['rate_rps']:6.0f} {r['ok']:>5d}/{r['sent']:<5d} {r['p50_ms']:7.2f} "
+        print(f"{r['stack']:8s} {r['round']:5d} {r['protocol']:9s} {r['rate_rps']:6.0f} {r['ok']:>5d}/{r['sent']:<5d} {r['p50_ms']:7.2f} "
               f"{r['p99_ms']:7.2f} {r['p99.9_ms']:8.2f} {r['errors']:6d} {r['cpu_us_per_prediction'] or float('nan'):11.2f}")
+    print()
+    print(f"median over {args.repeat} rounds:")
+    print(f"{'stack':8s} {'protocol':9s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU µs/pred':>11s} {'batch rows':>10s} {'errors/sent':>12s}")
+    for r in summary:
+        print(f"{r['stack']:8s} {r['protocol']:9s} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['cpu_us_per_prediction']:11.2f} "
+              f"{r['mean_batch_rows']:10.0f} "
+              f"{r['errors']:>5d}/{r['sent']:<6d}")
     print(json.dumps({"benchmark": "serving_stacks", "candidates": args.candidates, "duration_s": args.duration_s,
-                      "old_ref": args.old_ref, "results": rows}))
+                      "columnar_rate_rps": args.columnar_rate, "json_rate_rps": args.json_rate, "old_ref": args.old_ref,
+                      "summary": summary, "results": rows}))
 
 
 if __name__ == "__main__":

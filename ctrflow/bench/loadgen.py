@@ -435,9 +435,12 @@ def _fetch_features(url: str, model: str) -> _Features:
     if status != 200:
         raise ConfigError(f"{url}: GET /v1/models/{model}/metadata answered {status}: {body[:300]!r}.")
     inputs = json.loads(body)["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
-    # A TF Serving SignatureDef: strings are the categoricals, every other input a numeric.
-    cats = tuple(n for n, v in inputs.items() if v.get("dtype") == "DT_STRING")
-    nums = tuple(n for n, v in inputs.items() if v.get("dtype") != "DT_STRING")
+    # ctrflow's metadata says "kind"; a plain SignatureDef only its dtype (strings are categorical).
+    def kind(v: dict) -> str:
+        return v.get("kind") or ("categorical" if v.get("dtype") == "DT_STRING" else "numeric")
+
+    cats = tuple(n for n, v in inputs.items() if kind(v) == "categorical")
+    nums = tuple(n for n, v in inputs.items() if kind(v) == "numeric")
     return _Features(cats, nums)
 
 

@@ -93,6 +93,34 @@ def _refusal(status: int, message: str) -> bytes:
         STATUS_LINE[status], len(body), extra, body)
 
 
+class _OneWriteResponse:
+    """The transport as a request's cycle sees it: the response head is held and sent with the body.
+
+    uvicorn writes a response's head and body separately; joined they cost one send() instead of two.
+    Everything but `write` is the real transport's.
+    """
+
+    __slots__ = ("_transport", "_cycle", "_held")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        cycle = self._cycle
+        if self._held is None and cycle.response_started and not cycle.response_complete and cycle.chunked_encoding is False:
+            if data[:9] == b"HTTP/1.1 " and cycle.expected_content_length and cycle.scope["method"] != "HEAD":
+                self._held = data  # the head of a response whose body follows
+                return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class StrictHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus the framing rules and limits llhttp leaves to its user."""
 
@@ -110,7 +138,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._chunks = 0
         self._chunked = False
         self._reserved: deque[list[int]] = deque()  # per request not yet answered: [bytes reserved]
-        self._timer: asyncio.TimerHandle | None = None  # head or body timer
+        self._deadline: float | None = None  # loop time by which the head or body must be complete
+        self._deadline_for: tuple[str, float] = ("head", 0.0)  # what, and its timeout in seconds
         self._drain_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: bytes | None = None
         self._lingered = 0
@@ -241,6 +270,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
         super().on_headers_complete()
+        self.cycle.transport = _OneWriteResponse(self.transport, self.cycle)  # type: ignore[assignment]
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -293,16 +323,21 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._reserved[-1][0] += n
 
     def _set_timer(self, seconds: float, what: str) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(seconds, self._timed_out, what, seconds)
+        # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
+        # which costs less per request than arming and cancelling two TimerHandles.
+        self._deadline = self.loop.time() + seconds
+        self._deadline_for = (what, seconds)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the transport's sweep: answer 408 if the head or body is late."""
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            self._timed_out(*self._deadline_for)
 
     def _timed_out(self, what: str, seconds: float) -> None:
-        self._timer = None
         if self.flow is not None and self.flow.read_paused:
             # We stopped reading (a pipelined request waits, or the app has not taken the body yet):
             # the client is not late. Look again later.
@@ -375,9 +410,12 @@ class HttpTransport:
         """Bind (errors raise here), then serve on a background thread; returns the bound port."""
         host = self.options.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
+        # it Nagle holds the body write behind the head write for a delayed ACK (40 ms per answer).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((host, self.options.port))
             sock.listen(1024)
         except OSError:
@@ -408,12 +446,28 @@ class HttpTransport:
         started.wait(60)
         return port
 
+    async def _sweep(self) -> None:
+        """Head and body deadlines of every connection, checked a few times per timeout."""
+        tick = min(max(min(self.shared.head_timeout_s, self.shared.body_timeout_s) / 4, 0.02), 1.0)
+        loop = asyncio.get_running_loop()
+        while True:  # until the transport's loop ends (cancelled with the other tasks)
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for protocol in list(self._server.server_state.connections):
+                check = getattr(protocol, "check_deadline", None)
+                if check is not None:
+                    check(now)
+
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
+        sweeper = asyncio.ensure_future(self._sweep())
         task = asyncio.ensure_future(self._server.serve(sockets=sockets))
         while not self._server.started and not task.done():
             await asyncio.sleep(0.005)
         started.set()
-        await task
+        try:
+            await task
+        finally:
+            sweeper.cancel()
 
     def collect(self) -> list[Any]:
         """The transport's own metric families (connections, buffered body bytes, refusals by code)."""

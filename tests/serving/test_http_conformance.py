@@ -160,6 +160,14 @@ def test_malformed_content_length_is_400_not_a_traceback(live, value, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
+def test_head_requests_get_a_head_without_a_body(live):
+    with connect(live) as s:
+        s.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = read_all(s)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 405 ") and rest.startswith(b"HTTP/1.1 200 ")  # no body after the HEAD answer
+
+
 def test_post_without_a_length_is_411(live):
     assert refused(exchange(live, PREDICT + b"\r\n"), 411, "Content-Length")
 
