@@ -102,9 +102,14 @@ def main() -> None:
         print(f"{r['run']:8} {r['ok']:7d} {r['errors']:6d} {lat['p50']:8.2f} {lat['p99']:8.2f} {lat['p99.9']:9.2f} {lat['max']:8.2f}")
     steady = [r for r in runs if r["run"] == "steady"]
     swaps = [r for r in runs if r["run"] == "swap"]
-    ratio = max(s["latency_ms"]["p99.9"] for s in swaps) / max(min(s["latency_ms"]["p99.9"] for s in steady), 1e-9)
+    # Each swap run against the steady run just before it (a shared machine drifts between pairs),
+    # and the worst case: the slowest swap run over the fastest steady run.
+    pairs = [w["latency_ms"]["p99.9"] / max(s["latency_ms"]["p99.9"], 1e-9) for s, w in zip(steady, swaps)]
+    worst = max(w["latency_ms"]["p99.9"] for w in swaps) / max(min(s["latency_ms"]["p99.9"] for s in steady), 1e-9)
+    print("p99.9 swap / steady, per pair: " + ", ".join(f"{r:.2f}" for r in pairs) + f"; worst case {worst:.2f} (target <= 2)")
     print(json.dumps({"bench": "reload", "rate_rps": args.rate, "candidates": args.candidates, "duration_s": args.duration,
-                      "swap_at_s": args.swap_at_s, "runs": runs, "p999_swap_over_steady": ratio}))
+                      "swap_at_s": args.swap_at_s, "runs": runs, "p999_swap_over_steady_pairs": pairs,
+                      "p999_swap_over_steady_worst": worst}))
 
 
 if __name__ == "__main__":

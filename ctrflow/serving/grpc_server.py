@@ -187,6 +187,7 @@ class GrpcServer:
         started = time.perf_counter()
         name = request.model_spec.name
         code, rows = "OK", 0
+        rollout = None
         try:
             spec = request.model_spec
             version = spec.version.value if spec.HasField("version") else None
@@ -195,6 +196,14 @@ class GrpcServer:
             output_filter = list(request.output_filter)
             remaining = context.time_remaining()
             timeout_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
+            rollout = self._manager.rollouts.get(name) if version is None and label is None else None
+            if rollout is not None:  # a traffic split: the arm by the key in the call's metadata (header)
+                from ctrflow.serving.rollout import choose_arm
+
+                key = self._manager.rollouts.key_of(
+                    rollout, {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}, None)
+                arm = choose_arm(rollout.arms, key)
+                name, version, label = arm.model, arm.version, arm.label
             loaded = self._manager.acquire(name, version, label)
             try:
                 predictor = loaded.predictor
@@ -219,12 +228,16 @@ class GrpcServer:
                 used = loaded.version
             finally:
                 self._manager.release(loaded)
+            if rollout is not None:
+                self._manager.rollouts.record(rollout, arm, rows, time.perf_counter() - started, True)
             # Typed *_val fields, as TF Serving's default AsProtoField serialization fills them.
             return predict_response(name, used, signature, outputs)
         except self._grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             code = type(e).__name__
+            if rollout is not None and "arm" in locals():
+                self._manager.rollouts.record(rollout, arm, 0, time.perf_counter() - started, False)
             await self._abort(context, e)
         finally:
             label_ = name if name in self._manager.model_names else "_unknown"  # bounded label values

@@ -36,7 +36,7 @@ rollouts:
     shadow: {{model: next, fraction: 1.0}}
     log: {{path: served-log, fraction: 0.5, rows_per_shard: 200, flush_s: 0.2}}
 """)
-    server, _ = start_server(ServeOptions(model_config_file=str(cfg), port=0, poll_interval_s=3600))
+    server, _ = start_server(ServeOptions(model_config_file=str(cfg), port=0, grpc_port=0, poll_interval_s=3600))
     yield server, rows, root
     server.stop()
 
@@ -78,13 +78,29 @@ def test_split_is_sticky_per_user_shadow_never_changes_answers_and_logs_read_bac
     with server.manager.lease("ctr", 1) as p:
         direct = p.predict(columns(batch))
     np.testing.assert_allclose(probs, np.tile(direct, (len(probs), 1)), rtol=1e-6)  # answers are the served arm's only
+    # gRPC calls split by the same key (call metadata), onto the same arm as over REST.
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "ctr"
+    cols = columns(batch)
+    for n, values in cols.items():
+        request.inputs[n].CopyFrom(tf.make_tensor_proto(values, tf.string) if n.startswith("C") else
+                                   tf.make_tensor_proto([np.nan if v is None else v for v in values], tf.float64))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        for user in users[:10]:
+            answer = stub.Predict(request, timeout=30, metadata=(("x-user-id", user),))
+            assert str(answer.model_spec.version.value) in seen[user]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         stats = json.loads(Client(server.url).get("/v1/rollouts")[2])["rollouts"]["ctr"]
         if stats["shadow"]["requests"] + stats["shadow"]["dropped"] + stats["shadow"]["errors"] >= 200:
             break
         time.sleep(0.1)
-    assert sum(a["requests"] for a in stats["arms"].values()) == 200
+    assert sum(a["requests"] for a in stats["arms"].values()) == 210
     assert stats["arms"]["ctr/l:stable"]["rows"] == 20 * stats["arms"]["ctr/l:stable"]["requests"]
     shadow = stats["shadow"]
     assert shadow["requests"] > 100 and shadow["errors"] == 0 and shadow["max_abs_diff"] < 1e-6  # same weights
