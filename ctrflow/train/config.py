@@ -16,8 +16,8 @@ Defaults that converge without flags
   scaled with the batch size
   by `lr_scaling` ("sqrt": rate x sqrt(batch / reference), the rule for Adam-family and adaptive
   optimizers; "linear" for plain SGD; "none"), so `--batch-size` can change without retuning.
-- Regularization: L2 on the rows a batch touched (`l2`), so rare ids do not overfit and are not shrunk
-  while absent.
+- Regularization: L2 on the rows a batch touched (`l2`, 1e-4), so rare ids do not overfit and are not
+  shrunk while absent; dropout 0.2 in the MLP of the default model.
 """
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ class TrainConfig:
     the embeddings and the MLP). Sparse groups update only the rows a batch touched.
     """
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm"))
+    # DeepFM with MLP dropout 0.2 (measured: zipfmix 0.1216-0.1237 vs 0.1251 without, synthetic equal);
+    # the CLI's `--model KIND` keeps these settings and changes the kind.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm", dropout=0.2))
     optimizer: str = "lazyadam"  # one of OPTIMIZER_NAMES, for every group not in optimizer_groups
     learning_rate: float | None = None  # > 0 for every group; None: DEFAULT_LEARNING_RATES[optimizer][group]
     optimizer_groups: dict[str, GroupOptimizer] = field(default_factory=dict)

@@ -126,6 +126,7 @@ def test_bad_settings_are_refused_at_construction_with_the_nearest_name():
         TrainConfig.from_dict({"learning_rat": 0.1})
 
 
+@pytest.mark.slow
 def test_cli_bad_input_answers_error_exit_2_and_writes_nothing(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards
     for args, message in (
@@ -148,6 +149,7 @@ def test_warm_start_across_model_kinds_is_refused_before_anything_is_written(tmp
     assert not (tmp_path / "fm").exists()
 
 
+@pytest.mark.slow
 def test_config_file_yaml_numbers_and_file_line_errors(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards
     (tmp_path / "c.yaml").write_text("model: {kind: lr}\nlearning_rate: 1e-3\nbatch_size: 4096\nmax_steps: 2\nholdout_fraction: 0\n")
