@@ -107,9 +107,6 @@ class Trainer:
             self.overhead_s += time.perf_counter() - t0
 
 
-_Trainer = Trainer  # the name the cluster tests and older tools used
-
-
 def _weights(b: Batch) -> np.ndarray:
     return b.weight if b.weight is not None else np.ones(b.rows, np.float32)
 

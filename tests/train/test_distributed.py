@@ -220,7 +220,7 @@ from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 from ctrflow.train.distributed import DistributedOptions, _ClusterTrainer, _partitioner
-from ctrflow.train.loop import Trainer as _Trainer
+from ctrflow.train.loop import Trainer
 def port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
 cluster = {"worker": [f"127.0.0.1:{port()}"], "ps": [f"127.0.0.1:{port()}", f"127.0.0.1:{port()}"]}
@@ -237,7 +237,7 @@ result = {"diff": {}}
 for name in ("sgd", "adagrad", "lazyadam", "ftrl"):  # ftrl last: its trainer (two slots) is inspected below
     config = TrainConfig(model=ModelConfig("deepfm", embedding_dim=8, hidden=(16,)), optimizer=name, learning_rate=0.05)
     t = _ClusterTrainer(pathlib.Path(tempfile.mkdtemp()), config, spec, strategy)
-    single = _Trainer(pathlib.Path(tempfile.mkdtemp()), config, spec)
+    single = Trainer(pathlib.Path(tempfile.mkdtemp()), config, spec)
     three = tf.function(lambda: [strategy.run(t._step, args=batch) for _ in range(3)])
     coordinator.schedule(three)
     coordinator.join()
