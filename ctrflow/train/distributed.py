@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -353,11 +354,17 @@ def train_distributed(
                 f"Resume on a cluster with {then['ps']} ps and the same partitioner options, or start a new run folder "
                 f"with --warm-start {run} (the weights carry over)."
             )
-    source = core.resolve_validation(data, valid, config, run)
-    table = shard_table(source.train)
-    _check_files(source.train, table, spec_cluster)
-    info["validation"] = {"source": source.source, "note": source.note, "data": None if source.valid is None else str(source.valid)}
-    core.write_run_info(run, info)
+    new_folder = not run.exists()
+    try:
+        source = core.resolve_validation(data, valid, config, run)
+        table = shard_table(source.train)
+        _check_files(source.train, table, spec_cluster)
+        info["validation"] = {"source": source.source, "note": source.note, "data": None if source.valid is None else str(source.valid)}
+        core.write_run_info(run, info)
+    except BaseException:
+        if new_folder:  # refused or out of disk before run.json: leave no folder behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     with open_batches(source.train, PipelineOptions(batch_size=1, shuffle=False)) as first:
         rows, positives = first.rows or 0, first.positives
     try:

@@ -197,8 +197,7 @@ def test_train_on_a_full_disk_answers_error_exit_2_and_leaves_no_temp_file(tmp_p
         r = cli("train", "--data", str(train_dir), "--out", str(mnt / "run"), "--model", "lr", "--max-steps", "2", "--json", **popen)
         assert r.returncode == 2 and r.stderr.startswith("error: cannot write") and "Traceback" not in r.stderr, r.stderr
         assert json.loads(r.stdout.splitlines()[-1])["type"] == "TrainingError"
-        left = [p.name for p in (mnt / "run").rglob("*")] if (mnt / "run").exists() else []
-        assert not [n for n in left if ".tmp" in n or "partial" in n], left
+        assert not (mnt / "run").exists()  # a new run folder that could not be written is not left half made
     finally:
         if popen:
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
