@@ -550,7 +550,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-restore-best", action="store_true", help="end on the last checkpoint, not the best validation's")
     p.add_argument("--negative-sampling-rate", type=float,
                    help="keep each negative row with this probability, in (0, 1] (default 1); exports are corrected")
-    p.add_argument("--reference-batch-size", type=int, help="the batch size learning rates are given for (default 1024)")
+    p.add_argument("--reference-batch-size", type=int, help="the batch size learning rates are given for (default 4096)")
     p.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], help="rates follow the batch size (default sqrt)")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--hogwild-threads", type=int)

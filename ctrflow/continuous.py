@@ -62,6 +62,7 @@ from ctrflow.atomic import atomic_write_json, atomic_writer
 from ctrflow.data import shards as shardio
 from ctrflow.errors import ConfigError, CtrflowError, ShardCorruptError, TrainingError
 from ctrflow.train.config import TrainConfig
+from ctrflow.validation import Choice, Float, Int, check_fields
 
 __all__ = [
     "ContinuousOptions",
@@ -121,28 +122,11 @@ class ContinuousOptions:
     embedding_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        def bad(name: str, must: str) -> ConfigError:
-            return ConfigError(f"The '{name}' option of ContinuousOptions must be {must}. Got {getattr(self, name)!r} instead.")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0 or math.isinf(self.tolerance):
-            raise bad("tolerance", "a finite float >= 0")
-        if not isinstance(self.holdout_fraction, (int, float)) or not 0 < self.holdout_fraction <= 0.5:
-            raise bad("holdout_fraction", "a float in (0, 0.5]")
-        if not is_int(self.min_slice_rows) or self.min_slice_rows < 10:
-            raise bad("min_slice_rows", "an int >= 10")
-        if self.reset_stale_after_slices is not None and (not is_int(self.reset_stale_after_slices) or self.reset_stale_after_slices < 1):
-            raise bad("reset_stale_after_slices", "None or an int >= 1")
-        if not isinstance(self.poll_seconds, (int, float)) or not self.poll_seconds > 0:
-            raise bad("poll_seconds", "a number > 0")
-        if self.max_polls is not None and (not is_int(self.max_polls) or self.max_polls < 1):
-            raise bad("max_polls", "None or an int >= 1")
-        if not is_int(self.keep_runs) or self.keep_runs < 0:
-            raise bad("keep_runs", "an int >= 0")
-        if self.embedding_dtype not in ("float32", "float16"):
-            raise bad("embedding_dtype", "'float32' or 'float16'")
+        check_fields(self, {
+            "tolerance": Float(0), "holdout_fraction": Float(0, 0.5, low_open=True), "min_slice_rows": Int(10),
+            "reset_stale_after_slices": Int(1, optional=True), "poll_seconds": Float(0, low_open=True),
+            "max_polls": Int(1, optional=True), "keep_runs": Int(0), "embedding_dtype": Choice(("float32", "float16")),
+        })
 
 
 @dataclass

@@ -80,8 +80,8 @@ def write_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise TrainingError(f"cannot write {what}: {e.strerror or e} ({getattr(e, 'filename', None) or what}). "
-                            "Free disk space (or fix permissions) and rerun.") from None
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise TrainingError(f"cannot write {what}: {e.strerror or e}{where}. Free disk space (or fix permissions) and rerun.") from None
     except tf.errors.OpError as e:
         if isinstance(e, (tf.errors.UnavailableError, tf.errors.InvalidArgumentError)):
             raise

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -56,6 +57,7 @@ from ctrflow.train import core
 from ctrflow.train.checkpoints import RunCheckpoints, clean_partial_checkpoints, latest_checkpoint, make_counters
 from ctrflow.train.cluster import ClusterSpec, check_port_free, check_reachable, cluster_from_env, load_cluster
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
+from ctrflow.validation import Choice, Float, Int, check_fields
 from ctrflow.train.core import DISTRIBUTED_KEY, RUN_FILE, RunHistory, TrainSummary, init_output_bias, training_step
 
 __all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS"]
@@ -96,20 +98,11 @@ class DistributedOptions:
     poll_s: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.partitioner not in PARTITIONERS:
-            raise ConfigError(f"The 'partitioner' option of DistributedOptions must be one of {list(PARTITIONERS)}. "
-                              f"Got {self.partitioner!r} instead.")
-        ints = {"min_shard_bytes": 1, "shards": 0, "in_flight_per_worker": 1}
-        if self.steps_per_function is not None:
-            ints["steps_per_function"] = 1
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"The '{name}' option of DistributedOptions must be an int >= {low}. Got {v!r} instead.")
-        for name in ("connect_timeout_s", "stall_timeout_s", "poll_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"The '{name}' option of DistributedOptions must be a number > 0. Got {v!r} instead.")
+        check_fields(self, {
+            "partitioner": Choice(PARTITIONERS), "min_shard_bytes": Int(1), "shards": Int(0),
+            "steps_per_function": Int(1, optional=True), "in_flight_per_worker": Int(1),
+            "connect_timeout_s": Float(0, low_open=True), "stall_timeout_s": Float(0, low_open=True), "poll_s": Float(0, low_open=True),
+        })
 
     def function_steps(self, config: TrainConfig) -> int:
         if self.steps_per_function is not None:
@@ -361,11 +354,17 @@ def train_distributed(
                 f"Resume on a cluster with {then['ps']} ps and the same partitioner options, or start a new run folder "
                 f"with --warm-start {run} (the weights carry over)."
             )
-    source = core.resolve_validation(data, valid, config, run)
-    table = shard_table(source.train)
-    _check_files(source.train, table, spec_cluster)
-    info["validation"] = {"source": source.source, "note": source.note, "data": None if source.valid is None else str(source.valid)}
-    core.write_run_info(run, info)
+    new_folder = not run.exists()
+    try:
+        source = core.resolve_validation(data, valid, config, run)
+        table = shard_table(source.train)
+        _check_files(source.train, table, spec_cluster)
+        info["validation"] = {"source": source.source, "note": source.note, "data": None if source.valid is None else str(source.valid)}
+        core.write_run_info(run, info)
+    except BaseException:
+        if new_folder:  # refused or out of disk before run.json: leave no folder behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     with open_batches(source.train, PipelineOptions(batch_size=1, shuffle=False)) as first:
         rows, positives = first.rows or 0, first.positives
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 import time
 from dataclasses import asdict
@@ -107,9 +108,6 @@ class Trainer:
             self.overhead_s += time.perf_counter() - t0
 
 
-_Trainer = Trainer  # the name the cluster tests and older tools used
-
-
 def _weights(b: Batch) -> np.ndarray:
     return b.weight if b.weight is not None else np.ones(b.rows, np.float32)
 
@@ -149,6 +147,7 @@ def train(
     is_stream = hasattr(data, "read") or str(data) == "-"
     opts = PipelineOptions(batch_size=config.batch_size, epochs=1, shuffle_buffer_rows=config.shuffle_buffer_rows, seed=config.seed)
     first: BatchStream | None = open_batches(data, opts)  # epoch 0's stream; also tells schema and spec
+    new_folder = not run.exists()
     try:
         spec = first.spec
         info = core.run_info(first, config, data)
@@ -165,6 +164,8 @@ def train(
     except BaseException:
         if first is not None:
             first.close()
+        if new_folder:  # refused or out of disk before run.json: leave no folder behind
+            shutil.rmtree(run, ignore_errors=True)
         raise
     train_data = source.train
     max_epochs = config.max_epochs(source.valid is not None)

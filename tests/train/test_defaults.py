@@ -70,11 +70,12 @@ def test_epochs_run_until_early_stopping_and_the_best_checkpoint_is_restored(tmp
 
 def test_learning_rates_follow_the_batch_size():
     base = TrainConfig(model=ModelConfig("fm"))
-    assert base.learning_rate is None and base.reference_batch_size == 1024
+    assert base.learning_rate is None and base.reference_batch_size == base.batch_size == 4096
     for g, rate in DEFAULT_LEARNING_RATES["lazyadam"].items():
-        assert TrainConfig(model=ModelConfig("fm"), batch_size=1024).effective_learning_rate(g) == pytest.approx(rate)
-        assert TrainConfig(model=ModelConfig("fm"), batch_size=4096).effective_learning_rate(g) == pytest.approx(2 * rate)
-    lin = TrainConfig(model=ModelConfig("fm"), optimizer="sgd", learning_rate=0.1, batch_size=256, lr_scaling="linear")
+        assert TrainConfig(model=ModelConfig("fm"), batch_size=4096).effective_learning_rate(g) == pytest.approx(rate)
+        assert TrainConfig(model=ModelConfig("fm"), batch_size=1024).effective_learning_rate(g) == pytest.approx(rate / 2)
+        assert TrainConfig(model=ModelConfig("fm"), batch_size=16384).effective_learning_rate(g) == pytest.approx(2 * rate)
+    lin = TrainConfig(model=ModelConfig("fm"), optimizer="sgd", learning_rate=0.1, batch_size=1024, lr_scaling="linear")
     assert lin.effective_learning_rate("dense") == pytest.approx(0.025)
     assert TrainConfig(learning_rate=0.1, batch_size=8, lr_scaling="none").effective_learning_rate("linear") == 0.1
 
@@ -87,12 +88,16 @@ def test_negative_sampling_is_corrected_in_evaluate_and_export(tmp_path, synthet
     from ctrflow.export import export
 
     train_dir, test_dir, _ = synthetic_shards
-    cfg = TrainConfig(model=ModelConfig("lr"), batch_size=1024, epochs=2, negative_sampling_rate=0.2, holdout_fraction=0.0)
+    # Defaults otherwise (held-out split, early stopping), the rates of batch 4096 at batch 1024 (small data):
+    # the correction is exact for a model calibrated per example on the sampled data; an under-fit one is
+    # less spread than the truth and, the correction being convex, comes out low (measured: 0.93 trained
+    # to early stopping; the same model without sampling: 1.02; BENCHMARKS.md).
+    cfg = TrainConfig(model=ModelConfig("lr"), batch_size=1024, lr_scaling="none", negative_sampling_rate=0.2)
     s = train(train_dir, tmp_path / "r", cfg)
     assert s.negative_sampling_rate == 0.2 and json.loads((tmp_path / "r" / "run.json").read_text())["negative_sampling_rate"] == 0.2
-    assert s.examples < 0.35 * 2 * 60_000  # about 20% of the negatives (and every positive) were trained on
+    assert s.examples < 0.35 * s.epochs * 54_000  # about 20% of the negatives (and every positive) were trained on
     ev = evaluate(tmp_path / "r", test_dir)
-    assert 0.85 < ev["calibration"] < 1.15, ev["calibration"]
+    assert 0.85 < ev["calibration"] < 1.15, ev["calibration"]  # uncorrected it would be ~3.5
     exp = export(tmp_path / "r", tmp_path / "models")
     loaded = tf.saved_model.load(exp.path).signatures["predict_ids"]
     with open_batches(test_dir, PipelineOptions(batch_size=20_000, shuffle=False)) as b:
@@ -121,6 +126,7 @@ def test_bad_settings_are_refused_at_construction_with_the_nearest_name():
         TrainConfig.from_dict({"learning_rat": 0.1})
 
 
+@pytest.mark.slow
 def test_cli_bad_input_answers_error_exit_2_and_writes_nothing(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards
     for args, message in (
@@ -143,9 +149,10 @@ def test_warm_start_across_model_kinds_is_refused_before_anything_is_written(tmp
     assert not (tmp_path / "fm").exists()
 
 
+@pytest.mark.slow
 def test_config_file_yaml_numbers_and_file_line_errors(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards
-    (tmp_path / "c.yaml").write_text("model: {kind: lr}\nlearning_rate: 1e-3\nbatch_size: 1024\nmax_steps: 2\nholdout_fraction: 0\n")
+    (tmp_path / "c.yaml").write_text("model: {kind: lr}\nlearning_rate: 1e-3\nbatch_size: 4096\nmax_steps: 2\nholdout_fraction: 0\n")
     assert TrainConfig.load(tmp_path / "c.yaml").learning_rate == 0.001
     r = cli("train", "--data", str(train_dir), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--json", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -190,8 +197,7 @@ def test_train_on_a_full_disk_answers_error_exit_2_and_leaves_no_temp_file(tmp_p
         r = cli("train", "--data", str(train_dir), "--out", str(mnt / "run"), "--model", "lr", "--max-steps", "2", "--json", **popen)
         assert r.returncode == 2 and r.stderr.startswith("error: cannot write") and "Traceback" not in r.stderr, r.stderr
         assert json.loads(r.stdout.splitlines()[-1])["type"] == "TrainingError"
-        left = [p.name for p in (mnt / "run").rglob("*")] if (mnt / "run").exists() else []
-        assert not [n for n in left if ".tmp" in n or "partial" in n], left
+        assert not (mnt / "run").exists()  # a new run folder that could not be written is not left half made
     finally:
         if popen:
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)

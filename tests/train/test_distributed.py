@@ -31,7 +31,7 @@ from ctrflow.train.distributed import DistributedOptions, train_distributed
 from conftest import REPO
 
 SMALL = dict(batch_size=1024, learning_rate=0.01, checkpoint_every_steps=20, log_every_steps=10, epochs=1, holdout_fraction=0.0,
-             l2=0.0, early_stopping_patience=0)  # the settings these tests were written for (one epoch, no split)
+             l2=0.0, early_stopping_patience=0, lr_scaling="none")  # the settings these tests were written for (one epoch, no split)
 
 # The coordinator process of the cluster tests: train_distributed with TF_CONFIG from LocalCluster.
 # argv: data, out, config JSON, options JSON, valid or "", warm start or "". Last stdout line: the summary JSON.
@@ -181,7 +181,7 @@ def test_settings_that_cannot_hold_on_a_cluster_are_rejected_early(tmp_path, syn
         train_distributed(train_dir, tmp_path / "run", TrainConfig(deterministic=True, **SMALL), cluster=cluster)
     with pytest.raises(ConfigError, match="reads shard folders"):
         train_distributed("-", tmp_path / "run", TrainConfig(**SMALL), cluster=cluster)
-    with pytest.raises(ConfigError, match="'partitioner' option of DistributedOptions must be one of"):
+    with pytest.raises(ConfigError, match="'partitioner' parameter of DistributedOptions must be one of"):
         DistributedOptions(partitioner="round_robin")
     with pytest.raises(ConfigError, match="needs a cluster"):
         os.environ.pop("TF_CONFIG", None)
@@ -220,7 +220,7 @@ from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 from ctrflow.train.distributed import DistributedOptions, _ClusterTrainer, _partitioner
-from ctrflow.train.loop import Trainer as _Trainer
+from ctrflow.train.loop import Trainer
 def port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
 cluster = {"worker": [f"127.0.0.1:{port()}"], "ps": [f"127.0.0.1:{port()}", f"127.0.0.1:{port()}"]}
@@ -237,7 +237,7 @@ result = {"diff": {}}
 for name in ("sgd", "adagrad", "lazyadam", "ftrl"):  # ftrl last: its trainer (two slots) is inspected below
     config = TrainConfig(model=ModelConfig("deepfm", embedding_dim=8, hidden=(16,)), optimizer=name, learning_rate=0.05)
     t = _ClusterTrainer(pathlib.Path(tempfile.mkdtemp()), config, spec, strategy)
-    single = _Trainer(pathlib.Path(tempfile.mkdtemp()), config, spec)
+    single = Trainer(pathlib.Path(tempfile.mkdtemp()), config, spec)
     three = tf.function(lambda: [strategy.run(t._step, args=batch) for _ in range(3)])
     coordinator.schedule(three)
     coordinator.join()

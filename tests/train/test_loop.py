@@ -22,7 +22,7 @@ from conftest import REPO
 # The settings these tests were written for: one epoch, no held-out split, no L2, no early stopping
 # (test_defaults.py covers the converging defaults).
 SMALL = dict(batch_size=1024, learning_rate=0.003, checkpoint_every_steps=20, epochs=1, holdout_fraction=0.0, l2=0.0,
-             early_stopping_patience=0)
+             early_stopping_patience=0, lr_scaling="none")
 
 
 def cfg(kind="fm", **kw):

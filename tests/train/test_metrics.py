@@ -206,3 +206,23 @@ def test_empty_accumulator_does_not_crash():
     acc = MetricsAccumulator()
     m = acc.result()
     assert m["rows"] == 0 and math.isnan(m["auc"]) and math.isnan(m["logloss"])
+
+
+def test_reliability_bins_are_equal_mass_ordered_and_calibrated_for_a_calibrated_model():
+    from ctrflow.train.metrics import expected_calibration_error, reliability
+
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.001, 0.2, 20_000)
+    y = (rng.random(20_000) < p).astype(np.float32)  # drawn from p: calibrated by construction
+    pts = reliability(y, p, bins=10)
+    assert [b["rows"] for b in pts] == [2_000] * 10
+    assert all(a["high"] <= b["low"] for a, b in zip(pts, pts[1:]))
+    assert expected_calibration_error(pts) < 0.01
+    twice = reliability(y, p * 2, bins=10)  # a model predicting double: every bin over-predicts
+    assert all(b["predicted"] > b["observed"] for b in twice) and expected_calibration_error(twice) > 0.05
+    w = np.where(np.arange(20_000) % 2 == 0, 2.0, 0.0)  # weights: only the even rows count, twice
+    weighted = reliability(y, p, w, bins=5)
+    even = reliability(y[::2], p[::2], bins=5)
+    for a, b in zip(weighted, even):
+        assert a["predicted"] == pytest.approx(b["predicted"]) and a["observed"] == pytest.approx(b["observed"])
+    assert reliability([], []) == []
