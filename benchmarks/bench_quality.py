@@ -16,7 +16,8 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,deepfm] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--work /tmp/ctrflow-bench-quality]
+        [--talkingdata-ids explicit|inferred] [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
+Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
 """
 from __future__ import annotations
@@ -250,6 +251,18 @@ def run_deepctr(tok: Tokens, bayes: float | None, *, max_epochs: int = 5) -> lis
 PEERS = {"sklearn": run_sklearn, "vw": run_vw, "deepctr": run_deepctr}
 
 
+class _LazyTokens:
+    """Reads the CSVs only when a peer actually runs (cached peers need nothing)."""
+
+    def __init__(self, ds: quality_common.Dataset) -> None:
+        self.ds, self._t = ds, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._t is None:
+            self._t = Tokens(self.ds)
+        return getattr(self._t, name)
+
+
 def _table(name: str, ds: quality_common.Dataset, rows: list[dict]) -> str:
     bayes = ds.bayes.get("test")
     head = f"\n### {name}" + (f" (Bayes-optimal test logloss {bayes:.5f})" if bayes is not None else "") + (f" — {ds.note}" if ds.note else "")
@@ -277,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="explicit: --categorical ip,app,device,os,channel; inferred: the schema inference alone")
     ap.add_argument("--max-buckets", type=int, default=1 << 18, help="cap of the synthetic preset's hash buckets")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
+    ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
     a = ap.parse_args(argv)
     work = Path(a.work)
     results: dict[str, Any] = {}
@@ -294,10 +308,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # an unknown model (not yet added) or a failed run is reported, not fatal
                 rows.append({"model": f"ctrflow {m}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
             print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)
-        tok = Tokens(ds) if a.peers else None
+        tok = _LazyTokens(ds)
         for p in [p for p in a.peers.split(",") if p]:
+            cache = work / name / f"peer-{p}.json"  # peers do not change when ctrflow does: reuse unless --rerun-peers
+            if cache.exists() and not a.rerun_peers:
+                rows += json.loads(cache.read_text())
+                print(f"  {name}: {p} from {cache}", file=sys.stderr, flush=True)
+                continue
             try:
-                rows += PEERS[p](tok, ds.bayes.get("test"))
+                got = PEERS[p](tok, ds.bayes.get("test"))
+                cache.write_text(json.dumps(got, default=float))
+                rows += got
             except ImportError as e:
                 rows.append({"model": p, "error": f"not installed ({e.name}): pip install -r benchmarks/requirements.txt"})
             except Exception as e:

@@ -24,8 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common  # noqa: E402
 
 
-def run_setting(ds: quality_common.Dataset, config: Any, work: Path, *, max_epochs: int, patience: int) -> dict[str, Any]:
-    """Train epoch by epoch with early stopping on ds.valid; the test metrics of the best epoch."""
+def _scaled(config: Any, factor: float) -> Any:
+    """`config` with every learning rate times `factor` (the rate is not checkpointed: a resume takes it)."""
+    from ctrflow.train.config import GroupOptimizer
+
+    groups = {g: GroupOptimizer(o.name, o.learning_rate * factor, dict(o.extra)) for g, o in config.optimizer_groups.items()}
+    return config.replace(learning_rate=config.learning_rate * factor, optimizer_groups=groups)
+
+
+def run_setting(ds: quality_common.Dataset, config: Any, work: Path, *, max_epochs: int, patience: int,
+                decay: float = 1.0) -> dict[str, Any]:
+    """Train epoch by epoch with early stopping on ds.valid; the test metrics of the best epoch.
+    `decay` < 1 multiplies every learning rate by it after each epoch (epoch e trains at rate * decay^(e-1))."""
     from ctrflow.train.evaluate import evaluate
     from ctrflow.train.loop import train
 
@@ -39,7 +49,8 @@ def run_setting(ds: quality_common.Dataset, config: Any, work: Path, *, max_epoc
     err = None
     for e in range(1, max_epochs + 1):
         try:
-            s = train(ds.shards["train"], run, config.replace(epochs=e, keep_checkpoints=1), valid=ds.shards["valid"])
+            cfg = _scaled(config, decay ** (e - 1)) if decay != 1.0 else config
+            s = train(ds.shards["train"], run, cfg.replace(epochs=e, keep_checkpoints=1), valid=ds.shards["valid"])
         except Exception as ex:  # a diverged setting is a result, not a crash of the study
             err = f"{type(ex).__name__}: {str(ex)[:120]}"
             break
@@ -66,7 +77,7 @@ def run_setting(ds: quality_common.Dataset, config: Any, work: Path, *, max_epoc
 
 def make_config(model: str, *, opt: str = "lazyadam", lr: float = 1e-3, linear: tuple[str, float] | None = None,
                 embedding: tuple[str, float] | None = None, dense: tuple[str, float] | None = None,
-                l2: float = 0.0, dim: int = 16, batch: int = 4096, dropout: float = 0.0, hidden=(256, 128)):
+                l2: float = 0.0, dim: int = 16, batch: int = 4096, dropout: float = 0.0, hidden=(256, 128), decay: float = 1.0):
     from ctrflow.models.registry import ModelConfig
     from ctrflow.train.config import GroupOptimizer, TrainConfig
 
@@ -114,14 +125,20 @@ def grid(name: str) -> list[tuple[str, str, dict[str, Any]]]:
         for opt, lrs in (("adagrad", (0.5, 1.0)), ("ftrl", (1.0,)), ("sgd", (2.0,)), ("lazyadam", (0.1,))):
             for lr in lrs:
                 g.append(("lr", f"{opt} {lr}", {"opt": opt, "lr": lr}))
+    elif name == "decay":  # the candidate defaults with every rate halved after each epoch
+        g.append(("lr", "lazyadam 0.01 l2 1e-4 decay 0.5", {"opt": "lazyadam", "lr": 0.01, "l2": 1e-4, "decay": 0.5}))
+        g.append(("lr", "lazyadam 0.02 l2 1e-4 decay 0.5", {"opt": "lazyadam", "lr": 0.02, "l2": 1e-4, "decay": 0.5}))
+        g.append(("fm", "lin lazyadam 0.01 + lazyadam 0.003 l2 1e-4 decay 0.5",
+                  {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "l2": 1e-4, "decay": 0.5}))
+        g.append(("deepfm", "lin lazyadam 0.01 + lazyadam 0.002 l2 1e-4 dropout 0.2 decay 0.5",
+                  {"opt": "lazyadam", "lr": 0.002, "linear": ("lazyadam", 0.01), "l2": 1e-4, "dropout": 0.2, "decay": 0.5}))
     elif name == "combo":  # candidate defaults together
-        g.append(("lr", "lazyadam 0.01 l2 1e-4", {"opt": "lazyadam", "lr": 0.01, "l2": 1e-4}))
-        g.append(("fm", "lin lazyadam 0.01 + lazyadam 0.003 l2 1e-4", {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "l2": 1e-4}))
-        g.append(("deepfm", "lin lazyadam 0.01 + lazyadam 0.002 l2 1e-4 dropout 0.2",
-                  {"opt": "lazyadam", "lr": 0.002, "linear": ("lazyadam", 0.01), "l2": 1e-4, "dropout": 0.2}))
-    elif name == "current":  # today's TrainConfig defaults, for reference
-        for model in ("lr", "fm", "deepfm"):
-            g.append((model, "current defaults (lazyadam 0.001, 1 epoch)", {}))
+        g.append(("lr", "lazyadam 0.01 l2 0.001", {"opt": "lazyadam", "lr": 0.01, "l2": 1e-3}))
+        for l2 in (1e-3, 1e-4):
+            g.append(("fm", f"lin lazyadam 0.01 + lazyadam 0.003 l2 {l2:g}",
+                      {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "l2": l2}))
+            g.append(("deepfm", f"lin lazyadam 0.01 + lazyadam 0.002 l2 {l2:g} dropout 0.2",
+                      {"opt": "lazyadam", "lr": 0.002, "linear": ("lazyadam", 0.01), "l2": l2, "dropout": 0.2}))
     else:
         raise SystemExit(f"unknown grid {name!r}")
     return g
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="synthetic,zipfmix,talkingdata")
     ap.add_argument("--rows", type=int, default=150_000)
     ap.add_argument("--work", default="/tmp/ctrflow-quality-study")
-    ap.add_argument("--grid", default="lr", help="lr|fm|deepfm|l2|dim|batch|current (comma-separated)")
+    ap.add_argument("--grid", default="lr", help="lr|lr2|fm|deepfm|l2|combo|decay|dim|batch|current (comma-separated)")
     ap.add_argument("--only", help="only settings whose label contains this")
     ap.add_argument("--max-epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=1)
@@ -146,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             for model, label, kw in grid(gname):
                 if a.only and a.only not in label:
                     continue
+                decay = kw.pop("decay", 1.0)
                 cfg = make_config(model, **kw)
                 epochs = 1 if gname == "current" else a.max_epochs
-                r = run_setting(ds, cfg, work / dname, max_epochs=epochs, patience=a.patience)
+                r = run_setting(ds, cfg, work / dname, max_epochs=epochs, patience=a.patience, decay=decay)
                 row = {"dataset": dname, "grid": gname, "model": model, "setting": label, **r,
                        "bayes_test": ds.bayes.get("test")}
                 with open(a.results, "a") as f:

@@ -55,6 +55,7 @@ def test_two_trials_write_a_best_config_that_trains(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["best_trial"] == s.best_trial
 
 
+@pytest.mark.slow
 def test_budget_too_small_for_one_trial_writes_nothing(tiny, tmp_path):
     out = tmp_path / "tuned"
     with pytest.raises(ConfigError, match="too small for one trial"):
