@@ -1,0 +1,1 @@
+"""Client-side helpers for bidders that compute model inputs themselves (no TensorFlow)."""
