@@ -10,10 +10,12 @@ column goes through each SipHash round at once, with no Python loop per value an
     ids = hasher.ids({"site": ["a.com", ""], "hour": [3.0, float("nan")], ...})   # int32 [B, F]
     numeric = hasher.numeric({"hour": [3.0, float("nan")], ...})                  # float32 [B, N]
 
-Implementation: values become (UTF-8 bytes, offsets) through pyarrow (C++), rows are sorted by their
-number of 8-byte SipHash packets and cut into cache-sized chunks, each chunk is gathered into a
-zero-padded uint8 matrix whose last packet carries the length byte, viewed as little-endian uint64
-[rows, packets], and compressed packet by packet on the prefix of rows that still have that packet.
+Implementation: values become (UTF-8 bytes, offsets) through pyarrow (C++); each value's bytes are
+scattered once into its own zero-padded run of 8-byte packets whose last one carries the length byte,
+viewed as little-endian uint64; rows are sorted by packet count and compressed a packet at a time on the
+prefix of rows that still have that packet, in cache-sized chunks. `FeatureHasher.ids` hashes all
+categorical fields of a request in one pass (per-lane keys), so a 100-row request costs ~1-2 ms, not
+one pass per field.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ __all__ = ["HASH_SPEC_VERSION", "FeatureHasher", "siphash24", "hash_bucket_ids"]
 
 HASH_SPEC_VERSION = "ctrflow-hash-1"
 
-_CHUNK = 8192  # rows per chunk: the eight uint64 state/temp lanes stay in L2
+_CHUNK = 16384  # rows per chunk: the state and scratch lanes stay in L2
 _C = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
 _U = np.uint64
 
@@ -63,28 +65,19 @@ def _sipround(v0: np.ndarray, v1: np.ndarray, v2: np.ndarray, v3: np.ndarray, t:
         _rotl(v2, 32, t)
 
 
-def _siphash_chunk(data: np.ndarray, starts: np.ndarray, lens: np.ndarray, k0: int, k1: int) -> np.ndarray:
-    """SipHash-2-4 of rows sorted by descending packet count (data: uint8 bytes, rows at starts/lens)."""
-    n = len(lens)
-    packets = lens // 8 + 1
-    width = int(packets[0]) * 8
-    cols = np.arange(width, dtype=np.int64)
-    m = np.zeros((n, width), np.uint8)
-    inside = cols[None, :] < lens[:, None]
-    if data.size:
-        m[inside] = data[(starts[:, None] + cols[None, :])[inside]]
-    m[np.arange(n), (packets - 1) * 8 + 7] = (lens & 0xFF).astype(np.uint8)  # SipHash's final packet
-    words = m.view("<u8")  # [n, packets]: little-endian, whatever the host's byte order
-    v0 = np.full(n, _C[0] ^ k0, _U)
-    v1 = np.full(n, _C[1] ^ k1, _U)
-    v2 = np.full(n, _C[2] ^ k0, _U)
-    v3 = np.full(n, _C[3] ^ k1, _U)
+def _siphash_sorted(words: np.ndarray, woff: np.ndarray, packets: np.ndarray, k0: np.ndarray,
+                    k1: np.ndarray) -> np.ndarray:
+    """SipHash-2-4 of rows sorted by descending packet count; row r's packets are words[woff[r]:...]."""
+    n = len(packets)
+    v0, v1 = _U(_C[0]) ^ k0, _U(_C[1]) ^ k1
+    v2, v3 = _U(_C[2]) ^ k0, _U(_C[3]) ^ k1
     t = np.empty(n, _U)
-    active = np.searchsorted(-packets, -np.arange(1, packets[0] + 1), side="right")  # rows with > i packets
+    most = int(packets[0])
+    active = np.searchsorted(-packets, -np.arange(1, most + 1), side="right")  # rows with > i packets
     with np.errstate(over="ignore"):
-        for i in range(int(packets[0])):
+        for i in range(most):
             k = int(active[i])
-            w = np.ascontiguousarray(words[:k, i])
+            w = words[woff[:k] + i]
             a0, a1, a2, a3 = v0[:k], v1[:k], v2[:k], v3[:k]
             a3 ^= w
             _sipround(a0, a1, a2, a3, t[:k], 2)
@@ -95,6 +88,37 @@ def _siphash_chunk(data: np.ndarray, starts: np.ndarray, lens: np.ndarray, k0: i
     v2 ^= v3
     v0 ^= v2
     return v0
+
+
+def _siphash_offsets(data: np.ndarray, offsets: np.ndarray, k0: Any, k1: Any) -> np.ndarray:
+    """uint64 SipHash-2-4 of rows data[offsets[r]:offsets[r+1]], with per-row (or shared) key halves.
+
+    Each row's bytes are scattered once into its own zero-padded run of 8-byte packets (its last packet
+    carries the length byte), so the work is proportional to the bytes, not to rows x longest value.
+    """
+    lens = np.diff(offsets)
+    n = len(lens)
+    if n == 0:
+        return np.empty(0, _U)
+    packets = lens // 8 + 1
+    woff = np.cumsum(packets) - packets  # first packet of each row in the padded buffer
+    flat = np.zeros(int(packets.sum()) * 8, np.uint8)
+    total = int(offsets[-1] - offsets[0])
+    if total:
+        shift = np.repeat(woff * 8 - (offsets[:-1] - offsets[0]), lens)
+        flat[np.arange(total) + shift] = data[offsets[0]:offsets[-1]]
+    flat[(woff + packets - 1) * 8 + 7] = (lens & 0xFF).astype(np.uint8)  # SipHash's final packet
+    words = flat.view("<u8")  # little-endian packets, whatever the host's byte order
+    k0 = np.broadcast_to(np.asarray(k0, _U), (n,))
+    k1 = np.broadcast_to(np.asarray(k1, _U), (n,))
+    uniform = packets.min() == packets.max()
+    order = None if uniform else np.argsort(-packets, kind="stable")
+    out = np.empty(n, _U)
+    for lo in range(0, n, _CHUNK):
+        sel = slice(lo, min(lo + _CHUNK, n))
+        idx = sel if order is None else order[sel]
+        out[idx] = _siphash_sorted(words, woff[idx], packets[idx], k0[idx], k1[idx])
+    return out
 
 
 def _as_binary(values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -132,30 +156,13 @@ def _as_binary(values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def siphash24(values: Any, key: tuple[int, int], *, name: str = "value") -> np.ndarray:
     """uint64 keyed SipHash-2-4 of each value's UTF-8 bytes (the 64-bit hash TensorFlow reduces)."""
-    return _siphash_offsets(*_as_binary(values, name), key)
-
-
-def _siphash_offsets(data: np.ndarray, offsets: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-    lens = np.diff(offsets)
-    n = len(lens)
-    out = np.empty(n, _U)
-    if n == 0:
-        return out
-    order = np.argsort(-(lens // 8), kind="stable")
-    starts, lens_s = offsets[:-1][order], lens[order]
-    k0, k1 = int(key[0]), int(key[1])
-    hashed = np.empty(n, _U)
-    for lo in range(0, n, _CHUNK):
-        hi = min(lo + _CHUNK, n)
-        hashed[lo:hi] = _siphash_chunk(data, starts[lo:hi], lens_s[lo:hi], k0, k1)
-    out[order] = hashed
-    return out
+    return _siphash_offsets(*_as_binary(values, name), key[0], key[1])
 
 
 def hash_bucket_ids(values: Any, buckets: int, key: tuple[int, int], *, name: str = "value") -> np.ndarray:
     """int32 ids in [1, buckets) (`1 + siphash % (buckets - 1)`); empty/None → 0. Equals transforms.hash_values."""
     data, offsets = _as_binary(values, name)
-    h = _siphash_offsets(data, offsets, key)
+    h = _siphash_offsets(data, offsets, key[0], key[1])
     ids = (h % _U(buckets - 1)).astype(np.int64) + 1
     ids[np.diff(offsets) == 0] = 0
     return ids.astype(np.int32)
@@ -231,8 +238,21 @@ class FeatureHasher:
         """int32 [B, F]: categoricals in schema order (hashed), then numerics (discretized)."""
         rows = self._rows(columns)
         out = np.zeros((rows, len(self.schema.id_names)), np.int32)
-        for j, f in enumerate(self.schema.categorical):
-            out[:, j] = hash_bucket_ids(self._column(columns, f.name, rows), f.hash_buckets, self._keys[f.name], name=f.name)
+        cats = self.schema.categorical
+        if cats and rows:  # every field's values in one SipHash pass, with per-lane keys
+            datas, offs, base = [], [np.zeros(1, np.int64)], 0
+            for f in cats:
+                data, o = _as_binary(self._column(columns, f.name, rows), f.name)
+                datas.append(data[o[0]:o[-1]])
+                offs.append(o[1:] - o[0] + base)
+                base += int(o[-1] - o[0])
+            offsets = np.concatenate(offs)
+            keys = np.array([self._keys[f.name] for f in cats], _U)
+            h = _siphash_offsets(np.concatenate(datas), offsets, np.repeat(keys[:, 0], rows), np.repeat(keys[:, 1], rows))
+            mod = np.repeat(np.array([f.hash_buckets - 1 for f in cats], _U), rows)
+            ids = (h % mod).astype(np.int64) + 1
+            ids[np.diff(offsets) == 0] = 0
+            out[:, :len(cats)] = ids.reshape(len(cats), rows).T
         num = self._transformed(columns, rows)
         off = len(self.schema.categorical)
         for j, f in enumerate(self.schema.numeric):
