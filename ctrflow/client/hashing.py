@@ -145,6 +145,11 @@ def _as_binary(values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     elif not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)
               or pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)):
         raise InputError(f"Field '{name}': cannot hash values of type {arr.type}; send strings.")
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        try:  # the converter rejects rows with invalid UTF-8; refuse them here too (validated in C++)
+            arr = arr.cast(pa.large_string())
+        except pa.ArrowInvalid:
+            raise InputError(f"Field '{name}': a value is not valid UTF-8.") from None
     arr = arr.cast(pa.large_binary()).fill_null(b"")
     if arr.offset:
         arr = pa.concat_arrays([arr])  # drop a slice offset so the buffers start at row 0

@@ -93,6 +93,8 @@ def test_none_is_missing_and_bad_strings_are_refused():
     assert hash_bucket_ids([], 100, key).shape == (0,)
     with pytest.raises(InputError, match="'site'"):
         hash_bucket_ids(["ok", "\ud800"], 100, key, name="site")
+    with pytest.raises(InputError, match="'site': a value is not valid UTF-8"):
+        hash_bucket_ids([b"ok", b"\xff"], 100, key, name="site")
 
 
 def test_synthetic_preset_matches_the_shards(tmp_path):
