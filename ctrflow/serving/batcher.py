@@ -17,8 +17,9 @@ Submitting never blocks. `submit` raises at once for anything it can tell up fro
 - `SchemaError` when the arrays do not match the batcher's inputs (fixed by its first request),
 - `CtrflowError` once the batcher is closed.
 Everything later arrives through the future: `DeadlineExceeded` for a request whose deadline passed
-while it queued (its rows are dropped, never computed), or the exception `compute` raised, which fails
-only the requests in that batch.
+while it queued (its rows are dropped, never computed), or the exception `compute` raised. A failed call
+over several requests is re-run once per request, so one poison request fails alone, with its own
+error, and its batch-mates are still scored.
 
 Recommended use
 ---------------
@@ -457,29 +458,26 @@ class AutoBatcher:
             else:
                 live.append(task)
 
-        rows = batch.size - dropped
         completed = errors = 0
-        failed_call = False
+        calls: list[tuple[int, bool]] = []  # (rows, failed) of each compute call
         if live:
-            try:
-                scores = self._compute(_gather(live))
-                if not isinstance(scores, np.ndarray):
-                    scores = np.asarray(scores)
-                if scores.ndim == 0 or scores.shape[0] != rows:
-                    raise CtrflowError(
-                        f"The compute function of batcher '{self._name}' returned shape {scores.shape} "
-                        f"for a batch of {rows} rows; it must return one row of scores per input row."
-                    )
-            except Exception as error:  # fails this batch's requests only; the thread goes on
-                failed_call = True
+            outcome = self._score(live)
+            if isinstance(outcome, Exception) and len({id(t.request) for t in live}) > 1:
+                # One poison request must not fail its batch-mates: re-run each request on its own,
+                # so the good ones are scored and only the bad one fails, with its own error.
+                calls.append((sum(t.size for t in live), True))
+                by_request: dict[int, list[_Task]] = {}
                 for task in live:
-                    errors += task.request.fail(error)
+                    by_request.setdefault(id(task.request), []).append(task)
+                for group in by_request.values():
+                    alone = self._score(group)
+                    done, failed = self._finish(group, alone)
+                    completed, errors = completed + done, errors + failed
+                    calls.append((sum(t.size for t in group), isinstance(alone, Exception)))
             else:
-                offset = 0
-                for task in live:
-                    end = offset + task.size
-                    completed += task.request.deliver(task.index, scores[offset:end])
-                    offset = end
+                done, failed = self._finish(live, outcome)
+                completed, errors = completed + done, errors + failed
+                calls.append((sum(t.size for t in live), isinstance(outcome, Exception)))
 
         with self._cond:
             counts = self._counts
@@ -490,15 +488,47 @@ class AutoBatcher:
             counts.queue_wait_s_sum += wait_sum
             counts.queue_wait_count += len(batch.tasks)
             counts.queue_wait_s_max = max(counts.queue_wait_s_max, wait_max)
-            if live:
+            for call_rows, call_failed in calls:
                 counts.compute_calls += 1
-                counts.batch_size_counts[(rows - 1).bit_length()] += 1
-                if failed_call:
+                counts.batch_size_counts[(call_rows - 1).bit_length()] += 1
+                if call_failed:
                     counts.compute_errors += 1
-                    dropped += rows
                 else:
-                    counts.predictions += rows
-            counts.rows_dropped += dropped
+                    counts.predictions += call_rows
+            # Live rows that no call scored are dropped (after a re-run, only the failed requests' rows).
+            scored = sum(r for r, f in calls if not f)
+            counts.rows_dropped += dropped + (sum(t.size for t in live) - scored)
+
+    def _score(self, tasks: list[_Task]) -> np.ndarray | Exception:
+        """One compute call over the tasks' rows: the scores, or the exception that fails them."""
+        rows = sum(t.size for t in tasks)
+        try:
+            scores = self._compute(_gather(tasks))
+            if not isinstance(scores, np.ndarray):
+                scores = np.asarray(scores)
+            if scores.ndim == 0 or scores.shape[0] != rows:
+                raise CtrflowError(
+                    f"The compute function of batcher '{self._name}' returned shape {scores.shape} "
+                    f"for a batch of {rows} rows; it must return one row of scores per input row."
+                )
+        except Exception as error:  # fails these tasks' requests only; the thread goes on
+            return error
+        return scores
+
+    @staticmethod
+    def _finish(tasks: list[_Task], outcome: np.ndarray | Exception) -> tuple[int, int]:
+        """Hand each task its rows of `outcome` (or fail its request): (requests completed, failed)."""
+        completed = errors = 0
+        if isinstance(outcome, Exception):
+            for task in tasks:
+                errors += task.request.fail(outcome)
+            return 0, errors
+        offset = 0
+        for task in tasks:
+            end = offset + task.size
+            completed += task.request.deliver(task.index, outcome[offset:end])
+            offset = end
+        return completed, 0
 
     # ---- observing and closing --------------------------------------------------------------------
 
