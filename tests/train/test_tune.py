@@ -76,13 +76,14 @@ def test_options_and_space_are_checked():
 
 
 @pytest.mark.slow
-def test_cli_tune_json_and_existing_out(tiny, tmp_path):
+def test_cli_tune_without_valid_holds_out_the_latest_rows(tiny, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "ctrflow", "tune", "--data", str(tiny / "train"), "--valid", str(tiny / "valid"),
-           "--model", "lr", "--trials", "1", "--max-epochs", "1", "--out", str(out), "--json", "--quiet"]
+    cmd = [sys.executable, "-m", "ctrflow", "tune", "--data", str(tiny / "train"),
+           "--model", "lr", "--trials", "1", "--max-epochs", "1", "--out", str(out), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["trials"] == 1 and Path(d["best_config"]).exists() and d["model"] == "lr"
+    assert "validating on the latest 10% by the time column: 800 rows held out" in r.stdout
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
