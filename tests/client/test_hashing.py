@@ -134,3 +134,11 @@ def test_hasher_errors_name_the_column(tmp_path):
         hasher.ids({**cols, "I2": ["a", "b", "c"]})
     with pytest.raises(InputError, match="'C2' has 2 values, expected 3"):
         hasher.ids({**cols, "C2": ["a", "b"]})
+
+
+def test_client_hashing_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys, ctrflow.client.hashing; sys.exit('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
