@@ -188,14 +188,14 @@ def _cmd_read(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """TrainConfig from --config FILE (if any), overridden by every flag given on the command line."""
-    from ctrflow.models.registry import MODELS, ModelConfig
+    from ctrflow.models.registry import MODEL_KINDS, ModelConfig
     from ctrflow.train.config import GroupOptimizer, TrainConfig
     from ctrflow.validation import Choice
 
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     model = base.model.to_dict()
     if args.model is not None:
-        Choice(tuple(sorted(MODELS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
+        Choice(tuple(sorted(MODEL_KINDS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
     for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode"),
                       ("cross_layers", "cross_layers"), ("cross_structure", "cross_structure"), ("cross_rank", "cross_rank"),
                       ("ffm_dim", "ffm_dim")):

@@ -19,7 +19,7 @@ from ctrflow.models.layers import MLP, CtrModel, CrossNetwork, FieldEmbedding, S
 
 __all__ = ["DCNv2"]
 
-CROSS_STRUCTURES = ("parallel", "stacked")
+from ctrflow.models.registry import CROSS_STRUCTURES  # noqa: E402  (one copy, TensorFlow-free)
 
 
 class DCNv2(CtrModel):

@@ -6,23 +6,43 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.errors import ConfigError
-from ctrflow.models.dcnv2 import CROSS_STRUCTURES, DCNv2
-from ctrflow.models.deepfm import DeepFM
-from ctrflow.models.ffm import FieldAwareFM
-from ctrflow.models.fm import FactorizationMachine
-from ctrflow.models.fwfm import FieldWeightedFM
-from ctrflow.models.layers import CtrModel
-from ctrflow.models.lr import LogisticRegression
 from ctrflow.validation import Bool, Choice, Float, Int, check_fields, suggest
 
-__all__ = ["ModelConfig", "make_model", "MODELS", "TABLE_MODES", "CROSS_STRUCTURES"]
+if TYPE_CHECKING:
+    from ctrflow.models.layers import CtrModel
 
-# Model kinds by name, as written in configs and on the command line.
-MODELS: dict[str, type[CtrModel]] = {
-    m.kind: m for m in (LogisticRegression, FactorizationMachine, FieldWeightedFM, FieldAwareFM, DeepFM, DCNv2)
+__all__ = ["ModelConfig", "make_model", "model_class", "MODELS", "MODEL_KINDS", "TABLE_MODES", "CROSS_STRUCTURES"]
+
+# Model kinds by name, as written in configs and on the command line, and where each class lives. The
+# classes are imported on first use: settings (ModelConfig, TrainConfig) must load without TensorFlow.
+_CLASSES = {
+    "lr": ("ctrflow.models.lr", "LogisticRegression"),
+    "fm": ("ctrflow.models.fm", "FactorizationMachine"),
+    "fwfm": ("ctrflow.models.fwfm", "FieldWeightedFM"),
+    "ffm": ("ctrflow.models.ffm", "FieldAwareFM"),
+    "deepfm": ("ctrflow.models.deepfm", "DeepFM"),
+    "dcnv2": ("ctrflow.models.dcnv2", "DCNv2"),
 }
+MODEL_KINDS = tuple(_CLASSES)
+CROSS_STRUCTURES = ("parallel", "stacked")  # dcnv2's cross/MLP arrangement
+
+
+def model_class(kind: str) -> "type[CtrModel]":
+    """The class of model `kind` (imports TensorFlow)."""
+    module, name = _CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODELS":  # {kind: class}; built on demand so that importing this module stays TensorFlow-free
+        return {k: model_class(k) for k in MODEL_KINDS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 TABLE_MODES = ("shared", "per_field")
 
@@ -62,7 +82,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, {
-            "kind": Choice(tuple(MODELS)),
+            "kind": Choice(MODEL_KINDS),
             "embedding_dim": Int(1, 4096),
             "hidden": _widths,
             "dropout": Float(0.0, 1.0, high_open=True),
@@ -93,11 +113,11 @@ class ModelConfig:
             raise ConfigError(f"Unknown ModelConfig keys {unknown}; valid keys are {sorted(known)}."
                               + (f" Did you mean {', '.join(hints)}?" if hints else ""))
         if "kind" not in d:
-            raise ConfigError(f"ModelConfig needs a 'kind', one of {sorted(MODELS)}; got keys {sorted(d)}.")
+            raise ConfigError(f"ModelConfig needs a 'kind', one of {sorted(MODEL_KINDS)}; got keys {sorted(d)}.")
         return cls(**d)
 
 
-def make_model(config: ModelConfig, spec: FeatureSpec) -> CtrModel:
+def make_model(config: ModelConfig, spec: FeatureSpec) -> "CtrModel":
     """Create and build the model `config.kind` for inputs described by `spec`.
 
     Variables are created here (call it inside a distribution strategy's scope to place them there).
@@ -111,6 +131,6 @@ def make_model(config: ModelConfig, spec: FeatureSpec) -> CtrModel:
     Raises:
         ConfigError: a spec with no fields (or, for "ffm", fewer than two).
     """
-    model = MODELS[config.kind](config, spec)  # the kind was checked when the config was made
+    model = model_class(config.kind)(config, spec)  # the kind was checked when the config was made
     model.build()
     return model

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ctrflow.atomic import fsync_dir, replace_atomically
 from ctrflow.errors import ConfigError, CtrflowError, TrainingError
 from ctrflow.models.registry import ModelConfig
-from ctrflow.train.config import GroupOptimizer, TrainConfig
+from ctrflow.train.config import OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
 from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["TuneOptions", "TuneSummary", "tune", "SEARCH_SPACE"]
@@ -128,31 +128,25 @@ def config_with(base: TrainConfig, params: dict[str, Any], epochs: int) -> Train
     mchanges = {k: params[k] for k in ("embedding_dim", "dropout") if k in params}
     if mchanges:
         model = ModelConfig.from_dict({**model.to_dict(), **mchanges})
-    groups = dict(base.optimizer_groups)
-    lr = params.get("learning_rate", base.learning_rate)
-    for g, spec in list(groups.items()):
-        if g != "linear":
-            groups[g] = GroupOptimizer(spec.name, lr, dict(spec.extra))
-    if "linear_learning_rate" in params:
-        lin = groups.get("linear") or GroupOptimizer(base.optimizer, base.learning_rate)
-        groups["linear"] = GroupOptimizer(lin.name, params["linear_learning_rate"], dict(lin.extra))
-    elif "linear" in groups:
-        lin = groups["linear"]
-        groups["linear"] = GroupOptimizer(lin.name, lr, dict(lin.extra))
+    # Every group explicit, starting from the rates the base config would run with (its defaults included):
+    # `learning_rate` moves the embedding and dense groups (and the linear one unless it has its own).
+    lr = params.get("learning_rate")
+    groups = {}
+    for g in OPTIMIZER_GROUPS:
+        spec = base.group_optimizer(g)
+        rate = params.get("linear_learning_rate", lr) if g == "linear" else lr
+        groups[g] = GroupOptimizer(spec.name, spec.learning_rate if rate is None else rate, dict(spec.extra))
+    lr = base.learning_rate if lr is None else lr
     return base.replace(model=model, learning_rate=lr, optimizer_groups=groups, l2=params.get("l2", base.l2),
                         batch_size=params.get("batch_size", base.batch_size), epochs=epochs)
 
 
 def _holdout(data: str | os.PathLike, work: Path) -> tuple[Path, Path, str]:
-    """Without --valid: the latest 10% of rows by the time column (else the last 10% in file order)."""
-    from ctrflow.data import shards as shardio
-    from ctrflow.train.continuous import _split
+    """Without --valid: the latest 10% of rows by the time column (else a seeded random 10%), as `train` does."""
+    from ctrflow.train.holdout import hold_out
 
-    man = shardio.load_manifest(data)
-    train_dir, valid_dir, info = _split(Path(data), man, work / "holdout", 0.1)
-    has_time = man.data["schema"].get("time")
-    how = "the latest 10% by the time column" if has_time else "the last 10% of rows in file order (no time column)"
-    return train_dir, valid_dir, f"validating on {how}: {info['rows_gate']:,} rows held out, {info['rows_train']:,} trained on"
+    h = hold_out(data, work / "holdout", 0.1)
+    return Path(h.train), Path(h.valid), h.describe()
 
 
 def tune(

@@ -86,7 +86,7 @@ def test_ffm_follows_continuous_slices_resets_stale_rows_and_publishes_servable_
     from ctrflow.export import find_versions
     from ctrflow.schema import PRESETS
     from ctrflow.serving.predictor import Predictor
-    from ctrflow.train.continuous import ContinuousOptions, continuous_train, read_decisions
+    from ctrflow.continuous import ContinuousOptions, continuous_train, read_decisions
     from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
 
     days = ("mon", "tue", "wed")
