@@ -315,10 +315,8 @@ def _batching_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
 
-    from ctrflow.serving.model_server import start_server
+    from ctrflow.serving.model_server import serve_until_signalled, start_server
     from ctrflow.serving.server import ServeOptions
 
     opts = ServeOptions(
@@ -327,24 +325,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keep_versions=args.keep_versions, poll_interval_s=args.poll_interval_s, warmup=not args.no_warmup,
         drain_grace_s=args.drain_grace_s, max_body_bytes=args.max_body_bytes,
         max_rows_per_request=args.max_rows_per_request, default_timeout_ms=args.default_timeout_ms,
-        worker_threads=args.worker_threads,
+        worker_threads=args.worker_threads, head_timeout_s=args.head_timeout_s, body_timeout_s=args.body_timeout_s,
+        drain_timeout_s=args.drain_timeout_s, max_connections=args.max_connections,
+        max_buffered_body_bytes=args.max_buffered_body_bytes,
     )
     server, watcher = start_server(opts, config_poll_s=args.model_config_file_poll_wait_seconds or None)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     if not args.quiet:
         print(f"serving {status['models']} at {server.url}" + (f", gRPC on port {server.grpc_port}" if server.grpc_port else ""), flush=True)
     if args.json:
         print(json.dumps(status, default=str), flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        if watcher is not None:
-            watcher.close()
+    serve_until_signalled(server, watcher)
     return 0
 
 
@@ -486,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-request", type=int, default=100_000)
     p.add_argument("--default-timeout-ms", type=float, help="deadline of requests without X-Deadline-Ms")
     p.add_argument("--worker-threads", type=int, default=8)
+    p.add_argument("--head-timeout-s", type=float, default=10.0, help="longest a request head may take to arrive (then 408)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take to arrive (then 408)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="longest a client may take to read an answer (then dropped)")
+    p.add_argument("--max-connections", type=int, default=1000, help="open connections at most (beyond: 503)")
+    p.add_argument("--max-buffered-body-bytes", type=int, default=256 << 20,
+                   help="request body bytes buffered across all connections at most (beyond: 503)")
     _common(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ctrflow.atomic import replace_atomically
 from ctrflow.data.transforms import field_hash_key
 from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
@@ -252,7 +253,7 @@ def export(
         write_warmup_requests(tmp, schema, boundaries)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_atomically(tmp, final)
     except (OSError, tf.errors.OpError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"export to {final} failed ({str(e).strip()[:300]}); nothing was published.") from None

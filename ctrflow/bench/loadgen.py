@@ -44,6 +44,7 @@ import numpy as np
 
 from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, QueueFullError
 from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.validation import Choice, Float, Int, check_fields
 
 __all__ = ["LoadOptions", "LoadReport", "LoadResult", "arrival_times", "latency_summary", "run_load"]
 
@@ -107,23 +108,14 @@ class LoadOptions:
             if self.compare_batching:
                 raise ConfigError("'compare_batching' needs 'model_base_path' (the generator starts both targets); "
                                   "with 'url' the server's own batching is measured.")
-        if self.target not in _TARGETS:
-            raise ConfigError(f"The 'target' option of LoadOptions must be one of {_TARGETS}. Got {self.target!r} instead.")
-        if self.protocol not in _PROTOCOLS:
-            raise ConfigError(f"The 'protocol' option of LoadOptions must be one of {_PROTOCOLS}. Got {self.protocol!r} instead.")
-        for name in ("rate_rps", "duration_s", "timeout_ms", "drain_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"The '{name}' option of LoadOptions must be a finite number > 0. Got {v!r} instead.")
-        for name in ("candidates", "max_in_flight", "connections", "distinct_bodies"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ConfigError(f"The '{name}' option of LoadOptions must be an int >= 1. Got {v!r} instead.")
+        check_fields(self, {"target": Choice(tuple(_TARGETS)), "protocol": Choice(tuple(_PROTOCOLS)),
+                            **{n: Float(0.0, low_open=True) for n in ("rate_rps", "duration_s", "timeout_ms", "drain_s")},
+                            **{n: Int(1) for n in ("candidates", "max_in_flight", "connections", "distinct_bodies")}})
         if self.rate_rps * self.duration_s > MAX_REQUESTS:
             raise ConfigError(f"rate_rps * duration_s = {self.rate_rps * self.duration_s:.0f} requests is over the "
                               f"limit of {MAX_REQUESTS} per run; shorten the run.")
         if self.batching is not None and not isinstance(self.batching, BatchingOptions):
-            raise ConfigError(f"The 'batching' option of LoadOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
+            raise ConfigError(f"The 'batching' parameter of LoadOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
 
 
 def _check_loopback(url: str) -> None:
@@ -672,11 +664,11 @@ def _child_server(spec_json: str) -> None:
 
 
 def _model_info(base_path: str) -> tuple[_Features, Any, Path]:
+    from ctrflow.export import find_versions
     from ctrflow.schema import Schema
 
     base = Path(base_path)
-    versions = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "ctrflow.json").exists()) \
-        if base.is_dir() else []
+    versions = find_versions(base)
     if (base / "ctrflow.json").exists():
         folder = base
     elif versions:

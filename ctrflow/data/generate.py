@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from ctrflow.atomic import replace_atomically
 from ctrflow.errors import ConfigError
 from ctrflow.validation import Choice, Int, check_fields
 
@@ -178,7 +179,7 @@ def generate(
             while pending:
                 pending.popleft().result()
             csv_file.commit()
-        os.replace(tmp, path)
+        replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return GenerateSummary(

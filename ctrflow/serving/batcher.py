@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, QueueFullError, SchemaError
+from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["AutoBatcher", "BatcherStats", "BatchingOptions", "ComputeFn"]
 
@@ -81,33 +82,14 @@ class BatchingOptions:
     max_enqueued: int = 200_000
 
     def __post_init__(self) -> None:
-        _check_int("max_batch_size", self.max_batch_size, 1)
-        timeout = self.batch_timeout_ms
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, numbers.Real)
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            raise ConfigError(
-                "The 'batch_timeout_ms' option of BatchingOptions must be a finite number of "
-                f"milliseconds >= 0. Got {timeout!r} instead."
-            )
-        _check_int("num_batch_threads", self.num_batch_threads, 1)
-        _check_int("max_enqueued", self.max_enqueued, 1)
+        check_fields(self, {"max_batch_size": Int(1), "batch_timeout_ms": Float(0.0), "num_batch_threads": Int(1),
+                            "max_enqueued": Int(1)})
         if self.max_enqueued < self.max_batch_size:
             raise ConfigError(
-                "The 'max_enqueued' option of BatchingOptions must be >= max_batch_size "
+                "The 'max_enqueued' parameter of BatchingOptions must be >= max_batch_size "
                 f"({self.max_batch_size}) so that one full batch fits in the queue. "
                 f"Got {self.max_enqueued!r} instead."
             )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(
-            f"The '{name}' option of BatchingOptions must be an int >= {minimum}. Got {value!r} instead."
-        )
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,33 @@ _BATCHER_FAMILIES = (
 )
 
 
+def rollout_families(stats: dict[str, Any]) -> Iterable[Metric]:
+    """Per-arm and shadow figures of `RolloutSet.stats()` as metric families (labels rollout, arm)."""
+    requests = CounterMetricFamily("ctrflow_rollout_arm_requests", "Requests routed to a rollout arm.", labels=("rollout", "arm"))
+    rows = CounterMetricFamily("ctrflow_rollout_arm_rows", "Rows scored by a rollout arm.", labels=("rollout", "arm"))
+    errors = CounterMetricFamily("ctrflow_rollout_arm_errors", "Requests a rollout arm failed.", labels=("rollout", "arm"))
+    latency = CounterMetricFamily("ctrflow_rollout_arm_latency_seconds_sum", "Answer time summed over an arm's requests.",
+                                  labels=("rollout", "arm"))
+    shadow_rows = CounterMetricFamily("ctrflow_shadow_rows", "Rows mirrored to a shadow model and compared.", labels=("rollout",))
+    shadow_errors = CounterMetricFamily("ctrflow_shadow_errors", "Shadow requests that failed.", labels=("rollout",))
+    shadow_dropped = CounterMetricFamily("ctrflow_shadow_dropped", "Requests not mirrored: the shadow was busy.", labels=("rollout",))
+    shadow_diff = GaugeMetricFamily("ctrflow_shadow_mean_abs_score_diff", "Mean |shadow - served| probability.", labels=("rollout",))
+    for name, r in sorted(stats.items()):
+        for arm, a in sorted(r["arms"].items()):
+            requests.add_metric((name, arm), a["requests"])
+            rows.add_metric((name, arm), a["rows"])
+            errors.add_metric((name, arm), a["errors"])
+            latency.add_metric((name, arm), (a["mean_latency_ms"] or 0.0) * a["requests"] / 1e3)
+        if r.get("shadow"):
+            sh = r["shadow"]
+            shadow_rows.add_metric((name,), sh["rows"])
+            shadow_errors.add_metric((name,), sh["errors"])
+            shadow_dropped.add_metric((name,), sh["dropped"])
+            if sh["mean_abs_diff"] is not None:
+                shadow_diff.add_metric((name,), sh["mean_abs_diff"])
+    yield from (requests, rows, errors, latency, shadow_rows, shadow_errors, shadow_dropped, shadow_diff)
+
+
 class ModelCollector:
     """The model registry and every model's batcher counters, read from `gauges()` at scrape time."""
 

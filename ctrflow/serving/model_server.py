@@ -148,14 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CtrflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     where = {"rest_api_port": server.port, "port": server.grpc_port,
              "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     print(json.dumps(where) if args.json else
           f"Running gRPC ModelServer at {args.host}:{server.grpc_port} ... Exporting HTTP/REST API at "
           f"{args.host}:{server.port} ... serving {where['models']}", flush=True)
+    serve_until_signalled(server, watcher)
+    return 0
+
+
+def serve_until_signalled(server: Any, watcher: Any = None) -> None:
+    """Block until SIGTERM or SIGINT, then stop the server (in-flight requests finish) and the config watcher."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
@@ -163,7 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         if watcher is not None:
             watcher.close()
-    return 0
 
 
 if __name__ == "__main__":

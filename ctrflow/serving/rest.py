@@ -242,14 +242,7 @@ class RestRoutes:
             return {"probabilities": await self._score(predictor, features, timeout_ms)}
         if getattr(predictor, "batcher", None) is not None:
             return await predictor.apredict_outputs(features, timeout_ms=timeout_ms)
-        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
-        future = asyncio.get_running_loop().run_in_executor(self.pool, _outputs_before, predictor, features, deadline)
-        if deadline is None:
-            return await future
-        try:
-            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise DeadlineExceeded(f"The request passed its deadline of {timeout_ms:g} ms.") from None
+        return await self._off_loop(predictor.predict_outputs, features, timeout_ms)
 
     async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         headers = request.headers
@@ -324,9 +317,14 @@ class RestRoutes:
     async def _score(self, predictor: Any, features: Mapping[str, Any], timeout_ms: float | None) -> np.ndarray:
         if getattr(predictor, "batcher", None) is not None:
             return await predictor.apredict(features, timeout_ms=timeout_ms)
-        # Without batching each request is its own compute call; run it off the loop so others proceed.
+        return await self._off_loop(predictor.predict, features, timeout_ms)
+
+    async def _off_loop(self, compute: Callable[[Mapping[str, Any]], Any], features: Mapping[str, Any],
+                        timeout_ms: float | None) -> Any:
+        """Without batching each request is its own compute call: run it off the loop so others proceed,
+        and drop it unstarted if its deadline passes while it waits for a thread."""
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
-        future = asyncio.get_running_loop().run_in_executor(self.pool, _predict_before, predictor, features, deadline)
+        future = asyncio.get_running_loop().run_in_executor(self.pool, _compute_before, compute, features, deadline)
         if deadline is None:
             return await future
         try:
@@ -392,16 +390,10 @@ def _key_features(rollout: Any, request: RestRequest) -> Mapping[str, Any] | Non
     return None
 
 
-def _outputs_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> dict[str, np.ndarray]:
+def _compute_before(compute: Callable[[Mapping[str, Any]], Any], features: Mapping[str, Any], deadline: float | None) -> Any:
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
-    return predictor.predict_outputs(features)
-
-
-def _predict_before(predictor: Any, features: Mapping[str, Any], deadline: float | None) -> np.ndarray:
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("The request passed its deadline while waiting for a compute thread; dropped.")
-    return predictor.predict(features)
+    return compute(features)
 
 
 def split_model_path(rest: str) -> ModelTarget:

@@ -18,9 +18,10 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
-from ctrflow.serving.metrics import CONTENT_TYPE, ModelCollector, ServingMetrics, collector
+from ctrflow.serving.metrics import CONTENT_TYPE, ModelCollector, ServingMetrics, collector, rollout_families
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
+from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["ServeOptions", "Server", "serve"]
 
@@ -88,24 +89,19 @@ class ServeOptions:
                 f"'models' (several). Got {sources or 'none'}."
             )
         object.__setattr__(self, "models", tuple(self.models))
-        _check_int("port", self.port, 0, 65535)
+        check_fields(self, {"port": Int(0, 65535), "grpc_port": Int(0, 65535, optional=True), "keep_versions": Int(1),
+                            "max_body_bytes": Int(1024), "max_header_bytes": Int(1024), "max_rows_per_request": Int(1),
+                            "worker_threads": Int(1), "max_connections": Int(1)})
+        check_fields(self, {"max_buffered_body_bytes": Int(self.max_body_bytes)})
         if self.grpc_port is not None:
-            _check_int("grpc_port", self.grpc_port, 0, 65535)
             if self.grpc_port == self.port and self.port != 0:
-                raise ConfigError(f"The 'grpc_port' option of ServeOptions must differ from 'port' ({self.port}).")
-        _check_int("keep_versions", self.keep_versions, 1)
-        _check_int("max_body_bytes", self.max_body_bytes, 1024)
-        _check_int("max_header_bytes", self.max_header_bytes, 1024)
-        _check_int("max_rows_per_request", self.max_rows_per_request, 1)
-        _check_int("worker_threads", self.worker_threads, 1)
-        _check_int("max_connections", self.max_connections, 1)
-        _check_int("max_buffered_body_bytes", self.max_buffered_body_bytes, self.max_body_bytes)
+                raise ConfigError(f"The 'grpc_port' parameter of ServeOptions must differ from 'port' ({self.port}).")
         for name in ("keep_alive_timeout_s", "poll_interval_s", "head_timeout_s", "body_timeout_s", "drain_timeout_s"):
-            _check_positive(name, getattr(self, name))
+            check_fields(self, {name: Float(0.0, low_open=True)})
         if self.default_timeout_ms is not None:
-            _check_positive("default_timeout_ms", self.default_timeout_ms)
+            check_fields(self, {"default_timeout_ms": Float(0.0, low_open=True)})
         if self.batching is not None and not isinstance(self.batching, BatchingOptions):
-            raise ConfigError(f"The 'batching' option of ServeOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
+            raise ConfigError(f"The 'batching' parameter of ServeOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
 
     def model_specs(self) -> list[ModelSpec]:
         """The served models these options name."""
@@ -116,17 +112,6 @@ class ServeOptions:
         base = os.path.abspath(str(self.model_base_path))
         name = self.model_name or os.path.basename(base.rstrip(os.sep)) or "default"
         return [ModelSpec(name, base, batching=self.batching, keep_versions=self.keep_versions)]
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"The '{name}' option of ServeOptions must be an int {span}. Got {value!r} instead.")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"The '{name}' option of ServeOptions must be a finite number > 0. Got {value!r} instead.")
 
 
 class Server:
@@ -156,6 +141,7 @@ class Server:
         self._http = HttpTransport(options, self.routes.handle)
         self.metrics.add_collector(ModelCollector(self.manager.gauges, self.manager.ready))
         self.metrics.add_collector(collector(self._http.collect))
+        self.metrics.add_collector(collector(lambda: rollout_families(self.manager.rollouts.stats())))
 
     def _render_metrics(self) -> tuple[bytes, bytes]:
         return self.metrics.render(), CONTENT_TYPE

@@ -17,7 +17,7 @@ exactly TF Serving's behaviour for the SavedModel served:
   `tensorflow::Tensor::AsProtoField` does (TF Serving's default serialization in `predict_util.cc`),
   so `resp.outputs["probabilities"].float_val` holds the scores; requests may use either form.
 - **output_filter** (`select_outputs`) with TF Serving's own error wording.
-- **Versions**: `split_model_path` parses `/v1/models/NAME[/versions/V | /labels/L][/metadata][:verb]`.
+- **Versions**: `ctrflow.serving.rest.split_model_path` parses `/v1/models/NAME[/versions/V | /labels/L][/metadata][:verb]`.
 
 Nothing here holds state or touches the network. Errors raise `InvalidArgument` (a `SchemaError`:
 REST 400, gRPC INVALID_ARGUMENT) or `ModelNotFoundError` (404 / NOT_FOUND).
@@ -39,7 +39,6 @@ from ctrflow.errors import ModelNotFoundError, SchemaError
 __all__ = [
     "InvalidArgument",
     "JsonRequest",
-    "ModelPath",
     "Signature",
     "TensorInfo",
     "WARMUP_FILE",
@@ -52,7 +51,6 @@ __all__ = [
     "read_signature_defs",
     "select_outputs",
     "signatures_from_defs",
-    "split_model_path",
     "tensor_to_ndarray",
 ]
 
@@ -190,40 +188,6 @@ def select_outputs(signature: Signature, output_filter: Sequence[str]) -> tuple[
             raise InvalidArgument(f"duplicate output tensor alias: {alias}")
         seen.append(alias)
     return tuple(seen) or signature.output_names
-
-
-# ---- paths ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelPath:
-    """`/v1/models/NAME[/versions/V | /labels/L][/TAIL]` parsed."""
-
-    name: str
-    version: int | None
-    label: str | None
-    tail: str
-
-
-def split_model_path(rest: str) -> ModelPath:
-    """Parse what follows `/v1/models/` (the `:verb` already split off)."""
-    parts = rest.split("/")
-    name = parts[0]
-    if not name:
-        raise ModelNotFoundError("No model name in the path; use /v1/models/NAME.")
-    version = label = None
-    tail = parts[1:]
-    if len(tail) >= 2 and tail[0] == "versions":
-        if not tail[1].isdigit() or len(tail[1]) > 18:
-            raise ModelNotFoundError(f"Version {tail[1][:40]!r} is not a non-negative integer.")
-        version = int(tail[1])
-        tail = tail[2:]
-    elif len(tail) >= 2 and tail[0] == "labels":
-        if not tail[1]:
-            raise ModelNotFoundError("Empty version label in the path.")
-        label = tail[1]
-        tail = tail[2:]
-    return ModelPath(name, version, label, "/".join(tail))
 
 
 # ---- gRPC tensors ---------------------------------------------------------------------------------

@@ -428,10 +428,9 @@ def test_context_manager_closes_and_joins_threads():
 # ---- options and counters ------------------------------------------------------------------------
 
 
-INT_MESSAGE = "The '{}' option of BatchingOptions must be an int >= 1. Got {} instead."
+INT_MESSAGE = "The '{}' parameter of BatchingOptions must be an int >= 1. Got {} instead."
 TIMEOUT_MESSAGE = (
-    "The 'batch_timeout_ms' option of BatchingOptions must be a finite number of milliseconds >= 0. "
-    "Got {} instead."
+    "The 'batch_timeout_ms' parameter of BatchingOptions must be a number >= 0. Got {} instead."
 )
 
 
@@ -448,7 +447,7 @@ TIMEOUT_MESSAGE = (
         ({"max_enqueued": 0}, INT_MESSAGE.format("max_enqueued", 0)),
         (
             {"max_batch_size": 64, "max_enqueued": 32},
-            "The 'max_enqueued' option of BatchingOptions must be >= max_batch_size (64) so that one full "
+            "The 'max_enqueued' parameter of BatchingOptions must be >= max_batch_size (64) so that one full "
             "batch fits in the queue. Got 32 instead.",
         ),
     ],

@@ -232,7 +232,7 @@ def test_options_are_checked_with_the_fix_in_the_message(tmp_path):
         ServeOptions()
     with pytest.raises(ConfigError, match="exactly one of"):
         ServeOptions(model_base_path="a", model_config_file="b.yaml")
-    with pytest.raises(ConfigError, match="'port' option of ServeOptions must be an int in \\[0, 65535\\]. Got 70000"):
+    with pytest.raises(ConfigError, match="'port' parameter of ServeOptions must be an int in \\[0, 65535\\]. Got 70000"):
         ServeOptions(model_base_path="a", port=70000)
     with pytest.raises(ConfigError, match="max_body_bytes"):
         ServeOptions(model_base_path="a", max_body_bytes=10)

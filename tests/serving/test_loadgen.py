@@ -36,7 +36,7 @@ def test_options_refuse_non_loopback_targets_and_bad_values():
         LoadOptions(url="http://192.0.2.1:8501", model_name="m")
     with pytest.raises(ConfigError, match="exactly one of"):
         LoadOptions()
-    with pytest.raises(ConfigError, match="'rate_rps' option of LoadOptions must be a finite number > 0. Got 0"):
+    with pytest.raises(ConfigError, match="'rate_rps' parameter of LoadOptions must be a number > 0. Got 0"):
         LoadOptions(model_base_path="x", rate_rps=0)
     with pytest.raises(ConfigError, match="compare_batching"):
         LoadOptions(url="http://127.0.0.1:1", model_name="m", compare_batching=True)

@@ -102,6 +102,12 @@ def test_split_is_sticky_per_user_shadow_never_changes_answers_and_logs_read_bac
         time.sleep(0.1)
     assert sum(a["requests"] for a in stats["arms"].values()) == 210
     assert stats["arms"]["ctr/l:stable"]["rows"] == 20 * stats["arms"]["ctr/l:stable"]["requests"]
+    from ctrflow.serving.metrics import parse_metrics
+
+    scraped = parse_metrics(Client(server.url).get("/monitoring/prometheus/metrics")[2].decode())
+    for arm, a in stats["arms"].items():  # the same per-arm figures for Prometheus
+        assert scraped[f'ctrflow_rollout_arm_requests_total{{arm="{arm}",rollout="ctr"}}'] == a["requests"]
+    assert scraped['ctrflow_shadow_rows_total{rollout="ctr"}'] >= stats["shadow"]["rows"]
     shadow = stats["shadow"]
     assert shadow["requests"] > 100 and shadow["errors"] == 0 and shadow["max_abs_diff"] < 1e-6  # same weights
     server.manager.rollouts.close()  # flushes the request log

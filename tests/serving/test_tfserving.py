@@ -99,10 +99,15 @@ def test_output_filter_checks_like_predict_util():
 
 
 def test_model_paths_with_versions_and_labels():
-    assert tfs.split_model_path("ctr/labels/stable") == tfs.ModelPath("ctr", None, "stable", "")
-    assert tfs.split_model_path("ctr/versions/3/metadata") == tfs.ModelPath("ctr", 3, None, "metadata")
-    with pytest.raises(ModelNotFoundError):
-        tfs.split_model_path("ctr/versions/x")
+    from ctrflow.serving.codec import RequestError
+    from ctrflow.serving.rest import ModelTarget, split_model_path
+
+    assert split_model_path("ctr/labels/stable:predict") == ModelTarget("ctr", None, "", "predict", "stable")
+    assert split_model_path("ctr/versions/3/metadata") == ModelTarget("ctr", 3, "metadata", "", None)
+    for bad in ("ctr/versions/x", "ctr/labels/", "/versions/1"):
+        with pytest.raises(RequestError) as e:
+            split_model_path(bad)
+        assert e.value.status == 404
 
 
 def test_tf_serving_textproto_config_with_policies_and_labels(tmp_path):
