@@ -22,11 +22,9 @@ step "4. read ready batches (2 epochs, shuffled) — and the same shards piped t
 $CTR read "$OUT/shards/train" --epochs 2
 cat "$OUT"/shards/test/part-*.ctrs | $CTR read - --json | tail -n 1
 
-step "5. train DeepFM (LazyAdam on embeddings, FTRL on the linear part); rerunning resumes"
+step "5. train DeepFM with the defaults: the latest 10% by time held out, epochs until early stopping, best kept"
 rm -rf "$OUT/runs/deepfm"
-$CTR train --data "$OUT/shards/train" --valid "$OUT/shards/test" --out "$OUT/runs/deepfm" --model deepfm \
-  --embedding-dim 8 --hidden 64,32 --batch-size 1024 --learning-rate 0.003 \
-  --linear-optimizer ftrl --linear-learning-rate 0.05 --epochs 1
+$CTR train --data "$OUT/shards/train" --out "$OUT/runs/deepfm" --model deepfm
 
 step "6. evaluate (with the Bayes-optimal logloss the synthetic data makes known)"
 $CTR evaluate "$OUT/runs/deepfm" --data "$OUT/shards/test"

@@ -26,7 +26,6 @@ import csv
 import ipaddress
 import json
 import math
-import numbers
 import os
 import socket
 import subprocess

@@ -19,7 +19,6 @@ from ctrflow.models.layers import MLP, CtrModel, CrossNetwork, FieldEmbedding, S
 
 __all__ = ["DCNv2"]
 
-from ctrflow.models.registry import CROSS_STRUCTURES  # noqa: E402  (one copy, TensorFlow-free)
 
 
 class DCNv2(CtrModel):

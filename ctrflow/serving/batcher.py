@@ -43,8 +43,6 @@ by one condition variable that the batch threads wait on (never a busy wait).
 from __future__ import annotations
 
 import asyncio
-import math
-import numbers
 import threading
 import time
 from collections import deque

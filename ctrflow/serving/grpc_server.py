@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNotFoundError, QueueFullError, SchemaError
+from ctrflow.errors import ConfigError, SchemaError
 from ctrflow.serving.metrics import ServingMetrics
-from ctrflow.serving.models import ModelManager, ModelNotReadyError
-from ctrflow.serving.tfserving import InvalidArgument, metadata_response, predict_response, tensor_to_ndarray
+from ctrflow.serving.models import ModelManager
+from ctrflow.serving.status import classify
+from ctrflow.serving.tfserving import metadata_response, predict_response, tensor_to_ndarray
 
 __all__ = ["GrpcServer", "grpc_available", "tensor_to_array", "array_to_tensor"]
 
@@ -69,7 +70,7 @@ def grpc_available() -> bool:
     return True
 
 
-class _Invalid(CtrflowError):
+class _Invalid(SchemaError):
     """An input tensor the model cannot take (INVALID_ARGUMENT)."""
 
 
@@ -167,21 +168,11 @@ class GrpcServer:
     # ---- handlers -----------------------------------------------------------------------------------
 
     async def _abort(self, context: Any, error: BaseException) -> None:
-        codes = self._grpc.StatusCode
-        if isinstance(error, ModelNotFoundError):
-            code = codes.NOT_FOUND
-        elif isinstance(error, (ModelNotReadyError, QueueFullError)):
-            code = codes.UNAVAILABLE
-        elif isinstance(error, DeadlineExceeded):
-            code = codes.DEADLINE_EXCEEDED
-        elif isinstance(error, (SchemaError, ConfigError, _Invalid, InvalidArgument)):
-            code = codes.INVALID_ARGUMENT
-        elif isinstance(error, CtrflowError):
-            code = codes.UNAVAILABLE
-        else:
+        _, name = classify(error)
+        code = getattr(self._grpc.StatusCode, name)
+        if name == "INTERNAL":
             log.error("internal error in gRPC Predict", exc_info=error)
-            code = codes.INTERNAL
-        await context.abort(code, str(error) if code != codes.INTERNAL else f"Internal error ({type(error).__name__}).")
+        await context.abort(code, str(error) if name != "INTERNAL" else f"Internal error ({type(error).__name__}).")
 
     async def _predict(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()

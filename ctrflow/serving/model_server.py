@@ -31,7 +31,6 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import replace
 from typing import Any, Sequence
 
 from ctrflow.errors import ConfigError, CtrflowError

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, ModelNotFoundError, QueueFullError, SchemaError
+from ctrflow.errors import DeadlineExceeded
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
     RequestError,
@@ -52,7 +52,8 @@ from ctrflow.serving.codec import (
     parse_predict_json,
     scores_json,
 )
-from ctrflow.serving.models import ModelManager, ModelNotReadyError
+from ctrflow.serving.models import ModelManager
+from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
 __all__ = ["ModelTarget", "RestRequest", "RestResponse", "RestRoutes", "status_of"]
@@ -419,17 +420,10 @@ def split_model_path(rest: str) -> ModelTarget:
 
 
 def status_of(error: BaseException) -> tuple[int, str]:
-    """The HTTP status and message for an error raised while answering."""
+    """The HTTP status and message for an error raised while answering (`ctrflow.serving.status`)."""
     if isinstance(error, RequestError):
         return error.status, str(error)
-    if isinstance(error, ModelNotFoundError):
-        return 404, str(error)
-    if isinstance(error, (ModelNotReadyError, QueueFullError)):
-        return 503, str(error)
-    if isinstance(error, DeadlineExceeded):
-        return 504, str(error)
-    if isinstance(error, (SchemaError, ConfigError)):
-        return 400, str(error)
-    if isinstance(error, CtrflowError):  # e.g. a batcher closed under a request: retryable
-        return 503, str(error)
-    return 500, f"Internal error ({type(error).__name__}); the server logged the details."
+    status, _ = classify(error)
+    if status == 500:
+        return 500, f"Internal error ({type(error).__name__}); the server logged the details."
+    return status, str(error)

@@ -8,8 +8,6 @@ gRPC `PredictionService` (`ctrflow.serving.grpc_server`).
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor

@@ -57,7 +57,6 @@ __all__ = [
     "serve",
     "LocalCluster",
     "run_local",
-    "main",
 ]
 
 TASK_TYPES = ("chief", "worker", "ps")

@@ -58,7 +58,7 @@ from ctrflow.train.checkpoints import RunCheckpoints, clean_partial_checkpoints,
 from ctrflow.train.cluster import ClusterSpec, check_port_free, check_reachable, cluster_from_env, load_cluster
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 from ctrflow.validation import Choice, Float, Int, check_fields
-from ctrflow.train.core import DISTRIBUTED_KEY, RUN_FILE, RunHistory, TrainSummary, init_output_bias, training_step
+from ctrflow.train.core import DISTRIBUTED_KEY, RunHistory, TrainSummary, init_output_bias, training_step
 
 __all__ = ["DistributedOptions", "train_distributed", "PARTITIONERS"]
 
