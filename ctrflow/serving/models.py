@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import numbers
 import os
 import re
@@ -55,6 +54,7 @@ from typing import Any
 from ctrflow.errors import ConfigError, CtrflowError, ModelNotFoundError
 from ctrflow.serving.batcher import BatchingOptions
 from ctrflow.serving.metrics import ModelGauges
+from ctrflow.validation import Bool, Float, Int, check_fields
 
 __all__ = [
     "ManagerOptions",
@@ -117,9 +117,7 @@ class ModelSpec:
             raise ConfigError(
                 f"The 'batching' of model '{self.name}' must be BatchingOptions or None. Got {self.batching!r} instead."
             )
-        k = self.keep_versions
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ConfigError(f"The 'keep_versions' of model '{self.name}' must be an int >= 1. Got {k!r} instead.")
+        check_fields(self, {"keep_versions": Int(1)}, owner=f"model '{self.name}'")
         if self.version_policy not in _POLICIES:
             raise ConfigError(f"The 'version_policy' of model '{self.name}' must be one of {list(_POLICIES)}. "
                               f"Got {self.version_policy!r} instead.")
@@ -154,12 +152,7 @@ class ManagerOptions:
     drain_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name, low_open in (("poll_interval_s", True), ("drain_grace_s", False)):
-            v = getattr(self, name)
-            bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
-            if bad or v < 0 or (low_open and v == 0):
-                must = "> 0" if low_open else ">= 0"
-                raise ConfigError(f"The '{name}' option of ManagerOptions must be a finite number {must}. Got {v!r} instead.")
+        check_fields(self, {"poll_interval_s": Float(0.0, low_open=True), "drain_grace_s": Float(0.0), "warmup": Bool()})
 
 
 @dataclass(frozen=True)

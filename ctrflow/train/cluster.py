@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 from ctrflow.atomic import atomic_write_json
 from ctrflow.errors import ConfigError, CtrflowError
+from ctrflow.validation import check_float, check_int
 
 __all__ = [
     "TASK_TYPES",
@@ -372,11 +373,8 @@ class LocalCluster:
         threads: int = 0,
         python: str = sys.executable,
     ) -> None:
-        for name, value in (("workers", workers), ("ps", ps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"The '{name}' parameter of LocalCluster must be an int >= 1. Got {value!r} instead.")
-        if not ready_timeout_s > 0:
-            raise ConfigError(f"The 'ready_timeout_s' parameter of LocalCluster must be > 0. Got {ready_timeout_s!r} instead.")
+        workers, ps = check_int("LocalCluster", "workers", workers, 1), check_int("LocalCluster", "ps", ps, 1)
+        ready_timeout_s = check_float("LocalCluster", "ready_timeout_s", ready_timeout_s, 0.0, low_open=True)
         self.workers, self.ps, self.host = workers, ps, host
         self.ready_timeout_s = ready_timeout_s
         self.threads = threads
