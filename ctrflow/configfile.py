@@ -16,7 +16,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 
-__all__ = ["load_config_file", "parse_config_text"]
+__all__ = ["load_config_file", "parse_config_text", "read_config_text"]
 
 _INT = re.compile(r"^[-+]?[0-9]+$")
 _HEX, _OCT = re.compile(r"^0x[0-9a-fA-F]+$"), re.compile(r"^0o[0-7]+$")
@@ -87,6 +87,17 @@ def parse_config_text(text: str, *, source: str, fmt: str = "yaml") -> Any:
         raise ConfigError(f"{source}: not valid YAML ({e}).") from None
 
 
+def read_config_text(path: str | os.PathLike, *, what: str = "config file") -> str:
+    """A config file's text (UTF-8); a missing, unreadable or binary file is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such {what}.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the {what} ({getattr(e, 'strerror', None) or e}).") from None
+
+
 def load_config_file(path: str | os.PathLike, *, what: str = "config file", expect: type = dict) -> Any:
     """Read a YAML (.yaml/.yml, or anything else that is not .json) or JSON (.json) file.
 
@@ -99,12 +110,7 @@ def load_config_file(path: str | os.PathLike, *, what: str = "config file", expe
         ConfigError: unreadable, malformed (with line and column), or the top level is of another type.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such {what}.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read the {what} ({getattr(e, 'strerror', None) or e}).") from None
+    text = read_config_text(p, what=what)
     data = parse_config_text(text, source=str(p), fmt="json" if p.suffix == ".json" else "yaml")
     if data is None:
         return expect()

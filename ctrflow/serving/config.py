@@ -197,15 +197,10 @@ def load_model_config(path: str | Path, *, batching: BatchingOptions | None = _D
             batching: the server's flags decide; None: no batching), and YAML models that say
             `batching: true` or nothing. Default: ctrflow's BatchingOptions().
     """
-    from ctrflow.configfile import parse_config_text
+    from ctrflow.configfile import parse_config_text, read_config_text
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such model config file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read the model config file ({getattr(e, 'strerror', None) or e}).") from None
+    text = read_config_text(p, what="model config file")
     default = BatchingOptions() if batching is _DEFAULT else batching
     digest = hashlib.sha256(text.encode()).hexdigest()
     names: list[str]
