@@ -649,12 +649,13 @@ class _ChildServer:
 
 
 def _child_server(spec_json: str) -> None:
-    from ctrflow.serving.server import ServeOptions, serve
+    from ctrflow.serving.server import ServeOptions, freeze_heap, serve
 
     spec = json.loads(spec_json)
     batching = None if spec["batching"] is None else BatchingOptions(**spec["batching"])
     server = serve(ServeOptions(model_base_path=spec["model_base_path"], model_name=spec["model_name"], port=0,
                                 batching=batching, poll_interval_s=3600.0))
+    freeze_heap()
     print(f"CTRFLOW_PORT {server.port}", flush=True)
     try:
         sys.stdin.read()  # until the parent closes our stdin

@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_until_signalled(server: Any, watcher: Any = None) -> None:
     """Block until SIGTERM or SIGINT, then stop the server (in-flight requests finish) and the config watcher."""
+    from ctrflow.serving.server import freeze_heap
+
+    freeze_heap()  # after loading: full collections over the loaded models were the tail (BENCHMARKS.md)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

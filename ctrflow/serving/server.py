@@ -154,7 +154,6 @@ class Server:
     def start(self) -> Server:
         """Load the models (blocking), bind the ports and start serving on background threads."""
         self.manager.start()
-        freeze_heap()
         try:
             self.port = self._http.start()
         except BaseException as e:
@@ -207,6 +206,8 @@ def freeze_heap() -> None:
     collection walks them all — measured 100-300 ms pauses of the serving loop at 300 req/s, which were
     the whole p99 tail (BENCHMARKS.md). Frozen objects are still freed by reference counting; only cycles
     among them are never collected, which is harmless for objects that live as long as the process.
+    Called by the server commands (`ctrflow serve`, `ctrflow-model-server`) once their models are loaded;
+    a program that embeds a `Server` calls it itself when its own start-up is done.
     """
     import gc
 

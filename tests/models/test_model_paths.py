@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrflow.cluster import LocalCluster
+from ctrflow.train.cluster import LocalCluster
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 
