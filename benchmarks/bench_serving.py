@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -56,15 +55,9 @@ class Child:
         env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "3"}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, text=True, cwd=pythonpath)
-        self.port = None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:  # bounded by time and by lines printed
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("CTRFLOW_PORT "):
-                self.port = int(line.split()[1])
-                break
+        from ctrflow.bench.loadgen import child_port
+
+        self.port = child_port(self.proc, timeout_s)
         if self.port is None:
             self.close()
             raise RuntimeError(f"{argv}: the child server did not start (exit code {self.proc.poll()})")

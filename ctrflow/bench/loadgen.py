@@ -614,6 +614,21 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
 # ---- targets started here -----------------------------------------------------------------------------
 
 
+def child_port(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """The port a child server announces on stdout as `CTRFLOW_PORT N`, or None if it exits or stays silent.
+
+    Bounded by time and by the lines the child prints.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        if line.startswith("CTRFLOW_PORT "):
+            return int(line.split()[1])
+    return None
+
+
 class _ChildServer:
     """`serve()` in a child process on a free loopback port; its pid gives the server's own CPU."""
 
@@ -624,15 +639,7 @@ class _ChildServer:
             [sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
         )
-        deadline = time.monotonic() + timeout_s
-        self.port = None
-        while time.monotonic() < deadline:  # bounded by lines printed and by time
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("CTRFLOW_PORT "):
-                self.port = int(line.split()[1])
-                break
+        self.port = child_port(self.proc, timeout_s)
         if self.port is None:
             self.close()
             raise CtrflowError(f"The child server for {base_path} did not start (exit code {self.proc.poll()}).")
