@@ -31,3 +31,43 @@ def quiet_import():
             os.dup2(saved, 2)
             os.close(saved)
     return tf
+
+
+class _QuietFinder:
+    """A `sys.meta_path` entry that turns the first `import tensorflow`, wherever it happens, into
+    `quiet_import()`: commands import TensorFlow only when they need it (a usage error answers in a
+    second, not after TensorFlow's five-second start) and still print no banner."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "tensorflow" or "tensorflow" in sys.modules:
+            return None
+        import importlib.util
+
+        uninstall_quiet_hook()
+        module = quiet_import()
+        return importlib.util.spec_from_loader(name, _Loaded(module), origin=getattr(module, "__file__", None))
+
+
+class _Loaded:
+    """Loader for a module imported already: hands it back unchanged."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def install_quiet_hook() -> None:
+    """Make every later first `import tensorflow` quiet (see `_QuietFinder`)."""
+    if _QuietFinder not in sys.meta_path and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietFinder)
+
+
+def uninstall_quiet_hook() -> None:
+    while _QuietFinder in sys.meta_path:
+        sys.meta_path.remove(_QuietFinder)

@@ -633,8 +633,32 @@ def _cmd_cluster_serve(args: argparse.Namespace) -> int:
 def _cmd_cluster_local(args: argparse.Namespace) -> int:
     from ctrflow.train.cluster import run_local
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.coordinator[1:] if args.coordinator[:1] == ["--"] else args.coordinator
+    try:
+        _preflight(command)
+    except CtrflowError as e:  # answered as the coordinator would have: in JSON when it was asked to
+        return _fail(str(e), type(e).__name__, "--json" in command)
     return run_local([sys.executable, "-m", "ctrflow", *command], workers=args.workers, ps=args.ps, log_dir=args.log_dir)
+
+
+def _preflight(command: Sequence[str]) -> None:
+    """Check a coordinator command's arguments and input folders before a cluster is started for it:
+    three processes importing TensorFlow take tens of seconds, too long to wait for a typo."""
+    from ctrflow.errors import ConfigError
+
+    if not command:
+        return  # run_local names the missing command
+    try:
+        args = build_parser().parse_args(list(command))
+    except _UsageError as e:
+        raise ConfigError(f"the coordinator command `{' '.join(command)}`: {e}") from None
+    if getattr(args, "command", None) == "train":
+        from ctrflow.data.shards import load_manifest
+
+        _train_config(args)
+        for folder in (args.data, args.valid):
+            if folder and folder != "-":
+                load_manifest(folder)
 
 
 def _add_cluster(sub: Any) -> None:
@@ -652,7 +676,7 @@ def _add_cluster(sub: Any) -> None:
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--ps", type=int, default=1)
     q.add_argument("--log-dir", help="keep the tasks' logs (and the cluster file) here")
-    q.add_argument("command", nargs=argparse.REMAINDER, help="-- train --data D --out RUN ...")
+    q.add_argument("coordinator", metavar="command", nargs=argparse.REMAINDER, help="-- train --data D --out RUN ...")
     _common(q)
     q.set_defaults(func=_cmd_cluster_local)
 
@@ -765,10 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), "UsageError", json_mode)
     json_mode = bool(getattr(args, "json", False))
     try:
-        if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
-            from ctrflow._tf import quiet_import
+        from ctrflow._tf import install_quiet_hook
 
-            quiet_import()
+        install_quiet_hook()  # TensorFlow loads when a command first needs it, without its banner
         return int(args.func(args) or 0)
     except CtrflowError as e:
         return _fail(str(e), type(e).__name__, json_mode)
