@@ -144,7 +144,7 @@ def grid(name: str) -> list[tuple[str, str, dict[str, Any]]]:
         lin = {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01)}
         for l2 in (1e-5, 3e-5, 1e-4):
             g.append(("lr", f"lazyadam 0.01 l2 {l2:g} every_step", {"opt": "lazyadam", "lr": 0.01, "l2": l2, "l2_mode": "every_step"}))
-        for l2 in (1e-5, 3e-5):
+        for l2 in (1e-5, 3e-5, 1e-4, 3e-4):
             g.append(("fm", f"lin lazyadam 0.01 + lazyadam 0.003 l2 {l2:g} every_step", {**lin, "l2": l2, "l2_mode": "every_step"}))
         for l2 in (1e-5, 3e-5):
             g.append(("deepfm", f"lin lazyadam 0.01 + lazyadam 0.003 l2 {l2:g} every_step dropout 0.2",
