@@ -15,7 +15,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
-        [--models lr,fm,deepfm] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
+        [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
         [--talkingdata-ids explicit|inferred] [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -54,8 +54,19 @@ def _metrics(y: np.ndarray, p: np.ndarray, bayes: float | None) -> dict[str, Any
 
 
 # --- ctrflow ----------------------------------------------------------------------------------------
-def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_trials: int, tune_minutes: float) -> list[dict]:
-    from ctrflow.models.registry import ModelConfig
+def default_config(model: str, **overrides: Any) -> Any:
+    """What `ctrflow train --model M [--flag V ...]` trains: TrainConfig's defaults (its default model's
+    settings, e.g. the MLP dropout, with the kind changed), then `overrides`."""
+    from dataclasses import replace
+
+    from ctrflow.train.config import TrainConfig
+
+    base = TrainConfig()
+    return base.replace(model=replace(base.model, kind=model), **overrides)
+
+
+def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_trials: int, tune_minutes: float,
+                overrides: dict[str, Any] | None = None) -> list[dict]:
     from ctrflow.train.config import TrainConfig
     from ctrflow.train.evaluate import evaluate
     from ctrflow.train.loop import train
@@ -64,10 +75,11 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     run = work / f"ctrflow-{model}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    config = TrainConfig(model=ModelConfig(model))  # the defaults `ctrflow train --model M` gets
+    config = default_config(model, **(overrides or {}))
+    label = f"ctrflow {model}, defaults" + "".join(f", {k} {v}" for k, v in (overrides or {}).items())
     s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
     r = evaluate(run, ds.shards["test"])
-    rows.append({"model": f"ctrflow {model}, defaults", **_pick(r, ds), "seconds": time.perf_counter() - t0,
+    rows.append({"model": label, **_pick(r, ds), "seconds": time.perf_counter() - t0,
                  "epochs": s.history[-1]["epoch"] if s.history else None})
     shutil.rmtree(run, ignore_errors=True)
     if tune_trials:
@@ -282,18 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default=",".join(quality_common.DATASETS))
     ap.add_argument("--rows", type=int, default=300_000, help="train rows of the synthetic sets")
     ap.add_argument("--test-rows", type=int, help="test rows of the synthetic sets (default: a third of --rows; valid: half that)")
-    ap.add_argument("--models", default="lr,fm,deepfm", help="ctrflow models (add dcnv2,fwfm,ffm once they exist)")
+    ap.add_argument("--models", default="lr,fm,fwfm,ffm,deepfm,dcnv2", help="ctrflow models")
     ap.add_argument("--peers", default="sklearn,vw,deepctr")
     ap.add_argument("--tune-trials", type=int, default=0, help="also run `ctrflow tune` with this many trials per model")
     ap.add_argument("--tune-minutes", type=float, default=10.0)
     ap.add_argument("--talkingdata-ids", choices=["explicit", "inferred"], default="explicit",
                     help="explicit: --categorical ip,app,device,os,channel; inferred: the schema inference alone")
     ap.add_argument("--max-buckets", type=int, default=1 << 18, help="cap of the synthetic preset's hash buckets")
+    ap.add_argument("--l2-mode", choices=["touched", "every_step"], help="override TrainConfig.l2_mode (default: its default)")
+    ap.add_argument("--l2", type=float, help="override TrainConfig.l2")
+    ap.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size (rates follow by its lr_scaling)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
     ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
     a = ap.parse_args(argv)
     work = Path(a.work)
     results: dict[str, Any] = {}
+    overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size)) if v is not None}
     for name in a.datasets.split(","):
         try:
             ds = quality_common.prepare(name, work / name, rows=a.rows, test_rows=a.test_rows, max_buckets=a.max_buckets,
@@ -304,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         for m in [m for m in a.models.split(",") if m]:
             try:
-                rows += run_ctrflow(ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes)
+                rows += run_ctrflow(ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes,
+                                    overrides=overrides)
             except Exception as e:  # an unknown model (not yet added) or a failed run is reported, not fatal
                 rows.append({"model": f"ctrflow {m}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
             print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)

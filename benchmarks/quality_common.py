@@ -73,7 +73,8 @@ def prepare(name: str, root: str | os.PathLike, *, rows: int = 300_000, test_row
     """Make (or reuse, when `root/dataset.json` says the same settings) one dataset under `root`."""
     root = Path(root)
     test_rows = test_rows or rows // 3
-    key = {"name": name, "rows": rows, "test_rows": test_rows, "max_buckets": max_buckets, "explicit_ids": explicit_ids}
+    key = {"name": name, "rows": rows, "test_rows": test_rows, "max_buckets": max_buckets,
+           **({"explicit_ids": explicit_ids} if name == "talkingdata" else {})}
     meta = root / "dataset.json"
     if meta.exists():
         m = json.loads(meta.read_text())
@@ -120,10 +121,13 @@ def prepare(name: str, root: str | os.PathLike, *, rows: int = 300_000, test_row
         n = sum(1 for _ in open(src)) - 1
         cut, vcut = int(n * 0.8), int(n * 0.72)
         csv = _split_csv(src, {"train": (0, vcut), "valid": (vcut, cut), "test": (cut, n)}, root / "csv", sort_by="click_time")
-        ids = TALKINGDATA_IDS.split(",") if explicit_ids else []
-        schema = infer_schema(csv["train"], label="is_attributed", categorical=ids, time="click_time",
-                              ignore=["attributed_time"], name="talkingdata")
-        note = ("--categorical " + TALKINGDATA_IDS + " passed explicitly") if explicit_ids else "schema inferred as is"
+        if explicit_ids:  # what a user who knows the columns would pass
+            schema = infer_schema(csv["train"], label="is_attributed", categorical=TALKINGDATA_IDS.split(","),
+                                  time="click_time", ignore=["attributed_time"], name="talkingdata")
+            note = "--categorical " + TALKINGDATA_IDS + " --time click_time --ignore attributed_time passed explicitly"
+        else:  # `ctrflow convert train.csv --label is_attributed` alone: ids, time column and leak inferred
+            schema = infer_schema(csv["train"], label="is_attributed", name="talkingdata")
+            note = "schema inferred from --label is_attributed alone"
         feats = ["ip", "app", "device", "os", "channel"]
         ds = Dataset(name, "is_attributed", csv, {}, feats, [f.name for f in schema.numeric], note=note)
     elif name == "ipinyou":

@@ -77,13 +77,14 @@ def run_setting(ds: quality_common.Dataset, config: Any, work: Path, *, max_epoc
 
 def make_config(model: str, *, opt: str = "lazyadam", lr: float = 1e-3, linear: tuple[str, float] | None = None,
                 embedding: tuple[str, float] | None = None, dense: tuple[str, float] | None = None,
-                l2: float = 0.0, dim: int = 16, batch: int = 4096, dropout: float = 0.0, hidden=(256, 128), decay: float = 1.0):
+                l2: float = 0.0, dim: int = 16, batch: int = 4096, dropout: float = 0.0, hidden=(256, 128), decay: float = 1.0,
+                l2_mode: str = "touched"):
     from ctrflow.models.registry import ModelConfig
     from ctrflow.train.config import GroupOptimizer, TrainConfig
 
     groups = {g: GroupOptimizer(*spec) for g, spec in (("linear", linear), ("embedding", embedding), ("dense", dense)) if spec}
     return TrainConfig(model=ModelConfig(model, embedding_dim=dim, dropout=dropout, hidden=tuple(hidden)), optimizer=opt,
-                       learning_rate=lr, optimizer_groups=groups, l2=l2, batch_size=batch, checkpoint_every_steps=100_000,
+                       learning_rate=lr, optimizer_groups=groups, l2=l2, l2_mode=l2_mode, batch_size=batch, checkpoint_every_steps=100_000,
                        log_every_steps=1000)
 
 
@@ -139,6 +140,15 @@ def grid(name: str) -> list[tuple[str, str, dict[str, Any]]]:
                       {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01), "l2": l2}))
             g.append(("deepfm", f"lin lazyadam 0.01 + lazyadam 0.002 l2 {l2:g} dropout 0.2",
                       {"opt": "lazyadam", "lr": 0.002, "linear": ("lazyadam", 0.01), "l2": l2, "dropout": 0.2}))
+    elif name == "l2mode":  # L2 on every row at every step (caught up lazily) vs on touched rows only
+        lin = {"opt": "lazyadam", "lr": 0.003, "linear": ("lazyadam", 0.01)}
+        for l2 in (1e-5, 3e-5, 1e-4):
+            g.append(("lr", f"lazyadam 0.01 l2 {l2:g} every_step", {"opt": "lazyadam", "lr": 0.01, "l2": l2, "l2_mode": "every_step"}))
+        for l2 in (1e-5, 3e-5, 1e-4, 3e-4):
+            g.append(("fm", f"lin lazyadam 0.01 + lazyadam 0.003 l2 {l2:g} every_step", {**lin, "l2": l2, "l2_mode": "every_step"}))
+        for l2 in (1e-5, 3e-5):
+            g.append(("deepfm", f"lin lazyadam 0.01 + lazyadam 0.003 l2 {l2:g} every_step dropout 0.2",
+                      {**lin, "l2": l2, "l2_mode": "every_step", "dropout": 0.2}))
     else:
         raise SystemExit(f"unknown grid {name!r}")
     return g
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="synthetic,zipfmix,talkingdata")
     ap.add_argument("--rows", type=int, default=150_000)
     ap.add_argument("--work", default="/tmp/ctrflow-quality-study")
-    ap.add_argument("--grid", default="lr", help="lr|lr2|fm|deepfm|l2|combo|decay|dim|batch|current (comma-separated)")
+    ap.add_argument("--grid", default="lr", help="lr|lr2|fm|deepfm|l2|combo|decay|dim|batch|l2mode|current (comma-separated)")
     ap.add_argument("--only", help="only settings whose label contains this")
     ap.add_argument("--max-epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=1)

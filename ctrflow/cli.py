@@ -208,7 +208,7 @@ def _train_config(args: argparse.Namespace):
     if args.batch_norm:
         model["batch_norm"] = True
     changes: dict[str, Any] = {"model": ModelConfig.from_dict(model)}
-    for flag in ("optimizer", "learning_rate", "batch_size", "epochs", "steps_per_call", "seed", "max_steps", "l2",
+    for flag in ("optimizer", "learning_rate", "batch_size", "epochs", "steps_per_call", "seed", "max_steps", "l2", "l2_mode",
                  "valid_every_steps", "early_stopping_patience", "checkpoint_every_steps", "hogwild_threads",
                  "negative_sampling_rate", "reference_batch_size", "lr_scaling"):
         if getattr(args, flag, None) is not None:
@@ -538,6 +538,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-rank", type=int, help="dcnv2: rank of the low-rank cross layers (default 64); 0 = full rank")
     p.add_argument("--ffm-dim", type=int, help="ffm: width of each field-aware vector (default 4; rows hold fields-1 of them)")
     p.add_argument("--l2", type=float)
+    p.add_argument("--l2-mode", choices=["touched", "every_step"],
+                   help="L2 on table rows only in the steps they are in, or at every step (caught up when next touched)")
     p.add_argument("--steps-per-call", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--seed", type=int)

@@ -28,11 +28,11 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.models.registry import ModelConfig
-from ctrflow.train.optimizer_settings import OPTIMIZER_NAMES, check_optimizer_settings
+from ctrflow.train.optimizer_settings import L2_MODES, OPTIMIZER_NAMES, check_optimizer_settings
 from ctrflow.validation import Bool, Choice, Float, Int, check_fields
 
 __all__ = ["GroupOptimizer", "TrainConfig", "OPTIMIZER_GROUPS", "OPTIMIZER_NAMES", "DEFAULT_LEARNING_RATES", "MAX_EPOCHS",
-           "LR_SCALINGS"]
+           "LR_SCALINGS", "L2_MODES"]
 
 OPTIMIZER_GROUPS = ("linear", "embedding", "dense")
 LR_SCALINGS = ("sqrt", "linear", "none")
@@ -91,6 +91,9 @@ class TrainConfig:
     learning_rate: float | None = None  # > 0 for every group; None: DEFAULT_LEARNING_RATES[optimizer][group]
     optimizer_groups: dict[str, GroupOptimizer] = field(default_factory=dict)
     l2: float = 1e-4  # L2 on the rows a batch touched (sparse groups) / all weights (dense), >= 0 (measured: 1e-5 too weak)
+    # "touched": a table row is penalized only in the steps it is in (a rare id barely); "every_step": every
+    # row at every step, caught up lazily when a row is next touched (sparse optimizers' `l2_mode`)
+    l2_mode: str = "touched"
     batch_size: int = 4096  # >= 1
     epochs: int | None = None  # >= 1; None: until early stopping (at most MAX_EPOCHS) with validation data, else 1
     shuffle_buffer_rows: int = 262_144
@@ -134,7 +137,7 @@ class TrainConfig:
         object.__setattr__(self, "optimizer_groups", groups)
         object.__setattr__(self, "optimizer", check_optimizer_settings("TrainConfig", self.optimizer, {}, param="optimizer")[0])
         check_fields(self, {
-            "learning_rate": Float(0, low_open=True, optional=True), "l2": Float(0),
+            "learning_rate": Float(0, low_open=True, optional=True), "l2": Float(0), "l2_mode": Choice(L2_MODES),
             "batch_size": Int(1), "epochs": Int(1, optional=True), "shuffle_buffer_rows": Int(1), "steps_per_call": Int(1),
             "seed": Int(0), "deterministic": Bool(), "max_steps": Int(1, optional=True), "valid_every_steps": Int(0),
             "early_stopping_patience": Int(0), "restore_best": Bool(), "holdout_fraction": Float(0, 0.5),

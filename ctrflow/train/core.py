@@ -242,7 +242,8 @@ def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of:
     for g in OPTIMIZER_GROUPS:
         if groups.get(g):
             spec = config.group_optimizer(g)
-            optimizers[g] = make_optimizer(spec.name, learning_rate=config.effective_learning_rate(g), l2=config.l2, **spec.extra)
+            optimizers[g] = make_optimizer(spec.name, learning_rate=config.effective_learning_rate(g), l2=config.l2,
+                                           l2_mode=config.l2_mode, **spec.extra)
     return OptimizerGroups(optimizers, assign=group_of)
 
 

@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Union
 import tensorflow as tf
 
 from ctrflow.errors import ConfigError, TrainingError
-from ctrflow.train.optimizer_settings import OPTIMIZER_NAMES, check_optimizer_settings, normalize_optimizer_name
+from ctrflow.train.optimizer_settings import L2_MODES, OPTIMIZER_NAMES, check_optimizer_settings, normalize_optimizer_name
 
 __all__ = [
     "SparseOptimizer",
@@ -69,6 +69,8 @@ __all__ = [
     "make_optimizer",
     "optimizer_names",
 ]
+
+LAST_STEP = "last_step"  # the per-row slot of l2_mode="every_step": the step each row was last updated
 
 # A float, or a callable taking the step (the int64 `iterations` before this update) and returning the
 # rate, such as a `keras.optimizers.schedules.LearningRateSchedule`.
@@ -84,19 +86,32 @@ class SparseOptimizer(tf.Module):
     Args:
         learning_rate: step size, > 0; or a callable schedule of the step (the step counts from 0).
         l2: L2 penalty `l2 * sum(w**2)` added to the loss, >= 0 (default 0, off). With a sparse gradient
-            it acts on the touched rows only, as part of their update (gradient `+ 2 * l2 * w`), so rare
-            rows are not shrunk while absent; with a dense gradient, and always in dense `Adam`, on every
-            row.
+            it acts on the touched rows only, as part of their update (gradient `+ 2 * l2 * w`); with a
+            dense gradient, and always in dense `Adam`, on every row.
+        l2_mode: how the penalty reaches rows a sparse gradient skips. "touched" (default): only a
+            touched row is penalized, once per step it is in, so a row's total penalty grows with its
+            frequency and a rare id is barely regularized. "every_step": the penalty acts on every row
+            at every step, as in the loss's definition, but lazily: a per-row slot `last_step` keeps the
+            step a row was last updated, and when it is touched again the L2 gradient is multiplied by
+            the steps since (`+ 2 * l2 * w * (step - last_step)`), so each row carries the penalty of
+            every step it missed (what scikit-learn's uniform L2 does) and a step still costs O(rows
+            touched). For SGD the missed steps are applied exactly, as the decays they would have been
+            (`w *= (1 - 2 * lr * l2) ** missed` before the update). FTRL solves L2 in closed form over
+            the whole history, so it ignores `l2_mode`.
     """
 
     kind: ClassVar[str] = ""  # the name `make_optimizer` knows this class by
     # True for optimizers that move every row (Adam): sparse gradients are summed into a dense one.
     dense_only: ClassVar[bool] = False
 
-    def __init__(self, learning_rate: LearningRate, *, l2: float = 0.0) -> None:
+    def __init__(self, learning_rate: LearningRate, *, l2: float = 0.0, l2_mode: str = "touched") -> None:
         super().__init__()
         self.learning_rate = _check_learning_rate(type(self).__name__, learning_rate)
         self.l2 = self._check("l2", l2, ">= 0")
+        if l2_mode not in L2_MODES:
+            raise ConfigError(f"The 'l2_mode' parameter of {type(self).__name__} must be one of {', '.join(L2_MODES)}. "
+                              f"Got {l2_mode!r} instead.")
+        self.l2_mode = l2_mode
         with self.name_scope:
             self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
         self.slots: dict[str, dict[str, tf.Variable]] = {}
@@ -126,6 +141,8 @@ class SparseOptimizer(tf.Module):
                 slot_name: self._create_slot(var, slot_name, fill)
                 for slot_name, fill in self._slot_initial_values().items()
             }
+            if self._catches_up() and var.shape.rank:
+                self.slots[key][LAST_STEP] = self._create_slot(var, LAST_STEP, 0, shape=var.shape[:1], dtype=tf.int64)
             self._built[key] = weakref.ref(var)
 
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Gradient | None, tf.Variable]]) -> None:
@@ -155,7 +172,7 @@ class SparseOptimizer(tf.Module):
 
         A learning-rate schedule is kept as the object itself (the config is JSON-ready with a float).
         """
-        return {"learning_rate": self.learning_rate, "l2": self.l2}
+        return {"learning_rate": self.learning_rate, "l2": self.l2, "l2_mode": self.l2_mode}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SparseOptimizer:
@@ -194,8 +211,15 @@ class SparseOptimizer(tf.Module):
 
     # ---- implementation details ---------------------------------------------------------------------
 
-    def _create_slot(self, var: tf.Variable, slot_name: str, fill: float) -> tf.Variable:
-        """The one place slots are made: `var`'s shape and dtype, under `var`'s distribution strategy.
+    def _catches_up(self) -> bool:
+        """Whether rows keep a `last_step` slot: L2 on every row at every step, applied when touched."""
+        return bool(self.l2) and self.l2_mode == "every_step" and not self.dense_only and self._l2_in_gradient
+
+    _l2_in_gradient: ClassVar[bool] = True  # False where L2 is solved in closed form (FTRL)
+
+    def _create_slot(self, var: tf.Variable, slot_name: str, fill: float, *, shape: Any = None,
+                     dtype: Any = None) -> tf.Variable:
+        """The one place slots are made: `var`'s shape and dtype (unless given), under `var`'s distribution strategy.
 
         Under ParameterServerStrategy, creating the slot inside the strategy's scope gives it the same
         partitioner, hence the same sharding as a same-shaped table; adapt this method if that changes.
@@ -204,7 +228,7 @@ class SparseOptimizer(tf.Module):
         in_scope = strategy is None or tf.distribute.get_strategy() is strategy
         with tf.init_scope(), (contextlib.nullcontext() if in_scope else strategy.scope()), self.name_scope:
             return tf.Variable(
-                lambda: tf.fill(var.shape, tf.constant(fill, var.dtype)),
+                lambda: tf.fill(var.shape if shape is None else shape, tf.constant(fill, dtype or var.dtype)),
                 trainable=False,
                 name=f"{_variable_key(var)}/{slot_name}",
             )
@@ -247,13 +271,25 @@ class SparseOptimizer(tf.Module):
         # embedding_lookup, not tf.gather: on a ShardedVariable it reads each shard's rows where they live
         # instead of concatenating the whole table first; on a plain variable it is a gather.
         rows = tf.nn.embedding_lookup(var, indices)
-        slot_rows = {name: tf.nn.embedding_lookup(slot, indices) for name, slot in slots.items()}
-        new_rows, new_slot_rows = self._update_rows(
-            rows, self._regularized(grad_values, rows), slot_rows, lr=lr, step=step
-        )
+        slot_rows = {name: tf.nn.embedding_lookup(slot, indices) for name, slot in slots.items() if name != LAST_STEP}
+        if LAST_STEP in slots:
+            # Steps since the row's last update (last_step 0: never updated, so every step so far).
+            now = tf.cast(step, tf.int64)
+            since = now - tf.nn.embedding_lookup(slots[LAST_STEP], indices)
+            since = tf.reshape(tf.cast(since, rows.dtype), tf.concat([tf.shape(since), tf.ones([rows.shape.rank - 1], tf.int32)], 0))
+            rows, grad_values = self._catch_up(rows, grad_values, since, lr=lr)
+            slots[LAST_STEP].scatter_update(tf.IndexedSlices(tf.fill(tf.shape(indices), now), indices))
+        else:
+            grad_values = self._regularized(grad_values, rows)
+        new_rows, new_slot_rows = self._update_rows(rows, grad_values, slot_rows, lr=lr, step=step)
         for name, value in new_slot_rows.items():
             slots[name].scatter_update(tf.IndexedSlices(value, indices))
         var.scatter_update(tf.IndexedSlices(new_rows, indices))
+
+    def _catch_up(self, rows: tf.Tensor, grad: tf.Tensor, since: tf.Tensor, *, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(rows, gradient) of touched rows with the L2 of the `since` steps since their last update
+        (`since` is 1 for a row updated at the previous step). Default: the L2 gradient times `since`."""
+        return rows, grad + tf.cast(2.0 * self.l2, grad.dtype) * rows * since
 
     def _dense_update(
         self,
@@ -266,12 +302,14 @@ class SparseOptimizer(tf.Module):
     ) -> None:
         """Update every element of `var` and of its slots."""
         rows = tf.convert_to_tensor(var)
-        slot_rows = {name: tf.convert_to_tensor(slot) for name, slot in slots.items()}
+        slot_rows = {name: tf.convert_to_tensor(slot) for name, slot in slots.items() if name != LAST_STEP}
         new_rows, new_slot_rows = self._update_rows(
             rows, self._regularized(grad, rows), slot_rows, lr=lr, step=step
         )
         for name, value in new_slot_rows.items():
             slots[name].assign(value)
+        if LAST_STEP in slots:  # every row was updated now
+            slots[LAST_STEP].assign(tf.fill(tf.shape(slots[LAST_STEP]), tf.cast(step, tf.int64)))
         var.assign(new_rows)
 
     def _regularized(self, grad: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
@@ -292,12 +330,19 @@ class SparseSGD(SparseOptimizer):
     Args:
         learning_rate: step size (default 0.01), > 0, or a callable schedule of the step.
         l2: L2 penalty on touched rows (default 0), >= 0.
+        l2_mode: "touched" (default) or "every_step" (see `SparseOptimizer`).
     """
 
     kind = "sgd"
 
-    def __init__(self, learning_rate: LearningRate = 0.01, *, l2: float = 0.0) -> None:
-        super().__init__(learning_rate, l2=l2)
+    def __init__(self, learning_rate: LearningRate = 0.01, *, l2: float = 0.0, l2_mode: str = "touched") -> None:
+        super().__init__(learning_rate, l2=l2, l2_mode=l2_mode)
+
+    def _catch_up(self, rows, grad, since, *, lr):
+        # Under SGD an untouched row's step is the decay w *= 1 - 2 lr l2: apply the missed ones exactly.
+        l2x2 = tf.cast(2.0 * self.l2, rows.dtype)
+        rows = rows * tf.pow(1 - lr * l2x2, since - 1)
+        return rows, grad + l2x2 * rows
 
     def _update_rows(self, rows, grad, slot_rows, *, lr, step):
         return rows - lr * grad, {}
@@ -316,6 +361,7 @@ class SparseAdagrad(SparseOptimizer):
         initial_accumulator_value: starting value of the accumulator `n` (default 0.1), >= 0.
         epsilon: added to `sqrt(n)` for stability (default 1e-7), > 0.
         l2: L2 penalty on touched rows (default 0), >= 0.
+        l2_mode: "touched" (default) or "every_step" (see `SparseOptimizer`).
     """
 
     kind = "adagrad"
@@ -327,8 +373,9 @@ class SparseAdagrad(SparseOptimizer):
         initial_accumulator_value: float = 0.1,
         epsilon: float = 1e-7,
         l2: float = 0.0,
+        l2_mode: str = "touched",
     ) -> None:
-        super().__init__(learning_rate, l2=l2)
+        super().__init__(learning_rate, l2=l2, l2_mode=l2_mode)
         self.initial_accumulator_value = self._check(
             "initial_accumulator_value", initial_accumulator_value, ">= 0"
         )
@@ -376,6 +423,7 @@ class SparseFtrl(SparseOptimizer):
         learning_rate: the paper's alpha (default 0.05), > 0, or a callable schedule of the step.
         l1: L1 penalty `l1 * sum(|w|)`, >= 0 (default 0). Larger gives more exact zeros.
         l2: L2 penalty `l2 * sum(w**2)` on touched rows, >= 0 (default 0), solved in closed form.
+        l2_mode: accepted for a uniform interface and ignored (the closed form covers every step).
         beta: the paper's beta (default 0), >= 0; smooths the first steps of rare coordinates.
         initial_accumulator_value: starting value of `n` (default 0.1), > 0.
     """
@@ -388,10 +436,11 @@ class SparseFtrl(SparseOptimizer):
         *,
         l1: float = 0.0,
         l2: float = 0.0,
+        l2_mode: str = "touched",
         beta: float = 0.0,
         initial_accumulator_value: float = 0.1,
     ) -> None:
-        super().__init__(learning_rate, l2=l2)
+        super().__init__(learning_rate, l2=l2, l2_mode=l2_mode)
         self.l1 = self._check("l1", l1, ">= 0")
         self.beta = self._check("beta", beta, ">= 0")
         # n = 0 would make sigma divide by zero for a zero gradient.
@@ -409,6 +458,8 @@ class SparseFtrl(SparseOptimizer):
 
     def _slot_initial_values(self) -> dict[str, float]:
         return {"accumulator": self.initial_accumulator_value, "linear": 0.0}
+
+    _l2_in_gradient = False  # l2 enters the closed-form solution below, over the whole history: no catch-up
 
     def _regularized(self, grad, rows):
         return grad  # l2 enters the closed-form solution below, not the gradient
@@ -452,6 +503,7 @@ class Adam(SparseOptimizer):
         beta_2: decay of the second moment (default 0.999), in [0, 1).
         epsilon: added to `sqrt(v)` for stability (default 1e-7), > 0.
         l2: L2 penalty (default 0), >= 0; Adam applies it to every row.
+        l2_mode: accepted for a uniform interface; dense Adam penalizes every row at every step anyway.
     """
 
     kind = "adam"
@@ -465,8 +517,9 @@ class Adam(SparseOptimizer):
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         l2: float = 0.0,
+        l2_mode: str = "touched",
     ) -> None:
-        super().__init__(learning_rate, l2=l2)
+        super().__init__(learning_rate, l2=l2, l2_mode=l2_mode)
         self.beta_1 = self._check("beta_1", beta_1, "in [0, 1)")
         self.beta_2 = self._check("beta_2", beta_2, "in [0, 1)")
         self.epsilon = self._check("epsilon", epsilon, "> 0")
@@ -512,6 +565,8 @@ class Adam(SparseOptimizer):
             epsilon=tf.cast(self.epsilon, dtype),
             grad=grad,
         )
+        if LAST_STEP in slots:  # every row was updated now
+            slots[LAST_STEP].assign(tf.fill(tf.shape(slots[LAST_STEP]), tf.cast(step, tf.int64)))
 
 
 class LazyAdam(Adam):
@@ -524,7 +579,8 @@ class LazyAdam(Adam):
 
     >>> optimizer = LazyAdam(learning_rate=0.001)
 
-    Args: as `Adam`; `l2` acts on the touched rows only.
+    Args: as `Adam`; `l2` acts on the touched rows only, or (`l2_mode="every_step"`) on every row,
+    caught up when it is next touched (see `SparseOptimizer`).
     """
 
     kind = "lazyadam"

@@ -126,6 +126,17 @@ def test_bad_settings_are_refused_at_construction_with_the_nearest_name():
         TrainConfig.from_dict({"learning_rat": 0.1})
 
 
+def test_l2_mode_is_checked_and_reaches_every_groups_optimizer():
+    from ctrflow.train.core import make_optimizers
+
+    with pytest.raises(ConfigError, match="'l2_mode' parameter of TrainConfig must be one of .*Got 'every_stp' instead. Did you mean 'every_step'"):
+        TrainConfig(l2_mode="every_stp")
+    for mode in ("touched", "every_step"):
+        cfg = TrainConfig.from_dict(TrainConfig(model=ModelConfig("fm"), l2_mode=mode).to_dict())
+        groups = make_optimizers(cfg, {"linear": [object()], "embedding": [object()]}, lambda v: "linear")
+        assert {o.l2_mode for o in groups.optimizers.values()} == {mode} and cfg.l2_mode == mode
+
+
 @pytest.mark.slow
 def test_cli_bad_input_answers_error_exit_2_and_writes_nothing(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards

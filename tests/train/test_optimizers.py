@@ -254,6 +254,50 @@ def test_l2_shrinks_touched_rows_only(name):
     np.testing.assert_array_equal(result[NEVER_TOUCHED], w0[NEVER_TOUCHED])
 
 
+def test_every_step_l2_under_sgd_equals_decaying_every_row_every_step():
+    """l2_mode="every_step" catches a row up when touched: once every row is touched (here by a last
+    all-rows step with zero gradient), the table equals SGD with L2 applied to every row at every step."""
+    w0 = initial_table()
+    steps = make_steps() + [(np.arange(ROWS), np.zeros((ROWS, DIM), np.float32))]
+    result, optimizer = train("sgd", steps, l2=0.05, l2_mode="every_step")
+    expected = reference_run("sgd", w0, steps, {**SETTINGS["sgd"], "l2": 0.05}, lazy=False)
+    np.testing.assert_allclose(result, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(optimizer.slots["embedding"]["last_step"].numpy(), np.full(ROWS, len(steps)))
+    touched_only, _ = train("sgd", steps, l2=0.05)  # the default mode penalizes rows only while touched
+    assert not np.allclose(touched_only, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf_function"])
+def test_every_step_l2_under_lazyadam_carries_the_missed_steps_penalty(compiled):
+    """LazyAdam: a touched row's L2 gradient is multiplied by the steps since its last update (from step 0);
+    rows never touched stay bit-for-bit unchanged."""
+    w0 = initial_table()
+    steps = make_steps()
+    l2, s = 0.05, SETTINGS["lazyadam"]
+    result, _ = train("lazyadam", steps, compiled=compiled, l2=l2, l2_mode="every_step")
+    w, state, last = w0.astype(np.float64).copy(), reference_init("lazyadam", w0.shape, s), np.zeros(ROWS)
+    for t, (ids, values) in enumerate(steps, start=1):
+        g = np.zeros_like(w)
+        np.add.at(g, ids, values)
+        rows = np.zeros(ROWS, bool)
+        rows[ids] = True
+        g = g + 2 * l2 * w * ((t - last) * rows)[:, None]
+        new_w, new_state = reference_update("lazyadam", w, g, state, t, s)
+        w[rows] = new_w[rows]
+        for key in state:
+            state[key][rows] = new_state[key][rows]
+        last[rows] = t
+    np.testing.assert_allclose(result, w, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(result[NEVER_TOUCHED], w0[NEVER_TOUCHED])
+
+
+def test_l2_mode_is_checked_and_kept_in_the_config():
+    with pytest.raises(ConfigError, match="'l2_mode' parameter of LazyAdam must be one of touched, every_step"):
+        make_optimizer("lazyadam", l2_mode="always")
+    optimizer = make_optimizer("adagrad", learning_rate=0.1, l2=1e-3, l2_mode="every_step")
+    assert type(optimizer).from_config(optimizer.get_config()).l2_mode == "every_step"
+
+
 def test_rank_one_table_gets_row_updates():
     weights = tf.Variable(tf.zeros([ROWS]), name="linear")
     optimizer = SparseAdagrad(learning_rate=0.1)
@@ -375,7 +419,7 @@ def test_unknown_setting_raises_config_error_listing_parameters():
         make_optimizer("ftrl", l3=1.0)
     assert str(error.value) == (
         "SparseFtrl has no parameter 'l3'. "
-        "Its parameters are: learning_rate, l1, l2, beta, initial_accumulator_value."
+        "Its parameters are: learning_rate, l1, l2, l2_mode, beta, initial_accumulator_value."
     )
 
 
@@ -551,5 +595,5 @@ def test_settings_lists_agree_with_the_classes():
     from ctrflow.train.optimizer_settings import OPTIMIZER_SETTINGS
 
     for name in optimizer_names():
-        params = set(inspect.signature(type(make_optimizer(name)).__init__).parameters) - {"self", "learning_rate", "l2"}
+        params = set(inspect.signature(type(make_optimizer(name)).__init__).parameters) - {"self", "learning_rate", "l2", "l2_mode"}
         assert params == set(OPTIMIZER_SETTINGS[name]), name
