@@ -394,6 +394,9 @@ class Predictor:
     def warmup(self, rows: int = 64) -> int:
         """Replay the export's recorded warmup requests (else run blank rows once) so the first real
         request pays no one-time cost. Returns the requests replayed."""
+        # The fast path's function is its own (the signature replayed by warmup records is another object).
+        self._compute_ids({"ids": np.zeros((rows, len(self._id_limits)), np.int32),
+                           "numeric": np.zeros((rows, len(self.numeric_names)), np.float32)})
         if (self.path / WARMUP_FILE).exists():
             return replay_warmup(self, self.path / WARMUP_FILE)
         feats = {n: [""] * rows if n in self.categorical_names else [None] * rows for n in self.feature_names}
