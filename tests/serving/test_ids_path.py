@@ -149,3 +149,21 @@ def test_grpc_predict_ids_reads_tensor_content(live, data):
         with pytest.raises(grpc.RpcError) as e:
             stub.Predict(request(ids.astype(np.int64)), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "DT_INT32" in e.value.details()
+
+
+@pytest.mark.slow
+def test_loadgen_drives_the_ids_and_grpc_protocols(live):
+    from ctrflow.bench.loadgen import LoadOptions, run_load
+    from ctrflow.errors import ConfigError
+
+    with live.manager.lease("ctr") as predictor:
+        manifest = str(predictor.path)
+    protocols = ["ids"] + (["grpc"] if live.grpc_port is not None else [])
+    for protocol in protocols:
+        report = run_load(LoadOptions(url=live.url, model_name="ctr", protocol=protocol, rate_rps=40, duration_s=0.5,
+                                      candidates=20, distinct_bodies=4, manifest=manifest, grpc_port=live.grpc_port))
+        r = report.results[0]
+        assert r.ok > 0 and r.errors == 0 and r.status_counts.get("200") == r.ok, (protocol, r.status_counts)
+        assert r.predictions == r.ok * 20
+    with pytest.raises(ConfigError, match="manifest"):
+        LoadOptions(url=live.url, model_name="ctr", protocol="ids")
