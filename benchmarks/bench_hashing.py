@@ -7,7 +7,8 @@ TensorFlow. For string columns of a few typical length mixes, one core:
   path: tf.constant + to_hash_bucket_strong + empty mask);
 - `tf_kernel`: `tf.strings.to_hash_bucket_strong` alone on a ready tf.string tensor (the kernel's floor).
 Every run first checks that the client's ids equal the converter's.
-Also: one 100-candidate request of the synthetic preset (39 fields) through `FeatureHasher.transform`.
+Also: one 100-candidate request of the synthetic preset (39 fields) and a 4000-row batch through
+`FeatureHasher.transform`, with the numpy backend and with backend="tensorflow" (one graph call).
 
 Usage: python benchmarks/bench_hashing.py [--values 200000] [--repeats 3]
 Prints a table, then one JSON object as the last line.
@@ -79,11 +80,21 @@ def main() -> int:
     req.update({f.name: rng.exponential(50, 100) for f in schema.numeric})
     t_req = _best(lambda: hasher.transform(req), max(args.repeats, 20))
     result["request_100x39_ms"] = round(t_req * 1e3, 3)
+    tf_hasher = FeatureHasher(hasher.schema, hasher.transforms, backend="tensorflow")
+    assert np.array_equal(tf_hasher.ids(req), hasher.ids(req)), "the TensorFlow backend's ids differ"
+    t_req_tf = _best(lambda: tf_hasher.transform(req), max(args.repeats, 20))
+    result["request_100x39_ms_tf_backend"] = round(t_req_tf * 1e3, 3)
+    big = {k: (v * 40 if isinstance(v, list) else np.tile(v, 40)) for k, v in req.items()}
+    t_big = _best(lambda: hasher.transform(big), args.repeats)
+    t_big_tf = _best(lambda: tf_hasher.transform(big), args.repeats)
+    result["batch_4000x39_values_per_s"] = {"numpy": round(4000 * 26 / t_big), "tensorflow": round(4000 * 26 / t_big_tf)}
 
     print(f"{'values/s (one core)':<26}{'client numpy':>14}{'tf converter':>14}{'tf kernel':>14}")
     for label, a, b, c in rows:
         print(f"{label:<26}{a:>14,.0f}{b:>14,.0f}{c:>14,.0f}")
-    print(f"one request, 100 candidates x 39 fields (26 hashed + 13 discretized): {t_req * 1e3:.2f} ms")
+    print(f"one request, 100 candidates x 39 fields (26 hashed + 13 discretized): {t_req * 1e3:.2f} ms numpy, "
+          f"{t_req_tf * 1e3:.2f} ms with backend='tensorflow'")
+    print(f"4000 rows x 39 fields, hashed values/s: numpy {4000 * 26 / t_big:,.0f}, tensorflow {4000 * 26 / t_big_tf:,.0f}")
     print(json.dumps(result))
     return 0
 

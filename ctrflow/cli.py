@@ -347,6 +347,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         protocol=args.protocol, rate_rps=args.rate, candidates=args.candidates, duration_s=args.duration_s,
         timeout_ms=args.timeout_ms, connections=args.connections, max_in_flight=args.max_in_flight,
         compare_batching=args.compare_batching, batching=_batching(args), data=args.data, seed=args.seed,
+        grpc_port=args.grpc_port, manifest=args.manifest,
     )
     report = run_load(opts)
     _emit(args, report.to_dict(), report.format_table())
@@ -493,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-base-path", help="start the target(s) here from this base path")
     q.add_argument("--model-name")
     q.add_argument("--target", choices=["http", "inprocess"], default="http")
-    q.add_argument("--protocol", choices=["rest", "columnar"], default="rest")
+    q.add_argument("--protocol", choices=["rest", "columnar", "ids", "grpc"], default="rest",
+                   help="rest: JSON instances; columnar: binary raw columns; ids: binary ids body, hashed by the "
+                        "client (the fast path); grpc: gRPC Predict on predict_ids (tensor_content)")
+    q.add_argument("--grpc-port", type=int, help="with --url and --protocol grpc: the server's gRPC port")
+    q.add_argument("--manifest", help="with --url and --protocol ids/grpc: the served version folder (to hash with)")
     q.add_argument("--rate", type=float, default=200.0, help="mean requests per second (Poisson)")
     q.add_argument("--candidates", type=int, default=100, help="candidate ads per request")
     q.add_argument("--duration-s", type=float, default=10.0)

@@ -47,7 +47,11 @@ from ctrflow.validation import Choice, Float, Int, check_fields
 
 __all__ = ["LoadOptions", "LoadReport", "LoadResult", "arrival_times", "latency_summary", "run_load"]
 
-_PROTOCOLS = ("rest", "columnar")
+# rest: TF Serving row-format JSON; columnar: the binary columnar body (raw strings, hashed in the graph);
+# ids: the binary ids body (hashed here, ahead of time, by ctrflow.client.hashing: the one-tensor fast
+# path); grpc: gRPC Predict on `predict_ids` with tensor_content. In process, "ids" calls
+# Predictor.apredict_ids and every other protocol Predictor.apredict on raw columns.
+_PROTOCOLS = ("rest", "columnar", "ids", "grpc")
 _TARGETS = ("http", "inprocess")
 MAX_REQUESTS = 5_000_000  # one run's schedule, whatever rate and duration say
 
@@ -65,7 +69,8 @@ class LoadOptions:
     model_name: str | None = None
     # With model_base_path: "http" (a server in a child process) or "inprocess" (a Predictor here).
     target: str = "http"
-    # "rest" (TF Serving row format JSON) or "columnar" (the binary columnar endpoint).
+    # "rest" (TF Serving row format JSON), "columnar" (the binary columnar endpoint), "ids" (the binary
+    # ids endpoint, rows hashed by the client ahead of time) or "grpc" (gRPC Predict, predict_ids).
     protocol: str = "rest"
     # Mean request arrivals per second (Poisson), > 0.
     rate_rps: float = 200.0
@@ -95,6 +100,10 @@ class LoadOptions:
     # With `url`: the pid of that server when it runs on this machine; its CPU is then read from the
     # OS (psutil) instead of its /metrics. None: from /metrics.
     server_pid: int | None = None
+    # With `url` and protocol "grpc": the server's gRPC port on the same host.
+    grpc_port: int | None = None
+    # With `url` and protocol "ids"/"grpc": the served version folder (its ctrflow.json), to hash with.
+    manifest: str | None = None
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.model_base_path is None):
@@ -113,6 +122,11 @@ class LoadOptions:
         if self.rate_rps * self.duration_s > MAX_REQUESTS:
             raise ConfigError(f"rate_rps * duration_s = {self.rate_rps * self.duration_s:.0f} requests is over the "
                               f"limit of {MAX_REQUESTS} per run; shorten the run.")
+        if self.url is not None and self.protocol == "grpc" and self.grpc_port is None:
+            raise ConfigError("With 'url', protocol 'grpc' needs 'grpc_port' (the server's gRPC port).")
+        if self.url is not None and self.protocol in ("ids", "grpc") and self.manifest is None:
+            raise ConfigError(f"With 'url', protocol {self.protocol!r} needs 'manifest' (the served version folder "
+                              "or its ctrflow.json) to hash the rows with.")
         if self.batching is not None and not isinstance(self.batching, BatchingOptions):
             raise ConfigError(f"The 'batching' parameter of LoadOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
 
@@ -304,18 +318,34 @@ def _sample_data(options: LoadOptions, features: _Features, schema: Any | None, 
     return _read_rows(path, features, None)
 
 
-def _bodies(options: LoadOptions, data: dict[str, list], features: _Features) -> list[Any]:
+def _bodies(options: LoadOptions, data: dict[str, list], features: _Features, manifest: Path | None = None,
+            model: str = "") -> list[Any]:
     """`distinct_bodies` requests of `candidates` sampled rows, encoded for the protocol/target."""
     from ctrflow.client.columnar import encode_columnar
 
     rng = np.random.default_rng(options.seed + 2)
     names = (*features.categorical, *features.numeric)
     n = len(data[names[0]])
+    hasher = None
+    if options.protocol in ("ids", "grpc"):
+        from ctrflow.client.hashing import FeatureHasher
+
+        hasher = FeatureHasher.from_manifest(manifest)
     out = []
     for _ in range(options.distinct_bodies):
         idx = rng.integers(0, n, options.candidates)
         cols = {k: [data[k][i] for i in idx] for k in names}
-        if options.target == "inprocess" and options.url is None:
+        if hasher is not None:
+            ids, numeric = hasher.transform(cols)
+            if options.target == "inprocess" and options.url is None:
+                out.append((ids, numeric))
+            elif options.protocol == "ids":
+                from ctrflow.client.ids import encode_ids
+
+                out.append(encode_ids(ids, numeric))
+            else:
+                out.append(_grpc_ids_request(model, ids, numeric))
+        elif options.target == "inprocess" and options.url is None:
             out.append(cols)
         elif options.protocol == "rest":
             rows = [dict(zip(names, values)) for values in zip(*(cols[k] for k in names))]
@@ -323,6 +353,23 @@ def _bodies(options: LoadOptions, data: dict[str, list], features: _Features) ->
         else:
             out.append(encode_columnar(cols, features.categorical, features.numeric))
     return out
+
+
+def _grpc_ids_request(model: str, ids: np.ndarray, numeric: np.ndarray) -> bytes:
+    """A serialized PredictRequest on predict_ids with tensor_content (sent as bytes: no client-side encoding)."""
+    from tensorflow_serving.apis import predict_pb2
+
+    from ctrflow.serving.grpc_server import DT_FLOAT, DT_INT32
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = model, "predict_ids"
+    for key, arr, dtype in (("ids", np.ascontiguousarray(ids, "<i4"), DT_INT32), ("numeric", np.ascontiguousarray(numeric, "<f4"), DT_FLOAT)):
+        t = request.inputs[key]
+        t.dtype = dtype
+        for d in arr.shape:
+            t.tensor_shape.dim.add().size = int(d)
+        t.tensor_content = arr.tobytes()
+    return request.SerializeToString()
 
 
 # ---- the HTTP client --------------------------------------------------------------------------------
@@ -524,11 +571,15 @@ def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, s
 
 
 def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], times: np.ndarray,
-              server_pid: int | None) -> tuple[_Tally, float, dict[str, Any]]:
+              server_pid: int | None, grpc_port: int | None = None) -> tuple[_Tally, float, dict[str, Any]]:
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port
     if options.protocol == "rest":
         path, ctype = f"/v1/models/{model}:predict", "application/json"
+    elif options.protocol == "ids":
+        from ctrflow.client.ids import IDS_CONTENT_TYPE
+
+        path, ctype = f"/v1/models/{model}:predict_ids", IDS_CONTENT_TYPE
     else:
         from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE
 
@@ -558,7 +609,26 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
         await pool.close()
         return tally, wall
 
-    tally, wall = asyncio.run(main())
+    async def main_grpc() -> tuple[_Tally, float]:
+        import grpc.aio
+
+        codes = {"OK": "200", "UNAVAILABLE": "503", "DEADLINE_EXCEEDED": "504"}
+        async with grpc.aio.insecure_channel(f"{host}:{grpc_port}", options=[
+                ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]) as channel:
+            # pre-serialized requests, responses left as bytes: the generator spends no CPU on protobuf
+            predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+            timeout_s = options.timeout_ms / 1e3
+
+            async def send(i: int) -> str:
+                try:
+                    await predict(bodies[i % len(bodies)], timeout=timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    return codes.get(e.code().name, f"grpc:{e.code().name}")
+                return "200"
+
+            return await _drive(options, times, send)
+
+    tally, wall = asyncio.run(main_grpc() if options.protocol == "grpc" else main())
     after = _scrape(url, model)
     if proc is not None:
         cpu = sum(proc.cpu_times()[:2]) - cpu0
@@ -569,7 +639,7 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
     if math.isnan(calls):  # no batcher: every OK request was one compute call
         calls = after.get("requests_ok", 0) - before.get("requests_ok", 0)
     server = {"cpu_s": None if math.isnan(cpu) else cpu, "compute_calls": calls, "rows_computed": rows,
-              "target": "http", "protocol": options.protocol}
+              "target": "grpc" if options.protocol == "grpc" else "http", "protocol": options.protocol}
     return tally, wall, server
 
 
@@ -578,6 +648,7 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
     before = predictor.stats() or {}
     cpu0 = time.process_time()
     batched = getattr(predictor, "batcher", None) is not None
+    ids = options.protocol == "ids"
 
     async def main() -> tuple[_Tally, float]:
         loop = asyncio.get_running_loop()
@@ -585,7 +656,12 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
         async def send(i: int) -> str:
             features = bodies[i % len(bodies)]
             try:
-                if batched:
+                if ids:
+                    if batched:
+                        await predictor.apredict_ids(*features, timeout_ms=options.timeout_ms)
+                    else:
+                        await loop.run_in_executor(pool, predictor.predict_ids, *features)
+                elif batched:
                     await predictor.apredict(features, timeout_ms=options.timeout_ms)
                 else:
                     await loop.run_in_executor(pool, predictor.predict, features)
@@ -607,17 +683,18 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
     calls = after.get("compute_calls", 0) - before.get("compute_calls", 0) if batched else ok
     rows = after.get("predictions", 0) - before.get("predictions", 0) if batched else ok * options.candidates
     server = {"cpu_s": cpu, "compute_calls": calls, "rows_computed": rows, "cpu_includes_load_generator": True,
-              "target": "inprocess", "protocol": "python"}
+              "target": "inprocess", "protocol": "ids" if ids else "python"}
     return tally, wall, server
 
 
 # ---- targets started here -----------------------------------------------------------------------------
 
 
-def child_port(proc: subprocess.Popen, timeout_s: float) -> int | None:
+def child_port(proc: subprocess.Popen, timeout_s: float, *, extra: dict[str, int] | None = None) -> int | None:
     """The port a child server announces on stdout as `CTRFLOW_PORT N`, or None if it exits or stays silent.
 
-    Bounded by time and by the lines the child prints.
+    Lines `CTRFLOW_<NAME> N` printed before it (e.g. CTRFLOW_GRPC_PORT) land in `extra`. Bounded by
+    time and by the lines the child prints.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -626,21 +703,28 @@ def child_port(proc: subprocess.Popen, timeout_s: float) -> int | None:
             return None
         if line.startswith("CTRFLOW_PORT "):
             return int(line.split()[1])
+        key, _, value = line.strip().partition(" ")
+        if extra is not None and key.startswith("CTRFLOW_") and value.isdigit():
+            extra[key] = int(value)
     return None
 
 
 class _ChildServer:
     """`serve()` in a child process on a free loopback port; its pid gives the server's own CPU."""
 
-    def __init__(self, base_path: str, name: str, batching: BatchingOptions | None, timeout_s: float = 180.0) -> None:
-        spec = {"model_base_path": base_path, "model_name": name, "batching": None if batching is None else asdict(batching)}
+    def __init__(self, base_path: str, name: str, batching: BatchingOptions | None, timeout_s: float = 180.0,
+                 *, grpc: bool = False) -> None:
+        spec = {"model_base_path": base_path, "model_name": name, "batching": None if batching is None else asdict(batching),
+                "grpc": grpc}
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
         )
-        self.port = child_port(self.proc, timeout_s)
-        if self.port is None:
+        extra: dict[str, int] = {}
+        self.port = child_port(self.proc, timeout_s, extra=extra)
+        self.grpc_port = extra.get("CTRFLOW_GRPC_PORT")
+        if self.port is None or (grpc and self.grpc_port is None):
             self.close()
             raise CtrflowError(f"The child server for {base_path} did not start (exit code {self.proc.poll()}).")
         self.url = f"http://127.0.0.1:{self.port}"
@@ -661,8 +745,10 @@ def _child_server(spec_json: str) -> None:
     spec = json.loads(spec_json)
     batching = None if spec["batching"] is None else BatchingOptions(**spec["batching"])
     server = serve(ServeOptions(model_base_path=spec["model_base_path"], model_name=spec["model_name"], port=0,
-                                batching=batching, poll_interval_s=3600.0))
+                                batching=batching, poll_interval_s=3600.0, grpc_port=0 if spec.get("grpc") else None))
     freeze_heap()
+    if server.grpc_port is not None:
+        print(f"CTRFLOW_GRPC_PORT {server.grpc_port}", flush=True)
     print(f"CTRFLOW_PORT {server.port}", flush=True)
     try:
         sys.stdin.read()  # until the parent closes our stdin
@@ -691,28 +777,31 @@ def run_load(options: LoadOptions) -> LoadReport:
     times = arrival_times(options.rate_rps, options.duration_s, options.seed)
     results: list[LoadResult] = []
     with tempfile.TemporaryDirectory(prefix="ctrflow-loadgen-") as tmp:
+        name = options.model_name or Path(options.model_base_path).resolve().name
         if options.url is not None:
             features, schema = _fetch_features(options.url, options.model_name), None
+            folder = Path(options.manifest) if options.manifest else None
         else:
             features, schema, folder = _model_info(options.model_base_path)
         data = _sample_data(options, features, schema, Path(tmp))
-        bodies = _bodies(options, data, features)
+        bodies = _bodies(options, data, features, folder, name)
         import gc
 
         gc.collect()
         gc.freeze()  # the generator's own full collections would show up as server latency (see freeze_heap)
         if options.url is not None:
-            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, options.server_pid)
+            tally, wall, server = _run_http(options, options.url, options.model_name, bodies, times, options.server_pid,
+                                            options.grpc_port)
             results.append(_result("server", options, tally, wall, server=server))
             return LoadReport(_options_dict(options), results)
-        name = options.model_name or Path(options.model_base_path).resolve().name
         modes = [("batching on", options.batching or BatchingOptions()), ("batching off", None)] \
             if options.compare_batching else [("batching " + ("on" if options.batching else "off"), options.batching)]
         for label, batching in modes:
             if options.target == "http":
-                child = _ChildServer(str(Path(options.model_base_path).resolve()), name, batching)
+                child = _ChildServer(str(Path(options.model_base_path).resolve()), name, batching,
+                                     grpc=options.protocol == "grpc")
                 try:
-                    tally, wall, server = _run_http(options, child.url, name, bodies, times, child.proc.pid)
+                    tally, wall, server = _run_http(options, child.url, name, bodies, times, child.proc.pid, child.grpc_port)
                 finally:
                     child.close()
             else:

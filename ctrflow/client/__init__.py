@@ -1,7 +1,10 @@
 """Client side of ctrflow's serving wire formats: what a bidder links to build request bodies.
 
 Nothing here imports the server or TensorFlow; the server's decoders import the format from here.
+`FeatureHasher` (spec ctrflow-hash-1) turns raw features into the model's ids; `encode_ids` packs them
+into the binary ids body; `IdsClient` does both and posts to a server.
 """
 from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, COLUMNAR_FORMAT, encode_columnar
+from ctrflow.client.ids import IDS_CONTENT_TYPE, IDS_FORMAT, IdsClient, encode_ids
 
-__all__ = ["COLUMNAR_CONTENT_TYPE", "COLUMNAR_FORMAT", "encode_columnar"]
+__all__ = ["COLUMNAR_CONTENT_TYPE", "COLUMNAR_FORMAT", "IDS_CONTENT_TYPE", "IDS_FORMAT", "IdsClient", "encode_columnar", "encode_ids"]

@@ -18,14 +18,18 @@ import numpy as np
 from ctrflow.client.columnar import COLUMN as _COLUMN
 from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, COLUMNAR_FORMAT, encode_columnar
 from ctrflow.client.columnar import HEADER as _HEADER
+from ctrflow.client.ids import IDS_CONTENT_TYPE, IDS_FORMAT, IDS_HEADER, IDS_MAGIC, IDS_VERSION, ids_body_size
 from ctrflow.errors import CtrflowError
 
 __all__ = [
     "COLUMNAR_CONTENT_TYPE",
     "COLUMNAR_FORMAT",
+    "IDS_CONTENT_TYPE",
+    "IDS_FORMAT",
     "ParsedRequest",
     "RequestError",
     "decode_columnar",
+    "decode_ids",
     "encode_columnar",
     "error_body",
     "parse_columnar_json",
@@ -270,6 +274,33 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
         raise RequestError(f"Columnar body: {_key_problem(out, list(kinds))}.")
     return out, rows
 
+
+def decode_ids(body: bytes | bytearray | memoryview, n_ids: int, n_numeric: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The binary ids body (see `IDS_FORMAT`) → (ids int32 [rows, F], numeric float32 [rows, N], rows).
+
+    Both matrices are read-only views of `body` (np.frombuffer, no copy); only the 16-byte header is
+    parsed. Id ranges are checked by the predictor (`Predictor.check_ids`), which knows the tables.
+    """
+    if len(body) < IDS_HEADER.size:
+        raise RequestError(f"Ids body of {len(body)} bytes is shorter than its {IDS_HEADER.size}-byte header.")
+    magic, version, flags, _, rows, f, n = IDS_HEADER.unpack_from(body, 0)
+    if magic != IDS_MAGIC:
+        raise RequestError(f"Not an ids body: it must start with {IDS_MAGIC!r} (see docs/ids_body.md).")
+    if version != IDS_VERSION or flags:
+        raise RequestError(f"Ids body version {version} (flags {flags}) is not understood; this server reads "
+                           f"version {IDS_VERSION} with flags 0.")
+    if f != n_ids or n != n_numeric:
+        raise RequestError(f"Ids body has {f} id columns and {n} numeric columns; this model takes "
+                           f"{n_ids} and {n_numeric}.")
+    if rows == 0:
+        raise RequestError("Ids body has 0 rows: send at least one candidate.")
+    want = ids_body_size(rows, f, n)
+    if len(body) != want:
+        raise RequestError(f"Ids body of {rows} rows x ({f} ids + {n} numerics) must be {want} bytes. "
+                           f"Got {len(body)} instead.")
+    ids = np.frombuffer(body, "<i4", rows * f, IDS_HEADER.size).reshape(rows, f)
+    numeric = np.frombuffer(body, "<f4", rows * n, IDS_HEADER.size + 4 * rows * f).reshape(rows, n)
+    return ids, numeric, rows
 
 
 def error_body(message: str) -> bytes:

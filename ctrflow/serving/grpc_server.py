@@ -7,7 +7,9 @@ the REST server never imports this module unless a gRPC port is asked for.
 
 Predict takes one TensorProto per schema field, named as in the export (`ctrflow.json` "inputs"):
 DT_STRING for categoricals, DT_FLOAT/DT_DOUBLE (or integer types) for numerics, NaN = missing, all of
-shape [n]; it answers `outputs["probabilities"]` float32 [n]. Errors map to gRPC codes: NOT_FOUND
+shape [n]; it answers `outputs["probabilities"]` float32 [n]. Signature `predict_ids` takes the
+one-tensor fast path: `ids` DT_INT32 [n, F] and `numeric` DT_FLOAT [n, N], read from `tensor_content`
+without a copy and batched (`ids_tensors`; ids outside a field's table → INVALID_ARGUMENT). Errors map to gRPC codes: NOT_FOUND
 (model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE (queue full, not ready: retry),
 DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged).
 
@@ -32,7 +34,7 @@ from ctrflow.serving.models import ModelManager
 from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import metadata_response, predict_response, tensor_to_ndarray
 
-__all__ = ["GrpcServer", "grpc_available", "tensor_to_array", "array_to_tensor"]
+__all__ = ["GrpcServer", "grpc_available", "tensor_to_array", "array_to_tensor", "ids_tensors"]
 
 log = logging.getLogger("ctrflow.serving")
 
@@ -100,6 +102,38 @@ def tensor_to_array(name: str, tensor: Any, kind: str) -> np.ndarray:
     if dims and dims[0] != len(out):
         raise _Invalid(f"input {name!r} declares shape {dims} but holds {len(out)} values.")
     return out
+
+
+def ids_tensors(inputs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """predict_ids' two TensorProtos → (ids int32 [n, F], numeric float32 [n, N]) without a copy.
+
+    `tensor_content` (what `tf.make_tensor_proto` writes) is read with np.frombuffer; typed
+    `int_val`/`float_val` fields are taken too (one conversion). Shapes and ranges are checked by the
+    predictor (`check_ids`); dtypes and declared shapes here."""
+    if set(inputs) != {"ids", "numeric"}:
+        raise _Invalid(f"signature 'predict_ids' takes inputs 'ids' (DT_INT32 [n, F]) and 'numeric' (DT_FLOAT [n, N]). "
+                       f"Got {sorted(inputs)[:10]}.")
+    out = []
+    for key, dtype, np_dtype, field in (("ids", DT_INT32, "<i4", "int_val"), ("numeric", DT_FLOAT, "<f4", "float_val")):
+        t = inputs[key]
+        if t.dtype != dtype:
+            raise _Invalid(f"input {key!r} of predict_ids must be {'DT_INT32' if key == 'ids' else 'DT_FLOAT'}. "
+                           f"Got dtype enum {t.dtype}.")
+        dims = [d.size for d in t.tensor_shape.dim]
+        if len(dims) != 2 or min(dims) < 0:
+            raise _Invalid(f"input {key!r} of predict_ids must have shape [n, columns]. Got shape {dims}.")
+        content = t.tensor_content
+        if content:
+            if len(content) != 4 * dims[0] * dims[1]:
+                raise _Invalid(f"input {key!r}: shape {dims} needs {4 * dims[0] * dims[1]} bytes of tensor_content, "
+                               f"got {len(content)}.")
+            arr = np.frombuffer(content, np_dtype)
+        else:
+            arr = np.asarray(getattr(t, field), np_dtype)
+            if arr.size != dims[0] * dims[1]:
+                raise _Invalid(f"input {key!r}: shape {dims} needs {dims[0] * dims[1]} values, got {arr.size}.")
+        out.append(arr.reshape(dims))
+    return out[0], out[1]
 
 
 def array_to_tensor(values: np.ndarray, tensor: Any) -> None:
@@ -210,6 +244,12 @@ class GrpcServer:
                     else:
                         outputs = await asyncio.get_running_loop().run_in_executor(
                             self._pool, functools.partial(predictor.predict_outputs, features, output_filter=output_filter))
+                elif signature == "predict_ids" and hasattr(predictor, "apredict_ids_outputs"):
+                    ids, numeric = ids_tensors(request.inputs)
+                    rows = ids.shape[0]
+                    if rows > self._max_rows:
+                        raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
+                    outputs = await predictor.apredict_ids_outputs(ids, numeric, timeout_ms=timeout_ms, output_filter=output_filter)
                 else:
                     inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
                     rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)

@@ -17,6 +17,12 @@ through the batcher and its compute call returns every output (probabilities and
 batch answers both. A SavedModel without `ctrflow.json` is served by `SavedModelPredictor`, through
 its own signatures only. `warmup()` replays the version's `assets.extra/tf_serving_warmup_requests`
 (TF Serving's convention: PredictionLog records) when the export holds one.
+
+The one-tensor fast path: `predict_ids(ids, numeric)` (and `apredict_ids`, `run("predict_ids", ...)`)
+takes pre-hashed rows — int32 ids [n, F], float32 numerics [n, N], as `ctrflow.client.hashing`
+computes them — through a second batcher of their own (`ids_batcher`). `check_ids` refuses ids
+outside a field's table and non-finite numerics before batching (`InvalidArgument`), so such a
+request fails alone; `compute_ids` is one direct call, the model's own cost.
 """
 from __future__ import annotations
 
@@ -68,12 +74,46 @@ def columns_from_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -
     return cols
 
 
+def _id_limits(info: Mapping[str, Any], schema: Schema) -> np.ndarray:
+    """int64 [F]: each id column's table size (ids must lie in [0, size)), from the export's feature spec."""
+    buckets = info.get("feature_spec", {}).get("id_buckets")
+    if not buckets:  # older exports: the schema's buckets, numerics' discretized bins
+        bounds = info.get("transforms", {}).get("boundaries", {})
+        buckets = [f.hash_buckets for f in schema.categorical] + [len(bounds.get(f.name, ())) + 2 for f in schema.numeric]
+    return np.asarray(buckets, np.int64)
+
+
+def _sum_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two batchers' `BatcherStats.to_dict()` as one: counts summed, maxima maxed, histograms added."""
+    out = dict(a)
+    for k, v in b.items():
+        if k == "name":
+            continue
+        if k.endswith("_max"):
+            out[k] = max(a.get(k, 0), v)
+        elif isinstance(v, dict):  # the batch-size histogram {"<=bound": calls}
+            out[k] = {key: a.get(k, {}).get(key, 0) + v.get(key, 0) for key in {**a.get(k, {}), **v}}
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = a.get(k, 0) + v
+    if out.get("queue_wait_count"):
+        out["mean_queue_wait_ms"] = out["queue_wait_ms_sum"] / out["queue_wait_count"]
+    return out
+
+
 def _categorical(name: str, values: Any) -> np.ndarray:
-    if isinstance(values, np.ndarray) and values.dtype.kind in "SU":
-        return values.astype(object)
-    if all(type(v) is str for v in values):  # the common case, ~10x cheaper than converting one by one
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "SU":  # binary columnar: fixed-width bytes → objects in one C loop
+            return values.astype(object)
+        if values.dtype == object and set(map(type, values)) <= _TOKEN_TYPES:
+            return values
+    elif set(map(type, values)) == _STR:  # the common case: a C-level type scan, no Python per value
         return np.array(values, dtype=object)
     return np.array([_token(name, i, v) for i, v in enumerate(values)], dtype=object)
+
+
+_STR = {str}
+_TOKEN_TYPES = frozenset((str, bytes))
+_NUMBER_TYPES = frozenset((int, float, type(None)))
 
 
 def _token(name: str, i: int, v: Any) -> str | bytes:
@@ -95,7 +135,7 @@ def _token(name: str, i: int, v: Any) -> str | bytes:
 def _numeric(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
         return values.astype(np.float64, copy=False)
-    if all(type(v) in (int, float) or v is None for v in values):  # common case: numpy maps None to NaN
+    if set(map(type, values)) <= _NUMBER_TYPES:  # common case (C-level type scan): numpy maps None to NaN
         return np.array(values, dtype=np.float64)
     out = np.empty(len(values), np.float64)
     for i, v in enumerate(values):
@@ -137,6 +177,12 @@ class Predictor:
         self._p_index = self._outputs.index("probabilities") if "probabilities" in self._outputs else 0
         self._field_of = {alias: field for field, alias in self._inputs.items()}
         self.batcher = AutoBatcher(self._compute, batching, name=f"{name}/{self.version}") if batching else None
+        # The one-tensor fast path (`predict_ids`): its own batcher, since a batcher's inputs have one
+        # fixed signature ({"ids": int32 [n, F], "numeric": float32 [n, N]} here).
+        self.ids_batcher = AutoBatcher(self._compute_ids, batching, name=f"{name}/{self.version}/ids") if batching else None
+        self.id_names = tuple(info.get("feature_spec", {}).get("id_names") or self.schema.id_names)
+        self._id_limits = _id_limits(info, self.schema)
+        self._cat_set = frozenset(self.categorical_names)
 
     kind = "ctrflow"
 
@@ -169,6 +215,76 @@ class Predictor:
             return out[self._outputs[0]].numpy()[:, None]
         return np.stack([out[k].numpy() for k in self._outputs], axis=1)
 
+    def _compute_ids(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """[n, outputs] of predict_ids (same output columns as `_compute`)."""
+        import tensorflow as tf
+
+        out = self._serve_ids(tf.constant(inputs["ids"]), tf.constant(inputs["numeric"]))
+        if len(self._outputs) == 1:
+            return out[self._outputs[0]].numpy()[:, None]
+        return np.stack([out[k].numpy() for k in self._outputs], axis=1)
+
+    def compute_ids(self, ids: np.ndarray, numeric: np.ndarray) -> np.ndarray:
+        """Probabilities of one direct predict_ids call (no batcher, no checks): the model's own cost."""
+        return self._compute_ids({"ids": ids, "numeric": numeric})[:, self._p_index]
+
+    def check_ids(self, ids: Any, numeric: Any) -> dict[str, np.ndarray]:
+        """The batcher's inputs for pre-hashed rows, after checking what would fail a whole batch.
+
+        ids must be integers [rows, F] with 0 <= id < the field's table size (ctrflow.json
+        `feature_spec.id_buckets`), numerics finite numbers [rows, N]; else `InvalidArgument` (400 /
+        INVALID_ARGUMENT) naming the row and field. Vectorized; copies only to fix dtype or layout.
+        """
+        f, n = len(self._id_limits), len(self.numeric_names)
+        ids = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+        numeric = numeric if isinstance(numeric, np.ndarray) else np.asarray(numeric)
+        if ids.ndim != 2 or ids.shape[1] != f or (ids.shape[0] and ids.dtype.kind not in "iu"):
+            raise InvalidArgument(f"'ids' must be an integer matrix [rows, {f}] (one column per field: "
+                                  f"{', '.join(self.id_names[:6])}, ...). Got {ids.dtype} of shape {list(ids.shape)}.")
+        if numeric.ndim != 2 or numeric.shape != (ids.shape[0], n) or (numeric.size and numeric.dtype.kind not in "fiu"):
+            raise InvalidArgument(f"'numeric' must be a float matrix [{ids.shape[0]}, {n}] (rows as in 'ids'). "
+                                  f"Got {numeric.dtype} of shape {list(numeric.shape)}.")
+        if ids.shape[0] == 0:
+            raise InvalidArgument("no candidates to score (0 rows).")
+        bad = (ids < 0) | (ids >= self._id_limits)
+        if bad.any():
+            r, c = (int(x) for x in np.argwhere(bad)[0])
+            raise InvalidArgument(f"'ids' row {r}, column {c} (field {self.id_names[c]!r}): id {int(ids[r, c])} is "
+                                  f"outside [0, {int(self._id_limits[c])}) ({int(bad.sum())} such ids in the request).")
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        numeric = np.ascontiguousarray(numeric, dtype=np.float32)
+        if n and not np.isfinite(numeric).all():
+            r, c = (int(x) for x in np.argwhere(~np.isfinite(numeric))[0])
+            raise InvalidArgument(f"'numeric' row {r}, column {c} (field {self.numeric_names[c]!r}) is "
+                                  f"{numeric[r, c]}; numerics must be finite (missing = 0.0).")
+        return {"ids": ids, "numeric": numeric}
+
+    def _predict_ids_all(self, ids: Any, numeric: Any, timeout_ms: float | None) -> np.ndarray:
+        inputs = self.check_ids(ids, numeric)
+        if self.ids_batcher is None:
+            return self._compute_ids(inputs)
+        return self.ids_batcher.predict(inputs, timeout_ms=timeout_ms)
+
+    async def _apredict_ids_all(self, ids: Any, numeric: Any, timeout_ms: float | None) -> np.ndarray:
+        inputs = self.check_ids(ids, numeric)
+        if self.ids_batcher is None:
+            return await asyncio.to_thread(self._compute_ids, inputs)
+        return await self.ids_batcher.apredict(inputs, timeout_ms=timeout_ms)
+
+    def predict_ids(self, ids: Any, numeric: Any, *, timeout_ms: float | None = None) -> np.ndarray:
+        """Probabilities (float32 [rows]) for pre-hashed rows (the `Batch` layout), through the batcher
+        when the predictor has one; out-of-range ids raise `InvalidArgument` before batching."""
+        return self._predict_ids_all(ids, numeric, timeout_ms)[:, self._p_index]
+
+    async def apredict_ids(self, ids: Any, numeric: Any, *, timeout_ms: float | None = None) -> np.ndarray:
+        return (await self._apredict_ids_all(ids, numeric, timeout_ms))[:, self._p_index]
+
+    async def apredict_ids_outputs(self, ids: Any, numeric: Any, *, timeout_ms: float | None = None,
+                                   output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Every predict_ids output ({"logits", "probabilities"}) for pre-hashed rows."""
+        names = select_outputs(self._signature("predict_ids"), output_filter)
+        return self._split(await self._apredict_ids_all(ids, numeric, timeout_ms), names)
+
     def prepare(self, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate and convert columnar raw features into the arrays the model takes."""
         if not isinstance(features, Mapping):
@@ -188,7 +304,7 @@ class Predictor:
                 n = len(col)
             elif len(col) != n:
                 raise SchemaError(f"feature {name!r} has {len(col)} values, others have {n}: every column needs one value per candidate.")
-            out[name] = _categorical(name, col) if name in self.categorical_names else _numeric(name, col)
+            out[name] = _categorical(name, col) if name in self._cat_set else _numeric(name, col)
         if not n:
             raise SchemaError("no candidates to score (empty feature columns).")
         return out
@@ -238,6 +354,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(self._predict_all(self._features_of(inputs), timeout_ms), names)
+        if signature_key == "predict_ids" and set(inputs) == {"ids", "numeric"}:
+            return self._split(self._predict_ids_all(inputs["ids"], inputs["numeric"], timeout_ms), names)
         return call_signature(self._loaded, signature, inputs, names)
 
     async def arun(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
@@ -246,6 +364,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(await self._apredict_all(self._features_of(inputs), timeout_ms), names)
+        if signature_key == "predict_ids" and set(inputs) == {"ids", "numeric"}:
+            return self._split(await self._apredict_ids_all(inputs["ids"], inputs["numeric"], timeout_ms), names)
         return await asyncio.to_thread(call_signature, self._loaded, signature, inputs, names)
 
     def run_direct(self, signature_key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -263,12 +383,6 @@ class Predictor:
                                   f"has {sorted(self.signatures)}.")
         return signature
 
-    def predict_ids(self, ids: np.ndarray, numeric: np.ndarray) -> np.ndarray:
-        """Probabilities for pre-hashed inputs in the shard layout (no batching: callers batch already)."""
-        import tensorflow as tf
-
-        return self._serve_ids(tf.constant(ids, tf.int32), tf.constant(numeric, tf.float32))["probabilities"].numpy()
-
     def transform(self, features: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """The ids and numerics the serving graph computes from raw features (for parity checks)."""
         import tensorflow as tf
@@ -280,6 +394,9 @@ class Predictor:
     def warmup(self, rows: int = 64) -> int:
         """Replay the export's recorded warmup requests (else run blank rows once) so the first real
         request pays no one-time cost. Returns the requests replayed."""
+        # The fast path's function is its own (the signature replayed by warmup records is another object).
+        self._compute_ids({"ids": np.zeros((rows, len(self._id_limits)), np.int32),
+                           "numeric": np.zeros((rows, len(self.numeric_names)), np.float32)})
         if (self.path / WARMUP_FILE).exists():
             return replay_warmup(self, self.path / WARMUP_FILE)
         feats = {n: [""] * rows if n in self.categorical_names else [None] * rows for n in self.feature_names}
@@ -287,11 +404,16 @@ class Predictor:
         return 1
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats().to_dict() if self.batcher else {}
+        """The batchers' counters, raw-feature and ids batcher summed (one model version, one figure)."""
+        if self.batcher is None:
+            return {}
+        return _sum_stats(self.batcher.stats().to_dict(), self.ids_batcher.stats().to_dict())
 
     def close(self, *, drain: bool = True) -> None:
         if self.batcher is not None:
             self.batcher.close(drain=drain)
+        if self.ids_batcher is not None:
+            self.ids_batcher.close(drain=drain)
 
     def __enter__(self) -> "Predictor":
         return self

@@ -11,6 +11,8 @@ change without touching them. Endpoints (NAME: a served model; `/versions/V` may
                                             (TF Serving's shapes for the signature called: see
                                             `ctrflow.serving.tfserving`; `/labels/L` pins a labelled version)
     POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`)
+    POST /v1/models/NAME:predict_ids        the one-tensor fast path: pre-hashed int32 ids + float32
+                                            numerics (application/x-ctrflow-ids, docs/ids_body.md)
     GET  /v1/models/NAME                    {"model_version_status": [{"version": "3", "state": "AVAILABLE", ...}]}
     GET  /v1/models/NAME/metadata           the version's SignatureDefMap (TF Serving's JSON)
     GET  /v1/rollouts                       per-arm and shadow figures of the rollouts in force
@@ -44,9 +46,11 @@ import numpy as np
 from ctrflow.errors import DeadlineExceeded
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
+    IDS_CONTENT_TYPE,
     RequestError,
     _load_json,
     decode_columnar,
+    decode_ids,
     error_body,
     parse_columnar_json,
     parse_predict_json,
@@ -125,6 +129,7 @@ class RestRoutes:
         self.model_verbs: dict[str, tuple[Handler, str]] = {
             "predict": (self._predict, "rest"),
             "predict_columnar": (self._predict_columnar, "columnar"),
+            "predict_ids": (self._predict_ids, "ids"),
         }
         # GET /v1/models/NAME[/versions/V][/TAIL]
         self.model_gets: dict[str, Handler] = {"": self._model_status, "metadata": self._metadata}
@@ -219,7 +224,9 @@ class RestRoutes:
                     parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
                 fmt, rows = parsed.format, parsed.rows
                 self._check_rows(rows)
-                if parsed.signature == "predict_ids":
+                if parsed.signature == "predict_ids" and getattr(predictor, "ids_batcher", None) is not None:
+                    outputs = await predictor.arun("predict_ids", parsed.features, timeout_ms=timeout_ms)
+                elif parsed.signature == "predict_ids":
                     outputs = await asyncio.get_running_loop().run_in_executor(
                         self.pool, functools.partial(predictor.run, "predict_ids", parsed.features))
                 else:
@@ -270,6 +277,34 @@ class RestRoutes:
         answer = _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
         answer.probabilities, answer.features, answer.predictor = scores, features, predictor
         return answer
+
+    async def _predict_ids(self, request: RestRequest, target: ModelTarget) -> RestResponse:
+        """The one-tensor fast path: the binary ids body (docs/ids_body.md) → float32 probabilities.
+
+        The body's two matrices are views of the request bytes (no parse, no copy) that go to the
+        predictor's ids batcher once `check_ids` has found every id inside its field's table."""
+        headers = request.headers
+        timeout_ms = self._timeout_ms(headers)
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != IDS_CONTENT_TYPE:
+            raise RequestError(f"Content-Type {ctype!r} is not understood here; send {IDS_CONTENT_TYPE} "
+                               "(docs/ids_body.md), or JSON to :predict with signature_name 'predict_ids'.", 415)
+        loaded = self.manager.acquire(target.name, target.version, target.label)
+        try:
+            predictor = loaded.predictor
+            if not hasattr(predictor, "apredict_ids"):
+                raise RequestError(f"Model {target.name!r} version {loaded.version} is not a ctrflow export; it takes "
+                                   "no ids body (call :predict with its own signature).")
+            ids, numeric, rows = decode_ids(request.body, len(predictor.id_names), len(predictor.numeric_names))
+            self._check_rows(rows)
+            scores = await predictor.apredict_ids(ids, numeric, timeout_ms=timeout_ms)
+        finally:
+            self.manager.release(loaded)
+        if "application/json" in headers.get("accept", ""):
+            payload, out_type = scores_json("outputs", scores), JSON
+        else:
+            payload, out_type = np.ascontiguousarray(scores, dtype="<f4").tobytes(), b"application/octet-stream"
+        return _Predicted(200, payload, out_type, [(b"x-model-version", b"%d" % loaded.version)], rows)
 
     # ---- rollouts: split, shadow, log (ctrflow.serving.rollout) ------------------------------------------
 

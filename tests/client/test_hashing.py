@@ -117,6 +117,10 @@ def test_synthetic_preset_matches_the_shards(tmp_path):
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_num, numeric)
     np.testing.assert_array_equal(hasher.numeric(cols), numeric)
+    # Python lists of str (what a bidder holds): the numpy path and TensorFlow's kernel agree with the shards
+    as_lists = {**cols, **{f.name: table.column(f.name).to_pylist() for f in schema.categorical}}
+    np.testing.assert_array_equal(hasher.ids(as_lists), ids)
+    np.testing.assert_array_equal(FeatureHasher.from_manifest(tmp_path / "shards", backend="tensorflow").ids(as_lists), ids)
 
 
 def test_hasher_errors_name_the_column(tmp_path):

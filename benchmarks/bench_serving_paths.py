@@ -1,0 +1,226 @@
+"""Every serving path against the model's own compute, in one run: CPU per prediction and the best rate at p99 <= 20 ms.
+
+Claim measured (issue 11, "Benchmarks"): on one model,
+- `limit`: the model itself, `predict_ids` called directly at its best batch size (CPU µs per prediction,
+  this process's CPU over the calls), and `raw graph`: `serving_default` on prepared raw columns at
+  the same batch (the in-graph hashing's own cost, what the raw paths compare with);
+- then each path at rising open-loop Poisson rates (`ctrflow.bench.loadgen`, `--candidates` rows per
+  request, deadline 100 ms) until p99 exceeds `--p99-ms` or more than 1% of requests fail:
+  in-process ids, in-process raw (`Predictor.apredict`, lists of Python values), HTTP binary ids
+  (`:predict_ids`), HTTP binary raw (`:predict_columnar`), HTTP JSON (`:predict` instances), HTTP
+  context (filled once loadgen has `--protocol context`), gRPC (`predict_ids`, tensor_content).
+  Reported per path: the highest predictions/s with p99 <= `--p99-ms`, the server's CPU µs per
+  prediction at that rate (in process: the whole process, load generator included), and that CPU as a
+  ratio to the limit's.
+The HTTP/gRPC paths share one server in a child process (its CPU read from the OS). On a shared,
+noisy machine compare the ratios of one run, not absolute figures across runs.
+
+Usage: python benchmarks/bench_serving_paths.py [--model-base-path /tmp/demo-out/models/ctr] [--candidates 100]
+       [--rates 100,200,400,800,1200,1600,2000,2400,3000] [--step-s 3] [--p99-ms 20] [--paths ids_inprocess,...]
+Without --model-base-path: the demo export at /tmp/demo-out/models/ctr if present, else a small FM is built.
+Prints a table, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ctrflow.bench.loadgen import _PROTOCOLS, LoadOptions, _ChildServer, _model_info, run_load  # noqa: E402
+from ctrflow.serving.batcher import BatchingOptions  # noqa: E402
+
+DEMO = Path("/tmp/demo-out/models/ctr")
+BATCHING = BatchingOptions(max_batch_size=4096, batch_timeout_ms=2.0)
+# (key, label, target, protocol)
+PATHS = (
+    ("ids_inprocess", "in-process ids", "inprocess", "ids"),
+    ("raw_inprocess", "in-process raw", "inprocess", "columnar"),
+    ("ids_http", "HTTP binary ids", "http", "ids"),
+    ("raw_http", "HTTP binary raw (columnar)", "http", "columnar"),
+    ("json_http", "HTTP JSON instances", "http", "rest"),
+    ("context_http", "HTTP context", "http", "context"),
+    ("grpc_ids", "gRPC predict_ids", "http", "grpc"),
+)
+
+
+def model_compute(base: Path, batches: list[int], min_s: float) -> dict:
+    """CPU µs/prediction of direct compute calls: predict_ids at each batch size, serving_default at the best."""
+    from ctrflow.client.hashing import FeatureHasher
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.bench.loadgen import _read_rows
+    from ctrflow.serving.predictor import Predictor
+
+    _, _, folder = _model_info(str(base))
+    predictor = Predictor.load(folder)
+    hasher = FeatureHasher.from_manifest(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp) / "rows.csv", GenerateOptions(rows=max(batches), seed=3, split="test"))
+        from ctrflow.bench.loadgen import _Features
+
+        cols = _read_rows(Path(tmp) / "rows.csv", _Features(predictor.categorical_names, predictor.numeric_names), None)
+    ids, numeric = hasher.transform(cols)
+
+    def cpu_per_pred(fn, rows: int) -> tuple[float, float]:
+        fn()  # warm
+        calls, c0, t0 = 0, time.process_time(), time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < min_s:
+            fn()
+            calls += 1
+        return (time.process_time() - c0) / (calls * rows) * 1e6, calls * rows / (time.perf_counter() - t0)
+
+    per_batch = {}
+    for b in batches:
+        i, n = ids[:b].copy(), numeric[:b].copy()
+        per_batch[b] = cpu_per_pred(lambda: predictor.compute_ids(i, n), b)
+    best = min(per_batch, key=lambda b: per_batch[b][0])
+    prepared = predictor.prepare({k: v[:best] for k, v in cols.items()})
+    raw_cpu, raw_rate = cpu_per_pred(lambda: predictor._compute(prepared), best)
+    prep_cpu, _ = cpu_per_pred(lambda: predictor._compute(predictor.prepare({k: v[:best] for k, v in cols.items()})), best)
+    predictor.close()
+    return {"batches": {str(b): {"cpu_us_per_prediction": round(c, 3), "predictions_per_s": round(r)} for b, (c, r) in per_batch.items()},
+            "best_batch": best, "limit_cpu_us": per_batch[best][0], "limit_predictions_per_s": per_batch[best][1],
+            "raw_graph_cpu_us": raw_cpu, "raw_graph_predictions_per_s": raw_rate, "raw_with_prepare_cpu_us": prep_cpu}
+
+
+def sweep(make: callable, rates: list[float], p99_ms: float) -> dict:
+    """Run `make(rate)` at rising rates until p99 > p99_ms or > 1% fail; the best passing step."""
+    steps, best = [], None
+    for rate in rates:
+        r = make(rate)
+        failed = r.timeouts + r.rejected + r.errors + r.dropped
+        ok = r.latency_ms["p99"] <= p99_ms and failed <= 0.01 * max(1, r.scheduled)
+        steps.append({"rate_rps": rate, "predictions_per_s": round(r.predictions_per_s), "p99_ms": round(r.latency_ms["p99"], 2),
+                      "p50_ms": round(r.latency_ms["p50"], 2), "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
+                      "failed": failed, "mean_batch_rows": r.mean_batch_rows, "ok": ok})
+        print(f"  {rate:>6g} req/s: {r.predictions_per_s:>10,.0f} pred/s  p99 {r.latency_ms['p99']:7.2f} ms  "
+              f"CPU {r.cpu_s_per_million_predictions or float('nan'):6.2f} µs/pred  failed {failed}", flush=True)
+        if not ok:
+            break
+        if best is None or r.predictions_per_s > best["predictions_per_s"]:
+            best = steps[-1]
+    return {"steps": steps, "best": best}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-base-path")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--rates", default="100,200,400,800,1200,1600,2000,2400,3000")
+    ap.add_argument("--step-s", type=float, default=3.0)
+    ap.add_argument("--p99-ms", type=float, default=20.0)
+    ap.add_argument("--timeout-ms", type=float, default=100.0)
+    ap.add_argument("--batches", default="500,1000,2000,4000,8000")
+    ap.add_argument("--paths", default=",".join(k for k, *_ in PATHS))
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    wanted = args.paths.split(",")
+    tmp = None
+    if args.model_base_path:
+        base = Path(args.model_base_path)
+    elif DEMO.exists():
+        base = DEMO
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="ctrflow-bench-paths-")
+        from bench_serving import build_model
+
+        base = build_model(Path(tmp.name))
+    name = base.resolve().name
+    _, _, folder = _model_info(str(base))
+    info = json.loads((folder / "ctrflow.json").read_text())
+    print(f"model {folder} ({info['model']['kind']}, {len(info['feature_spec']['id_names'])} id columns), "
+          f"{args.candidates} candidates/request", flush=True)
+
+    print("model compute (direct calls, no batcher):", flush=True)
+    limit = model_compute(base, [int(b) for b in args.batches.split(",")], min_s=1.5)
+    for b, v in limit["batches"].items():
+        print(f"  predict_ids batch {b:>5}: {v['cpu_us_per_prediction']:6.2f} µs/pred CPU, {v['predictions_per_s']:>10,} pred/s")
+    print(f"  serving_default (raw) batch {limit['best_batch']}: {limit['raw_graph_cpu_us']:.2f} µs/pred "
+          f"(+ Predictor.prepare on lists: {limit['raw_with_prepare_cpu_us']:.2f})", flush=True)
+
+    results: dict[str, dict] = {}
+    child = None
+    try:
+        for key, label, target, protocol in PATHS:
+            if key not in wanted:
+                continue
+            if protocol not in _PROTOCOLS:
+                results[key] = {"label": label, "skipped": f"loadgen has no --protocol {protocol} yet"}
+                continue
+            print(f"{label}:", flush=True)
+            common = dict(candidates=args.candidates, duration_s=args.step_s, timeout_ms=args.timeout_ms, distinct_bodies=64,
+                          drain_s=3.0, seed=1)
+            if target == "inprocess":
+                def make(rate, protocol=protocol):
+                    return run_load(LoadOptions(model_base_path=str(base), target="inprocess", protocol=protocol, rate_rps=rate,
+                                                batching=BATCHING, **common)).results[0]
+            else:
+                if child is None:
+                    child = _ChildServer(str(base.resolve()), name, BATCHING, grpc=True)
+
+                def make(rate, protocol=protocol):
+                    return run_load(LoadOptions(url=child.url, model_name=name, protocol=protocol, rate_rps=rate,
+                                                server_pid=child.proc.pid, grpc_port=child.grpc_port, manifest=str(folder),
+                                                **common)).results[0]
+            results[key] = {"label": label, **sweep(make, rates, args.p99_ms)}
+    finally:
+        if child is not None:
+            child.close()
+        if tmp is not None:
+            tmp.cleanup()
+
+    lim = limit["limit_cpu_us"]
+    for r in results.values():
+        b = r.get("best")
+        r["cpu_ratio_to_limit"] = None if not b or b["cpu_us_per_prediction"] is None else round(b["cpu_us_per_prediction"] / lim, 2)
+
+    def cpu(key):
+        b = results.get(key, {}).get("best")
+        return None if not b else b["cpu_us_per_prediction"]
+
+    def step_at(key, rate):
+        return next((s for s in results.get(key, {}).get("steps", []) if s["rate_rps"] == rate), None)
+
+    at2000 = step_at("ids_http", 2000.0)
+    targets = {
+        "ids_http_cpu_le_2x_limit": None if cpu("ids_http") is None else cpu("ids_http") <= 2 * lim,
+        "ids_http_p99_le_20ms_at_2000rps": None if at2000 is None else at2000["p99_ms"] <= 20 and at2000["failed"] == 0,
+        "ids_inprocess_cpu_le_1.3x_limit": None if cpu("ids_inprocess") is None else cpu("ids_inprocess") <= 1.3 * lim,
+        "raw_http_cpu_le_1.5x_raw_graph": None if cpu("raw_http") is None else cpu("raw_http") <= 1.5 * limit["raw_graph_cpu_us"],
+        "json_cpu_le_3x_binary_raw": None if cpu("json_http") is None or cpu("raw_http") is None else cpu("json_http") <= 3 * cpu("raw_http"),
+    }
+
+    print()
+    print(f"{'path':<30}{'best pred/s (p99<=%gms)' % args.p99_ms:>26}{'at req/s':>10}{'p99 ms':>9}{'CPU µs/pred':>13}{'x limit':>9}")
+    print(f"{'limit: predict_ids b=%d' % limit['best_batch']:<30}{limit['limit_predictions_per_s']:>26,.0f}{'-':>10}{'-':>9}{lim:>13.2f}{1.0:>9.2f}")
+    print(f"{'raw graph: serving_default':<30}{limit['raw_graph_predictions_per_s']:>26,.0f}{'-':>10}{'-':>9}"
+          f"{limit['raw_graph_cpu_us']:>13.2f}{limit['raw_graph_cpu_us'] / lim:>9.2f}")
+    for key, r in results.items():
+        b = r.get("best")
+        if "skipped" in r:
+            print(f"{r['label']:<30}{'(' + r['skipped'] + ')':>26}")
+        elif b is None:
+            print(f"{r['label']:<30}{'none at p99<=%gms' % args.p99_ms:>26}")
+        else:
+            c = b["cpu_us_per_prediction"]
+            print(f"{r['label']:<30}{b['predictions_per_s']:>26,}{b['rate_rps']:>10g}{b['p99_ms']:>9.2f}"
+                  f"{(c if c is not None else float('nan')):>13.2f}{r['cpu_ratio_to_limit'] or float('nan'):>9.2f}")
+    print("in-process CPU includes the load generator; HTTP/gRPC CPU is the server process's alone.")
+    print("targets: " + ", ".join(f"{k}={'met' if v else ('not met' if v is False else 'n/a')}" for k, v in targets.items()))
+    print(json.dumps({"model": str(folder), "model_kind": info["model"]["kind"], "candidates": args.candidates,
+                      "p99_ms_limit": args.p99_ms, "step_s": args.step_s, "limit": limit, "paths": results, "targets": targets},
+                     default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
