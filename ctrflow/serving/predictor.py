@@ -137,6 +137,11 @@ class Predictor:
         self._p_index = self._outputs.index("probabilities") if "probabilities" in self._outputs else 0
         self._field_of = {alias: field for field, alias in self._inputs.items()}
         self.batcher = AutoBatcher(self._compute, batching, name=f"{name}/{self.version}") if batching else None
+        self.context = None  # context + candidates requests (ctrflow.serving.context), when exported with them
+        if info.get("context") and "serving_context" in self.signatures:
+            from ctrflow.serving.context import ContextScorer
+
+            self.context = ContextScorer(self, batching)
 
     kind = "ctrflow"
 
@@ -238,6 +243,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(self._predict_all(self._features_of(inputs), timeout_ms), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return self.context.predict_outputs(inputs, timeout_ms=timeout_ms, names=names)
         return call_signature(self._loaded, signature, inputs, names)
 
     async def arun(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
@@ -246,6 +253,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(await self._apredict_all(self._features_of(inputs), timeout_ms), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return await self.context.apredict_outputs(inputs, timeout_ms=timeout_ms, names=names)
         return await asyncio.to_thread(call_signature, self._loaded, signature, inputs, names)
 
     def run_direct(self, signature_key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -254,6 +263,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(self._compute(self.prepare(self._features_of(inputs))), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return self.context.run_direct(inputs, names)
         return call_signature(self._loaded, signature, inputs, names)
 
     def _signature(self, key: str) -> Signature:
@@ -292,6 +303,8 @@ class Predictor:
     def close(self, *, drain: bool = True) -> None:
         if self.batcher is not None:
             self.batcher.close(drain=drain)
+        if self.context is not None:
+            self.context.close(drain=drain)
 
     def __enter__(self) -> "Predictor":
         return self
