@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-base-path", help="start the target(s) here from this base path")
     q.add_argument("--model-name")
     q.add_argument("--target", choices=["http", "inprocess"], default="http")
-    q.add_argument("--protocol", choices=["rest", "columnar"], default="rest")
+    q.add_argument("--protocol", choices=["rest", "columnar", "context"], default="rest",
+                   help="context: the export's context fields once per request, compared with the same requests flat")
     q.add_argument("--rate", type=float, default=200.0, help="mean requests per second (Poisson)")
     q.add_argument("--candidates", type=int, default=100, help="candidate ads per request")
     q.add_argument("--duration-s", type=float, default=10.0)

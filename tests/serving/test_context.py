@@ -185,3 +185,18 @@ def test_rest_json_binary_and_grpc_context_forms(live, context_export):
     with grpc.insecure_channel(f"127.0.0.1:{live.grpc_port}") as channel:
         reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     np.testing.assert_allclose(tf.make_ndarray(reply.outputs["probabilities"]), want3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_protocol_context_runs_flat_then_context(context_export):
+    from ctrflow.bench.loadgen import LoadOptions, run_load
+    from ctrflow.serving.batcher import BatchingOptions
+
+    report = run_load(LoadOptions(model_base_path=str(context_export[0]), target="inprocess", protocol="context",
+                                  rate_rps=40, duration_s=1.0, candidates=20, distinct_bodies=8, timeout_ms=2000,
+                                  batching=BatchingOptions(max_batch_size=512, batch_timeout_ms=1.0)))
+    flat, ctx = report.results
+    assert flat.ok == flat.sent > 0 and ctx.ok == ctx.sent > 0 and flat.errors == ctx.errors == 0
+    assert ctx.protocol == "python-context" and ctx.compute_calls >= 1
+    notes = report.to_dict()["context"]
+    assert notes["fields"] == len(CONTEXT) and notes["flat_over_context_cpu"] > 0
