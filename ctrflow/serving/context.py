@@ -15,16 +15,14 @@ Forms (all answered with the flat request's probabilities, to float32 rounding):
   left out) or R plus `row`.
 
 Batching: `ContextScorer` owns a second `AutoBatcher` per version. The batcher merges requests by
-candidate rows, so a request's context rides on its candidates as zero-stride views of its context
-values (np.broadcast_to: no copy, no hashing) with a per-request token; the compute call takes one
-row of context per (request, context row) back out and builds `row` for the merged batch, so the
-graph still hashes each context once.
+candidate rows, so a request's context rides on its candidates as one object column holding, at every
+candidate, a reference to the request's context columns (plus the candidate's row within them); the
+compute call finds each request's run of candidates by that reference, joins the requests' contexts
+(R rows in all) and offsets `row`, so the graph still hashes each context row once.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +49,16 @@ __all__ = ["CONTEXT_CONTENT_TYPE", "CONTEXT_SIGNATURE", "ContextScorer", "decode
 
 CONTEXT_SIGNATURE = "serving_context"
 ROW = "row"
-_TOKEN, _LOCAL_ROW = "\x00token", "\x00row"  # batcher-only columns (no field can be named so: not a signature input)
+_CONTEXT, _LOCAL_ROW = "\x00context", "\x00row"  # batcher-only columns (no field can be named so: not a signature input)
+
+
+class _Context:
+    """One request's context columns (context_fields order); compared by identity in merged batches."""
+
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns: tuple[np.ndarray, ...], rows: int) -> None:
+        self.columns, self.rows = columns, rows
 
 
 class ContextScorer:
@@ -72,7 +79,6 @@ class ContextScorer:
         self.context_fields = tuple(f for f in predictor.feature_names if f in chosen)
         self.candidate_fields = tuple(f for f in predictor.feature_names if f not in chosen)
         self.output_names = predictor.signatures[CONTEXT_SIGNATURE].output_names
-        self._tokens = itertools.count(1)
         self.batcher = (AutoBatcher(self._compute_merged, batching, name=f"{predictor.name}/{predictor.version}/context")
                         if batching else None)
 
@@ -120,9 +126,14 @@ class ContextScorer:
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise SchemaError(f"feature {field!r} must be a list of values, got {type(values).__name__}.")
         if field in self._categorical:
+            if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+                return values.astype(object)  # bytes (binary bodies, gRPC): nothing to encode
             out = _categorical(field, values)
             try:  # a lone surrogate cannot become a tf.string: refuse it here, not in a shared batch
-                "".join(v for v in out if type(v) is str).encode("utf-8")
+                try:
+                    "".join(out).encode("utf-8")
+                except TypeError:  # bytes among the strings
+                    "".join(v for v in out if type(v) is str).encode("utf-8")
             except UnicodeEncodeError:
                 raise SchemaError(f"feature {field!r} holds a string that is not valid Unicode (a lone surrogate).") from None
             return out
@@ -140,28 +151,29 @@ class ContextScorer:
         return np.stack([out[k].numpy() for k in self.output_names], axis=1)
 
     def _merged_inputs(self, context, candidates, row) -> dict[str, np.ndarray]:
-        """The per-candidate form the batcher merges: context values as zero-stride views by row."""
-        m = len(row)
+        """The per-candidate form the batcher merges: candidate columns, a reference to the context, row."""
         merged = dict(candidates)
-        single = all(len(v) == 1 for v in context.values())
-        for f, v in context.items():
-            merged[f] = np.broadcast_to(v, (m,)) if single else v[row]
-        merged[_TOKEN] = np.broadcast_to(np.int64(next(self._tokens)), (m,))
+        ref = np.empty(len(row), object)
+        ref[:] = _Context(tuple(context[f] for f in self.context_fields), len(next(iter(context.values()))))
+        merged[_CONTEXT] = ref
         merged[_LOCAL_ROW] = row
         return merged
 
     def _compute_merged(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """A merged batch → one call with one context row per (request, context row)."""
-        token, local = inputs[_TOKEN], inputs[_LOCAL_ROW]
-        if not local.any():  # one context per request: runs of equal tokens
-            first = np.empty(len(token), np.int32)
-            first[0], first[1:] = 1, token[1:] != token[:-1]
-            starts = np.flatnonzero(first)
-            row = np.cumsum(first, dtype=np.int32) - 1
+        """A merged batch → one call: the requests' contexts joined (R rows), `row` offset per request."""
+        ref, row = inputs[_CONTEXT], inputs[_LOCAL_ROW]
+        first = np.empty(len(ref), bool)
+        first[0] = True
+        first[1:] = ref[1:] != ref[:-1]  # identity: each request is one run of candidates
+        starts = np.flatnonzero(first)
+        contexts = ref[starts]
+        if len(contexts) == 1:
+            joined = contexts[0].columns
         else:
-            _, starts, row = np.unique(token * (1 << 24) + local, return_index=True, return_inverse=True)
-            row = row.astype(np.int32).reshape(-1)
-        context = {f: inputs[f][starts] for f in self.context_fields}
+            joined = tuple(np.concatenate(cols) for cols in zip(*(c.columns for c in contexts)))
+            offsets = np.cumsum([0] + [c.rows for c in contexts[:-1]]).astype(np.int32)
+            row = row + np.repeat(offsets, np.diff(np.append(starts, len(ref))))
+        context = dict(zip(self.context_fields, joined))
         candidates = {f: inputs[f] for f in self.candidate_fields}
         return self._call(context, candidates, row)
 
@@ -197,6 +209,23 @@ class ContextScorer:
     def close(self, *, drain: bool = True) -> None:
         if self.batcher is not None:
             self.batcher.close(drain=drain)
+
+
+def merge_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Two batchers' `stats().to_dict()` as one version's (counters and histograms summed)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key == "name" or key not in out:
+            out.setdefault(key, value)
+        elif key == "queue_wait_ms_max":
+            out[key] = max(out[key], value)
+        elif isinstance(value, Mapping):
+            out[key] = {k: out[key].get(k, 0) + v for k, v in value.items()} if isinstance(out[key], Mapping) else value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = out[key] + value
+    count = out.get("queue_wait_count", 0)
+    out["mean_queue_wait_ms"] = out.get("queue_wait_ms_sum", 0.0) / count if count else 0.0
+    return out
 
 
 def _common_length(columns: Mapping[str, np.ndarray], side: str) -> int:

@@ -298,7 +298,12 @@ class Predictor:
         return 1
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats().to_dict() if self.batcher else {}
+        out = self.batcher.stats().to_dict() if self.batcher else {}
+        if self.context is not None and self.context.batcher is not None:  # one version, both batchers
+            from ctrflow.serving.context import merge_stats
+
+            out = merge_stats(out, self.context.stats())
+        return out
 
     def close(self, *, drain: bool = True) -> None:
         if self.batcher is not None:
