@@ -291,7 +291,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ctrflow.export import export
 
-    s = export(args.run, args.model_base_path, version=args.version, embedding_dtype=args.embedding_dtype, overwrite=args.overwrite)
+    s = export(args.run, args.model_base_path, version=args.version, embedding_dtype=args.embedding_dtype, overwrite=args.overwrite,
+               context_fields=args.context_fields)
     _emit(args, s.to_dict(), f"exported version {s.version} to {s.path}: {s.export_bytes / 1e6:.1f} MB "
                              f"({s.export_vs_checkpoint:.0%} of the {s.checkpoint_bytes / 1e6:.1f} MB checkpoint)")
     return 0
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="default: newest existing version + 1")
     p.add_argument("--embedding-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--context-fields", metavar="A,B,C", help="fields sent once per request in context + candidates "
+                   "requests (adds the serving_context/predict_context signatures; default: the schema's context list, "
+                   "'' for none; docs/context.md)")
     _common(p)
     p.set_defaults(func=_cmd_export)
 
@@ -494,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-base-path", help="start the target(s) here from this base path")
     q.add_argument("--model-name")
     q.add_argument("--target", choices=["http", "inprocess"], default="http")
-    q.add_argument("--protocol", choices=["rest", "columnar", "ids", "grpc"], default="rest",
+    q.add_argument("--protocol", choices=["rest", "columnar", "ids", "grpc", "context"], default="rest",
                    help="rest: JSON instances; columnar: binary raw columns; ids: binary ids body, hashed by the "
-                        "client (the fast path); grpc: gRPC Predict on predict_ids (tensor_content)")
+                        "client (the fast path); grpc: gRPC Predict on predict_ids (tensor_content); context: the "
+                        "export's context fields once per request, compared with the same requests flat")
     q.add_argument("--grpc-port", type=int, help="with --url and --protocol grpc: the server's gRPC port")
     q.add_argument("--manifest", help="with --url and --protocol ids/grpc: the served version folder (to hash with)")
     q.add_argument("--rate", type=float, default=200.0, help="mean requests per second (Poisson)")

@@ -11,6 +11,13 @@ Signatures:
 - `predict_ids`: pre-hashed `ids` int32 `[None, F]` and `numeric` float32 `[None, N]` (the shard layout).
 - `transform`: raw features → `{"ids", "numeric"}` (what the converter would have written), for parity checks.
 
+With context fields (schema `context:` or `export(context_fields=...)`, docs/context.md), two more:
+- `serving_context`: raw context fields `[R]`, raw candidate fields `[M]` and `row` int32 `[M]` (each
+  candidate's context row): the context is hashed and its terms computed once per context row.
+- `predict_context`: the same on ids: `context_ids` int32 `[R, Fc]`, `context_numeric` float32 `[R, Nc]`
+  (the context fields' columns of the shard layout, in layout order), `ids` `[M, Fk]`, `numeric`
+  `[M, Nk]` (the other columns) and `row` `[M]`.
+
 Only the model's variables are saved: optimizer slots (two per weight for Adam-family optimizers) stay
 in the checkpoints, so an export is about a third of a checkpoint. The version folder is built under a
 dot-prefixed temp name (which TF Serving and ctrflow ignore) and renamed when complete.
@@ -31,7 +38,8 @@ from ctrflow.data.transforms import field_hash_key
 from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
-__all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests"]
+__all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests", "context_layout",
+           "CONTEXT_ROW_INPUT"]
 
 EXPORT_INFO = "ctrflow.json"
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
@@ -108,12 +116,37 @@ def _raw_transform(features: dict[str, Any], schema: Schema, boundaries: dict[st
     return ids, numeric
 
 
+CONTEXT_ROW_INPUT = "row"  # the context signatures' candidate → context row input
+
+
+def context_layout(schema: Schema, context_fields: Any) -> dict[str, Any]:
+    """Where the context fields sit in the shard layout: {"fields", "id_columns", "numeric_columns"}
+    (columns of `Batch.ids` / `Batch.numeric`, ascending). Raises SchemaError for unknown fields."""
+    fields = schema.check_context(context_fields)
+    chosen = set(fields)
+    owner = [n for n in schema.categorical_names + schema.numeric_names] + [f.name for f in schema.both_numeric]
+    return {
+        "fields": [n for n in schema.categorical_names + schema.numeric_names if n in chosen],
+        "id_columns": [i for i, n in enumerate(owner) if n in chosen],
+        "numeric_columns": [i for i, n in enumerate(schema.numeric_names) if n in chosen],
+    }
+
+
+def _side_schema(schema: Schema, fields: set[str]) -> Schema:
+    """The schema restricted to these feature fields (order kept): its `_raw_transform` gives exactly
+    those fields' columns of the full layout, in layout order."""
+    from dataclasses import replace
+
+    return replace(schema, categorical=tuple(f for f in schema.categorical if f.name in fields),
+                   numeric=tuple(f for f in schema.numeric if f.name in fields), context=())
+
+
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"  # TF Serving's convention (ctrflow.serving.tfserving)
 WARMUP_BATCH_SIZES = (1, 16, 64)  # small: the file ships in every export (shapes are [None] anyway)
 
 
 def write_warmup_requests(version_dir: str | os.PathLike, schema: Schema, boundaries: dict[str, tuple[float, ...]],
-                          *, batch_sizes: tuple[int, ...] = WARMUP_BATCH_SIZES) -> Path:
+                          *, batch_sizes: tuple[int, ...] = WARMUP_BATCH_SIZES, context: dict[str, Any] | None = None) -> Path:
     """Write TF Serving's warmup file: a TFRecord of `PredictionLog` predict requests, one per batch size
     for `serving_default` plus one for `predict_ids`, that TF Serving and ctrflow's server replay before a
     version takes traffic. Values cover the schema: tokens and blanks, numerics at every fitted bucket
@@ -147,7 +180,55 @@ def write_warmup_requests(version_dir: str | os.PathLike, schema: Schema, bounda
         request.inputs["numeric"].CopyFrom(tf.make_tensor_proto(np.zeros((n, len(schema.numeric)), np.float32), tf.float32))
         writer.write(prediction_log_pb2.PredictionLog(
             predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+        if context is not None:  # one context row, a few candidates
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = "serving_context"
+            chosen, m = set(context["fields"]), 4
+            for f in schema.categorical:
+                k = 1 if f.name in chosen else m
+                request.inputs[input_name(f.name)].CopyFrom(tf.make_tensor_proto([b"w%d" % i for i in range(k)], tf.string, [k]))
+            for f in schema.numeric:
+                k = 1 if f.name in chosen else m
+                request.inputs[input_name(f.name)].CopyFrom(tf.make_tensor_proto(numeric_column(f.name, k), tf.float64, [k]))
+            request.inputs[CONTEXT_ROW_INPUT].CopyFrom(tf.make_tensor_proto(np.zeros(m, np.int32), tf.int32))
+            writer.write(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
     return path
+
+
+def _context_signatures(module: Any, model: Any, schema: Schema, boundaries: dict[str, tuple[float, ...]],
+                        context: dict[str, Any], raw_spec: dict[str, Any], correction: float) -> dict[str, Any]:
+    """`serving_context` (raw) and `predict_context` (ids): context + candidates in one call."""
+    import tensorflow as tf
+
+    split = model.context_split(context["id_columns"], context["numeric_columns"])
+    chosen = set(context["fields"])
+    ctx_schema = _side_schema(schema, chosen)
+    cand_schema = _side_schema(schema, set(schema.categorical_names + schema.numeric_names) - chosen)
+    row_spec = tf.TensorSpec([None], tf.int32, name=CONTEXT_ROW_INPUT)
+
+    def scored(logits):
+        logits = logits + correction
+        return {"probabilities": tf.sigmoid(logits), "logits": logits}
+
+    def serve_context(features):
+        c_ids, c_num = _raw_transform(features, ctx_schema, boundaries)
+        k_ids, k_num = _raw_transform(features, cand_schema, boundaries)
+        return scored(model.call_context(split, c_ids, c_num, k_ids, k_num, features[CONTEXT_ROW_INPUT]))
+
+    def serve_context_ids(context_ids, context_numeric, ids, numeric, row):
+        return scored(model.call_context(split, context_ids, context_numeric, ids, numeric, row))
+
+    c, k = split.context, split.candidate
+    module.serve_context = tf.function(serve_context, input_signature=[{**raw_spec, CONTEXT_ROW_INPUT: row_spec}])
+    module.serve_context_ids = tf.function(serve_context_ids, input_signature=[
+        tf.TensorSpec([None, len(c.id_inputs)], tf.int32, name="context_ids"),
+        tf.TensorSpec([None, len(c.numeric_inputs)], tf.float32, name="context_numeric"),
+        tf.TensorSpec([None, len(k.id_inputs)], tf.int32, name="ids"),
+        tf.TensorSpec([None, len(k.numeric_inputs)], tf.float32, name="numeric"),
+        row_spec])
+    return {"serving_context": module.serve_context.get_concrete_function(),
+            "predict_context": module.serve_context_ids.get_concrete_function()}
 
 
 def _slim_tables(model: Any, dtype: str) -> None:
@@ -168,6 +249,7 @@ def export(
     version: int | None = None,
     embedding_dtype: str = "float32",
     overwrite: bool = False,
+    context_fields: Any = None,
 ) -> ExportSummary:
     """Export `run`'s latest checkpoint to `model_base_path/<version>/` (default: newest version + 1).
 
@@ -175,6 +257,9 @@ def export(
         embedding_dtype: "float32" or "float16" (half the table bytes; report the AUC change with
             `ctrflow evaluate` on the export, see BENCHMARKS.md).
         overwrite: replace an existing folder of the same version.
+        context_fields: feature fields sent once per request in context + candidates requests (adds the
+            `serving_context` and `predict_context` signatures); None takes the schema's `context`
+            list, an empty list exports none.
     """
     import tensorflow as tf
 
@@ -237,6 +322,17 @@ def export(
         "predict_ids": module.serve_ids.get_concrete_function(),
         "transform": module.transform.get_concrete_function(),
     }
+    context = None
+    if context_fields is None:
+        context_fields = schema.context
+    if isinstance(context_fields, str):
+        context_fields = [n for n in context_fields.split(",") if n]
+    if context_fields:
+        context = context_layout(schema, context_fields)
+        if CONTEXT_ROW_INPUT in raw_spec:
+            raise ConfigError(f"a field's signature input is named {CONTEXT_ROW_INPUT!r}, the context signatures' "
+                              "row input; rename the field to export context signatures.")
+        signatures.update(_context_signatures(module, model, schema, boundaries, context, raw_spec, correction))
     tmp = base / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -249,8 +345,10 @@ def export(
             "inputs": {f: input_name(f) for f in schema.categorical_names + schema.numeric_names},
             "created_unix": time.time(),
         }
+        if context is not None:
+            meta["context"] = context
         (tmp / EXPORT_INFO).write_text(json.dumps(meta, indent=1))
-        write_warmup_requests(tmp, schema, boundaries)
+        write_warmup_requests(tmp, schema, boundaries, context=context)
         if final.exists():
             shutil.rmtree(final)
         replace_atomically(tmp, final)

@@ -108,6 +108,9 @@ class Schema:
         synthetic generator, for Bayes-optimal reference metrics).
     ignore: columns read and dropped (ids, leakage such as an attribution time).
     hash_seed: changes every field's hash function; keep it fixed for a model's whole life.
+    context: feature fields that describe the user/page rather than the ad: exports then also serve
+        context + candidates requests (one context row, many candidates; `ctrflow export
+        --context-fields` overrides it). Serving only: it changes no id and not the fingerprint.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Schema:
     delimiter: str = ","
     header: bool = True
     hash_seed: int = 0
+    context: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -129,7 +133,7 @@ class Schema:
                                 "delimiter": Str(), "header": Bool(), "hash_seed": Int(low=0)}, owner="Schema")
         except ConfigError as e:
             raise SchemaError(str(e)) from None
-        for key in ("categorical", "numeric", "extras", "ignore", "columns"):
+        for key in ("categorical", "numeric", "extras", "ignore", "columns", "context"):
             value = getattr(self, key)
             if isinstance(value, (str, bytes)) or (value is None and key != "columns"):
                 raise SchemaError(f"The {key!r} parameter of Schema must be a list. Got {value!r} instead.")
@@ -141,6 +145,7 @@ class Schema:
         object.__setattr__(self, "numeric", tuple(self.numeric))
         object.__setattr__(self, "extras", tuple(self.extras))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "context", tuple(self.context))
         if self.columns is not None:
             object.__setattr__(self, "columns", tuple(self.columns))
         if not self.categorical and not self.numeric:
@@ -160,6 +165,22 @@ class Schema:
                 raise SchemaError(f"Schema '{self.name}' names fields {missing} that are not in its columns list.")
         elif not self.header:
             raise SchemaError(f"Schema '{self.name}' has header: false, so it must list its 'columns' in file order.")
+        if self.context:
+            self.check_context(self.context)
+
+    def check_context(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Context field names, checked: feature fields of this schema, not all of them, no repeats."""
+        names = tuple(names)
+        features = self.categorical_names + self.numeric_names
+        bad = [n for n in names if not isinstance(n, str) or n not in features]
+        if bad:
+            raise SchemaError(f"Schema '{self.name}': context fields {bad[:10]} are not feature fields; "
+                              f"the features are {list(features)[:60]}.")
+        if len(set(names)) != len(names):
+            raise SchemaError(f"Schema '{self.name}': a context field is named twice in {list(names)}.")
+        if set(names) == set(features):
+            raise SchemaError(f"Schema '{self.name}': every feature is a context field; leave at least one per candidate.")
+        return names
 
     # --- derived views -------------------------------------------------------------------------
     @property
@@ -192,6 +213,7 @@ class Schema:
         """Stable digest of everything that changes ids or columns; equal digests mean compatible data."""
         d = self.to_dict()
         d.pop("name", None)
+        d.pop("context", None)  # which fields a request sends once changes no id
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- (de)serialization ----------------------------------------------------------------------
@@ -204,6 +226,9 @@ class Schema:
         d["extras"] = list(self.extras)
         d["ignore"] = list(self.ignore)
         d["columns"] = list(self.columns) if self.columns is not None else None
+        d["context"] = list(self.context)
+        if not self.context:  # written only when set: older schema files and fingerprints stay as they were
+            del d["context"]
         return d
 
     @classmethod
@@ -223,7 +248,7 @@ class Schema:
                 CategoricalField(name=c) if isinstance(c, str) else CategoricalField(**c) for c in d.get("categorical") or ()
             )
             d["numeric"] = tuple(NumericField(name=c) if isinstance(c, str) else NumericField(**c) for c in d.get("numeric") or ())
-            for key in ("extras", "ignore"):
+            for key in ("extras", "ignore", "context"):
                 d[key] = tuple(d.get(key) or ())
             if d.get("columns") is not None:
                 d["columns"] = tuple(d["columns"])

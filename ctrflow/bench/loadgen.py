@@ -49,9 +49,10 @@ __all__ = ["LoadOptions", "LoadReport", "LoadResult", "arrival_times", "latency_
 
 # rest: TF Serving row-format JSON; columnar: the binary columnar body (raw strings, hashed in the graph);
 # ids: the binary ids body (hashed here, ahead of time, by ctrflow.client.hashing: the one-tensor fast
-# path); grpc: gRPC Predict on `predict_ids` with tensor_content. In process, "ids" calls
-# Predictor.apredict_ids and every other protocol Predictor.apredict on raw columns.
-_PROTOCOLS = ("rest", "columnar", "ids", "grpc")
+# path); grpc: gRPC Predict on `predict_ids` with tensor_content; context: the export's context fields
+# once per request (binary context body). In process, "ids" calls Predictor.apredict_ids and every other
+# protocol Predictor.apredict on raw columns.
+_PROTOCOLS = ("rest", "columnar", "ids", "grpc", "context")
 _TARGETS = ("http", "inprocess")
 MAX_REQUESTS = 5_000_000  # one run's schedule, whatever rate and duration say
 
@@ -70,7 +71,9 @@ class LoadOptions:
     # With model_base_path: "http" (a server in a child process) or "inprocess" (a Predictor here).
     target: str = "http"
     # "rest" (TF Serving row format JSON), "columnar" (the binary columnar endpoint), "ids" (the binary
-    # ids endpoint, rows hashed by the client ahead of time) or "grpc" (gRPC Predict, predict_ids).
+    # ids endpoint, rows hashed by the client ahead of time) or "grpc" (gRPC Predict, predict_ids);
+    # "context": the export's context fields once per request (binary context body), run after the same
+    # requests sent flat (binary columnar), to compare CPU per candidate (needs model_base_path).
     protocol: str = "rest"
     # Mean request arrivals per second (Poisson), > 0.
     rate_rps: float = 200.0
@@ -127,6 +130,9 @@ class LoadOptions:
         if self.url is not None and self.protocol in ("ids", "grpc") and self.manifest is None:
             raise ConfigError(f"With 'url', protocol {self.protocol!r} needs 'manifest' (the served version folder "
                               "or its ctrflow.json) to hash the rows with.")
+        if self.protocol == "context" and (self.url is not None or self.compare_batching):
+            raise ConfigError("protocol 'context' needs 'model_base_path' (it starts the flat and the context runs) "
+                              "and no 'compare_batching'.")
         if self.batching is not None and not isinstance(self.batching, BatchingOptions):
             raise ConfigError(f"The 'batching' parameter of LoadOptions must be BatchingOptions or None. Got {self.batching!r} instead.")
 
@@ -191,9 +197,11 @@ class LoadResult:
 class LoadReport:
     options: dict[str, Any]
     results: list[LoadResult]
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. "context": flat vs context ratios
 
     def to_dict(self) -> dict[str, Any]:
-        return {"options": self.options, "results": [r.to_dict() for r in self.results]}
+        out = {"options": self.options, "results": [r.to_dict() for r in self.results]}
+        return {**out, **self.notes}
 
     def format_table(self) -> str:
         """A fixed-width table, one column per run."""
@@ -222,6 +230,8 @@ class LoadReport:
         lines = [f"{k:<{width}}  " + "  ".join(f"{col[i]:>{w}}" for col, w in zip(cols, cw)) for i, (k, _) in enumerate(rows)]
         if any(r.cpu_includes_load_generator for r in self.results):
             lines.append("* in-process: the CPU figure includes the load generator")
+        for key, value in self.notes.items():
+            lines.append(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
         return "\n".join(lines)
 
 
@@ -580,6 +590,10 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
         from ctrflow.client.ids import IDS_CONTENT_TYPE
 
         path, ctype = f"/v1/models/{model}:predict_ids", IDS_CONTENT_TYPE
+    elif options.protocol == "context":
+        from ctrflow.client.context import CONTEXT_CONTENT_TYPE
+
+        path, ctype = f"/v1/models/{model}:predict_columnar", CONTEXT_CONTENT_TYPE
     else:
         from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE
 
@@ -784,6 +798,8 @@ def run_load(options: LoadOptions) -> LoadReport:
         else:
             features, schema, folder = _model_info(options.model_base_path)
         data = _sample_data(options, features, schema, Path(tmp))
+        if options.protocol == "context":
+            return _run_context(options, data, features, folder, times)
         bodies = _bodies(options, data, features, folder, name)
         import gc
 
@@ -812,6 +828,94 @@ def run_load(options: LoadOptions) -> LoadReport:
                     tally, wall, server = _run_inprocess(options, predictor, bodies, times)
             results.append(_result(label, options, tally, wall, server=server))
     return LoadReport(_options_dict(options), results)
+
+
+# ---- context + candidates requests (--protocol context) -------------------------------------------------
+
+
+def _context_bodies(options: LoadOptions, data: dict[str, list], features: _Features,
+                    context_fields: Sequence[str]) -> tuple[list[Any], list[Any]]:
+    """The same requests twice: flat (every candidate carries the context's values) and as context +
+    candidates (the context once). One context per request, drawn from the sampled rows."""
+    from ctrflow.client.columnar import encode_columnar
+    from ctrflow.client.context import encode_context
+
+    rng = np.random.default_rng(options.seed + 3)
+    names = (*features.categorical, *features.numeric)
+    n = len(data[names[0]])
+    chosen = set(context_fields)
+    flat, context = [], []
+    for _ in range(options.distinct_bodies):
+        idx, at = rng.integers(0, n, options.candidates), int(rng.integers(0, n))
+        ctx = {k: [data[k][at]] for k in names if k in chosen}
+        cands = {k: [data[k][i] for i in idx] for k in names if k not in chosen}
+        joined = {**cands, **{k: v * options.candidates for k, v in ctx.items()}}
+        if options.target == "inprocess":
+            flat.append(joined)
+            context.append({**ctx, **cands})
+        else:
+            flat.append(encode_columnar(joined, features.categorical, features.numeric))
+            context.append(encode_context(ctx, cands, categorical=features.categorical, numeric=features.numeric))
+    return flat, context
+
+
+class _ContextTarget:
+    """An in-process predictor seen through its context scorer (what `_run_inprocess` drives)."""
+
+    def __init__(self, predictor: Any) -> None:
+        self._scorer = predictor.context
+        self.batcher = self._scorer.batcher
+
+    async def apredict(self, inputs: dict[str, list], *, timeout_ms: float | None = None) -> Any:
+        return await self._scorer.apredict_outputs(inputs, timeout_ms=timeout_ms, names=("probabilities",))
+
+    def predict(self, inputs: dict[str, list]) -> Any:
+        return self._scorer.predict_outputs(inputs, names=("probabilities",))
+
+    def stats(self) -> dict[str, Any]:
+        return self._scorer.stats()
+
+
+def _run_context(options: LoadOptions, data: dict[str, list], features: _Features, folder: Path,
+                 times: np.ndarray) -> LoadReport:
+    """Flat, then context + candidates, on the same schedule and model: CPU per candidate of each."""
+    from dataclasses import replace
+
+    info = json.loads((folder / "ctrflow.json").read_text()).get("context")
+    if not info:
+        raise ConfigError(f"{folder} was exported without context fields: re-export it with "
+                          "`ctrflow export RUN --model-base-path ... --context-fields A,B,C` (docs/context.md).")
+    flat_bodies, context_bodies = _context_bodies(options, data, features, info["fields"])
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    name = options.model_name or Path(options.model_base_path).resolve().name
+    results = []
+    for label, protocol, bodies in (("flat", "columnar", flat_bodies),
+                                    (f"context ({len(info['fields'])} fields)", "context", context_bodies)):
+        run = replace(options, protocol=protocol)
+        if options.target == "http":
+            child = _ChildServer(str(Path(options.model_base_path).resolve()), name, options.batching)
+            try:
+                tally, wall, server = _run_http(run, child.url, name, bodies, times, child.proc.pid)
+            finally:
+                child.close()
+        else:
+            from ctrflow.serving.predictor import Predictor
+
+            with Predictor.load(folder, batching=options.batching, name=name) as predictor:
+                predictor.warmup()
+                target = predictor if protocol == "columnar" else _ContextTarget(predictor)
+                tally, wall, server = _run_inprocess(run, target, bodies, times)
+                server["protocol"] = "python" if protocol == "columnar" else "python-context"
+        server["protocol"] = protocol if options.target == "http" else server["protocol"]
+        results.append(_result(label, run, tally, wall, server=server))
+    flat, ctx = (r.cpu_s_per_million_predictions for r in results)
+    notes = {"context": {"fields": len(info["fields"]), "of_fields": len(features.categorical) + len(features.numeric),
+                         "cpu_us_per_candidate_flat": flat, "cpu_us_per_candidate_context": ctx,
+                         "flat_over_context_cpu": (flat / ctx) if flat and ctx else None}}
+    return LoadReport(_options_dict(options), results, notes)
 
 
 def _options_dict(options: LoadOptions) -> dict[str, Any]:

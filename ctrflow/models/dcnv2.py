@@ -74,3 +74,28 @@ class DCNv2(CtrModel):
             towers = tf.concat([self.cross(x0), self.mlp(x0, training=training)], axis=1)
             deep = self.head(towers)
         return self.linear(ids, values) + deep
+
+    # Context requests: the first cross layer's `x0 @ W0` (low rank: `x0 @ V0`) and, in the parallel
+    # structure, the MLP's first layer split by kernel rows into the context's share (once) and the
+    # candidate's; the cross network then needs the whole x0 per candidate (it mixes x0 elementwise).
+    def context_terms(self, split, ids, values):
+        emb = self.embedding.side(ids, values, split.context)
+        dim = self.config.embedding_dim
+        flat = tf.reshape(emb, [-1, len(split.context.fields) * dim])
+        rows = split.context.kernel_rows(dim)
+        out = {"emb": emb, "cross": self.cross.first_mix(flat, rows)}
+        if not self.stacked and self.mlp.splittable:
+            out["first"] = self.mlp.first_matmul(flat, rows)
+        return out
+
+    def candidate_terms(self, split, context, ids, values):
+        emb = self.embedding.side(ids, values, split.candidate)
+        dim = self.config.embedding_dim
+        flat = tf.reshape(emb, [-1, len(split.candidate.fields) * dim])
+        rows = split.candidate.kernel_rows(dim)
+        x0 = tf.reshape(split.merge(context["emb"], emb), [-1, self.layout.n_fields * dim])
+        crossed = self.cross.from_first_mix(x0, context["cross"] + self.cross.first_mix(flat, rows))
+        if self.stacked:
+            return self.mlp(crossed)
+        deep = self.mlp.from_first(context["first"] + self.mlp.first_matmul(flat, rows)) if "first" in context else self.mlp(x0)
+        return self.head(tf.concat([crossed, deep], axis=1))

@@ -59,3 +59,20 @@ class DeepFM(CtrModel):
         emb = self.embedding(ids, values)
         flat = tf.reshape(emb, [-1, self.layout.n_fields * self.config.embedding_dim])
         return self.linear(ids, values) + fm_interaction(emb) + self.mlp(flat, training=training)
+
+    # Context requests: the FM splits as in FactorizationMachine; the MLP's first layer `flat @ W0`
+    # splits by the kernel's rows into the context's share (once per context) and the candidate's.
+    def context_terms(self, split, ids, values):
+        emb = self.embedding.side(ids, values, split.context)
+        dim = self.config.embedding_dim
+        flat = tf.reshape(emb, [-1, len(split.context.fields) * dim])
+        return {"logit": fm_interaction(emb), "sum": tf.reduce_sum(emb, axis=1),
+                "first": self.mlp.first_matmul(flat, split.context.kernel_rows(dim))}
+
+    def candidate_terms(self, split, context, ids, values):
+        emb = self.embedding.side(ids, values, split.candidate)
+        dim = self.config.embedding_dim
+        flat = tf.reshape(emb, [-1, len(split.candidate.fields) * dim])
+        first = context["first"] + self.mlp.first_matmul(flat, split.candidate.kernel_rows(dim))
+        fm = fm_interaction(emb) + tf.reduce_sum(context["sum"] * tf.reduce_sum(emb, axis=1), axis=1)
+        return fm + self.mlp.from_first(first)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ctrflow.errors import ConfigError
-from ctrflow.models.layers import CtrModel, FieldEmbedding, SparseLinear, ffm_interaction
+from ctrflow.models.layers import CtrModel, FieldEmbedding, SparseLinear, ffm_interaction, ffm_pair_slots, slot_dot
 
 __all__ = ["FieldAwareFM"]
 
@@ -55,3 +55,25 @@ class FieldAwareFM(CtrModel):
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)
         return self.linear(ids, values) + ffm_interaction(emb, self.layout.n_fields, self.config.ffm_dim)
+
+    # Context requests: context-context pairs once; each context field's vectors for the candidate
+    # fields are gathered once per candidate and met by the candidate's vectors for the context fields.
+    def _slots(self, split, side, ids, values):
+        emb = self.embedding.side(ids, values, side)
+        return tf.reshape(emb, [-1, len(side.fields) * (self.layout.n_fields - 1), self.config.ffm_dim])
+
+    def context_terms(self, split, ids, values):
+        flat = self._slots(split, split.context, ids, values)
+        slots = ffm_pair_slots(self.layout.n_fields, split)
+        out = {"logit": slot_dot(flat, slots["cc"][0], flat, slots["cc"][1])}
+        if slots["ck"][0]:
+            out["ck"] = tf.gather(flat, slots["ck"][0], axis=1)  # [R, Sc * Sk, k]
+        return out
+
+    def candidate_terms(self, split, context, ids, values):
+        flat = self._slots(split, split.candidate, ids, values)
+        slots = ffm_pair_slots(self.layout.n_fields, split)
+        out = slot_dot(flat, slots["kk"][0], flat, slots["kk"][1])
+        if "ck" in context:
+            out += tf.reduce_sum(context["ck"] * tf.gather(flat, slots["ck"][1], axis=1), axis=[1, 2])
+        return out

@@ -46,3 +46,12 @@ class FactorizationMachine(CtrModel):
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         return self.linear(ids, values) + fm_interaction(self.embedding(ids, values))
+
+    # Context requests: FM(all) = FM(context) + FM(candidate) + <sum of context vectors, sum of candidate vectors>.
+    def context_terms(self, split, ids, values):
+        emb = self.embedding.side(ids, values, split.context)
+        return {"logit": fm_interaction(emb), "sum": tf.reduce_sum(emb, axis=1)}
+
+    def candidate_terms(self, split, context, ids, values):
+        emb = self.embedding.side(ids, values, split.candidate)
+        return fm_interaction(emb) + tf.reduce_sum(context["sum"] * tf.reduce_sum(emb, axis=1), axis=1)

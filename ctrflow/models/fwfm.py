@@ -44,3 +44,16 @@ class FieldWeightedFM(CtrModel):
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         return self.linear(ids, values) + self.pairs(self.embedding(ids, values))
+
+    # Context requests: pairs split into context-context (once), context-candidate (the context folds
+    # into one mixed vector per candidate field) and candidate-candidate blocks.
+    def context_terms(self, split, ids, values):
+        emb = self.embedding.side(ids, values, split.context)
+        cc, ck, _ = self.pairs.split(split)
+        mixed = tf.einsum("rid,ij->rjd", emb, ck)  # [R, Sk, D]: sum_i r_ij v_i for each candidate field j
+        return {"logit": FieldPairInteraction.weighted(emb, cc), "mixed": mixed}
+
+    def candidate_terms(self, split, context, ids, values):
+        emb = self.embedding.side(ids, values, split.candidate)
+        _, _, kk = self.pairs.split(split)
+        return FieldPairInteraction.weighted(emb, kk) + tf.reduce_sum(emb * context["mixed"], axis=[1, 2])

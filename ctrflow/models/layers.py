@@ -44,6 +44,8 @@ __all__ = [
     "make_table",
     "lookup",
     "FieldLayout",
+    "ContextSide",
+    "ContextSplit",
     "FieldTables",
     "SparseLinear",
     "FieldEmbedding",
@@ -160,6 +162,14 @@ def _variable(initializer: Initializer, shape: Sequence[int], name: str, *, trai
     )
 
 
+def take(x: tf.Tensor, indices: Sequence[int], axis: int = 0) -> tf.Tensor:
+    """`tf.gather` of constant indices that also takes an empty list (an empty slice, not a float index)."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        return tf.gather(x, tf.zeros([0], tf.int32), axis=axis)
+    return tf.gather(x, indices, axis=axis)
+
+
 def lookup(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
     """Rows of `table` at `ids`: `[...]` -> `[..., dim]`; the table's gradient is a `tf.IndexedSlices`.
 
@@ -228,6 +238,70 @@ class FieldLayout:
         return sum(self.id_buckets) + self.n_numeric_fields
 
 
+@dataclass(frozen=True)
+class ContextSide:
+    """One side (context or candidate) of a context split: which inputs it carries, which fields it feeds.
+
+    id_inputs / numeric_inputs: columns of the model's `ids` / `numeric` inputs on this side (ascending);
+        the side's tensors hold exactly these columns, in this order.
+    id_fields / id_positions: active id fields (layout indices) on this side, and their columns in the
+        side's ids tensor. numeric_fields / numeric_positions: the same for normalized numerics.
+    """
+
+    id_inputs: tuple[int, ...]
+    numeric_inputs: tuple[int, ...]
+    id_fields: tuple[int, ...]
+    id_positions: tuple[int, ...]
+    numeric_fields: tuple[int, ...]
+    numeric_positions: tuple[int, ...]
+    n_id_fields: int  # of the whole layout: numerics' field indices start there
+
+    @property
+    def fields(self) -> tuple[int, ...]:
+        """Global field indices (`[B, S, D]` order: id fields, then normalized numerics) of this side."""
+        return self.id_fields + tuple(self.n_id_fields + j for j in self.numeric_fields)
+
+    def kernel_rows(self, dim: int) -> list[int]:
+        """Rows of a `[S * dim, ...]` kernel over the flattened field vectors that this side's fields meet."""
+        return [f * dim + d for f in self.fields for d in range(dim)]
+
+
+@dataclass(frozen=True)
+class ContextSplit:
+    """The model's inputs split into context (once per request) and candidate (once per ad) columns.
+
+    Built by `CtrModel.context_split`; `CtrModel.call_context` uses it to compute every term of the
+    logit that only involves context fields once per context row, and the rest per candidate.
+    """
+
+    context: ContextSide
+    candidate: ContextSide
+
+    @classmethod
+    def from_inputs(cls, layout: FieldLayout, context_id_inputs: Sequence[int],
+                    context_numeric_inputs: Sequence[int]) -> "ContextSplit":
+        ctx_ids, ctx_num = sorted(set(context_id_inputs)), sorted(set(context_numeric_inputs))
+        if any(not 0 <= c < layout.n_ids_input for c in ctx_ids) or any(not 0 <= c < layout.n_numeric_input for c in ctx_num):
+            raise ConfigError(f"context columns out of range: ids {ctx_ids} of {layout.n_ids_input}, "
+                              f"numeric {ctx_num} of {layout.n_numeric_input}.")
+        sides = []
+        for in_ctx in (True, False):
+            id_inputs = tuple(c for c in range(layout.n_ids_input) if (c in ctx_ids) == in_ctx)
+            num_inputs = tuple(c for c in range(layout.n_numeric_input) if (c in ctx_num) == in_ctx)
+            id_fields = tuple(f for f, c in enumerate(layout.id_columns) if c in id_inputs)
+            num_fields = tuple(j for j, c in enumerate(layout.numeric_columns) if c in num_inputs)
+            sides.append(ContextSide(
+                id_inputs, num_inputs, id_fields, tuple(id_inputs.index(layout.id_columns[f]) for f in id_fields),
+                num_fields, tuple(num_inputs.index(layout.numeric_columns[j]) for j in num_fields), layout.n_id_fields))
+        return cls(*sides)
+
+    def merge(self, context: tf.Tensor, candidate: tf.Tensor) -> tf.Tensor:
+        """`[M, Sc, D]` (context vectors gathered per candidate) and `[M, Sk, D]` -> `[M, S, D]` in field order."""
+        order = self.context.fields + self.candidate.fields
+        inverse = [order.index(f) for f in range(len(order))]
+        return tf.gather(tf.concat([context, candidate], axis=1), inverse, axis=1)
+
+
 class FieldTables(tf.Module):
     """The `[rows, dim]` tables of one kind ("linear" or "embedding") for all fields of a layout.
 
@@ -294,6 +368,23 @@ class FieldTables(tf.Module):
         columns = tf.unstack(ids, num=lay.n_id_fields, axis=1)
         return tf.stack([lookup(t, c) for t, c in zip(self.tables, columns)], axis=1)
 
+    def lookup_fields(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
+        """`[B, len(fields)]` local ids of the active id fields `fields` (layout indices, ascending) ->
+        `[B, len(fields), dim]`: `lookup_ids` restricted to some fields (one side of a context split)."""
+        lay = self.layout
+        fields = tuple(fields)
+        if not fields:
+            return tf.zeros([tf.shape(ids)[0], 0, self.dim])
+        if fields == tuple(range(lay.n_id_fields)):
+            return self.lookup_ids(ids)
+        if self.table_mode == "shared":
+            offsets = [lay.offsets[f] for f in fields]
+            if lay.shared_rows >= 2**31:
+                return lookup(self.tables[0], tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64))
+            return lookup(self.tables[0], ids + tf.constant(offsets, tf.int32))
+        columns = tf.unstack(ids, num=len(fields), axis=1)
+        return tf.stack([lookup(self.tables[f], c) for f, c in zip(fields, columns)], axis=1)
+
     def numeric_rows(self) -> tf.Tensor:
         """`[N, dim]` rows of the normalized numeric fields (gathered, for IndexedSlices gradients)."""
         lay = self.layout
@@ -343,6 +434,14 @@ class SparseLinear(tf.Module):
             logit += tf.linalg.matvec(values, self.table.numeric_rows()[:, 0])
         return logit + self.bias
 
+    def side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
+        """The linear sum over one side's fields only, without the bias -> `[B]` (context splits)."""
+        logit = tf.reduce_sum(self.table.lookup_fields(ids, side.id_fields), axis=[1, 2])
+        if values is not None and side.numeric_fields:
+            rows = tf.gather(self.table.numeric_rows()[:, 0], list(side.numeric_fields))
+            logit += tf.linalg.matvec(values, rows)
+        return logit
+
 
 class FieldEmbedding(tf.Module):
     """One `dim`-vector per field: `[B, F + N, dim]`, id fields first, numerics scaled by their value.
@@ -374,6 +473,14 @@ class FieldEmbedding(tf.Module):
             return emb
         numeric = values[:, :, None] * self.table.numeric_rows()[None, :, :]
         return tf.concat([emb, numeric], axis=1)
+
+    def side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
+        """One side's field vectors `[B, len(side.fields), dim]`, in global field order (context splits)."""
+        emb = self.table.lookup_fields(ids, side.id_fields)
+        if values is None or not side.numeric_fields:
+            return emb
+        rows = tf.gather(self.table.numeric_rows(), list(side.numeric_fields))
+        return tf.concat([emb, values[:, :, None] * rows[None, :, :]], axis=1)
 
 
 def fm_interaction(emb: tf.Tensor) -> tf.Tensor:
@@ -416,10 +523,26 @@ class FieldPairInteraction(tf.Module):
 
     def __call__(self, emb: tf.Tensor) -> tf.Tensor:
         self.build()
+        return self.weighted(emb, self.pair_weights)
+
+    @staticmethod
+    def weighted(emb: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """`sum_{i,j} w_ij <v_i, v_j>` over `[B, S, D]` with `[S, S]` weights -> `[B]`."""
         # sum_i <v_i, sum_j U_ij v_j> with U strictly upper = sum_{i<j} r_ij <v_i, v_j>. tensordot makes
         # it one [B*D, S] x [S, S] matmul (an einsum over [B, S, D] measured 3.4x slower at batch 4000).
-        mixed = tf.tensordot(emb, self.pair_weights, axes=[[1], [1]])  # [B, D, S]
+        mixed = tf.tensordot(emb, weights, axes=[[1], [1]])  # [B, D, S]
         return tf.reduce_sum(tf.transpose(emb, [0, 2, 1]) * mixed, axis=[1, 2])
+
+    def split(self, split: "ContextSplit") -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The pair weights in blocks: (context-context `[Sc, Sc]`, context-candidate `[Sc, Sk]` with
+        both triangles folded in, candidate-candidate `[Sk, Sk]`), so `sum_{i<j} r_ij <v_i, v_j>` =
+        cc + sum_j <v_j, sum_i ck_ij v_i> + kk."""
+        self.build()
+        w = self.pair_weights
+        both = w + tf.transpose(w)  # a context/candidate pair sits in one triangle or the other
+        c, k = list(split.context.fields), list(split.candidate.fields)
+        block = lambda m, rows, cols: take(take(m, rows, axis=0), cols, axis=1)  # noqa: E731
+        return block(w, c, c), block(both, c, k), block(w, k, k)
 
 
 def ffm_partner_slots(n_fields: int) -> list[int]:
@@ -457,6 +580,39 @@ def ffm_interaction(emb: tf.Tensor, n_fields: int, dim: int) -> tf.Tensor:
         return 0.5 * tf.reduce_sum(flat * swapped, axis=[1, 2]), grad
 
     return pairs(tf.reshape(emb, [-1, n_fields * (n_fields - 1), dim]))
+
+
+def ffm_slot(n_fields: int, f: int, g: int, local: int) -> int:
+    """The flat slot of field `f`'s vector for partner `g` in a `[B, Ss * (S - 1), k]` view of the rows
+    of one side's fields, where `f` is the side's `local`-th field (`ffm_partner_slots` for one side)."""
+    return local * (n_fields - 1) + (g if g < f else g - 1)
+
+
+def ffm_pair_slots(n_fields: int, split: "ContextSplit") -> dict[str, tuple[list[int], list[int]]]:
+    """Slot lists for the three blocks of FFM pairs under a context split: "cc" and "kk" (both slots
+    on the same side), "ck" (context field's slot in the context view, candidate's in the candidate
+    view). Each pair `i < j` appears once; `sum <x[a], x[b]>` over the lists is that block's term."""
+    c, k = split.context.fields, split.candidate.fields
+    at_c = {f: i for i, f in enumerate(c)}
+    at_k = {f: i for i, f in enumerate(k)}
+    out: dict[str, tuple[list[int], list[int]]] = {"cc": ([], []), "ck": ([], []), "kk": ([], [])}
+    for side, fields, at in (("cc", c, at_c), ("kk", k, at_k)):
+        for x, i in enumerate(fields):
+            for j in fields[x + 1:]:
+                out[side][0].append(ffm_slot(n_fields, i, j, at[i]))
+                out[side][1].append(ffm_slot(n_fields, j, i, at[j]))
+    for i in c:
+        for j in k:
+            out["ck"][0].append(ffm_slot(n_fields, i, j, at_c[i]))
+            out["ck"][1].append(ffm_slot(n_fields, j, i, at_k[j]))
+    return out
+
+
+def slot_dot(a: tf.Tensor, a_slots: Sequence[int], b: tf.Tensor, b_slots: Sequence[int]) -> tf.Tensor:
+    """`sum_p <a[:, a_slots[p]], b[:, b_slots[p]]>` over `[B, slots, k]` views -> `[B]` (0 if no pairs)."""
+    if not a_slots:
+        return tf.zeros([tf.shape(a)[0]])
+    return tf.reduce_sum(tf.gather(a, list(a_slots), axis=1) * tf.gather(b, list(b_slots), axis=1), axis=[1, 2])
 
 
 class CrossNetwork(tf.Module):
@@ -501,6 +657,26 @@ class CrossNetwork(tf.Module):
         self.build()
         x = x0
         for i in range(self.layers):
+            if self.rank is None:
+                mixed = tf.matmul(x, self.kernels[i])
+            else:
+                mixed = tf.matmul(tf.matmul(x, self.v[i]), self.u[i])
+            x = x0 * (mixed + self.biases[i]) + x
+        return x
+
+    def first_mix(self, x: tf.Tensor, rows: Sequence[int]) -> tf.Tensor:
+        """One side's share of the first layer's mixing: `x_side @ W_0[rows]` (`[B, D]` full rank, the
+        low-rank `x_side @ V_0[rows]` `[B, r]`); the shares of both sides add up to `x0 @ W_0`."""
+        self.build()
+        kernel = self.kernels[0] if self.rank is None else self.v[0]
+        return tf.matmul(x, take(kernel, rows))
+
+    def from_first_mix(self, x0: tf.Tensor, mix: tf.Tensor) -> tf.Tensor:
+        """`__call__(x0)` given the summed `first_mix` shares of `x0` (the first layer's `x0 @ W_0`)."""
+        self.build()
+        mixed = mix if self.rank is None else tf.matmul(mix, self.u[0])
+        x = x0 * (mixed + self.biases[0]) + x0
+        for i in range(1, self.layers):
             if self.rank is None:
                 mixed = tf.matmul(x, self.kernels[i])
             else:
@@ -567,6 +743,13 @@ class OnlineNormalizer(tf.Module):
         scale = tf.cast(tf.math.rsqrt(self.variance + self.epsilon), tf.float32)
         return (x - mean) * scale
 
+    def columns(self, x: tf.Tensor, columns: Sequence[int]) -> tf.Tensor:
+        """Normalize `[B, len(columns)]` values of these normalized columns only (serving: no update)."""
+        self.build()
+        mean = tf.gather(tf.cast(self.mean, tf.float32), list(columns))
+        scale = tf.gather(tf.cast(tf.math.rsqrt(self.variance + self.epsilon), tf.float32), list(columns))
+        return (x - mean) * scale
+
 
 class MLP(tf.Module):
     """Dense layers `input -> hidden... -> 1` with relu, optional batch norm and dropout -> `[B]` logits.
@@ -630,6 +813,34 @@ class MLP(tf.Module):
         h = x
         for i in range(len(self.hidden)):
             h = tf.matmul(h, self.kernels[i]) + self.biases[i]
+            if self.batch_norm:
+                h = self._batch_norm(i, h, training)
+            h = tf.nn.relu(h)
+            if training and self.dropout > 0.0:
+                h = tf.nn.dropout(h, rate=self.dropout)
+        if not self.output:
+            return h
+        return tf.matmul(h, self.kernels[-1])[:, 0] + self.biases[-1][0]
+
+    @property
+    def splittable(self) -> bool:
+        """True when the MLP has a first dense layer whose input rows can be split (context requests)."""
+        return bool(self.hidden) or self.output
+
+    def first_matmul(self, x: tf.Tensor, rows: Sequence[int]) -> tf.Tensor:
+        """One side's share of the first layer: `x_side @ kernel_0[rows]` -> `[B, width_0]`."""
+        self.build()
+        return tf.matmul(x, take(self.kernels[0], rows))
+
+    def from_first(self, pre: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """`__call__(x)` given the first layer's summed shares `x @ kernel_0` (bias not yet added)."""
+        self.build()
+        h = pre + self.biases[0]
+        if not self.hidden:  # the first layer is the output layer
+            return h[:, 0]
+        for i in range(len(self.hidden)):
+            if i:
+                h = tf.matmul(h, self.kernels[i]) + self.biases[i]
             if self.batch_norm:
                 h = self._batch_norm(i, h, training)
             h = tf.nn.relu(h)
@@ -724,6 +935,50 @@ class CtrModel(tf.Module):
                 numeric = tf.gather(numeric, lay.numeric_columns, axis=1)
             values = self.normalizer(numeric, training=training)
         return self.call(ids, values, training)
+
+    # -- context + candidates requests (issue 11) -----------------------------------------------------
+    def context_split(self, context_id_inputs: Sequence[int], context_numeric_inputs: Sequence[int] = ()) -> ContextSplit:
+        """Split the inputs: these columns of `ids` / `numeric` are the context, every other the candidate."""
+        return ContextSplit.from_inputs(self.layout, context_id_inputs, context_numeric_inputs)
+
+    def call_context(self, split: ContextSplit, context_ids, context_numeric, ids, numeric, row) -> tf.Tensor:
+        """Logits `[M]` of M candidates, each scored with context row `row[m]`, serving mode only.
+
+        context_ids / context_numeric: `[R, ...]` the context's columns (`split.context.id_inputs`,
+        `.numeric_inputs`); ids / numeric: `[M, ...]` the candidates' columns; row: int `[M]` in
+        `[0, R)`. Equals `__call__` on the rows joined column-wise (float32 rounding aside), but every
+        term that involves only context fields is computed once per context row, then gathered.
+        """
+        self.build()
+        c_ids, c_vals = self._side_inputs(split.context, context_ids, context_numeric)
+        k_ids, k_vals = self._side_inputs(split.candidate, ids, numeric)
+        parts = self.context_terms(split, c_ids, c_vals)
+        parts["logit"] = parts.get("logit", 0.0) + self.linear.side(c_ids, c_vals, split.context) + self.linear.bias
+        row = tf.cast(row, tf.int32)
+        gathered = {name: tf.gather(value, row) for name, value in parts.items()}
+        logit = gathered.pop("logit") + self.linear.side(k_ids, k_vals, split.candidate)
+        return logit + self.candidate_terms(split, gathered, k_ids, k_vals)
+
+    def context_terms(self, split: ContextSplit, ids: tf.Tensor, values: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        """Per context row `[R, ...]`: what the candidates reuse; "logit" `[R]` adds to every candidate's logit."""
+        return {}
+
+    def candidate_terms(self, split: ContextSplit, context: dict[str, tf.Tensor], ids: tf.Tensor,
+                        values: tf.Tensor | None) -> tf.Tensor:
+        """Per candidate `[M]`: the rest of the logit beyond the linear terms, given `context_terms`
+        gathered per candidate (without "logit")."""
+        return tf.zeros([tf.shape(ids)[0]])
+
+    def _side_inputs(self, side: ContextSide, ids, numeric) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """A side's raw columns -> (its active id fields' ids, its normalized numerics' values or None)."""
+        ids = tf.cast(ids, tf.int32)
+        if side.id_positions != tuple(range(len(side.id_inputs))):
+            ids = take(ids, side.id_positions, axis=1)
+        values = None
+        if side.numeric_fields:
+            numeric = take(tf.cast(numeric, tf.float32), side.numeric_positions, axis=1)
+            values = self.normalizer.columns(numeric, side.numeric_fields)
+        return ids, values
 
     # -- introspection ------------------------------------------------------------------------------
     @property

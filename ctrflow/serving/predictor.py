@@ -183,6 +183,11 @@ class Predictor:
         self.id_names = tuple(info.get("feature_spec", {}).get("id_names") or self.schema.id_names)
         self._id_limits = _id_limits(info, self.schema)
         self._cat_set = frozenset(self.categorical_names)
+        self.context = None  # context + candidates requests (ctrflow.serving.context), when exported with them
+        if info.get("context") and "serving_context" in self.signatures:
+            from ctrflow.serving.context import ContextScorer
+
+            self.context = ContextScorer(self, batching)
 
     kind = "ctrflow"
 
@@ -356,6 +361,8 @@ class Predictor:
             return self._split(self._predict_all(self._features_of(inputs), timeout_ms), names)
         if signature_key == "predict_ids" and set(inputs) == {"ids", "numeric"}:
             return self._split(self._predict_ids_all(inputs["ids"], inputs["numeric"], timeout_ms), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return self.context.predict_outputs(inputs, timeout_ms=timeout_ms, names=names)
         return call_signature(self._loaded, signature, inputs, names)
 
     async def arun(self, signature_key: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
@@ -366,6 +373,8 @@ class Predictor:
             return self._split(await self._apredict_all(self._features_of(inputs), timeout_ms), names)
         if signature_key == "predict_ids" and set(inputs) == {"ids", "numeric"}:
             return self._split(await self._apredict_ids_all(inputs["ids"], inputs["numeric"], timeout_ms), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return await self.context.apredict_outputs(inputs, timeout_ms=timeout_ms, names=names)
         return await asyncio.to_thread(call_signature, self._loaded, signature, inputs, names)
 
     def run_direct(self, signature_key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -374,6 +383,8 @@ class Predictor:
         names = select_outputs(signature, output_filter)
         if signature_key == "serving_default":
             return self._split(self._compute(self.prepare(self._features_of(inputs))), names)
+        if signature_key == "serving_context" and self.context is not None:
+            return self.context.run_direct(inputs, names)
         return call_signature(self._loaded, signature, inputs, names)
 
     def _signature(self, key: str) -> Signature:
@@ -404,16 +415,19 @@ class Predictor:
         return 1
 
     def stats(self) -> dict[str, Any]:
-        """The batchers' counters, raw-feature and ids batcher summed (one model version, one figure)."""
-        if self.batcher is None:
-            return {}
-        return _sum_stats(self.batcher.stats().to_dict(), self.ids_batcher.stats().to_dict())
+        """The batchers' counters (raw-feature, ids and context batchers summed: one version, one figure)."""
+        out = _sum_stats(self.batcher.stats().to_dict(), self.ids_batcher.stats().to_dict()) if self.batcher else {}
+        if self.context is not None and self.context.batcher is not None:
+            out = _sum_stats(out, self.context.stats())
+        return out
 
     def close(self, *, drain: bool = True) -> None:
         if self.batcher is not None:
             self.batcher.close(drain=drain)
         if self.ids_batcher is not None:
             self.ids_batcher.close(drain=drain)
+        if self.context is not None:
+            self.context.close(drain=drain)
 
     def __enter__(self) -> "Predictor":
         return self

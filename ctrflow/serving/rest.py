@@ -10,7 +10,10 @@ change without touching them. Endpoints (NAME: a served model; `/versions/V` may
                                             → {"outputs": {"logits": [...], "probabilities": [...]}}
                                             (TF Serving's shapes for the signature called: see
                                             `ctrflow.serving.tfserving`; `/labels/L` pins a labelled version)
-    POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`)
+                                            {"context": {...}, "instances": [...]}: context + candidates
+                                            (`ctrflow.serving.context`, docs/context.md)
+    POST /v1/models/NAME:predict_columnar   compact columns for high-rate clients (see `COLUMNAR_FORMAT`);
+                                            application/x-ctrflow-context: context + candidates, binary
     POST /v1/models/NAME:predict_ids        the one-tensor fast path: pre-hashed int32 ids + float32
                                             numerics (application/x-ctrflow-ids, docs/ids_body.md)
     GET  /v1/models/NAME                    {"model_version_status": [{"version": "3", "state": "AVAILABLE", ...}]}
@@ -43,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ctrflow.client.context import CONTEXT_CONTENT_TYPE
 from ctrflow.errors import DeadlineExceeded
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
@@ -213,6 +217,12 @@ class RestRoutes:
         fast decoder; b64 values, other signatures and plain SavedModels the generic one."""
         timeout_ms = self._timeout_ms(request.headers)
         body = bytes(request.body)
+        if b'"context"' in body or b'_context"' in body:  # context + candidates (ctrflow.serving.context)
+            from ctrflow.serving.context import predict_context_json
+
+            answer = await predict_context_json(self, request, target, timeout_ms, body)
+            if answer is not None:
+                return answer
         loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
@@ -256,6 +266,10 @@ class RestRoutes:
         headers = request.headers
         timeout_ms = self._timeout_ms(headers)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == CONTEXT_CONTENT_TYPE:  # context + candidates, binary (ctrflow.serving.context)
+            from ctrflow.serving.context import predict_context_binary
+
+            return await predict_context_binary(self, request, target, timeout_ms)
         loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
