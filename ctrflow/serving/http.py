@@ -2,7 +2,8 @@
 
 `HttpTransport(options, handle)` serves `handle(RestRequest) -> RestResponse` (see
 `ctrflow.serving.rest`) on `options.host:options.port` from an event loop on a background thread;
-`ctrflow.serving.server.Server` starts and stops it. Routes see complete requests, never bytes.
+`ctrflow.serving.server.Server` starts and stops it. Routes see complete requests, never bytes, each stamped with the `time.monotonic()` of its first byte
+(`RestRequest.arrived`): a request's deadline counts from there.
 
 Framing follows RFC 9112. llhttp (C) already refuses, with 400 and a closed connection: Content-Length
 together with Transfer-Encoding, repeated or malformed Content-Length (`²`, 5000 digits, `+5`, `1 2`),
@@ -38,6 +39,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -209,6 +211,9 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
+        # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest).
+        self.scope["ctrflow.arrived"] = time.monotonic()
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -526,7 +531,7 @@ class HttpTransport:
             body = buffer
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1")))
+                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived")))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", b"%d" % len(response.body)), *response.headers]})

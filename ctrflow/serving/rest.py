@@ -19,8 +19,9 @@ change without touching them. Endpoints (NAME: a served model; `/versions/V` may
     GET  /readyz                            200 once every model has a version loaded, else 503
 
 Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown model/version/path), 405, 413 (too
-many rows), 503 (queue full or not ready: retry), 504 (the request's deadline passed: header
-`X-Deadline-Ms`, else `default_timeout_ms`), 500 (a bug). Every predict response carries `X-Model-Version`.
+many rows), 503 + `Retry-After` (queue full, its deadline cannot be met given the queue, not ready:
+retry), 504 (the request's deadline passed: header `X-Deadline-Ms`, else `default_timeout_ms`, counted
+from the request's first byte), 500 (a bug). Every predict response carries `X-Model-Version`.
 
 To add a route: write an `async def _name(self, request, target) -> RestResponse` method and add it
 to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../NAME:VERB,
@@ -29,6 +30,7 @@ to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -52,7 +54,9 @@ from ctrflow.serving.codec import (
     parse_predict_json,
     scores_json,
 )
+from ctrflow.serving.deadline import admit, left_ms
 from ctrflow.serving.models import ModelManager
+from ctrflow.serving.poison import check_ids, check_strings, id_buckets, may_hold_surrogates
 from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
@@ -72,6 +76,7 @@ class RestRequest:
     headers: Mapping[str, str]
     body: bytes | bytearray = b""
     query: str = ""
+    arrived: float | None = None  # time.monotonic() of the request's first byte; its deadline counts from here
 
 
 @dataclass
@@ -202,11 +207,22 @@ class RestRoutes:
             raise RequestError(f"X-Deadline-Ms must be a number of milliseconds > 0. Got {raw[:40]!r} instead.")
         return value
 
+    def _deadline(self, request: RestRequest) -> float | None:
+        """The request's absolute deadline (`time.monotonic()`): its first byte + X-Deadline-Ms (or the
+        server default); None without one. Already passed: DeadlineExceeded (504) before any work."""
+        budget_ms = self._timeout_ms(request.headers)
+        if budget_ms is None:
+            return None
+        arrived = request.arrived if request.arrived is not None else time.monotonic()
+        deadline = arrived + budget_ms / 1e3
+        left_ms(deadline, budget_ms)
+        return deadline
+
     async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         """TF Serving's predict, answered as TF Serving shapes it for the signature called (see
         `ctrflow.serving.tfserving`): ctrflow exports' serving_default/predict_ids bodies take the
         fast decoder; b64 values, other signatures and plain SavedModels the generic one."""
-        timeout_ms = self._timeout_ms(request.headers)
+        deadline = self._deadline(request)
         body = bytes(request.body)
         loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
@@ -220,9 +236,13 @@ class RestRoutes:
                 fmt, rows = parsed.format, parsed.rows
                 self._check_rows(rows)
                 if parsed.signature == "predict_ids":
+                    check_ids(parsed.features["ids"], id_buckets(predictor))
                     outputs = await asyncio.get_running_loop().run_in_executor(
                         self.pool, functools.partial(predictor.run, "predict_ids", parsed.features))
                 else:
+                    if may_hold_surrogates(body):
+                        check_strings(parsed.features, predictor.categorical_names)
+                    timeout_ms = admit(predictor, rows, deadline)
                     outputs = await self._score_outputs(predictor, parsed.features, timeout_ms)
             else:
                 doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
@@ -230,6 +250,7 @@ class RestRoutes:
                 fmt = decoded.format
                 rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
                 self._check_rows(rows)
+                timeout_ms = admit(predictor, rows, deadline)
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -247,7 +268,7 @@ class RestRoutes:
 
     async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         headers = request.headers
-        timeout_ms = self._timeout_ms(headers)
+        deadline = self._deadline(request)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
@@ -256,10 +277,13 @@ class RestRoutes:
                 features, rows = decode_columnar(request.body, predictor.categorical_names, predictor.numeric_names)
             elif ctype in ("application/json", ""):
                 features, rows = parse_columnar_json(request.body, predictor.categorical_names, predictor.numeric_names)
+                if may_hold_surrogates(request.body):
+                    check_strings(features, predictor.categorical_names)
             else:
                 raise RequestError(f"Content-Type {ctype!r} is not understood here; send {COLUMNAR_CONTENT_TYPE} "
                                    "or application/json.")
             self._check_rows(rows)
+            timeout_ms = admit(predictor, rows, deadline)
             scores = await self._score(predictor, features, timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -301,6 +325,7 @@ class RestRoutes:
         """Score the same request on the shadow model after the answer left; never raises."""
         got = None
         try:
+            request = dataclasses.replace(request, arrived=None)  # the shadow's budget counts from its own start
             answer = await handler(request, ModelTarget(shadow.model, shadow.version, target.tail, target.verb, shadow.label))
             got = getattr(answer, "probabilities", None)
         except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer
