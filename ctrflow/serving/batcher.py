@@ -89,10 +89,16 @@ class BatchingOptions:
     # estimated queue wait + compute time would miss. False: queue it anyway (it may expire queued).
     # Default True. Requests without a deadline are never refused this way.
     shed_by_deadline: bool = True
+    # The share of a request's remaining budget that the estimated queue wait + compute may take for
+    # it to be admitted, in (0, 1]. The rest absorbs what the estimate cannot see: CPU taken by other
+    # work (parsing the very requests being shed), preparing the features, the answer's way back. 1.0
+    # admits whatever the estimate says will just make it. Default 0.5: under overload the queue still
+    # holds half a budget of work, enough to keep the batch threads busy.
+    shed_budget_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         check_fields(self, {"max_batch_size": Int(1), "batch_timeout_ms": Float(0.0), "num_batch_threads": Int(1),
-                            "max_enqueued": Int(1)})
+                            "max_enqueued": Int(1), "shed_budget_fraction": Float(0.0, 1.0, low_open=True)})
         if not isinstance(self.shed_by_deadline, bool):
             raise ConfigError(f"The 'shed_by_deadline' parameter of BatchingOptions must be a bool. "
                               f"Got {self.shed_by_deadline!r} instead.")
@@ -189,6 +195,7 @@ class AutoBatcher:
         self._closing = False
         self._counts = _Counters(self._max_batch)
         self._shed = bool(options.shed_by_deadline)
+        self._budget_share = float(options.shed_budget_fraction)
         self._threads_n = int(options.num_batch_threads)
         self._cost = _CostModel()  # what a compute call costs, learnt from the calls made
         self._busy_until: dict[int, float] = {}  # batch thread → when its current call should end
@@ -305,7 +312,7 @@ class AutoBatcher:
                 )
             if deadline is not None and self._shed and rows:
                 wait_s = self._estimate_s(rows, request.submitted_at)
-                if wait_s is not None and request.submitted_at + wait_s > deadline:
+                if wait_s is not None and wait_s > self._budget_share * (deadline - request.submitted_at):
                     counts.shed += 1
                     raise self._shed_error(rows, wait_s, deadline - request.submitted_at)
             if self._rows_enqueued + rows > self._max_enqueued:
@@ -366,7 +373,7 @@ class AutoBatcher:
                 )
             if deadline is not None and self._shed and rows:
                 wait_s = self._estimate_s(rows, now)
-                if wait_s is not None and now + wait_s > deadline:
+                if wait_s is not None and wait_s > self._budget_share * (deadline - now):
                     self._counts.shed += 1
                     raise self._shed_error(rows, wait_s, deadline - now)
             if self._rows_enqueued + rows > self._max_enqueued and rows <= self._max_enqueued:
@@ -407,7 +414,7 @@ class AutoBatcher:
         return QueueFullError(
             f"Batcher '{self._name}' cannot score a request of {rows} rows within its deadline: queue wait + "
             f"compute is estimated at {wait_s * 1e3:.1f} ms ({self._rows_enqueued} rows queued), "
-            f"{max(left_s, 0.0) * 1e3:.1f} ms are left. Refused at once rather than answered late; retry "
+            f"{max(left_s, 0.0) * 1e3:.1f} ms are left (admitted up to {self._budget_share:g} of it). Refused at once rather than answered late; retry "
             "later, allow more time, or add capacity."
         )
 
