@@ -260,6 +260,79 @@ def test_a_request_already_past_its_deadline_when_routed_is_answered_504_without
     assert server._http.run(server.routes.handle(fresh)).status == 200
 
 
+
+class _SleepyModel(sf.SlowPredictor):
+    """The fixtures' stand-in model behind a real batcher, whose compute takes `call_s` (and records its rows)."""
+
+    def __init__(self, call_s: float) -> None:
+        super().__init__(max_enqueued=10_000, max_batch_size=1)
+        self.call_s = call_s
+        self.seen: list[float] = []
+        self.gate.set()
+
+    def _compute(self, inputs):
+        self.gate.wait(WAIT_S)
+        time.sleep(self.call_s)
+        self.seen.extend(inputs["I1"].tolist())
+        return self._np.full(len(inputs["I1"]), 0.5, self._np.float32)
+
+
+@pytest.mark.skipif(not sf.grpc_ok(), reason="grpcio / tensorflow-serving-api not installed")
+def test_grpc_honours_the_call_deadline_refusing_at_once_what_cannot_make_it(tmp_path):
+    """Official stubs: a call whose deadline the queue cannot meet is UNAVAILABLE at once; one whose
+    deadline passes while queued is DEADLINE_EXCEEDED and its rows are never computed."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    model = _SleepyModel(call_s=0.02)
+    server = sf.slow_server(tmp_path, model, grpc_port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+
+    def request(value: float):
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name = "m"
+        r.inputs["C1"].CopyFrom(tf.make_tensor_proto(["a"], tf.string))
+        r.inputs["I1"].CopyFrom(tf.make_tensor_proto([value], tf.float32))
+        return r
+
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for i in range(4):  # teach the batcher: ~20 ms a call
+            stub.Predict(request(float(i)), timeout=30)
+        queued = [stub.Predict.future(request(100.0 + i), timeout=60) for i in range(30)]  # ~600 ms of calls
+        time_limit = time.monotonic() + 20
+        while model.batcher.stats().rows_enqueued < 20 and time.monotonic() < time_limit:
+            time.sleep(0.005)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request(500.0), timeout=0.2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert "within its deadline" in refused.value.details()
+        assert time.monotonic() - started < 0.2  # refused at once, not when the deadline passed
+        for f in queued:
+            f.result()
+        assert 500.0 not in model.seen
+
+        model.gate.clear()  # hold the next call inside compute
+        held = stub.Predict.future(request(600.0), timeout=30)
+        time_limit = time.monotonic() + 20
+        while model.batcher.stats().requests < 35 and time.monotonic() < time_limit:
+            time.sleep(0.005)
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Predict(request(700.0), timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        model.gate.set()
+        held.result()
+        time_limit = time.monotonic() + 20
+        while model.batcher.stats().queue_wait_count < 36 and time.monotonic() < time_limit:
+            time.sleep(0.005)
+        assert 700.0 not in model.seen  # its rows were dropped, never computed
+    finally:
+        channel.close()
+        server.stop()
+        model.close()
+
 if __name__ == "__main__":  # the flood's child process (see _flood_from_child)
     import sys
     from pathlib import Path
