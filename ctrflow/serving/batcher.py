@@ -12,12 +12,17 @@ in the open batch is split across consecutive batches; its future resolves when 
 with the scores reassembled in the caller's row order.
 
 Submitting never blocks. `submit` raises at once for anything it can tell up front:
-- `QueueFullError` (retryable) when the rows would push the queue past `max_enqueued`,
+- `QueueFullError` (retryable) when the rows would push the queue past `max_enqueued`, or when the
+  request has a deadline that the queue cannot meet: the batcher learns what a compute call costs
+  (an exponentially weighted fit of seconds = fixed + per-row x rows over recent calls) and refuses a
+  request whose estimated queue wait + compute ends after its deadline ("shed": computing it would
+  only answer late, and take capacity from requests that can still make theirs),
 - `DeadlineExceeded` when the deadline has already passed,
 - `SchemaError` when the arrays do not match the batcher's inputs (fixed by its first request),
 - `CtrflowError` once the batcher is closed.
 Everything later arrives through the future: `DeadlineExceeded` for a request whose deadline passed
-while it queued (its rows are dropped, never computed), or the exception `compute` raised. A failed call
+while it queued (its rows are dropped when its batch is formed, never computed: "expired"), or the
+exception `compute` raised. A failed call
 over several requests is re-run once per request, so one poison request fails alone, with its own
 error, and its batch-mates are still scored.
 
@@ -34,7 +39,9 @@ Tuning: pick the largest `max_batch_size` the model scores in well under your la
 smallest `batch_timeout_ms` that still fills batches at your request rate. `num_batch_threads` above 1
 only helps when `compute` releases the GIL (TensorFlow, numpy on big arrays) and the device has room.
 Keep `max_enqueued` near `num_batch_threads * max_batch_size * (a few)`: a longer queue only turns
-overload into timeouts instead of fast, retryable rejects.
+overload into timeouts instead of fast, retryable rejects. Give requests deadlines: with one, overload
+is shed at the door (the queue never holds more than the deadline allows) and what is accepted is
+answered in time; without one only `max_enqueued` bounds the queue.
 
 Implementation details follow: a `_Task` is a slice of one `_Request` and only knows its size; a
 `_Batch` is open, then closed once; the queue is a deque of closed batches plus the open one, guarded
@@ -78,10 +85,23 @@ class BatchingOptions:
     # Most rows accepted but not yet taken by a batch thread, >= max_batch_size. Past it `submit`
     # raises QueueFullError at once instead of queueing. Default 200_000.
     max_enqueued: int = 200_000
+    # Refuse at once (QueueFullError: 503 / UNAVAILABLE, retryable) a request with a deadline that the
+    # estimated queue wait + compute time would miss. False: queue it anyway (it may expire queued).
+    # Default True. Requests without a deadline are never refused this way.
+    shed_by_deadline: bool = True
+    # The share of a request's remaining budget that the estimated queue wait + compute may take for
+    # it to be admitted, in (0, 1]. The rest absorbs what the estimate cannot see: CPU taken by other
+    # work (parsing the very requests being shed), preparing the features, the answer's way back. 1.0
+    # admits whatever the estimate says will just make it. Default 0.5: under overload the queue still
+    # holds half a budget of work, enough to keep the batch threads busy.
+    shed_budget_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         check_fields(self, {"max_batch_size": Int(1), "batch_timeout_ms": Float(0.0), "num_batch_threads": Int(1),
-                            "max_enqueued": Int(1)})
+                            "max_enqueued": Int(1), "shed_budget_fraction": Float(0.0, 1.0, low_open=True)})
+        if not isinstance(self.shed_by_deadline, bool):
+            raise ConfigError(f"The 'shed_by_deadline' parameter of BatchingOptions must be a bool. "
+                              f"Got {self.shed_by_deadline!r} instead.")
         if self.max_enqueued < self.max_batch_size:
             raise ConfigError(
                 "The 'max_enqueued' parameter of BatchingOptions must be >= max_batch_size "
@@ -116,6 +136,10 @@ class BatcherStats:
     queue_wait_ms_max: float
     batch_size_bounds: tuple[int, ...]  # histogram bucket upper bounds in rows: 1, 2, 4, … max_batch_size
     batch_size_counts: tuple[int, ...]  # compute calls with bounds[i-1] < rows <= bounds[i]
+    shed: int = 0  # submits refused because the estimated queue wait + compute would miss their deadline
+    expired: int = 0  # accepted requests dropped when their batch formed: deadline passed while queued
+    estimated_call_ms: float = 0.0  # the cost model's fixed cost per compute call (0: not learnt yet)
+    estimated_row_us: float = 0.0  # ... and its cost per row
 
     @property
     def mean_queue_wait_ms(self) -> float:
@@ -170,6 +194,11 @@ class AutoBatcher:
         self._rows_enqueued = 0
         self._closing = False
         self._counts = _Counters(self._max_batch)
+        self._shed = bool(options.shed_by_deadline)
+        self._budget_share = float(options.shed_budget_fraction)
+        self._threads_n = int(options.num_batch_threads)
+        self._cost = _CostModel()  # what a compute call costs, learnt from the calls made
+        self._busy_until: dict[int, float] = {}  # batch thread → when its current call should end
 
         self._threads = [
             threading.Thread(target=self._work, name=f"ctrflow-batcher-{name}-{i}", daemon=True)
@@ -209,9 +238,19 @@ class AutoBatcher:
         """
         return self._enqueue(inputs, deadline).future
 
-    def predict(self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None) -> np.ndarray:
-        """Submit and wait: scores for `inputs`, or DeadlineExceeded after `timeout_ms` (None: no limit)."""
-        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None, deadline: float | None = None
+    ) -> np.ndarray:
+        """Submit and wait: scores for `inputs`, or DeadlineExceeded after `timeout_ms` (None: no limit).
+
+        `deadline` (absolute `time.monotonic()` seconds, e.g. a request's arrival + its budget) may be
+        given instead of or beside `timeout_ms`; the earlier one counts.
+        """
+        if deadline is not None:  # the message then says what was left of the budget at submit
+            deadline = _earliest(deadline, timeout_ms)
+            timeout_ms = _budget_ms(deadline)
+        elif timeout_ms is not None:
+            deadline = time.monotonic() + timeout_ms / 1000.0
         request = self._enqueue(inputs, deadline)
         future = request.future
         try:
@@ -225,10 +264,14 @@ class AutoBatcher:
         raise error
 
     async def apredict(
-        self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None
+        self, inputs: Mapping[str, np.ndarray], *, timeout_ms: float | None = None, deadline: float | None = None
     ) -> np.ndarray:
         """The asyncio twin of `predict`; cancelling the awaiting task drops the rows if not yet computed."""
-        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        if deadline is not None:  # the message then says what was left of the budget at submit
+            deadline = _earliest(deadline, timeout_ms)
+            timeout_ms = _budget_ms(deadline)
+        elif timeout_ms is not None:
+            deadline = time.monotonic() + timeout_ms / 1000.0
         request = self._enqueue(inputs, deadline)
         waiter = asyncio.wrap_future(request.future)
         if deadline is None:
@@ -267,6 +310,11 @@ class AutoBatcher:
                     f"Request of {rows} rows to batcher '{self._name}' arrived "
                     f"{(request.submitted_at - deadline) * 1e3:.1f} ms after its deadline; not queued."
                 )
+            if deadline is not None and self._shed and rows:
+                wait_s = self._estimate_s(rows, request.submitted_at)
+                if wait_s is not None and wait_s > self._budget_share * (deadline - request.submitted_at):
+                    counts.shed += 1
+                    raise self._shed_error(rows, wait_s, deadline - request.submitted_at)
             if self._rows_enqueued + rows > self._max_enqueued:
                 if rows > self._max_enqueued:
                     raise ConfigError(
@@ -309,6 +357,66 @@ class AutoBatcher:
             elif was_idle:
                 self._cond.notify()  # someone must start the open batch's timer
         return request
+
+    def admit(self, rows: int, *, deadline: float | None = None) -> None:
+        """Raise now what `submit` of `rows` rows would raise for load (QueueFullError, DeadlineExceeded).
+
+        Lets a front end refuse an overload request before it pays for decoding and preparing it;
+        `submit` checks again (the queue may have moved meanwhile). Counts a refusal like `submit`.
+        """
+        now = time.monotonic()
+        with self._cond:
+            if deadline is not None and now >= deadline:  # not counted here: nothing was accepted
+                raise DeadlineExceeded(
+                    f"Request of {rows} rows to batcher '{self._name}' arrived "
+                    f"{(now - deadline) * 1e3:.1f} ms after its deadline; not queued."
+                )
+            if deadline is not None and self._shed and rows:
+                wait_s = self._estimate_s(rows, now)
+                if wait_s is not None and wait_s > self._budget_share * (deadline - now):
+                    self._counts.shed += 1
+                    raise self._shed_error(rows, wait_s, deadline - now)
+            if self._rows_enqueued + rows > self._max_enqueued and rows <= self._max_enqueued:
+                self._counts.rejects += 1
+                raise QueueFullError(
+                    f"Batcher '{self._name}' is full: {self._rows_enqueued} rows queued + {rows} requested "
+                    f"> max_enqueued={self._max_enqueued}. Retry later; if this persists, add capacity "
+                    "(num_batch_threads, max_batch_size) or shed load upstream."
+                )
+
+    def estimated_wait_ms(self, rows: int) -> float | None:
+        """Estimated ms from now until `rows` more rows would be scored (queue + compute); None before
+        the first compute call has taught the cost model anything."""
+        with self._cond:
+            wait_s = self._estimate_s(rows, time.monotonic())
+        return None if wait_s is None else wait_s * 1e3
+
+    def _estimate_s(self, rows: int, now: float) -> float | None:
+        """Queue wait + compute for `rows` new rows behind what is queued now (call under the lock).
+
+        The batch threads first finish their current calls (when all are busy), then score the queued
+        rows and these in ceil(rows / max_batch_size) calls shared among the threads; a batch that
+        would not be full also waits for its timeout.
+        """
+        fixed_s, row_s = self._cost.fit()
+        if fixed_s is None:
+            return None
+        total = self._rows_enqueued + rows
+        calls = -(-total // self._max_batch)
+        work_s = (calls * fixed_s + total * row_s) / self._threads_n
+        busy = self._busy_until
+        thread_wait_s = max(0.0, min(busy.values()) - now) if len(busy) >= self._threads_n else 0.0
+        if total < self._max_batch:
+            thread_wait_s = max(thread_wait_s, self._timeout_s)
+        return thread_wait_s + work_s
+
+    def _shed_error(self, rows: int, wait_s: float, left_s: float) -> QueueFullError:
+        return QueueFullError(
+            f"Batcher '{self._name}' cannot score a request of {rows} rows within its deadline: queue wait + "
+            f"compute is estimated at {wait_s * 1e3:.1f} ms ({self._rows_enqueued} rows queued), "
+            f"{max(left_s, 0.0) * 1e3:.1f} ms are left (admitted up to {self._budget_share:g} of it). Refused at once rather than answered late; retry "
+            "later, allow more time, or add capacity."
+        )
 
     def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Rows in `inputs`, after checking they match the signature fixed by the first request."""
@@ -441,7 +549,18 @@ class AutoBatcher:
         completed = errors = 0
         calls: list[tuple[int, bool]] = []  # (rows, failed) of each compute call
         if live:
+            me = threading.get_ident()
+            live_rows = sum(t.size for t in live)
+            with self._cond:
+                fixed_s, row_s = self._cost.fit()
+                self._busy_until[me] = now + (fixed_s + row_s * live_rows if fixed_s is not None else 0.0)
+            began = time.monotonic()
             outcome = self._score(live)
+            spent = time.monotonic() - began
+            with self._cond:
+                self._busy_until.pop(me, None)
+                if not isinstance(outcome, Exception):
+                    self._cost.learn(live_rows, spent)
             if isinstance(outcome, Exception) and len({id(t.request) for t in live}) > 1:
                 # One poison request must not fail its batch-mates: re-run each request on its own,
                 # so the good ones are scored and only the bad one fails, with its own error.
@@ -463,6 +582,7 @@ class AutoBatcher:
             counts = self._counts
             counts.completed += completed
             counts.timeouts += timeouts
+            counts.expired += timeouts
             counts.cancelled += cancelled
             counts.errors += errors
             counts.queue_wait_s_sum += wait_sum
@@ -516,6 +636,7 @@ class AutoBatcher:
         """A snapshot of the counters; cheap enough to scrape every second."""
         with self._cond:
             c = self._counts
+            fixed_s, row_s = self._cost.fit()
             return BatcherStats(
                 name=self._name,
                 requests=c.requests,
@@ -535,6 +656,10 @@ class AutoBatcher:
                 queue_wait_ms_max=c.queue_wait_s_max * 1e3,
                 batch_size_bounds=c.batch_size_bounds,
                 batch_size_counts=tuple(c.batch_size_counts),
+                shed=c.shed,
+                expired=c.expired,
+                estimated_call_ms=(fixed_s or 0.0) * 1e3,
+                estimated_row_us=(row_s or 0.0) * 1e6,
             )
 
     def close(self, *, drain: bool = True) -> None:
@@ -674,6 +799,7 @@ class _Counters:
         self.requests = self.rows_submitted = self.predictions = self.compute_calls = 0
         self.completed = self.timeouts = self.rejects = self.errors = self.compute_errors = 0
         self.cancelled = self.rows_dropped = self.queue_wait_count = 0
+        self.shed = self.expired = 0
         self.queue_wait_s_sum = self.queue_wait_s_max = 0.0
         # Bucket i holds batches of 2**(i-1) < rows <= 2**i, so the index is (rows - 1).bit_length().
         buckets = (max_batch_size - 1).bit_length() + 1
@@ -707,3 +833,63 @@ def _describe(value: object) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
     return type(value).__name__
+
+
+class _CostModel:
+    """Seconds per compute call as fixed + per_row x rows: an exponentially weighted least-squares fit.
+
+    Each successful call adds (rows, seconds) with weight ALPHA, older calls fade, so the fit follows
+    the machine (a noisy neighbour, a warmer cache) within a few dozen calls. When recent calls all had
+    about the same size the slope is unknowable: the whole cost is then charged per row, which over-
+    rather than under-estimates a longer queue (shedding a little early beats answering late).
+    Guarded by the batcher's lock.
+    """
+
+    ALPHA = 0.1
+    MIN_CALLS = 3  # no estimate before this many calls (the first ones carry one-time costs)
+
+    __slots__ = ("calls", "mx", "my", "mxx", "mxy")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.mx = self.my = self.mxx = self.mxy = 0.0
+
+    def learn(self, rows: int, seconds: float) -> None:
+        x, y = float(rows), max(0.0, float(seconds))
+        if self.calls == 0:
+            self.mx, self.my, self.mxx, self.mxy = x, y, x * x, x * y
+        else:
+            a = self.ALPHA
+            self.mx += a * (x - self.mx)
+            self.my += a * (y - self.my)
+            self.mxx += a * (x * x - self.mxx)
+            self.mxy += a * (x * y - self.mxy)
+        self.calls += 1
+
+    def fit(self) -> tuple[float | None, float]:
+        """(fixed seconds per call, seconds per row); (None, 0.0) until MIN_CALLS calls were seen."""
+        if self.calls < self.MIN_CALLS or self.mx <= 0.0:
+            return None, 0.0
+        var = self.mxx - self.mx * self.mx
+        if var > (0.1 * self.mx) ** 2:  # sizes spread enough to tell fixed from per-row cost
+            slope = (self.mxy - self.mx * self.my) / var
+            fixed = self.my - slope * self.mx
+            if slope > 0.0 and fixed >= 0.0:
+                return fixed, slope
+            if slope > 0.0:  # negative intercept: noise; all per row
+                return 0.0, self.my / self.mx
+            return self.my, 0.0  # bigger calls were not slower: all fixed
+        return 0.0, self.my / self.mx
+
+
+def _earliest(deadline: float | None, timeout_ms: float | None) -> float | None:
+    """The earlier of an absolute deadline and now + timeout_ms (None: neither given)."""
+    if timeout_ms is None:
+        return deadline
+    relative = time.monotonic() + timeout_ms / 1000.0
+    return relative if deadline is None else min(deadline, relative)
+
+
+def _budget_ms(deadline: float | None) -> float | None:
+    """Milliseconds left until `deadline`, for messages (None: no deadline)."""
+    return None if deadline is None else round(max(0.0, deadline - time.monotonic()) * 1e3, 1)

@@ -11,7 +11,10 @@ shape [n]; it answers `outputs["probabilities"]` float32 [n]. Signature `predict
 one-tensor fast path: `ids` DT_INT32 [n, F] and `numeric` DT_FLOAT [n, N], read from `tensor_content`
 without a copy and batched (`ids_tensors`; ids outside a field's table → INVALID_ARGUMENT). Errors map to gRPC codes: NOT_FOUND
 (model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE (queue full, not ready: retry),
-DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged).
+DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged). The call's deadline
+(`context.time_remaining()`, else the server's default) counts from when the handler is entered; a call
+that cannot make it given the batcher's queue is refused at once with UNAVAILABLE, as TF Serving's
+batch scheduler answers a full queue (retryable, unlike RESOURCE_EXHAUSTED's "out of quota").
 
 The server is `grpc.aio` on the REST server's event loop: a Predict call awaits the batcher's future
 (`apredict`), so any number of concurrent gRPC calls share one batch and cost no thread each; unbatched
@@ -30,6 +33,7 @@ import numpy as np
 
 from ctrflow.errors import ConfigError, SchemaError
 from ctrflow.serving.metrics import ServingMetrics
+from ctrflow.serving.deadline import admit, left_ms
 from ctrflow.serving.models import ModelManager
 from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import metadata_response, predict_response, tensor_to_ndarray
@@ -210,6 +214,7 @@ class GrpcServer:
 
     async def _predict(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
+        entered = time.monotonic()  # the call's budget counts from here (its own deadline, else the default)
         name = request.model_spec.name
         code, rows = "OK", 0
         rollout = None
@@ -220,7 +225,9 @@ class GrpcServer:
             signature = spec.signature_name or "serving_default"
             output_filter = list(request.output_filter)
             remaining = context.time_remaining()
-            timeout_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
+            budget_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
+            deadline = None if budget_ms is None else entered + budget_ms / 1e3
+            left_ms(deadline, budget_ms)  # already past it: DEADLINE_EXCEEDED before any work
             rollout = self._manager.rollouts.get(name) if version is None and label is None else None
             if rollout is not None:  # a traffic split: the arm by the key in the call's metadata (header)
                 from ctrflow.serving.rollout import choose_arm
@@ -237,6 +244,7 @@ class GrpcServer:
                     rows = len(next(iter(features.values())))
                     if rows > self._max_rows:
                         raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
+                    timeout_ms = admit(predictor, rows, deadline)  # cannot make its deadline: UNAVAILABLE at once
                     if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor: probabilities only
                         outputs = {"probabilities": await predictor.apredict(features, timeout_ms=timeout_ms)}
                     elif getattr(predictor, "batcher", None) is not None:
@@ -255,6 +263,7 @@ class GrpcServer:
                     rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
                     if rows > self._max_rows:
                         raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
+                    timeout_ms = admit(predictor, rows, deadline)
                     outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
                 used = loaded.version
             finally:

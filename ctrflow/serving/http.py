@@ -2,7 +2,8 @@
 
 `HttpTransport(options, handle)` serves `handle(RestRequest) -> RestResponse` (see
 `ctrflow.serving.rest`) on `options.host:options.port` from an event loop on a background thread;
-`ctrflow.serving.server.Server` starts and stops it. Routes see complete requests, never bytes.
+`ctrflow.serving.server.Server` starts and stops it. Routes see complete requests, never bytes, each stamped with the `time.monotonic()` of its first byte
+(`RestRequest.arrived`): a request's deadline counts from there.
 
 Framing follows RFC 9112. llhttp (C) already refuses, with 400 and a closed connection: Content-Length
 together with Transfer-Encoding, repeated or malformed Content-Length (`²`, 5000 digits, `+5`, `1 2`),
@@ -38,6 +39,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -56,6 +58,7 @@ Handle = Callable[[RestRequest], Awaitable[RestResponse]]
 MAX_TRAILER_FIELDS = 32  # trailer fields accepted after the last chunk (then 400)
 FREE_CHUNKS = 64  # chunks any body may use, whatever their size
 MIN_MEAN_CHUNK_BYTES = 256  # beyond FREE_CHUNKS, the mean chunk must be at least this large (else 400)
+LAG_PROBE_S = 0.01  # how often the event loop's lag is measured (a request's first byte is dated with it)
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends for at most this long
 _LINGER_MAX_BYTES = 64 << 20  # ... and at most this many bytes
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -84,6 +87,9 @@ class _Shared:
         self.buffered = 0  # body bytes reserved by requests not yet answered, all connections
         self.refused: dict[int, int] = {}  # status → count, for tests and metrics
         self.drain_timeouts = 0  # connections dropped because their client read no answer
+        # How late the event loop runs now, in seconds (`HttpTransport._probe_lag`): bytes that reach a
+        # busy loop waited in the kernel about that long before any callback of ours saw them.
+        self.loop_lag_s = 0.0
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -209,6 +215,12 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
+        # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
+        # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
+        lag = self.shared.loop_lag_s
+        self.scope["ctrflow.arrived"] = time.monotonic() - lag
+        self.scope["ctrflow.loop_lag"] = lag  # ... and its answer will wait about as long to be written
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -458,8 +470,20 @@ class HttpTransport:
                 if check is not None:
                     check(now)
 
+    async def _probe_lag(self) -> None:
+        """Measure how late the loop wakes a timer (its lag), every LAG_PROBE_S: a rise counts at once,
+        a fall is followed smoothly, so a burst of work is charged to the requests that arrive in it."""
+        loop = asyncio.get_running_loop()
+        shared = self.shared
+        while True:  # until the transport's loop ends (cancelled with the other tasks)
+            asked = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = max(0.0, loop.time() - asked)
+            shared.loop_lag_s = lag if lag > shared.loop_lag_s else shared.loop_lag_s + 0.25 * (lag - shared.loop_lag_s)
+
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
         sweeper = asyncio.ensure_future(self._sweep())
+        prober = asyncio.ensure_future(self._probe_lag())
         task = asyncio.ensure_future(self._server.serve(sockets=sockets))
         while not self._server.started and not task.done():
             await asyncio.sleep(0.005)
@@ -468,6 +492,7 @@ class HttpTransport:
             await task
         finally:
             sweeper.cancel()
+            prober.cancel()
 
     def collect(self) -> list[Any]:
         """The transport's own metric families (connections, buffered body bytes, refusals by code)."""
@@ -486,7 +511,10 @@ class HttpTransport:
         drains = CounterMetricFamily("ctrflow_http_drain_timeouts", "Connections dropped: their client read no answer "
                                      "for drain_timeout_s.")
         drains.add_metric((), shared.drain_timeouts)
-        return [connections, buffered, refused, drains]
+        lag = GaugeMetricFamily("ctrflow_http_loop_lag_seconds", "How late the serving event loop wakes a timer now "
+                                "(requests' deadlines are dated back by it).")
+        lag.add_metric((), shared.loop_lag_s)
+        return [connections, buffered, refused, drains, lag]
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = 60.0) -> Any:
         """Run a coroutine on the serving loop from another thread and wait for its result."""
@@ -526,7 +554,8 @@ class HttpTransport:
             body = buffer
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1")))
+                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived"),
+                                                  scope.get("ctrflow.loop_lag", 0.0)))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", b"%d" % len(response.body)), *response.headers]})

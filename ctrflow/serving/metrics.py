@@ -121,6 +121,8 @@ _BATCHER_FAMILIES = (
     ("compute_calls", "ctrflow_batcher_compute_calls", "counter", "Model compute calls (batches)."),
     ("timeouts", "ctrflow_batcher_timeouts", "counter", "Requests failed with DeadlineExceeded."),
     ("rejects", "ctrflow_batcher_rejects", "counter", "Requests refused at once: queue full or closed."),
+    ("shed", "ctrflow_batcher_shed", "counter", "Requests refused at once (503): queue wait + compute would miss their deadline."),
+    ("expired", "ctrflow_batcher_expired", "counter", "Accepted requests dropped before compute: deadline passed while queued."),
     ("errors", "ctrflow_batcher_errors", "counter", "Requests failed by a compute error."),
     ("rows_dropped", "ctrflow_batcher_rows_dropped", "counter", "Accepted rows never scored."),
     ("queue_wait_seconds_sum", "ctrflow_batcher_queue_wait_seconds_sum", "gauge", "Queue wait summed over request pieces."),

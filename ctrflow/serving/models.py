@@ -741,7 +741,7 @@ def _describe_signature(signature: tuple) -> str:
 
 
 _COUNTER_KEYS = ("requests", "predictions", "compute_calls", "timeouts", "rejects", "errors", "rows_dropped",
-                 "rows_enqueued", "queue_wait_count")
+                 "rows_enqueued", "queue_wait_count", "shed", "expired")
 
 
 def _batcher_stats(predictor: Any) -> tuple[dict[str, float], tuple[int, ...], list[int]] | None:

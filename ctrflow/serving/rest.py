@@ -24,8 +24,9 @@ change without touching them. Endpoints (NAME: a served model; `/versions/V` may
     GET  /readyz                            200 once every model has a version loaded, else 503
 
 Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown model/version/path), 405, 413 (too
-many rows), 503 (queue full or not ready: retry), 504 (the request's deadline passed: header
-`X-Deadline-Ms`, else `default_timeout_ms`), 500 (a bug). Every predict response carries `X-Model-Version`.
+many rows), 503 + `Retry-After` (queue full, its deadline cannot be met given the queue, not ready:
+retry), 504 (the request's deadline passed: header `X-Deadline-Ms`, else `default_timeout_ms`, counted
+from the request's first byte), 500 (a bug). Every predict response carries `X-Model-Version`.
 
 To add a route: write an `async def _name(self, request, target) -> RestResponse` method and add it
 to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../NAME:VERB,
@@ -34,6 +35,7 @@ to one of the tables built in `RestRoutes.__init__` (`model_verbs` for POST .../
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -60,7 +62,9 @@ from ctrflow.serving.codec import (
     parse_predict_json,
     scores_json,
 )
+from ctrflow.serving.deadline import admit, left_ms
 from ctrflow.serving.models import ModelManager
+from ctrflow.serving.poison import check_ids, check_strings, id_buckets, may_hold_surrogates
 from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
@@ -80,6 +84,8 @@ class RestRequest:
     headers: Mapping[str, str]
     body: bytes | bytearray = b""
     query: str = ""
+    arrived: float | None = None  # time.monotonic() of the request's first byte; its deadline counts from here
+    loop_lag: float = 0.0  # seconds the serving loop runs late now: the answer's trip back takes about as long
 
 
 @dataclass
@@ -211,16 +217,27 @@ class RestRoutes:
             raise RequestError(f"X-Deadline-Ms must be a number of milliseconds > 0. Got {raw[:40]!r} instead.")
         return value
 
+    def _deadline(self, request: RestRequest) -> float | None:
+        """The request's absolute deadline (`time.monotonic()`): its first byte + X-Deadline-Ms (or the
+        server default); None without one. Already passed: DeadlineExceeded (504) before any work."""
+        budget_ms = self._timeout_ms(request.headers)
+        if budget_ms is None:
+            return None
+        arrived = request.arrived if request.arrived is not None else time.monotonic()
+        deadline = arrived + budget_ms / 1e3
+        left_ms(deadline, budget_ms)
+        return deadline
+
     async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         """TF Serving's predict, answered as TF Serving shapes it for the signature called (see
         `ctrflow.serving.tfserving`): ctrflow exports' serving_default/predict_ids bodies take the
         fast decoder; b64 values, other signatures and plain SavedModels the generic one."""
-        timeout_ms = self._timeout_ms(request.headers)
+        deadline = self._deadline(request)
         body = bytes(request.body)
         if b'"context"' in body or b'_context"' in body:  # context + candidates (ctrflow.serving.context)
             from ctrflow.serving.context import predict_context_json
 
-            answer = await predict_context_json(self, request, target, timeout_ms, body)
+            answer = await predict_context_json(self, request, target, left_ms(deadline), body)
             if answer is not None:
                 return answer
         loaded = self.manager.acquire(target.name, target.version, target.label)
@@ -234,12 +251,18 @@ class RestRoutes:
                     parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
                 fmt, rows = parsed.format, parsed.rows
                 self._check_rows(rows)
+                if parsed.signature == "predict_ids":
+                    check_ids(parsed.features["ids"], id_buckets(predictor))
                 if parsed.signature == "predict_ids" and getattr(predictor, "ids_batcher", None) is not None:
+                    timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
                     outputs = await predictor.arun("predict_ids", parsed.features, timeout_ms=timeout_ms)
                 elif parsed.signature == "predict_ids":
                     outputs = await asyncio.get_running_loop().run_in_executor(
                         self.pool, functools.partial(predictor.run, "predict_ids", parsed.features))
                 else:
+                    if may_hold_surrogates(body):
+                        check_strings(parsed.features, predictor.categorical_names)
+                    timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
                     outputs = await self._score_outputs(predictor, parsed.features, timeout_ms)
             else:
                 doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
@@ -247,6 +270,7 @@ class RestRoutes:
                 fmt = decoded.format
                 rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
                 self._check_rows(rows)
+                timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -264,12 +288,12 @@ class RestRoutes:
 
     async def _predict_columnar(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         headers = request.headers
-        timeout_ms = self._timeout_ms(headers)
+        deadline = self._deadline(request)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == CONTEXT_CONTENT_TYPE:  # context + candidates, binary (ctrflow.serving.context)
             from ctrflow.serving.context import predict_context_binary
 
-            return await predict_context_binary(self, request, target, timeout_ms)
+            return await predict_context_binary(self, request, target, left_ms(deadline))
         loaded = self.manager.acquire(target.name, target.version, target.label)
         try:
             predictor = loaded.predictor
@@ -277,10 +301,13 @@ class RestRoutes:
                 features, rows = decode_columnar(request.body, predictor.categorical_names, predictor.numeric_names)
             elif ctype in ("application/json", ""):
                 features, rows = parse_columnar_json(request.body, predictor.categorical_names, predictor.numeric_names)
+                if may_hold_surrogates(request.body):
+                    check_strings(features, predictor.categorical_names)
             else:
                 raise RequestError(f"Content-Type {ctype!r} is not understood here; send {COLUMNAR_CONTENT_TYPE} "
                                    "or application/json.")
             self._check_rows(rows)
+            timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
             scores = await self._score(predictor, features, timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -298,7 +325,7 @@ class RestRoutes:
         The body's two matrices are views of the request bytes (no parse, no copy) that go to the
         predictor's ids batcher once `check_ids` has found every id inside its field's table."""
         headers = request.headers
-        timeout_ms = self._timeout_ms(headers)
+        deadline = self._deadline(request)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != IDS_CONTENT_TYPE:
             raise RequestError(f"Content-Type {ctype!r} is not understood here; send {IDS_CONTENT_TYPE} "
@@ -311,6 +338,7 @@ class RestRoutes:
                                    "no ids body (call :predict with its own signature).")
             ids, numeric, rows = decode_ids(request.body, len(predictor.id_names), len(predictor.numeric_names))
             self._check_rows(rows)
+            timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
             scores = await predictor.apredict_ids(ids, numeric, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -350,6 +378,7 @@ class RestRoutes:
         """Score the same request on the shadow model after the answer left; never raises."""
         got = None
         try:
+            request = dataclasses.replace(request, arrived=None)  # the shadow's budget counts from its own start
             answer = await handler(request, ModelTarget(shadow.model, shadow.version, target.tail, target.verb, shadow.label))
             got = getattr(answer, "probabilities", None)
         except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer

@@ -2,6 +2,12 @@
 
 The order matters: the most specific type first; any other `CtrflowError` (e.g. a batcher closed under a
 request) is retryable ("unavailable"); anything else is a bug, answered 500 / INTERNAL without details.
+
+Overload is `QueueFullError`: a full queue, or a request the queue cannot answer within its deadline
+(shed at once). It is 503 (the REST routes add `Retry-After`) and UNAVAILABLE, as TF Serving's batch
+scheduler answers a full queue: retryable, on this replica or another; RESOURCE_EXHAUSTED would say
+"out of quota" and well-behaved gRPC clients do not retry it. A poison input (`PoisonInput`, a
+`SchemaError`) is 400 / INVALID_ARGUMENT: it would fail every batch it joined.
 """
 from __future__ import annotations
 

@@ -1,0 +1,230 @@
+"""Overload sheds instead of queueing (issue 11, item 5): capacity, then 2x capacity for 10 s, then recovery.
+
+1. Capacity: open-loop Poisson load (binary columnar, 100 candidates, `X-Deadline-Ms`) at rising rates,
+   `--step-s` seconds each; capacity is the highest rate at which >= 99% of requests were answered 200
+   within the deadline (reported in requests/s and predictions/s).
+2. Overload: 2x that rate for `--overload-s` seconds, then half of it for `--recovery-s` seconds, in one
+   schedule. Reported: accepted (200) p50/p99 latency during the overload, 503s (shed) and 504s,
+   goodput (answers 200 within the deadline, in predictions/s) as % of capacity, and recovery: the p99
+   and success rate of the requests sent in the 2 s after the overload ends.
+   Targets: accepted p99 under the deadline, goodput >= 90% of capacity, recovery at once.
+
+The server runs in a child process (`ctrflow.bench.loadgen`'s), the generator here; both share the
+machine's cores (and, on the project machine, other people's jobs): latency counts from each request's
+*scheduled* send time, so the generator's own lag is charged to the server, never hidden.
+
+Usage: python benchmarks/bench_overload.py [--model-base-path DIR] [--deadline-ms 100] [--overload-s 10]
+       [--recovery-s 3] [--step-s 3] [--repeat 1] [--rates 200,400,...]
+Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
+Prints a table, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from ctrflow.bench import loadgen  # noqa: E402
+from ctrflow.serving.batcher import BatchingOptions  # noqa: E402
+
+CANDIDATES = 100
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+async def _drive(port: int, heads: list[bytes], bodies: list[bytes], times: np.ndarray, connections: int,
+                 limit_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Send request i at start + times[i] (open loop); (status per request, latency s from its scheduled time)."""
+    pool = loadgen._HttpPool("127.0.0.1", port, connections)
+    loop = asyncio.get_running_loop()
+    status = np.zeros(len(times), np.int32)  # 0: no answer (client timeout, connection error)
+    latency = np.full(len(times), np.nan)
+    tasks: set[asyncio.Task] = set()
+
+    async def one(i: int, at: float) -> None:
+        k = i % len(bodies)
+        try:
+            code, _ = await asyncio.wait_for(pool.request(heads[k], bodies[k]), limit_s)
+            status[i] = code
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            status[i] = 0
+        latency[i] = loop.time() - at
+
+    start = loop.time() + 0.05
+    for i, offset in enumerate(times):  # bounded by the schedule
+        at = start + float(offset)
+        delay = at - loop.time()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(i, at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=limit_s + 5)
+    for task in list(tasks):
+        task.cancel()
+    await pool.close()
+    return status, latency
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from ctrflow.serving.metrics import parse_metrics
+
+    code, body = asyncio.run(loadgen._http_get("127.0.0.1", port, "/metrics", timeout_s=30.0))
+    return parse_metrics(body.decode()) if code == 200 else {}
+
+
+def _counter(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    keys = [k for k in after if k.startswith(name + "{") or k == name]
+    return sum(after[k] - before.get(k, 0.0) for k in keys)
+
+
+def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, deadline_ms: float,
+                  connections: int, seed: int) -> tuple[float, list[dict]]:
+    """The highest rate of `rates` with >= 99% of requests answered 200 within the deadline."""
+    steps, capacity = [], 0.0
+    for rate in rates:
+        times = loadgen.arrival_times(rate, step_s, seed)
+        status, latency = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3)))
+        good = (status == 200) & (latency <= deadline_ms / 1e3)
+        ok_lat = latency[status == 200] * 1e3
+        row = {"rate_rps": rate, "requests": int(len(times)), "good_fraction": float(good.mean()) if len(good) else 0.0,
+               "p50_ms": _percentile(ok_lat, 50), "p99_ms": _percentile(ok_lat, 99),
+               "shed_503": int((status == 503).sum()), "timeouts_504": int((status == 504).sum())}
+        steps.append(row)
+        print(f"  capacity step {rate:7.0f} req/s: {row['good_fraction']:.1%} good, p99 {row['p99_ms']:.1f} ms, "
+              f"{row['shed_503']} x 503", flush=True)
+        if row["good_fraction"] >= 0.99:
+            capacity = rate
+        else:
+            break
+    return capacity, steps
+
+
+def overload(port: int, heads, bodies, capacity_rps: float, deadline_ms: float, overload_s: float, recovery_s: float,
+             connections: int, seed: int) -> dict:
+    """2x capacity for overload_s, then 0.5x for recovery_s, in one open-loop schedule."""
+    over = loadgen.arrival_times(2 * capacity_rps, overload_s, seed)
+    after = overload_s + loadgen.arrival_times(0.5 * capacity_rps, recovery_s, seed + 1)
+    times = np.concatenate([over, after])
+    before = _scrape(port)
+    status, latency = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3)))
+    metrics = _scrape(port)
+    budget = deadline_ms / 1e3
+    in_over = times < overload_s
+    s, lat = status[in_over], latency[in_over]
+    accepted = lat[s == 200] * 1e3
+    good = int(((s == 200) & (lat <= budget)).sum())
+    window = (times >= overload_s) & (times < overload_s + 2.0)
+    rec_ok = latency[window & (status == 200)] * 1e3
+    goodput = good * CANDIDATES / overload_s
+    return {
+        "offered_rps": 2 * capacity_rps, "requests": int(in_over.sum()), "accepted": int((s == 200).sum()),
+        "accepted_p50_ms": _percentile(accepted, 50), "accepted_p99_ms": _percentile(accepted, 99),
+        "accepted_late": int((accepted > deadline_ms).sum()),
+        "shed_503": int((s == 503).sum()), "timeouts_504": int((s == 504).sum()),
+        "other": int(((s != 200) & (s != 503) & (s != 504)).sum()),
+        "goodput_predictions_per_s": goodput,
+        "goodput_vs_capacity": goodput / (capacity_rps * CANDIDATES) if capacity_rps else math.nan,
+        "recovery_requests": int(window.sum()), "recovery_ok_fraction": float((status[window] == 200).mean()) if window.any() else math.nan,
+        "recovery_p99_ms": _percentile(rec_ok, 99),
+        "server_shed": _counter(before, metrics, "ctrflow_batcher_shed_total"),
+        "server_expired": _counter(before, metrics, "ctrflow_batcher_expired_total"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--model-base-path")
+    ap.add_argument("--deadline-ms", type=float, default=100.0)
+    ap.add_argument("--overload-s", type=float, default=10.0)
+    ap.add_argument("--recovery-s", type=float, default=3.0)
+    ap.add_argument("--step-s", type=float, default=3.0)
+    ap.add_argument("--rates", default="200,300,400,500,600,800,1000,1200,1500,1800,2200,2600,3000")
+    ap.add_argument("--connections", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--max-batch-size", type=int, default=4096)
+    ap.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    ap.add_argument("--no-shed", action="store_true", help="turn deadline shedding off (the bounded queue stays)")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ctrflow-bench-overload-") as tmp:
+        if args.model_base_path:
+            base = Path(args.model_base_path).resolve()
+        else:
+            from bench_serving import build_model
+
+            print("building a small FM on the synthetic schema ...", flush=True)
+            base = build_model(Path(tmp))
+        features, schema, _ = loadgen._model_info(str(base))
+        options = loadgen.LoadOptions(model_base_path=str(base), protocol="columnar", candidates=CANDIDATES,
+                                      timeout_ms=args.deadline_ms, distinct_bodies=128)
+        bodies = loadgen._bodies(options, loadgen._sample_data(options, features, schema, Path(tmp)), features)
+        name = base.name
+        from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE
+
+        heads = [(f"POST /v1/models/{name}:predict_columnar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  f"{COLUMNAR_CONTENT_TYPE}\r\nContent-Length: {len(b)}\r\nX-Deadline-Ms: {args.deadline_ms:g}\r\n\r\n").encode()
+                 for b in bodies]
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                                   shed_by_deadline=not args.no_shed)
+        runs = []
+        for r in range(args.repeat):
+            child = loadgen._ChildServer(str(base), name, batching)
+            try:
+                warm = loadgen.arrival_times(100, 2.0, 99)
+                asyncio.run(_drive(child.port, heads, bodies, warm, 64, 5.0))
+                rates = [float(x) for x in args.rates.split(",") if x]
+                capacity, steps = find_capacity(child.port, heads, bodies, rates, args.step_s, args.deadline_ms,
+                                                args.connections, seed=r)
+                if not capacity:
+                    print("no rate met the deadline: the machine is too busy to measure", flush=True)
+                    runs.append({"capacity_rps": 0.0, "steps": steps})
+                    continue
+                time.sleep(1.0)
+                result = overload(child.port, heads, bodies, capacity, args.deadline_ms, args.overload_s,
+                                  args.recovery_s, args.connections, seed=100 + r)
+                runs.append({"capacity_rps": capacity, "capacity_predictions_per_s": capacity * CANDIDATES,
+                             "steps": steps, **result})
+            finally:
+                child.close()
+
+    print()
+    print(f"overload: 2x capacity for {args.overload_s:g} s, X-Deadline-Ms {args.deadline_ms:g}, {CANDIDATES} candidates, "
+          f"binary columnar{' (shedding off)' if args.no_shed else ''}")
+    print(f"{'run':>3} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
+          f"{'goodput':>8} {'rec p99':>8} {'rec ok':>7}")
+    for i, run in enumerate(runs):
+        if "accepted" not in run:
+            print(f"{i:>3} {'-':>9}")
+            continue
+        print(f"{i:>3} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
+              f"{run['accepted_p99_ms']:>6.1f}ms {run['accepted_late']:>5} {run['shed_503']:>6} {run['timeouts_504']:>5} "
+              f"{run['goodput_vs_capacity']:>8.1%} {run['recovery_p99_ms']:>6.1f}ms {run['recovery_ok_fraction']:>7.1%}")
+    print(json.dumps({"benchmark": "overload", "deadline_ms": args.deadline_ms, "candidates": CANDIDATES,
+                      "overload_s": args.overload_s, "shed_by_deadline": not args.no_shed, "cpus": os.cpu_count(),
+                      "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

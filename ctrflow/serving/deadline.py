@@ -1,0 +1,49 @@
+"""A request's deadline on the serving path: counted from its first byte, checked before every costly step.
+
+The front ends turn a request's budget (REST `X-Deadline-Ms`, gRPC's own deadline, else the server's
+`default_timeout_ms`) into an absolute `time.monotonic()` deadline counted from when the request
+arrived (REST: its first byte, stamped by the HTTP protocol; gRPC: the handler's entry), so reading,
+parsing and waiting for the event loop are spent from the budget rather than added to it. Then:
+
+- already past it → `DeadlineExceeded` (504 / DEADLINE_EXCEEDED) before any work (`left_ms`);
+- the batcher's queue cannot meet it → `QueueFullError` (503 + Retry-After / UNAVAILABLE) at once,
+  before the features are prepared (`admit`, see `AutoBatcher.admit`);
+- it passes while queued → the rows are dropped when their batch forms, never computed (the batcher).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ctrflow.errors import DeadlineExceeded, QueueFullError
+
+__all__ = ["admit", "left_ms"]
+
+
+def left_ms(deadline: float | None, budget_ms: float | None = None) -> float | None:
+    """Milliseconds left until `deadline` (None: no deadline); DeadlineExceeded when none are."""
+    if deadline is None:
+        return None
+    left = (deadline - time.monotonic()) * 1e3
+    if left <= 0.0:
+        said = f"its deadline of {budget_ms:g} ms" if budget_ms is not None else "its deadline"
+        raise DeadlineExceeded(f"The request passed {said} ({-left:.1f} ms ago, counted from its arrival) "
+                               "before it could be computed; not computed. Allow more time or add capacity.")
+    return left
+
+
+def admit(predictor: Any, rows: int, deadline: float | None, *, reserve_s: float = 0.0) -> float | None:
+    """Refuse at once what the predictor's batcher cannot answer in time (before preparing features);
+    returns the ms left of the request's budget, for the call that scores it.
+
+    `reserve_s`: time the answer still needs after it is scored (REST: the event loop's current lag,
+    which the response waits before it is written); admission asks the batcher for that much earlier.
+    """
+    left = left_ms(deadline)
+    batcher = getattr(predictor, "batcher", None)
+    if batcher is not None and hasattr(batcher, "admit"):
+        if deadline is not None and left is not None and left <= reserve_s * 1e3:
+            raise QueueFullError(f"The request cannot be answered within its deadline: {left:.1f} ms are left and the "
+                                 f"server runs {reserve_s * 1e3:.1f} ms late. Refused at once; retry later.")
+        batcher.admit(rows, deadline=None if deadline is None else deadline - reserve_s)
+    return left_ms(deadline)
