@@ -40,10 +40,12 @@ __all__ = ["build_parser", "main", "start_server"]
 log = logging.getLogger("ctrflow.serving")
 
 
-def start_server(options: Any, *, config_poll_s: float | None = None, batching: Any = "options") -> tuple[Any, Any]:
+def start_server(options: Any, *, config_poll_s: float | None = None, batching: Any = "options",
+                 reuse_port: bool = False) -> tuple[Any, Any]:
     """Start a `Server` for `ServeOptions`, with the model config's rollouts in force and, when
     `config_poll_s` is set, a `ConfigWatcher` re-reading `options.model_config_file`. Returns
-    (server, watcher or None); `server.stop()` then `watcher.close()` end them."""
+    (server, watcher or None); `server.stop()` then `watcher.close()` end them. `reuse_port`: one of
+    several workers on the port (`ctrflow.serving.workers`)."""
     from ctrflow.serving.config import ConfigWatcher, apply_config, load_model_config
     from ctrflow.serving.models import ManagerOptions, ModelManager
     from ctrflow.serving.rollout import RolloutSet, parse_rollouts
@@ -69,7 +71,7 @@ def start_server(options: Any, *, config_poll_s: float | None = None, batching: 
         if config_poll_s:
             raise ConfigError("--model_config_file_poll_wait_seconds needs --model_config_file.")
         manager = ModelManager(options.model_specs(), manager_options)
-    server = Server(options, manager=manager).start()
+    server = Server(options, manager=manager, reuse_port=reuse_port).start()
     if watcher is not None:
         watcher.start()
     return server, watcher
