@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +183,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="ctrflow-workers-spawner")  # lives until stop()
         self.metrics_dir: str | None = None
         self.port: int | None = None
         self.grpc_port: int | None = None
@@ -270,6 +272,7 @@ class Supervisor:
                 p.wait(10)
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(5)
+        self._spawner.shutdown(wait=False)
         self._close_reserved()
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
@@ -295,9 +298,11 @@ class Supervisor:
         options = dataclasses.replace(self.options, port=self.port, grpc_port=self.grpc_port)
         spec = _WorkerSpec(options, self._config_poll_s, self._batching, w.index, os.getpid())
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir), "CTRFLOW_WORKER_INDEX": str(w.index)}
-        proc = subprocess.Popen([sys.executable, "-m", "ctrflow.serving.workers"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, process_group=0)
         # Own process group: Ctrl-C reaches the supervisor only, which then stops the workers in order.
+        # Started from the one spawner thread: PR_SET_PDEATHSIG fires when the *thread* that forked a
+        # worker ends, so a worker started from a short-lived (restart) thread would be killed with it.
+        proc = self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "ctrflow.serving.workers"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, process_group=0).result()
         try:
             assert proc.stdin is not None
             proc.stdin.write(pickle.dumps(spec))
@@ -365,7 +370,10 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             self.restarts += 1
-            self._spawn(w)
+            try:
+                self._spawn(w)
+            except RuntimeError:  # the spawner is shut: stop() won the race
+                return
             try:
                 self._wait_ready(w, _START_TIMEOUT_S)
             except CtrflowError as e:
