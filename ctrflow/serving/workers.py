@@ -459,7 +459,10 @@ def _worker_main() -> int:
     _die_with_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.index}]: %(message)s")
+    from ctrflow._tf import quiet_import
     from ctrflow.serving.model_server import serve_until_signalled, start_server
+
+    quiet_import()
 
     try:
         server, watcher = start_server(spec.options, config_poll_s=spec.config_poll_s, batching=spec.batching,
