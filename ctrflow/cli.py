@@ -330,7 +330,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout_s, max_connections=args.max_connections,
         max_buffered_body_bytes=args.max_buffered_body_bytes,
     )
-    server, watcher = start_server(opts, config_poll_s=args.model_config_file_poll_wait_seconds or None)
+    config_poll_s = args.model_config_file_poll_wait_seconds or None
+    workers = _serve_workers(args.workers)
+    if workers > 1:  # worker processes on one port (ctrflow.serving.workers)
+        from ctrflow.serving.workers import run_supervised
+
+        def announce(sup: Any) -> None:
+            status = {"url": sup.url, "port": sup.port, "grpc_port": sup.grpc_port, "models": sup.models, "workers": workers}
+            if not args.quiet:
+                print(f"serving {status['models']} at {sup.url} with {workers} workers"
+                      + (f", gRPC on port {sup.grpc_port}" if sup.grpc_port else ""), flush=True)
+            if args.json:
+                print(json.dumps(status, default=str), flush=True)
+
+        return run_supervised(opts, workers, config_poll_s=config_poll_s, batching="options", announce=announce)
+    from ctrflow._tf import quiet_import
+
+    quiet_import()  # --workers 0 on one core lands here without main()'s import
+    server, watcher = start_server(opts, config_poll_s=config_poll_s)
     status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     if not args.quiet:
         print(f"serving {status['models']} at {server.url}" + (f", gRPC on port {server.grpc_port}" if server.grpc_port else ""), flush=True)
@@ -338,6 +355,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(json.dumps(status, default=str), flush=True)
     serve_until_signalled(server, watcher)
     return 0
+
+
+def _serve_workers(n: int) -> int:
+    """--workers: N >= 1 processes, 0 = one per core."""
+    from ctrflow.errors import ConfigError
+    from ctrflow.serving.workers import default_workers
+
+    if n < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {n}.")
+    return n or default_workers()
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -484,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline of requests without X-Deadline-Ms (or a gRPC deadline), counted from their first "
                         "byte; default none")
     p.add_argument("--worker-threads", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port, each with its own models and batcher (0: one per core)")
     p.add_argument("--head-timeout-s", type=float, default=10.0, help="longest a request head may take to arrive (then 408)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take to arrive (then 408)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="longest a client may take to read an answer (then dropped)")

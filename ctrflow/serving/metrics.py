@@ -5,9 +5,14 @@ stay apart) holding the process collector (`process_cpu_seconds_total`, a true
 `process_start_time_seconds`, memory, open fds), the per-request families the front ends update, and
 custom collectors that read each model's registry and batcher counters (`ModelCollector`) and the HTTP
 transport's counters when `/metrics` (or `/monitoring/prometheus/metrics`) is scraped.
+
+Several worker processes on one port (`ctrflow.serving.workers`) report as one server: see
+`MultiprocessMetrics` at the end of this module.
 """
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "ModelCollector", "ModelGauges", "ServingMetrics", "collector", "parse_metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "ModelCollector", "ModelGauges", "MultiprocessMetrics", "PUBLISH_INTERVAL_S",
+           "ServingMetrics", "collector", "parse_metrics"]
 
 # No `*_created` series beside every counter and histogram: scrapers here do not use them and they
 # double the exposition. (A process-wide switch of prometheus-client.)
@@ -57,7 +63,12 @@ class ServingMetrics:
 
     def __init__(self, latency_buckets_s: Sequence[float] = LATENCY_BUCKETS_S) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.registry)
+        # A worker of several (prometheus-client's multiprocess mode is on): the request families live in
+        # the shared folder, what is read at scrape time is published from `_scraped` (MultiprocessMetrics).
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._scraped = CollectorRegistry(auto_describe=False) if directory else self.registry
+        self.multiprocess = MultiprocessMetrics(directory, self._scraped) if directory else None
+        ProcessCollector(registry=self._scraped)
         self._requests = Counter("ctrflow_requests", "Finished prediction requests by model, protocol and status code.",
                                  ("model", "protocol", "code"), registry=self.registry)
         self._latency = Histogram("ctrflow_request_duration_seconds",
@@ -93,11 +104,27 @@ class ServingMetrics:
 
     def add_collector(self, collector: Any) -> None:
         """Register an object with `collect() -> Iterable[Metric]`, read at every scrape."""
-        self.registry.register(collector)
+        self._scraped.register(collector)
 
     def render(self) -> bytes:
-        """The whole exposition in the Prometheus text format (`CONTENT_TYPE`)."""
+        """The whole exposition in the Prometheus text format (`CONTENT_TYPE`); of every worker, in a worker."""
+        if self.multiprocess is not None:
+            return self.multiprocess.render()
         return prometheus_client.generate_latest(self.registry)
+
+    def publish(self) -> None:
+        """A worker: write this process's scrape-time families for the other workers' `/metrics`."""
+        if self.multiprocess is not None:
+            self.multiprocess.publish()
+
+    async def publish_every(self, interval_s: float) -> None:
+        """`publish()` every `interval_s` on the serving loop (until cancelled): collectors read loop state."""
+        while True:
+            try:
+                self.publish()
+            except OSError:  # the folder is gone: the supervisor is stopping
+                pass
+            await asyncio.sleep(interval_s)
 
 
 class _Collector:
@@ -213,4 +240,154 @@ def parse_metrics(text: str) -> dict[str, float]:
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+    return out
+
+
+# ---- several worker processes, one server ------------------------------------------------------------
+
+PUBLISH_INTERVAL_S = 0.25  # how often a worker publishes its scrape-time families (their staleness in /metrics)
+
+# Gauges whose whole-server value is the least over the workers (a worker without the series counts 0):
+# a version is available, and the server ready, only when every worker says so.
+_MIN_GAUGES = frozenset(("ctrflow_ready", "ctrflow_model_version_available", "ctrflow_model_latest_version",
+                         "process_start_time_seconds", "process_max_fds"))
+_OMIT_ZERO = frozenset(("ctrflow_model_version_available",))  # absent rather than 0, as one process writes it
+
+
+class _Families:
+    """A registry-like list of families for `generate_latest`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class MultiprocessMetrics:
+    """`/metrics` of a worker reporting the whole server: every worker's figures, merged.
+
+    The supervisor gives every worker one folder (PROMETHEUS_MULTIPROC_DIR) and writes `workers.json`
+    there (the live workers' pids, how many are expected, restarts). In it:
+    - prometheus-client's multiprocess files: the request counters and latency histograms of every
+      worker, dead ones included, summed exactly by its `MultiProcessCollector`;
+    - `scrape_<pid>.prom`: each worker's scrape-time families (models, batchers, HTTP transport,
+      rollouts, process), published every `PUBLISH_INTERVAL_S` on its serving loop, so up to that old;
+      the answering worker uses its own, fresh. A dead worker's file is renamed `retired_<pid>.prom`
+      by the supervisor: its counters still count (whole-server counters never go down), its gauges not.
+    Process figures (CPU, memory, fds) of live workers are read from /proc at scrape time.
+    Merging: counters and histograms are summed; gauges are summed over live workers, except those in
+    `_MIN_GAUGES` (the least: ready, versions available, the latest version every worker serves).
+    Added: `ctrflow_workers` (live), `ctrflow_workers_expected`, `ctrflow_worker_restarts`.
+    """
+
+    def __init__(self, directory: str, local: CollectorRegistry) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.directory = directory
+        self._local = local
+        self._requests = MultiProcessCollector(None, path=directory)
+        self._pid = os.getpid()
+
+    def _path(self, kind: str, pid: int) -> str:
+        return os.path.join(self.directory, f"{kind}_{pid}.prom")
+
+    def publish(self) -> bytes:
+        """Write this worker's scrape-time families; returns them."""
+        text = prometheus_client.generate_latest(self._local)
+        path = self._path("scrape", self._pid)
+        tmp = f"{path}.tmp"
+        # No fsync (unlike ctrflow.atomic): a live snapshot rewritten 4 times a second, meaningless after a crash.
+        with open(tmp, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return text
+
+    @staticmethod
+    def retire(directory: str, pid: int) -> None:
+        """The supervisor, when worker `pid` is gone: keep its counters, drop its gauges."""
+        from prometheus_client import multiprocess
+
+        try:
+            os.replace(os.path.join(directory, f"scrape_{pid}.prom"), os.path.join(directory, f"retired_{pid}.prom"))
+        except OSError:
+            pass
+        multiprocess.mark_process_dead(pid, directory)
+
+    def _workers(self) -> dict[str, Any]:
+        import json
+
+        try:
+            with open(os.path.join(self.directory, "workers.json")) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            doc = {}
+        pids = [int(p) for p in doc.get("pids", [])]
+        if self._pid not in pids:  # before the supervisor's first list, or a stale one
+            pids.append(self._pid)
+        return {"pids": pids, "expected": int(doc.get("expected", len(pids))), "restarts": int(doc.get("restarts", 0))}
+
+    def render(self) -> bytes:
+        workers = self._workers()
+        live: list[list[Metric]] = []
+        for pid in workers["pids"]:
+            if pid == self._pid:
+                text = self.publish().decode()
+            else:
+                try:
+                    with open(self._path("scrape", pid), encoding="utf-8") as f:
+                        text = f.read()
+                except OSError:
+                    continue  # starting: not published yet
+            families = [m for m in text_string_to_metric_families(text) if not m.name.startswith("process_")]
+            families.extend(ProcessCollector(pid=lambda p=pid: p, registry=None).collect())
+            live.append(families)
+        retired: list[list[Metric]] = []
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith("retired_") and name.endswith(".prom"):
+                try:
+                    with open(os.path.join(self.directory, name), encoding="utf-8") as f:
+                        retired.append([m for m in text_string_to_metric_families(f.read()) if m.type != "gauge"])
+                except OSError:
+                    continue
+        merged = _merge(live, retired)
+        ready_all = len(live) >= workers["expected"]
+        for m in merged:
+            if m.name == "ctrflow_ready" and not ready_all:
+                m.samples = [s._replace(value=0.0) for s in m.samples]
+        count = GaugeMetricFamily("ctrflow_workers", "Server worker processes serving now.")
+        count.add_metric((), len(live))
+        expected = GaugeMetricFamily("ctrflow_workers_expected", "Server worker processes configured (--workers).")
+        expected.add_metric((), workers["expected"])
+        restarts = CounterMetricFamily("ctrflow_worker_restarts", "Worker processes restarted after an unexpected exit.")
+        restarts.add_metric((), workers["restarts"])
+        families = [*self._requests.collect(), *merged, count, expected, restarts]
+        return prometheus_client.generate_latest(_Families(families))  # type: ignore[arg-type]
+
+
+def _merge(live: list[list[Metric]], retired: list[list[Metric]]) -> list[Metric]:
+    """One family per name: counters and histograms summed over live and retired workers, gauges over live."""
+    heads: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for worker_families, is_live in [(f, True) for f in live] + [(f, False) for f in retired]:
+        for m in worker_families:
+            if m.type == "gauge" and not is_live:
+                continue
+            if m.name not in heads:
+                heads[m.name] = Metric(m.name, m.documentation, m.type, m.unit)
+                values[m.name] = {}
+            series = values[m.name]
+            for s in m.samples:
+                series.setdefault((s.name, tuple(sorted(s.labels.items()))), []).append(float(s.value))
+    out = []
+    for name, head in heads.items():
+        for (sample, labels), vs in values[name].items():
+            if head.type == "gauge" and name in _MIN_GAUGES:
+                value = min(vs) if len(vs) >= len(live) else 0.0
+                if value == 0.0 and name in _OMIT_ZERO:
+                    continue
+            else:
+                value = sum(vs)
+            head.add_sample(sample, dict(labels), value)
+        out.append(head)
     return out

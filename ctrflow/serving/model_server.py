@@ -17,6 +17,8 @@ Flags (TF Serving's names, `--flag=value` or `--flag value`; booleans also bare)
     --batching_parameters_file     textproto BatchingParameters (max_batch_size, batch_timeout_micros, ...)
     --enable_model_warmup          replay assets.extra/tf_serving_warmup_requests (default true)
     --host                         interface (ctrflow's addition; default 0.0.0.0 as TF Serving)
+    --workers                      server processes on the ports, each with its own models and batcher
+                                   (ctrflow's addition; 0: one per core; default 1)
 
 Unknown TF Serving flags (e.g. `--tensorflow_intra_op_parallelism`) are refused with their name, so a
 deployment never silently runs without a setting it relied on. `start_server` is shared with
@@ -40,10 +42,12 @@ __all__ = ["build_parser", "main", "start_server"]
 log = logging.getLogger("ctrflow.serving")
 
 
-def start_server(options: Any, *, config_poll_s: float | None = None, batching: Any = "options") -> tuple[Any, Any]:
+def start_server(options: Any, *, config_poll_s: float | None = None, batching: Any = "options",
+                 reuse_port: bool = False) -> tuple[Any, Any]:
     """Start a `Server` for `ServeOptions`, with the model config's rollouts in force and, when
     `config_poll_s` is set, a `ConfigWatcher` re-reading `options.model_config_file`. Returns
-    (server, watcher or None); `server.stop()` then `watcher.close()` end them."""
+    (server, watcher or None); `server.stop()` then `watcher.close()` end them. `reuse_port`: one of
+    several workers on the port (`ctrflow.serving.workers`)."""
     from ctrflow.serving.config import ConfigWatcher, apply_config, load_model_config
     from ctrflow.serving.models import ManagerOptions, ModelManager
     from ctrflow.serving.rollout import RolloutSet, parse_rollouts
@@ -69,7 +73,7 @@ def start_server(options: Any, *, config_poll_s: float | None = None, batching: 
         if config_poll_s:
             raise ConfigError("--model_config_file_poll_wait_seconds needs --model_config_file.")
         manager = ModelManager(options.model_specs(), manager_options)
-    server = Server(options, manager=manager).start()
+    server = Server(options, manager=manager, reuse_port=reuse_port).start()
     if watcher is not None:
         watcher.start()
     return server, watcher
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False)
     p.add_argument("--batching_parameters_file", default="")
     p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True)
+    p.add_argument("--workers", type=int, default=1, help="server processes (ctrflow's addition; 0: one per core)")
     p.add_argument("--json", action="store_true", help="print where it listens as one JSON line")
     return p
 
@@ -142,6 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options, batching = options_from_args(args)
+        if args.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {args.workers}.")
+        from ctrflow.serving.workers import default_workers
+
+        workers = args.workers or default_workers()
+        if workers > 1:
+            from ctrflow.serving.workers import run_supervised
+
+            def announce(sup: Any) -> None:
+                where = {"rest_api_port": sup.port, "port": sup.grpc_port, "models": sup.models, "workers": workers}
+                print(json.dumps(where) if args.json else
+                      f"Running gRPC ModelServer at {args.host}:{sup.grpc_port} ... Exporting HTTP/REST API at "
+                      f"{args.host}:{sup.port} ... serving {where['models']} with {workers} workers", flush=True)
+
+            return run_supervised(options, workers, config_poll_s=args.model_config_file_poll_wait_seconds or None,
+                                  batching=batching, announce=announce)
         server, watcher = start_server(options, config_poll_s=args.model_config_file_poll_wait_seconds or None,
                                        batching=batching)
     except CtrflowError as e:

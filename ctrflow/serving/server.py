@@ -16,7 +16,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
-from ctrflow.serving.metrics import CONTENT_TYPE, ModelCollector, ServingMetrics, collector, rollout_families
+from ctrflow.serving.metrics import CONTENT_TYPE, PUBLISH_INTERVAL_S, ModelCollector, ServingMetrics, collector, rollout_families
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
 from ctrflow.validation import Float, Int, check_fields
@@ -118,7 +118,7 @@ class Server:
     Use `serve(options)` to build and start one; `.port`, `.grpc_port`, `.url` tell where it listens.
     """
 
-    def __init__(self, options: ServeOptions, *, manager: ModelManager | None = None) -> None:
+    def __init__(self, options: ServeOptions, *, manager: ModelManager | None = None, reuse_port: bool = False) -> None:
         self.options = options
         self.manager = manager or ModelManager(
             options.model_specs(),
@@ -134,9 +134,15 @@ class Server:
             self.manager, self.metrics, pool=self._pool, max_rows_per_request=options.max_rows_per_request,
             default_timeout_ms=options.default_timeout_ms, render_metrics=self._render_metrics,
         )
-        from ctrflow.serving.http import HttpTransport
+        if reuse_port:  # one of several worker processes on one port (ctrflow.serving.workers)
+            from ctrflow.serving.workers import reuseport_transport
 
-        self._http = HttpTransport(options, self.routes.handle)
+            Transport = reuseport_transport()
+        else:
+            from ctrflow.serving.http import HttpTransport as Transport
+
+        self._http = Transport(options, self.routes.handle)
+        self._publisher: Any = None
         self.metrics.add_collector(ModelCollector(self.manager.gauges, self.manager.ready))
         self.metrics.add_collector(collector(self._http.collect))
         self.metrics.add_collector(collector(lambda: rollout_families(self.manager.rollouts.stats())))
@@ -170,6 +176,10 @@ class Server:
             except BaseException:
                 self.stop()
                 raise
+        if self.metrics.multiprocess is not None:  # a worker: publish what only this process knows
+            import asyncio
+
+            self._publisher = asyncio.run_coroutine_threadsafe(self.metrics.publish_every(PUBLISH_INTERVAL_S), self._http.loop)
         log.info("serving %s on %s%s", ", ".join(self.manager.model_names), self.url,
                  f" and gRPC port {self.grpc_port}" if self.grpc_port else "")
         return self
@@ -184,7 +194,11 @@ class Server:
                 self._http.run(self._grpc.stop(grace_s), timeout_s=grace_s + 5)
             except Exception:  # noqa: BLE001 - stopping regardless
                 log.exception("the gRPC server did not stop cleanly")
+        if self._publisher is not None:
+            self._publisher.cancel()
         self._http.stop(grace_s)
+        if self.metrics.multiprocess is not None:
+            self.metrics.publish()  # the final figures of this worker
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.manager.close()
 
