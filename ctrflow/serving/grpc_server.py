@@ -5,6 +5,10 @@ It needs that package (`pip install --no-deps tensorflow-serving-api==2.21.0`: i
 TensorFlow's, which tensorflow-cpu provides). Without it `GrpcServer` raises a ConfigError saying so;
 the REST server never imports this module unless a gRPC port is asked for.
 
+Rollouts (`ctrflow.serving.rollout`) apply to Predict as to REST: a call to a rollout's name is split by
+its key (a call metadata entry, or an input's first value), recorded per arm, mirrored to the shadow
+and sampled into the request log; the answer is the chosen arm's only.
+
 Predict takes one TensorProto per schema field, named as in the export (`ctrflow.json` "inputs"):
 DT_STRING for categoricals, DT_FLOAT/DT_DOUBLE (or integer types) for numerics, NaN = missing, all of
 shape [n]; it answers `outputs["probabilities"]` float32 [n]. Signature `predict_ids` takes the
@@ -163,6 +167,7 @@ class GrpcServer:
         self._max_rows = max_rows
         self._max_message_bytes = max_message_bytes
         self._server: Any = None
+        self._shadows: set[asyncio.Task] = set()  # running shadow calls (the loop keeps weak references only)
 
     async def start(self) -> int:
         """Bind and start on the running loop; returns the port (useful with port 0)."""
@@ -217,7 +222,7 @@ class GrpcServer:
         entered = time.monotonic()  # the call's budget counts from here (its own deadline, else the default)
         name = request.model_spec.name
         code, rows = "OK", 0
-        rollout = None
+        rollout = arm = None
         try:
             spec = request.model_spec
             version = spec.version.value if spec.HasField("version") else None
@@ -228,60 +233,91 @@ class GrpcServer:
             budget_ms = remaining * 1e3 if remaining is not None else self._default_timeout_ms
             deadline = None if budget_ms is None else entered + budget_ms / 1e3
             left_ms(deadline, budget_ms)  # already past it: DEADLINE_EXCEEDED before any work
-            rollout = self._manager.rollouts.get(name) if version is None and label is None else None
-            if rollout is not None:  # a traffic split: the arm by the key in the call's metadata (header)
-                from ctrflow.serving.rollout import choose_arm
+            rollouts = self._manager.rollouts
+            rollout = rollouts.get(name) if version is None and label is None else None
+            if rollout is not None:  # a traffic split: the arm by the key (call metadata or an input's first value)
+                from ctrflow.serving.rollout import choose_arm, key_from_tensors
 
-                key = self._manager.rollouts.key_of(
-                    rollout, {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}, None)
+                metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+                key = rollouts.key_of(rollout, metadata,
+                                      key_from_tensors(request.inputs, rollout.key_feature) if rollout.key_feature else None)
                 arm = choose_arm(rollout.arms, key)
                 name, version, label = arm.model, arm.version, arm.label
-            loaded = self._manager.acquire(name, version, label)
-            try:
-                predictor = loaded.predictor
-                if signature == "serving_default" and getattr(predictor, "kind", "ctrflow") == "ctrflow":
-                    features = self._features(request.inputs, predictor)
-                    rows = len(next(iter(features.values())))
-                    if rows > self._max_rows:
-                        raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
-                    timeout_ms = admit(predictor, rows, deadline)  # cannot make its deadline: UNAVAILABLE at once
-                    if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor: probabilities only
-                        outputs = {"probabilities": await predictor.apredict(features, timeout_ms=timeout_ms)}
-                    elif getattr(predictor, "batcher", None) is not None:
-                        outputs = await predictor.apredict_outputs(features, timeout_ms=timeout_ms, output_filter=output_filter)
-                    else:
-                        outputs = await asyncio.get_running_loop().run_in_executor(
-                            self._pool, functools.partial(predictor.predict_outputs, features, output_filter=output_filter))
-                elif signature == "predict_ids" and hasattr(predictor, "apredict_ids_outputs"):
-                    ids, numeric = ids_tensors(request.inputs)
-                    rows = ids.shape[0]
-                    if rows > self._max_rows:
-                        raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                    outputs = await predictor.apredict_ids_outputs(ids, numeric, timeout_ms=timeout_ms, output_filter=output_filter)
-                else:
-                    inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
-                    rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
-                    if rows > self._max_rows:
-                        raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                    timeout_ms = admit(predictor, rows, deadline)
-                    outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
-                used = loaded.version
-            finally:
-                self._manager.release(loaded)
+            outputs, used, rows, features, predictor = await self._score(
+                request, name, version, label, signature, output_filter, deadline)
             if rollout is not None:
-                self._manager.rollouts.record(rollout, arm, rows, time.perf_counter() - started, True)
+                rollouts.record(rollout, arm, rows, time.perf_counter() - started, True)
+                served = outputs.get("probabilities") if features is not None else None
+                if served is not None:  # what a shadow compares and a request log keeps (serving_default only)
+                    if rollouts.shadow_slot(rollout, key):
+                        task = asyncio.get_running_loop().create_task(self._shadow(request, rollout, served, deadline))
+                        self._shadows.add(task)
+                        task.add_done_callback(self._shadows.discard)
+                    rollouts.maybe_log(rollout, key, predictor, features, served, metadata.get("x-request-id"))
             # Typed *_val fields, as TF Serving's default AsProtoField serialization fills them.
             return predict_response(name, used, signature, outputs)
         except self._grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             code = type(e).__name__
-            if rollout is not None and "arm" in locals():
+            if arm is not None:
                 self._manager.rollouts.record(rollout, arm, 0, time.perf_counter() - started, False)
             await self._abort(context, e)
         finally:
             label_ = name if name in self._manager.model_names else "_unknown"  # bounded label values
             self._metrics.observe(label_, "grpc", code, time.perf_counter() - started, rows if code == "OK" else 0)
+
+    async def _score(self, request: Any, name: str, version: int | None, label: str | None, signature: str,
+                     output_filter: list[str], deadline: float | None) -> tuple[dict[str, np.ndarray], int, int, Any, Any]:
+        """Score a PredictRequest on one model version → (outputs, version used, rows, features, predictor);
+        `features` (decoded by schema field) is None unless the ctrflow serving_default path was taken.
+        A call its batcher cannot answer before `deadline` is refused at once (UNAVAILABLE)."""
+        loaded = self._manager.acquire(name, version, label)
+        features = None
+        try:
+            predictor = loaded.predictor
+            if signature == "serving_default" and getattr(predictor, "kind", "ctrflow") == "ctrflow":
+                features = self._features(request.inputs, predictor)
+                rows = len(next(iter(features.values())))
+                if rows > self._max_rows:
+                    raise _Invalid(f"Request of {rows} candidates is over the limit of {self._max_rows}; split it.")
+                timeout_ms = admit(predictor, rows, deadline)
+                if not hasattr(predictor, "apredict_outputs"):  # a stand-in predictor: probabilities only
+                    outputs = {"probabilities": await predictor.apredict(features, timeout_ms=timeout_ms)}
+                elif getattr(predictor, "batcher", None) is not None:
+                    outputs = await predictor.apredict_outputs(features, timeout_ms=timeout_ms, output_filter=output_filter)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, functools.partial(predictor.predict_outputs, features, output_filter=output_filter))
+            elif signature == "predict_ids" and hasattr(predictor, "apredict_ids_outputs"):
+                ids, numeric = ids_tensors(request.inputs)
+                rows = ids.shape[0]
+                if rows > self._max_rows:
+                    raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
+                timeout_ms = admit(predictor, rows, deadline)
+                outputs = await predictor.apredict_ids_outputs(ids, numeric, timeout_ms=timeout_ms, output_filter=output_filter)
+            else:
+                inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
+                rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+                if rows > self._max_rows:
+                    raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
+                timeout_ms = admit(predictor, rows, deadline)
+                outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
+            return outputs, loaded.version, rows, features, predictor
+        finally:
+            self._manager.release(loaded)
+
+    async def _shadow(self, request: Any, rollout: Any, served: np.ndarray, deadline: float | None) -> None:
+        """Score the same call on the rollout's shadow model after the answer left; never raises, and
+        nothing of it reaches the caller (its score differences are figures in `/v1/rollouts`)."""
+        shadow, got = rollout.shadow, None
+        try:
+            outputs, _, _, features, _ = await self._score(request, shadow.model, shadow.version, shadow.label,
+                                                            "serving_default", ["probabilities"], deadline)
+            got = outputs.get("probabilities") if features is not None else None
+        except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer
+            log.debug("shadow %s of rollout %s failed: %s", shadow.model, rollout.name, e)
+        self._manager.rollouts.shadow_done(rollout, served, got)
 
     @staticmethod
     def _features(inputs: Any, predictor: Any) -> dict[str, np.ndarray]:

@@ -60,6 +60,7 @@ from ctrflow.serving.codec import (
     error_body,
     parse_columnar_json,
     parse_predict_json,
+    predict_json,
     scores_json,
 )
 from ctrflow.serving.deadline import admit, left_ms
@@ -274,7 +275,8 @@ class RestRoutes:
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
-        answer = _Predicted(200, encode_json_response(outputs, fmt), JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
+        body = predict_json(outputs, fmt) or encode_json_response(outputs, fmt)  # fast for float vectors
+        answer = _Predicted(200, body, JSON, [(b"x-model-version", b"%d" % loaded.version)], rows)
         if fast and parsed.signature == "serving_default":  # what a shadow compares and a request log keeps
             answer.probabilities, answer.features, answer.predictor = outputs.get("probabilities"), parsed.features, predictor
         return answer
@@ -354,7 +356,7 @@ class RestRoutes:
         from ctrflow.serving.rollout import choose_arm
 
         rollouts = self.manager.rollouts
-        key = rollouts.key_of(rollout, request.headers, _key_features(rollout, request))
+        key = rollouts.key_of(rollout, request.headers, _key_value(rollout, request) if rollout.key_feature else None)
         arm = choose_arm(rollout.arms, key)
         started = time.perf_counter()
         try:
@@ -452,21 +454,14 @@ class _Predicted(RestResponse):
         self.predictor: Any = None
 
 
-def _key_features(rollout: Any, request: RestRequest) -> Mapping[str, Any] | None:
-    """For a rollout keyed by a feature: {feature: [first candidate's value]} from a JSON body."""
-    if not rollout.key_feature or not request.headers.get("content-type", "application/json").startswith("application/json"):
-        return None
-    try:
-        doc = json.loads(request.body)
-        if isinstance(doc.get("instances"), list) and doc["instances"] and isinstance(doc["instances"][0], dict):
-            return {rollout.key_feature: [doc["instances"][0].get(rollout.key_feature)]}
-        if isinstance(doc.get("inputs"), dict):
-            return {rollout.key_feature: list(doc["inputs"].get(rollout.key_feature) or [])[:1]}
-        if isinstance(doc.get("columns"), list) and rollout.key_feature in doc["columns"]:
-            return {rollout.key_feature: list(doc["data"][doc["columns"].index(rollout.key_feature)])[:1]}
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        return None
-    return None
+def _key_value(rollout: Any, request: RestRequest) -> Any:
+    """For a rollout keyed by a feature: the first candidate's value from the body, JSON or binary columnar."""
+    from ctrflow.serving.rollout import key_from_columnar, key_from_json
+
+    ctype = request.headers.get("content-type", "application/json")
+    if ctype.split(";")[0].strip().lower() == COLUMNAR_CONTENT_TYPE:
+        return key_from_columnar(request.body, rollout.key_feature)
+    return key_from_json(request.body, rollout.key_feature)
 
 
 def _compute_before(compute: Callable[[Mapping[str, Any]], Any], features: Mapping[str, Any], deadline: float | None) -> Any:

@@ -11,6 +11,10 @@ Configured under `rollouts:` in the YAML/JSON model config (`ctrflow.serving.con
         shadow: {model: ctr_next, fraction: 0.05}       # optional: mirror 5 % to a candidate, answers unchanged
         log: {path: logs/ctr, fraction: 0.01, rows_per_shard: 50000}   # optional: sampled request logging
 
+- **Key**: a header (REST) / call metadata entry (gRPC), or a feature's value in the first candidate,
+  read from every body a predict takes: JSON `instances`/`inputs`/`columns`, the binary columnar
+  body, gRPC `inputs` tensors (`key_from_json`, `key_from_columnar`, `key_from_tensors`); values are
+  normalised (bytes as UTF-8 text, 3.0 as "3") so one user gets the same arm whichever protocol he uses.
 - **Split**: weighted rendezvous hashing of the key (`choose_arm`): a key always lands on the same arm,
   and changing one arm's weight moves only the keys that must move (no reshuffle of everyone).
   Per-arm figures (requests, rows, errors, latency) are in `RolloutSet.stats()` (`GET /v1/rollouts`).
@@ -33,6 +37,7 @@ import math
 import os
 import queue
 import random
+import struct
 import threading
 import time
 import uuid
@@ -45,7 +50,8 @@ import numpy as np
 
 from ctrflow.errors import ConfigError
 
-__all__ = ["Arm", "Rollout", "RolloutSet", "RequestLogger", "ShadowStats", "choose_arm", "parse_rollouts"]
+__all__ = ["Arm", "Rollout", "RolloutSet", "RequestLogger", "ShadowStats", "choose_arm", "key_from_columnar",
+           "key_from_json", "key_from_tensors", "key_text", "parse_rollouts"]
 
 log = logging.getLogger("ctrflow.serving")
 
@@ -121,6 +127,100 @@ def _sampled(key: str | None, fraction: float, salt: str) -> bool:
     if fraction <= 0:
         return False
     return (random.random() if key is None else _hash01(key, salt)) < fraction
+
+
+# ---- the key of a request ---------------------------------------------------------------------------
+
+
+def key_text(value: Any) -> str | None:
+    """One spelling of a key value whatever the body carried it in: b"u1" / "u1" → "u1", 3 / 3.0 → "3";
+    None, "" (missing) and NaN → None (no key: a random arm)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool) or value is None:
+        return None if value is None else str(value).lower()
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        if not math.isfinite(f):
+            return None
+        return str(int(f)) if f.is_integer() else repr(f)
+    return str(value)
+
+
+def key_from_json(body: bytes | bytearray, feature: str) -> Any:
+    """The first candidate's value of `feature` in a JSON predict body (`instances`, `inputs` or the
+    columnar twin `{"columns", "data"}`); None when absent or the body is not JSON (its decoder says why)."""
+    import json
+
+    try:
+        doc = json.loads(body)
+        if isinstance(doc.get("instances"), list) and doc["instances"] and isinstance(doc["instances"][0], dict):
+            return doc["instances"][0].get(feature)
+        if isinstance(doc.get("inputs"), dict):
+            col = doc["inputs"].get(feature)
+            return col[0] if isinstance(col, list) and col else None
+        if isinstance(doc.get("columns"), list) and feature in doc["columns"]:
+            col = doc["data"][doc["columns"].index(feature)]
+            return col[0] if isinstance(col, list) and col else None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError):
+        return None
+    return None
+
+
+def key_from_columnar(body: bytes | bytearray, feature: str) -> Any:
+    """The first candidate's value of `feature` in a binary columnar body (`COLUMNAR_FORMAT`): walks the
+    column headers only, no decode; None when absent or malformed (the decoder then answers why)."""
+    from ctrflow.client.columnar import COLUMN, HEADER
+
+    want = feature.encode()
+    try:
+        magic, fmt, _, n_columns, rows = HEADER.unpack_from(body, 0)
+        if magic != b"CTRC" or fmt != 1 or rows == 0:
+            return None
+        offset = HEADER.size
+        for _ in range(n_columns):
+            (name_len,) = struct.unpack_from("<H", body, offset)
+            offset += 2
+            name = bytes(body[offset:offset + name_len])
+            kind, _, width = COLUMN.unpack_from(body, offset + name_len)
+            offset += name_len + COLUMN.size
+            if width < 1 or kind not in b"Sfd":
+                return None
+            if name == want:
+                if offset + width > len(body):
+                    return None
+                if kind == ord("S"):
+                    return bytes(body[offset:offset + width]).rstrip(b"\0")
+                return struct.unpack_from("<f" if kind == ord("f") else "<d", body, offset)[0]
+            offset += rows * width
+    except struct.error:
+        return None
+    return None
+
+
+def key_from_tensors(inputs: Mapping[str, Any], feature: str) -> Any:
+    """The first value of `feature` among a gRPC PredictRequest's input TensorProtos; None when absent."""
+    tensor = inputs.get(feature) if feature in inputs else None
+    if tensor is None:
+        return None
+    if tensor.string_val:
+        return tensor.string_val[0]
+    for values in (tensor.float_val, tensor.double_val, tensor.int64_val, tensor.int_val):
+        if values:
+            return values[0]
+    if tensor.tensor_content:
+        from ctrflow.serving.tfserving import tensor_to_ndarray
+
+        try:
+            flat = tensor_to_ndarray(tensor, name=feature).reshape(-1)
+        except Exception:  # noqa: BLE001 - a bad tensor is the decoder's to refuse
+            return None
+        return flat[0] if flat.size else None
+    return None
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -377,14 +477,13 @@ class RolloutSet:
         return self.rollouts.get(name)
 
     @staticmethod
-    def key_of(rollout: Rollout, headers: Mapping[str, str], features: Mapping[str, Any] | None) -> str | None:
+    def key_of(rollout: Rollout, headers: Mapping[str, str], value: Any = None) -> str | None:
+        """The split key: the rollout's header from `headers` (lower-case names), else `value`, the key
+        feature's first value as one of the `key_from_*` readers found it."""
         if rollout.key_header:
-            return headers.get(rollout.key_header.lower())
-        if rollout.key_feature and features is not None and rollout.key_feature in features:
-            col = features[rollout.key_feature]
-            if len(col):
-                v = col[0]
-                return v.decode() if isinstance(v, bytes) else str(v)
+            return headers.get(rollout.key_header.lower()) or None
+        if rollout.key_feature:
+            return key_text(value)
         return None
 
     def record(self, rollout: Rollout, arm: Arm, rows: int, seconds: float, ok: bool) -> None:
