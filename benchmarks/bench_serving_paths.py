@@ -12,7 +12,8 @@ Claim measured (issue 11, "Benchmarks"): on one model,
   Reported per path: the highest predictions/s with p99 <= `--p99-ms`, the server's CPU µs per
   prediction at that rate (in process: the whole process, load generator included), and that CPU as a
   ratio to the limit's; and the same at the highest "sustained" rate (p99 <= `--stop-p99-ms`, <= 1%
-  failed), which is where a loaded machine still shows each path's cost at large batches.
+  failed), which is where a loaded machine still shows each path's cost at large batches, with the
+  model's own CPU at the batch size that path actually formed ("x compute": what serving adds).
 The HTTP/gRPC paths share one server in a child process (its CPU read from the OS). On a shared,
 noisy machine compare the ratios of one run, not absolute figures across runs.
 
@@ -131,7 +132,7 @@ def main() -> int:
     ap.add_argument("--p99-ms", type=float, default=20.0)
     ap.add_argument("--stop-p99-ms", type=float, default=100.0, help="keep rising while p99 stays under this")
     ap.add_argument("--timeout-ms", type=float, default=100.0)
-    ap.add_argument("--batches", default="500,1000,2000,4000,8000")
+    ap.add_argument("--batches", default="100,250,500,1000,2000,4000,8000")
     ap.add_argument("--paths", default=",".join(k for k, *_ in PATHS))
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
@@ -191,10 +192,21 @@ def main() -> int:
             tmp.cleanup()
 
     lim = limit["limit_cpu_us"]
+    sizes = sorted(int(b) for b in limit["batches"])
+    costs = [limit["batches"][str(b)]["cpu_us_per_prediction"] for b in sizes]
+
+    def compute_at(rows):  # the model's own CPU/prediction at this batch size (log-interpolated)
+        return float(np.interp(np.log(max(rows, 1)), np.log(sizes), costs)) if rows else None
+
     for r in results.values():
         b = r.get("best") or r.get("sustained")
         r["cpu_figure_from"] = "best" if r.get("best") else ("sustained" if b else None)
         r["cpu_ratio_to_limit"] = None if not b or b["cpu_us_per_prediction"] is None else round(b["cpu_us_per_prediction"] / lim, 2)
+        for step in r.get("steps", ()):  # what the path adds over compute at the batches it actually formed
+            c = compute_at(step["mean_batch_rows"] or 0)
+            step["compute_cpu_us_at_batch"] = None if c is None else round(c, 2)
+            step["cpu_ratio_to_compute_at_batch"] = None if not c or step["cpu_us_per_prediction"] is None else \
+                round(step["cpu_us_per_prediction"] / c, 2)
 
     def cpu(key):  # at the p99 <= 20 ms step, else at the highest sustained one (see cpu_figure_from)
         r = results.get(key, {})
@@ -215,7 +227,7 @@ def main() -> int:
 
     print()
     print(f"{'path':<30}{'best pred/s (p99<=%gms)' % args.p99_ms:>26}{'at req/s':>10}{'p99 ms':>9}{'CPU µs/pred':>13}{'x limit':>9}"
-          f"{'sustained pred/s':>18}{'(p99 ms)':>9}{'CPU µs/pred':>13}{'x limit':>9}")
+          f"{'sustained pred/s':>18}{'(p99 ms)':>9}{'CPU µs/pred':>13}{'x limit':>9}{'batch':>8}{'x compute':>10}")
     print(f"{'limit: predict_ids b=%d' % limit['best_batch']:<30}{limit['limit_predictions_per_s']:>26,.0f}{'-':>10}{'-':>9}{lim:>13.2f}{1.0:>9.2f}")
     print(f"{'raw graph: serving_default':<30}{limit['raw_graph_predictions_per_s']:>26,.0f}{'-':>10}{'-':>9}"
           f"{limit['raw_graph_cpu_us']:>13.2f}{limit['raw_graph_cpu_us'] / lim:>9.2f}")
@@ -230,11 +242,22 @@ def main() -> int:
             f"{(b['cpu_us_per_prediction'] or nan) / lim:>9.2f}")
         right = f"{'none':>18}" if u is None else (
             f"{u['predictions_per_s']:>18,}{u['p99_ms']:>9.1f}{u['cpu_us_per_prediction'] or nan:>13.2f}"
-            f"{(u['cpu_us_per_prediction'] or nan) / lim:>9.2f}")
+            f"{(u['cpu_us_per_prediction'] or nan) / lim:>9.2f}{u['mean_batch_rows'] or 0:>8.0f}"
+            f"{u['cpu_ratio_to_compute_at_batch'] or nan:>10.2f}")
         print(f"{r['label']:<30}{left}{right}")
+    common = [(r["label"], r["steps"][0]) for r in results.values() if r.get("steps")]
+    if common:
+        print(f"\nat the same offered load, {rates[0]:g} req/s x {args.candidates} candidates (the most comparable figure on a loaded machine):")
+        base_cpu = next((st["cpu_us_per_prediction"] for k, st in ((k, r["steps"][0]) for k, r in results.items() if r.get("steps"))
+                         if k == "ids_http"), None)
+        for label, st in common:
+            rel = f"  {st['cpu_us_per_prediction'] / base_cpu:5.2f} x HTTP ids" if base_cpu and st["cpu_us_per_prediction"] else ""
+            print(f"  {label:<30}CPU {st['cpu_us_per_prediction'] or nan:7.2f} µs/pred  p50 {st['p50_ms']:6.1f} ms  "
+                  f"p99 {st['p99_ms']:7.1f} ms  batch {st['mean_batch_rows'] or 0:5.0f}{rel}")
     print("in-process CPU includes the load generator; HTTP/gRPC CPU is the server process's alone. "
           f"'sustained': highest rate with p99 <= {args.stop_p99_ms:g} ms and <= 1% failed; targets use the "
-          f"p99 <= {args.p99_ms:g} ms step when there is one, else the sustained one (JSON: cpu_figure_from).")
+          f"p99 <= {args.p99_ms:g} ms step when there is one, else the sustained one (JSON: cpu_figure_from). "
+          "'x compute': the path's CPU over predict_ids' own at the mean batch the path formed.")
     print("targets: " + ", ".join(f"{k}={'met' if v else ('not met' if v is False else 'n/a')}" for k, v in targets.items()))
     print(json.dumps({"model": str(folder), "model_kind": info["model"]["kind"], "candidates": args.candidates,
                       "p99_ms_limit": args.p99_ms, "step_s": args.step_s, "limit": limit, "paths": results, "targets": targets},
