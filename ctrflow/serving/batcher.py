@@ -401,10 +401,14 @@ class AutoBatcher:
         fixed_s, row_s = self._cost.fit()
         if fixed_s is None:
             return None
+        busy = self._busy_until
+        if not self._rows_enqueued and len(busy) < self._threads_n:
+            # Idle: the request is computed right away. Never refused, so the cost model keeps learning
+            # (refusing on a stale, too-high estimate with no call to correct it would refuse forever).
+            return None
         total = self._rows_enqueued + rows
         calls = -(-total // self._max_batch)
         work_s = (calls * fixed_s + total * row_s) / self._threads_n
-        busy = self._busy_until
         thread_wait_s = max(0.0, min(busy.values()) - now) if len(busy) >= self._threads_n else 0.0
         if total < self._max_batch:
             thread_wait_s = max(thread_wait_s, self._timeout_s)

@@ -42,7 +42,8 @@ def admit(predictor: Any, rows: int, deadline: float | None, *, reserve_s: float
     left = left_ms(deadline)
     batcher = getattr(predictor, "batcher", None)
     if batcher is not None and hasattr(batcher, "admit"):
-        if deadline is not None and left is not None and left <= reserve_s * 1e3:
+        sheds = getattr(getattr(batcher, "options", None), "shed_by_deadline", True)
+        if sheds and deadline is not None and left is not None and left <= reserve_s * 1e3:
             raise QueueFullError(f"The request cannot be answered within its deadline: {left:.1f} ms are left and the "
                                  f"server runs {reserve_s * 1e3:.1f} ms late. Refused at once; retry later.")
         batcher.admit(rows, deadline=None if deadline is None else deadline - reserve_s)

@@ -471,15 +471,15 @@ class HttpTransport:
                     check(now)
 
     async def _probe_lag(self) -> None:
-        """Measure how late the loop wakes a timer (its lag), every LAG_PROBE_S: a rise counts at once,
-        a fall is followed smoothly, so a burst of work is charged to the requests that arrive in it."""
+        """Measure how late the loop wakes a timer (its lag) every LAG_PROBE_S, smoothed over ~50 ms: a
+        loop that stays busy is charged in full, one stall (the process descheduled once) only in part."""
         loop = asyncio.get_running_loop()
         shared = self.shared
         while True:  # until the transport's loop ends (cancelled with the other tasks)
             asked = loop.time() + LAG_PROBE_S
             await asyncio.sleep(LAG_PROBE_S)
             lag = max(0.0, loop.time() - asked)
-            shared.loop_lag_s = lag if lag > shared.loop_lag_s else shared.loop_lag_s + 0.25 * (lag - shared.loop_lag_s)
+            shared.loop_lag_s += 0.2 * (lag - shared.loop_lag_s)
 
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
         sweeper = asyncio.ensure_future(self._sweep())
