@@ -218,9 +218,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        lag = self.shared.loop_lag_s
-        self.scope["ctrflow.arrived"] = time.monotonic() - lag
-        self.scope["ctrflow.loop_lag"] = lag  # ... and its answer will wait about as long to be written
+        self.scope["ctrflow.arrived"] = time.monotonic() - self.shared.loop_lag_s
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -554,8 +552,7 @@ class HttpTransport:
             body = buffer
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived"),
-                                                  scope.get("ctrflow.loop_lag", 0.0)))
+                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived")))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", b"%d" % len(response.body)), *response.headers]})
