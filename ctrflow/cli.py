@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
     p.add_argument("--max-rows-per-request", type=int, default=100_000)
-    p.add_argument("--default-deadline-ms", "--default-timeout-ms", dest="default_timeout_ms", type=float,
+    p.add_argument("--default-deadline-ms", "--default-timeout-ms", dest="default_timeout_ms", type=float, metavar="MS",
                    help="deadline of requests without X-Deadline-Ms (or a gRPC deadline), counted from their first "
                         "byte; default none")
     p.add_argument("--worker-threads", type=int, default=8)

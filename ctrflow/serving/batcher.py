@@ -50,6 +50,7 @@ by one condition variable that the batch threads wait on (never a busy wait).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import deque
@@ -273,20 +274,26 @@ class AutoBatcher:
         elif timeout_ms is not None:
             deadline = time.monotonic() + timeout_ms / 1000.0
         request = self._enqueue(inputs, deadline)
-        waiter = asyncio.wrap_future(request.future)
-        if deadline is None:
-            return await waiter
+        # One loop future, woken straight from the batch thread and by one timer: the caller resumes
+        # one loop iteration after its scores are ready (wrap_future + asyncio.wait take two more,
+        # which on a saturated loop is two more lags per request).
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        request.future.add_done_callback(functools.partial(_wake, loop, waiter))
+        timer = None if deadline is None else loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiter)
         try:
-            done, _ = await asyncio.wait((waiter,), timeout=max(0.0, deadline - time.monotonic()))
+            outcome = await waiter
         except asyncio.CancelledError:
-            waiter.cancel()
+            request.future.cancel()  # not computed yet: its rows are dropped
             raise
-        if done:
-            return waiter.result()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if outcome is not _EXPIRED:
+            return outcome
         error = self._give_up(request, timeout_ms)
-        if error is None:
-            return await waiter
-        waiter.cancel()  # the future now holds the error; cancelling the copy keeps asyncio quiet
+        if error is None:  # it finished in the meantime
+            return await asyncio.wrap_future(request.future)
         raise error
 
     def _enqueue(self, inputs: Mapping[str, np.ndarray], deadline: float | None) -> _Request:
@@ -401,10 +408,14 @@ class AutoBatcher:
         fixed_s, row_s = self._cost.fit()
         if fixed_s is None:
             return None
+        busy = self._busy_until
+        if not self._rows_enqueued and len(busy) < self._threads_n:
+            # Idle: the request is computed right away. Never refused, so the cost model keeps learning
+            # (refusing on a stale, too-high estimate with no call to correct it would refuse forever).
+            return None
         total = self._rows_enqueued + rows
         calls = -(-total // self._max_batch)
         work_s = (calls * fixed_s + total * row_s) / self._threads_n
-        busy = self._busy_until
         thread_wait_s = max(0.0, min(busy.values()) - now) if len(busy) >= self._threads_n else 0.0
         if total < self._max_batch:
             thread_wait_s = max(thread_wait_s, self._timeout_s)
@@ -880,6 +891,33 @@ class _CostModel:
                 return 0.0, self.my / self.mx
             return self.my, 0.0  # bigger calls were not slower: all fixed
         return 0.0, self.my / self.mx
+
+
+_EXPIRED = object()  # what `apredict`'s timer puts in its waiter
+
+
+def _relay(waiter: asyncio.Future[Any], done: Future[np.ndarray]) -> None:
+    """On the loop: hand a finished request's outcome to its waiter (unless it timed out or was cancelled)."""
+    if waiter.done() or done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
+
+
+def _wake(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], done: Future[np.ndarray]) -> None:
+    """On whichever thread finished the request: schedule `_relay` on the waiter's loop."""
+    try:
+        loop.call_soon_threadsafe(_relay, waiter, done)
+    except RuntimeError:  # that loop is closed: nobody waits any more
+        pass
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_EXPIRED)
 
 
 def _earliest(deadline: float | None, timeout_ms: float | None) -> float | None:

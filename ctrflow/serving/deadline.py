@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ctrflow.errors import DeadlineExceeded, QueueFullError
+from ctrflow.errors import DeadlineExceeded
 
 __all__ = ["admit", "left_ms"]
 
@@ -32,18 +32,11 @@ def left_ms(deadline: float | None, budget_ms: float | None = None) -> float | N
     return left
 
 
-def admit(predictor: Any, rows: int, deadline: float | None, *, reserve_s: float = 0.0) -> float | None:
+def admit(predictor: Any, rows: int, deadline: float | None) -> float | None:
     """Refuse at once what the predictor's batcher cannot answer in time (before preparing features);
-    returns the ms left of the request's budget, for the call that scores it.
-
-    `reserve_s`: time the answer still needs after it is scored (REST: the event loop's current lag,
-    which the response waits before it is written); admission asks the batcher for that much earlier.
-    """
-    left = left_ms(deadline)
+    returns the ms left of the request's budget, for the call that scores it."""
+    left_ms(deadline)
     batcher = getattr(predictor, "batcher", None)
     if batcher is not None and hasattr(batcher, "admit"):
-        if deadline is not None and left is not None and left <= reserve_s * 1e3:
-            raise QueueFullError(f"The request cannot be answered within its deadline: {left:.1f} ms are left and the "
-                                 f"server runs {reserve_s * 1e3:.1f} ms late. Refused at once; retry later.")
-        batcher.admit(rows, deadline=None if deadline is None else deadline - reserve_s)
+        batcher.admit(rows, deadline=deadline)
     return left_ms(deadline)

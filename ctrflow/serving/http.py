@@ -218,9 +218,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        lag = self.shared.loop_lag_s
-        self.scope["ctrflow.arrived"] = time.monotonic() - lag
-        self.scope["ctrflow.loop_lag"] = lag  # ... and its answer will wait about as long to be written
+        self.scope["ctrflow.arrived"] = time.monotonic() - self.shared.loop_lag_s
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -471,15 +469,15 @@ class HttpTransport:
                     check(now)
 
     async def _probe_lag(self) -> None:
-        """Measure how late the loop wakes a timer (its lag), every LAG_PROBE_S: a rise counts at once,
-        a fall is followed smoothly, so a burst of work is charged to the requests that arrive in it."""
+        """Measure how late the loop wakes a timer (its lag) every LAG_PROBE_S, smoothed over ~50 ms: a
+        loop that stays busy is charged in full, one stall (the process descheduled once) only in part."""
         loop = asyncio.get_running_loop()
         shared = self.shared
         while True:  # until the transport's loop ends (cancelled with the other tasks)
             asked = loop.time() + LAG_PROBE_S
             await asyncio.sleep(LAG_PROBE_S)
             lag = max(0.0, loop.time() - asked)
-            shared.loop_lag_s = lag if lag > shared.loop_lag_s else shared.loop_lag_s + 0.25 * (lag - shared.loop_lag_s)
+            shared.loop_lag_s += 0.2 * (lag - shared.loop_lag_s)
 
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
         sweeper = asyncio.ensure_future(self._sweep())
@@ -554,8 +552,7 @@ class HttpTransport:
             body = buffer
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived"),
-                                                  scope.get("ctrflow.loop_lag", 0.0)))
+                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived")))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [(b"content-type", response.content_type),
                                 (b"content-length", b"%d" % len(response.body)), *response.headers]})

@@ -86,7 +86,6 @@ class RestRequest:
     body: bytes | bytearray = b""
     query: str = ""
     arrived: float | None = None  # time.monotonic() of the request's first byte; its deadline counts from here
-    loop_lag: float = 0.0  # seconds the serving loop runs late now: the answer's trip back takes about as long
 
 
 @dataclass
@@ -263,7 +262,7 @@ class RestRoutes:
                 else:
                     if may_hold_surrogates(body):
                         check_strings(parsed.features, predictor.categorical_names)
-                    timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
+                    timeout_ms = admit(predictor, rows, deadline)
                     outputs = await self._score_outputs(predictor, parsed.features, timeout_ms)
             else:
                 doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
@@ -271,7 +270,7 @@ class RestRoutes:
                 fmt = decoded.format
                 rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
                 self._check_rows(rows)
-                timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
+                timeout_ms = admit(predictor, rows, deadline)
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -309,7 +308,7 @@ class RestRoutes:
                 raise RequestError(f"Content-Type {ctype!r} is not understood here; send {COLUMNAR_CONTENT_TYPE} "
                                    "or application/json.")
             self._check_rows(rows)
-            timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
+            timeout_ms = admit(predictor, rows, deadline)
             scores = await self._score(predictor, features, timeout_ms)
         finally:
             self.manager.release(loaded)

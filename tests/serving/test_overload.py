@@ -74,6 +74,10 @@ def test_the_batcher_learns_its_cost_and_refuses_at_once_what_its_queue_cannot_a
         stats = batcher.stats()
         assert stats.shed == 2
         assert 5000 not in compute.seen  # the refused request was never computed
+        # Idle again: a request would be computed at once, so it is never refused (and the cost model,
+        # which only learns from calls, can never lock the door on a stale estimate).
+        assert batcher.estimated_wait_ms(8) is None
+        batcher.admit(8, deadline=time.monotonic() + 0.001)
         assert stats.requests == stats.completed == 4 + 20 + 1
 
 
