@@ -219,6 +219,7 @@ class Supervisor:
     def start(self) -> Supervisor:
         """Reserve the ports, start every worker and wait until all serve (a worker that fails to start
         fails the start, with its exit code)."""
+        self._check_config()
         host = self.options.host
         try:
             rest = listen_reuseport(host, self.options.port, listen=False)
@@ -288,6 +289,16 @@ class Supervisor:
         self.stop()
 
     # ---- internals ------------------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        """Read the model config here once, so a mistake is one error before any worker starts."""
+        if self.options.model_config_file:
+            from ctrflow.serving.config import load_model_config
+
+            batching = self.options.batching if self._batching == "options" else self._batching
+            load_model_config(self.options.model_config_file, batching=batching)
+        else:
+            self.options.model_specs()
 
     def _close_reserved(self) -> None:
         for s in self._reserved:
@@ -431,16 +442,13 @@ def _read_ready_line(proc: subprocess.Popen, timeout_s: float) -> dict[str, Any]
 
 def run_supervised(options: Any, workers: int, *, config_poll_s: float | None, batching: Any,
                    announce: Any) -> int:
-    """What the serve commands do with --workers N > 1: start, `announce(supervisor)`, serve until SIGTERM/SIGINT."""
+    """What the serve commands do with --workers N > 1: start, `announce(supervisor)`, serve until SIGTERM/SIGINT.
+
+    A start failure raises (CtrflowError), for the command's own error line."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sup = Supervisor(options, workers, config_poll_s=config_poll_s, batching=batching)
-    try:
-        sup.start()
-    except CtrflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sup = Supervisor(options, workers, config_poll_s=config_poll_s, batching=batching).start()  # errors: the caller's
     try:
         announce(sup)
         while not stop.wait(0.5):
