@@ -124,6 +124,13 @@ def test_the_grpc_port_is_served_by_the_workers_too(group):
             request.model_spec.name = "ctr"
             response = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(request, timeout=30)
             assert [s.version for s in response.model_version_status] == [1]
+    # A config pushed over gRPC would reach one worker only: refused, with the way that reaches all.
+    from tensorflow_serving.apis import model_management_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{sup.grpc_port}") as ch, pytest.raises(grpc.RpcError) as e:
+        model_service_pb2_grpc.ModelServiceStub(ch).HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(),
+                                                                            timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every worker" in e.value.details()
 
 
 def test_a_new_version_is_served_by_every_worker_and_no_request_fails(group):
