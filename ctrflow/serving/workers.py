@@ -53,7 +53,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError, CtrflowError
 
-__all__ = ["Supervisor", "default_workers", "listen_reuseport", "reuseport_transport", "run_supervised"]
+__all__ = ["Supervisor", "default_workers", "listen_reuseport", "reuseport_transport", "run_supervised", "worker_count"]
 
 log = logging.getLogger("ctrflow.serving")
 
@@ -68,6 +68,13 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def worker_count(n: int) -> int:
+    """The `--workers` flag of both serve commands: N >= 1 processes, 0 = one per core."""
+    if n < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {n}.")
+    return n or default_workers()
 
 
 def listen_reuseport(host: str, port: int, *, listen: bool = True) -> socket.socket:

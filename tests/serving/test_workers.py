@@ -7,7 +7,6 @@ graceful stop that finishes in-flight requests. A separate test kills the `ctrfl
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
