@@ -77,6 +77,19 @@ def worker_count(n: int) -> int:
     return n or default_workers()
 
 
+def _reserve(host: str, port: int) -> socket.socket:
+    """Hold host:port for the workers: a bound, non-listening SO_REUSEPORT socket.
+
+    First a plain bind (no SO_REUSEPORT), so that a port another server of ours already serves is an
+    error here rather than silently shared with it (SO_REUSEPORT lets any process of this user join)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    return listen_reuseport(host, port, listen=False)
+
+
 def listen_reuseport(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """A TCP socket bound to host:port with SO_REUSEPORT (listening unless `listen=False`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -229,14 +242,14 @@ class Supervisor:
         self._check_config()
         host = self.options.host
         try:
-            rest = listen_reuseport(host, self.options.port, listen=False)
+            rest = _reserve(host, self.options.port)
         except OSError as e:
             raise ConfigError(f"Cannot listen on {host}:{self.options.port}: {e}") from None
         self._reserved.append(rest)
         self.port = rest.getsockname()[1]
         if self.options.grpc_port is not None:
             try:
-                grpc_sock = listen_reuseport(host, self.options.grpc_port, listen=False)
+                grpc_sock = _reserve(host, self.options.grpc_port)
             except OSError as e:
                 self._close_reserved()
                 raise ConfigError(f"Cannot listen for gRPC on {host}:{self.options.grpc_port}: {e}") from None

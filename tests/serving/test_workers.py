@@ -110,6 +110,16 @@ def test_every_worker_serves_the_port_and_metrics_count_the_whole_server(group):
     assert m["process_cpu_seconds_total"] >= sum(cpu) - 0.05
 
 
+def test_a_port_the_workers_serve_is_not_shared_with_a_second_server(group):
+    import dataclasses
+
+    from ctrflow.errors import ConfigError
+
+    sup = group[0]
+    with pytest.raises(ConfigError, match=f"Cannot listen on 127.0.0.1:{sup.port}"):
+        Supervisor(dataclasses.replace(sup.options, port=sup.port, grpc_port=None), 2).start()
+
+
 def test_the_grpc_port_is_served_by_the_workers_too(group):
     sup = group[0]
     if sup.grpc_port is None:
