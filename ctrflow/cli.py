@@ -331,9 +331,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_buffered_body_bytes=args.max_buffered_body_bytes,
     )
     config_poll_s = args.model_config_file_poll_wait_seconds or None
-    workers = _serve_workers(args.workers)
+    from ctrflow.serving.workers import run_supervised, worker_count
+
+    workers = worker_count(args.workers)
     if workers > 1:  # worker processes on one port (ctrflow.serving.workers)
-        from ctrflow.serving.workers import run_supervised
 
         def announce(sup: Any) -> None:
             status = {"url": sup.url, "port": sup.port, "grpc_port": sup.grpc_port, "models": sup.models, "workers": workers}
@@ -355,16 +356,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(json.dumps(status, default=str), flush=True)
     serve_until_signalled(server, watcher)
     return 0
-
-
-def _serve_workers(n: int) -> int:
-    """--workers: N >= 1 processes, 0 = one per core."""
-    from ctrflow.errors import ConfigError
-    from ctrflow.serving.workers import default_workers
-
-    if n < 0:
-        raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {n}.")
-    return n or default_workers()
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from concurrent.futures import Executor
 from typing import Any
@@ -362,6 +363,9 @@ class GrpcServer:
         from ctrflow.serving.config import config_from_request
 
         try:
+            if os.environ.get("CTRFLOW_WORKER_INDEX") is not None:  # one of several workers (ctrflow.serving.workers)
+                raise ConfigError("ReloadConfig would reach one server worker of several: with --workers > 1, change the "
+                                  "model config file and let --model_config_file_poll_wait_seconds apply it to every worker.")
             config = config_from_request(request)
             # Loading the new models blocks: off the event loop, which keeps answering meanwhile.
             await asyncio.get_running_loop().run_in_executor(self._pool, self._manager.reconfigure, config.models)

@@ -147,14 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options, batching = options_from_args(args)
-        if args.workers < 0:
-            raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {args.workers}.")
-        from ctrflow.serving.workers import default_workers
+        from ctrflow.serving.workers import run_supervised, worker_count
 
-        workers = args.workers or default_workers()
+        workers = worker_count(args.workers)
         if workers > 1:
-            from ctrflow.serving.workers import run_supervised
-
             def announce(sup: Any) -> None:
                 where = {"rest_api_port": sup.port, "port": sup.grpc_port, "models": sup.models, "workers": workers}
                 print(json.dumps(where) if args.json else

@@ -53,7 +53,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError, CtrflowError
 
-__all__ = ["Supervisor", "default_workers", "listen_reuseport", "reuseport_transport", "run_supervised"]
+__all__ = ["Supervisor", "default_workers", "listen_reuseport", "reuseport_transport", "run_supervised", "worker_count"]
 
 log = logging.getLogger("ctrflow.serving")
 
@@ -68,6 +68,26 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def worker_count(n: int) -> int:
+    """The `--workers` flag of both serve commands: N >= 1 processes, 0 = one per core."""
+    if n < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: one per core). Got {n}.")
+    return n or default_workers()
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """Hold host:port for the workers: a bound, non-listening SO_REUSEPORT socket.
+
+    First a plain bind (no SO_REUSEPORT), so that a port another server of ours already serves is an
+    error here rather than silently shared with it (SO_REUSEPORT lets any process of this user join)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    return listen_reuseport(host, port, listen=False)
 
 
 def listen_reuseport(host: str, port: int, *, listen: bool = True) -> socket.socket:
@@ -219,16 +239,17 @@ class Supervisor:
     def start(self) -> Supervisor:
         """Reserve the ports, start every worker and wait until all serve (a worker that fails to start
         fails the start, with its exit code)."""
+        self._check_config()
         host = self.options.host
         try:
-            rest = listen_reuseport(host, self.options.port, listen=False)
+            rest = _reserve(host, self.options.port)
         except OSError as e:
             raise ConfigError(f"Cannot listen on {host}:{self.options.port}: {e}") from None
         self._reserved.append(rest)
         self.port = rest.getsockname()[1]
         if self.options.grpc_port is not None:
             try:
-                grpc_sock = listen_reuseport(host, self.options.grpc_port, listen=False)
+                grpc_sock = _reserve(host, self.options.grpc_port)
             except OSError as e:
                 self._close_reserved()
                 raise ConfigError(f"Cannot listen for gRPC on {host}:{self.options.grpc_port}: {e}") from None
@@ -288,6 +309,16 @@ class Supervisor:
         self.stop()
 
     # ---- internals ------------------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        """Read the model config here once, so a mistake is one error before any worker starts."""
+        if self.options.model_config_file:
+            from ctrflow.serving.config import load_model_config
+
+            batching = self.options.batching if self._batching == "options" else self._batching
+            load_model_config(self.options.model_config_file, batching=batching)
+        else:
+            self.options.model_specs()
 
     def _close_reserved(self) -> None:
         for s in self._reserved:
@@ -431,16 +462,13 @@ def _read_ready_line(proc: subprocess.Popen, timeout_s: float) -> dict[str, Any]
 
 def run_supervised(options: Any, workers: int, *, config_poll_s: float | None, batching: Any,
                    announce: Any) -> int:
-    """What the serve commands do with --workers N > 1: start, `announce(supervisor)`, serve until SIGTERM/SIGINT."""
+    """What the serve commands do with --workers N > 1: start, `announce(supervisor)`, serve until SIGTERM/SIGINT.
+
+    A start failure raises (CtrflowError), for the command's own error line."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sup = Supervisor(options, workers, config_poll_s=config_poll_s, batching=batching)
-    try:
-        sup.start()
-    except CtrflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sup = Supervisor(options, workers, config_poll_s=config_poll_s, batching=batching).start()  # errors: the caller's
     try:
         announce(sup)
         while not stop.wait(0.5):

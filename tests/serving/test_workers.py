@@ -7,7 +7,6 @@ graceful stop that finishes in-flight requests. A separate test kills the `ctrfl
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -41,7 +40,8 @@ def group(model, tmp_path_factory):
     _, version_dir, rows = model
     base = tmp_path_factory.mktemp("workers") / "ctr"
     sf.copy_version(version_dir, base, 1)
-    options = ServeOptions(model_base_path=str(base), port=0, poll_interval_s=0.2, drain_grace_s=10,
+    options = ServeOptions(model_base_path=str(base), port=0, grpc_port=0 if sf.grpc_ok() else None,
+                           poll_interval_s=0.2, drain_grace_s=10,
                            batching=BatchingOptions(max_batch_size=100_000, batch_timeout_ms=BATCH_WAIT_MS))
     sup = Supervisor(options, 2).start()
     yield sup, base, version_dir, rows
@@ -108,6 +108,38 @@ def test_every_worker_serves_the_port_and_metrics_count_the_whole_server(group):
     # CPU is the whole server's: at least the sum of what each worker alone reports.
     cpu = [_scrape_file(sup, pid)["process_cpu_seconds_total"] for pid in sup.pids()]
     assert m["process_cpu_seconds_total"] >= sum(cpu) - 0.05
+
+
+def test_a_port_the_workers_serve_is_not_shared_with_a_second_server(group):
+    import dataclasses
+
+    from ctrflow.errors import ConfigError
+
+    sup = group[0]
+    with pytest.raises(ConfigError, match=f"Cannot listen on 127.0.0.1:{sup.port}"):
+        Supervisor(dataclasses.replace(sup.options, port=sup.port, grpc_port=None), 2).start()
+
+
+def test_the_grpc_port_is_served_by_the_workers_too(group):
+    sup = group[0]
+    if sup.grpc_port is None:
+        pytest.skip("the gRPC server is unavailable (tensorflow-serving-api not installed)")
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    for _ in range(6):  # a channel each: new connections, spread over the workers by the kernel
+        with grpc.insecure_channel(f"127.0.0.1:{sup.grpc_port}") as ch:
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = "ctr"
+            response = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(request, timeout=30)
+            assert [s.version for s in response.model_version_status] == [1]
+    # A config pushed over gRPC would reach one worker only: refused, with the way that reaches all.
+    from tensorflow_serving.apis import model_management_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{sup.grpc_port}") as ch, pytest.raises(grpc.RpcError) as e:
+        model_service_pb2_grpc.ModelServiceStub(ch).HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(),
+                                                                            timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every worker" in e.value.details()
 
 
 def test_a_new_version_is_served_by_every_worker_and_no_request_fails(group):
