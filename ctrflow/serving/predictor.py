@@ -68,14 +68,10 @@ def columns_from_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -
     return cols
 
 
-_STR_ONLY = frozenset((str,))
-
-
 def _categorical(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype.kind in "SU":
         return values.astype(object)
-    # The common case (every value a str), checked in C: ~10x cheaper than converting one by one.
-    if set(map(type, values.tolist() if isinstance(values, np.ndarray) else values)) <= _STR_ONLY:
+    if all(type(v) is str for v in values):  # the common case, ~10x cheaper than converting one by one
         return np.array(values, dtype=object)
     return np.array([_token(name, i, v) for i, v in enumerate(values)], dtype=object)
 
