@@ -1,5 +1,6 @@
-"""The fast JSON codec (orjson) answers exactly what the general TF Serving encoder answers, reads what
-the standard library reads, and names the bad instance as before."""
+"""The fast codec paths: JSON (orjson) answers exactly what the general TF Serving encoder answers, reads
+what the standard library reads and names the bad instance as before; the binary columnar decoder's
+remembered layouts decode as the checked decoder does and never let a bad body through."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from ctrflow.serving import tfserving
-from ctrflow.serving.codec import RequestError, parse_predict_json, predict_json, scores_json
+from ctrflow.client.columnar import encode_columnar
+from ctrflow.serving.codec import RequestError, decode_columnar, parse_predict_json, predict_json, scores_json
 
 
 def _as_float32(doc):
@@ -51,3 +53,25 @@ def test_bodies_orjson_refuses_are_read_by_json_and_bad_rows_named():
     ]:
         with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_predict_json(body, ("C1",), ("I1",))
+
+
+def test_columnar_layouts_seen_before_decode_the_same_and_bad_bodies_still_fail():
+    cats, nums = ("C1", "C2"), ("I1",)
+    good = encode_columnar({"C1": ["ab", "c"], "C2": ["", "xyz"], "I1": [1.5, None]}, cats, nums)
+    for _ in range(2):  # cold (checked, learns the headers), then warm (looked up)
+        out, rows = decode_columnar(good, cats, nums)
+        assert rows == 2 and out["C1"].tolist() == [b"ab", b"c"] and out["C2"].tolist() == [b"", b"xyz"]
+        assert out["I1"][0] == 1.5 and np.isnan(out["I1"][1])
+    out, _ = decode_columnar(bytearray(good), cats, nums)  # a body gathered from chunks
+    assert out["C2"].tolist() == [b"", b"xyz"]
+    head, col1 = good[:12], good[12:12 + 2 + 2 + 6 + 2 * 2]  # body header (n_columns at 6:8); C1's column
+    for body, message in [
+        (good + b"\0", "1 bytes after its last column"),
+        (good[:-1], "ends inside the values of feature 'I1'"),
+        (head[:6] + b"\x04\0" + head[8:] + good[12:] + col1, "appears twice"),  # four columns, C1 twice
+        (head[:6] + b"\x01\0" + head[8:] + good[12:], "after its last column"),  # one column announced, three sent
+        (encode_columnar({"C1": ["ab"], "C2": ["z"]}, cats, ()), "missing features"),  # I1 not sent
+        (encode_columnar({"C1": ["a"], "X": ["b"], "I1": [1.0]}, ("C1", "X"), nums), "Unknown feature 'X'"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            decode_columnar(body, cats, nums)
