@@ -344,9 +344,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(json.dumps(status, default=str), flush=True)
 
         return run_supervised(opts, workers, config_poll_s=config_poll_s, batching="options", announce=announce)
-    from ctrflow._tf import quiet_import
-
-    quiet_import()  # --workers 0 on one core lands here without main()'s import
     server, watcher = start_server(opts, config_poll_s=config_poll_s)
     status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     if not args.quiet:
@@ -785,8 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), "UsageError", json_mode)
     json_mode = bool(getattr(args, "json", False))
     try:
-        if args.command not in ("schema", "generate", "verify", "read", "cluster") and not (
-                args.command == "serve" and args.workers != 1):  # these never touch TensorFlow here (workers: in theirs)
+        if args.command not in ("schema", "generate", "verify", "read", "cluster"):  # these never touch TensorFlow here
             from ctrflow._tf import quiet_import
 
             quiet_import()
