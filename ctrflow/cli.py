@@ -492,14 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-request", type=int, default=100_000)
     p.add_argument("--default-timeout-ms", type=float, help="deadline of requests without X-Deadline-Ms")
     p.add_argument("--worker-threads", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes on the port, each with its own models and batcher (0: one per core)")
     p.add_argument("--head-timeout-s", type=float, default=10.0, help="longest a request head may take to arrive (then 408)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take to arrive (then 408)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="longest a client may take to read an answer (then dropped)")
     p.add_argument("--max-connections", type=int, default=1000, help="open connections at most (beyond: 503)")
     p.add_argument("--max-buffered-body-bytes", type=int, default=256 << 20,
                    help="request body bytes buffered across all connections at most (beyond: 503)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port, each with its own models and batcher (0: one per core)")
     _common(p)
     p.set_defaults(func=_cmd_serve)
 
