@@ -114,11 +114,13 @@ def main() -> None:
                 r = run_load(opts).results[0]
                 row = {"rate": rate, "predictions_per_s": r.predictions_per_s, "p99_ms": r.latency_ms.get("p99"),
                        "p50_ms": r.latency_ms.get("p50"), "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
+                       "server_cores": None if r.server_cpu_s is None else r.server_cpu_s / r.duration_s,
                        "mean_batch_rows": r.mean_batch_rows, "ok": r.ok, "sent": r.sent, "errors": r.errors + r.timeouts + r.rejected + r.dropped}
                 runs[n].append(row)
                 print(f"workers {n}  rate {rate:6.0f}  {row['predictions_per_s']:9.0f} pred/s  p50 {row['p50_ms']:6.1f} ms  "
                       f"p99 {row['p99_ms']:6.1f} ms  CPU {row['cpu_us_per_prediction'] or float('nan'):5.1f} µs/pred  "
                       f"batch {row['mean_batch_rows'] or float('nan'):6.0f} rows  "
+                      f"server {row['server_cores'] or float('nan'):4.2f} cores  "
                       f"failed {row['errors']}", flush=True)
                 if row["ok"] < 0.5 * row["sent"]:  # far past capacity: higher rates only queue
                     over[n] = True

@@ -345,9 +345,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(json.dumps(status, default=str), flush=True)
 
         return run_supervised(opts, workers, config_poll_s=config_poll_s, batching="options", announce=announce)
-    from ctrflow._tf import quiet_import
-
-    quiet_import()  # --workers 0 on one core lands here without main()'s import
     server, watcher = start_server(opts, config_poll_s=config_poll_s)
     status = {"url": server.url, "port": server.port, "grpc_port": server.grpc_port, "models": {n: server.manager.versions(n) for n in server.manager.model_names}}
     if not args.quiet:
@@ -502,14 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline of requests without X-Deadline-Ms (or a gRPC deadline), counted from their first "
                         "byte; default none")
     p.add_argument("--worker-threads", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes on the port, each with its own models and batcher (0: one per core)")
     p.add_argument("--head-timeout-s", type=float, default=10.0, help="longest a request head may take to arrive (then 408)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take to arrive (then 408)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="longest a client may take to read an answer (then dropped)")
     p.add_argument("--max-connections", type=int, default=1000, help="open connections at most (beyond: 503)")
     p.add_argument("--max-buffered-body-bytes", type=int, default=256 << 20,
                    help="request body bytes buffered across all connections at most (beyond: 503)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port, each with its own models and batcher (0: one per core)")
     _common(p)
     p.set_defaults(func=_cmd_serve)
 
