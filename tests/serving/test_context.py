@@ -147,6 +147,13 @@ def test_rest_json_binary_and_grpc_context_forms(live, context_export):
     assert status == 200, body
     np.testing.assert_allclose(json.loads(body)["outputs"]["probabilities"], want3, rtol=1e-5, atol=1e-6)
 
+    # TF Serving's own body on the context signature: context inputs [R], candidates [M], row
+    status, _, body = client.post("/v1/models/ctr:predict", {
+        "signature_name": "serving_context",
+        "inputs": {**columns_of(ctx3, CONTEXT), **columns_of(cands3, cand_names), "row": row3}})
+    assert status == 200, body
+    np.testing.assert_allclose(json.loads(body)["outputs"]["probabilities"], want3, rtol=1e-5, atol=1e-6)
+
     # binary
     payload = encode_context(columns_of(ctx, CONTEXT), columns_of(cands, cand_names), categorical=CATS, numeric=NUMS)
     status, headers, body = client.post("/v1/models/ctr:predict_columnar", payload, {"Content-Type": CONTEXT_CONTENT_TYPE})
