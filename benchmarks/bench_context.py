@@ -29,16 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _median_cpu_ms(fn, reps: int) -> float:
+def _paired_cpu_ms(fns: dict, reps: int) -> dict:
+    """Median CPU ms per call of each function, calls interleaved (a busy machine's load drifts over a
+    run; interleaving gives every function the same conditions)."""
     import numpy as np
 
-    fn()
-    times = []
-    for _ in range(reps):
-        c0 = time.process_time()
+    times: dict = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.process_time() - c0)
-    return float(np.median(times)) * 1e3
+    for _ in range(reps):
+        for key, fn in fns.items():
+            c0 = time.process_time()
+            fn()
+            times[key].append(time.process_time() - c0)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
 
 
 def graph_costs(base: str, requests: int, candidates: int, reps: int, seed: int = 0) -> dict:
@@ -79,10 +83,12 @@ def graph_costs(base: str, requests: int, candidates: int, reps: int, seed: int 
     out = {
         "requests_per_call": requests, "candidates": candidates, "fields": len(p.feature_names),
         "context_fields": len(ctx.context_fields), "max_abs_diff": float(np.max(np.abs(got - want))),
-        "raw_flat_ms": _median_cpu_ms(lambda: p._compute(flat), reps),
-        "raw_context_ms": _median_cpu_ms(lambda: ctx._call(contexts, cands, row), reps),
-        "ids_flat_ms": _median_cpu_ms(lambda: p._serve_ids(flat_ids, flat_num), reps),
-        "ids_context_ms": _median_cpu_ms(lambda: predict_context(**ids_args), reps),
+        **_paired_cpu_ms({
+            "raw_flat_ms": lambda: p._compute(flat),
+            "raw_context_ms": lambda: ctx._call(contexts, cands, row),
+            "ids_flat_ms": lambda: p._serve_ids(flat_ids, flat_num),
+            "ids_context_ms": lambda: predict_context(**ids_args),
+        }, reps),
     }
     for kind in ("raw", "ids"):
         out[f"{kind}_flat_us_per_candidate"] = out[f"{kind}_flat_ms"] * 1e3 / m

@@ -271,6 +271,12 @@ def export(
         raise ConfigError(f"The 'embedding_dtype' option of export must be 'float32' or 'float16'. Got {embedding_dtype!r} instead.")
     info = load_run_info(run)
     schema = Schema.from_dict(info["schema"])
+    if context_fields is None:
+        context_fields = schema.context
+    if isinstance(context_fields, str):
+        context_fields = [n.strip() for n in context_fields.split(",") if n.strip()]
+    if context_fields:
+        schema.check_context(context_fields)  # before the model is built: a typo fails at once
     boundaries = {k: tuple(v) for k, v in info["transforms"]["boundaries"].items()}
     model = build_model_from_run(info)
     checkpoint = restore_latest(run, model)
@@ -323,10 +329,6 @@ def export(
         "transform": module.transform.get_concrete_function(),
     }
     context = None
-    if context_fields is None:
-        context_fields = schema.context
-    if isinstance(context_fields, str):
-        context_fields = [n for n in context_fields.split(",") if n]
     if context_fields:
         context = context_layout(schema, context_fields)
         if CONTEXT_ROW_INPUT in raw_spec:

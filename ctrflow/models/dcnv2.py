@@ -85,7 +85,7 @@ class DCNv2(CtrModel):
         rows = split.context.kernel_rows(dim)
         out = {"emb": emb, "cross": self.cross.first_mix(flat, rows)}
         if not self.stacked and self.mlp.splittable:
-            out["first"] = self.mlp.first_matmul(flat, rows)
+            out["first"] = self.mlp.first_matmul(flat, rows, bias=True)
         return out
 
     def candidate_terms(self, split, context, ids, values):

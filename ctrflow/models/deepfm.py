@@ -67,7 +67,7 @@ class DeepFM(CtrModel):
         dim = self.config.embedding_dim
         flat = tf.reshape(emb, [-1, len(split.context.fields) * dim])
         return {"logit": fm_interaction(emb), "sum": tf.reduce_sum(emb, axis=1),
-                "first": self.mlp.first_matmul(flat, split.context.kernel_rows(dim))}
+                "first": self.mlp.first_matmul(flat, split.context.kernel_rows(dim), bias=True)}
 
     def candidate_terms(self, split, context, ids, values):
         emb = self.embedding.side(ids, values, split.candidate)

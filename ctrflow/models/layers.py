@@ -827,15 +827,17 @@ class MLP(tf.Module):
         """True when the MLP has a first dense layer whose input rows can be split (context requests)."""
         return bool(self.hidden) or self.output
 
-    def first_matmul(self, x: tf.Tensor, rows: Sequence[int]) -> tf.Tensor:
-        """One side's share of the first layer: `x_side @ kernel_0[rows]` -> `[B, width_0]`."""
+    def first_matmul(self, x: tf.Tensor, rows: Sequence[int], *, bias: bool = False) -> tf.Tensor:
+        """One side's share of the first layer: `x_side @ kernel_0[rows]` (+ its bias: give it to the
+        side computed once, the context) -> `[B, width_0]`."""
         self.build()
-        return tf.matmul(x, take(self.kernels[0], rows))
+        out = tf.matmul(x, take(self.kernels[0], rows))
+        return out + self.biases[0] if bias else out
 
     def from_first(self, pre: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """`__call__(x)` given the first layer's summed shares `x @ kernel_0` (bias not yet added)."""
+        """`__call__(x)` given the first layer's pre-activation `x @ kernel_0 + bias_0` (summed shares)."""
         self.build()
-        h = pre + self.biases[0]
+        h = pre
         if not self.hidden:  # the first layer is the output layer
             return h[:, 0]
         for i in range(len(self.hidden)):

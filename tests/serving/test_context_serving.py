@@ -60,6 +60,24 @@ def columns_of(dicts, names):
     return {n: [d[n] for d in dicts] for n in names}
 
 
+def test_context_fields_are_checked_and_leave_the_fingerprint(tmp_path):
+    from ctrflow.errors import SchemaError
+    from ctrflow.export import export
+    from ctrflow.schema import PRESETS, Schema
+
+    schema = PRESETS["synthetic"]
+    marked = Schema.from_dict({**schema.to_dict(), "context": ["C1", "I2"]})
+    assert marked.context == ("C1", "I2") and marked.fingerprint() == schema.fingerprint()
+    assert Schema.from_dict(marked.to_dict()) == marked and "context" not in schema.to_dict()
+    with pytest.raises(SchemaError, match="not feature fields"):
+        Schema.from_dict({**schema.to_dict(), "context": ["C1", "click"]})
+    with pytest.raises(SchemaError, match="every feature"):
+        schema.check_context(schema.categorical_names + schema.numeric_names)
+    with pytest.raises(SchemaError, match=r"\['C99'\]"):
+        export(sf.small_model()[0], tmp_path / "m", context_fields="C1,C99")
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
 def test_predictor_context_requests_score_like_flat_ones_batched(predictor, context_export):
     rows = context_export[1]
     cand_names = [f for f in (*CATS, *NUMS) if f not in CONTEXT]
@@ -144,6 +162,13 @@ def test_rest_json_binary_and_grpc_context_forms(live, context_export):
     cand_names = [f for f in (*CATS, *NUMS) if f not in CONTEXT]
     status, _, body = client.post("/v1/models/ctr:predict",
                                   {"context": ctx3, "row": row3, "inputs": columns_of(cands3, cand_names)})
+    assert status == 200, body
+    np.testing.assert_allclose(json.loads(body)["outputs"]["probabilities"], want3, rtol=1e-5, atol=1e-6)
+
+    # TF Serving's own body on the context signature: context inputs [R], candidates [M], row
+    status, _, body = client.post("/v1/models/ctr:predict", {
+        "signature_name": "serving_context",
+        "inputs": {**columns_of(ctx3, CONTEXT), **columns_of(cands3, cand_names), "row": row3}})
     assert status == 200, body
     np.testing.assert_allclose(json.loads(body)["outputs"]["probabilities"], want3, rtol=1e-5, atol=1e-6)
 
