@@ -117,6 +117,10 @@ def test_in_process_predict_ids_goes_through_its_batcher(live, data):
         assert predictor.stats()["requests"] >= after.requests  # the model's figures include the ids batcher
         with pytest.raises(InvalidArgument, match="outside"):
             predictor.predict_ids(ids + 10**7, numeric)
+        # decoded views reach the batcher as they are: no copy between the request bytes and the batch
+        got_ids, got_num, _ = decode_ids(encode_ids(ids, numeric), ids.shape[1], numeric.shape[1])
+        inputs = predictor.check_ids(got_ids, got_num)
+        assert inputs["ids"] is got_ids and inputs["numeric"] is got_num
 
 
 def test_grpc_predict_ids_reads_tensor_content(live, data):
