@@ -13,12 +13,13 @@ Predict takes one TensorProto per schema field, named as in the export (`ctrflow
 DT_STRING for categoricals, DT_FLOAT/DT_DOUBLE (or integer types) for numerics, NaN = missing, all of
 shape [n]; it answers `outputs["probabilities"]` float32 [n]. Signature `predict_ids` takes the
 one-tensor fast path: `ids` DT_INT32 [n, F] and `numeric` DT_FLOAT [n, N], read from `tensor_content`
-without a copy and batched (`ids_tensors`; ids outside a field's table → INVALID_ARGUMENT). Errors map to gRPC codes: NOT_FOUND
-(model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE (queue full, not ready: retry),
-DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug, logged). The call's deadline
-(`context.time_remaining()`, else the server's default) counts from when the handler is entered; a call
-that cannot make it given the batcher's queue is refused at once with UNAVAILABLE, as TF Serving's
-batch scheduler answers a full queue (retryable, unlike RESOURCE_EXHAUSTED's "out of quota").
+without a copy and batched (`ids_tensors`; ids outside a field's table → INVALID_ARGUMENT).
+Errors map to gRPC codes: NOT_FOUND (model/version), INVALID_ARGUMENT (bad inputs), UNAVAILABLE
+(queue full, not ready: retry), DEADLINE_EXCEEDED (the call's own deadline passed), INTERNAL (a bug,
+logged). The call's deadline (`context.time_remaining()`, else the server's default) counts from when
+the handler is entered; a call that cannot make it given the batcher's queue is refused at once with
+UNAVAILABLE, as TF Serving's batch scheduler answers a full queue (retryable, unlike
+RESOURCE_EXHAUSTED's "out of quota").
 
 The server is `grpc.aio` on the REST server's event loop: a Predict call awaits the batcher's future
 (`apredict`), so any number of concurrent gRPC calls share one batch and cost no thread each; unbatched
