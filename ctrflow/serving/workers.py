@@ -482,9 +482,9 @@ def run_supervised(options: Any, workers: int, *, config_poll_s: float | None, b
 
 def _worker_main() -> int:
     spec: _WorkerSpec = pickle.load(sys.stdin.buffer)
-    from ctrflow.data.convert import _die_with_parent  # the converter workers' PR_SET_PDEATHSIG + watchdog
+    from ctrflow.processes import die_with_parent  # PR_SET_PDEATHSIG + watchdog, as the converter's workers
 
-    _die_with_parent(spec.parent_pid)
+    die_with_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.index}]: %(message)s")
     from ctrflow._tf import quiet_import
