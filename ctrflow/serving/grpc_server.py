@@ -223,7 +223,8 @@ class GrpcServer:
                     rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
                     if rows > self._max_rows:
                         raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                    timeout_ms = admit(predictor, rows, deadline)
+                    # Only serving_default goes through the batcher: its queue says nothing about other signatures.
+                    timeout_ms = admit(predictor if signature == "serving_default" else None, rows, deadline)
                     outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
                 used = loaded.version
             finally:

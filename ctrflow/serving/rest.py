@@ -250,7 +250,8 @@ class RestRoutes:
                 fmt = decoded.format
                 rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
                 self._check_rows(rows)
-                timeout_ms = admit(predictor, rows, deadline)
+                # Only serving_default goes through the batcher: its queue says nothing about other signatures.
+                timeout_ms = admit(predictor if decoded.signature_key == "serving_default" else None, rows, deadline)
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
