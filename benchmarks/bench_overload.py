@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-timeout-ms", type=float, default=2.0)
     ap.add_argument("--no-shed", action="store_true", help="turn deadline shedding off (the bounded queue stays)")
     ap.add_argument("--shed-budget-fraction", type=float, default=BatchingOptions().shed_budget_fraction)
+    ap.add_argument("--capacity-rps", type=float, help="skip the capacity search: overload at 2x this rate")
+    ap.add_argument("--compare-no-shed", action="store_true",
+                    help="each repeat runs shedding on, then off, on the same schedule (interleaved)")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="ctrflow-bench-overload-") as tmp:
@@ -192,45 +195,48 @@ def main(argv: list[str] | None = None) -> int:
 
         gc.collect()
         gc.freeze()
-        batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                                   shed_by_deadline=not args.no_shed, shed_budget_fraction=args.shed_budget_fraction)
+        modes = [True, False] if args.compare_no_shed else [not args.no_shed]
         runs = []
-        for r in range(args.repeat):
+        for r, shed in ((r, shed) for r in range(args.repeat) for shed in modes):
+            batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                                       shed_by_deadline=shed, shed_budget_fraction=args.shed_budget_fraction)
             child = loadgen._ChildServer(str(base), name, batching)
             try:
                 warm = loadgen.arrival_times(100, 2.0, 99)
                 asyncio.run(_drive(child.port, heads, bodies, warm, 64, 5.0))
                 rates = [float(x) for x in args.rates.split(",") if x]
-                capacity, steps = find_capacity(child.port, heads, bodies, rates, args.step_s, args.deadline_ms,
-                                                args.connections, seed=r)
+                if args.capacity_rps:
+                    capacity, steps = args.capacity_rps, []
+                else:
+                    capacity, steps = find_capacity(child.port, heads, bodies, rates, args.step_s, args.deadline_ms,
+                                                    args.connections, seed=r)
                 if not capacity:
                     print("no rate met the deadline: the machine is too busy to measure", flush=True)
-                    runs.append({"capacity_rps": 0.0, "steps": steps})
+                    runs.append({"shed_by_deadline": shed, "capacity_rps": 0.0, "steps": steps})
                     continue
                 time.sleep(1.0)
                 result = overload(child.port, heads, bodies, capacity, args.deadline_ms, args.overload_s,
                                   args.recovery_s, args.connections, seed=100 + r)
-                runs.append({"capacity_rps": capacity, "capacity_predictions_per_s": capacity * CANDIDATES,
-                             "steps": steps, **result})
+                runs.append({"shed_by_deadline": shed, "capacity_rps": capacity,
+                             "capacity_predictions_per_s": capacity * CANDIDATES, "steps": steps, **result})
             finally:
                 child.close()
 
     print()
     print(f"overload: 2x capacity for {args.overload_s:g} s, X-Deadline-Ms {args.deadline_ms:g}, {CANDIDATES} candidates, "
-          f"binary columnar, " + ("shedding off" if args.no_shed else f"shed_budget_fraction {args.shed_budget_fraction:g}"))
-    print(f"{'run':>3} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
+          f"binary columnar, shed_budget_fraction {args.shed_budget_fraction:g}")
+    print(f"{'run':>3} {'shed':>4} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
           f"{'goodput':>8} {'rec p99':>8} {'rec ok':>7} {'gen lag p99':>11}")
     for i, run in enumerate(runs):
         if "accepted" not in run:
-            print(f"{i:>3} {'-':>9}")
+            print(f"{i:>3} {'on' if run['shed_by_deadline'] else 'off':>4} {'-':>9}")
             continue
-        print(f"{i:>3} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
+        print(f"{i:>3} {'on' if run['shed_by_deadline'] else 'off':>4} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
               f"{run['accepted_p99_ms']:>6.1f}ms {run['accepted_late']:>5} {run['shed_503']:>6} {run['timeouts_504']:>5} "
               f"{run['goodput_vs_capacity']:>8.1%} {run['recovery_p99_ms']:>6.1f}ms {run['recovery_ok_fraction']:>7.1%} "
               f"{run['generator_lag_p99_ms']:>9.1f}ms")
     print(json.dumps({"benchmark": "overload", "deadline_ms": args.deadline_ms, "candidates": CANDIDATES,
-                      "overload_s": args.overload_s, "shed_by_deadline": not args.no_shed,
-                      "shed_budget_fraction": args.shed_budget_fraction, "cpus": os.cpu_count(),
+                      "overload_s": args.overload_s, "shed_budget_fraction": args.shed_budget_fraction, "cpus": os.cpu_count(),
                       "runs": runs}))
     return 0
 

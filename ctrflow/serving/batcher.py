@@ -15,8 +15,9 @@ Submitting never blocks. `submit` raises at once for anything it can tell up fro
 - `QueueFullError` (retryable) when the rows would push the queue past `max_enqueued`, or when the
   request has a deadline that the queue cannot meet: the batcher learns what a compute call costs
   (an exponentially weighted fit of seconds = fixed + per-row x rows over recent calls) and refuses a
-  request whose estimated queue wait + compute ends after its deadline ("shed": computing it would
-  only answer late, and take capacity from requests that can still make theirs),
+  request whose estimated queue wait + compute would take more than `shed_budget_fraction` of the
+  time left to its deadline ("shed": computing it would likely answer late, and take capacity from
+  requests that can still make theirs); an idle batcher refuses nothing,
 - `DeadlineExceeded` when the deadline has already passed,
 - `SchemaError` when the arrays do not match the batcher's inputs (fixed by its first request),
 - `CtrflowError` once the batcher is closed.
@@ -392,8 +393,8 @@ class AutoBatcher:
                 )
 
     def estimated_wait_ms(self, rows: int) -> float | None:
-        """Estimated ms from now until `rows` more rows would be scored (queue + compute); None before
-        the first compute call has taught the cost model anything."""
+        """Estimated ms from now until `rows` more rows would be scored (queue + compute); None while
+        the batcher is idle (nothing queued, a thread free) or before its first calls taught it."""
         with self._cond:
             wait_s = self._estimate_s(rows, time.monotonic())
         return None if wait_s is None else wait_s * 1e3
@@ -851,8 +852,7 @@ class _CostModel:
 
     Each successful call adds (rows, seconds) with weight ALPHA, older calls fade, so the fit follows
     the machine (a noisy neighbour, a warmer cache) within a few dozen calls. When recent calls all had
-    about the same size the slope is unknowable: the whole cost is then charged per row, which over-
-    rather than under-estimates a longer queue (shedding a little early beats answering late).
+    about the same size the slope is unknowable: their cost is then split half fixed, half per row.
     Guarded by the batcher's lock.
     """
 
@@ -890,7 +890,10 @@ class _CostModel:
             if slope > 0.0:  # negative intercept: noise; all per row
                 return 0.0, self.my / self.mx
             return self.my, 0.0  # bigger calls were not slower: all fixed
-        return 0.0, self.my / self.mx
+        # Calls all of about one size: split their cost half fixed, half per row (a guess between the
+        # two ends: all per row would make every queued row look as dear as in a small batch, so a
+        # server admitting only small batches would keep estimating high and keep refusing).
+        return 0.5 * self.my, 0.5 * self.my / self.mx
 
 
 _EXPIRED = object()  # what `apredict`'s timer puts in its waiter

@@ -17,7 +17,7 @@ from typing import Any
 
 from ctrflow.errors import DeadlineExceeded
 
-__all__ = ["admit", "left_ms"]
+__all__ = ["admit", "batcher_for", "left_ms"]
 
 
 def left_ms(deadline: float | None, budget_ms: float | None = None) -> float | None:
@@ -32,11 +32,22 @@ def left_ms(deadline: float | None, budget_ms: float | None = None) -> float | N
     return left
 
 
-def admit(predictor: Any, rows: int, deadline: float | None) -> float | None:
-    """Refuse at once what the predictor's batcher cannot answer in time (before preparing features);
+def batcher_for(predictor: Any, signature: str = "serving_default") -> Any:
+    """The batcher a signature's calls queue in (None: that signature's calls are not batched)."""
+    if signature == "serving_default":
+        return getattr(predictor, "batcher", None)
+    if signature == "predict_ids":
+        return getattr(predictor, "ids_batcher", None)
+    if signature == "serving_context":
+        return getattr(getattr(predictor, "context", None), "batcher", None)
+    return None
+
+
+def admit(predictor: Any, rows: int, deadline: float | None, signature: str = "serving_default") -> float | None:
+    """Refuse at once what the batcher of `signature` cannot answer in time (before preparing features);
     returns the ms left of the request's budget, for the call that scores it."""
     left_ms(deadline)
-    batcher = getattr(predictor, "batcher", None)
+    batcher = batcher_for(predictor, signature)
     if batcher is not None and hasattr(batcher, "admit"):
         batcher.admit(rows, deadline=deadline)
     return left_ms(deadline)

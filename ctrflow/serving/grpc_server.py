@@ -296,14 +296,14 @@ class GrpcServer:
                 rows = ids.shape[0]
                 if rows > self._max_rows:
                     raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                timeout_ms = admit(predictor, rows, deadline)
+                timeout_ms = admit(predictor, rows, deadline, "predict_ids")
                 outputs = await predictor.apredict_ids_outputs(ids, numeric, timeout_ms=timeout_ms, output_filter=output_filter)
             else:
                 inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
                 rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
                 if rows > self._max_rows:
                     raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
-                timeout_ms = admit(predictor, rows, deadline)
+                timeout_ms = admit(predictor, rows, deadline, signature)  # each signature's own queue
                 outputs = await predictor.arun(signature, inputs, output_filter=output_filter, timeout_ms=timeout_ms)
             return outputs, loaded.version, rows, features, predictor
         finally:

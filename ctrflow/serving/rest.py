@@ -254,7 +254,7 @@ class RestRoutes:
                 if parsed.signature == "predict_ids":
                     check_ids(parsed.features["ids"], id_buckets(predictor))
                 if parsed.signature == "predict_ids" and getattr(predictor, "ids_batcher", None) is not None:
-                    timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
+                    timeout_ms = admit(predictor, rows, deadline, "predict_ids")
                     outputs = await predictor.arun("predict_ids", parsed.features, timeout_ms=timeout_ms)
                 elif parsed.signature == "predict_ids":
                     outputs = await asyncio.get_running_loop().run_in_executor(
@@ -270,7 +270,8 @@ class RestRoutes:
                 fmt = decoded.format
                 rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
                 self._check_rows(rows)
-                timeout_ms = admit(predictor, rows, deadline)
+                # Only serving_default goes through the batcher: its queue says nothing about other signatures.
+                timeout_ms = admit(predictor, rows, deadline, decoded.signature_key)
                 outputs = await predictor.arun(decoded.signature_key, decoded.inputs, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)
@@ -339,7 +340,7 @@ class RestRoutes:
                                    "no ids body (call :predict with its own signature).")
             ids, numeric, rows = decode_ids(request.body, len(predictor.id_names), len(predictor.numeric_names))
             self._check_rows(rows)
-            timeout_ms = admit(predictor, rows, deadline, reserve_s=request.loop_lag)
+            timeout_ms = admit(predictor, rows, deadline, "predict_ids")
             scores = await predictor.apredict_ids(ids, numeric, timeout_ms=timeout_ms)
         finally:
             self.manager.release(loaded)

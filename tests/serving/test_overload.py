@@ -117,16 +117,6 @@ def test_an_absolute_deadline_and_a_timeout_take_the_earlier():
 # ---- a real server under far more load than it can take ---------------------------------------------------
 
 
-def _server(**batching):
-    from ctrflow.serving.server import ServeOptions, serve
-
-    _, version_dir, _ = sf.small_model()
-    base = sf._ROOT / f"overload-{len(sf._CACHE)}-{time.monotonic_ns()}" / "ctr"
-    sf.copy_version(version_dir, base, 1)
-    return serve(ServeOptions(model_base_path=str(base), port=0, poll_interval_s=3600.0,
-                              batching=BatchingOptions(**batching), max_body_bytes=8 << 20))
-
-
 async def _flood(port: int, body: bytes, *, ctype: str, deadline_ms: float | None, rate: float,
                  seconds: float) -> list[tuple[int, float, bool]]:
     """Open loop: a request every 1/rate s for `seconds`, whatever the answers; (status, latency s, retry-after)."""
@@ -189,14 +179,14 @@ def test_a_flood_with_deadlines_is_shed_with_503_and_what_is_accepted_is_answere
     _, _, instances = sf.small_model()
     rows_per_request = 500
     body = encode_columnar(sf.columns((instances * 2)[:rows_per_request]), sf.CATS, sf.NUMS)
-    server = _server(max_batch_size=4096, batch_timeout_ms=1.0, max_enqueued=1_000_000)
+    server = sf.server()  # the shared one: batching 1024 rows / 1 ms, shedding on by default
+    client = sf.Client(server.url)
     try:
-        client = sf.Client(server.url)
         for _ in range(5):  # teach the batcher what a call costs
             assert client.post("/v1/models/ctr:predict_columnar", body, {"Content-Type": "application/x-ctrflow-columnar"})[0] == 200
-        batcher = server.manager.acquire("ctr", None, None)
-        server.manager.release(batcher)
-        batcher = batcher.predictor.batcher
+        loaded = server.manager.acquire("ctr", None, None)
+        server.manager.release(loaded)
+        batcher = loaded.predictor.batcher
         computed_before = batcher.stats().predictions
         deadline_ms = 250.0
         # 500 candidates x 400 requests/s for 2 s: several times what this model scores on 2 cores.
@@ -218,33 +208,14 @@ def test_a_flood_with_deadlines_is_shed_with_503_and_what_is_accepted_is_answere
         wasted = computed - tally[200] * rows_per_request
         assert 0 <= wasted <= 0.2 * computed, (wasted, computed, tally)
         metrics = parse_metrics(client.get("/metrics")[2].decode())
-        assert metrics['ctrflow_batcher_shed_total{model="ctr"}'] >= 1
+        assert metrics['ctrflow_batcher_shed_total{model="ctr"}'] >= len(shed) // 2  # most 503s: the batcher's
         assert 'ctrflow_batcher_expired_total{model="ctr"}' in metrics
         # And it recovers at once: the next request is answered.
         status, _, _ = client.post("/v1/models/ctr:predict_columnar", body,
                                    {"Content-Type": "application/x-ctrflow-columnar", "X-Deadline-Ms": "5000"})
         assert status == 200
+    finally:
         client.close()
-    finally:
-        server.stop()
-
-
-@pytest.mark.slow
-def test_without_deadlines_the_bounded_queue_sheds_with_503(tmp_path):
-    from ctrflow.client.columnar import encode_columnar
-
-    _, _, instances = sf.small_model()
-    body = encode_columnar(sf.columns((instances * 2)[:500]), sf.CATS, sf.NUMS)
-    server = _server(max_batch_size=1024, batch_timeout_ms=1.0, max_enqueued=1024)  # two requests queued at most
-    try:
-        results = _flood_from_child(server.port, body, tmp_path=tmp_path, ctype="application/x-ctrflow-columnar",
-                                    deadline_ms=None, rate=400.0, seconds=1.0)
-        codes = [status for status, _, _ in results]
-        assert set(codes) <= {200, 503}, sorted(set(codes))
-        assert 200 in codes and 503 in codes
-        assert all(retry for status, _, retry in results if status == 503)
-    finally:
-        server.stop()
 
 
 def test_a_request_already_past_its_deadline_when_routed_is_answered_504_without_work():
@@ -304,16 +275,16 @@ def test_grpc_honours_the_call_deadline_refusing_at_once_what_cannot_make_it(tmp
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for i in range(4):  # teach the batcher: ~20 ms a call
             stub.Predict(request(float(i)), timeout=30)
-        queued = [stub.Predict.future(request(100.0 + i), timeout=60) for i in range(30)]  # ~600 ms of calls
+        queued = [stub.Predict.future(request(100.0 + i), timeout=60) for i in range(60)]  # ~1.2 s of calls
         time_limit = time.monotonic() + 20
-        while model.batcher.stats().rows_enqueued < 20 and time.monotonic() < time_limit:
+        while model.batcher.stats().rows_enqueued < 50 and time.monotonic() < time_limit:
             time.sleep(0.005)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Predict(request(500.0), timeout=0.2)
+            stub.Predict(request(500.0), timeout=1.0)  # > 1 s of queue: more than half of its budget
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
         assert "within its deadline" in refused.value.details()
-        assert time.monotonic() - started < 0.2  # refused at once, not when the deadline passed
+        assert time.monotonic() - started < 1.0  # refused at once, not when the deadline passed
         for f in queued:
             f.result()
         assert 500.0 not in model.seen
@@ -321,7 +292,7 @@ def test_grpc_honours_the_call_deadline_refusing_at_once_what_cannot_make_it(tmp
         model.gate.clear()  # hold the next call inside compute
         held = stub.Predict.future(request(600.0), timeout=30)
         time_limit = time.monotonic() + 20
-        while model.batcher.stats().requests < 35 and time.monotonic() < time_limit:
+        while model.batcher.stats().requests < 65 and time.monotonic() < time_limit:
             time.sleep(0.005)
         with pytest.raises(grpc.RpcError) as late:
             stub.Predict(request(700.0), timeout=0.3)
@@ -329,7 +300,7 @@ def test_grpc_honours_the_call_deadline_refusing_at_once_what_cannot_make_it(tmp
         model.gate.set()
         held.result()
         time_limit = time.monotonic() + 20
-        while model.batcher.stats().queue_wait_count < 36 and time.monotonic() < time_limit:
+        while model.batcher.stats().queue_wait_count < 66 and time.monotonic() < time_limit:
             time.sleep(0.005)
         assert 700.0 not in model.seen  # its rows were dropped, never computed
     finally:
