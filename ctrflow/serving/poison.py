@@ -8,6 +8,7 @@ naming the feature and row, before the request reaches the batcher:
   encodes one directly) makes `tf.constant` raise "Unable to convert element to UTF-8";
 - an id outside its field's bucket range on the `predict_ids` path: past the end of the shared table
   the lookup raises; inside it, the id silently reads another field's rows (a wrong answer, no error).
+  The predictor checks those itself (`Predictor.check_ids`, which knows the tables), on every path.
 
 Whatever still fails a batch is handled by the batcher itself: it re-runs the batch's requests one by
 one, so the good ones are scored and only the culprit fails (`ctrflow.serving.batcher`).
@@ -25,7 +26,7 @@ import numpy as np
 
 from ctrflow.errors import SchemaError
 
-__all__ = ["PoisonInput", "check_ids", "check_strings", "id_buckets", "may_hold_surrogates"]
+__all__ = ["PoisonInput", "check_strings", "may_hold_surrogates"]
 
 
 class PoisonInput(SchemaError):
@@ -65,35 +66,3 @@ def _encodable(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def id_buckets(predictor: Any) -> np.ndarray | None:
-    """Per-field bucket counts of a ctrflow export (`ctrflow.json` feature_spec.id_buckets), or None."""
-    cached = getattr(predictor, "_ctrflow_id_buckets", None)
-    if cached is not None:
-        return cached
-    info = getattr(predictor, "info", None) or {}
-    buckets = (info.get("feature_spec") or {}).get("id_buckets")
-    if not buckets:
-        return None
-    out = np.asarray(buckets, dtype=np.int64)
-    try:
-        predictor._ctrflow_id_buckets = out  # noqa: SLF001 - a cache on the loaded version, read only here
-    except AttributeError:
-        pass
-    return out
-
-
-def check_ids(ids: np.ndarray, buckets: np.ndarray | None) -> None:
-    """Raise PoisonInput unless every ids[:, f] lies in [0, buckets[f]) (ids: int [rows, fields])."""
-    if buckets is None or not isinstance(ids, np.ndarray) or ids.ndim != 2 or not ids.size:
-        return
-    if ids.shape[1] != len(buckets):
-        raise PoisonInput(f"'ids' must have {len(buckets)} columns (one per field); got {ids.shape[1]}.")
-    bad = (ids < 0) | (ids >= buckets[None, :])
-    if bad.any():
-        row, field = (int(x) for x in np.argwhere(bad)[0])
-        raise PoisonInput(
-            f"'ids' row {row} column {field}: id {int(ids[row, field])} is outside its field's range "
-            f"[0, {int(buckets[field])}); hash with the model's feature spec (ctrflow.json feature_spec.id_buckets)."
-        )

@@ -65,7 +65,7 @@ from ctrflow.serving.codec import (
 )
 from ctrflow.serving.deadline import admit, left_ms
 from ctrflow.serving.models import ModelManager
-from ctrflow.serving.poison import check_ids, check_strings, id_buckets, may_hold_surrogates
+from ctrflow.serving.poison import check_strings, may_hold_surrogates
 from ctrflow.serving.status import classify
 from ctrflow.serving.tfserving import decode_json_request, encode_json_response, metadata_json
 
@@ -251,8 +251,6 @@ class RestRoutes:
                     parsed = parse_predict_json(body, predictor.categorical_names, predictor.numeric_names)
                 fmt, rows = parsed.format, parsed.rows
                 self._check_rows(rows)
-                if parsed.signature == "predict_ids":
-                    check_ids(parsed.features["ids"], id_buckets(predictor))
                 if parsed.signature == "predict_ids" and getattr(predictor, "ids_batcher", None) is not None:
                     timeout_ms = admit(predictor, rows, deadline, "predict_ids")
                     outputs = await predictor.arun("predict_ids", parsed.features, timeout_ms=timeout_ms)

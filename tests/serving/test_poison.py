@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import serving_fixtures as sf
-from ctrflow.serving.poison import PoisonInput, check_ids, check_strings, may_hold_surrogates
+from ctrflow.serving.poison import PoisonInput, check_strings, may_hold_surrogates
 
 COLUMNAR = {"Content-Type": "application/x-ctrflow-columnar"}
 
@@ -23,16 +23,10 @@ def test_the_body_scan_lets_plain_json_through_and_flags_what_could_hold_a_surro
     assert may_hold_surrogates(b'{"C1": "\xed\xa0\x80"}')  # a surrogate's own UTF-8 bytes (json accepts them)
 
 
-def test_strings_and_ids_are_checked_with_the_row_and_field_named():
+def test_strings_are_checked_with_the_row_and_field_named():  # ids: Predictor.check_ids (test_ids_path.py)
     check_strings({"C1": np.array(["a", "\U0001F600"], dtype=object)}, ["C1"])  # a surrogate pair decoded: fine
     with pytest.raises(PoisonInput, match=r"Feature 'C2' row 1: .*lone UTF-16 surrogate"):
         check_strings({"C1": np.array(["a"], dtype=object), "C2": np.array(["b", "x\ud800"], dtype=object)}, ["C1", "C2"])
-    buckets = np.array([4, 8])
-    check_ids(np.array([[0, 7], [3, 0]], np.int32), buckets)
-    with pytest.raises(PoisonInput, match=r"'ids' row 1 column 0: id 4 is outside its field's range \[0, 4\)"):
-        check_ids(np.array([[0, 7], [4, 0]], np.int32), buckets)
-    with pytest.raises(PoisonInput, match="id -1"):
-        check_ids(np.array([[0, -1]], np.int32), buckets)
 
 
 def test_good_and_poison_requests_sent_together_the_good_ones_all_succeed():
