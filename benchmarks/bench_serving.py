@@ -9,7 +9,12 @@ Each gets the same open-loop Poisson schedule (same seed) of 100-candidate reque
 then JSON `instances`, from `ctrflow.bench.loadgen`. Reported: p50/p99 latency, CPU µs per prediction.
 
 Usage: python benchmarks/bench_serving.py [--model-base-path DIR] [--columnar-rate 400] [--json-rate 100]
-       [--duration-s 8] [--repeat 2] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2]
+       [--duration-s 8] [--repeat 2] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2] [--paired N]
+
+`--paired N` adds a measure that a shared, noisy machine cannot skew one way: every stack runs at once
+and N serial requests per body go to each in turn (the order alternating), so all stacks see the same
+background load at the same moments; reported: server CPU per request and per prediction, and each
+stack's ratio to the first one (no batching across requests here: one request, one model call).
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -128,6 +133,53 @@ def child_aiohttp(spec: str) -> None:
         server.manager.close()
 
 
+def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree: Path | None, tmp: Path) -> list[dict]:
+    """Every stack at once, serial requests alternating between them: CPU per request from the OS."""
+    import http.client
+
+    import psutil
+
+    from ctrflow.bench.loadgen import LoadOptions, _bodies, _model_info, _sample_data
+
+    features, schema, _ = _model_info(str(base))
+    data = _sample_data(LoadOptions(model_base_path=str(base), seed=args.seed), features, schema, tmp)
+    out = []
+    for protocol, path, ctype in (("columnar", "/v1/models/ctr:predict_columnar", "application/x-ctrflow-columnar"),
+                                  ("rest", "/v1/models/ctr:predict", "application/json")):
+        bodies = _bodies(LoadOptions(model_base_path=str(base), protocol=protocol, candidates=args.candidates, seed=args.seed,
+                                     distinct_bodies=64), data, features)
+        children = [start_stack(stack, base, old_tree) for stack in stacks]
+        try:
+            conns = [http.client.HTTPConnection("127.0.0.1", c.port, timeout=30) for c in children]
+            procs = [psutil.Process(c.proc.pid) for c in children]
+
+            def one(i: int, body: bytes) -> None:
+                conns[i].request("POST", path, body=body, headers={"Content-Type": ctype, "X-Deadline-Ms": "1000"})
+                r = conns[i].getresponse()
+                r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{stacks[i]} answered {r.status} on {path}")
+
+            for k in range(100):  # warm every stack
+                for i in range(len(stacks)):
+                    one(i, bodies[k % len(bodies)])
+            cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+            for k in range(args.paired):
+                order = range(len(stacks)) if k % 2 == 0 else reversed(range(len(stacks)))
+                for i in order:
+                    one(i, bodies[k % len(bodies)])
+            cpu = [(sum(p.cpu_times()[:2]) - c0) / args.paired * 1e6 for p, c0 in zip(procs, cpu0)]
+            for conn in conns:
+                conn.close()
+        finally:
+            for c in children:
+                c.close()
+        out.extend({"stack": stack, "protocol": protocol, "requests": args.paired, "cpu_us_per_request": c,
+                    "cpu_us_per_prediction": c / args.candidates, "ratio_to_first": c / cpu[0]}
+                   for stack, c in zip(stacks, cpu))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-base-path")
@@ -139,6 +191,7 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="rounds over the stacks, interleaved (a busy machine drifts)")
+    ap.add_argument("--paired", type=int, default=0, help="N serial requests per body, alternating between stacks run at once")
     ap.add_argument("--child-aiohttp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_aiohttp:
@@ -175,10 +228,13 @@ def main() -> None:
                                      "predictions_per_s": r.predictions_per_s, "mean_batch_rows": r.mean_batch_rows})
                 finally:
                     child.close()
+        paired = run_paired(args, base, stacks, old_tree, tmp) if args.paired else []
     summary = []
     for stack in stacks:
         for protocol in ("columnar", "rest"):
             mine = [r for r in rows if r["stack"] == stack and r["protocol"] == protocol]
+            if not mine:  # --repeat 0: the paired measure only
+                continue
             med = lambda k: statistics.median(r[k] for r in mine if r[k] is not None)  # noqa: E731
             summary.append({"stack": stack, "protocol": protocol, "runs": len(mine), "p50_ms": med("p50_ms"),
                             "p99_ms": med("p99_ms"), "cpu_us_per_prediction": med("cpu_us_per_prediction"),
@@ -196,9 +252,16 @@ def main() -> None:
         print(f"{r['stack']:8s} {r['protocol']:9s} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['cpu_us_per_prediction']:11.2f} "
               f"{r['mean_batch_rows']:10.0f} "
               f"{r['errors']:>5d}/{r['sent']:<6d}")
+    if paired:
+        print()
+        print(f"paired: {args.paired} serial requests per body to each stack in turn, all stacks running at once:")
+        print(f"{'stack':8s} {'protocol':9s} {'CPU µs/req':>10s} {'CPU µs/pred':>11s} {'vs ' + stacks[0]:>9s}")
+        for r in paired:
+            print(f"{r['stack']:8s} {r['protocol']:9s} {r['cpu_us_per_request']:10.1f} {r['cpu_us_per_prediction']:11.2f} "
+                  f"{r['ratio_to_first']:9.3f}")
     print(json.dumps({"benchmark": "serving_stacks", "candidates": args.candidates, "duration_s": args.duration_s,
                       "columnar_rate_rps": args.columnar_rate, "json_rate_rps": args.json_rate, "old_ref": args.old_ref,
-                      "summary": summary, "results": rows}))
+                      "summary": summary, "results": rows, "paired": paired}))
 
 
 if __name__ == "__main__":

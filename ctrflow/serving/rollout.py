@@ -154,10 +154,10 @@ def key_text(value: Any) -> str | None:
 def key_from_json(body: bytes | bytearray, feature: str) -> Any:
     """The first candidate's value of `feature` in a JSON predict body (`instances`, `inputs` or the
     columnar twin `{"columns", "data"}`); None when absent or the body is not JSON (its decoder says why)."""
-    import json
+    from ctrflow.serving.codec import RequestError, _load_json
 
     try:
-        doc = json.loads(body)
+        doc = _load_json(body)  # orjson: the key costs a third of what the body's own decode costs
         if isinstance(doc.get("instances"), list) and doc["instances"] and isinstance(doc["instances"][0], dict):
             return doc["instances"][0].get(feature)
         if isinstance(doc.get("inputs"), dict):
@@ -166,7 +166,7 @@ def key_from_json(body: bytes | bytearray, feature: str) -> Any:
         if isinstance(doc.get("columns"), list) and feature in doc["columns"]:
             col = doc["data"][doc["columns"].index(feature)]
             return col[0] if isinstance(col, list) and col else None
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError):
+    except (RequestError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError):
         return None
     return None
 
