@@ -89,7 +89,7 @@ def test_good_and_poison_requests_sent_together_the_good_ones_all_succeed():
         elif body is bad_json:
             assert b"Feature 'C3' row 0" in answer and b"surrogate" in answer
         else:
-            assert b"'ids' row 0 column 3" in answer
+            assert b"'ids' row 0, column 3 (field 'C4')" in answer
 
 
 def _probabilities(answer: bytes) -> list[float]:
