@@ -8,7 +8,8 @@ Claim measured (issue 11, "Benchmarks"): on one model,
   request, deadline 100 ms) until p99 exceeds `--p99-ms` or more than 1% of requests fail:
   in-process ids, in-process raw (`Predictor.apredict`, lists of Python values), HTTP binary ids
   (`:predict_ids`), HTTP binary raw (`:predict_columnar`), HTTP JSON (`:predict` instances), HTTP
-  context (filled once loadgen has `--protocol context`), gRPC (`predict_ids`, tensor_content).
+  context (measured by `ctrflow bench serve --protocol context` against its flat twin, on an export
+  with context fields: BENCHMARKS.md), gRPC (`predict_ids`, tensor_content).
   Reported per path: the highest predictions/s with p99 <= `--p99-ms`, the server's CPU µs per
   prediction at that rate (in process: the whole process, load generator included), and that CPU as a
   ratio to the limit's; and the same at the highest "sustained" rate (p99 <= `--stop-p99-ms`, <= 1%
@@ -168,6 +169,9 @@ def main() -> int:
                 continue
             if protocol not in _PROTOCOLS:
                 results[key] = {"label": label, "skipped": f"loadgen has no --protocol {protocol} yet"}
+                continue
+            if protocol == "context":  # needs an export with context fields and its own flat twin run
+                results[key] = {"label": label, "skipped": "see `ctrflow bench serve --protocol context` (BENCHMARKS.md, context)"}
                 continue
             print(f"{label}:", flush=True)
             common = dict(candidates=args.candidates, duration_s=args.step_s, timeout_ms=args.timeout_ms, distinct_bodies=64,
