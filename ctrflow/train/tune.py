@@ -122,6 +122,24 @@ def _suggest(trial: Any, names: list[str]) -> dict[str, Any]:
     return params
 
 
+def base_params(base: TrainConfig, names: list[str]) -> dict[str, Any]:
+    """`base`'s own values of the searched parameters, inside the space (a float clipped to its range, a
+    choice left out when the base's value is not one): the first trial, so the search starts from the
+    defaults and its best is never worse than they are on the validation split."""
+    own = {"learning_rate": base.group_optimizer("linear" if base.model.kind == "lr" else "embedding").learning_rate,
+           "linear_learning_rate": base.group_optimizer("linear").learning_rate, "embedding_dim": base.model.embedding_dim,
+           "l2": base.l2, "dropout": base.model.dropout, "batch_size": base.batch_size}
+    out = {}
+    for n in names:
+        spec = SEARCH_SPACE[n]
+        if isinstance(spec, list):
+            if own[n] in spec:
+                out[n] = own[n]
+        else:
+            out[n] = min(max(float(own[n]), spec[0]), spec[1])
+    return out
+
+
 def config_with(base: TrainConfig, params: dict[str, Any], epochs: int) -> TrainConfig:
     """`base` with a trial's parameters applied (the group optimizers keep their names)."""
     model = base.model
@@ -256,6 +274,7 @@ def tune(
             direction="minimize", sampler=optuna.samplers.TPESampler(seed=options.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials, n_warmup_steps=0),
         )
+        study.enqueue_trial(base_params(base, names))  # trial 0: the config tuned from, as it is
         study.optimize(objective, n_trials=options.trials, catch=(_Failed,),
                        timeout=None if math.isinf(deadline) else max(deadline - time.perf_counter(), 1e-3))
         rows = [results[k] for k in sorted(results)]
