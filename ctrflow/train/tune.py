@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ctrflow.atomic import fsync_dir, replace_atomically
 from ctrflow.errors import ConfigError, CtrflowError, TrainingError
 from ctrflow.models.registry import ModelConfig
-from ctrflow.train.config import OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
+from ctrflow.train.config import MAX_EPOCHS, OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
 from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["TuneOptions", "TuneSummary", "tune", "SEARCH_SPACE"]
@@ -57,7 +57,8 @@ class TuneOptions:
     budget_minutes: wall-clock budget of the whole search, > 0, or None (no budget: `trials` bounds it).
         A trial running when it ends is cut short; its validated epochs still count. A budget that ends
         before the first trial validated once is an error (nothing is written).
-    max_epochs: most epochs per trial, >= 1 (default 8: the defaults study saw FM still improving at 8); a trial
+    max_epochs: most epochs per trial, >= 1 (default `MAX_EPOCHS`, 10, the bound `train` itself uses: with 8, trial 0 —
+        the defaults — was cut before its best epoch, e.g. FFM on zipfmix still improving at 10); a trial
         also stops after an epoch without improvement.
     seed: seeds the sampler (and every trial's model), >= 0.
     startup_trials: trials run in full before the pruner judges others, >= 0 (default 2).
@@ -65,7 +66,7 @@ class TuneOptions:
 
     trials: int = 20
     budget_minutes: float | None = None
-    max_epochs: int = 8
+    max_epochs: int = MAX_EPOCHS
     seed: int = 0
     startup_trials: int = 2
 
