@@ -753,7 +753,7 @@ def _add_tune(sub: Any) -> None:
     p.add_argument("--out", required=True, help="folder to write: best_config.yaml, trials.md/.tsv, trials.png, summary.json")
     p.add_argument("--trials", type=int, default=20, help="most trials (default 20)")
     p.add_argument("--budget-minutes", type=float, help="wall-clock budget of the whole search")
-    p.add_argument("--max-epochs", type=int, default=8, help="most epochs per trial (default 8)")
+    p.add_argument("--max-epochs", type=int, default=10, help="most epochs per trial (default 10, as train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _train_flags(p)
     _common(p)

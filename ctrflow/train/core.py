@@ -94,9 +94,12 @@ def load_run_info(run: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise ConfigError(f"{run}: not a training run folder (no {RUN_FILE}).")
     try:
-        return json.loads(p.read_text())
+        info = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{p}: cannot read the run record ({e}).") from None
+    if isinstance(info.get("config"), dict):  # a run recorded before `l2_mode` existed trained (and checkpointed) "touched"
+        info["config"].setdefault("l2_mode", "touched")
+    return info
 
 
 def build_model_from_run(info: dict[str, Any]):

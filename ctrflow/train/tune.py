@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ctrflow.atomic import fsync_dir, replace_atomically
 from ctrflow.errors import ConfigError, CtrflowError, TrainingError
 from ctrflow.models.registry import ModelConfig
-from ctrflow.train.config import OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
+from ctrflow.train.config import MAX_EPOCHS, OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
 from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["TuneOptions", "TuneSummary", "tune", "SEARCH_SPACE"]
@@ -57,7 +57,8 @@ class TuneOptions:
     budget_minutes: wall-clock budget of the whole search, > 0, or None (no budget: `trials` bounds it).
         A trial running when it ends is cut short; its validated epochs still count. A budget that ends
         before the first trial validated once is an error (nothing is written).
-    max_epochs: most epochs per trial, >= 1 (default 8: the defaults study saw FM still improving at 8); a trial
+    max_epochs: most epochs per trial, >= 1 (default `MAX_EPOCHS`, 10, the bound `train` itself uses: with 8, trial 0 —
+        the defaults — was cut before its best epoch, e.g. FFM on zipfmix still improving at 10); a trial
         also stops after an epoch without improvement.
     seed: seeds the sampler (and every trial's model), >= 0.
     startup_trials: trials run in full before the pruner judges others, >= 0 (default 2).
@@ -65,7 +66,7 @@ class TuneOptions:
 
     trials: int = 20
     budget_minutes: float | None = None
-    max_epochs: int = 8
+    max_epochs: int = MAX_EPOCHS
     seed: int = 0
     startup_trials: int = 2
 
@@ -120,6 +121,24 @@ def _suggest(trial: Any, names: list[str]) -> dict[str, Any]:
             lo, hi, log = spec
             params[n] = trial.suggest_float(n, lo, hi, log=log)
     return params
+
+
+def base_params(base: TrainConfig, names: list[str]) -> dict[str, Any]:
+    """`base`'s own values of the searched parameters, inside the space (a float clipped to its range, a
+    choice left out when the base's value is not one): the first trial, so the search starts from the
+    defaults and its best is never worse than they are on the validation split."""
+    own = {"learning_rate": base.group_optimizer("linear" if base.model.kind == "lr" else "embedding").learning_rate,
+           "linear_learning_rate": base.group_optimizer("linear").learning_rate, "embedding_dim": base.model.embedding_dim,
+           "l2": base.l2, "dropout": base.model.dropout, "batch_size": base.batch_size}
+    out = {}
+    for n in names:
+        spec = SEARCH_SPACE[n]
+        if isinstance(spec, list):
+            if own[n] in spec:
+                out[n] = own[n]
+        else:
+            out[n] = min(max(float(own[n]), spec[0]), spec[1])
+    return out
 
 
 def config_with(base: TrainConfig, params: dict[str, Any], epochs: int) -> TrainConfig:
@@ -256,6 +275,7 @@ def tune(
             direction="minimize", sampler=optuna.samplers.TPESampler(seed=options.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials, n_warmup_steps=0),
         )
+        study.enqueue_trial(base_params(base, names))  # trial 0: the config tuned from, as it is
         study.optimize(objective, n_trials=options.trials, catch=(_Failed,),
                        timeout=None if math.isinf(deadline) else max(deadline - time.perf_counter(), 1e-3))
         rows = [results[k] for k in sorted(results)]

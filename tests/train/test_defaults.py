@@ -137,6 +137,17 @@ def test_l2_mode_is_checked_and_reaches_every_groups_optimizer():
         assert {o.l2_mode for o in groups.optimizers.values()} == {mode} and cfg.l2_mode == mode
 
 
+def test_a_run_recorded_before_l2_mode_existed_reads_as_touched(tmp_path):
+    """Its checkpoints have no `last_step` slots: continuing it (continuous training, a resume) must rebuild "touched"."""
+    from ctrflow.train.core import RUN_FILE, load_run_info
+
+    d = TrainConfig(model=ModelConfig("fm")).to_dict()
+    del d["l2_mode"]
+    (tmp_path / RUN_FILE).write_text(json.dumps({"config": d}))
+    assert TrainConfig.from_dict(load_run_info(tmp_path)["config"]).l2_mode == "touched"
+    assert TrainConfig().l2_mode == "every_step"  # while new runs get the measured default
+
+
 @pytest.mark.slow
 def test_cli_bad_input_answers_error_exit_2_and_writes_nothing(tmp_path, synthetic_shards):
     train_dir, _, _ = synthetic_shards

@@ -73,6 +73,15 @@ def test_options_and_space_are_checked():
     assert (c.model.dropout, c.batch_size, c.epochs, c.learning_rate) == (0.3, 1024, 3, 0.01)
     assert c.optimizer_groups["linear"].learning_rate == 0.05
     assert TrainConfig.from_dict(c.to_dict()) == c
+    # the search's first trial is the config tuned from, as it is: same rates, L2, batch, model settings
+    from ctrflow.train.tune import _space_for, base_params
+
+    base = TrainConfig(model=ModelConfig("deepfm", dropout=0.2))
+    first = config_with(base, base_params(base, _space_for("deepfm")), epochs=1)
+    assert (first.l2, first.batch_size, first.model) == (base.l2, base.batch_size, base.model)
+    assert [first.effective_learning_rate(g) for g in ("linear", "embedding", "dense")] == \
+        [base.effective_learning_rate(g) for g in ("linear", "embedding", "dense")]
+    assert base_params(TrainConfig(model=ModelConfig("lr"), l2=1.0), _space_for("lr"))["l2"] == 1e-3  # clipped into the space
 
 
 @pytest.mark.slow
