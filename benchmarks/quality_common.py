@@ -111,8 +111,6 @@ def prepare(name: str, root: str | os.PathLike, *, rows: int = 300_000, test_row
         schema = quality_data.schema_for(csv["train"])
         ds = Dataset(name, "click", csv, {}, [c for c in quality_data.COLUMNS if c not in ("click", "true_ctr")], ["n0", "n1", "n2"])
     elif name == "talkingdata":
-        from dataclasses import replace
-
         from ctrflow.schema import infer_schema
 
         src = SHARED / "talkingdata" / "train_sample.csv"
