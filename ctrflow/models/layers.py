@@ -810,17 +810,9 @@ class MLP(tf.Module):
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         """`[B, input_dim]` -> `[B]` (or `[B, output_dim]` when `output=False`)."""
         self.build()
-        h = x
-        for i in range(len(self.hidden)):
-            h = tf.matmul(h, self.kernels[i]) + self.biases[i]
-            if self.batch_norm:
-                h = self._batch_norm(i, h, training)
-            h = tf.nn.relu(h)
-            if training and self.dropout > 0.0:
-                h = tf.nn.dropout(h, rate=self.dropout)
-        if not self.output:
-            return h
-        return tf.matmul(h, self.kernels[-1])[:, 0] + self.biases[-1][0]
+        if not self.splittable:  # no layer at all
+            return x
+        return self.from_first(tf.matmul(x, self.kernels[0]) + self.biases[0], training)
 
     @property
     def splittable(self) -> bool:

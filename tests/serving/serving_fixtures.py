@@ -132,6 +132,34 @@ class Client:
         self.conn.close()
 
 
+def rollout_server(root: Path, *, key: str, weights: tuple[int, int], log: str):
+    """A live server with model lines `ctr` (versions 1 = stable, 2 = canary) and `next` (the shadow)
+    and a rollout `ctr` split by `key` with `weights` and a request `log` (YAML flow mappings);
+    returns (server, instance rows). The caller stops the server."""
+    from ctrflow.serving.model_server import start_server
+    from ctrflow.serving.server import ServeOptions
+
+    _, version_dir, rows = small_model()
+    for v in (1, 2):
+        copy_version(version_dir, root / "ctr", v)
+    copy_version(version_dir, root / "next", 1)
+    cfg = root / "models.yaml"
+    cfg.write_text(f"""
+models:
+  - {{name: ctr, base_path: {root / 'ctr'}, keep_versions: 2, labels: {{stable: 1, canary: 2}},
+     batching: {{max_batch_size: 512, batch_timeout_ms: 1.0}}}}
+  - {{name: next, base_path: {root / 'next'}, batching: false}}
+rollouts:
+  - name: ctr
+    key: {key}
+    arms: [{{model: ctr, label: stable, weight: {weights[0]}}}, {{model: ctr, label: canary, weight: {weights[1]}}}]
+    shadow: {{model: next, fraction: 1.0}}
+    log: {log}
+""")
+    server, _ = start_server(ServeOptions(model_config_file=str(cfg), port=0, grpc_port=0, poll_interval_s=3600))
+    return server, rows
+
+
 def plain_saved_model(base: Path, version: int = 1, *, with_signature: bool = True) -> Path:
     """A SavedModel without ctrflow.json (what any TensorFlow user exports): serving_default takes
     `x` float32 [n, 2] and `s` string [n], answers `y` = x0 + 2*x1 and `n` = len(s)."""

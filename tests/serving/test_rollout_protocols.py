@@ -36,28 +36,9 @@ def test_key_readers_agree_across_body_formats():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from ctrflow.serving.model_server import start_server
-    from ctrflow.serving.server import ServeOptions
-
     root = tmp_path_factory.mktemp("rollout-protocols")
-    _, version_dir, rows = sf.small_model()
-    for v in (1, 2):
-        sf.copy_version(version_dir, root / "ctr", v)
-    sf.copy_version(version_dir, root / "next", 1)
-    cfg = root / "models.yaml"
-    cfg.write_text(f"""
-models:
-  - {{name: ctr, base_path: {root / 'ctr'}, keep_versions: 2, labels: {{stable: 1, canary: 2}},
-     batching: {{max_batch_size: 512, batch_timeout_ms: 1.0}}}}
-  - {{name: next, base_path: {root / 'next'}, batching: false}}
-rollouts:
-  - name: ctr
-    key: {{feature: C1}}
-    arms: [{{model: ctr, label: stable, weight: 50}}, {{model: ctr, label: canary, weight: 50}}]
-    shadow: {{model: next, fraction: 1.0}}
-    log: {{path: served-log, fraction: 1.0, rows_per_shard: 100000, flush_s: 0.2}}
-""")
-    server, _ = start_server(ServeOptions(model_config_file=str(cfg), port=0, grpc_port=0, poll_interval_s=3600))
+    server, rows = sf.rollout_server(root, key="{feature: C1}", weights=(50, 50),
+                                     log="{path: served-log, fraction: 1.0, rows_per_shard: 100000, flush_s: 0.2}")
     yield server, rows, root
     server.stop()
 
