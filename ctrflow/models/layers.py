@@ -655,14 +655,9 @@ class CrossNetwork(tf.Module):
 
     def __call__(self, x0: tf.Tensor) -> tf.Tensor:
         self.build()
-        x = x0
-        for i in range(self.layers):
-            if self.rank is None:
-                mixed = tf.matmul(x, self.kernels[i])
-            else:
-                mixed = tf.matmul(tf.matmul(x, self.v[i]), self.u[i])
-            x = x0 * (mixed + self.biases[i]) + x
-        return x
+        if not self.layers:
+            return x0
+        return self.from_first_mix(x0, tf.matmul(x0, self.kernels[0] if self.rank is None else self.v[0]))
 
     def first_mix(self, x: tf.Tensor, rows: Sequence[int]) -> tf.Tensor:
         """One side's share of the first layer's mixing: `x_side @ W_0[rows]` (`[B, D]` full rank, the
