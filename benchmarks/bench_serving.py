@@ -4,7 +4,8 @@ Stacks, each a server in its own child process (so its CPU is measured alone, fr
 - `old`: the hand-framed HTTP/1.1 on asyncio streams, from git history (`--old-ref`, default the
   commit before the transport change), extracted with `git archive` into a temporary folder;
 - `uvicorn`: ctrflow's server as it is (uvicorn + httptools under a bare ASGI app, strict framing);
-- `aiohttp`: the same routes under aiohttp's server (a bench-only adapter, defined here).
+- `aiohttp`: the same routes under aiohttp's server (a bench-only adapter, defined here);
+- `git:REF`: ctrflow's server as it was at commit REF (e.g. before a change to the transport).
 Each gets the same open-loop Poisson schedule (same seed) of 100-candidate requests, binary columnar
 then JSON `instances`, from `ctrflow.bench.loadgen`. Reported: p50/p99 latency, CPU µs per prediction.
 
@@ -14,7 +15,8 @@ Usage: python benchmarks/bench_serving.py [--model-base-path DIR] [--columnar-ra
 `--paired N` adds a measure that a shared, noisy machine cannot skew one way: every stack runs at once
 and N serial requests per body go to each in turn (the order alternating), so all stacks see the same
 background load at the same moments; reported: server CPU per request and per prediction, and each
-stack's ratio to the first one (no batching across requests here: one request, one model call).
+stack's ratio to the first one (no batching across requests here: one request, one model call). A third
+body, `transport`, is a 20 KB POST to a route that does not exist (404): the HTTP transport's own cost.
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -82,14 +84,15 @@ def spec_json(base: Path) -> str:
                        "batching": {"max_batch_size": 4096, "batch_timeout_ms": 2.0}})
 
 
-def start_stack(stack: str, base: Path, old_tree: Path | None) -> Child:
-    if stack == "old":
-        return Child([sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", spec_json(base)], str(old_tree))
+def start_stack(stack: str, base: Path, old_tree: Path | dict[str, Path] | None) -> Child:
+    if stack == "old" or stack.startswith("git:"):  # a tree extracted from git history
+        tree = old_tree[stack] if isinstance(old_tree, dict) else old_tree
+        return Child([sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", spec_json(base)], str(tree))
     if stack == "uvicorn":
         return Child([sys.executable, "-m", "ctrflow.bench.loadgen", "--child-server", spec_json(base)], str(REPO))
     if stack == "aiohttp":
         return Child([sys.executable, str(Path(__file__).resolve()), "--child-aiohttp", spec_json(base)], str(REPO))
-    raise SystemExit(f"unknown stack {stack!r}; use old, uvicorn, aiohttp")
+    raise SystemExit(f"unknown stack {stack!r}; use old, uvicorn, aiohttp, git:REF")
 
 
 def child_aiohttp(spec: str) -> None:
@@ -133,7 +136,7 @@ def child_aiohttp(spec: str) -> None:
         server.manager.close()
 
 
-def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree: Path | None, tmp: Path) -> list[dict]:
+def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree: dict[str, Path], tmp: Path) -> list[dict]:
     """Every stack at once, serial requests alternating between them: CPU per request from the OS."""
     import http.client
 
@@ -144,10 +147,14 @@ def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree
     features, schema, _ = _model_info(str(base))
     data = _sample_data(LoadOptions(model_base_path=str(base), seed=args.seed), features, schema, tmp)
     out = []
-    for protocol, path, ctype in (("columnar", "/v1/models/ctr:predict_columnar", "application/x-ctrflow-columnar"),
-                                  ("rest", "/v1/models/ctr:predict", "application/json")):
-        bodies = _bodies(LoadOptions(model_base_path=str(base), protocol=protocol, candidates=args.candidates, seed=args.seed,
-                                     distinct_bodies=64), data, features)
+    for protocol, path, ctype, want in (("columnar", "/v1/models/ctr:predict_columnar", "application/x-ctrflow-columnar", 200),
+                                        ("rest", "/v1/models/ctr:predict", "application/json", 200),
+                                        ("transport", "/v1/no-such-route", "application/octet-stream", 404)):
+        if protocol == "transport":  # the HTTP transport alone: a 20 KB body read, a 404 answered
+            bodies = [b"x" * 20480]
+        else:
+            bodies = _bodies(LoadOptions(model_base_path=str(base), protocol=protocol, candidates=args.candidates,
+                                         seed=args.seed, distinct_bodies=64), data, features)
         children = [start_stack(stack, base, old_tree) for stack in stacks]
         try:
             conns = [http.client.HTTPConnection("127.0.0.1", c.port, timeout=30) for c in children]
@@ -157,8 +164,8 @@ def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree
                 conns[i].request("POST", path, body=body, headers={"Content-Type": ctype, "X-Deadline-Ms": "1000"})
                 r = conns[i].getresponse()
                 r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"{stacks[i]} answered {r.status} on {path}")
+                if r.status != want:
+                    raise RuntimeError(f"{stacks[i]} answered {r.status} on {path}, not {want}")
 
             for k in range(100):  # warm every stack
                 for i in range(len(stacks)):
@@ -175,7 +182,8 @@ def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree
             for c in children:
                 c.close()
         out.extend({"stack": stack, "protocol": protocol, "requests": args.paired, "cpu_us_per_request": c,
-                    "cpu_us_per_prediction": c / args.candidates, "ratio_to_first": c / cpu[0]}
+                    "cpu_us_per_prediction": None if protocol == "transport" else c / args.candidates,
+                    "ratio_to_first": c / cpu[0]}
                    for stack, c in zip(stacks, cpu))
     return out
 
@@ -204,12 +212,14 @@ def main() -> None:
         tmp = Path(tmp)
         base = Path(args.model_base_path).resolve() if args.model_base_path else build_model(tmp)
         stacks = args.stacks.split(",")
-        old_tree = None
-        if "old" in stacks:
-            old_tree = tmp / "old"
-            old_tree.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.old_ref, "ctrflow"], check=True, capture_output=True)
-            subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        old_tree: dict[str, Path] = {}
+        for i, stack in enumerate(stacks):
+            if stack == "old" or stack.startswith("git:"):
+                ref = args.old_ref if stack == "old" else stack[4:]
+                old_tree[stack] = tmp / f"tree{i}"
+                old_tree[stack].mkdir()
+                archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "ctrflow"], check=True, capture_output=True)
+                subprocess.run(["tar", "-x", "-C", str(old_tree[stack])], input=archive.stdout, check=True)
         rows = []
         for round_ in range(args.repeat):
             for stack in stacks:
@@ -257,7 +267,7 @@ def main() -> None:
         print(f"paired: {args.paired} serial requests per body to each stack in turn, all stacks running at once:")
         print(f"{'stack':8s} {'protocol':9s} {'CPU µs/req':>10s} {'CPU µs/pred':>11s} {'vs ' + stacks[0]:>9s}")
         for r in paired:
-            print(f"{r['stack']:8s} {r['protocol']:9s} {r['cpu_us_per_request']:10.1f} {r['cpu_us_per_prediction']:11.2f} "
+            print(f"{r['stack']:8s} {r['protocol']:9s} {r['cpu_us_per_request']:10.1f} {r['cpu_us_per_prediction'] or float('nan'):11.2f} "
                   f"{r['ratio_to_first']:9.3f}")
     print(json.dumps({"benchmark": "serving_stacks", "candidates": args.candidates, "duration_s": args.duration_s,
                       "columnar_rate_rps": args.columnar_rate, "json_rate_rps": args.json_rate, "old_ref": args.old_ref,

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 transport of the REST routes: uvicorn + httptools (llhttp) under a bare ASGI app.
+"""The HTTP/1.1 transport of the REST routes: uvicorn + httptools (llhttp), dispatching to the routes directly.
 
 `HttpTransport(options, handle)` serves `handle(RestRequest) -> RestResponse` (see
 `ctrflow.serving.rest`) on `options.host:options.port` from an event loop on a background thread;
@@ -28,9 +28,12 @@ reading (Python's `http.client`, no `Expect`) reads the 413 instead of a connect
 stop (uvicorn's): stop accepting, close idle connections, let in-flight requests finish and answer
 with `Connection: close`, up to the grace period.
 
-Implementation details follow: the protocol subclasses uvicorn's `HttpToolsProtocol` (pinned range in
-pyproject.toml) and overrides only parser callbacks and transport events; the request/response cycle,
-pipelining, flow control and keep-alive remain uvicorn's.
+Implementation: the protocol subclasses uvicorn's `HttpToolsProtocol` (pinned range in pyproject.toml)
+for llhttp, the connection set, listening sockets and graceful shutdown, but dispatches each complete
+request to the routes itself (one task, one write per answer) instead of through uvicorn's generic ASGI
+request cycle, whose per-request objects cost more than the old hand-framed server's whole transport
+(measured in BENCHMARKS.md, "One coroutine per request"). Pipelining, flow control and keep-alive are
+therefore `StrictHttpProtocol`'s, below.
 """
 from __future__ import annotations
 
@@ -43,9 +46,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from ctrflow.serving.rest import RestRequest, RestResponse
 
@@ -99,38 +103,22 @@ def _refusal(status: int, message: str) -> bytes:
         STATUS_LINE[status], len(body), extra, body)
 
 
-class _OneWriteResponse:
-    """The transport as a request's cycle sees it: the response head is held and sent with the body.
+class StrictHttpProtocol(HttpToolsProtocol):
+    """llhttp framing (via uvicorn's httptools protocol) plus the rules and limits llhttp leaves to its
+    user, and a direct dispatch of each complete request to the routes.
 
-    uvicorn writes a response's head and body separately; joined they cost one send() instead of two.
-    Everything but `write` is the real transport's.
+    uvicorn's own request cycle (an ASGI task, scope dict, `asyncio.Event`, two `send()` messages and a
+    keep-alive `TimerHandle` per request) cost +67-130 µs per request over the old hand-framed server
+    (BENCHMARKS.md, "One coroutine per request"); what it did is done here instead: a complete request
+    becomes one `RestRequest`, one task awaits the routes and writes the whole answer with one
+    `transport.write`. Pipelined requests are answered in order (reading paused while they wait), the
+    next one starts only when the client reads (write side not paused), idle keep-alive is a deadline
+    of the transport's sweep, and a graceful stop lets the request in flight finish with
+    `connection: close`. uvicorn still owns the listening sockets, the connection set and shutdown.
     """
 
-    __slots__ = ("_transport", "_cycle", "_held")
-
-    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._held: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        cycle = self._cycle
-        if self._held is None and cycle.response_started and not cycle.response_complete and cycle.chunked_encoding is False:
-            if data[:9] == b"HTTP/1.1 " and cycle.expected_content_length and cycle.scope["method"] != "HEAD":
-                self._held = data  # the head of a response whose body follows
-                return
-        if self._held is not None:
-            data, self._held = self._held + data, None
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class StrictHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus the framing rules and limits llhttp leaves to its user."""
-
     shared: _Shared  # set on the per-server subclass made by `HttpTransport`
+    handle: Handle  # the routes; set on that subclass too
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,12 +131,23 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._chunks = 0
         self._chunked = False
+        self._body: bytes | bytearray = b""
+        self._arrived = 0.0
+        self._method = ""
+        self._path = ""
+        self._query = ""
         self._reserved: deque[list[int]] = deque()  # per request not yet answered: [bytes reserved]
         self._deadline: float | None = None  # loop time by which the head or body must be complete
         self._deadline_for: tuple[str, float] = ("head", 0.0)  # what, and its timeout in seconds
         self._drain_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: bytes | None = None
         self._lingered = 0
+        self._queue: deque[tuple[RestRequest, bool]] = deque()  # complete requests not yet started
+        self._busy = False  # a request is being answered
+        self._task: asyncio.Task | None = None  # ... by this task (held: the loop keeps only weak refs)
+        self._pumping = False
+        self._stopping = False  # graceful stop: answer what is in flight with `connection: close`, then close
+        self._closed = False
 
     # ---- transport events -----------------------------------------------------------------------------
 
@@ -157,16 +156,23 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.shared.max_connections:
             self._refuse(503, f"The server holds its limit of {self.shared.max_connections} connections; retry.")
             return
-        # An opened connection that never sends is idle, not a request: close it silently after keep-alive.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        # An opened connection that never sends is idle, not a request: closed silently after keep-alive.
+        self._set_timer(self.timeout_keep_alive, "idle")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.connections.discard(self)
         self._cancel_timer()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         while self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
-        super().connection_lost(exc)
+        self._queue.clear()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._phase == "refused":
@@ -174,7 +180,6 @@ class StrictHttpProtocol(HttpToolsProtocol):
             if self._lingered > _LINGER_MAX_BYTES:
                 self.transport.abort()
             return
-        self._unset_keepalive_if_required()
         self._began = False
         try:
             self.parser.feed_data(data)
@@ -193,17 +198,21 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self._raw_head_bytes += len(data)  # (a head begun inside a read adds at most that one read)
             if self._phase == "head" and self._raw_head_bytes > self.shared.max_header_bytes:
                 self._refuse(431, f"Request head larger than max_header_bytes={self.shared.max_header_bytes}.")
+        if self._queue:
+            self._pump()
 
     def pause_writing(self) -> None:
-        super().pause_writing()
+        self.flow.pause_writing()
         if self._drain_timer is None:  # the client reads nothing: give up on it after drain_timeout_s
             self._drain_timer = self.loop.call_later(self.shared.drain_timeout_s, self._drain_timeout)
 
     def resume_writing(self) -> None:
-        super().resume_writing()
+        self.flow.resume_writing()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
+        if not self._busy:
+            self._pump()
 
     def _drain_timeout(self) -> None:
         self._drain_timer = None
@@ -214,11 +223,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
     # ---- parser callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        self.scope["ctrflow.arrived"] = time.monotonic() - self.shared.loop_lag_s
+        self._arrived = time.monotonic() - self.shared.loop_lag_s
+        self.url = b""
+        self.headers = []
+        self.expect_100_continue = False
+        self._body = b""
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -237,19 +249,22 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.shared.max_header_bytes:
             raise _Refuse(431, f"Request head larger than max_header_bytes={self.shared.max_header_bytes}.")
-        super().on_header(name, value)
+        self.headers.append((name.lower(), value))
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
         if self._head_bytes > self.shared.max_header_bytes:
             raise _Refuse(431, f"Request target larger than max_header_bytes={self.shared.max_header_bytes}.")
-        super().on_url(url)
+        self.url += url
 
     def on_headers_complete(self) -> None:
         self._cancel_timer()
         self._phase = "body"
-        method = self.parser.get_method().decode("ascii", "replace")
-        version = self.parser.get_http_version()
+        parser = self.parser
+        method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        if parser.should_upgrade():
+            raise _Refuse(400, "Protocol upgrades are not supported by this server.")
         hosts = te = cl = 0
         te_value = b""
         length = 0
@@ -262,6 +277,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
             elif name == b"content-length":
                 cl += 1
                 length = int(value)  # llhttp checked it: digits only, one value, no overflow
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
         if version == "1.1" and hosts != 1:
             raise _Refuse(400, f"An HTTP/1.1 request needs exactly one Host header; got {hosts}.")
         if te:
@@ -276,11 +293,16 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if length > self.shared.max_body_bytes:
             raise _Refuse(413, f"Request body of {length} bytes is larger than the limit of {self.shared.max_body_bytes} "
                                "bytes (max_body_bytes); split it into several requests.")
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        self._path = unquote(path) if "%" in path else path
+        self._query = url.query.decode("latin-1") if url.query else ""
+        self._method = method
         self._reserve(length, new_request=True)
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
-        super().on_headers_complete()
-        self.cycle.transport = _OneWriteResponse(self.transport, self.cycle)  # type: ignore[assignment]
+            if self.expect_100_continue and not self._busy and not self._queue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -295,28 +317,86 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 raise _Refuse(413, f"Chunked request body larger than the limit of {self.shared.max_body_bytes} "
                                    "bytes (max_body_bytes); split it into several requests.")
             self._reserve(len(body), new_request=False)
-        cycle = self.cycle
-        if cycle.response_complete or cycle.disconnected:
-            return
-        # Unlike uvicorn, gather the whole body before waking the app: one wake-up and one copy per
-        # request instead of one per read, and no pause/resume of reading per 64 KiB. Memory stays
-        # bounded by max_body_bytes per request and max_buffered_body_bytes in total (reserved above).
-        cycle.body += body
+        # The whole body is gathered before the routes see it: one copy per request at most (none when it
+        # came in one read). Memory stays bounded by max_body_bytes per request and
+        # max_buffered_body_bytes in total (reserved above).
+        if not self._body:
+            self._body = body
+        elif isinstance(self._body, bytearray):
+            self._body += body
+        else:
+            self._body = bytearray(self._body) + body
 
     def on_message_complete(self) -> None:
         self._cancel_timer()
         self._phase = "idle"
-        super().on_message_complete()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
+        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived)
+        self._body = b""
+        parser = self.parser
+        self._queue.append((request, parser.get_http_version() != "1.0" and parser.should_keep_alive()))
 
-    def on_response_complete(self) -> None:
+    # ---- answering ------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start the next queued request if none is being answered and the client reads its answers."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._queue and not self._busy and not self.flow.write_paused and not self._closed:
+                request, keep_alive = self._queue.popleft()
+                self._busy = True
+                self._task = self.loop.create_task(self._answer(request, keep_alive))
+            if self._queue:  # a request waits behind the one in flight: read no more until it starts
+                self.flow.pause_reading()
+            elif not self._busy:
+                self.flow.resume_reading()
+                if self._pending_refusal is not None:  # a pipelined request was refused: answer in order
+                    if not self.transport.is_closing():
+                        self.transport.write(self._pending_refusal)
+                    self._pending_refusal = None
+                    self._close_after_refusal()
+        finally:
+            self._pumping = False
+
+    async def _answer(self, request: RestRequest, keep_alive: bool) -> None:
+        try:
+            response = await self.handle(request)
+            extra = response.headers
+            head = b"%scontent-type: %s\r\ncontent-length: %d\r\n" % (
+                STATUS_LINE[response.status], response.content_type, len(response.body))
+            if extra:
+                for name, value in extra:
+                    if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                        raise ValueError(f"invalid response header {name!r}: {value!r}")
+                head += b"".join(b"%s: %s\r\n" % pair for pair in extra)
+            body = b"" if request.method == "HEAD" else response.body
+        except Exception:  # noqa: BLE001 - the routes answer their own errors; this is a bug, logged
+            log.exception("the REST routes failed on %s %s", request.method, request.path)
+            head, body, keep_alive = STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n", \
+                b"Internal Server Error", False
+        keep_alive = keep_alive and not self._stopping
+        transport = self.transport
+        self._busy = False
+        self._task = None
         if self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
-        if self._pending_refusal is not None and not self.pipeline:  # a pipelined request was refused: answer in order
-            self.transport.write(self._pending_refusal)
-            self._pending_refusal = None
-            self._close_after_refusal()
+        self.server_state.total_requests += 1
+        if self._closed or transport.is_closing():
             return
-        super().on_response_complete()
+        if keep_alive:
+            transport.write(head + b"\r\n" + body)
+            if self._phase == "idle" and not self._queue:  # nothing more read: the connection is idle now
+                self._set_timer(self.timeout_keep_alive, "idle")
+            self._pump()
+        else:
+            transport.write(head + b"connection: close\r\n\r\n" + body)
+            if self._pending_refusal is not None or self._phase == "refused":
+                self._pending_refusal = None
+                self._close_after_refusal()
+            else:
+                transport.close()
 
     # ---- refusals, budget, timers ---------------------------------------------------------------------
 
@@ -334,7 +414,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _set_timer(self, seconds: float, what: str) -> None:
         # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
-        # which costs less per request than arming and cancelling two TimerHandles.
+        # which costs less per request than arming and cancelling TimerHandles.
         self._deadline = self.loop.time() + seconds
         self._deadline_for = (what, seconds)
 
@@ -342,40 +422,33 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._deadline = None
 
     def check_deadline(self, now: float) -> None:
-        """Called by the transport's sweep: answer 408 if the head or body is late."""
+        """Called by the transport's sweep: answer 408 if the head or body is late; close if idle too long."""
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
             self._timed_out(*self._deadline_for)
 
     def _timed_out(self, what: str, seconds: float) -> None:
+        if what == "idle":  # keep-alive expired: close without an answer
+            if self._phase == "idle" and not self._busy and not self._queue and not self.transport.is_closing():
+                self.transport.close()
+            return
         if self.flow is not None and self.flow.read_paused:
-            # We stopped reading (a pipelined request waits, or the app has not taken the body yet):
-            # the client is not late. Look again later.
+            # We stopped reading (a pipelined request waits): the client is not late. Look again later.
             self._set_timer(seconds, what)
             return
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` (unless a response is already under way), stop reading requests, close soon."""
+        """Answer `status` after the requests before it, stop reading requests, close soon."""
         if self._phase == "refused":
             return
         self._phase = "refused"
         self._cancel_timer()
         self.shared.refused[status] = self.shared.refused.get(status, 0) + 1
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if cycle.response_started or cycle.scope is not self.scope:
-                # The refused request is pipelined behind one being answered (or the answer is
-                # being written): answer the refusal after it, in order.
-                if cycle.scope is not self.scope:
-                    self._pending_refusal = _refusal(status, message)  # written by on_response_complete
-                    return
-                self._close_after_refusal()
-                return
-            # The app waits for this request's body: tell it the client is gone, answer here.
-            cycle.disconnected = True
-            cycle.message_event.set()
+        if self._busy or self._queue:  # requests read before this one are answered first, in order
+            self._pending_refusal = _refusal(status, message)  # written by `_pump` once they are
+            return
         if not self.transport.is_closing():
             self.transport.write(_refusal(status, message))
         self._close_after_refusal()
@@ -384,16 +457,19 @@ class StrictHttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        self._unset_keepalive_if_required()
+        self._cancel_timer()
         if transport.can_write_eof():
             transport.write_eof()  # the answer is flushed first; then FIN
         self.loop.call_later(LINGER_S, transport.close)
 
     def shutdown(self) -> None:
-        if self._phase == "head":  # a request half-received when the server stops: it will not be served
-            self.transport.close()
+        """Graceful stop (called by uvicorn's server): close unless a request is in flight or being read."""
+        self._stopping = True
+        if self._phase == "refused":
             return
-        super().shutdown()
+        if self._phase == "head" or (self._phase == "idle" and not self._busy and not self._queue):
+            # idle, or a request half-received when the server stops: it will not be served
+            self.transport.close()
 
 
 class HttpTransport:
@@ -405,9 +481,10 @@ class HttpTransport:
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
-        protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,), {"shared": self.shared})
+        protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,),
+                        {"shared": self.shared, "handle": staticmethod(handle)})
         self._config = uvicorn.Config(
-            self._app, http=protocol, loop="asyncio", interface="asgi3", lifespan="off", ws="none",
+            _no_asgi_app, http=protocol, loop="asyncio", interface="asgi3", lifespan="off", ws="none",
             proxy_headers=False, server_header=False, access_log=False, log_config=None, log_level="warning",
             timeout_keep_alive=float(options.keep_alive_timeout_s), backlog=1024,
         )
@@ -416,21 +493,26 @@ class HttpTransport:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
-    def start(self) -> int:
-        """Bind (errors raise here), then serve on a background thread; returns the bound port."""
-        host = self.options.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
-        # it Nagle holds the body write behind the head write for a delayed ACK (40 ms per answer).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((host, self.options.port))
-            sock.listen(1024)
-        except OSError:
-            sock.close()
-            raise
+    def start(self, *, sock: socket.socket | None = None) -> int:
+        """Bind (errors raise here), then serve on a background thread; returns the bound port.
+
+        `sock`: an already bound and listening socket to serve instead (e.g. one with SO_REUSEPORT,
+        shared by worker processes: `ctrflow.serving.workers`); it is closed when the server stops.
+        """
+        if sock is None:
+            host = self.options.host
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
+            # it Nagle holds the body write behind the head write for a delayed ACK (40 ms per answer).
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind((host, self.options.port))
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
         sock.setblocking(False)
         port = sock.getsockname()[1]
         self.loop = asyncio.new_event_loop()
@@ -531,32 +613,10 @@ class HttpTransport:
             self._server.force_exit = True
             self._done.wait(5)
 
-    # ---- the ASGI app ---------------------------------------------------------------------------------
 
-    async def _app(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body: bytes | bytearray = message.get("body", b"")
-        if message.get("more_body"):
-            buffer = bytearray(body)
-            while True:  # bounded: the protocol refuses bodies over max_body_bytes
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                buffer += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
-            body = buffer
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived")))
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": [(b"content-type", response.content_type),
-                                (b"content-length", b"%d" % len(response.body)), *response.headers]})
-        await send({"type": "http.response.body", "body": response.body})
+async def _no_asgi_app(scope: dict, receive: Callable, send: Callable) -> None:
+    """uvicorn's Config wants an app; `StrictHttpProtocol` dispatches to the routes itself."""
+    raise RuntimeError("StrictHttpProtocol never calls the ASGI app")
 
 
 # ---- re-exports: names this module used to define --------------------------------------------------
