@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -62,7 +63,10 @@ Handle = Callable[[RestRequest], Awaitable[RestResponse]]
 MAX_TRAILER_FIELDS = 32  # trailer fields accepted after the last chunk (then 400)
 FREE_CHUNKS = 64  # chunks any body may use, whatever their size
 MIN_MEAN_CHUNK_BYTES = 256  # beyond FREE_CHUNKS, the mean chunk must be at least this large (else 400)
-LAG_PROBE_S = 0.01  # how often the event loop's lag is measured (a request's first byte is dated with it)
+LAG_PROBE_S = 0.01  # how often the event loop's lag is measured while it lags (a request's first byte is dated with it)
+LAG_PROBE_SLOW_S = 0.1  # ... and while it does not (lag under _LAG_FAST_ABOVE_S)
+_LAG_FAST_ABOVE_S = 0.001
+_LAG_MEMORY_S = 0.05  # the lag is smoothed over about this long
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends for at most this long
 _LINGER_MAX_BYTES = 64 << 20  # ... and at most this many bytes
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -94,6 +98,8 @@ class _Shared:
         # How late the event loop runs now, in seconds (`HttpTransport._probe_lag`): bytes that reach a
         # busy loop waited in the kernel about that long before any callback of ours saw them.
         self.loop_lag_s = 0.0
+        self.reads = 0  # reads from any connection (the lag probe parks while this stands still)
+        self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -175,6 +181,10 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        shared = self.shared
+        shared.reads += 1
+        if shared.wake_prober is not None:
+            shared.wake_prober()
         if self._phase == "refused":
             self._lingered += len(data)
             if self._lingered > _LINGER_MAX_BYTES:
@@ -492,6 +502,9 @@ class HttpTransport:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._prober: asyncio.TimerHandle | None = None
+        self._probed_at = 0.0
+        self._probe_reads = 0
 
     def start(self, *, sock: socket.socket | None = None) -> int:
         """Bind (errors raise here), then serve on a background thread; returns the bound port.
@@ -550,20 +563,39 @@ class HttpTransport:
                 if check is not None:
                     check(now)
 
-    async def _probe_lag(self) -> None:
-        """Measure how late the loop wakes a timer (its lag) every LAG_PROBE_S, smoothed over ~50 ms: a
-        loop that stays busy is charged in full, one stall (the process descheduled once) only in part."""
-        loop = asyncio.get_running_loop()
+    def _probe_lag(self, asked: float) -> None:
+        """How late the loop runs a timer (its lag), smoothed over ~50 ms: a loop that stays busy is charged
+        in full, one stall (the process descheduled once) only in part.
+
+        A bare timer callback, every LAG_PROBE_S while the loop lags and every LAG_PROBE_SLOW_S while it
+        does not, parked while no bytes arrive: the first version (a task sleeping 10 ms in a loop) cost
+        an idle server ~9 ms of CPU per second, ~100 µs per wake-up (BENCHMARKS.md, "One coroutine per
+        request"). A late timer is late by the whole lag whatever its period, so the slow period only
+        delays noticing a change, by at most LAG_PROBE_SLOW_S."""
+        loop = self.loop
+        now = loop.time()
         shared = self.shared
-        while True:  # until the transport's loop ends (cancelled with the other tasks)
-            asked = loop.time() + LAG_PROBE_S
-            await asyncio.sleep(LAG_PROBE_S)
-            lag = max(0.0, loop.time() - asked)
-            shared.loop_lag_s += 0.2 * (lag - shared.loop_lag_s)
+        alpha = 1.0 - math.exp(-(now - self._probed_at) / _LAG_MEMORY_S)
+        shared.loop_lag_s += alpha * (max(0.0, now - asked) - shared.loop_lag_s)
+        self._probed_at = now
+        if shared.reads == self._probe_reads and shared.loop_lag_s < _LAG_FAST_ABOVE_S:
+            self._prober = None  # nothing arrives: no request to date; `_wake_prober` on the next read
+            shared.loop_lag_s = 0.0
+            shared.wake_prober = self._wake_prober
+            return
+        self._probe_reads = shared.reads
+        step = LAG_PROBE_S if shared.loop_lag_s >= _LAG_FAST_ABOVE_S else LAG_PROBE_SLOW_S
+        self._prober = loop.call_at(now + step, self._probe_lag, now + step)
+
+    def _wake_prober(self) -> None:
+        self.shared.wake_prober = None
+        self._probed_at = now = self.loop.time()
+        self._probe_reads = self.shared.reads
+        self._prober = self.loop.call_at(now + LAG_PROBE_SLOW_S, self._probe_lag, now + LAG_PROBE_SLOW_S)
 
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
         sweeper = asyncio.ensure_future(self._sweep())
-        prober = asyncio.ensure_future(self._probe_lag())
+        self._wake_prober()
         task = asyncio.ensure_future(self._server.serve(sockets=sockets))
         while not self._server.started and not task.done():
             await asyncio.sleep(0.005)
@@ -572,7 +604,8 @@ class HttpTransport:
             await task
         finally:
             sweeper.cancel()
-            prober.cancel()
+            if self._prober is not None:
+                self._prober.cancel()
 
     def collect(self) -> list[Any]:
         """The transport's own metric families (connections, buffered body bytes, refusals by code)."""
