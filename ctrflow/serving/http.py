@@ -152,6 +152,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._busy = False  # a request is being answered
         self._task: asyncio.Task | None = None  # ... by this task (held: the loop keeps only weak refs)
         self._pumping = False
+        self._continue_owed = False
         self._stopping = False  # graceful stop: answer what is in flight with `connection: close`, then close
         self._closed = False
 
@@ -240,6 +241,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self.url = b""
         self.headers = []
         self.expect_100_continue = False
+        self._continue_owed = False  # a 100 Continue owed once the answers before this request are sent
         self._body = b""
         self._phase = "head"
         self._began = True
@@ -311,8 +313,11 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._reserve(length, new_request=True)
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
-            if self.expect_100_continue and not self._busy and not self._queue:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
+                if self._busy or self._queue:
+                    self._continue_owed = True
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -362,6 +367,10 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self.flow.pause_reading()
             elif not self._busy:
                 self.flow.resume_reading()
+                if self._continue_owed:
+                    self._continue_owed = False
+                    if self._phase == "body":
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if self._pending_refusal is not None:  # a pipelined request was refused: answer in order
                     if not self.transport.is_closing():
                         self.transport.write(self._pending_refusal)
