@@ -10,7 +10,8 @@ Each gets the same open-loop Poisson schedule (same seed) of 100-candidate reque
 then JSON `instances`, from `ctrflow.bench.loadgen`. Reported: p50/p99 latency, CPU µs per prediction.
 
 Usage: python benchmarks/bench_serving.py [--model-base-path DIR] [--columnar-rate 400] [--json-rate 100]
-       [--duration-s 8] [--repeat 2] [--stacks old,uvicorn,aiohttp] [--old-ref 54512f2] [--paired N]
+       [--duration-s 8] [--repeat 2] [--stacks old,uvicorn,aiohttp,git:REF] [--old-ref 54512f2] [--paired N]
+       [--loop-cpu N] [--idle-s S]
 
 `--paired N` adds a measure that a shared, noisy machine cannot skew one way: every stack runs at once
 and N serial requests per body go to each in turn (the order alternating), so all stacks see the same
@@ -18,6 +19,10 @@ background load at the same moments; reported: server CPU per request and per pr
 stack's ratio to the first one (no batching across requests here: one request, one model call). A third
 body, `transport`, is a 20 KB POST to a route that does not exist (404): the HTTP transport's own cost
 (5 N requests: the OS counts CPU in 10 ms ticks).
+
+`--loop-cpu N` measures the transport alone more finely, for the stacks built on `HttpTransport`
+(`uvicorn`, `git:REF`): in one process, N serial 20 KB POSTs to a handle that answers 404, CPU of the
+serving loop's thread only (`time.thread_time`), `--repeat-loop-cpu` rounds.
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -137,6 +142,76 @@ def child_aiohttp(spec: str) -> None:
         server.manager.close()
 
 
+def child_transport(n: int) -> None:
+    """The HTTP transport alone, in this process: `HttpTransport` with a handle that answers 404, N serial
+    20 KB POSTs from a client process; prints the serving loop thread's CPU per request (`time.thread_time`
+    on that thread, so neither the client nor other threads count). Runs the ctrflow of PYTHONPATH."""
+    sys.path.insert(0, os.environ["PYTHONPATH"])
+    import time
+    import types
+
+    from ctrflow.serving.http import HttpTransport
+    from ctrflow.serving.rest import RestResponse
+
+    options = types.SimpleNamespace(host="127.0.0.1", port=0, max_header_bytes=16384, max_body_bytes=8 << 20,
+                                    max_buffered_body_bytes=256 << 20, max_connections=1000, head_timeout_s=10.0,
+                                    body_timeout_s=30.0, drain_timeout_s=30.0, keep_alive_timeout_s=75.0)
+
+    async def handle(request: object) -> RestResponse:
+        return RestResponse(404, b'{"error": "no such route"}')
+
+    transport = HttpTransport(options, handle)
+    port = transport.start()
+    client = ("import http.client\n"
+              f"c = http.client.HTTPConnection('127.0.0.1', {port})\n"
+              "for i in range(int(__import__('sys').argv[1])):\n"
+              "    c.request('POST', '/v1/no-such-route', body=b'x' * 20480, headers={'Content-Type': 'application/octet-stream'})\n"
+              "    r = c.getresponse(); r.read(); assert r.status == 404, r.status\n")
+
+    async def thread_time() -> float:
+        return time.thread_time()
+
+    subprocess.run([sys.executable, "-c", client, "300"], check=True)  # warm
+    t0 = transport.run(thread_time())
+    subprocess.run([sys.executable, "-c", client, str(n)], check=True)
+    print(json.dumps({"loop_cpu_us_per_request": 1e6 * (transport.run(thread_time()) - t0) / n}), flush=True)
+    transport.stop(1)
+
+
+def run_loop_cpu(args: argparse.Namespace, stacks: list[str], trees: dict[str, Path]) -> list[dict]:
+    """`child_transport` for every stack built on `HttpTransport` (not `old`, whose server differs), in turn."""
+    out = []
+    for round_ in range(args.repeat_loop_cpu):
+        for stack in stacks:
+            if stack not in ("uvicorn",) and not stack.startswith("git:"):
+                continue
+            tree = str(REPO) if stack == "uvicorn" else str(trees[stack])
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-transport", str(args.loop_cpu)],
+                                  env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True, check=True)
+            out.append({"stack": stack, "round": round_, "requests": args.loop_cpu,
+                        **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return out
+
+
+def run_idle(args: argparse.Namespace, base: Path, stacks: list[str], trees: dict[str, Path]) -> list[dict]:
+    """CPU of each stack's server while it serves nothing (timers, probes, pollers), all started at once."""
+    import time
+
+    import psutil
+
+    children = [start_stack(stack, base, trees) for stack in stacks]
+    try:
+        time.sleep(3)  # past start-up
+        procs = [psutil.Process(c.proc.pid) for c in children]
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(args.idle_s)
+        return [{"stack": stack, "idle_cpu_ms_per_s": (sum(p.cpu_times()[:2]) - c0) / args.idle_s * 1e3}
+                for stack, p, c0 in zip(stacks, procs, cpu0)]
+    finally:
+        for c in children:
+            c.close()
+
+
 def run_paired(args: argparse.Namespace, base: Path, stacks: list[str], old_tree: dict[str, Path], tmp: Path) -> list[dict]:
     """Every stack at once, serial requests alternating between them: CPU per request from the OS."""
     import http.client
@@ -203,10 +278,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="rounds over the stacks, interleaved (a busy machine drifts)")
     ap.add_argument("--paired", type=int, default=0, help="N serial requests per body, alternating between stacks run at once")
+    ap.add_argument("--loop-cpu", type=int, default=0,
+                    help="N serial 20 KB POSTs to a 404 handle: the transport's loop-thread CPU per request, in-process")
+    ap.add_argument("--repeat-loop-cpu", type=int, default=3)
+    ap.add_argument("--idle-s", type=float, default=0.0, help="measure each server's CPU while idle for this long")
     ap.add_argument("--child-aiohttp", help=argparse.SUPPRESS)
+    ap.add_argument("--child-transport", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_aiohttp:
         child_aiohttp(args.child_aiohttp)
+        return
+    if args.child_transport:
+        child_transport(args.child_transport)
         return
 
     from ctrflow.bench.loadgen import LoadOptions, run_load
@@ -242,6 +325,8 @@ def main() -> None:
                 finally:
                     child.close()
         paired = run_paired(args, base, stacks, old_tree, tmp) if args.paired else []
+        loop_cpu = run_loop_cpu(args, stacks, old_tree) if args.loop_cpu else []
+        idle = run_idle(args, base, stacks, old_tree) if args.idle_s else []
     summary = []
     for stack in stacks:
         for protocol in ("columnar", "rest"):
@@ -272,9 +357,20 @@ def main() -> None:
         for r in paired:
             print(f"{r['stack']:8s} {r['protocol']:9s} {r['cpu_us_per_request']:10.1f} {r['cpu_us_per_prediction'] or float('nan'):11.2f} "
                   f"{r['ratio_to_first']:9.3f}")
+    if loop_cpu:
+        print()
+        print(f"transport alone, in-process: {args.loop_cpu} serial 20 KB POSTs to a 404 handle, serving loop thread's CPU:")
+        for r in loop_cpu:
+            print(f"{r['stack']:12s} round {r['round']}: {r['loop_cpu_us_per_request']:6.1f} µs/request")
+    if idle:
+        print()
+        print(f"idle, {args.idle_s:g} s, all servers started at once:")
+        for r in idle:
+            print(f"{r['stack']:12s} {r['idle_cpu_ms_per_s']:6.1f} ms CPU / s")
     print(json.dumps({"benchmark": "serving_stacks", "candidates": args.candidates, "duration_s": args.duration_s,
                       "columnar_rate_rps": args.columnar_rate, "json_rate_rps": args.json_rate, "old_ref": args.old_ref,
-                      "summary": summary, "results": rows, "paired": paired}))
+                      "summary": summary, "results": rows, "paired": paired,
+                      "loop_cpu": loop_cpu, "idle": idle}))
 
 
 if __name__ == "__main__":
