@@ -25,8 +25,8 @@ below (the h11 idea: every rule in one state machine, every violation one refusa
 A refusal is written, the write side is shut, and what the client still sends is read and dropped for
 up to `LINGER_S` (bounded in bytes) before the socket closes: a client that sends its whole body before
 reading (Python's `http.client`, no `Expect`) reads the 413 instead of a connection reset. Graceful
-stop (uvicorn's): stop accepting, close idle connections, let in-flight requests finish and answer
-with `Connection: close`, up to the grace period.
+stop (uvicorn's server, our protocol's `shutdown`): stop accepting, close idle connections, let
+in-flight requests finish and answer with `Connection: close`, up to the grace period.
 
 Implementation: the protocol subclasses uvicorn's `HttpToolsProtocol` (pinned range in pyproject.toml)
 for llhttp, the connection set, listening sockets and graceful shutdown, but dispatches each complete
