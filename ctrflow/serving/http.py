@@ -46,10 +46,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from ctrflow.serving.rest import RestRequest, RestResponse
@@ -102,11 +104,23 @@ class _Shared:
         self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
 
 
+_date: tuple[int, bytes] = (0, b"")  # (second, its Date field): formatted once per second, not per answer
+
+
+def _date_field() -> bytes:
+    """`date: <IMF-fixdate>` (RFC 9110 6.6.1: an origin server with a clock sends it)."""
+    global _date
+    now = int(time.time())
+    if now != _date[0]:
+        _date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
+    return _date[1]
+
+
 def _refusal(status: int, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
     extra = b"retry-after: 1\r\n" if status == 503 else b""
-    return b"%scontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (
-        STATUS_LINE[status], len(body), extra, body)
+    return b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (
+        STATUS_LINE[status], _date_field(), len(body), extra, body)
 
 
 class StrictHttpProtocol(HttpToolsProtocol):
@@ -383,8 +397,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         try:
             response = await self.handle(request)
             extra = response.headers
-            head = b"%scontent-type: %s\r\ncontent-length: %d\r\n" % (
-                STATUS_LINE[response.status], response.content_type, len(response.body))
+            head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
+                STATUS_LINE[response.status], _date_field(), response.content_type, len(response.body))
             if extra:
                 for name, value in extra:
                     if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
@@ -393,8 +407,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
             body = b"" if request.method == "HEAD" else response.body
         except Exception:  # noqa: BLE001 - the routes answer their own errors; this is a bug, logged
             log.exception("the REST routes failed on %s %s", request.method, request.path)
-            head, body, keep_alive = STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n", \
-                b"Internal Server Error", False
+            head = STATUS_LINE[500] + _date_field() + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
+            body, keep_alive = b"Internal Server Error", False
         keep_alive = keep_alive and not self._stopping
         transport = self.transport
         self._busy = False
@@ -491,12 +505,32 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, woken by `HttpTransport.stop` instead of polling `should_exit`.
+
+    uvicorn's `main_loop` wakes ten times a second to poll it and to refresh a Date header that this
+    protocol does not use. That cost ~1 ms of CPU per second on an idle server here, which the paired
+    bench charges to every request (BENCHMARKS.md, "One coroutine per request")."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._exit: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._exit = asyncio.Event()
+        if not self.should_exit:  # `stop` sets should_exit first, then wakes us on the loop
+            await self._exit.wait()
+
+    def wake(self) -> None:
+        """On the serving loop: `should_exit` was set; end `main_loop` now."""
+        if self._exit is not None:
+            self._exit.set()
+
+
 class HttpTransport:
     """uvicorn serving the ASGI app over `StrictHttpProtocol` on an event loop of a background thread."""
 
     def __init__(self, options: Any, handle: Handle) -> None:
-        import uvicorn
-
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
@@ -507,7 +541,7 @@ class HttpTransport:
             proxy_headers=False, server_header=False, access_log=False, log_config=None, log_level="warning",
             timeout_keep_alive=float(options.keep_alive_timeout_s), backlog=1024,
         )
-        self._server = uvicorn.Server(self._config)
+        self._server = _Server(self._config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -650,6 +684,10 @@ class HttpTransport:
             return
         self._config.timeout_graceful_shutdown = max(0.0, float(grace_s))
         self._server.should_exit = True
+        try:
+            self.loop.call_soon_threadsafe(self._server.wake)
+        except RuntimeError:  # the loop has just closed
+            pass
         self._done.wait(grace_s + 5)
         if not self._done.is_set():
             self._server.force_exit = True

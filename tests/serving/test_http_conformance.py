@@ -117,6 +117,7 @@ def test_pipelined_requests_are_answered_in_order_and_a_100_continue_waits_for_t
         while b"100 Continue" not in data and time.monotonic() < deadline:
             data += s.recv(65536)
         assert statuses(data) == [200, 200, 200, 100]  # the 100 only after the three answers
+        assert data.count(b"\r\ndate: ") == 3  # RFC 9110 6.6.1
         s.sendall(GOOD + b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = read_all(s)
     assert statuses(data) == [200, 200] and data.count(b"connection: close") == 1
