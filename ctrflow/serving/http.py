@@ -1,4 +1,4 @@
-"""The HTTP/1.1 transport of the REST routes: uvicorn + httptools (llhttp) under a bare ASGI app.
+"""The HTTP/1.1 transport of the REST routes: uvicorn + httptools (llhttp), dispatching to the routes directly.
 
 `HttpTransport(options, handle)` serves `handle(RestRequest) -> RestResponse` (see
 `ctrflow.serving.rest`) on `options.host:options.port` from an event loop on a background thread;
@@ -25,27 +25,34 @@ below (the h11 idea: every rule in one state machine, every violation one refusa
 A refusal is written, the write side is shut, and what the client still sends is read and dropped for
 up to `LINGER_S` (bounded in bytes) before the socket closes: a client that sends its whole body before
 reading (Python's `http.client`, no `Expect`) reads the 413 instead of a connection reset. Graceful
-stop (uvicorn's): stop accepting, close idle connections, let in-flight requests finish and answer
-with `Connection: close`, up to the grace period.
+stop (uvicorn's server, our protocol's `shutdown`): stop accepting, close idle connections, let
+in-flight requests finish and answer with `Connection: close`, up to the grace period.
 
-Implementation details follow: the protocol subclasses uvicorn's `HttpToolsProtocol` (pinned range in
-pyproject.toml) and overrides only parser callbacks and transport events; the request/response cycle,
-pipelining, flow control and keep-alive remain uvicorn's.
+Implementation: the protocol subclasses uvicorn's `HttpToolsProtocol` (pinned range in pyproject.toml)
+for llhttp, the connection set, listening sockets and graceful shutdown, but dispatches each complete
+request to the routes itself (one task, one write per answer) instead of through uvicorn's generic ASGI
+request cycle, whose per-request objects cost more than the old hand-framed server's whole transport
+(measured in BENCHMARKS.md, "One coroutine per request"). Pipelining, flow control and keep-alive are
+therefore `StrictHttpProtocol`'s, below.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from email.utils import formatdate
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from ctrflow.serving.rest import RestRequest, RestResponse
 
@@ -58,7 +65,10 @@ Handle = Callable[[RestRequest], Awaitable[RestResponse]]
 MAX_TRAILER_FIELDS = 32  # trailer fields accepted after the last chunk (then 400)
 FREE_CHUNKS = 64  # chunks any body may use, whatever their size
 MIN_MEAN_CHUNK_BYTES = 256  # beyond FREE_CHUNKS, the mean chunk must be at least this large (else 400)
-LAG_PROBE_S = 0.01  # how often the event loop's lag is measured (a request's first byte is dated with it)
+LAG_PROBE_S = 0.01  # how often the event loop's lag is measured while it lags (a request's first byte is dated with it)
+LAG_PROBE_SLOW_S = 0.1  # ... and while it does not (lag under _LAG_FAST_ABOVE_S)
+_LAG_FAST_ABOVE_S = 0.001
+_LAG_MEMORY_S = 0.05  # the lag is smoothed over about this long
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends for at most this long
 _LINGER_MAX_BYTES = 64 << 20  # ... and at most this many bytes
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -90,47 +100,45 @@ class _Shared:
         # How late the event loop runs now, in seconds (`HttpTransport._probe_lag`): bytes that reach a
         # busy loop waited in the kernel about that long before any callback of ours saw them.
         self.loop_lag_s = 0.0
+        self.reads = 0  # reads from any connection (the lag probe parks while this stands still)
+        self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
+
+
+_date: tuple[int, bytes] = (0, b"")  # (second, its Date field): formatted once per second, not per answer
+
+
+def _date_field() -> bytes:
+    """`date: <IMF-fixdate>` (RFC 9110 6.6.1: an origin server with a clock sends it)."""
+    global _date
+    now = int(time.time())
+    if now != _date[0]:
+        _date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
+    return _date[1]
 
 
 def _refusal(status: int, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
     extra = b"retry-after: 1\r\n" if status == 503 else b""
-    return b"%scontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (
-        STATUS_LINE[status], len(body), extra, body)
-
-
-class _OneWriteResponse:
-    """The transport as a request's cycle sees it: the response head is held and sent with the body.
-
-    uvicorn writes a response's head and body separately; joined they cost one send() instead of two.
-    Everything but `write` is the real transport's.
-    """
-
-    __slots__ = ("_transport", "_cycle", "_held")
-
-    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._held: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        cycle = self._cycle
-        if self._held is None and cycle.response_started and not cycle.response_complete and cycle.chunked_encoding is False:
-            if data[:9] == b"HTTP/1.1 " and cycle.expected_content_length and cycle.scope["method"] != "HEAD":
-                self._held = data  # the head of a response whose body follows
-                return
-        if self._held is not None:
-            data, self._held = self._held + data, None
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+    return b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (
+        STATUS_LINE[status], _date_field(), len(body), extra, body)
 
 
 class StrictHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus the framing rules and limits llhttp leaves to its user."""
+    """llhttp framing (via uvicorn's httptools protocol) plus the rules and limits llhttp leaves to its
+    user, and a direct dispatch of each complete request to the routes.
+
+    uvicorn's own request cycle (an ASGI task, scope dict, `asyncio.Event`, two `send()` messages and a
+    keep-alive `TimerHandle` per request) cost +67-130 µs per request over the old hand-framed server
+    (BENCHMARKS.md, "One coroutine per request"); what it did is done here instead: a complete request
+    becomes one `RestRequest`, one task awaits the routes and writes the whole answer with one
+    `transport.write`. Pipelined requests are answered in order (reading paused while they wait), the
+    next one starts only when the client reads (write side not paused), idle keep-alive is a deadline
+    of the transport's sweep, and a graceful stop lets the request in flight finish with
+    `connection: close`. uvicorn still owns the listening sockets, the connection set and shutdown.
+    """
 
     shared: _Shared  # set on the per-server subclass made by `HttpTransport`
+    handle: Handle  # the routes; set on that subclass too
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,12 +151,24 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._chunks = 0
         self._chunked = False
+        self._body: bytes | bytearray = b""
+        self._arrived = 0.0
+        self._method = ""
+        self._path = ""
+        self._query = ""
         self._reserved: deque[list[int]] = deque()  # per request not yet answered: [bytes reserved]
         self._deadline: float | None = None  # loop time by which the head or body must be complete
         self._deadline_for: tuple[str, float] = ("head", 0.0)  # what, and its timeout in seconds
         self._drain_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: bytes | None = None
         self._lingered = 0
+        self._queue: deque[tuple[RestRequest, bool]] = deque()  # complete requests not yet started
+        self._busy = False  # a request is being answered
+        self._task: asyncio.Task | None = None  # ... by this task (held: the loop keeps only weak refs)
+        self._pumping = False
+        self._continue_owed = False
+        self._stopping = False  # graceful stop: answer what is in flight with `connection: close`, then close
+        self._closed = False
 
     # ---- transport events -----------------------------------------------------------------------------
 
@@ -157,24 +177,34 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.shared.max_connections:
             self._refuse(503, f"The server holds its limit of {self.shared.max_connections} connections; retry.")
             return
-        # An opened connection that never sends is idle, not a request: close it silently after keep-alive.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        # An opened connection that never sends is idle, not a request: closed silently after keep-alive.
+        self._set_timer(self.timeout_keep_alive, "idle")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.connections.discard(self)
         self._cancel_timer()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         while self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
-        super().connection_lost(exc)
+        self._queue.clear()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        shared = self.shared
+        shared.reads += 1
+        if shared.wake_prober is not None:
+            shared.wake_prober()
         if self._phase == "refused":
             self._lingered += len(data)
             if self._lingered > _LINGER_MAX_BYTES:
                 self.transport.abort()
             return
-        self._unset_keepalive_if_required()
         self._began = False
         try:
             self.parser.feed_data(data)
@@ -193,17 +223,21 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self._raw_head_bytes += len(data)  # (a head begun inside a read adds at most that one read)
             if self._phase == "head" and self._raw_head_bytes > self.shared.max_header_bytes:
                 self._refuse(431, f"Request head larger than max_header_bytes={self.shared.max_header_bytes}.")
+        if self._queue:
+            self._pump()
 
     def pause_writing(self) -> None:
-        super().pause_writing()
+        self.flow.pause_writing()
         if self._drain_timer is None:  # the client reads nothing: give up on it after drain_timeout_s
             self._drain_timer = self.loop.call_later(self.shared.drain_timeout_s, self._drain_timeout)
 
     def resume_writing(self) -> None:
-        super().resume_writing()
+        self.flow.resume_writing()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
+        if not self._busy:
+            self._pump()
 
     def _drain_timeout(self) -> None:
         self._drain_timer = None
@@ -214,11 +248,15 @@ class StrictHttpProtocol(HttpToolsProtocol):
     # ---- parser callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        self.scope["ctrflow.arrived"] = time.monotonic() - self.shared.loop_lag_s
+        self._arrived = time.monotonic() - self.shared.loop_lag_s
+        self.url = b""
+        self.headers = []
+        self.expect_100_continue = False
+        self._continue_owed = False  # a 100 Continue owed once the answers before this request are sent
+        self._body = b""
         self._phase = "head"
         self._began = True
         self._head_bytes = self._raw_head_bytes = 0
@@ -237,19 +275,22 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.shared.max_header_bytes:
             raise _Refuse(431, f"Request head larger than max_header_bytes={self.shared.max_header_bytes}.")
-        super().on_header(name, value)
+        self.headers.append((name.lower(), value))
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
         if self._head_bytes > self.shared.max_header_bytes:
             raise _Refuse(431, f"Request target larger than max_header_bytes={self.shared.max_header_bytes}.")
-        super().on_url(url)
+        self.url += url
 
     def on_headers_complete(self) -> None:
         self._cancel_timer()
         self._phase = "body"
-        method = self.parser.get_method().decode("ascii", "replace")
-        version = self.parser.get_http_version()
+        parser = self.parser
+        method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        if parser.should_upgrade():
+            raise _Refuse(400, "Protocol upgrades are not supported by this server.")
         hosts = te = cl = 0
         te_value = b""
         length = 0
@@ -262,6 +303,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
             elif name == b"content-length":
                 cl += 1
                 length = int(value)  # llhttp checked it: digits only, one value, no overflow
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
         if version == "1.1" and hosts != 1:
             raise _Refuse(400, f"An HTTP/1.1 request needs exactly one Host header; got {hosts}.")
         if te:
@@ -276,11 +319,19 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if length > self.shared.max_body_bytes:
             raise _Refuse(413, f"Request body of {length} bytes is larger than the limit of {self.shared.max_body_bytes} "
                                "bytes (max_body_bytes); split it into several requests.")
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        self._path = unquote(path) if "%" in path else path
+        self._query = url.query.decode("latin-1") if url.query else ""
+        self._method = method
         self._reserve(length, new_request=True)
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
-        super().on_headers_complete()
-        self.cycle.transport = _OneWriteResponse(self.transport, self.cycle)  # type: ignore[assignment]
+            if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
+                if self._busy or self._queue:
+                    self._continue_owed = True
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -295,28 +346,90 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 raise _Refuse(413, f"Chunked request body larger than the limit of {self.shared.max_body_bytes} "
                                    "bytes (max_body_bytes); split it into several requests.")
             self._reserve(len(body), new_request=False)
-        cycle = self.cycle
-        if cycle.response_complete or cycle.disconnected:
-            return
-        # Unlike uvicorn, gather the whole body before waking the app: one wake-up and one copy per
-        # request instead of one per read, and no pause/resume of reading per 64 KiB. Memory stays
-        # bounded by max_body_bytes per request and max_buffered_body_bytes in total (reserved above).
-        cycle.body += body
+        # The whole body is gathered before the routes see it: one copy per request at most (none when it
+        # came in one read). Memory stays bounded by max_body_bytes per request and
+        # max_buffered_body_bytes in total (reserved above).
+        if not self._body:
+            self._body = body
+        elif isinstance(self._body, bytearray):
+            self._body += body
+        else:
+            self._body = bytearray(self._body) + body
 
     def on_message_complete(self) -> None:
         self._cancel_timer()
         self._phase = "idle"
-        super().on_message_complete()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
+        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived)
+        self._body = b""
+        parser = self.parser
+        self._queue.append((request, parser.get_http_version() != "1.0" and parser.should_keep_alive()))
 
-    def on_response_complete(self) -> None:
+    # ---- answering ------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start the next queued request if none is being answered and the client reads its answers."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._queue and not self._busy and not self.flow.write_paused and not self._closed:
+                request, keep_alive = self._queue.popleft()
+                self._busy = True
+                self._task = self.loop.create_task(self._answer(request, keep_alive))
+            if self._queue:  # a request waits behind the one in flight: read no more until it starts
+                self.flow.pause_reading()
+            elif not self._busy:
+                self.flow.resume_reading()
+                if self._continue_owed:
+                    self._continue_owed = False
+                    if self._phase == "body":
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if self._pending_refusal is not None:  # a pipelined request was refused: answer in order
+                    if not self.transport.is_closing():
+                        self.transport.write(self._pending_refusal)
+                    self._pending_refusal = None
+                    self._close_after_refusal()
+        finally:
+            self._pumping = False
+
+    async def _answer(self, request: RestRequest, keep_alive: bool) -> None:
+        try:
+            response = await self.handle(request)
+            extra = response.headers
+            head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
+                STATUS_LINE[response.status], _date_field(), response.content_type, len(response.body))
+            if extra:
+                for name, value in extra:
+                    if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                        raise ValueError(f"invalid response header {name!r}: {value!r}")
+                head += b"".join(b"%s: %s\r\n" % pair for pair in extra)
+            body = b"" if request.method == "HEAD" else response.body
+        except Exception:  # noqa: BLE001 - the routes answer their own errors; this is a bug, logged
+            log.exception("the REST routes failed on %s %s", request.method, request.path)
+            head = STATUS_LINE[500] + _date_field() + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
+            body, keep_alive = b"Internal Server Error", False
+        keep_alive = keep_alive and not self._stopping
+        transport = self.transport
+        self._busy = False
+        self._task = None
         if self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
-        if self._pending_refusal is not None and not self.pipeline:  # a pipelined request was refused: answer in order
-            self.transport.write(self._pending_refusal)
-            self._pending_refusal = None
-            self._close_after_refusal()
+        self.server_state.total_requests += 1
+        if self._closed or transport.is_closing():
             return
-        super().on_response_complete()
+        if keep_alive:
+            transport.write(head + b"\r\n" + body)
+            if self._phase == "idle" and not self._queue:  # nothing more read: the connection is idle now
+                self._set_timer(self.timeout_keep_alive, "idle")
+            self._pump()
+        else:
+            transport.write(head + b"connection: close\r\n\r\n" + body)
+            if self._pending_refusal is not None or self._phase == "refused":
+                self._pending_refusal = None
+                self._close_after_refusal()
+            else:
+                transport.close()
 
     # ---- refusals, budget, timers ---------------------------------------------------------------------
 
@@ -334,7 +447,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _set_timer(self, seconds: float, what: str) -> None:
         # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
-        # which costs less per request than arming and cancelling two TimerHandles.
+        # which costs less per request than arming and cancelling TimerHandles.
         self._deadline = self.loop.time() + seconds
         self._deadline_for = (what, seconds)
 
@@ -342,40 +455,33 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._deadline = None
 
     def check_deadline(self, now: float) -> None:
-        """Called by the transport's sweep: answer 408 if the head or body is late."""
+        """Called by the transport's sweep: answer 408 if the head or body is late; close if idle too long."""
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
             self._timed_out(*self._deadline_for)
 
     def _timed_out(self, what: str, seconds: float) -> None:
+        if what == "idle":  # keep-alive expired: close without an answer
+            if self._phase == "idle" and not self._busy and not self._queue and not self.transport.is_closing():
+                self.transport.close()
+            return
         if self.flow is not None and self.flow.read_paused:
-            # We stopped reading (a pipelined request waits, or the app has not taken the body yet):
-            # the client is not late. Look again later.
+            # We stopped reading (a pipelined request waits): the client is not late. Look again later.
             self._set_timer(seconds, what)
             return
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` (unless a response is already under way), stop reading requests, close soon."""
+        """Answer `status` after the requests before it, stop reading requests, close soon."""
         if self._phase == "refused":
             return
         self._phase = "refused"
         self._cancel_timer()
         self.shared.refused[status] = self.shared.refused.get(status, 0) + 1
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if cycle.response_started or cycle.scope is not self.scope:
-                # The refused request is pipelined behind one being answered (or the answer is
-                # being written): answer the refusal after it, in order.
-                if cycle.scope is not self.scope:
-                    self._pending_refusal = _refusal(status, message)  # written by on_response_complete
-                    return
-                self._close_after_refusal()
-                return
-            # The app waits for this request's body: tell it the client is gone, answer here.
-            cycle.disconnected = True
-            cycle.message_event.set()
+        if self._busy or self._queue:  # requests read before this one are answered first, in order
+            self._pending_refusal = _refusal(status, message)  # written by `_pump` once they are
+            return
         if not self.transport.is_closing():
             self.transport.write(_refusal(status, message))
         self._close_after_refusal()
@@ -384,53 +490,85 @@ class StrictHttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        self._unset_keepalive_if_required()
+        self._cancel_timer()
         if transport.can_write_eof():
             transport.write_eof()  # the answer is flushed first; then FIN
         self.loop.call_later(LINGER_S, transport.close)
 
     def shutdown(self) -> None:
-        if self._phase == "head":  # a request half-received when the server stops: it will not be served
-            self.transport.close()
+        """Graceful stop (called by uvicorn's server): close unless a request is in flight or being read."""
+        self._stopping = True
+        if self._phase == "refused":
             return
-        super().shutdown()
+        if self._phase == "head" or (self._phase == "idle" and not self._busy and not self._queue):
+            # idle, or a request half-received when the server stops: it will not be served
+            self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, woken by `HttpTransport.stop` instead of polling `should_exit`.
+
+    uvicorn's `main_loop` wakes ten times a second to poll it and to refresh a Date header that this
+    protocol does not use. That cost ~1 ms of CPU per second on an idle server here, which the paired
+    bench charges to every request (BENCHMARKS.md, "One coroutine per request")."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._exit: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._exit = asyncio.Event()
+        if not self.should_exit:  # `stop` sets should_exit first, then wakes us on the loop
+            await self._exit.wait()
+
+    def wake(self) -> None:
+        """On the serving loop: `should_exit` was set; end `main_loop` now."""
+        if self._exit is not None:
+            self._exit.set()
 
 
 class HttpTransport:
     """uvicorn serving the ASGI app over `StrictHttpProtocol` on an event loop of a background thread."""
 
     def __init__(self, options: Any, handle: Handle) -> None:
-        import uvicorn
-
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
-        protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,), {"shared": self.shared})
+        protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,),
+                        {"shared": self.shared, "handle": staticmethod(handle)})
         self._config = uvicorn.Config(
-            self._app, http=protocol, loop="asyncio", interface="asgi3", lifespan="off", ws="none",
+            _no_asgi_app, http=protocol, loop="asyncio", interface="asgi3", lifespan="off", ws="none",
             proxy_headers=False, server_header=False, access_log=False, log_config=None, log_level="warning",
             timeout_keep_alive=float(options.keep_alive_timeout_s), backlog=1024,
         )
-        self._server = uvicorn.Server(self._config)
+        self._server = _Server(self._config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._prober: asyncio.TimerHandle | None = None
+        self._probed_at = 0.0
+        self._probe_reads = 0
 
-    def start(self) -> int:
-        """Bind (errors raise here), then serve on a background thread; returns the bound port."""
-        host = self.options.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
-        # it Nagle holds the body write behind the head write for a delayed ACK (40 ms per answer).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((host, self.options.port))
-            sock.listen(1024)
-        except OSError:
-            sock.close()
-            raise
+    def start(self, *, sock: socket.socket | None = None) -> int:
+        """Bind (errors raise here), then serve on a background thread; returns the bound port.
+
+        `sock`: an already bound and listening socket to serve instead (e.g. one with SO_REUSEPORT,
+        shared by worker processes: `ctrflow.serving.workers`); it is closed when the server stops.
+        """
+        if sock is None:
+            host = self.options.host
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without
+            # it Nagle holds the body write behind the head write for a delayed ACK (40 ms per answer).
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind((host, self.options.port))
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
         sock.setblocking(False)
         port = sock.getsockname()[1]
         self.loop = asyncio.new_event_loop()
@@ -468,20 +606,39 @@ class HttpTransport:
                 if check is not None:
                     check(now)
 
-    async def _probe_lag(self) -> None:
-        """Measure how late the loop wakes a timer (its lag) every LAG_PROBE_S, smoothed over ~50 ms: a
-        loop that stays busy is charged in full, one stall (the process descheduled once) only in part."""
-        loop = asyncio.get_running_loop()
+    def _probe_lag(self, asked: float) -> None:
+        """How late the loop runs a timer (its lag), smoothed over ~50 ms: a loop that stays busy is charged
+        in full, one stall (the process descheduled once) only in part.
+
+        A bare timer callback, every LAG_PROBE_S while the loop lags and every LAG_PROBE_SLOW_S while it
+        does not, parked while no bytes arrive: the first version (a task sleeping 10 ms in a loop) cost
+        an idle server ~9 ms of CPU per second, ~100 µs per wake-up (BENCHMARKS.md, "One coroutine per
+        request"). A late timer is late by the whole lag whatever its period, so the slow period only
+        delays noticing a change, by at most LAG_PROBE_SLOW_S."""
+        loop = self.loop
+        now = loop.time()
         shared = self.shared
-        while True:  # until the transport's loop ends (cancelled with the other tasks)
-            asked = loop.time() + LAG_PROBE_S
-            await asyncio.sleep(LAG_PROBE_S)
-            lag = max(0.0, loop.time() - asked)
-            shared.loop_lag_s += 0.2 * (lag - shared.loop_lag_s)
+        alpha = 1.0 - math.exp(-(now - self._probed_at) / _LAG_MEMORY_S)
+        shared.loop_lag_s += alpha * (max(0.0, now - asked) - shared.loop_lag_s)
+        self._probed_at = now
+        if shared.reads == self._probe_reads and shared.loop_lag_s < _LAG_FAST_ABOVE_S:
+            self._prober = None  # nothing arrives: no request to date; `_wake_prober` on the next read
+            shared.loop_lag_s = 0.0
+            shared.wake_prober = self._wake_prober
+            return
+        self._probe_reads = shared.reads
+        step = LAG_PROBE_S if shared.loop_lag_s >= _LAG_FAST_ABOVE_S else LAG_PROBE_SLOW_S
+        self._prober = loop.call_at(now + step, self._probe_lag, now + step)
+
+    def _wake_prober(self) -> None:
+        self.shared.wake_prober = None
+        self._probed_at = now = self.loop.time()
+        self._probe_reads = self.shared.reads
+        self._prober = self.loop.call_at(now + LAG_PROBE_SLOW_S, self._probe_lag, now + LAG_PROBE_SLOW_S)
 
     async def _serve(self, sockets: list[socket.socket], started: threading.Event) -> None:
         sweeper = asyncio.ensure_future(self._sweep())
-        prober = asyncio.ensure_future(self._probe_lag())
+        self._wake_prober()
         task = asyncio.ensure_future(self._server.serve(sockets=sockets))
         while not self._server.started and not task.done():
             await asyncio.sleep(0.005)
@@ -490,7 +647,8 @@ class HttpTransport:
             await task
         finally:
             sweeper.cancel()
-            prober.cancel()
+            if self._prober is not None:
+                self._prober.cancel()
 
     def collect(self) -> list[Any]:
         """The transport's own metric families (connections, buffered body bytes, refusals by code)."""
@@ -526,37 +684,19 @@ class HttpTransport:
             return
         self._config.timeout_graceful_shutdown = max(0.0, float(grace_s))
         self._server.should_exit = True
+        try:
+            self.loop.call_soon_threadsafe(self._server.wake)
+        except RuntimeError:  # the loop has just closed
+            pass
         self._done.wait(grace_s + 5)
         if not self._done.is_set():
             self._server.force_exit = True
             self._done.wait(5)
 
-    # ---- the ASGI app ---------------------------------------------------------------------------------
 
-    async def _app(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body: bytes | bytearray = message.get("body", b"")
-        if message.get("more_body"):
-            buffer = bytearray(body)
-            while True:  # bounded: the protocol refuses bodies over max_body_bytes
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                buffer += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
-            body = buffer
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        response = await self._handle(RestRequest(scope["method"], scope["path"], headers, body,
-                                                  scope["query_string"].decode("latin-1"), scope.get("ctrflow.arrived")))
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": [(b"content-type", response.content_type),
-                                (b"content-length", b"%d" % len(response.body)), *response.headers]})
-        await send({"type": "http.response.body", "body": response.body})
+async def _no_asgi_app(scope: dict, receive: Callable, send: Callable) -> None:
+    """uvicorn's Config wants an app; `StrictHttpProtocol` dispatches to the routes itself."""
+    raise RuntimeError("StrictHttpProtocol never calls the ASGI app")
 
 
 # ---- re-exports: names this module used to define --------------------------------------------------

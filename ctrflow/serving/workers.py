@@ -116,43 +116,11 @@ def reuseport_transport() -> type:
     """
     from ctrflow.serving.http import HttpTransport
 
-    return _make_reuseport_transport(HttpTransport)
+    class ReusePortTransport(HttpTransport):
+        def start(self, *, sock: socket.socket | None = None) -> int:
+            return super().start(sock=sock or listen_reuseport(self.options.host, self.options.port))
 
-
-def _make_reuseport_transport(base: type) -> type:
-    import asyncio
-
-    class _Transport(base):  # type: ignore[misc, valid-type]
-        # Mirrors HttpTransport.start but for the socket (a `sock=` parameter there would make this go).
-        def start(self) -> int:
-            sock = listen_reuseport(self.options.host, self.options.port)
-            sock.setblocking(False)
-            port = sock.getsockname()[1]
-            self.loop = asyncio.new_event_loop()
-            started = threading.Event()
-
-            def run() -> None:
-                asyncio.set_event_loop(self.loop)
-                try:
-                    self.loop.run_until_complete(self._serve([sock], started))
-                except BaseException:  # noqa: BLE001 - logged; stop() still completes
-                    log.exception("the HTTP server stopped on an error")
-                finally:
-                    started.set()
-                    try:
-                        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-                    finally:
-                        self.loop.close()
-                        sock.close()
-                        self._done.set()
-
-            self._thread = threading.Thread(target=run, name="ctrflow-http", daemon=True)
-            self._thread.start()
-            started.wait(60)
-            return port
-
-    _Transport.__name__ = _Transport.__qualname__ = "ReusePortTransport"
-    return _Transport
+    return ReusePortTransport
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,20 @@ def test_a_refusal_pipelined_behind_a_good_request_is_answered_after_it_in_order
     assert statuses(data) == [200, 400]
 
 
+def test_pipelined_requests_are_answered_in_order_and_a_100_continue_waits_for_the_answers_before_it(live):
+    good = PREDICT + b"Content-Length: %d\r\n\r\n" % len(GOOD) + GOOD
+    with connect(live) as s:
+        s.sendall(good * 3 + PREDICT + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(GOOD))
+        data, deadline = b"", time.monotonic() + 5
+        while b"100 Continue" not in data and time.monotonic() < deadline:
+            data += s.recv(65536)
+        assert statuses(data) == [200, 200, 200, 100]  # the 100 only after the three answers
+        assert data.count(b"\r\ndate: ") == 3  # RFC 9110 6.6.1
+        s.sendall(GOOD + b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = read_all(s)
+    assert statuses(data) == [200, 200] and data.count(b"connection: close") == 1
+
+
 @pytest.mark.parametrize("lengths", [(b"2", b"5"), (b"5", b"5"), (b"5, 5",)])
 def test_repeated_or_listed_content_length_is_400(live, lengths):
     head = b"".join(b"Content-Length: %s\r\n" % v for v in lengths)
