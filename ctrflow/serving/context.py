@@ -211,23 +211,6 @@ class ContextScorer:
             self.batcher.close(drain=drain)
 
 
-def merge_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Two batchers' `stats().to_dict()` as one version's (counters and histograms summed)."""
-    out = dict(a)
-    for key, value in b.items():
-        if key == "name" or key not in out:
-            out.setdefault(key, value)
-        elif key == "queue_wait_ms_max":
-            out[key] = max(out[key], value)
-        elif isinstance(value, Mapping):
-            out[key] = {k: out[key].get(k, 0) + v for k, v in value.items()} if isinstance(out[key], Mapping) else value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = out[key] + value
-    count = out.get("queue_wait_count", 0)
-    out["mean_queue_wait_ms"] = out.get("queue_wait_ms_sum", 0.0) / count if count else 0.0
-    return out
-
-
 def _common_length(columns: Mapping[str, np.ndarray], side: str) -> int:
     lengths = {len(v) for v in columns.values()}
     if len(lengths) != 1:
