@@ -142,6 +142,10 @@ class Tokens:
         return out
 
 
+SKLEARN_C = (0.03, 0.1, 0.3, 1.0)  # chosen on valid; --sklearn-c narrows it (each fit is minutes at 300k rows)
+VW_L2 = (1e-6, 1e-7, 1e-8)
+
+
 def run_sklearn(tok: Tokens, bayes: float | None) -> list[dict]:
     from sklearn.feature_extraction import FeatureHasher
     from sklearn.linear_model import LogisticRegression
@@ -158,7 +162,7 @@ def run_sklearn(tok: Tokens, bayes: float | None) -> list[dict]:
     X = {s: matrix(s) for s in ("train", "valid", "test")}
     y = {s: tok.label(s) for s in ("train", "valid", "test")}
     best = None
-    for C in (0.03, 0.1, 0.3, 1.0):
+    for C in SKLEARN_C:
         m = LogisticRegression(C=C, max_iter=2000, solver="lbfgs", tol=1e-6)
         m.fit(X["train"], y["train"])
         v = _metrics(y["valid"], m.predict_proba(X["valid"])[:, 1], None)["logloss"]
@@ -203,7 +207,7 @@ def run_vw(tok: Tokens, bayes: float | None) -> list[dict]:
     vw.finish()
     t0 = time.perf_counter()
     best = None
-    for l2 in (1e-6, 1e-7, 1e-8):
+    for l2 in VW_L2:
         vw = fit(f"--l2 {l2:g} -q ::")
         v = _metrics(y["valid"], predict(vw, "valid"), None)["logloss"]
         if best is None or v < best[0]:
@@ -304,10 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2-mode", choices=["touched", "every_step"], help="override TrainConfig.l2_mode (default: its default)")
     ap.add_argument("--l2", type=float, help="override TrainConfig.l2")
     ap.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size (rates follow by its lr_scaling)")
+    ap.add_argument("--sklearn-c", help="comma-separated C values tried on valid (default 0.03,0.1,0.3,1)")
+    ap.add_argument("--vw-l2", help="comma-separated --l2 values of VW -q tried on valid (default 1e-6,1e-7,1e-8)")
+    ap.add_argument("--min-count", type=int, default=0,
+                    help="ctrflow models train on shards where ids seen < K times in train share one row per field "
+                         "(benchmarks/quality_mincount.py; a measurement)")
+    ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
     ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
     a = ap.parse_args(argv)
     work = Path(a.work)
+    global SKLEARN_C, VW_L2
+    if a.max_epochs:
+        import ctrflow.train.config
+
+        ctrflow.train.config.MAX_EPOCHS = a.max_epochs
+    if a.sklearn_c:
+        SKLEARN_C = tuple(float(c) for c in a.sklearn_c.split(","))
+    if a.vw_l2:
+        VW_L2 = tuple(float(c) for c in a.vw_l2.split(","))
     results: dict[str, Any] = {}
     overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size)) if v is not None}
     for name in a.datasets.split(","):
@@ -317,10 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"skipping {name}: {e} not present")
             continue
+        ct_ds = ds
+        if a.min_count > 1:
+            import quality_mincount
+
+            ct_ds = quality_mincount.apply(ds, a.min_count, work / name)
         rows: list[dict] = []
         for m in [m for m in a.models.split(",") if m]:
             try:
-                rows += run_ctrflow(ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes,
+                rows += run_ctrflow(ct_ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes,
                                     overrides=overrides)
             except Exception as e:  # an unknown model (not yet added) or a failed run is reported, not fatal
                 rows.append({"model": f"ctrflow {m}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
@@ -351,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if "gap" in best_ct:
                 summary["gap_ratio_ctrflow_to_peer"] = best_ct["gap"] / best_peer["gap"] if best_peer["gap"] > 0 else math.nan
         results[name] = summary
-        print(_table(name, ds, rows), flush=True)
+        print(_table(name, ct_ds, rows), flush=True)
     print(json.dumps({"bench": "quality", "rows": a.rows, "models": a.models, "results": results}, default=float))
     return 0
 

@@ -198,7 +198,7 @@ def _train_config(args: argparse.Namespace):
         Choice(tuple(sorted(MODEL_KINDS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
     for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode"),
                       ("cross_layers", "cross_layers"), ("cross_structure", "cross_structure"), ("cross_rank", "cross_rank"),
-                      ("ffm_dim", "ffm_dim")):
+                      ("ffm_dim", "ffm_dim"), ("min_count", "min_count")):
         if getattr(args, flag) is not None:
             model[key] = getattr(args, flag)
     if args.cross_rank == 0:
@@ -566,6 +566,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-structure", help="dcnv2: stacked (default) or parallel")
     p.add_argument("--cross-rank", type=int, help="dcnv2: rank of the low-rank cross layers (default 64); 0 = full rank")
     p.add_argument("--ffm-dim", type=int, help="ffm: width of each field-aware vector (default 4; rows hold fields-1 of them)")
+    p.add_argument("--min-count", type=int, help="ids seen fewer than K times in the training data share one row per field (0: off)")
     p.add_argument("--l2", type=float)
     p.add_argument("--l2-mode", choices=["touched", "every_step"],
                    help="L2 on table rows only in the steps they are in, or at every step (caught up when next touched)")

@@ -44,6 +44,7 @@ __all__ = [
     "make_table",
     "lookup",
     "FieldLayout",
+    "rare_id_remap",
     "ContextSide",
     "ContextSplit",
     "FieldTables",
@@ -850,6 +851,23 @@ class MLP(tf.Module):
         return tf.nn.batch_normalization(h, mean, var, self.betas[i], self.gammas[i], self.bn_epsilon)
 
 
+def rare_id_remap(counts: "np.ndarray", min_count: int) -> tuple["np.ndarray", dict[str, int]]:
+    """One field's remap for `ModelConfig.min_count`: every bucket seen fewer than `min_count` times in training
+    maps to ONE shared bucket of the field (FuxiCTR's `min_categr_count`), so the rare values learn one "rarely
+    seen" row together, and a value never seen in training (an empty bucket at serving) reads it too. The shared
+    bucket is the field's least-seen one (an empty bucket when there is one: no frequent value is merged into it).
+    Returns (remap of len(counts), {"seen", "rare_seen", "rare_rows"})."""
+    import numpy as np
+
+    counts = np.asarray(counts, np.int64)
+    remap = np.arange(len(counts), dtype=np.int64)
+    rare = counts < min_count
+    if rare.any():
+        remap[rare] = int(np.flatnonzero(rare)[np.argmin(counts[rare])])
+    return remap, {"seen": int((counts > 0).sum()), "rare_seen": int(((counts > 0) & rare).sum()),
+                   "rare_rows": int(counts[rare].sum())}
+
+
 class CtrModel(tf.Module):
     """What every CTR model shares: inputs in the `Batch` layout, logits out, a Keras-like life cycle.
 
@@ -896,6 +914,14 @@ class CtrModel(tf.Module):
         with self.name_scope:
             if self.normalizer is not None:
                 self.normalizer.build()
+            if getattr(self.config, "min_count", 0) and self.layout.n_id_fields:
+                # Rare-id remap (ModelConfig.min_count): local id -> local id, all fields end to end; identity
+                # until the trainer sets it from the training data's counts (`set_id_counts`). A variable,
+                # so checkpoints, warm starts and exports carry it and serving maps ids as training did.
+                rows = sum(self.layout.id_buckets)
+                dtype = tf.int64 if rows >= 2**31 else tf.int32
+                self.id_remap = tf.Variable(
+                    tf.concat([tf.range(b, dtype=dtype) for b in self.layout.id_buckets], 0), trainable=False, name="id_remap")
             self.build_layers()
         self.built = True
 
@@ -912,6 +938,7 @@ class CtrModel(tf.Module):
         ids = tf.cast(ids, tf.int32)
         if len(lay.id_columns) != lay.n_ids_input:
             ids = tf.gather(ids, lay.id_columns, axis=1)
+        ids = self.remap_ids(ids, range(lay.n_id_fields))
         values = None
         if self.normalizer is not None:
             if numeric is None:
@@ -963,11 +990,40 @@ class CtrModel(tf.Module):
         ids = tf.cast(ids, tf.int32)
         if side.id_positions != tuple(range(len(side.id_inputs))):
             ids = take(ids, side.id_positions, axis=1)
+        ids = self.remap_ids(ids, side.id_fields)
         values = None
         if side.numeric_fields:
             numeric = take(tf.cast(numeric, tf.float32), side.numeric_positions, axis=1)
             values = self.normalizer.columns(numeric, side.numeric_fields)
         return ids, values
+
+    # -- rare ids (ModelConfig.min_count) ------------------------------------------------------------
+    id_remap: tf.Variable | None = None
+
+    def remap_ids(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
+        """`[B, len(fields)]` local ids of active id fields `fields` -> the same with every rare id replaced by
+        its field's shared row (identity without `min_count`)."""
+        if self.id_remap is None or not len(fields):
+            return ids
+        offsets = [self.layout.offsets[f] for f in fields]
+        if self.id_remap.dtype == tf.int64:
+            return tf.cast(tf.gather(self.id_remap, tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64)), tf.int32)
+        return tf.gather(self.id_remap, ids + tf.constant(offsets, tf.int32))
+
+    def set_id_counts(self, counts: Sequence["np.ndarray"]) -> dict[str, dict[str, int]]:
+        """Set the rare-id remap from `counts` (one array per column of `Batch.ids`: how often each bucket
+        occurs in the training data); returns per active field how many seen buckets became rare."""
+        import numpy as np
+
+        self.build()
+        if self.id_remap is None:
+            return {}
+        parts, stats = [], {}
+        for f, col in enumerate(self.layout.id_columns):
+            local, stats[self.layout.id_names[f]] = rare_id_remap(np.asarray(counts[col]), self.config.min_count)
+            parts.append(local)
+        self.id_remap.assign(np.concatenate(parts).astype(self.id_remap.dtype.as_numpy_dtype))
+        return stats
 
     # -- introspection ------------------------------------------------------------------------------
     @property

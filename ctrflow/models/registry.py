@@ -79,6 +79,10 @@ class ModelConfig:
     cross_structure: str = "stacked"  # dcnv2: "stacked" (MLP on the cross output) or "parallel" (side by side)
     cross_rank: int | None = 64  # dcnv2: low-rank cross layers of rank r (full rank when 2r >= D); None = full rank
     ffm_dim: int = 4  # ffm: width of each field-aware vector; a row holds (fields - 1) of them, 1..256
+    # Ids seen fewer than this many times in the training data share one row per field (learned from all of
+    # them: "rarely seen" is itself a signal; unseen values at serving read it too); counted when a run
+    # starts, kept by resumes, warm starts and exports. 0: off.
+    min_count: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -95,6 +99,7 @@ class ModelConfig:
             "cross_structure": Choice(CROSS_STRUCTURES),
             "cross_rank": Int(1, 4096, optional=True),
             "ffm_dim": Int(1, 256),
+            "min_count": Int(0),
         })
 
     def to_dict(self) -> dict:

@@ -32,7 +32,7 @@ from ctrflow.errors import ConfigError, SchemaError, TrainingError
 from ctrflow.train.checkpoints import CHECKPOINTS, RunCheckpoints, checkpoint_step, latest_checkpoint
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
-__all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "load_run_info",
+__all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "init_id_remap", "load_run_info",
            "build_model_from_run", "training_step", "make_optimizers", "make_predict", "logit_correction", "run_info",
            "check_prior_run", "check_valid_data", "check_warm_start", "apply_warm_start", "resolve_validation",
            "finish_run", "write_errors", "DISTRIBUTED_KEY"]
@@ -235,6 +235,23 @@ def init_output_bias(model: Any, positives: float | None, rows: int | None, nega
     if positives is not None and rows:
         rate = min(max(positives / rows, 1e-6), 1 - 1e-6)
         model.linear.bias.assign(math.log(rate / (1 - rate)) - logit_correction(negative_sampling_rate))
+
+
+def init_id_remap(model: Any, data: Any) -> dict[str, dict[str, int]] | None:
+    """`ModelConfig.min_count`: count every id column over the training data `data` (a shard folder or
+    list; one pass) and set the model's rare-id remap from the counts. Called when a run starts from
+    scratch only: a resume or a warm start keeps the remap its checkpoint holds. None when off."""
+    if model is not None and not getattr(model.config, "min_count", 0):
+        return None
+    if hasattr(data, "read") or str(data) == "-":
+        raise ConfigError("min_count counts the ids of the training data before the first step, so it needs a shard "
+                          "folder, not a stream read once; convert the stream to shards or pass --min-count 0.")
+    counts = [np.zeros(b, np.int64) for b in model.spec.id_buckets]
+    with open_batches(data, PipelineOptions(batch_size=65_536, shuffle=False)) as batches:
+        for b in batches:
+            for j, c in enumerate(counts):
+                c += np.bincount(b.ids[:, j], minlength=len(c))[: len(c)]
+    return model.set_id_counts(counts)
 
 
 def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):

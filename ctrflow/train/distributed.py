@@ -413,6 +413,7 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
             warm_from = core.apply_warm_start(warm[0], trainer.model, None)
         else:
             init_output_bias(trainer.model, positives, rows, config.negative_sampling_rate)
+            core.init_id_remap(trainer.model, source.train)
 
     runlog = RunHistory(run, resumed_from)
     history, record = runlog.entries, runlog.record

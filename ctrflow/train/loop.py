@@ -145,6 +145,8 @@ def train(
     _configure_tf(config)
     run = Path(out)
     is_stream = hasattr(data, "read") or str(data) == "-"
+    if is_stream and config.model.min_count:
+        core.init_id_remap(None, data)  # refuses (min_count needs shards to count) before anything is written
     opts = PipelineOptions(batch_size=config.batch_size, epochs=1, shuffle_buffer_rows=config.shuffle_buffer_rows, seed=config.seed)
     first: BatchStream | None = open_batches(data, opts)  # epoch 0's stream; also tells schema and spec
     new_folder = not run.exists()
@@ -182,6 +184,7 @@ def train(
             init_output_bias(trainer.model, rows_src.positives, rows_src.rows, config.negative_sampling_rate)
             if rows_src is not first:
                 rows_src.close()
+            core.init_id_remap(trainer.model, train_data)
 
     runlog = RunHistory(run, resumed_from)
     history, record = runlog.entries, runlog.record

@@ -1,0 +1,85 @@
+"""ModelConfig.min_count: rare ids share one row per field, counted on the training data, and the export
+serves with the same remap as the run trained with."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctrflow.models.layers import rare_id_remap
+
+
+def test_rare_buckets_map_to_the_least_seen_one_and_frequent_ones_stay():
+    remap, stats = rare_id_remap(np.array([4, 5, 1, 0, 2, 9]), 3)
+    assert remap.tolist() == [0, 1, 3, 3, 3, 5]  # 1x, 0x and 2x seen -> bucket 3 (never seen: nothing merged into it)
+    assert stats == {"seen": 5, "rare_seen": 2, "rare_rows": 3}
+    assert rare_id_remap(np.array([3, 4]), 3)[0].tolist() == [0, 1]  # nothing rare: identity
+
+
+def test_min_count_is_checked():
+    from ctrflow.errors import ConfigError
+    from ctrflow.models.registry import ModelConfig
+
+    with pytest.raises(ConfigError, match="min_count"):
+        ModelConfig("fm", min_count=-1)
+
+
+@pytest.mark.slow
+def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
+    import tensorflow as tf
+
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.export import export
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.schema import PRESETS
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest, train
+
+    from conftest import raw_rows
+
+    generate(tmp_path / "train.csv", GenerateOptions(rows=3000, seed=5))
+    shards = tmp_path / "train"
+    convert(tmp_path / "train.csv", shards, schema=PRESETS["synthetic"].capped(1 << 10), options=ConvertOptions(workers=1))
+    run = tmp_path / "run"
+    train(shards, run, TrainConfig(model=ModelConfig("fm", embedding_dim=4, min_count=3), batch_size=512, max_steps=6, holdout_fraction=0))
+
+    with open_batches(shards, PipelineOptions(batch_size=3000, shuffle=False)) as bs:
+        b = next(iter(bs))
+    model = build_model_from_run(load_run_info(run))
+    restore_latest(run, model)  # the remap is part of the checkpoint
+    lay, remap = model.layout, model.id_remap.numpy()
+    f = lay.id_names.index("C3")  # a 2M-value field capped at 1024 buckets: most seen values are rare at 3k rows
+    col, start = lay.id_columns[f], lay.offsets[f]
+    counts = np.bincount(b.ids[:, col], minlength=lay.id_buckets[f])
+    expected, _ = rare_id_remap(counts, 3)
+    np.testing.assert_array_equal(remap[start:start + lay.id_buckets[f]], expected)
+    assert (counts[expected != np.arange(len(counts))] < 3).all() and len(set(expected[counts < 3])) == 1
+
+    # two rows that differ only in which rare C3 value they hold score the same; a frequent value does not
+    rare = np.flatnonzero((counts > 0) & (counts < 3))[:2]
+    frequent = int(np.argmax(counts))
+    ids = np.repeat(b.ids[:1], 3, axis=0)
+    ids[:, col] = [rare[0], rare[1], frequent]
+    p = tf.sigmoid(model(ids, np.repeat(b.numeric[:1], 3, axis=0))).numpy()
+    assert p[0] == p[1] and p[0] != p[2]
+
+    # serving: the export hashes raw values and applies the same remap; an unseen value reads the shared row
+    export(run, tmp_path / "m")
+    loaded = tf.saved_model.load(str(tmp_path / "m" / "1"))
+    rows = raw_rows(tmp_path / "train.csv", 200)
+    feats = {k: [r[k] if k.startswith("C") else (np.nan if r[k] is None else r[k]) for r in rows] for k in rows[0]}
+    unseen = list(feats["C3"])
+    unseen[0] = "never-seen-in-training"
+    out = {}
+    for name, c3 in (("train", feats["C3"]), ("unseen", unseen)):
+        t = {k: tf.constant(c3 if k == "C3" else v, tf.string if k.startswith("C") else tf.float64) for k, v in feats.items()}
+        ids_served = loaded.signatures["transform"](**t)["ids"].numpy()
+        served = loaded.signatures["serving_default"](**t)["probabilities"].numpy()
+        np.testing.assert_allclose(served, tf.sigmoid(model(ids_served, b.numeric[:200])).numpy(), rtol=1e-5, atol=1e-7)
+        out[name] = (ids_served, served)
+    if counts[out["unseen"][0][0, col]] < 3:  # the unseen value's bucket is rare (empty) in training, as expected
+        shared = expected[out["unseen"][0][0, col]]
+        ids = out["unseen"][0][:1].copy()
+        ids[0, col] = shared
+        np.testing.assert_allclose(out["unseen"][1][0], tf.sigmoid(model(ids, b.numeric[:1])).numpy()[0], rtol=1e-5)
