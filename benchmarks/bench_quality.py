@@ -16,7 +16,8 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
 """
@@ -54,6 +55,9 @@ def _metrics(y: np.ndarray, p: np.ndarray, bayes: float | None) -> dict[str, Any
 
 
 # --- ctrflow ----------------------------------------------------------------------------------------
+MODEL_OVERRIDES = ("min_count",)  # overrides that are ModelConfig fields
+
+
 def default_config(model: str, **overrides: Any) -> Any:
     """What `ctrflow train --model M [--flag V ...]` trains: TrainConfig's defaults (its default model's
     settings, e.g. the MLP dropout, with the kind changed), then `overrides`."""
@@ -62,7 +66,8 @@ def default_config(model: str, **overrides: Any) -> Any:
     from ctrflow.train.config import TrainConfig
 
     base = TrainConfig()
-    return base.replace(model=replace(base.model, kind=model), **overrides)
+    mo = {k: overrides.pop(k) for k in MODEL_OVERRIDES if k in overrides}
+    return base.replace(model=replace(base.model, kind=model, **mo), **overrides)
 
 
 def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_trials: int, tune_minutes: float,
@@ -310,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size (rates follow by its lr_scaling)")
     ap.add_argument("--sklearn-c", help="comma-separated C values tried on valid (default 0.03,0.1,0.3,1)")
     ap.add_argument("--vw-l2", help="comma-separated --l2 values of VW -q tried on valid (default 1e-6,1e-7,1e-8)")
-    ap.add_argument("--min-count", type=int, default=0,
-                    help="ctrflow models train on shards where ids seen < K times in train share one row per field "
-                         "(benchmarks/quality_mincount.py; a measurement)")
+    ap.add_argument("--min-count", type=int, help="override ModelConfig.min_count (ids seen < K times in train share a row)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
     ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
@@ -328,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.vw_l2:
         VW_L2 = tuple(float(c) for c in a.vw_l2.split(","))
     results: dict[str, Any] = {}
-    overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size)) if v is not None}
+    overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size), ("min_count", a.min_count))
+                 if v is not None}
     for name in a.datasets.split(","):
         try:
             ds = quality_common.prepare(name, work / name, rows=a.rows, test_rows=a.test_rows, max_buckets=a.max_buckets,
@@ -336,15 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"skipping {name}: {e} not present")
             continue
-        ct_ds = ds
-        if a.min_count > 1:
-            import quality_mincount
-
-            ct_ds = quality_mincount.apply(ds, a.min_count, work / name)
         rows: list[dict] = []
         for m in [m for m in a.models.split(",") if m]:
             try:
-                rows += run_ctrflow(ct_ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes,
+                rows += run_ctrflow(ds, m, work / name, tune_trials=a.tune_trials, tune_minutes=a.tune_minutes,
                                     overrides=overrides)
             except Exception as e:  # an unknown model (not yet added) or a failed run is reported, not fatal
                 rows.append({"model": f"ctrflow {m}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
@@ -375,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             if "gap" in best_ct:
                 summary["gap_ratio_ctrflow_to_peer"] = best_ct["gap"] / best_peer["gap"] if best_peer["gap"] > 0 else math.nan
         results[name] = summary
-        print(_table(name, ct_ds, rows), flush=True)
+        print(_table(name, ds, rows), flush=True)
     print(json.dumps({"bench": "quality", "rows": a.rows, "models": a.models, "results": results}, default=float))
     return 0
 

@@ -83,3 +83,29 @@ def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
         ids = out["unseen"][0][:1].copy()
         ids[0, col] = shared
         np.testing.assert_allclose(out["unseen"][1][0], tf.sigmoid(model(ids, b.numeric[:1])).numpy()[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fm", "ffm"])
+def test_context_requests_apply_the_same_remap_as_flat_calls(kind):
+    """A served context + candidates request reads the rows a flat call reads (rare ids remapped on both sides)."""
+    from ctrflow.data.batch import FeatureSpec
+    from ctrflow.models import ModelConfig, make_model
+
+    spec = FeatureSpec(("a", "b", "c"), (20, 16, 12))
+    model = make_model(ModelConfig(kind, embedding_dim=4, ffm_dim=2, min_count=2), spec)
+    rng = np.random.default_rng(0)
+    for v in model.trainable_variables:
+        v.assign(rng.normal(0.0, 0.5, v.shape).astype(np.float32))
+    counts = [rng.integers(0, 4, b) for b in spec.id_buckets]
+    model.set_id_counts(counts)
+    ids = np.stack([rng.integers(0, b, 9) for b in spec.id_buckets], axis=1).astype(np.int32)
+    remapped = np.stack([rare_id_remap(c, 2)[0][ids[:, j]] for j, c in enumerate(counts)], axis=1)
+    assert (remapped != ids).any()
+    want = model(ids).numpy()
+    model.set_id_counts([np.full(b, 9) for b in spec.id_buckets])  # nothing rare: identity remap
+    np.testing.assert_allclose(model(remapped).numpy(), want, rtol=1e-5, atol=1e-6)  # the remap is what changed the rows
+    model.set_id_counts(counts)
+    split = model.context_split((0,), ())
+    row = np.arange(9, dtype=np.int32)
+    got = model.call_context(split, ids[:, :1], np.zeros((9, 0), np.float32), ids[:, 1:], np.zeros((9, 0), np.float32), row).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
