@@ -851,19 +851,31 @@ class MLP(tf.Module):
         return tf.nn.batch_normalization(h, mean, var, self.betas[i], self.gammas[i], self.bn_epsilon)
 
 
-def rare_id_remap(counts: "np.ndarray", min_count: int) -> tuple["np.ndarray", dict[str, int]]:
+def rare_id_remap(counts: "np.ndarray", min_count: int, previous: "np.ndarray | None" = None) -> tuple["np.ndarray", dict[str, int]]:
     """One field's remap for `ModelConfig.min_count`: every bucket seen fewer than `min_count` times in training
     maps to ONE shared bucket of the field (FuxiCTR's `min_categr_count`), so the rare values learn one "rarely
     seen" row together, and a value never seen in training (an empty bucket at serving) reads it too. The shared
     bucket is the field's least-seen one (an empty bucket when there is one: no frequent value is merged into it).
+
+    `previous` (a warm start's remap): a bucket that had its own row keeps it, and the shared bucket stays, so the
+    learned rows stay where they are; a bucket frequent in the new data gets its own row (new ids can graduate).
     Returns (remap of len(counts), {"seen", "rare_seen", "rare_rows"})."""
     import numpy as np
 
     counts = np.asarray(counts, np.int64)
     remap = np.arange(len(counts), dtype=np.int64)
     rare = counts < min_count
+    shared = None
+    if previous is not None:
+        previous = np.asarray(previous, np.int64)
+        own = previous == remap
+        rare &= ~own
+        moved = previous[~own]
+        shared = int(moved[0]) if len(moved) else None
     if rare.any():
-        remap[rare] = int(np.flatnonzero(rare)[np.argmin(counts[rare])])
+        if shared is None:
+            shared = int(np.flatnonzero(rare)[np.argmin(counts[rare])])
+        remap[rare] = shared
     return remap, {"seen": int((counts > 0).sum()), "rare_seen": int(((counts > 0) & rare).sum()),
                    "rare_rows": int(counts[rare].sum())}
 
@@ -1010,17 +1022,21 @@ class CtrModel(tf.Module):
             return tf.cast(tf.gather(self.id_remap, tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64)), tf.int32)
         return tf.gather(self.id_remap, ids + tf.constant(offsets, tf.int32))
 
-    def set_id_counts(self, counts: Sequence["np.ndarray"]) -> dict[str, dict[str, int]]:
+    def set_id_counts(self, counts: Sequence["np.ndarray"], *, keep: bool = False) -> dict[str, dict[str, int]]:
         """Set the rare-id remap from `counts` (one array per column of `Batch.ids`: how often each bucket
-        occurs in the training data); returns per active field how many seen buckets became rare."""
+        occurs in the training data); `keep`: merge with the current remap (a warm start: rows that had their
+        own row keep it, see `rare_id_remap`). Returns per active field how many seen buckets are rare."""
         import numpy as np
 
         self.build()
         if self.id_remap is None:
             return {}
+        current = self.id_remap.numpy() if keep else None
         parts, stats = [], {}
         for f, col in enumerate(self.layout.id_columns):
-            local, stats[self.layout.id_names[f]] = rare_id_remap(np.asarray(counts[col]), self.config.min_count)
+            start, rows = self.layout.offsets[f], self.layout.id_buckets[f]
+            local, stats[self.layout.id_names[f]] = rare_id_remap(
+                np.asarray(counts[col]), self.config.min_count, None if current is None else current[start:start + rows])
             parts.append(local)
         self.id_remap.assign(np.concatenate(parts).astype(self.id_remap.dtype.as_numpy_dtype))
         return stats

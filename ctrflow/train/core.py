@@ -237,10 +237,11 @@ def init_output_bias(model: Any, positives: float | None, rows: int | None, nega
         model.linear.bias.assign(math.log(rate / (1 - rate)) - logit_correction(negative_sampling_rate))
 
 
-def init_id_remap(model: Any, data: Any) -> dict[str, dict[str, int]] | None:
+def init_id_remap(model: Any, data: Any, *, warm: bool = False) -> dict[str, dict[str, int]] | None:
     """`ModelConfig.min_count`: count every id column over the training data `data` (a shard folder or
-    list; one pass) and set the model's rare-id remap from the counts. Called when a run starts from
-    scratch only: a resume or a warm start keeps the remap its checkpoint holds. None when off."""
+    list; one pass) and set the model's rare-id remap from the counts, when a run starts (a resume keeps
+    its checkpoint's). `warm`: after a warm start, merged with the restored remap — an id that had its own
+    row keeps it, one now frequent gets its own (continuous training lets new ids graduate). None when off."""
     if model is not None and not getattr(model.config, "min_count", 0):
         return None
     if hasattr(data, "read") or str(data) == "-":
@@ -251,7 +252,7 @@ def init_id_remap(model: Any, data: Any) -> dict[str, dict[str, int]] | None:
         for b in batches:
             for j, c in enumerate(counts):
                 c += np.bincount(b.ids[:, j], minlength=len(c))[: len(c)]
-    return model.set_id_counts(counts)
+    return model.set_id_counts(counts, keep=warm)
 
 
 def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):

@@ -411,6 +411,7 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
     if not resumed_from and trainer.checkpoints.latest is None:
         if warm is not None:  # model weights only: optimizer slots here are per shard
             warm_from = core.apply_warm_start(warm[0], trainer.model, None)
+            core.init_id_remap(trainer.model, source.train, warm=True)
         else:
             init_output_bias(trainer.model, positives, rows, config.negative_sampling_rate)
             core.init_id_remap(trainer.model, source.train)

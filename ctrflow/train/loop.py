@@ -179,6 +179,7 @@ def train(
     if not resumed_from and trainer.checkpoints.latest is None:
         if warm is not None:
             warm_from = core.apply_warm_start(warm[0], trainer.model, trainer.optimizer if warm[1] else None)
+            core.init_id_remap(trainer.model, train_data, warm=True)
         else:
             rows_src = first if first is not None else open_batches(train_data, PipelineOptions(batch_size=1, shuffle=False))
             init_output_bias(trainer.model, rows_src.positives, rows_src.rows, config.negative_sampling_rate)

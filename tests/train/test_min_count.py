@@ -13,6 +13,10 @@ def test_rare_buckets_map_to_the_least_seen_one_and_frequent_ones_stay():
     assert remap.tolist() == [0, 1, 3, 3, 3, 5]  # 1x, 0x and 2x seen -> bucket 3 (never seen: nothing merged into it)
     assert stats == {"seen": 5, "rare_seen": 2, "rare_rows": 3}
     assert rare_id_remap(np.array([3, 4]), 3)[0].tolist() == [0, 1]  # nothing rare: identity
+    # a warm start: own rows stay own (even if rare now), the shared bucket stays, a now-frequent id gets its row
+    previous = np.array([0, 1, 3, 3, 3, 5])
+    assert rare_id_remap(np.array([0, 0, 5, 0, 0, 9]), 3, previous)[0].tolist() == [0, 1, 2, 3, 3, 5]
+    assert rare_id_remap(np.array([0, 0, 5]), 3, np.arange(3))[0].tolist() == [0, 1, 2]  # from a run without min_count
 
 
 def test_min_count_is_checked():
@@ -109,3 +113,32 @@ def test_context_requests_apply_the_same_remap_as_flat_calls(kind):
     row = np.arange(9, dtype=np.int32)
     got = model.call_context(split, ids[:, :1], np.zeros((9, 0), np.float32), ids[:, 1:], np.zeros((9, 0), np.float32), row).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path):
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.schema import PRESETS
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest, train
+
+    schema = PRESETS["synthetic"].capped(1 << 8)
+    for name, seed in (("a", 5), ("b", 6)):  # two days of traffic: the second has values the first never saw
+        generate(tmp_path / f"{name}.csv", GenerateOptions(rows=1500, seed=seed))
+    convert(tmp_path / "a.csv", tmp_path / "a", schema=schema, options=ConvertOptions(workers=1))
+    convert(tmp_path / "b.csv", tmp_path / "b", like=tmp_path / "a", options=ConvertOptions(workers=1))
+    config = TrainConfig(model=ModelConfig("lr", min_count=4), batch_size=500, max_steps=2, holdout_fraction=0)
+    train(tmp_path / "a", tmp_path / "r1", config)
+    train(tmp_path / "b", tmp_path / "r2", config, warm_start=tmp_path / "r1")
+    remaps = []
+    for run in ("r1", "r2"):
+        model = build_model_from_run(load_run_info(tmp_path / run))
+        restore_latest(tmp_path / run, model)
+        remaps.append(model.id_remap.numpy())
+    local = np.concatenate([np.arange(b) for b in model.layout.id_buckets])  # the remap holds each field's local ids
+    own1, own2 = remaps[0] == local, remaps[1] == local
+    assert (~own1).any() and (own2[own1]).all()  # rare ids existed; every own row of run 1 is still own
+    assert (own2 & ~own1).any()  # some ids rare on day a became frequent on day b and got their own row
+    np.testing.assert_array_equal(remaps[1][~own2], remaps[0][~own2])  # the still-rare ones read the same shared rows
