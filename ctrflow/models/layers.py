@@ -1018,9 +1018,10 @@ class CtrModel(tf.Module):
         if self.id_remap is None or not len(fields):
             return ids
         offsets = [self.layout.offsets[f] for f in fields]
+        # embedding_lookup, not gather: it also reads a remap sharded over parameter servers (distributed runs)
         if self.id_remap.dtype == tf.int64:
-            return tf.cast(tf.gather(self.id_remap, tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64)), tf.int32)
-        return tf.gather(self.id_remap, ids + tf.constant(offsets, tf.int32))
+            return tf.cast(tf.nn.embedding_lookup(self.id_remap, tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64)), tf.int32)
+        return tf.nn.embedding_lookup(self.id_remap, ids + tf.constant(offsets, tf.int32))
 
     def set_id_counts(self, counts: Sequence["np.ndarray"], *, keep: bool = False) -> dict[str, dict[str, int]]:
         """Set the rare-id remap from `counts` (one array per column of `Batch.ids`: how often each bucket
@@ -1031,7 +1032,7 @@ class CtrModel(tf.Module):
         self.build()
         if self.id_remap is None:
             return {}
-        current = self.id_remap.numpy() if keep else None
+        current = tf.convert_to_tensor(self.id_remap).numpy() if keep else None
         parts, stats = [], {}
         for f, col in enumerate(self.layout.id_columns):
             start, rows = self.layout.offsets[f], self.layout.id_buckets[f]

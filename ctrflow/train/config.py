@@ -88,9 +88,12 @@ class TrainConfig:
     the embeddings and the MLP). Sparse groups update only the rows a batch touched.
     """
 
-    # DeepFM with MLP dropout 0.2 (measured: zipfmix 0.1216-0.1237 vs 0.1251 without, synthetic equal);
-    # the CLI's `--model KIND` keeps these settings and changes the kind.
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm", dropout=0.2))
+    # DeepFM with MLP dropout 0.2 (measured: zipfmix 0.1216-0.1237 vs 0.1251 without, synthetic equal) and ids
+    # seen < 5 times sharing one row per field (min_count; measured over six models x four datasets: TalkingData
+    # every model -0.0006..-0.0011, the best 0.00793 -> 0.00720; iPinYou best 0.01974 -> 0.01941; synthetic and
+    # zipfmix better or tied for the best models; 3 and 20 worse than 5 on TalkingData and iPinYou; BENCHMARKS.md
+    # "Rare ids"); the CLI's `--model KIND` keeps these settings and changes the kind.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm", dropout=0.2, min_count=5))
     optimizer: str = "lazyadam"  # one of OPTIMIZER_NAMES, for every group not in optimizer_groups
     learning_rate: float | None = None  # > 0 for every group; None: DEFAULT_LEARNING_RATES[optimizer][group]
     optimizer_groups: dict[str, GroupOptimizer] = field(default_factory=dict)

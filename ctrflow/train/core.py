@@ -99,6 +99,8 @@ def load_run_info(run: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{p}: cannot read the run record ({e}).") from None
     if isinstance(info.get("config"), dict):  # a run recorded before `l2_mode` existed trained (and checkpointed) "touched"
         info["config"].setdefault("l2_mode", "touched")
+        if isinstance(info["config"].get("model"), dict):  # ... and before `min_count`: no remap in its checkpoints
+            info["config"]["model"].setdefault("min_count", 0)
     return info
 
 
@@ -241,12 +243,10 @@ def init_id_remap(model: Any, data: Any, *, warm: bool = False) -> dict[str, dic
     """`ModelConfig.min_count`: count every id column over the training data `data` (a shard folder or
     list; one pass) and set the model's rare-id remap from the counts, when a run starts (a resume keeps
     its checkpoint's). `warm`: after a warm start, merged with the restored remap — an id that had its own
-    row keeps it, one now frequent gets its own (continuous training lets new ids graduate). None when off."""
-    if model is not None and not getattr(model.config, "min_count", 0):
-        return None
-    if hasattr(data, "read") or str(data) == "-":
-        raise ConfigError("min_count counts the ids of the training data before the first step, so it needs a shard "
-                          "folder, not a stream read once; convert the stream to shards or pass --min-count 0.")
+    row keeps it, one now frequent gets its own (continuous training lets new ids graduate). None when off
+    or when `data` is a stream (read once: no counts; the remap stays the identity, every id keeps its row)."""
+    if not getattr(model.config, "min_count", 0) or hasattr(data, "read") or str(data) == "-":
+        return None  # off, or a stream (read once: nothing to count before the first step; every id keeps its row)
     counts = [np.zeros(b, np.int64) for b in model.spec.id_buckets]
     with open_batches(data, PipelineOptions(batch_size=65_536, shuffle=False)) as batches:
         for b in batches:

@@ -145,8 +145,6 @@ def train(
     _configure_tf(config)
     run = Path(out)
     is_stream = hasattr(data, "read") or str(data) == "-"
-    if is_stream and config.model.min_count:
-        core.init_id_remap(None, data)  # refuses (min_count needs shards to count) before anything is written
     opts = PipelineOptions(batch_size=config.batch_size, epochs=1, shuffle_buffer_rows=config.shuffle_buffer_rows, seed=config.seed)
     first: BatchStream | None = open_batches(data, opts)  # epoch 0's stream; also tells schema and spec
     new_folder = not run.exists()

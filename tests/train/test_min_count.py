@@ -142,3 +142,14 @@ def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path):
     assert (~own1).any() and (own2[own1]).all()  # rare ids existed; every own row of run 1 is still own
     assert (own2 & ~own1).any()  # some ids rare on day a became frequent on day b and got their own row
     np.testing.assert_array_equal(remaps[1][~own2], remaps[0][~own2])  # the still-rare ones read the same shared rows
+
+
+def test_new_runs_count_rare_ids_by_default_and_runs_recorded_before_min_count_keep_none(tmp_path):
+    import json
+
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.core import RUN_FILE, load_run_info
+
+    assert TrainConfig().model.min_count == 5  # what `ctrflow train --model M` trains
+    (tmp_path / RUN_FILE).write_text(json.dumps({"config": {"model": {"kind": "fm"}, "l2_mode": "every_step"}}))
+    assert load_run_info(tmp_path)["config"]["model"]["min_count"] == 0  # its checkpoints hold no remap

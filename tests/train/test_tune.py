@@ -76,7 +76,7 @@ def test_options_and_space_are_checked():
     # the search's first trial is the config tuned from, as it is: same rates, L2, batch, model settings
     from ctrflow.train.tune import _space_for, base_params
 
-    base = TrainConfig(model=ModelConfig("deepfm", dropout=0.2))
+    base = TrainConfig(model=ModelConfig("deepfm", dropout=0.2, min_count=5))
     first = config_with(base, base_params(base, _space_for("deepfm")), epochs=1)
     assert (first.l2, first.batch_size, first.model) == (base.l2, base.batch_size, base.model)
     assert [first.effective_learning_rate(g) for g in ("linear", "embedding", "dense")] == \
