@@ -22,6 +22,8 @@ Defaults that converge without flags
   dropout 0.2 in the MLP of the default model. Measured against L2 on touched rows only ("touched", the
   former default): better or tied for every model on two synthetic datasets, the best model (FFM) by
   0.0013 / 0.0002 logloss (BENCHMARKS.md "Model quality vs peers", helper "quality").
+- Rare ids: the default model has `min_count=5` (ids seen fewer than 5 times in the training data share
+  one row per field, counted when the run starts; BENCHMARKS.md "Rare ids share one row per field").
 """
 from __future__ import annotations
 
