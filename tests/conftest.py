@@ -69,6 +69,25 @@ def trained_run(tmp_path_factory, synthetic_shards):
     return run, train_dir, test_dir
 
 
+@pytest.fixture(scope="session")
+def local_cluster():
+    """One real local cluster (1 ps + 2 worker processes) shared by every cluster test of the session:
+    each start costs three TensorFlow imports. A test that kills a task restarts it (see `cluster_ready`)."""
+    from ctrflow.train.cluster import LocalCluster
+
+    with LocalCluster(workers=2, ps=1) as c:
+        yield c
+
+
+def cluster_ready(cluster):
+    """`cluster` with every task running: one a failed test left killed is started again at its address."""
+    for kind, count in (("ps", cluster.ps), ("worker", cluster.workers)):
+        for index in range(count):
+            if not cluster.alive(kind, index):
+                cluster.restart(kind, index)
+    return cluster
+
+
 def raw_rows(csv_path: Path, n: int) -> list[dict]:
     """The first n rows of a synthetic CSV as serving instances (named raw features, None = missing)."""
     import csv

@@ -22,12 +22,19 @@ from ctrflow.train.metrics import auc
 from conftest import REPO, raw_rows
 
 
-def test_raw_signature_hashes_discretizes_and_scores_exactly_like_converter_and_model(tmp_path, trained_run):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained_run):
+    """(base folder, summary): one float32 export of `trained_run`, read (never written) by the tests below."""
+    base = tmp_path_factory.mktemp("exported") / "m"
+    return base, export(trained_run[0], base)
+
+
+def test_raw_signature_hashes_discretizes_and_scores_exactly_like_converter_and_model(exported, trained_run):
     run, train_dir, _ = trained_run
-    s = export(run, tmp_path / "m")
-    assert s.version == 1 and (tmp_path / "m" / "1" / "saved_model.pb").exists() and (tmp_path / "m" / "1" / "variables").is_dir()
+    base, s = exported
+    assert s.version == 1 and (base / "1" / "saved_model.pb").exists() and (base / "1" / "variables").is_dir()
     rows = raw_rows(train_dir.parent / "train.csv", 3000)
-    p = Predictor.load(tmp_path / "m")
+    p = Predictor.load(base)
     feats = columns_from_rows(rows, p.feature_names)
     ids, numeric = p.transform(feats)
     with open_batches(train_dir, PipelineOptions(batch_size=3000, shuffle=False)) as bs:
@@ -41,20 +48,19 @@ def test_raw_signature_hashes_discretizes_and_scores_exactly_like_converter_and_
     np.testing.assert_allclose(p.predict_ids(b.ids, b.numeric), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_export_is_slim_and_holds_no_optimizer_state(tmp_path, trained_run):
-    run, _, _ = trained_run
-    s = export(run, tmp_path / "m")
-    names = [n for n, _ in tf.train.list_variables(str(tmp_path / "m" / "1" / "variables" / "variables"))]
+def test_export_is_slim_and_holds_no_optimizer_state(exported):
+    base, s = exported
+    names = [n for n, _ in tf.train.list_variables(str(base / "1" / "variables" / "variables"))]
     assert names and not any("optimizer" in n or "slots" in n for n in names)
     assert s.export_vs_checkpoint <= 0.35, s  # LazyAdam keeps two slots per weight in the checkpoint
 
 
-def test_float16_tables_halve_the_export_and_barely_move_scores(tmp_path, trained_run):
+def test_float16_tables_halve_the_export_and_barely_move_scores(tmp_path, trained_run, exported):
     run, _, test_dir = trained_run
-    a = export(run, tmp_path / "m32")
+    base32, a = exported
     b = export(run, tmp_path / "m16", embedding_dtype="float16")
     assert b.export_bytes < 0.6 * a.export_bytes
-    p32, p16 = Predictor.load(tmp_path / "m32"), Predictor.load(tmp_path / "m16")
+    p32, p16 = Predictor.load(base32), Predictor.load(tmp_path / "m16")
     with open_batches(test_dir, PipelineOptions(batch_size=20000, shuffle=False)) as bs:
         t = next(iter(bs))
     s32, s16 = p32.predict_ids(t.ids, t.numeric), p16.predict_ids(t.ids, t.numeric)
@@ -87,10 +93,9 @@ def test_killed_export_leaves_no_visible_version(tmp_path, trained_run):
         Predictor.load(tmp_path / "m")
 
 
-def test_tf_serving_signatures_take_raw_features(tmp_path, trained_run):
-    run, train_dir, _ = trained_run
-    export(run, tmp_path / "m")
-    loaded = tf.saved_model.load(str(tmp_path / "m" / "1"))
+def test_tf_serving_signatures_take_raw_features(exported, trained_run):
+    _, train_dir, _ = trained_run
+    loaded = tf.saved_model.load(str(exported[0] / "1"))
     assert {"serving_default", "predict_ids", "transform"} <= set(loaded.signatures)
     rows = raw_rows(train_dir.parent / "train.csv", 5)
     feats = {k: tf.constant([r[k] if k.startswith("C") else (np.nan if r[k] is None else r[k]) for r in rows],
@@ -99,10 +104,9 @@ def test_tf_serving_signatures_take_raw_features(tmp_path, trained_run):
     assert out["probabilities"].shape == (5,) and np.all((out["probabilities"].numpy() > 0) & (out["probabilities"].numpy() < 1))
 
 
-def test_evaluate_reports_metrics_of_an_export_equal_to_the_run(tmp_path, trained_run):
+def test_evaluate_reports_metrics_of_an_export_equal_to_the_run(exported, trained_run):
     run, _, test_dir = trained_run
-    export(run, tmp_path / "m")
-    p = Predictor.load(tmp_path / "m")
+    p = Predictor.load(exported[0])
     with open_batches(test_dir, PipelineOptions(batch_size=20000, shuffle=False)) as bs:
         t = next(iter(bs))
     assert auc(t.label, p.predict_ids(t.ids, t.numeric)) == pytest.approx(evaluate(run, test_dir)["auc"], abs=1e-9)

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrflow.train.cluster import LocalCluster
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 
-from conftest import REPO
+from conftest import REPO, cluster_ready
 
 COORDINATOR = """
 import json, sys
@@ -33,7 +32,8 @@ print(json.dumps(s.to_dict(), default=str))
 
 
 @pytest.mark.slow
-def test_dcnv2_trains_on_a_local_cluster_with_sharded_cross_kernels_and_serves_what_it_learned(tmp_path, synthetic_shards):
+def test_dcnv2_trains_on_a_local_cluster_with_sharded_cross_kernels_and_serves_what_it_learned(tmp_path, synthetic_shards,
+                                                                                               local_cluster):
     import tensorflow as tf
 
     from ctrflow.data.pipeline import PipelineOptions, open_batches
@@ -49,16 +49,16 @@ def test_dcnv2_trains_on_a_local_cluster_with_sharded_cross_kernels_and_serves_w
     # 4 KiB shards: the tables, and every dense variable over 4 KiB such as the [312, 312] cross kernels
     # (389 KB), are split into 2 ShardedVariable parts by the strategy's partitioner.
     options = {"min_shard_bytes": 4096, "shards": 2}
-    with LocalCluster(workers=2, ps=1) as cluster:
-        proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(train_dir), str(tmp_path / "dist"), json.dumps(config),
-                                 json.dumps(options)], env=cluster.coordinator_env(), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"coordinator hung:\n{err[-3000:]}")
+    cluster = cluster_ready(local_cluster)  # the session's shared cluster (tests/conftest.py): 2 workers, 1 ps
+    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(train_dir), str(tmp_path / "dist"), json.dumps(config),
+                             json.dumps(options)], env=cluster.coordinator_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"coordinator hung:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["steps"] >= 30

@@ -28,7 +28,7 @@ from ctrflow.train.config import TrainConfig
 from ctrflow.data.tfdata import shard_table, worker_dataset
 from ctrflow.train.distributed import DistributedOptions, train_distributed
 
-from conftest import REPO
+from conftest import REPO, cluster_ready
 
 SMALL = dict(batch_size=1024, learning_rate=0.01, checkpoint_every_steps=20, log_every_steps=10, epochs=1, holdout_fraction=0.0,
              l2=0.0, early_stopping_patience=0, lr_scaling="none")  # the settings these tests were written for (one epoch, no split)
@@ -50,6 +50,26 @@ except CtrflowError as e:
 print(json.dumps(s.to_dict(), default=str))
 """
 
+# Several runs one after another in ONE coordinator process (each a fresh train_distributed call: its own
+# strategy and connection): a coordinator's TensorFlow import costs far more than a short run. argv: one
+# JSON list of [data, out, config, options, valid, warm]; stdout: one line per run, flushed as it ends,
+# {"summary": ..., "seconds": s} or {"error": message, "seconds": s}.
+SEQUENCE = """
+import json, sys, time
+from ctrflow.errors import CtrflowError
+from ctrflow.train.config import TrainConfig
+from ctrflow.train.distributed import DistributedOptions, train_distributed
+for data, out, config, options, valid, warm in json.loads(sys.argv[1]):
+    t0 = time.monotonic()
+    try:
+        s = train_distributed(data, out, TrainConfig.from_dict(config), valid=valid or None, warm_start=warm or None,
+                              options=DistributedOptions(**options))
+        line = {"summary": s.to_dict()}
+    except CtrflowError as e:
+        line = {"error": str(e)}
+    print(json.dumps({**line, "seconds": time.monotonic() - t0}, default=str), flush=True)
+"""
+
 
 def config_dict(kind="fm", **kw) -> dict:
     return TrainConfig(model=ModelConfig(kind, embedding_dim=8, hidden=(32,)), **{**SMALL, **kw}).to_dict()
@@ -62,6 +82,23 @@ def coordinator(cluster: LocalCluster, data, out, config: dict, options: dict | 
                             text=True, start_new_session=True, **popen)
 
 
+def job(data, out, config: dict, options: dict | None = None, valid=None, warm_start=None) -> list:
+    return [str(data), str(out), config, options or {}, str(valid or ""), str(warm_start or "")]
+
+
+def coordinator_sequence(cluster: LocalCluster, jobs: list[list]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SEQUENCE, json.dumps(jobs)], env=cluster.coordinator_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish_sequence(proc: subprocess.Popen, runs: int, timeout: float = 300) -> list[dict]:
+    """Each run's line ({"summary"|"error", "seconds"}); fails unless all `runs` ended and the process exited 0."""
+    code, _, err = finish(proc, timeout)
+    lines = [json.loads(l) for l in proc.stdout_text.strip().splitlines() if l.startswith("{")]
+    assert code == 0 and len(lines) == runs, err[-3000:]
+    return lines
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -69,6 +106,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | No
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"coordinator hung for {timeout} s:\n{err[-3000:]}")
+    proc.stdout_text = out
     lines = out.strip().splitlines()
     summary = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
     return proc.returncode, summary, err
@@ -285,10 +323,10 @@ def test_tables_are_sharded_and_sparse_updates_per_shard_match_one_process(synth
     assert table_devices == {"/job:ps/replica:0/task:0/device:CPU:0", "/job:ps/replica:0/task:1/device:CPU:0"}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(workers=2, ps=1) as c:
-        yield c
+@pytest.fixture
+def cluster(local_cluster):
+    """The session's shared cluster (tests/conftest.py), every task running."""
+    return cluster_ready(local_cluster)
 
 
 @pytest.mark.slow
@@ -333,24 +371,30 @@ def test_cluster_training_matches_one_process_and_exports_serve_alike(tmp_path, 
     served = Predictor.load(e.path).predict_ids(b.ids, b.numeric)
     np.testing.assert_allclose(served, tf.sigmoid(model(b.ids, b.numeric)).numpy(), rtol=1e-5, atol=1e-7)
 
-    # Resuming on a cluster that shards the tables differently is refused within seconds.
-    t0 = time.monotonic()
-    code, _, err = finish(coordinator(cluster, train_dir, tmp_path / "dist", config_dict(epochs=2, learning_rate=0.003), {"min_shard_bytes": 4096, "shards": 1}))
-    assert code == 2 and "trained with its tables in other shards" in err and "2 shard(s) then, 1 now" in err, err[-2000:]
-    assert time.monotonic() - t0 < 60
+    # Resuming on a cluster that shards the tables differently is refused within seconds; then the fix it
+    # names, in the same coordinator process (one process coordinates one partitioning for its lifetime).
+    refused, warm = finish_sequence(coordinator_sequence(cluster, [
+        job(train_dir, tmp_path / "dist", config_dict(epochs=2, learning_rate=0.003), {"min_shard_bytes": 4096, "shards": 1}),
+        job(train_dir, tmp_path / "resharded", config_dict(max_steps=5), {"min_shard_bytes": 4096, "shards": 1},
+            warm_start=tmp_path / "dist"),
+    ]), 2)
+    message = refused.get("error", "")
+    assert "trained with its tables in other shards" in message and "2 shard(s) then, 1 now" in message, refused
+    assert refused["seconds"] < 60
     # ... and the fix it names works: a new run folder warm-started from the two-shard run, tables whole.
-    code, warm, err = finish(coordinator(cluster, train_dir, tmp_path / "resharded", config_dict(max_steps=5),
-                                         {"min_shard_bytes": 4096, "shards": 1}, warm_start=tmp_path / "dist"))
-    assert code == 0 and warm["warm_started_from"].endswith("ckpt-" + str(dist["steps"])), err[-3000:]
+    assert warm["summary"]["warm_started_from"].endswith("ckpt-" + str(dist["steps"])), warm
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cluster, synthetic_shards):
     train_dir, _, _ = synthetic_shards
-    code, summary, err = finish(coordinator(cluster, train_dir, tmp_path / "r", config_dict(optimizer="sgd", max_steps=20)))
-    assert code == 0 and summary["checkpoint"].endswith("ckpt-20"), err[-3000:]
-    code, _, err = finish(coordinator(cluster, train_dir, tmp_path / "r", config_dict(optimizer="sgd", learning_rate=1e30, max_steps=200)))
-    assert code == 2 and "the loss became NaN or inf" in err and "ckpt-20 is kept" in err, err[-3000:]
+    good, diverged = finish_sequence(coordinator_sequence(cluster, [
+        job(train_dir, tmp_path / "r", config_dict(optimizer="sgd", max_steps=20)),
+        job(train_dir, tmp_path / "r", config_dict(optimizer="sgd", learning_rate=1e30, max_steps=200)),
+    ]), 2)
+    assert good["summary"]["checkpoint"].endswith("ckpt-20"), good
+    message = diverged.get("error", "")
+    assert "the loss became NaN or inf" in message and "ckpt-20 is kept" in message, diverged
 
 
 def cpu_seconds(pid: int) -> float:
@@ -386,11 +430,11 @@ def test_worker_killed_mid_training_the_other_goes_on_and_it_rejoins(tmp_path, c
 
 
 @pytest.mark.slow
-def test_ps_killed_stops_clearly_and_a_restarted_cluster_resumes_from_the_last_checkpoint(tmp_path, synthetic_shards):
+def test_ps_killed_stops_clearly_and_a_restarted_cluster_resumes_from_the_last_checkpoint(tmp_path, cluster, synthetic_shards):
     train_dir, _, _ = synthetic_shards
     run = tmp_path / "run"
     config = config_dict(epochs=3)
-    with LocalCluster(workers=2, ps=1) as c:
+    with LocalCluster(workers=2, ps=1) as c:  # a cluster of its own: its parameter server dies here
         proc = coordinator(c, train_dir, run, config)
         wait_for_step(run, 60, proc)
         c.kill("ps", 0)
@@ -400,22 +444,22 @@ def test_ps_killed_stops_clearly_and_a_restarted_cluster_resumes_from_the_last_c
         killed_at = latest_step(run)
     assert code == 2 and "parameter server ps 0" in err and "is gone" in err and "rerun the same command" in err, err[-3000:]
     assert stopped_in < 60
-    with LocalCluster(workers=2, ps=1) as c:  # new processes, new ports
-        proc = coordinator(c, train_dir, run, config)
-        time.sleep(0.5)
-        code, summary, err = finish(proc)
-        assert code == 0, err[-3000:]
-        assert killed_at - 20 <= summary["resumed_from_step"] <= killed_at + 20  # at most one checkpoint interval lost
-        # The coordinator killed: a rerun on the same, still running tasks resumes too.
-        proc = coordinator(c, train_dir, tmp_path / "run2", config)
-        wait_for_step(tmp_path / "run2", 45, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        killed_at = latest_step(tmp_path / "run2")
-        code, summary2, err = finish(coordinator(c, train_dir, tmp_path / "run2", config))
-        assert code == 0, err[-3000:]
-        assert killed_at - 20 <= summary2["resumed_from_step"] <= killed_at + 20
+    # Rerun on another cluster (the shared one: other processes, other ports), then, in the same coordinator
+    # process, a second run that is killed with it mid-training.
+    proc = coordinator_sequence(cluster, [job(train_dir, run, config), job(train_dir, tmp_path / "run2", config)])
+    wait_for_step(tmp_path / "run2", 45, proc, timeout=240)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    resumed = json.loads(proc.stdout.readline())  # the first run's line, written before the kill
+    assert "summary" in resumed, resumed
+    summary = resumed["summary"]
+    assert killed_at - 20 <= summary["resumed_from_step"] <= killed_at + 20  # at most one checkpoint interval lost
     assert summary["steps"] >= 3 * 59
+    # The coordinator killed: a rerun on the same, still running tasks resumes too.
+    killed_at = latest_step(tmp_path / "run2")
+    code, summary2, err = finish(coordinator(cluster, train_dir, tmp_path / "run2", config))
+    assert code == 0, err[-3000:]
+    assert killed_at - 20 <= summary2["resumed_from_step"] <= killed_at + 20
 
 
 @pytest.mark.slow
@@ -444,23 +488,24 @@ def test_local_cluster_launcher_tears_everything_down_on_ctrl_c(tmp_path, synthe
 def _cli_has_cluster() -> bool:
     from ctrflow import cli
 
-    return "--cluster" in subprocess.run([sys.executable, "-m", "ctrflow", "train", "--help"], capture_output=True,
-                                         text=True, cwd=REPO).stdout and hasattr(cli, "_cmd_cluster_local")
+    return hasattr(cli, "_cmd_cluster_local")
 
 
 @pytest.mark.slow
-def test_cli_trains_on_a_local_cluster_and_rejects_bad_cluster_files(tmp_path, synthetic_shards):
+def test_cli_trains_on_a_local_cluster_and_rejects_bad_cluster_files(tmp_path, synthetic_shards, capsys):
     import psutil
+
+    from ctrflow.cli import main as ctrflow_main
 
     if not _cli_has_cluster():
         pytest.skip("ctrflow.cli has no `cluster` command / `train --cluster` yet")
     train_dir, _, _ = synthetic_shards
     (tmp_path / "bad.json").write_text(json.dumps({"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"], "master": ["127.0.0.1:3"]}))
-    t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "ctrflow", "train", "--data", str(train_dir), "--out", str(tmp_path / "x"),
-                        "--cluster", str(tmp_path / "bad.json")], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert r.returncode == 2 and "unknown task type(s) ['master']" in r.stderr, r.stderr[-2000:]
-    assert time.monotonic() - t0 < 30
+    t0 = time.monotonic()  # in this process (TensorFlow imported already): the command's own check, not an import
+    code = ctrflow_main(["train", "--data", str(train_dir), "--out", str(tmp_path / "x"), "--cluster", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown task type(s) ['master']" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "x").exists() and time.monotonic() - t0 < 30
     launcher = subprocess.Popen(
         [sys.executable, "-m", "ctrflow", "cluster", "local", "--workers", "2", "--ps", "1", "--",
          "train", "--data", str(train_dir), "--out", str(tmp_path / "run"), "--model", "fm", "--embedding-dim", "8",
