@@ -7,7 +7,9 @@ parsing and waiting for the event loop are spent from the budget rather than add
 
 - already past it → `DeadlineExceeded` (504 / DEADLINE_EXCEEDED) before any work (`left_ms`);
 - the batcher's queue cannot meet it → `QueueFullError` (503 + Retry-After / UNAVAILABLE) at once,
-  before the features are prepared (`admit`, see `AutoBatcher.admit`);
+  before the features are prepared (`admit`, see `AutoBatcher.admit`). "Cannot meet" covers the whole
+  remaining path: the cost model's queue wait + compute, plus what admitted requests recently waited
+  beyond that estimate (mostly the answer's way back through a busy event loop, learnt per request);
 - it passes while queued → the rows are dropped when their batch forms, never computed (the batcher).
 """
 from __future__ import annotations

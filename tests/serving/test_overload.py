@@ -114,6 +114,33 @@ def test_an_absolute_deadline_and_a_timeout_take_the_earlier():
         held.result(WAIT_S)
 
 
+def test_admission_learns_what_asyncio_callers_wait_beyond_the_cost_model_and_refuses_by_it():
+    """A busy event loop resumes callers late after their scores are ready: admission must count that
+    (the answer's way back), or what it accepts is answered late."""
+    compute = SleepCompute(0.005)
+    with AutoBatcher(compute, BatchingOptions(max_batch_size=8, batch_timeout_ms=0)) as batcher:
+        for i in range(4):
+            batcher.predict(rows(100 * i, 8))
+        assert batcher.stats().estimated_unseen_ms == 0.0  # threads resume at once: nothing unseen
+
+        async def slow_loop() -> None:
+            calls = [asyncio.ensure_future(batcher.apredict(rows(1000 + 8 * i, 8), deadline=time.monotonic() + 60))
+                     for i in range(24)]
+            await asyncio.sleep(0)  # all submitted
+            time.sleep(0.25)  # the loop is busy elsewhere while the scores come in
+            await asyncio.gather(*calls)
+
+        asyncio.run(slow_loop())
+        assert batcher.stats().estimated_unseen_ms > 100.0  # ~250 ms late, smoothed over 24 callers
+        compute.gate.clear()
+        batcher.submit(rows(5000, 8))  # busy: the estimate applies
+        batcher.submit(rows(5008, 8))
+        assert batcher.estimated_wait_ms(8) < 100.0  # the cost model alone would admit a 300 ms budget ...
+        with pytest.raises(QueueFullError, match="within its deadline"):  # ... what was seen says no
+            batcher.admit(8, deadline=time.monotonic() + 0.3)
+        compute.gate.set()
+
+
 # ---- a real server under far more load than it can take ---------------------------------------------------
 
 
