@@ -279,6 +279,62 @@ class _SleepyModel(sf.SlowPredictor):
         return self._np.full(len(inputs["I1"]), 0.5, self._np.float32)
 
 
+def _answers(sock, count: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Read `count` HTTP answers from one connection: (status, fields, body) each."""
+    buf, out = b"", []
+    while len(out) < count:  # bounded by the socket's timeout
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, (buf, out)
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        length = int(fields.get(b"content-length", b"0"))
+        while len(buf) < length:
+            chunk = sock.recv(65536)
+            assert chunk
+            buf += chunk
+        out.append((int(lines[0].split(b" ", 2)[1]), fields, buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def test_the_door_refuses_from_the_head_alone_what_the_queue_cannot_answer_and_the_connection_stays_usable(tmp_path):
+    import socket
+
+    model = _SleepyModel(call_s=0.02)
+    server = sf.slow_server(tmp_path, model)
+    try:
+        batcher = model.batcher
+        for i in range(4):  # teach it ~20 ms a call
+            batcher.predict({"I1": np.array([float(i)])})
+        model.gate.clear()
+        queued = [batcher.submit({"I1": np.array([100.0 + i])}) for i in range(20)]  # ~0.4 s of work queued
+        garbage = b"x" * 5000  # not a columnar body: a refusal that decoded it would be a 400
+        def post(budget_ms: int) -> bytes:
+            return (f"POST /v1/models/m:predict_columnar HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    f"application/x-ctrflow-columnar\r\nContent-Length: {len(garbage)}\r\nX-Deadline-Ms: {budget_ms}"
+                    "\r\n\r\n").encode() + garbage
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            # Pipelined on one connection: refused at the door (body read and dropped), let in (the route
+            # answers its body: 400), then a GET that only parses if both bodies were consumed exactly.
+            sock.sendall(post(100) + post(60_000) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            (s1, f1, b1), (s2, _, b2), (s3, _, _) = _answers(sock, 3)
+        assert s1 == 503 and f1.get(b"retry-after") == b"1" and b"within its deadline" in b1, (s1, b1)
+        assert b"connection" not in f1  # kept alive
+        assert s2 == 400, (s2, b2)
+        assert s3 == 200
+        assert server._http.shared.door_refused == 1
+        assert batcher.stats().shed == 1
+        model.gate.set()
+        for future in queued:
+            future.result(WAIT_S)
+    finally:
+        model.gate.set()
+        server.stop()
+
+
 @pytest.mark.skipif(not sf.grpc_ok(), reason="grpcio / tensorflow-serving-api not installed")
 def test_grpc_honours_the_call_deadline_refusing_at_once_what_cannot_make_it(tmp_path):
     """Official stubs: a call whose deadline the queue cannot meet is UNAVAILABLE at once; one whose
