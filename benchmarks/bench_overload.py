@@ -293,14 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         if pin:
             os.sched_setaffinity(0, pin[1])
         here = os.environ.get("PYTHONPATH", "")
-        modes = [("this", not args.no_shed, here)]
+        cwd = os.getcwd()
+        modes = [("this", not args.no_shed, str(REPO))]
         if args.compare_tree:
             modes.append(("tree", not args.no_shed, str(Path(args.compare_tree).resolve())))
         if args.compare_no_shed:
-            modes.append(("this", False, here))
+            modes.append(("this", False, str(REPO)))
         runs = []
-        for r, m_i, (label, shed, tree) in ((r, i, m) for r in range(args.repeat) for i, m in enumerate(modes)):
-            os.environ["PYTHONPATH"] = tree  # the child server imports ctrflow from there
+        # Odd repeats run the modes in reverse order, so that neither side always goes first.
+        order = ((r, i, m) for r in range(args.repeat) for i, m in enumerate(modes if r % 2 == 0 else modes[::-1]))
+        for r, m_i, (label, shed, tree) in order:
+            # The child server (`python -m`, which puts its working directory first on sys.path) imports
+            # ctrflow from `tree`: run it from there.
+            os.environ["PYTHONPATH"] = tree
+            os.chdir(tree)
             batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                                        shed_by_deadline=shed, shed_budget_fraction=args.shed_budget_fraction)
             child = loadgen._ChildServer(str(base), name, batching)
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 child.close()
                 os.environ["PYTHONPATH"] = here
+                os.chdir(cwd)
 
     print()
     print(f"overload: 2x capacity for {args.overload_s:g} s, X-Deadline-Ms {args.deadline_ms:g}, {CANDIDATES} candidates, "
