@@ -29,7 +29,7 @@ __all__ = ["admit", "batcher_for", "door_for", "left_ms"]
 
 # The verbs asked at the door, and the signature whose batcher answers them. Context bodies and JSON
 # `:predict` (which may name any signature) are left to their routes.
-_DOOR_VERBS = {"predict_columnar": "serving_default", "predict_ids": "predict_ids"}
+_DOOR_VERBS = {"predict_columnar": ("serving_default", "columnar"), "predict_ids": ("predict_ids", "ids")}
 _CONTEXT_TYPE = b"application/x-ctrflow-context"
 
 
@@ -86,9 +86,10 @@ def door_for(routes: Any) -> Door | None:
         if not path.startswith("/v1/models/"):
             return None
         name, _, verb = path[11:].rpartition(":")
-        signature = _DOOR_VERBS.get(verb)
-        if signature is None or not name or "/" in name:
+        entry = _DOOR_VERBS.get(verb)
+        if entry is None or not name or "/" in name:
             return None
+        signature, protocol = entry
         budget_ms = getattr(routes, "default_timeout_ms", None)
         for key, value in headers:
             if key == b"x-deadline-ms":
@@ -112,12 +113,16 @@ def door_for(routes: Any) -> Door | None:
             left_ms(deadline, budget_ms)
             if batcher is not None and hasattr(batcher, "admit"):
                 batcher.admit(1, deadline=deadline)
+            return None
         except DeadlineExceeded as e:
-            return 504, str(e)
+            refusal = 504, str(e)
         except QueueFullError as e:
-            return 503, str(e)
+            refusal = 503, str(e)
         finally:
             manager.release(loaded)
-        return None
+        metrics = getattr(routes, "metrics", None)
+        if metrics is not None:  # counted with the routes' answers (ctrflow_requests_total by code)
+            metrics.observe(name, protocol, refusal[0], 0.0, 0)
+        return refusal
 
     return door

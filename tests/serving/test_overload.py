@@ -327,6 +327,13 @@ def test_the_door_refuses_from_the_head_alone_what_the_queue_cannot_answer_and_t
         assert s3 == 200
         assert server._http.shared.door_refused == 1
         assert batcher.stats().shed == 1
+        from ctrflow.serving.metrics import parse_metrics
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            metrics = parse_metrics(_answers(sock, 1)[0][2].decode())
+        assert metrics['ctrflow_requests_total{code="503",model="m",protocol="columnar"}'] == 1  # counted like the route's
+        assert metrics["ctrflow_http_door_refused_total"] == 1
         model.gate.set()
         for future in queued:
             future.result(WAIT_S)
