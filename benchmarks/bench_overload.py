@@ -47,16 +47,64 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) used so far by process `pid` (None: this one)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` (threads it starts later inherit it) onto `cpus`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # a thread that just ended
+            pass
+
+
+class _Meter:
+    """CPU of the server (child process) and of the generator (this process) between marks, plus the
+    generator loop's own lag (a 5 ms probe): what the two sides of one box spent, measured apart."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.marks: list[tuple[float, float, float]] = []  # (wall, server cpu, generator cpu)
+        self.gen_lag: list[float] = []
+
+    def mark(self) -> None:
+        self.marks.append((time.monotonic(), _cpu_s(self.server_pid), _cpu_s()))
+
+    def cores(self, a: int = 0, b: int = -1) -> tuple[float, float]:
+        (w0, s0, g0), (w1, s1, g1) = self.marks[a], self.marks[b]
+        wall = max(w1 - w0, 1e-9)
+        return (s1 - s0) / wall, (g1 - g0) / wall
+
+    async def probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:  # cancelled by _drive when the schedule is done
+            asked = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            self.gen_lag.append(max(0.0, loop.time() - asked))
+
+
 async def _drive(port: int, heads: list[bytes], bodies: list[bytes], times: np.ndarray, connections: int,
-                 limit_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 limit_s: float, meter: _Meter | None = None,
+                 mark_at: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Send request i at start + times[i] (open loop); (status per request, latency s from its scheduled
-    time, the generator's own lag s in starting it)."""
+    time, the generator's own lag s in starting it). `meter` is marked at the start, at each offset of
+    `mark_at`, and once every answer is in."""
     pool = loadgen._HttpPool("127.0.0.1", port, connections)
     loop = asyncio.get_running_loop()
     status = np.zeros(len(times), np.int32)  # 0: no answer (client timeout, connection error)
     latency = np.full(len(times), np.nan)
     lag = np.zeros(len(times))
     tasks: set[asyncio.Task] = set()
+    prober = None
 
     async def one(i: int, at: float) -> None:
         lag[i] = max(0.0, loop.time() - at)
@@ -69,6 +117,11 @@ async def _drive(port: int, heads: list[bytes], bodies: list[bytes], times: np.n
         latency[i] = loop.time() - at
 
     start = loop.time() + 0.05
+    if meter is not None:
+        loop.call_at(start, meter.mark)
+        for offset in mark_at:
+            loop.call_at(start + offset, meter.mark)
+        prober = loop.create_task(meter.probe())
     for i, offset in enumerate(times):  # bounded by the schedule
         at = start + float(offset)
         delay = at - loop.time()
@@ -81,6 +134,9 @@ async def _drive(port: int, heads: list[bytes], bodies: list[bytes], times: np.n
         await asyncio.wait(set(tasks), timeout=limit_s + 5)
     for task in list(tasks):
         task.cancel()
+    if meter is not None:
+        meter.mark()
+        prober.cancel()
     await pool.close()
     return status, latency, lag
 
@@ -98,22 +154,29 @@ def _counter(before: dict[str, float], after: dict[str, float], name: str) -> fl
 
 
 def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, deadline_ms: float,
-                  connections: int, seed: int) -> tuple[float, list[dict]]:
+                  connections: int, seed: int, server_pid: int | None = None) -> tuple[float, list[dict]]:
     """Capacity: the most requests/s answered 200 within the deadline at any of the rising `rates`
     (which stop one step after the good share falls under 90%: past capacity)."""
     steps, capacity = [], 0.0
     for rate in rates:
         times = loadgen.arrival_times(rate, step_s, seed)
-        status, latency, _ = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3)))
+        meter = _Meter(server_pid)
+        status, latency, _ = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3),
+                                                meter, (step_s,)))
+        server_cores, generator_cores = meter.cores(0, 1)
         good = (status == 200) & (latency <= deadline_ms / 1e3)
         ok_lat = latency[status == 200] * 1e3
         row = {"rate_rps": rate, "requests": int(len(times)), "good_fraction": float(good.mean()) if len(good) else 0.0,
                "good_rps": float(good.sum()) / step_s,
                "p50_ms": _percentile(ok_lat, 50), "p99_ms": _percentile(ok_lat, 99),
-               "shed_503": int((status == 503).sum()), "timeouts_504": int((status == 504).sum())}
+               "shed_503": int((status == 503).sum()), "timeouts_504": int((status == 504).sum()),
+               "server_cores": server_cores, "generator_cores": generator_cores,
+               "generator_loop_lag_p99_ms": _percentile(np.asarray(meter.gen_lag) * 1e3, 99)}
         steps.append(row)
         print(f"  capacity step {rate:7.0f} req/s: {row['good_fraction']:.1%} good ({row['good_rps']:.0f}/s), "
-              f"p99 {row['p99_ms']:.1f} ms, {row['shed_503']} x 503, {row['timeouts_504']} x 504", flush=True)
+              f"p99 {row['p99_ms']:.1f} ms, {row['shed_503']} x 503, {row['timeouts_504']} x 504; CPU cores: "
+              f"server {server_cores:.2f}, generator {generator_cores:.2f} (its loop lag p99 "
+              f"{row['generator_loop_lag_p99_ms']:.1f} ms)", flush=True)
         capacity = max(capacity, row["good_rps"])
         if row["good_fraction"] < 0.9:
             break
@@ -121,13 +184,16 @@ def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, d
 
 
 def overload(port: int, heads, bodies, capacity_rps: float, deadline_ms: float, overload_s: float, recovery_s: float,
-             connections: int, seed: int) -> dict:
+             connections: int, seed: int, server_pid: int | None = None) -> dict:
     """2x capacity for overload_s, then 0.5x for recovery_s, in one open-loop schedule."""
     over = loadgen.arrival_times(2 * capacity_rps, overload_s, seed)
     after = overload_s + loadgen.arrival_times(0.5 * capacity_rps, recovery_s, seed + 1)
     times = np.concatenate([over, after])
     before = _scrape(port)
-    status, latency, lag = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3)))
+    meter = _Meter(server_pid)
+    status, latency, lag = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3),
+                                              meter, (overload_s,)))
+    server_cores, generator_cores = meter.cores(0, 1)
     metrics = _scrape(port)
     budget = deadline_ms / 1e3
     in_over = times < overload_s
@@ -149,9 +215,28 @@ def overload(port: int, heads, bodies, capacity_rps: float, deadline_ms: float, 
         "recovery_p99_ms": _percentile(rec_ok, 99),
         # The generator's own lag in starting requests (it shares the cores): part of every latency above.
         "generator_lag_p99_ms": _percentile(lag[in_over] * 1e3, 99),
+        # CPU cores each side used during the overload (server: the child process; generator: this one).
+        "server_cores": server_cores, "generator_cores": generator_cores,
+        "generator_loop_lag_p99_ms": _percentile(np.asarray(meter.gen_lag) * 1e3, 99),
         "server_shed": _counter(before, metrics, "ctrflow_batcher_shed_total"),
         "server_expired": _counter(before, metrics, "ctrflow_batcher_expired_total"),
+        "server_loop_lag_s_after": metrics.get("ctrflow_http_loop_lag_seconds", math.nan),
     }
+
+
+def _cpus(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _parse_pin(text: str) -> tuple[set[int], set[int]]:
+    server, sep, generator = text.partition(":")
+    if not sep:
+        raise SystemExit(f"error: --pin wants SERVER:GENERATOR CPU lists (e.g. 1:0). Got {text!r} instead.")
+    return _cpus(server), _cpus(generator)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-shed", action="store_true", help="turn deadline shedding off (the bounded queue stays)")
     ap.add_argument("--shed-budget-fraction", type=float, default=BatchingOptions().shed_budget_fraction)
     ap.add_argument("--capacity-rps", type=float, help="skip the capacity search: overload at 2x this rate")
+    ap.add_argument("--pin", metavar="SERVER:GENERATOR",
+                    help="CPU lists (e.g. 1:0 or 0-1:0): the server's threads on the first, this generator on the "
+                         "second (os.sched_setaffinity), so capacity and overload run on the same CPU share")
+    ap.add_argument("--compare-tree", metavar="DIR",
+                    help="each repeat also runs the server from the ctrflow package under DIR (e.g. an older "
+                         "commit's `git archive`), interleaved with this tree's, on the same schedule")
+    ap.add_argument("--capacity-once", action="store_true",
+                    help="search capacity only in the first run of each repeat; the others overload at 2x that, "
+                         "so a pair meets the very same offered rate")
     ap.add_argument("--compare-no-shed", action="store_true",
                     help="each repeat runs shedding on, then off, on the same schedule (interleaved)")
     args = ap.parse_args(argv)
@@ -195,48 +289,69 @@ def main(argv: list[str] | None = None) -> int:
 
         gc.collect()
         gc.freeze()
-        modes = [True, False] if args.compare_no_shed else [not args.no_shed]
+        pin = _parse_pin(args.pin) if args.pin else None
+        if pin:
+            os.sched_setaffinity(0, pin[1])
+        here = os.environ.get("PYTHONPATH", "")
+        cwd = os.getcwd()
+        modes = [("this", not args.no_shed, str(REPO))]
+        if args.compare_tree:
+            modes.append(("tree", not args.no_shed, str(Path(args.compare_tree).resolve())))
+        if args.compare_no_shed:
+            modes.append(("this", False, str(REPO)))
         runs = []
-        for r, shed in ((r, shed) for r in range(args.repeat) for shed in modes):
+        # Odd repeats run the modes in reverse order, so that neither side always goes first.
+        order = ((r, i, m) for r in range(args.repeat) for i, m in enumerate(modes if r % 2 == 0 else modes[::-1]))
+        for r, m_i, (label, shed, tree) in order:
+            # The child server (`python -m`, which puts its working directory first on sys.path) imports
+            # ctrflow from `tree`: run it from there.
+            os.environ["PYTHONPATH"] = tree
+            os.chdir(tree)
             batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                                        shed_by_deadline=shed, shed_budget_fraction=args.shed_budget_fraction)
             child = loadgen._ChildServer(str(base), name, batching)
+            if pin:
+                _pin(child.proc.pid, pin[0])
             try:
                 warm = loadgen.arrival_times(100, 2.0, 99)
                 asyncio.run(_drive(child.port, heads, bodies, warm, 64, 5.0))
                 rates = [float(x) for x in args.rates.split(",") if x]
                 if args.capacity_rps:
                     capacity, steps = args.capacity_rps, []
+                elif args.capacity_once and m_i and runs[-1].get("capacity_rps"):
+                    capacity, steps = runs[-1]["capacity_rps"], []
                 else:
                     capacity, steps = find_capacity(child.port, heads, bodies, rates, args.step_s, args.deadline_ms,
-                                                    args.connections, seed=r)
+                                                    args.connections, seed=r, server_pid=child.proc.pid)
                 if not capacity:
                     print("no rate met the deadline: the machine is too busy to measure", flush=True)
-                    runs.append({"shed_by_deadline": shed, "capacity_rps": 0.0, "steps": steps})
+                    runs.append({"code": label, "shed_by_deadline": shed, "capacity_rps": 0.0, "steps": steps})
                     continue
                 time.sleep(1.0)
                 result = overload(child.port, heads, bodies, capacity, args.deadline_ms, args.overload_s,
-                                  args.recovery_s, args.connections, seed=100 + r)
-                runs.append({"shed_by_deadline": shed, "capacity_rps": capacity,
+                                  args.recovery_s, args.connections, seed=100 + r, server_pid=child.proc.pid)
+                runs.append({"code": label, "shed_by_deadline": shed, "capacity_rps": capacity,
                              "capacity_predictions_per_s": capacity * CANDIDATES, "steps": steps, **result})
             finally:
                 child.close()
+                os.environ["PYTHONPATH"] = here
+                os.chdir(cwd)
 
     print()
     print(f"overload: 2x capacity for {args.overload_s:g} s, X-Deadline-Ms {args.deadline_ms:g}, {CANDIDATES} candidates, "
           f"binary columnar, shed_budget_fraction {args.shed_budget_fraction:g}")
-    print(f"{'run':>3} {'shed':>4} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
-          f"{'goodput':>8} {'rec p99':>8} {'rec ok':>7} {'gen lag p99':>11}")
+    print(f"{'run':>3} {'code':>4} {'shed':>4} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
+          f"{'goodput':>8} {'rec p99':>8} {'rec ok':>7} {'gen lag p99':>11} {'srv CPU':>7} {'gen CPU':>7}")
     for i, run in enumerate(runs):
         if "accepted" not in run:
-            print(f"{i:>3} {'on' if run['shed_by_deadline'] else 'off':>4} {'-':>9}")
+            print(f"{i:>3} {run['code']:>4} {'on' if run['shed_by_deadline'] else 'off':>4} {'-':>9}")
             continue
-        print(f"{i:>3} {'on' if run['shed_by_deadline'] else 'off':>4} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
+        print(f"{i:>3} {run['code']:>4} {'on' if run['shed_by_deadline'] else 'off':>4} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
               f"{run['accepted_p99_ms']:>6.1f}ms {run['accepted_late']:>5} {run['shed_503']:>6} {run['timeouts_504']:>5} "
               f"{run['goodput_vs_capacity']:>8.1%} {run['recovery_p99_ms']:>6.1f}ms {run['recovery_ok_fraction']:>7.1%} "
-              f"{run['generator_lag_p99_ms']:>9.1f}ms")
+              f"{run['generator_lag_p99_ms']:>9.1f}ms {run['server_cores']:>7.2f} {run['generator_cores']:>7.2f}")
     print(json.dumps({"benchmark": "overload", "deadline_ms": args.deadline_ms, "candidates": CANDIDATES,
-                      "overload_s": args.overload_s, "shed_budget_fraction": args.shed_budget_fraction, "cpus": os.cpu_count(),
+                      "overload_s": args.overload_s, "shed_budget_fraction": args.shed_budget_fraction, "cpus": os.cpu_count(), "pin": args.pin,
                       "runs": runs}))
     return 0
 

@@ -17,7 +17,9 @@ Submitting never blocks. `submit` raises at once for anything it can tell up fro
   (an exponentially weighted fit of seconds = fixed + per-row x rows over recent calls) and refuses a
   request whose estimated queue wait + compute would take more than `shed_budget_fraction` of the
   time left to its deadline ("shed": computing it would likely answer late, and take capacity from
-  requests that can still make theirs); an idle batcher refuses nothing,
+  requests that can still make theirs); the estimate adds what asyncio callers recently waited beyond
+  it (resumed by a busy event loop after their scores were ready: `_Unseen`); an idle batcher
+  refuses nothing,
 - `DeadlineExceeded` when the deadline has already passed,
 - `SchemaError` when the arrays do not match the batcher's inputs (fixed by its first request),
 - `CtrflowError` once the batcher is closed.
@@ -142,6 +144,7 @@ class BatcherStats:
     expired: int = 0  # accepted requests dropped when their batch formed: deadline passed while queued
     estimated_call_ms: float = 0.0  # the cost model's fixed cost per compute call (0: not learnt yet)
     estimated_row_us: float = 0.0  # ... and its cost per row
+    estimated_unseen_ms: float = 0.0  # added to that estimate when admitting: what asyncio callers took beyond it
 
     @property
     def mean_queue_wait_ms(self) -> float:
@@ -200,6 +203,7 @@ class AutoBatcher:
         self._budget_share = float(options.shed_budget_fraction)
         self._threads_n = int(options.num_batch_threads)
         self._cost = _CostModel()  # what a compute call costs, learnt from the calls made
+        self._unseen = _Unseen()  # what admitted asyncio requests took beyond the cost model's estimate
         self._busy_until: dict[int, float] = {}  # batch thread → when its current call should end
 
         self._threads = [
@@ -291,6 +295,8 @@ class AutoBatcher:
             if timer is not None:
                 timer.cancel()
         if outcome is not _EXPIRED:
+            if request.expected_s is not None:
+                self._learn_unseen(request)
             return outcome
         error = self._give_up(request, timeout_ms)
         if error is None:  # it finished in the meantime
@@ -320,9 +326,12 @@ class AutoBatcher:
                 )
             if deadline is not None and self._shed and rows:
                 wait_s = self._estimate_s(rows, request.submitted_at)
-                if wait_s is not None and wait_s > self._budget_share * (deadline - request.submitted_at):
-                    counts.shed += 1
-                    raise self._shed_error(rows, wait_s, deadline - request.submitted_at)
+                request.expected_s = self._expected_s(rows, wait_s)
+                if wait_s is not None:
+                    wait_s += self._unseen.margin_s()
+                    if wait_s > self._budget_share * (deadline - request.submitted_at):
+                        counts.shed += 1
+                        raise self._shed_error(rows, wait_s, deadline - request.submitted_at)
             if self._rows_enqueued + rows > self._max_enqueued:
                 if rows > self._max_enqueued:
                     raise ConfigError(
@@ -381,9 +390,11 @@ class AutoBatcher:
                 )
             if deadline is not None and self._shed and rows:
                 wait_s = self._estimate_s(rows, now)
-                if wait_s is not None and wait_s > self._budget_share * (deadline - now):
-                    self._counts.shed += 1
-                    raise self._shed_error(rows, wait_s, deadline - now)
+                if wait_s is not None:
+                    wait_s += self._unseen.margin_s()
+                    if wait_s > self._budget_share * (deadline - now):
+                        self._counts.shed += 1
+                        raise self._shed_error(rows, wait_s, deadline - now)
             if self._rows_enqueued + rows > self._max_enqueued and rows <= self._max_enqueued:
                 self._counts.rejects += 1
                 raise QueueFullError(
@@ -421,6 +432,24 @@ class AutoBatcher:
         if total < self._max_batch:
             thread_wait_s = max(thread_wait_s, self._timeout_s)
         return thread_wait_s + work_s
+
+    def _expected_s(self, rows: int, wait_s: float | None) -> float | None:
+        """What the cost model expects `rows` rows to take from submit to scored: its queue estimate, or
+        (idle) one call plus the batch timeout; None before it learnt anything (call under the lock)."""
+        if wait_s is not None:
+            return wait_s
+        fixed_s, row_s = self._cost.fit()
+        if fixed_s is None:
+            return None
+        return fixed_s + row_s * rows + (self._timeout_s if rows < self._max_batch else 0.0)
+
+    def _learn_unseen(self, request: _Request) -> None:
+        """An asyncio caller resumed with its scores: teach the admission what the cost model did not see
+        (the way back through a busy event loop, threads descheduled by other work, its own error)."""
+        if request.expected_s is not None:
+            seen_s = time.monotonic() - request.submitted_at
+            with self._cond:
+                self._unseen.learn(seen_s - request.expected_s)
 
     def _shed_error(self, rows: int, wait_s: float, left_s: float) -> QueueFullError:
         return QueueFullError(
@@ -672,6 +701,7 @@ class AutoBatcher:
                 expired=c.expired,
                 estimated_call_ms=(fixed_s or 0.0) * 1e3,
                 estimated_row_us=(row_s or 0.0) * 1e6,
+                estimated_unseen_ms=self._unseen.margin_s() * 1e3,
             )
 
     def close(self, *, drain: bool = True) -> None:
@@ -727,7 +757,8 @@ class _Request:
     """One caller's rows and future: resolves when its last piece is scored, or fails exactly once."""
 
     __slots__ = (
-        "inputs", "rows", "deadline", "submitted_at", "future", "done", "_pieces", "_remaining", "_lock"
+        "inputs", "rows", "deadline", "submitted_at", "future", "done", "_pieces", "_remaining", "_lock",
+        "expected_s",
     )
 
     def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None) -> None:
@@ -740,6 +771,7 @@ class _Request:
         self._pieces: list[np.ndarray | None] = []
         self._remaining = 0
         self._lock = threading.Lock()  # pieces may finish on different batch threads
+        self.expected_s: float | None = None  # the cost model's queue wait + compute at submit (admission)
 
     def pieces_expected(self, count: int) -> None:
         self._pieces = [None] * count
@@ -894,6 +926,34 @@ class _CostModel:
         # two ends: all per row would make every queued row look as dear as in a small batch, so a
         # server admitting only small batches would keep estimating high and keep refusing).
         return 0.5 * self.my, 0.5 * self.my / self.mx
+
+
+class _Unseen:
+    """What admitted requests took beyond the cost model's estimate, smoothed over recent requests.
+
+    The cost model sees only the batch threads' calls. An asyncio caller also waits for its event loop
+    to resume it after the scores are ready — on a loop busy reading the very requests being shed that
+    is the loop's whole lag, tens of ms — and for threads descheduled by other work. Measured per
+    request (resumed − submitted − estimate) and smoothed with weight ALPHA; the admission adds mean +
+    one mean absolute deviation (a tail allowance), never less than 0. It only learns from requests it
+    admitted, so it cannot lock the door: an idle batcher admits everything and keeps teaching it.
+    Guarded by the batcher's lock.
+    """
+
+    ALPHA = 0.05
+
+    __slots__ = ("mean", "dev")
+
+    def __init__(self) -> None:
+        self.mean = self.dev = 0.0
+
+    def learn(self, extra_s: float) -> None:
+        a = self.ALPHA
+        self.dev += a * (abs(extra_s - self.mean) - self.dev)
+        self.mean += a * (extra_s - self.mean)
+
+    def margin_s(self) -> float:
+        return max(0.0, self.mean + self.dev)
 
 
 _EXPIRED = object()  # what `apredict`'s timer puts in its waiter

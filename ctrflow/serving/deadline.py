@@ -7,17 +7,30 @@ parsing and waiting for the event loop are spent from the budget rather than add
 
 - already past it → `DeadlineExceeded` (504 / DEADLINE_EXCEEDED) before any work (`left_ms`);
 - the batcher's queue cannot meet it → `QueueFullError` (503 + Retry-After / UNAVAILABLE) at once,
-  before the features are prepared (`admit`, see `AutoBatcher.admit`);
+  before the features are prepared (`admit`, see `AutoBatcher.admit`). "Cannot meet" covers the whole
+  remaining path: the cost model's queue wait + compute, plus what admitted requests recently waited
+  beyond that estimate (mostly the answer's way back through a busy event loop, learnt per request);
 - it passes while queued → the rows are dropped when their batch forms, never computed (the batcher).
+
+The first two are also asked at the door (`door_for`): the HTTP transport asks once a request's head is
+read, before its body is buffered and decoded, so under overload a refusal costs parsing a head, not
+a request (the body is still read and dropped: the connection stays usable, framing intact).
 """
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ctrflow.errors import DeadlineExceeded
+from ctrflow.errors import CtrflowError, DeadlineExceeded, QueueFullError
 
-__all__ = ["admit", "batcher_for", "left_ms"]
+__all__ = ["admit", "batcher_for", "door_for", "left_ms"]
+
+# The verbs asked at the door, and the signature whose batcher answers them. Context bodies and JSON
+# `:predict` (which may name any signature) are left to their routes.
+_DOOR_VERBS = {"predict_columnar": ("serving_default", "columnar"), "predict_ids": ("predict_ids", "ids")}
+_CONTEXT_TYPE = b"application/x-ctrflow-context"
 
 
 def left_ms(deadline: float | None, budget_ms: float | None = None) -> float | None:
@@ -51,3 +64,65 @@ def admit(predictor: Any, rows: int, deadline: float | None, signature: str = "s
     if batcher is not None and hasattr(batcher, "admit"):
         batcher.admit(rows, deadline=deadline)
     return left_ms(deadline)
+
+
+Door = Callable[[str, list[tuple[bytes, bytes]], float], "tuple[int, str] | None"]
+
+
+def door_for(routes: Any) -> Door | None:
+    """`door(path, headers, arrived) -> (status, message) | None` for the REST routes `routes`: the
+    refusal a request would get from `admit`, decided from its head alone (None: let it in).
+
+    It asks the batcher about one row, the least a request can hold, so it never refuses what `admit`
+    would accept once the rows are known: it only turns away what no request could make (a queue or a
+    loop already past the budget, or a deadline already passed). Anything it cannot tell from the head
+    (an unknown model, a version or label in the path, a rollout, a bad X-Deadline-Ms) is let in, for
+    the route to answer as it always has."""
+    manager = getattr(routes, "manager", None)
+    if manager is None:
+        return None
+
+    def door(path: str, headers: list[tuple[bytes, bytes]], arrived: float) -> tuple[int, str] | None:
+        if not path.startswith("/v1/models/"):
+            return None
+        name, _, verb = path[11:].rpartition(":")
+        entry = _DOOR_VERBS.get(verb)
+        if entry is None or not name or "/" in name:
+            return None
+        signature, protocol = entry
+        budget_ms = getattr(routes, "default_timeout_ms", None)
+        for key, value in headers:
+            if key == b"x-deadline-ms":
+                try:
+                    budget_ms = float(value)
+                except ValueError:
+                    return None
+            elif key == b"content-type" and value.split(b";")[0].strip().lower() == _CONTEXT_TYPE:
+                return None
+        if budget_ms is None or not math.isfinite(budget_ms) or budget_ms <= 0:
+            return None
+        try:
+            if manager.rollouts.get(name) is not None:
+                return None
+            loaded = manager.acquire(name)
+        except (CtrflowError, LookupError):
+            return None
+        try:
+            batcher = batcher_for(loaded.predictor, signature)
+            deadline = arrived + budget_ms / 1e3
+            left_ms(deadline, budget_ms)
+            if batcher is not None and hasattr(batcher, "admit"):
+                batcher.admit(1, deadline=deadline)
+            return None
+        except DeadlineExceeded as e:
+            refusal = 504, str(e)
+        except QueueFullError as e:
+            refusal = 503, str(e)
+        finally:
+            manager.release(loaded)
+        metrics = getattr(routes, "metrics", None)
+        if metrics is not None:  # counted with the routes' answers (ctrflow_requests_total by code)
+            metrics.observe(name, protocol, refusal[0], 0.0, 0)
+        return refusal
+
+    return door

@@ -102,6 +102,10 @@ class _Shared:
         self.loop_lag_s = 0.0
         self.reads = 0  # reads from any connection (the lag probe parks while this stands still)
         self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
+        # Asked once a request's head is read: (status, message) refuses it before its body is buffered
+        # (`ctrflow.serving.deadline.door_for`: overload and passed deadlines); None lets it in.
+        self.door: Callable[[str, list[tuple[bytes, bytes]], float], tuple[int, str] | None] | None = None
+        self.door_refused = 0  # requests so refused (also counted by their batcher's shed counter)
 
 
 _date: tuple[int, bytes] = (0, b"")  # (second, its Date field): formatted once per second, not per answer
@@ -114,6 +118,14 @@ def _date_field() -> bytes:
     if now != _date[0]:
         _date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
     return _date[1]
+
+
+def _door_answer(status: int, message: str, keep_alive: bool) -> bytes:
+    """A request refused at the door, answered like its route would (JSON error, Retry-After on 503)."""
+    body = json.dumps({"error": message}).encode()
+    extra = b"retry-after: 1\r\n" if status == 503 else b""
+    return b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s" % (
+        STATUS_LINE[status], _date_field(), len(body), extra, b"" if keep_alive else b"connection: close\r\n", body)
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -153,6 +165,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._chunked = False
         self._body: bytes | bytearray = b""
         self._arrived = 0.0
+        self._turned_away: tuple[int, str] | None = None  # refused at the door: its body is read and dropped
         self._method = ""
         self._path = ""
         self._query = ""
@@ -262,6 +275,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._head_bytes = self._raw_head_bytes = 0
         self._trailer_fields = self._trailer_bytes = self._body_bytes = self._chunks = 0
         self._chunked = False
+        self._turned_away = None
         self._set_timer(self.shared.head_timeout_s, "head")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -324,7 +338,15 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._path = unquote(path) if "%" in path else path
         self._query = url.query.decode("latin-1") if url.query else ""
         self._method = method
-        self._reserve(length, new_request=True)
+        door = self.shared.door
+        if door is not None and method == "POST" and not self.expect_100_continue:
+            # Under overload most requests are refused: decided here, a refusal skips buffering, decoding
+            # and routing its body (read and dropped below, so the connection stays in step).
+            try:
+                self._turned_away = door(self._path, self.headers, self._arrived)
+            except Exception:  # noqa: BLE001 - a bug in the door must not refuse the request: let it in
+                log.exception("the door failed on POST %s; letting the request in", self._path)
+        self._reserve(length if self._turned_away is None else 0, new_request=True)  # nothing to buffer when refused
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
             if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
@@ -345,7 +367,11 @@ class StrictHttpProtocol(HttpToolsProtocol):
             if self._body_bytes > self.shared.max_body_bytes:
                 raise _Refuse(413, f"Chunked request body larger than the limit of {self.shared.max_body_bytes} "
                                    "bytes (max_body_bytes); split it into several requests.")
+            if self._turned_away is not None:
+                return
             self._reserve(len(body), new_request=False)
+        elif self._turned_away is not None:
+            return
         # The whole body is gathered before the routes see it: one copy per request at most (none when it
         # came in one read). Memory stays bounded by max_body_bytes per request and
         # max_buffered_body_bytes in total (reserved above).
@@ -359,6 +385,13 @@ class StrictHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_timer()
         self._phase = "idle"
+        if self._turned_away is not None:  # answered in order by `_pump`, without a task or the routes
+            parser = self.parser
+            keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+            self._queue.append((_door_answer(*self._turned_away, keep_alive), keep_alive))
+            self._turned_away = None
+            self.shared.door_refused += 1
+            return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
         request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived)
         self._body = b""
@@ -375,6 +408,9 @@ class StrictHttpProtocol(HttpToolsProtocol):
         try:
             while self._queue and not self._busy and not self.flow.write_paused and not self._closed:
                 request, keep_alive = self._queue.popleft()
+                if type(request) is bytes:  # refused at the door: its answer is ready
+                    self._write_door_answer(request, keep_alive)
+                    continue
                 self._busy = True
                 self._task = self.loop.create_task(self._answer(request, keep_alive))
             if self._queue:  # a request waits behind the one in flight: read no more until it starts
@@ -430,6 +466,19 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self._close_after_refusal()
             else:
                 transport.close()
+
+    def _write_door_answer(self, answer: bytes, keep_alive: bool) -> None:
+        if self._reserved:
+            self.shared.buffered -= self._reserved.popleft()[0]  # 0 bytes: kept in step with the queue
+        self.server_state.total_requests += 1
+        transport = self.transport
+        if self._closed or transport.is_closing():
+            return
+        transport.write(answer)
+        if not (keep_alive and not self._stopping):
+            transport.close()
+        elif self._phase == "idle" and not self._queue:
+            self._set_timer(self.timeout_keep_alive, "idle")
 
     # ---- refusals, budget, timers ---------------------------------------------------------------------
 
@@ -534,6 +583,9 @@ class HttpTransport:
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
+        from ctrflow.serving.deadline import door_for
+
+        self.shared.door = door_for(getattr(handle, "__self__", None))
         protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,),
                         {"shared": self.shared, "handle": staticmethod(handle)})
         self._config = uvicorn.Config(
@@ -670,7 +722,10 @@ class HttpTransport:
         lag = GaugeMetricFamily("ctrflow_http_loop_lag_seconds", "How late the serving event loop wakes a timer now "
                                 "(requests' deadlines are dated back by it).")
         lag.add_metric((), shared.loop_lag_s)
-        return [connections, buffered, refused, drains, lag]
+        door = CounterMetricFamily("ctrflow_http_door_refused", "Predict requests refused from their head alone "
+                                   "(overload or a passed deadline), before their body was buffered.")
+        door.add_metric((), shared.door_refused)
+        return [connections, buffered, refused, drains, lag, door]
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = 60.0) -> Any:
         """Run a coroutine on the serving loop from another thread and wait for its result."""

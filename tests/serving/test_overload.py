@@ -114,6 +114,33 @@ def test_an_absolute_deadline_and_a_timeout_take_the_earlier():
         held.result(WAIT_S)
 
 
+def test_admission_learns_what_asyncio_callers_wait_beyond_the_cost_model_and_refuses_by_it():
+    """A busy event loop resumes callers late after their scores are ready: admission must count that
+    (the answer's way back), or what it accepts is answered late."""
+    compute = SleepCompute(0.005)
+    with AutoBatcher(compute, BatchingOptions(max_batch_size=8, batch_timeout_ms=0)) as batcher:
+        for i in range(4):
+            batcher.predict(rows(100 * i, 8))
+        assert batcher.stats().estimated_unseen_ms == 0.0  # threads resume at once: nothing unseen
+
+        async def slow_loop() -> None:
+            calls = [asyncio.ensure_future(batcher.apredict(rows(1000 + 8 * i, 8), deadline=time.monotonic() + 60))
+                     for i in range(24)]
+            await asyncio.sleep(0)  # all submitted
+            time.sleep(0.25)  # the loop is busy elsewhere while the scores come in
+            await asyncio.gather(*calls)
+
+        asyncio.run(slow_loop())
+        assert batcher.stats().estimated_unseen_ms > 100.0  # ~250 ms late, smoothed over 24 callers
+        compute.gate.clear()
+        batcher.submit(rows(5000, 8))  # busy: the estimate applies
+        batcher.submit(rows(5008, 8))
+        assert batcher.estimated_wait_ms(8) < 100.0  # the cost model alone would admit a 300 ms budget ...
+        with pytest.raises(QueueFullError, match="within its deadline"):  # ... what was seen says no
+            batcher.admit(8, deadline=time.monotonic() + 0.3)
+        compute.gate.set()
+
+
 # ---- a real server under far more load than it can take ---------------------------------------------------
 
 
@@ -250,6 +277,69 @@ class _SleepyModel(sf.SlowPredictor):
         time.sleep(self.call_s)
         self.seen.extend(inputs["I1"].tolist())
         return self._np.full(len(inputs["I1"]), 0.5, self._np.float32)
+
+
+def _answers(sock, count: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Read `count` HTTP answers from one connection: (status, fields, body) each."""
+    buf, out = b"", []
+    while len(out) < count:  # bounded by the socket's timeout
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, (buf, out)
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        length = int(fields.get(b"content-length", b"0"))
+        while len(buf) < length:
+            chunk = sock.recv(65536)
+            assert chunk
+            buf += chunk
+        out.append((int(lines[0].split(b" ", 2)[1]), fields, buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def test_the_door_refuses_from_the_head_alone_what_the_queue_cannot_answer_and_the_connection_stays_usable(tmp_path):
+    import socket
+
+    model = _SleepyModel(call_s=0.02)
+    server = sf.slow_server(tmp_path, model)
+    try:
+        batcher = model.batcher
+        for i in range(4):  # teach it ~20 ms a call
+            batcher.predict({"I1": np.array([float(i)])})
+        model.gate.clear()
+        queued = [batcher.submit({"I1": np.array([100.0 + i])}) for i in range(20)]  # ~0.4 s of work queued
+        garbage = b"x" * 5000  # not a columnar body: a refusal that decoded it would be a 400
+        def post(budget_ms: int) -> bytes:
+            return (f"POST /v1/models/m:predict_columnar HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    f"application/x-ctrflow-columnar\r\nContent-Length: {len(garbage)}\r\nX-Deadline-Ms: {budget_ms}"
+                    "\r\n\r\n").encode() + garbage
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            # Pipelined on one connection: refused at the door (body read and dropped), let in (the route
+            # answers its body: 400), then a GET that only parses if both bodies were consumed exactly.
+            sock.sendall(post(100) + post(60_000) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            (s1, f1, b1), (s2, _, b2), (s3, _, _) = _answers(sock, 3)
+        assert s1 == 503 and f1.get(b"retry-after") == b"1" and b"within its deadline" in b1, (s1, b1)
+        assert b"connection" not in f1  # kept alive
+        assert s2 == 400, (s2, b2)
+        assert s3 == 200
+        assert server._http.shared.door_refused == 1
+        assert batcher.stats().shed == 1
+        from ctrflow.serving.metrics import parse_metrics
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            metrics = parse_metrics(_answers(sock, 1)[0][2].decode())
+        assert metrics['ctrflow_requests_total{code="503",model="m",protocol="columnar"}'] == 1  # counted like the route's
+        assert metrics["ctrflow_http_door_refused_total"] == 1
+        model.gate.set()
+        for future in queued:
+            future.result(WAIT_S)
+    finally:
+        model.gate.set()
+        server.stop()
 
 
 @pytest.mark.skipif(not sf.grpc_ok(), reason="grpcio / tensorflow-serving-api not installed")
