@@ -4,8 +4,11 @@ Claim measured: with half of the fields in the context, a context request costs 
 candidate than the same request sent flat (DeepFM, 39 fields, 100 candidates per request).
 
 1. Graph alone (this process, CPU time, median of --reps calls): R requests of C candidates in one call,
-   flat (`serving_default` on the joined rows, `predict_ids` on their ids) vs context
-   (`serving_context`, `predict_context`: R context rows, R*C candidates, `row`).
+   flat (`serving_packed` on the joined rows, `predict_ids` on their ids) vs context
+   (`serving_context_packed` as `ContextScorer` calls it, `predict_context`: R context rows, R*C
+   candidates, `row`); also both raw forms with one input per field (`*_fields_ms`) and the
+   Predictor's flat call (`raw_flat_predictor_ms`). Exports made before the packed signatures are
+   compared per field.
 2. Served (`--rate` > 0): `ctrflow bench serve --protocol context` over HTTP, the server in a child
    process (its own CPU from the OS), the same schedule flat (binary columnar) then context (binary).
 
@@ -79,18 +82,33 @@ def _graph_calls(p, requests: int, candidates: int, seed: int = 0) -> tuple[dict
     want = p._compute(flat)[:, p._p_index]
     facts = {"requests_per_call": requests, "candidates": candidates, "fields": len(p.feature_names),
              "context_fields": len(ctx.context_fields), "max_abs_diff": float(np.max(np.abs(got - want)))}
-    serving_default = p._loaded.signatures["serving_default"]
+    sigs = p._loaded.signatures
+    serving_default, serving_context = sigs["serving_default"], sigs["serving_context"]
+    cat_names = [f for f in p.feature_names if f in cats]
+    num_names = [f for f in p.feature_names if f not in cats]
 
-    def raw_flat():  # the call form ContextScorer uses (columns -> tensors -> the signature's function)
+    def raw_flat_fields():  # one input per field
         return serving_default(**{p._inputs[f]: tf.constant(v) for f, v in flat.items()})
 
+    def raw_context_fields():
+        feats = {ctx._alias[f]: tf.constant(v) for f, v in {**contexts, **cands}.items()}
+        return serving_context(**feats, row=tf.constant(row))
+
+    def raw_flat_packed():  # the call form ContextScorer uses: two matrices (exports since issue 11)
+        return sigs["serving_packed"](strings=tf.constant(np.stack([flat[f] for f in cat_names], axis=1), tf.string),
+                                      numbers=tf.constant(np.stack([flat[f] for f in num_names], axis=1), tf.float64))
+
+    packed = "serving_packed" in sigs and ctx._packed is not None
     calls = {
-        "raw_flat_ms": raw_flat,
-        "raw_flat_predictor_ms": lambda: p._compute(flat),  # Predictor's flat path (the restored tf.function)
+        "raw_flat_ms": raw_flat_packed if packed else raw_flat_fields,
         "raw_context_ms": lambda: ctx._call(contexts, cands, row),
         "ids_flat_ms": lambda: p._serve_ids(flat_ids, flat_num),
         "ids_context_ms": lambda: predict_context(**ids_args),
+        "raw_flat_fields_ms": raw_flat_fields,
+        "raw_context_fields_ms": raw_context_fields,
+        "raw_flat_predictor_ms": lambda: p._compute(flat),  # Predictor's flat path (the restored tf.function)
     }
+    facts["raw_call"] = "packed" if packed else "per-field"
     return calls, facts
 
 
