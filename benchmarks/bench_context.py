@@ -95,8 +95,8 @@ def _graph_calls(p, requests: int, candidates: int, seed: int = 0) -> tuple[dict
         return serving_context(**feats, row=tf.constant(row))
 
     def raw_flat_packed():  # the call form ContextScorer uses: two matrices (exports since issue 11)
-        return sigs["serving_packed"](strings=tf.constant(np.stack([flat[f] for f in cat_names], axis=1), tf.string),
-                                      numbers=tf.constant(np.stack([flat[f] for f in num_names], axis=1), tf.float64))
+        return sigs["serving_packed"](strings=tf.constant(np.stack([flat[f] for f in cat_names]), tf.string),
+                                      numbers=tf.constant(np.stack([flat[f] for f in num_names]), tf.float64))
 
     packed = "serving_packed" in sigs and ctx._packed is not None
     calls = {

@@ -10,9 +10,9 @@ Signatures:
   converter's functions → `{"probabilities", "logits"}` float32 `[None]`.
 - `predict_ids`: pre-hashed `ids` int32 `[None, F]` and `numeric` float32 `[None, N]` (the shard layout).
 - `transform`: raw features → `{"ids", "numeric"}` (what the converter would have written), for parity checks.
-- `serving_packed`: `serving_default` on two matrices, `strings` tf.string `[None, C]` (the categoricals in
-  schema order) and `numbers` float64 `[None, N]` (the numerics): a call costs ~0.8 ms CPU less than
-  one with an input per field.
+- `serving_packed`: `serving_default` on two field-major matrices, `strings` tf.string `[C, None]` (one row
+  per categorical, schema order) and `numbers` float64 `[N, None]` (one row per numeric): a call costs
+  ~0.8 ms CPU less than one with an input per field.
 
 With context fields (schema `context:` or `export(context_fields=...)`, docs/context.md), two more:
 - `serving_context`: raw context fields `[R]`, raw candidate fields `[M]` and `row` int32 `[M]` (each
@@ -21,7 +21,7 @@ With context fields (schema `context:` or `export(context_fields=...)`, docs/con
   (the context fields' columns of the shard layout, in layout order), `ids` `[M, Fk]`, `numeric`
   `[M, Nk]` (the other columns) and `row` `[M]`.
 - `serving_context_packed`: `serving_context` on packed matrices (as `serving_packed`): `context_strings`
-  `[R, Cc]`, `context_numbers` `[R, Nc]`, `strings` `[M, Ck]`, `numbers` `[M, Nk]`, `row` `[M]`
+  `[Cc, R]`, `context_numbers` `[Nc, R]`, `strings` `[Ck, M]`, `numbers` `[Nk, M]`, `row` `[M]`
   (each side's fields in schema order); `ContextScorer` calls this one.
 
 Only the model's variables are saved: optimizer slots (two per weight for Adam-family optimizers) stay
@@ -176,13 +176,15 @@ CONTEXT_PACKED_SIGNATURE = "serving_context_packed"
 
 
 def _packed_spec(schema: Schema, prefix: str = "") -> list[Any]:
-    """Inputs of a packed raw signature: `strings` tf.string `[B, C]` (the schema's categoricals, in order)
-    and `numbers` float64 `[B, N]` (its numerics): two tensors instead of one per field, which saves
-    ~0.8 ms CPU per call on the demo's 39 fields (the per-input cost of a call, BENCHMARKS.md)."""
+    """Inputs of a packed raw signature, field-major: `strings` tf.string `[C, B]` (one row per categorical,
+    schema order) and `numbers` float64 `[N, B]` (one row per numeric): two tensors instead of one per
+    field, which saves ~0.8 ms CPU per call on the demo's 39 fields (the per-input cost of a call,
+    BENCHMARKS.md). Field-major so the graph splits them into fields without copying (an aligned
+    unstack along axis 0 shares the buffer), and a columnar body's columns stack without interleaving."""
     import tensorflow as tf
 
-    return [tf.TensorSpec([None, len(schema.categorical)], tf.string, name=prefix + "strings"),
-            tf.TensorSpec([None, len(schema.numeric)], tf.float64, name=prefix + "numbers")]
+    return [tf.TensorSpec([len(schema.categorical), None], tf.string, name=prefix + "strings"),
+            tf.TensorSpec([len(schema.numeric), None], tf.float64, name=prefix + "numbers")]
 
 
 def _unpacked(schema: Schema, strings: Any, numbers: Any) -> dict[str, Any]:
@@ -191,9 +193,9 @@ def _unpacked(schema: Schema, strings: Any, numbers: Any) -> dict[str, Any]:
 
     out = {}
     if schema.categorical:
-        out.update(zip((input_name(f.name) for f in schema.categorical), tf.unstack(strings, len(schema.categorical), axis=1)))
+        out.update(zip((input_name(f.name) for f in schema.categorical), tf.unstack(strings, len(schema.categorical), axis=0)))
     if schema.numeric:
-        out.update(zip((input_name(f.name) for f in schema.numeric), tf.unstack(numbers, len(schema.numeric), axis=1)))
+        out.update(zip((input_name(f.name) for f in schema.numeric), tf.unstack(numbers, len(schema.numeric), axis=0)))
     return out
 
 

@@ -225,13 +225,13 @@ class ContextScorer:
 
 
 def _packed(columns: Mapping[str, np.ndarray], side: tuple[tuple[str, ...], tuple[str, ...]], prefix: str) -> dict[str, Any]:
-    """One side's columns → the packed signature's `strings` / `numbers` matrices (column-stacked)."""
+    """One side's columns → the packed signature's field-major `strings` / `numbers` matrices."""
     import tensorflow as tf
 
     cats, nums = side
     rows = len(columns[(cats or nums)[0]])
-    strings = np.stack([columns[f] for f in cats], axis=1) if cats else np.empty((rows, 0), object)
-    numbers = np.stack([columns[f] for f in nums], axis=1) if nums else np.empty((rows, 0), np.float64)
+    strings = np.stack([columns[f] for f in cats]) if cats else np.empty((0, rows), object)
+    numbers = np.stack([columns[f] for f in nums]) if nums else np.empty((0, rows), np.float64)
     return {prefix + "strings": tf.constant(strings, tf.string), prefix + "numbers": tf.constant(numbers, tf.float64)}
 
 

@@ -123,8 +123,8 @@ def test_predict_context_ids_signature_matches_predict_ids(predictor, context_ex
     # serving_packed (two matrices) scores the raw rows as serving_default does
     cols = predictor.prepare(columns_of(rows, (*CATS, *NUMS)))
     packed = predictor._loaded.signatures["serving_packed"](
-        strings=tf.constant(np.stack([cols[f] for f in CATS], axis=1), tf.string),
-        numbers=tf.constant(np.stack([cols[f] for f in NUMS], axis=1), tf.float64))["probabilities"].numpy()
+        strings=tf.constant(np.stack([cols[f] for f in CATS]), tf.string),  # field-major
+        numbers=tf.constant(np.stack([cols[f] for f in NUMS]), tf.float64))["probabilities"].numpy()
     np.testing.assert_allclose(packed, predictor.predict(cols), rtol=1e-6, atol=1e-7)
 
 
