@@ -21,7 +21,7 @@ def context_export(tmp_path_factory):
     run, _, rows = sf.small_model()
     base = tmp_path_factory.mktemp("context") / "ctr"
     summary = export(run, base, context_fields=",".join(CONTEXT))
-    assert {"serving_context", "predict_context"} <= set(summary.signatures)
+    assert {"serving_context", "predict_context", "serving_context_packed", "serving_packed"} <= set(summary.signatures)
     return base, rows
 
 
@@ -120,6 +120,12 @@ def test_predict_context_ids_signature_matches_predict_ids(predictor, context_ex
         context_ids=tf.constant(ids[:, ci]), context_numeric=tf.constant(numeric[:, cn]), ids=tf.constant(ids[:, ki]),
         numeric=tf.constant(numeric[:, kn]), row=tf.constant(row))["probabilities"].numpy()
     np.testing.assert_allclose(got, predictor.predict_ids(ids, numeric), rtol=1e-5, atol=1e-6)
+    # serving_packed (two matrices) scores the raw rows as serving_default does
+    cols = predictor.prepare(columns_of(rows, (*CATS, *NUMS)))
+    packed = predictor._loaded.signatures["serving_packed"](
+        strings=tf.constant(np.stack([cols[f] for f in CATS]), tf.string),  # field-major
+        numbers=tf.constant(np.stack([cols[f] for f in NUMS]), tf.float64))["probabilities"].numpy()
+    np.testing.assert_allclose(packed, predictor.predict(cols), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_context_requests_are_refused_alone(predictor, context_export):
