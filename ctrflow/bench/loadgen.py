@@ -12,7 +12,8 @@ model's schema, or rows from `ctrflow.data.generate`).
 
 Targets: `url` (a running server, loopback only), or `model_base_path` with `target="http"` (a server
 started here in a child process per run, so its CPU is measured alone) or `target="inprocess"` (a
-`Predictor` in this process; its CPU figure then includes the generator's). `compare_batching` runs
+`Predictor` in this process; its CPU figure is the process's less the generator's own share of the
+event loop's thread, measured around the predictor's coroutine steps). `compare_batching` runs
 the same schedule twice, batching on and off, and reports both.
 
 Implementation details follow: one asyncio loop sends; an HTTP/1.1 keep-alive pool of at most
@@ -188,6 +189,8 @@ class LoadResult:
     cpu_s_per_million_predictions: float | None
     cpu_includes_load_generator: bool
     schedule_lag_ms_p99: float  # how late the generator itself sent (its own overload shows here)
+    # In process: the generator's own CPU (its share of the event loop's thread), left out of server_cpu_s.
+    load_generator_cpu_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,6 +233,10 @@ class LoadReport:
         lines = [f"{k:<{width}}  " + "  ".join(f"{col[i]:>{w}}" for col, w in zip(cols, cw)) for i, (k, _) in enumerate(rows)]
         if any(r.cpu_includes_load_generator for r in self.results):
             lines.append("* in-process: the CPU figure includes the load generator")
+        for r in self.results:
+            if r.load_generator_cpu_s is not None:
+                lines.append(f"{r.label}: in-process CPU is the predictor's; the load generator's own "
+                             f"{r.load_generator_cpu_s:.2f} s (its share of the event loop's thread) is left out")
         for key, value in self.notes.items():
             lines.append(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
         return "\n".join(lines)
@@ -577,6 +584,7 @@ def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, s
         server_cpu_s=cpu, cpu_s_per_million_predictions=None if cpu is None or not computed else cpu / computed * 1e6,
         cpu_includes_load_generator=bool(server.get("cpu_includes_load_generator", False)),
         schedule_lag_ms_p99=float(np.percentile(tally.lag_ms, 99)) if len(tally.lag_ms) else 0.0,
+        load_generator_cpu_s=server.get("load_generator_cpu_s"),
     )
 
 
@@ -657,12 +665,50 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
     return tally, wall, server
 
 
+class _OnThisThread:
+    """Awaits a coroutine and adds the CPU its own steps take on this thread to `spent[0]`.
+
+    In process the load generator and the predictor share the event loop's thread: the predictor's
+    share of it is what its coroutine runs between suspensions (checks, enqueueing, taking the answer);
+    the rest of that thread's CPU (scheduling, tasks, timers, the tally, and the loop waking a caller
+    whose answer arrived) is the generator's, and `_run_inprocess` subtracts it from the process's CPU.
+    """
+
+    __slots__ = ("coro", "spent")
+
+    def __init__(self, coro: Any, spent: list[float]) -> None:
+        self.coro, self.spent = coro, spent
+
+    def __await__(self) -> Any:
+        coro, spent, clock = self.coro, self.spent, time.thread_time
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            began = clock()
+            try:
+                yielded = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                spent[0] += clock() - began
+                return stop.value
+            except BaseException:
+                spent[0] += clock() - began
+                raise
+            spent[0] += clock() - began
+            try:
+                value, error = (yield yielded), None
+            except BaseException as e:  # noqa: BLE001 - cancellation and the like go on into the coroutine
+                value, error = None, e
+
+
 def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], times: np.ndarray) -> tuple[_Tally, float, dict[str, Any]]:
+    """Drive an in-process predictor; its CPU is the process's less the generator's own (see `_OnThisThread`)."""
     pool = ThreadPoolExecutor(16, thread_name_prefix="loadgen-predict")
     before = predictor.stats() or {}
     cpu0 = time.process_time()
     batched = getattr(predictor, "batcher", None) is not None
     ids = options.protocol == "ids"
+    in_predictor = [0.0]  # CPU of the predictor's coroutine steps on the loop's thread
+    loop_thread = [0.0]  # CPU of the loop's thread over the whole run
 
     async def main() -> tuple[_Tally, float]:
         loop = asyncio.get_running_loop()
@@ -672,11 +718,11 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
             try:
                 if ids:
                     if batched:
-                        await predictor.apredict_ids(*features, timeout_ms=options.timeout_ms)
+                        await _OnThisThread(predictor.apredict_ids(*features, timeout_ms=options.timeout_ms), in_predictor)
                     else:
                         await loop.run_in_executor(pool, predictor.predict_ids, *features)
                 elif batched:
-                    await predictor.apredict(features, timeout_ms=options.timeout_ms)
+                    await _OnThisThread(predictor.apredict(features, timeout_ms=options.timeout_ms), in_predictor)
                 else:
                     await loop.run_in_executor(pool, predictor.predict, features)
             except DeadlineExceeded:
@@ -685,19 +731,24 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
                 return "503"
             return "200"
 
-        return await _drive(options, times, send)
+        began = time.thread_time()
+        try:
+            return await _drive(options, times, send)
+        finally:
+            loop_thread[0] = time.thread_time() - began
 
     try:
         tally, wall = asyncio.run(main())
     finally:
         pool.shutdown(wait=True)
     cpu = time.process_time() - cpu0
+    generator = max(0.0, loop_thread[0] - in_predictor[0])
     after = predictor.stats() or {}
     ok = tally.status.get("200", 0)
     calls = after.get("compute_calls", 0) - before.get("compute_calls", 0) if batched else ok
     rows = after.get("predictions", 0) - before.get("predictions", 0) if batched else ok * options.candidates
-    server = {"cpu_s": cpu, "compute_calls": calls, "rows_computed": rows, "cpu_includes_load_generator": True,
-              "target": "inprocess", "protocol": "ids" if ids else "python"}
+    server = {"cpu_s": max(0.0, cpu - generator), "load_generator_cpu_s": generator, "compute_calls": calls,
+              "rows_computed": rows, "target": "inprocess", "protocol": "ids" if ids else "python"}
     return tally, wall, server
 
 
