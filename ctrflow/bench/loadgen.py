@@ -189,7 +189,8 @@ class LoadResult:
     cpu_s_per_million_predictions: float | None
     cpu_includes_load_generator: bool
     schedule_lag_ms_p99: float  # how late the generator itself sent (its own overload shows here)
-    # In process: the generator's own CPU (its share of the event loop's thread), left out of server_cpu_s.
+    # The generator's own CPU while driving, never in server_cpu_s (in process: its share of the event
+    # loop's thread; over HTTP/gRPC: this process's, which on one machine competes with the server's).
     load_generator_cpu_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,7 +235,7 @@ class LoadReport:
         if any(r.cpu_includes_load_generator for r in self.results):
             lines.append("* in-process: the CPU figure includes the load generator")
         for r in self.results:
-            if r.load_generator_cpu_s is not None:
+            if r.load_generator_cpu_s is not None and r.target == "inprocess":
                 lines.append(f"{r.label}: in-process CPU is the predictor's; the load generator's own "
                              f"{r.load_generator_cpu_s:.2f} s (its share of the event loop's thread) is left out")
         for key, value in self.notes.items():
@@ -392,15 +393,64 @@ def _grpc_ids_request(model: str, ids: np.ndarray, numeric: np.ndarray) -> bytes
 # ---- the HTTP client --------------------------------------------------------------------------------
 
 
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of `_HttpPool`: one request at a time, the answer framed by its
+    Content-Length. A Protocol, not streams: one loop future per request and no reader buffer objects,
+    so the generator's own CPU per request stays small beside the server's on a shared machine."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buf = b""
+        self._answer: asyncio.Future[tuple[int, bytes, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
+        """Write one request; the future resolves to (status, body, server closes the connection)."""
+        self._answer = answer = asyncio.get_running_loop().create_future()
+        self._buf = b""
+        self.transport.write(data)
+        return answer
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._buf = buf
+            return
+        head = buf[:end].lower()
+        length, at = 0, head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17: stop if stop > 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            self._buf = buf
+            return
+        self._buf = b""
+        answer, self._answer = self._answer, None
+        close = b"\r\nconnection: close" in head
+        if answer is not None and not answer.done():
+            answer.set_result((int(buf[9:12]), buf[end + 4: end + 4 + length], close))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(asyncio.IncompleteReadError(self._buf, None))
+
+
 class _HttpPool:
     """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency).
 
-    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back.
+    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back (and its
+    connection, which may still receive that answer, is closed rather than reused).
     """
 
     def __init__(self, host: str, port: int, size: int) -> None:
         self._host, self._port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_HttpConnection] = []
         self._slots = asyncio.Semaphore(size)
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
@@ -408,34 +458,27 @@ class _HttpPool:
         conn = None
         reusable = False
         try:
-            conn = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
-            reader, writer = conn
-            writer.write(head + body)
-            status_head = await reader.readuntil(b"\r\n\r\n")
-            lines = status_head.split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            length, close = 0, False
-            for line in lines[1:]:
-                k, _, v = line.partition(b":")
-                k = k.strip().lower()
-                if k == b"content-length":
-                    length = int(v)
-                elif k == b"connection" and b"close" in v.lower():
-                    close = True
-            payload = await reader.readexactly(length) if length else b""
-            reusable = not close
+            while self._idle and conn is None:  # bounded by the idle list
+                conn = self._idle.pop()
+                if conn.closed:
+                    conn = None
+            if conn is None:
+                _, conn = await asyncio.get_running_loop().create_connection(_HttpConnection, self._host, self._port)
+            status, payload, close = await conn.send(head + body)
+            reusable = not close and not conn.closed
             return status, payload
         finally:
             if conn is not None:
                 if reusable:
                     self._idle.append(conn)
-                else:
-                    conn[1].close()
+                elif conn.transport is not None:
+                    conn.transport.close()
             self._slots.release()
 
     async def close(self) -> None:
-        for _, w in self._idle:
-            w.close()
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
         self._idle.clear()
 
 
@@ -522,15 +565,29 @@ async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_T
     tasks: set[asyncio.Task] = set()
     client_limit_s = max(1.0, 10 * options.timeout_ms / 1e3)
 
+    def expire(task: asyncio.Task, flag: list[bool]) -> None:
+        flag[0] = True
+        task.cancel()
+
     async def one(i: int, scheduled: float) -> None:
+        # The client's limit is one timer cancelling this task (wait_for would start a second task per
+        # request: generator CPU that a shared machine takes from the server).
+        expired = [False]
+        timer = loop.call_later(client_limit_s, expire, asyncio.current_task(), expired)
         try:
-            key = await asyncio.wait_for(send(i), client_limit_s)
+            key = await send(i)
+        except asyncio.CancelledError:
+            if not expired[0]:
+                raise
+            key = "client_timeout"
         except TimeoutError:
             key = "client_timeout"
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             key = f"connection_error:{type(e).__name__}"
         except Exception as e:  # noqa: BLE001 - counted, never raised
             key = f"error:{type(e).__name__}"
+        finally:
+            timer.cancel()
         tally.latency_ms[i] = (loop.time() - scheduled) * 1e3
         tally.ok[i] = key == "200"
         tally.count(key)
@@ -650,7 +707,9 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
 
             return await _drive(options, times, send)
 
+    generator0 = time.process_time()
     tally, wall = asyncio.run(main_grpc() if options.protocol == "grpc" else main())
+    generator = time.process_time() - generator0
     after = _scrape(url, model)
     if proc is not None:
         cpu = sum(proc.cpu_times()[:2]) - cpu0
@@ -661,7 +720,8 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
     if math.isnan(calls):  # no batcher: every OK request was one compute call
         calls = after.get("requests_ok", 0) - before.get("requests_ok", 0)
     server = {"cpu_s": None if math.isnan(cpu) else cpu, "compute_calls": calls, "rows_computed": rows,
-              "target": "grpc" if options.protocol == "grpc" else "http", "protocol": options.protocol}
+              "target": "grpc" if options.protocol == "grpc" else "http", "protocol": options.protocol,
+              "load_generator_cpu_s": generator}
     return tally, wall, server
 
 
