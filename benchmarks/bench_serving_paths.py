@@ -37,9 +37,12 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "--tf-threads" in sys.argv and sys.argv[sys.argv.index("--tf-threads") + 1] != "0":  # before TensorFlow loads, here and in the child server (it inherits the environment)
-    _n = sys.argv[sys.argv.index("--tf-threads") + 1]
-    os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = _n
+if "--tf-threads" in sys.argv and sys.argv.index("--tf-threads") + 1 < len(sys.argv):
+    # Before TensorFlow loads, here and in the child server (it inherits the environment): INTRA[,INTER].
+    _intra, _, _inter = sys.argv[sys.argv.index("--tf-threads") + 1].partition(",")
+    if _intra not in ("", "0"):
+        os.environ["TF_NUM_INTRAOP_THREADS"] = _intra
+        os.environ["TF_NUM_INTEROP_THREADS"] = _inter or _intra
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -143,9 +146,10 @@ def main() -> int:
     ap.add_argument("--timeout-ms", type=float, default=100.0)
     ap.add_argument("--batches", default="100,250,500,1000,2000,4000,8000")
     ap.add_argument("--paths", default=",".join(k for k, *_ in PATHS))
-    ap.add_argument("--tf-threads", type=int, default=0,
-                    help="TensorFlow intra- and inter-op threads (TF_NUM_INTRAOP/INTEROP_THREADS) for the limit, the "
-                         "in-process paths and the child server; 0: TensorFlow's default (one per core)")
+    ap.add_argument("--tf-threads", default="0",
+                    help="TensorFlow threads INTRA[,INTER] (TF_NUM_INTRAOP/INTEROP_THREADS; INTER defaults to INTRA) for "
+                         "the limit, the in-process paths and the child server; 0: TensorFlow's default (one per core). "
+                         "Two batch threads computing at once need INTER >= 2")
     ap.add_argument("--batch-threads", type=int, default=1, help="BatchingOptions.num_batch_threads")
     ap.add_argument("--batch-timeout-ms", type=float, default=2.0, help="BatchingOptions.batch_timeout_ms")
     ap.add_argument("--max-batch", type=int, default=4096, help="BatchingOptions.max_batch_size")
@@ -169,7 +173,7 @@ def main() -> int:
     _, _, folder = _model_info(str(base))
     info = json.loads((folder / "ctrflow.json").read_text())
     print(f"model {folder} ({info['model']['kind']}, {len(info['feature_spec']['id_names'])} id columns), "
-          f"{args.candidates} candidates/request, {BATCHING}, TF threads {args.tf_threads or 'default'}", flush=True)
+          f"{args.candidates} candidates/request, {BATCHING}, TF threads {args.tf_threads if args.tf_threads != '0' else 'default'}", flush=True)
 
     print("model compute (direct calls, no batcher):", flush=True)
     limit = model_compute(base, [int(b) for b in args.batches.split(",")], min_s=1.5)
