@@ -563,6 +563,9 @@ class AutoBatcher:
             else:
                 live.append(task)
 
+        if wakes:  # the expired ones hear at once, not after the call
+            _wake_all(wakes)
+            wakes = []
         completed = errors = 0
         calls: list[tuple[int, bool]] = []  # (rows, failed) of each compute call
         if live:
@@ -590,6 +593,9 @@ class AutoBatcher:
                     done, failed = self._finish(group, alone, wakes)
                     completed, errors = completed + done, errors + failed
                     calls.append((sum(t.size for t in group), isinstance(alone, Exception)))
+                    if wakes:  # each re-run's caller hears as soon as its own call is done
+                        _wake_all(wakes)
+                        wakes = []
             else:
                 done, failed = self._finish(live, outcome, wakes)
                 completed, errors = completed + done, errors + failed
