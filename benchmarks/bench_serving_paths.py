@@ -11,7 +11,8 @@ Claim measured (issue 11, "Benchmarks"): on one model,
   context (measured by `ctrflow bench serve --protocol context` against its flat twin, on an export
   with context fields: BENCHMARKS.md), gRPC (`predict_ids`, tensor_content).
   Reported per path: the highest predictions/s with p99 <= `--p99-ms`, the server's CPU µs per
-  prediction at that rate (in process: the whole process, load generator included), and that CPU as a
+  prediction at that rate (in process: the process's CPU less the load generator's own share of the
+  event loop's thread, measured around the predictor's coroutine steps), and that CPU as a
   ratio to the limit's; and the same at the highest "sustained" rate (p99 <= `--stop-p99-ms`, <= 1%
   failed), which is where a loaded machine still shows each path's cost at large batches, with the
   model's own CPU at the batch size that path actually formed ("x compute": what serving adds).
@@ -36,6 +37,12 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "--tf-threads" in sys.argv and sys.argv.index("--tf-threads") + 1 < len(sys.argv):
+    # Before TensorFlow loads, here and in the child server (it inherits the environment): INTRA[,INTER].
+    _intra, _, _inter = sys.argv[sys.argv.index("--tf-threads") + 1].partition(",")
+    if _intra not in ("", "0"):
+        os.environ["TF_NUM_INTRAOP_THREADS"] = _intra
+        os.environ["TF_NUM_INTEROP_THREADS"] = _inter or _intra
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -111,10 +118,14 @@ def sweep(make: callable, rates: list[float], p99_ms: float, stop_p99_ms: float)
         steps.append({"rate_rps": rate, "predictions_per_s": round(r.predictions_per_s), "p99_ms": round(r.latency_ms["p99"], 2),
                       "p50_ms": round(r.latency_ms["p50"], 2), "cpu_us_per_prediction": r.cpu_s_per_million_predictions,
                       "failed": failed, "mean_batch_rows": r.mean_batch_rows, "generator_lag_p99_ms": round(r.schedule_lag_ms_p99, 1),
+                      "load_generator_cpu_us_per_prediction": None if r.load_generator_cpu_s is None or not r.predictions
+                      else r.load_generator_cpu_s / r.predictions * 1e6,
                       "ok": ok})
         print(f"  {rate:>6g} req/s: {r.predictions_per_s:>10,.0f} pred/s  p99 {r.latency_ms['p99']:7.2f} ms  "
               f"CPU {r.cpu_s_per_million_predictions or float('nan'):6.2f} µs/pred  batch {r.mean_batch_rows or 0:6.0f}  "
-              f"failed {failed}  generator lag p99 {r.schedule_lag_ms_p99:.0f} ms", flush=True)
+              f"failed {failed}  generator lag p99 {r.schedule_lag_ms_p99:.0f} ms"
+              + ("" if r.load_generator_cpu_s is None or not r.predictions else
+                 f"  (+ generator {r.load_generator_cpu_s / r.predictions * 1e6:.2f} µs/pred, left out)"), flush=True)
         if not held or r.latency_ms["p99"] > stop_p99_ms:
             break
         if ok and (best is None or r.predictions_per_s > best["predictions_per_s"]):
@@ -135,7 +146,17 @@ def main() -> int:
     ap.add_argument("--timeout-ms", type=float, default=100.0)
     ap.add_argument("--batches", default="100,250,500,1000,2000,4000,8000")
     ap.add_argument("--paths", default=",".join(k for k, *_ in PATHS))
+    ap.add_argument("--tf-threads", default="0",
+                    help="TensorFlow threads INTRA[,INTER] (TF_NUM_INTRAOP/INTEROP_THREADS; INTER defaults to INTRA) for "
+                         "the limit, the in-process paths and the child server; 0: TensorFlow's default (one per core). "
+                         "Two batch threads computing at once need INTER >= 2")
+    ap.add_argument("--batch-threads", type=int, default=1, help="BatchingOptions.num_batch_threads")
+    ap.add_argument("--batch-timeout-ms", type=float, default=2.0, help="BatchingOptions.batch_timeout_ms")
+    ap.add_argument("--max-batch", type=int, default=4096, help="BatchingOptions.max_batch_size")
     args = ap.parse_args()
+    global BATCHING
+    BATCHING = BatchingOptions(max_batch_size=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+                               num_batch_threads=args.batch_threads)
     rates = [float(x) for x in args.rates.split(",")]
     wanted = args.paths.split(",")
     tmp = None
@@ -152,7 +173,7 @@ def main() -> int:
     _, _, folder = _model_info(str(base))
     info = json.loads((folder / "ctrflow.json").read_text())
     print(f"model {folder} ({info['model']['kind']}, {len(info['feature_spec']['id_names'])} id columns), "
-          f"{args.candidates} candidates/request", flush=True)
+          f"{args.candidates} candidates/request, {BATCHING}, TF threads {args.tf_threads if args.tf_threads != '0' else 'default'}", flush=True)
 
     print("model compute (direct calls, no batcher):", flush=True)
     limit = model_compute(base, [int(b) for b in args.batches.split(",")], min_s=1.5)
@@ -258,12 +279,14 @@ def main() -> int:
             rel = f"  {st['cpu_us_per_prediction'] / base_cpu:5.2f} x HTTP ids" if base_cpu and st["cpu_us_per_prediction"] else ""
             print(f"  {label:<30}CPU {st['cpu_us_per_prediction'] or nan:7.2f} µs/pred  p50 {st['p50_ms']:6.1f} ms  "
                   f"p99 {st['p99_ms']:7.1f} ms  batch {st['mean_batch_rows'] or 0:5.0f}{rel}")
-    print("in-process CPU includes the load generator; HTTP/gRPC CPU is the server process's alone. "
+    print("in-process CPU is the process's less the load generator's own (its share of the loop's thread); "
+          "HTTP/gRPC CPU is the server process's alone. "
           f"'sustained': highest rate with p99 <= {args.stop_p99_ms:g} ms and <= 1% failed; targets use the "
           f"p99 <= {args.p99_ms:g} ms step when there is one, else the sustained one (JSON: cpu_figure_from). "
           "'x compute': the path's CPU over predict_ids' own at the mean batch the path formed.")
     print("targets: " + ", ".join(f"{k}={'met' if v else ('not met' if v is False else 'n/a')}" for k, v in targets.items()))
     print(json.dumps({"model": str(folder), "model_kind": info["model"]["kind"], "candidates": args.candidates,
+                      "tf_threads": args.tf_threads, "batching": BATCHING.__dict__,
                       "p99_ms_limit": args.p99_ms, "step_s": args.step_s, "limit": limit, "paths": results, "targets": targets},
                      default=float))
     return 0

@@ -12,7 +12,8 @@ model's schema, or rows from `ctrflow.data.generate`).
 
 Targets: `url` (a running server, loopback only), or `model_base_path` with `target="http"` (a server
 started here in a child process per run, so its CPU is measured alone) or `target="inprocess"` (a
-`Predictor` in this process; its CPU figure then includes the generator's). `compare_batching` runs
+`Predictor` in this process; its CPU figure is the process's less the generator's own share of the
+event loop's thread, measured around the predictor's coroutine steps). `compare_batching` runs
 the same schedule twice, batching on and off, and reports both.
 
 Implementation details follow: one asyncio loop sends; an HTTP/1.1 keep-alive pool of at most
@@ -188,6 +189,9 @@ class LoadResult:
     cpu_s_per_million_predictions: float | None
     cpu_includes_load_generator: bool
     schedule_lag_ms_p99: float  # how late the generator itself sent (its own overload shows here)
+    # The generator's own CPU while driving, never in server_cpu_s (in process: its share of the event
+    # loop's thread; over HTTP/gRPC: this process's, which on one machine competes with the server's).
+    load_generator_cpu_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,6 +234,10 @@ class LoadReport:
         lines = [f"{k:<{width}}  " + "  ".join(f"{col[i]:>{w}}" for col, w in zip(cols, cw)) for i, (k, _) in enumerate(rows)]
         if any(r.cpu_includes_load_generator for r in self.results):
             lines.append("* in-process: the CPU figure includes the load generator")
+        for r in self.results:
+            if r.load_generator_cpu_s is not None and r.target == "inprocess":
+                lines.append(f"{r.label}: in-process CPU is the predictor's; the load generator's own "
+                             f"{r.load_generator_cpu_s:.2f} s (its share of the event loop's thread) is left out")
         for key, value in self.notes.items():
             lines.append(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
         return "\n".join(lines)
@@ -385,15 +393,64 @@ def _grpc_ids_request(model: str, ids: np.ndarray, numeric: np.ndarray) -> bytes
 # ---- the HTTP client --------------------------------------------------------------------------------
 
 
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of `_HttpPool`: one request at a time, the answer framed by its
+    Content-Length. A Protocol, not streams: one loop future per request and no reader buffer objects,
+    so the generator's own CPU per request stays small beside the server's on a shared machine."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buf = b""
+        self._answer: asyncio.Future[tuple[int, bytes, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
+        """Write one request; the future resolves to (status, body, server closes the connection)."""
+        self._answer = answer = asyncio.get_running_loop().create_future()
+        self._buf = b""
+        self.transport.write(data)
+        return answer
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._buf = buf
+            return
+        head = buf[:end].lower()
+        length, at = 0, head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17: stop if stop > 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            self._buf = buf
+            return
+        self._buf = b""
+        answer, self._answer = self._answer, None
+        close = b"\r\nconnection: close" in head
+        if answer is not None and not answer.done():
+            answer.set_result((int(buf[9:12]), buf[end + 4: end + 4 + length], close))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(asyncio.IncompleteReadError(self._buf, None))
+
+
 class _HttpPool:
     """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency).
 
-    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back.
+    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back (and its
+    connection, which may still receive that answer, is closed rather than reused).
     """
 
     def __init__(self, host: str, port: int, size: int) -> None:
         self._host, self._port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_HttpConnection] = []
         self._slots = asyncio.Semaphore(size)
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
@@ -401,34 +458,27 @@ class _HttpPool:
         conn = None
         reusable = False
         try:
-            conn = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
-            reader, writer = conn
-            writer.write(head + body)
-            status_head = await reader.readuntil(b"\r\n\r\n")
-            lines = status_head.split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            length, close = 0, False
-            for line in lines[1:]:
-                k, _, v = line.partition(b":")
-                k = k.strip().lower()
-                if k == b"content-length":
-                    length = int(v)
-                elif k == b"connection" and b"close" in v.lower():
-                    close = True
-            payload = await reader.readexactly(length) if length else b""
-            reusable = not close
+            while self._idle and conn is None:  # bounded by the idle list
+                conn = self._idle.pop()
+                if conn.closed:
+                    conn = None
+            if conn is None:
+                _, conn = await asyncio.get_running_loop().create_connection(_HttpConnection, self._host, self._port)
+            status, payload, close = await conn.send(head + body)
+            reusable = not close and not conn.closed
             return status, payload
         finally:
             if conn is not None:
                 if reusable:
                     self._idle.append(conn)
-                else:
-                    conn[1].close()
+                elif conn.transport is not None:
+                    conn.transport.close()
             self._slots.release()
 
     async def close(self) -> None:
-        for _, w in self._idle:
-            w.close()
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
         self._idle.clear()
 
 
@@ -515,15 +565,29 @@ async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_T
     tasks: set[asyncio.Task] = set()
     client_limit_s = max(1.0, 10 * options.timeout_ms / 1e3)
 
+    def expire(task: asyncio.Task, flag: list[bool]) -> None:
+        flag[0] = True
+        task.cancel()
+
     async def one(i: int, scheduled: float) -> None:
+        # The client's limit is one timer cancelling this task (wait_for would start a second task per
+        # request: generator CPU that a shared machine takes from the server).
+        expired = [False]
+        timer = loop.call_later(client_limit_s, expire, asyncio.current_task(), expired)
         try:
-            key = await asyncio.wait_for(send(i), client_limit_s)
+            key = await send(i)
+        except asyncio.CancelledError:
+            if not expired[0]:
+                raise
+            key = "client_timeout"
         except TimeoutError:
             key = "client_timeout"
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             key = f"connection_error:{type(e).__name__}"
         except Exception as e:  # noqa: BLE001 - counted, never raised
             key = f"error:{type(e).__name__}"
+        finally:
+            timer.cancel()
         tally.latency_ms[i] = (loop.time() - scheduled) * 1e3
         tally.ok[i] = key == "200"
         tally.count(key)
@@ -577,6 +641,7 @@ def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, s
         server_cpu_s=cpu, cpu_s_per_million_predictions=None if cpu is None or not computed else cpu / computed * 1e6,
         cpu_includes_load_generator=bool(server.get("cpu_includes_load_generator", False)),
         schedule_lag_ms_p99=float(np.percentile(tally.lag_ms, 99)) if len(tally.lag_ms) else 0.0,
+        load_generator_cpu_s=server.get("load_generator_cpu_s"),
     )
 
 
@@ -642,7 +707,9 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
 
             return await _drive(options, times, send)
 
+    generator0 = time.process_time()
     tally, wall = asyncio.run(main_grpc() if options.protocol == "grpc" else main())
+    generator = time.process_time() - generator0
     after = _scrape(url, model)
     if proc is not None:
         cpu = sum(proc.cpu_times()[:2]) - cpu0
@@ -653,16 +720,55 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
     if math.isnan(calls):  # no batcher: every OK request was one compute call
         calls = after.get("requests_ok", 0) - before.get("requests_ok", 0)
     server = {"cpu_s": None if math.isnan(cpu) else cpu, "compute_calls": calls, "rows_computed": rows,
-              "target": "grpc" if options.protocol == "grpc" else "http", "protocol": options.protocol}
+              "target": "grpc" if options.protocol == "grpc" else "http", "protocol": options.protocol,
+              "load_generator_cpu_s": generator}
     return tally, wall, server
 
 
+class _OnThisThread:
+    """Awaits a coroutine and adds the CPU its own steps take on this thread to `spent[0]`.
+
+    In process the load generator and the predictor share the event loop's thread: the predictor's
+    share of it is what its coroutine runs between suspensions (checks, enqueueing, taking the answer);
+    the rest of that thread's CPU (scheduling, tasks, timers, the tally, and the loop waking a caller
+    whose answer arrived) is the generator's, and `_run_inprocess` subtracts it from the process's CPU.
+    """
+
+    __slots__ = ("coro", "spent")
+
+    def __init__(self, coro: Any, spent: list[float]) -> None:
+        self.coro, self.spent = coro, spent
+
+    def __await__(self) -> Any:
+        coro, spent, clock = self.coro, self.spent, time.thread_time
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            began = clock()
+            try:
+                yielded = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                spent[0] += clock() - began
+                return stop.value
+            except BaseException:
+                spent[0] += clock() - began
+                raise
+            spent[0] += clock() - began
+            try:
+                value, error = (yield yielded), None
+            except BaseException as e:  # noqa: BLE001 - cancellation and the like go on into the coroutine
+                value, error = None, e
+
+
 def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], times: np.ndarray) -> tuple[_Tally, float, dict[str, Any]]:
+    """Drive an in-process predictor; its CPU is the process's less the generator's own (see `_OnThisThread`)."""
     pool = ThreadPoolExecutor(16, thread_name_prefix="loadgen-predict")
     before = predictor.stats() or {}
     cpu0 = time.process_time()
     batched = getattr(predictor, "batcher", None) is not None
     ids = options.protocol == "ids"
+    in_predictor = [0.0]  # CPU of the predictor's coroutine steps on the loop's thread
+    loop_thread = [0.0]  # CPU of the loop's thread over the whole run
 
     async def main() -> tuple[_Tally, float]:
         loop = asyncio.get_running_loop()
@@ -672,11 +778,11 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
             try:
                 if ids:
                     if batched:
-                        await predictor.apredict_ids(*features, timeout_ms=options.timeout_ms)
+                        await _OnThisThread(predictor.apredict_ids(*features, timeout_ms=options.timeout_ms), in_predictor)
                     else:
                         await loop.run_in_executor(pool, predictor.predict_ids, *features)
                 elif batched:
-                    await predictor.apredict(features, timeout_ms=options.timeout_ms)
+                    await _OnThisThread(predictor.apredict(features, timeout_ms=options.timeout_ms), in_predictor)
                 else:
                     await loop.run_in_executor(pool, predictor.predict, features)
             except DeadlineExceeded:
@@ -685,19 +791,24 @@ def _run_inprocess(options: LoadOptions, predictor: Any, bodies: list[dict], tim
                 return "503"
             return "200"
 
-        return await _drive(options, times, send)
+        began = time.thread_time()
+        try:
+            return await _drive(options, times, send)
+        finally:
+            loop_thread[0] = time.thread_time() - began
 
     try:
         tally, wall = asyncio.run(main())
     finally:
         pool.shutdown(wait=True)
     cpu = time.process_time() - cpu0
+    generator = max(0.0, loop_thread[0] - in_predictor[0])
     after = predictor.stats() or {}
     ok = tally.status.get("200", 0)
     calls = after.get("compute_calls", 0) - before.get("compute_calls", 0) if batched else ok
     rows = after.get("predictions", 0) - before.get("predictions", 0) if batched else ok * options.candidates
-    server = {"cpu_s": cpu, "compute_calls": calls, "rows_computed": rows, "cpu_includes_load_generator": True,
-              "target": "inprocess", "protocol": "ids" if ids else "python"}
+    server = {"cpu_s": max(0.0, cpu - generator), "load_generator_cpu_s": generator, "compute_calls": calls,
+              "rows_computed": rows, "target": "inprocess", "protocol": "ids" if ids else "python"}
     return tally, wall, server
 
 

@@ -53,7 +53,6 @@ by one condition variable that the batch threads wait on (never a busy wait).
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 from collections import deque
@@ -278,13 +277,16 @@ class AutoBatcher:
             timeout_ms = _budget_ms(deadline)
         elif timeout_ms is not None:
             deadline = time.monotonic() + timeout_ms / 1000.0
-        request = self._enqueue(inputs, deadline)
-        # One loop future, woken straight from the batch thread and by one timer: the caller resumes
-        # one loop iteration after its scores are ready (wrap_future + asyncio.wait take two more,
-        # which on a saturated loop is two more lags per request).
+        # One loop future, woken from the batch thread and by one timer: the caller resumes one loop
+        # iteration after its scores are ready (wrap_future + asyncio.wait take two more, which on a
+        # saturated loop is two more lags per request). The batch thread wakes every waiter of one
+        # batch on one loop with ONE call_soon_threadsafe (one self-pipe write, one loop wake-up per
+        # batch instead of one per request).
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        request.future.add_done_callback(functools.partial(_wake, loop, waiter))
+        request = self._enqueue(inputs, deadline, (loop, waiter))
+        if request.future.done():  # a zero-row request: answered at submit
+            _relay(waiter, request.future)
         timer = None if deadline is None else loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiter)
         try:
             outcome = await waiter
@@ -303,9 +305,10 @@ class AutoBatcher:
             return await asyncio.wrap_future(request.future)
         raise error
 
-    def _enqueue(self, inputs: Mapping[str, np.ndarray], deadline: float | None) -> _Request:
+    def _enqueue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
+                 waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None) -> _Request:
         rows = self._check_inputs(inputs)
-        request = _Request(inputs, rows, deadline)
+        request = _Request(inputs, rows, deadline, waiter)
         max_batch = self._max_batch
         with self._cond:
             counts = self._counts
@@ -564,6 +567,7 @@ class AutoBatcher:
         live: list[_Task] = []
         wait_sum = wait_max = 0.0
         dropped = timeouts = cancelled = 0
+        wakes: list[_Request] = []  # asyncio callers finished by this batch, woken together at the end
         for task in batch.tasks:
             request = task.request
             wait = now - request.submitted_at
@@ -581,12 +585,16 @@ class AutoBatcher:
                         f"while queued ({wait * 1e3:.1f} ms waited, {(now - request.deadline) * 1e3:.1f} ms "
                         "late); dropped before compute. Allow more time or add capacity "
                         "(num_batch_threads, max_batch_size)."
-                    )
+                    ),
+                    wakes,
                 )
                 dropped += task.size
             else:
                 live.append(task)
 
+        if wakes:  # the expired ones hear at once, not after the call
+            _wake_all(wakes)
+            wakes = []
         completed = errors = 0
         calls: list[tuple[int, bool]] = []  # (rows, failed) of each compute call
         if live:
@@ -611,13 +619,18 @@ class AutoBatcher:
                     by_request.setdefault(id(task.request), []).append(task)
                 for group in by_request.values():
                     alone = self._score(group)
-                    done, failed = self._finish(group, alone)
+                    done, failed = self._finish(group, alone, wakes)
                     completed, errors = completed + done, errors + failed
                     calls.append((sum(t.size for t in group), isinstance(alone, Exception)))
+                    if wakes:  # each re-run's caller hears as soon as its own call is done
+                        _wake_all(wakes)
+                        wakes = []
             else:
-                done, failed = self._finish(live, outcome)
+                done, failed = self._finish(live, outcome, wakes)
                 completed, errors = completed + done, errors + failed
                 calls.append((sum(t.size for t in live), isinstance(outcome, Exception)))
+        if wakes:
+            _wake_all(wakes)
 
         with self._cond:
             counts = self._counts
@@ -657,17 +670,18 @@ class AutoBatcher:
         return scores
 
     @staticmethod
-    def _finish(tasks: list[_Task], outcome: np.ndarray | Exception) -> tuple[int, int]:
-        """Hand each task its rows of `outcome` (or fail its request): (requests completed, failed)."""
+    def _finish(tasks: list[_Task], outcome: np.ndarray | Exception, wakes: list[_Request]) -> tuple[int, int]:
+        """Hand each task its rows of `outcome` (or fail its request): (requests completed, failed).
+        Asyncio callers finished here are appended to `wakes` (the caller wakes them together)."""
         completed = errors = 0
         if isinstance(outcome, Exception):
             for task in tasks:
-                errors += task.request.fail(outcome)
+                errors += task.request.fail(outcome, wakes)
             return 0, errors
         offset = 0
         for task in tasks:
             end = offset + task.size
-            completed += task.request.deliver(task.index, outcome[offset:end])
+            completed += task.request.deliver(task.index, outcome[offset:end], wakes)
             offset = end
         return completed, 0
 
@@ -757,16 +771,19 @@ class _Request:
     """One caller's rows and future: resolves when its last piece is scored, or fails exactly once."""
 
     __slots__ = (
-        "inputs", "rows", "deadline", "submitted_at", "future", "done", "_pieces", "_remaining", "_lock",
+        "inputs", "rows", "deadline", "submitted_at", "future", "waiter", "done", "_pieces", "_remaining", "_lock",
         "expected_s",
     )
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None) -> None:
+    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None,
+                 waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None) -> None:
         self.inputs = inputs
         self.rows = rows
         self.deadline = deadline
         self.submitted_at = time.monotonic()
         self.future: Future[np.ndarray] = Future()
+        # An asyncio caller's (loop, loop future): woken on its loop once `future` is settled.
+        self.waiter = waiter
         self.done = False  # set once, under _lock, by whoever finishes the request
         self._pieces: list[np.ndarray | None] = []
         self._remaining = 0
@@ -777,8 +794,10 @@ class _Request:
         self._pieces = [None] * count
         self._remaining = count
 
-    def deliver(self, index: int, scores: np.ndarray) -> bool:
-        """Store one piece's scores; the last piece resolves the future. True if this call did."""
+    def deliver(self, index: int, scores: np.ndarray, wakes: list[_Request] | None = None) -> bool:
+        """Store one piece's scores; the last piece resolves the future. True if this call did.
+
+        An asyncio caller is then appended to `wakes` (woken by whoever passed it), else woken now."""
         with self._lock:
             if self.done:
                 return False
@@ -789,9 +808,10 @@ class _Request:
             self.done = True
             pieces, self._pieces = self._pieces, []
         _settle(self.future.set_result, pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+        self._woken(wakes)
         return True
 
-    def fail(self, error: BaseException | None) -> bool:
+    def fail(self, error: BaseException | None, wakes: list[_Request] | None = None) -> bool:
         """Finish without scores (None: the caller cancelled). True if this call finished it."""
         with self._lock:
             if self.done:
@@ -800,7 +820,16 @@ class _Request:
             self._pieces = []
         if error is not None:
             _settle(self.future.set_exception, error)
+            self._woken(wakes)
         return True
+
+    def _woken(self, wakes: list[_Request] | None) -> None:
+        if self.waiter is None:
+            return
+        if wakes is not None:
+            wakes.append(self)
+        else:
+            _wake_all([self])
 
 
 class _Task:
@@ -970,12 +999,22 @@ def _relay(waiter: asyncio.Future[Any], done: Future[np.ndarray]) -> None:
         waiter.set_result(done.result())
 
 
-def _wake(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], done: Future[np.ndarray]) -> None:
-    """On whichever thread finished the request: schedule `_relay` on the waiter's loop."""
-    try:
-        loop.call_soon_threadsafe(_relay, waiter, done)
-    except RuntimeError:  # that loop is closed: nobody waits any more
-        pass
+def _relay_all(requests: list[_Request]) -> None:
+    """On the loop: hand each finished request's outcome to its waiter."""
+    for request in requests:
+        _relay(request.waiter[1], request.future)
+
+
+def _wake_all(requests: list[_Request]) -> None:
+    """On whichever thread finished the requests: one `_relay_all` per event loop they wait on."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+    for request in requests:
+        by_loop.setdefault(request.waiter[0], []).append(request)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_relay_all, group)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

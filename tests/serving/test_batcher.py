@@ -359,6 +359,33 @@ def test_apredict_serves_many_concurrent_coroutines(make_batcher):
     assert len(compute.batches) < 50
 
 
+def test_apredict_callers_on_two_event_loops_sharing_batches_each_get_their_rows(make_batcher):
+    """One batch's asyncio callers are woken together, per loop: callers of two loops (two threads)
+    that share batches each get their own rows, a zero-row call answers at once, a poison one fails alone."""
+    compute = Recorder(fail_on=7_777)
+    batcher = make_batcher(compute, batch_timeout_ms=20, max_batch_size=4096)
+    out: dict[int, object] = {}
+
+    async def loop_main(base: int) -> None:
+        calls = [batcher.apredict(rows(base + 100 * k, 3), timeout_ms=WAIT_S * 1000) for k in range(10)]
+        calls.append(batcher.apredict(rows(base, 0), timeout_ms=WAIT_S * 1000))
+        if base == 0:
+            calls.append(batcher.apredict(rows(7_777, 2), timeout_ms=WAIT_S * 1000))
+        for k, result in enumerate(await asyncio.gather(*calls, return_exceptions=True)):
+            out[base + k] = result
+
+    threads = [threading.Thread(target=asyncio.run, args=(loop_main(base),)) for base in (0, 50_000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S * 2)
+    for base in (0, 50_000):
+        for k in range(10):
+            np.testing.assert_array_equal(out[base + k], expected(base + 100 * k, 3))
+        assert out[base + 10].shape == (0,)
+    assert isinstance(out[11], Exception) and "bad row" in str(out[11])
+
+
 def test_apredict_timeout_raises_deadline_exceeded(make_batcher):
     compute = Recorder(hold_first=True)
     batcher = make_batcher(compute, batch_timeout_ms=0)

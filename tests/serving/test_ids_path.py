@@ -123,6 +123,30 @@ def test_in_process_predict_ids_goes_through_its_batcher(live, data):
         assert inputs["ids"] is got_ids and inputs["numeric"] is got_num
 
 
+def test_check_ids_fast_checks_agree_with_the_element_wise_ones(live, data):
+    """The flat unsigned id compare and the finite-sum test must refuse and accept exactly what the
+    element-wise checks do: every edge of a table, negative ids, any layout, sums that overflow."""
+    _, _, ids, numeric, _, _, _, limits = data
+    with live.manager.lease("ctr") as predictor:
+        for r, c, value, ok in [(0, 0, limits[0] - 1, True), (5, 7, limits[7], False), (59, 38, -1, False),
+                                (1, 3, 0, True), (2, 4, -2**31, False)]:
+            bad = ids.copy()
+            bad[r, c] = value
+            for layout in (bad, np.asfortranarray(bad), bad.astype(np.int64)):
+                if ok:
+                    predictor.check_ids(layout, numeric)
+                else:
+                    with pytest.raises(InvalidArgument, match=f"row {r}, column {c}"):
+                        predictor.check_ids(layout, numeric)
+        huge = np.full_like(numeric, 3e38)  # finite values whose sum overflows: accepted
+        predictor.check_ids(ids, huge)
+        for poison in (np.nan, np.inf, -np.inf):
+            bad = numeric.copy()
+            bad[9, 1] = poison
+            with pytest.raises(InvalidArgument, match="'numeric' row 9, column 1"):
+                predictor.check_ids(ids, bad)
+
+
 def test_grpc_predict_ids_reads_tensor_content(live, data):
     grpc = pytest.importorskip("grpc")
     pytest.importorskip("tensorflow_serving.apis.predict_pb2")
