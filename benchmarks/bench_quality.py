@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sklearn-c", help="comma-separated C values tried on valid (default 0.03,0.1,0.3,1)")
     ap.add_argument("--vw-l2", help="comma-separated --l2 values of VW -q tried on valid (default 1e-6,1e-7,1e-8)")
     ap.add_argument("--min-count", type=int, help="override ModelConfig.min_count (ids seen < K times in train share a row)")
+    ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
     ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size), ("min_count", a.min_count))
                  if v is not None}
+    if a.linear_optimizer:
+        from ctrflow.train.config import DEFAULT_LEARNING_RATES, GroupOptimizer
+
+        name, _, rate = a.linear_optimizer.partition(":")
+        overrides["optimizer_groups"] = {"linear": GroupOptimizer(name, float(rate) if rate else DEFAULT_LEARNING_RATES[name]["linear"])}
     for name in a.datasets.split(","):
         try:
             ds = quality_common.prepare(name, work / name, rows=a.rows, test_rows=a.test_rows, max_buckets=a.max_buckets,
