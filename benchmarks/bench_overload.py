@@ -11,10 +11,17 @@
 
 The server runs in a child process (`ctrflow.bench.loadgen`'s), the generator here; both share the
 machine's cores (and, on the project machine, other people's jobs): latency counts from each request's
-*scheduled* send time, so the generator's own lag is charged to the server, never hidden.
+*scheduled* send time, so the generator's own lag is charged to the server, never hidden. What each
+side used is measured apart (`server_cores`, `generator_cores`: CPU seconds per second, from /proc,
+per capacity step and during the overload); `--pin S:G` puts them on separate CPUs.
+
+A/B: `--compare-tree DIR` runs a second server from the ctrflow package under DIR (e.g. `git archive
+OLD ctrflow | tar -x -C DIR`) interleaved with this tree's, order reversed on odd repeats;
+`--capacity-once` lets both sides of a repeat meet the same offered rate.
 
 Usage: python benchmarks/bench_overload.py [--model-base-path DIR] [--deadline-ms 100] [--overload-s 10]
-       [--recovery-s 3] [--step-s 3] [--repeat 1] [--rates 200,400,...]
+       [--recovery-s 3] [--step-s 3] [--repeat 1] [--rates 200,400,...] [--pin 1:0]
+       [--compare-tree DIR [--capacity-once]] [--compare-no-shed] [--capacity-rps R]
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
