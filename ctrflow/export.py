@@ -37,6 +37,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ctrflow.atomic import replace_atomically
@@ -45,7 +46,7 @@ from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
 __all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests", "context_layout",
-           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "CONTEXT_PACKED_SIGNATURE"]
+           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "CONTEXT_PACKED_SIGNATURE", "signature_rows"]
 
 EXPORT_INFO = "ctrflow.json"
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
@@ -173,6 +174,14 @@ def _side_schema(schema: Schema, fields: set[str]) -> Schema:
 
 PACKED_SIGNATURE = "serving_packed"  # raw features as two matrices (see _packed_spec)
 CONTEXT_PACKED_SIGNATURE = "serving_context_packed"
+FIELD_MAJOR_SIGNATURES = frozenset({PACKED_SIGNATURE, CONTEXT_PACKED_SIGNATURE})  # rows on the last axis
+
+
+def signature_rows(signature: str, inputs: Mapping[str, Any]) -> int:
+    """Rows (candidates) of one call's inputs: the first axis, but the last of the field-major packed
+    signatures ([fields, rows]), so a request's row limit and its metrics count candidates, not fields."""
+    axis = -1 if signature in FIELD_MAJOR_SIGNATURES else 0
+    return max((a.shape[axis] for a in inputs.values() if getattr(a, "ndim", 0)), default=1)
 
 
 def _packed_spec(schema: Schema, prefix: str = "") -> list[Any]:

@@ -378,11 +378,14 @@ class AutoBatcher:
                 self._cond.notify()  # someone must start the open batch's timer
         return request
 
-    def admit(self, rows: int, *, deadline: float | None = None) -> None:
+    def admit(self, rows: int, *, deadline: float | None = None, lower_bound: bool = False) -> None:
         """Raise now what `submit` of `rows` rows would raise for load (QueueFullError, DeadlineExceeded).
 
         Lets a front end refuse an overload request before it pays for decoding and preparing it;
         `submit` checks again (the queue may have moved meanwhile). Counts a refusal like `submit`.
+        `lower_bound`: the size is not known yet (HTTP's door, before the body): refuse only what no
+        request could make — `rows` rows without the wait for a partial batch's timeout, which a
+        request that fills the batch does not pay — so it is never stricter than the later check.
         """
         now = time.monotonic()
         with self._cond:
@@ -392,7 +395,7 @@ class AutoBatcher:
                     f"{(now - deadline) * 1e3:.1f} ms after its deadline; not queued."
                 )
             if deadline is not None and self._shed and rows:
-                wait_s = self._estimate_s(rows, now)
+                wait_s = self._estimate_s(rows, now, lower_bound=lower_bound)
                 if wait_s is not None:
                     wait_s += self._unseen.margin_s()
                     if wait_s > self._budget_share * (deadline - now):
@@ -413,7 +416,7 @@ class AutoBatcher:
             wait_s = self._estimate_s(rows, time.monotonic())
         return None if wait_s is None else wait_s * 1e3
 
-    def _estimate_s(self, rows: int, now: float) -> float | None:
+    def _estimate_s(self, rows: int, now: float, *, lower_bound: bool = False) -> float | None:
         """Queue wait + compute for `rows` new rows behind what is queued now (call under the lock).
 
         The batch threads first finish their current calls (when all are busy), then score the queued
@@ -432,7 +435,7 @@ class AutoBatcher:
         calls = -(-total // self._max_batch)
         work_s = (calls * fixed_s + total * row_s) / self._threads_n
         thread_wait_s = max(0.0, min(busy.values()) - now) if len(busy) >= self._threads_n else 0.0
-        if total < self._max_batch:
+        if total < self._max_batch and not lower_bound:  # (a larger request could fill the batch: no wait)
             thread_wait_s = max(thread_wait_s, self._timeout_s)
         return thread_wait_s + work_s
 
@@ -444,7 +447,9 @@ class AutoBatcher:
         fixed_s, row_s = self._cost.fit()
         if fixed_s is None:
             return None
-        return fixed_s + row_s * rows + (self._timeout_s if rows < self._max_batch else 0.0)
+        calls = -(-rows // self._max_batch)  # a request over max_batch_size rows takes several calls
+        work_s = (calls * fixed_s + rows * row_s) / min(calls, self._threads_n)
+        return work_s + (self._timeout_s if rows < self._max_batch else 0.0)
 
     def _learn_unseen(self, request: _Request) -> None:
         """An asyncio caller resumed with its scores: teach the admission what the cost model did not see

@@ -71,10 +71,12 @@ Door = Callable[[str, list[tuple[bytes, bytes]], float], "tuple[int, str] | None
 
 def door_for(routes: Any) -> Door | None:
     """`door(path, headers, arrived) -> (status, message) | None` for the REST routes `routes`: the
-    refusal a request would get from `admit`, decided from its head alone (None: let it in).
+    load refusal (503/504) `admit` would give, decided from its head alone (None: let it in; a request
+    the route would answer 400/415 may get the 503 instead under overload).
 
-    It asks the batcher about one row, the least a request can hold, so it never refuses what `admit`
-    would accept once the rows are known: it only turns away what no request could make (a queue or a
+    It asks the batcher about one row without the partial batch's timeout (`admit(lower_bound=True)`),
+    less than any request can cost, so it never refuses what `admit` would accept once the rows are
+    known (a full batch skips that wait): it only turns away what no request could make (a queue or a
     loop already past the budget, or a deadline already passed). Anything it cannot tell from the head
     (an unknown model, a version or label in the path, a rollout, a bad X-Deadline-Ms) is let in, for
     the route to answer as it always has."""
@@ -112,7 +114,7 @@ def door_for(routes: Any) -> Door | None:
             deadline = arrived + budget_ms / 1e3
             left_ms(deadline, budget_ms)
             if batcher is not None and hasattr(batcher, "admit"):
-                batcher.admit(1, deadline=deadline)
+                batcher.admit(1, deadline=deadline, lower_bound=True)
             return None
         except DeadlineExceeded as e:
             refusal = 504, str(e)
@@ -122,7 +124,7 @@ def door_for(routes: Any) -> Door | None:
             manager.release(loaded)
         metrics = getattr(routes, "metrics", None)
         if metrics is not None:  # counted with the routes' answers (ctrflow_requests_total by code)
-            metrics.observe(name, protocol, refusal[0], 0.0, 0)
+            metrics.observe(name, protocol, refusal[0], max(0.0, time.monotonic() - arrived), 0)
         return refusal
 
     return door

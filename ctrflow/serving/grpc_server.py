@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ctrflow.errors import ConfigError, SchemaError
+from ctrflow.export import signature_rows
 from ctrflow.serving.metrics import ServingMetrics
 from ctrflow.serving.deadline import admit, left_ms
 from ctrflow.serving.models import ModelManager
@@ -300,7 +301,7 @@ class GrpcServer:
                 outputs = await predictor.apredict_ids_outputs(ids, numeric, timeout_ms=timeout_ms, output_filter=output_filter)
             else:
                 inputs = {alias: tensor_to_ndarray(t, name=alias) for alias, t in request.inputs.items()}
-                rows = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+                rows = signature_rows(signature, inputs)
                 if rows > self._max_rows:
                     raise _Invalid(f"Request of {rows} rows is over the limit of {self._max_rows}; split it.")
                 timeout_ms = admit(predictor, rows, deadline, signature)  # each signature's own queue

@@ -50,6 +50,7 @@ import numpy as np
 
 from ctrflow.client.context import CONTEXT_CONTENT_TYPE
 from ctrflow.errors import DeadlineExceeded
+from ctrflow.export import signature_rows
 from ctrflow.serving.codec import (
     COLUMNAR_CONTENT_TYPE,
     IDS_CONTENT_TYPE,
@@ -274,7 +275,7 @@ class RestRoutes:
                 doc = await asyncio.to_thread(_load_json, body) if len(body) > 1 << 20 else _load_json(body)
                 decoded = decode_json_request(doc, predictor.signatures)
                 fmt = decoded.format
-                rows = decoded.rows or max((a.shape[0] for a in decoded.inputs.values() if a.ndim), default=1)
+                rows = decoded.rows or signature_rows(decoded.signature_key, decoded.inputs)
                 self._check_rows(rows)
                 # Only serving_default goes through the batcher: its queue says nothing about other signatures.
                 timeout_ms = admit(predictor, rows, deadline, decoded.signature_key)
