@@ -125,7 +125,8 @@ def sweep(make: callable, rates: list[float], p99_ms: float, stop_p99_ms: float)
               f"CPU {r.cpu_s_per_million_predictions or float('nan'):6.2f} µs/pred  batch {r.mean_batch_rows or 0:6.0f}  "
               f"failed {failed}  generator lag p99 {r.schedule_lag_ms_p99:.0f} ms"
               + ("" if r.load_generator_cpu_s is None or not r.predictions else
-                 f"  (+ generator {r.load_generator_cpu_s / r.predictions * 1e6:.2f} µs/pred, left out)"), flush=True)
+                 f"  (generator's own {r.load_generator_cpu_s / r.predictions * 1e6:.2f} µs/pred"
+                 + (", left out)" if r.target == "inprocess" else ", another process)")), flush=True)
         if not held or r.latency_ms["p99"] > stop_p99_ms:
             break
         if ok and (best is None or r.predictions_per_s > best["predictions_per_s"]):

@@ -268,8 +268,8 @@ class Predictor:
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         numeric = np.ascontiguousarray(numeric, dtype=np.float32)
         # A finite sum means every value is finite (NaN and inf propagate); only a non-finite sum (or an
-        # overflow of huge finite values) pays for the element-wise check.
-        if n and not np.isfinite(numeric.sum()) and not np.isfinite(numeric).all():
+        # overflow of huge finite values, which numpy warns about) pays for the element-wise check.
+        if n and not math.isfinite(np.add.reduce(numeric, None)) and not np.isfinite(numeric).all():
             r, c = (int(x) for x in np.argwhere(~np.isfinite(numeric))[0])
             raise InvalidArgument(f"'numeric' row {r}, column {c} (field {self.numeric_names[c]!r}) is "
                                   f"{numeric[r, c]}; numerics must be finite (missing = 0.0).")
