@@ -355,6 +355,7 @@ def export(
     boundaries = {k: tuple(v) for k, v in info["transforms"]["boundaries"].items()}
     model = build_model_from_run(info)
     checkpoint = restore_latest(run, model)
+    model.bake_id_remap()  # min_count: rare ids read copies of their shared row, no remap gather when serving
     if embedding_dtype != "float32":
         _slim_tables(model, embedding_dtype)
     names = [input_name(f) for f in schema.categorical_names + schema.numeric_names]

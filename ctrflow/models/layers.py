@@ -1025,6 +1025,34 @@ class CtrModel(tf.Module):
             return tf.cast(tf.nn.embedding_lookup(self.id_remap, tf.cast(ids, tf.int64) + tf.constant(offsets, tf.int64)), tf.int32)
         return tf.nn.embedding_lookup(self.id_remap, ids + tf.constant(offsets, tf.int32))
 
+    def bake_id_remap(self) -> None:
+        """Copy every rare id's shared row into its own rows of every field table, then drop the remap.
+
+        For exports: the model then scores exactly as with the remap (a rare id reads a copy of the row it
+        was mapped to) without the remap's extra gather per field per call (+18% of a DeepFM forward pass)
+        or its 4 bytes per table row. Training state must keep the remap (warm starts merge it).
+        """
+        if self.id_remap is None:
+            return
+        import numpy as np
+
+        lay = self.layout
+        remap = tf.convert_to_tensor(self.id_remap).numpy().astype(np.int64)
+        starts = np.cumsum((0,) + tuple(lay.id_buckets))
+        for module in self.submodules:
+            if not isinstance(module, FieldTables) or not module.tables:
+                continue
+            if module.table_mode == "shared":
+                source = np.arange(lay.shared_rows, dtype=np.int64)
+                for f in range(lay.n_id_fields):
+                    source[lay.offsets[f]:lay.offsets[f] + lay.id_buckets[f]] = remap[starts[f]:starts[f + 1]] + lay.offsets[f]
+                module.tables[0].assign(tf.gather(module.tables[0], source))
+            else:
+                for f in range(lay.n_id_fields):
+                    table = module.tables[f]
+                    table.assign(tf.gather(table, remap[starts[f]:starts[f + 1]]))
+        self.id_remap = None
+
     def set_id_counts(self, counts: Sequence["np.ndarray"], *, keep: bool = False) -> dict[str, dict[str, int]]:
         """Set the rare-id remap from `counts` (one array per column of `Batch.ids`: how often each bucket
         occurs in the training data); `keep`: merge with the current remap (a warm start: rows that had their
