@@ -204,5 +204,10 @@ def test_new_runs_count_rare_ids_by_default_and_runs_recorded_before_min_count_k
     from ctrflow.train.core import RUN_FILE, load_run_info
 
     assert TrainConfig().model.min_count == 5  # what `ctrflow train --model M` trains
+    # ... and a config file's `model: {kind: fm}` (a mapping) too, unless it sets min_count
+    assert TrainConfig(model={"kind": "fm"}).model.min_count == 5
+    assert TrainConfig.from_dict({"model": {"kind": "fm", "min_count": 0}}).model.min_count == 0
+    (tmp_path / "c.yaml").write_text("model: {kind: fm}\n")
+    assert TrainConfig.load(tmp_path / "c.yaml").model.min_count == 5
     (tmp_path / RUN_FILE).write_text(json.dumps({"config": {"model": {"kind": "fm"}, "l2_mode": "every_step"}}))
     assert load_run_info(tmp_path)["config"]["model"]["min_count"] == 0  # its checkpoints hold no remap
