@@ -23,7 +23,8 @@ Defaults that converge without flags
   former default): better or tied for every model on two synthetic datasets, the best model (FFM) by
   0.0013 / 0.0002 logloss (BENCHMARKS.md "Model quality vs peers", helper "quality").
 - Rare ids: the default model has `min_count=5` (ids seen fewer than 5 times in the training data share
-  one row per field, counted when the run starts; BENCHMARKS.md "Rare ids share one row per field").
+  one row per field, counted when the run starts; BENCHMARKS.md "Rare ids share one row per field"), and so
+  does a `model` mapping (a config file's `model: {kind: fm}`) that does not set `min_count`.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from ctrflow.train.optimizer_settings import L2_MODES, OPTIMIZER_NAMES, check_op
 from ctrflow.validation import Bool, Choice, Float, Int, check_fields
 
 __all__ = ["GroupOptimizer", "TrainConfig", "OPTIMIZER_GROUPS", "OPTIMIZER_NAMES", "DEFAULT_LEARNING_RATES", "MAX_EPOCHS",
-           "LR_SCALINGS", "L2_MODES"]
+           "LR_SCALINGS", "L2_MODES", "DEFAULT_MIN_COUNT"]
 
 OPTIMIZER_GROUPS = ("linear", "embedding", "dense")
 LR_SCALINGS = ("sqrt", "linear", "none")
@@ -57,6 +58,9 @@ DEFAULT_LEARNING_RATES: dict[str, dict[str, float]] = {
     "ftrl": {"linear": 0.1, "embedding": 0.05, "dense": 0.01},
     "sgd": {"linear": 0.5, "embedding": 0.2, "dense": 0.05},
 }
+
+
+DEFAULT_MIN_COUNT = 5  # ModelConfig.min_count of a run's model unless set (ModelConfig alone defaults to 0: off)
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,9 @@ class TrainConfig:
     # every model -0.0006..-0.0011, the best 0.00793 -> 0.00720; iPinYou best 0.01974 -> 0.01941; synthetic and
     # zipfmix better or tied for the best models; 3 and 20 worse than 5 on TalkingData and iPinYou; BENCHMARKS.md
     # "Rare ids"); the CLI's `--model KIND` keeps these settings and changes the kind.
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm", dropout=0.2, min_count=5))
+    # A `model` mapping (a config file's `model: {kind: fm}`) gets the same min_count unless it sets one, as
+    # `--model fm` does (run.json records always carry min_count; `load_run_info` fills 0 into older ones).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("deepfm", dropout=0.2, min_count=DEFAULT_MIN_COUNT))
     optimizer: str = "lazyadam"  # one of OPTIMIZER_NAMES, for every group not in optimizer_groups
     learning_rate: float | None = None  # > 0 for every group; None: DEFAULT_LEARNING_RATES[optimizer][group]
     optimizer_groups: dict[str, GroupOptimizer] = field(default_factory=dict)
@@ -125,7 +131,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+            model = dict(self.model)
+            if "kind" in model:  # (without one, from_dict's message lists only the keys given)
+                model.setdefault("min_count", DEFAULT_MIN_COUNT)
+            object.__setattr__(self, "model", ModelConfig.from_dict(model))
         if not isinstance(self.model, ModelConfig):
             raise ConfigError(f"The 'model' parameter of TrainConfig must be a ModelConfig or a mapping. Got {self.model!r} instead.")
         if not isinstance(self.optimizer_groups, dict):

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
 __all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "init_id_remap", "load_run_info",
            "build_model_from_run", "training_step", "make_optimizers", "make_predict", "logit_correction", "run_info",
-           "check_prior_run", "check_valid_data", "check_warm_start", "apply_warm_start", "resolve_validation",
+           "check_prior_run", "check_valid_data", "WarmStart", "check_warm_start", "apply_warm_start", "resolve_validation",
            "finish_run", "write_errors", "DISTRIBUTED_KEY"]
 
 RUN_FILE = "run.json"
@@ -193,8 +193,19 @@ def resolve_validation(data: Any, valid: Any, config: TrainConfig, run: Path) ->
 
 
 # --- warm starts ---------------------------------------------------------------------------------------------
-def check_warm_start(src: str | os.PathLike, info: dict[str, Any]) -> tuple[str, bool]:
-    """(the checkpoint to read, whether its optimizer state fits) once `src` is known to fit this run."""
+class WarmStart(NamedTuple):
+    """A checked warm start: what to read, and how the run's rare-id remap (`ModelConfig.min_count`) starts."""
+
+    checkpoint: str
+    same_optimizer: bool  # the parent's optimizer state fits this run's optimizers
+    # merge this run's counts into the parent's restored remap (`init_id_remap(warm=True)`); False: the parent
+    # had no remap (min_count 0, or recorded before min_count), so this run counts its remap fresh
+    merge_remap: bool
+
+
+def check_warm_start(src: str | os.PathLike, info: dict[str, Any]) -> WarmStart:
+    """The checkpoint to read and how to read it once `src` is known to fit this run; records in
+    `info["warm_start"]` where from and how the rare-id remap starts (run.json says what the run did)."""
     src = Path(src)
     if not (src / RUN_FILE).exists():
         raise ConfigError(f"cannot warm start from {src}: not a training run folder (no {RUN_FILE}).")
@@ -210,12 +221,28 @@ def check_warm_start(src: str | os.PathLike, info: dict[str, Any]) -> tuple[str,
     diff = {k: (tm.get(k), mm.get(k)) for k in _SHAPE_KEYS if tm.get(k) != mm.get(k)}
     if diff:
         raise TrainingError(f"cannot warm start from {src}: model shapes differ ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}).")
+    theirs, mine = int(tm.get("min_count") or 0), int(mm.get("min_count") or 0)
+    if theirs and not mine:
+        # Without a remap variable the parent's would be dropped by the partial restore: ids that shared one
+        # row there would read their own rows, never trained.
+        raise ConfigError(f"cannot warm start with min_count 0 from {src}: it was trained with min_count {theirs} (its rare "
+                          f"ids share one row per field; this run has no remap to carry that). Pass --min-count {theirs} "
+                          f"(min_count: {theirs} in the model config) as the parent did, or train from scratch.")
     latest = latest_checkpoint(src)
     if latest is None:
         raise TrainingError(f"cannot warm start from {src}: it has no checkpoint.")
     same_optimizer = all(other["config"].get(k) == info["config"].get(k) for k in ("optimizer", "learning_rate", "optimizer_groups")) \
         and DISTRIBUTED_KEY not in other
-    return latest, same_optimizer
+    merge = bool(theirs and mine)
+    if not mine:
+        remap = "none (min_count 0)"
+    elif info.get("data") is None:  # a stream: nothing to count before the first step (`init_id_remap`)
+        remap = "the parent's, unchanged (a stream is not counted)" if merge else "none: the parent has no remap and a stream is not counted"
+    else:
+        remap = f"merged with the parent's (min_count {theirs} there, {mine} here)" if merge else \
+            "counted fresh on this run's data: the parent has no remap (min_count 0)"
+    info["warm_start"] = {"from": str(src), "checkpoint": latest, "optimizer_state": same_optimizer, "id_remap": remap}
+    return WarmStart(latest, same_optimizer, merge)
 
 
 def apply_warm_start(latest: str, model: Any, optimizer: Any | None) -> str:
@@ -242,16 +269,19 @@ def init_output_bias(model: Any, positives: float | None, rows: int | None, nega
 def init_id_remap(model: Any, data: Any, *, warm: bool = False) -> dict[str, dict[str, int]] | None:
     """`ModelConfig.min_count`: count every id column over the training data `data` (a shard folder or
     list; one pass) and set the model's rare-id remap from the counts, when a run starts (a resume keeps
-    its checkpoint's). `warm`: after a warm start, merged with the restored remap — an id that had its own
+    its checkpoint's). `warm`: after a warm start from a parent with a remap (`WarmStart.merge_remap`; from one
+    without, the remap is counted fresh: its identity would leave nothing rare), merged with the restored remap — an id that had its own
     row keeps it, one now frequent gets its own (continuous training lets new ids graduate). None when off
     or when `data` is a stream (read once: no counts; the remap stays the identity, every id keeps its row)."""
     if not getattr(model.config, "min_count", 0) or hasattr(data, "read") or str(data) == "-":
         return None  # off, or a stream (read once: nothing to count before the first step; every id keeps its row)
-    counts = [np.zeros(b, np.int64) for b in model.spec.id_buckets]
+    buckets = np.asarray(model.spec.id_buckets, np.int64)
+    offsets = np.cumsum(buckets) - buckets
+    total = np.zeros(int(buckets.sum()), np.int64)
     with open_batches(data, PipelineOptions(batch_size=65_536, shuffle=False)) as batches:
-        for b in batches:
-            for j, c in enumerate(counts):
-                c += np.bincount(b.ids[:, j], minlength=len(c))[: len(c)]
+        for b in batches:  # every column in one bincount: its cost is the rows, not one pass per column over the buckets
+            total += np.bincount((b.ids.astype(np.int64) + offsets).ravel(), minlength=len(total))[: len(total)]
+    counts = [total[o:o + n] for o, n in zip(offsets, buckets)]
     return model.set_id_counts(counts, keep=warm)
 
 

@@ -402,7 +402,7 @@ def _cluster_error(e: BaseException, cluster: ClusterSpec, trainer: _ClusterTrai
 
 def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec, table: dict[str, np.ndarray],
                 spec: FeatureSpec, rows: int, positives: float | None, config: TrainConfig, options: DistributedOptions,
-                run: Path, *, source: core.ValidationSource, warm: tuple[str, bool] | None,
+                run: Path, *, source: core.ValidationSource, warm: core.WarmStart | None,
                 on_progress: Callable[..., None] | None) -> TrainSummary:
     import tensorflow as tf
 
@@ -410,8 +410,8 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
     warm_from = None
     if not resumed_from and trainer.checkpoints.latest is None:
         if warm is not None:  # model weights only: optimizer slots here are per shard
-            warm_from = core.apply_warm_start(warm[0], trainer.model, None)
-            core.init_id_remap(trainer.model, source.train, warm=True)
+            warm_from = core.apply_warm_start(warm.checkpoint, trainer.model, None)
+            core.init_id_remap(trainer.model, source.train, warm=warm.merge_remap)
         else:
             init_output_bias(trainer.model, positives, rows, config.negative_sampling_rate)
             core.init_id_remap(trainer.model, source.train)

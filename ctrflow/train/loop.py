@@ -176,8 +176,8 @@ def train(
     warm_from = None
     if not resumed_from and trainer.checkpoints.latest is None:
         if warm is not None:
-            warm_from = core.apply_warm_start(warm[0], trainer.model, trainer.optimizer if warm[1] else None)
-            core.init_id_remap(trainer.model, train_data, warm=True)
+            warm_from = core.apply_warm_start(warm.checkpoint, trainer.model, trainer.optimizer if warm.same_optimizer else None)
+            core.init_id_remap(trainer.model, train_data, warm=warm.merge_remap)
         else:
             rows_src = first if first is not None else open_batches(train_data, PipelineOptions(batch_size=1, shuffle=False))
             init_output_bias(trainer.model, rows_src.positives, rows_src.rows, config.negative_sampling_rate)

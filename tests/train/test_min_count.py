@@ -115,33 +115,86 @@ def test_context_requests_apply_the_same_remap_as_flat_calls(kind):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path):
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+    """Two days of traffic in small shards (the second has values the first never saw) and runs trained on
+    day a with min_count 4 and 0 (what warm starts read)."""
     from ctrflow.data.convert import ConvertOptions, convert
     from ctrflow.data.generate import GenerateOptions, generate
-    from ctrflow.models.registry import ModelConfig
     from ctrflow.schema import PRESETS
-    from ctrflow.train.config import TrainConfig
-    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest, train
+    from ctrflow.train.loop import train
 
+    root = tmp_path_factory.mktemp("days")
     schema = PRESETS["synthetic"].capped(1 << 8)
-    for name, seed in (("a", 5), ("b", 6)):  # two days of traffic: the second has values the first never saw
-        generate(tmp_path / f"{name}.csv", GenerateOptions(rows=1500, seed=seed))
-    convert(tmp_path / "a.csv", tmp_path / "a", schema=schema, options=ConvertOptions(workers=1))
-    convert(tmp_path / "b.csv", tmp_path / "b", like=tmp_path / "a", options=ConvertOptions(workers=1))
-    config = TrainConfig(model=ModelConfig("lr", min_count=4), batch_size=500, max_steps=2, holdout_fraction=0)
-    train(tmp_path / "a", tmp_path / "r1", config)
-    train(tmp_path / "b", tmp_path / "r2", config, warm_start=tmp_path / "r1")
-    remaps = []
-    for run in ("r1", "r2"):
-        model = build_model_from_run(load_run_info(tmp_path / run))
-        restore_latest(tmp_path / run, model)
-        remaps.append(model.id_remap.numpy())
+    for name, seed in (("a", 5), ("b", 6)):
+        generate(root / f"{name}.csv", GenerateOptions(rows=1500, seed=seed))
+    convert(root / "a.csv", root / "a", schema=schema, options=ConvertOptions(workers=1))
+    convert(root / "b.csv", root / "b", like=root / "a", options=ConvertOptions(workers=1))
+    for mc in (4, 0):
+        train(root / "a", root / f"r{mc}", _config(mc))
+    return root
+
+
+def _config(min_count: int):
+    from ctrflow.models.registry import ModelConfig
+    from ctrflow.train.config import TrainConfig
+
+    return TrainConfig(model=ModelConfig("lr", min_count=min_count), batch_size=500, max_steps=2, holdout_fraction=0)
+
+
+def _remap(run):
+    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
+
+    model = build_model_from_run(load_run_info(run))
+    restore_latest(run, model)
+    return model, model.id_remap.numpy()
+
+
+def _counts(shards, model):
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+
+    with open_batches(shards, PipelineOptions(batch_size=1 << 16, shuffle=False)) as bs:
+        ids = np.concatenate([b.ids for b in bs])
+    return [np.bincount(ids[:, c], minlength=n) for c, n in zip(model.layout.id_columns, model.layout.id_buckets)]
+
+
+def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path, two_days):
+    from ctrflow.train.loop import train
+
+    train(two_days / "b", tmp_path / "r2", _config(4), warm_start=two_days / "r4")
+    (model, first), (_, second) = _remap(two_days / "r4"), _remap(tmp_path / "r2")
     local = np.concatenate([np.arange(b) for b in model.layout.id_buckets])  # the remap holds each field's local ids
-    own1, own2 = remaps[0] == local, remaps[1] == local
+    own1, own2 = first == local, second == local
     assert (~own1).any() and (own2[own1]).all()  # rare ids existed; every own row of run 1 is still own
     assert (own2 & ~own1).any()  # some ids rare on day a became frequent on day b and got their own row
-    np.testing.assert_array_equal(remaps[1][~own2], remaps[0][~own2])  # the still-rare ones read the same shared rows
+    np.testing.assert_array_equal(second[~own2], first[~own2])  # the still-rare ones read the same shared rows
+
+
+def test_a_warm_start_without_min_count_from_a_run_with_it_is_refused(tmp_path, two_days):
+    """The child would have no remap: the parent's would be dropped, its rare ids reading untrained rows of their own."""
+    from ctrflow.errors import ConfigError
+    from ctrflow.train.loop import train
+
+    with pytest.raises(ConfigError, match=r"min_count 0 from .*trained with min_count 4.*--min-count 4 .*as the parent did, or train from scratch"):
+        train(two_days / "b", tmp_path / "child", _config(0), warm_start=two_days / "r4")
+    assert not (tmp_path / "child").exists()  # refused before anything was written
+    train(two_days / "b", tmp_path / "child3", _config(3), warm_start=two_days / "r4")  # another K > 0 merges
+
+
+def test_a_warm_start_from_a_run_without_min_count_counts_the_remap_fresh(tmp_path, two_days):
+    """The parent's checkpoint has no remap: the child's identity remap would leave no id rare (every bucket
+    "own") while run.json says min_count 4; the child counts its own remap instead, and says so."""
+    import json
+
+    from ctrflow.train.loop import train
+
+    train(two_days / "b", tmp_path / "child", _config(4), warm_start=two_days / "r0")
+    model, remap = _remap(tmp_path / "child")
+    expected = np.concatenate([rare_id_remap(c, 4)[0] for c in _counts(two_days / "b", model)])
+    assert (expected != np.concatenate([np.arange(b) for b in model.layout.id_buckets])).any()
+    np.testing.assert_array_equal(remap, expected)
+    record = json.loads((tmp_path / "child" / "run.json").read_text())["warm_start"]
+    assert record["from"] == str(two_days / "r0") and record["id_remap"].startswith("counted fresh")
 
 
 def test_new_runs_count_rare_ids_by_default_and_runs_recorded_before_min_count_keep_none(tmp_path):
@@ -151,5 +204,10 @@ def test_new_runs_count_rare_ids_by_default_and_runs_recorded_before_min_count_k
     from ctrflow.train.core import RUN_FILE, load_run_info
 
     assert TrainConfig().model.min_count == 5  # what `ctrflow train --model M` trains
+    # ... and a config file's `model: {kind: fm}` (a mapping) too, unless it sets min_count
+    assert TrainConfig(model={"kind": "fm"}).model.min_count == 5
+    assert TrainConfig.from_dict({"model": {"kind": "fm", "min_count": 0}}).model.min_count == 0
+    (tmp_path / "c.yaml").write_text("model: {kind: fm}\n")
+    assert TrainConfig.load(tmp_path / "c.yaml").model.min_count == 5
     (tmp_path / RUN_FILE).write_text(json.dumps({"config": {"model": {"kind": "fm"}, "l2_mode": "every_step"}}))
     assert load_run_info(tmp_path)["config"]["model"]["min_count"] == 0  # its checkpoints hold no remap
