@@ -328,7 +328,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_rows_per_request=args.max_rows_per_request, default_timeout_ms=args.default_timeout_ms,
         worker_threads=args.worker_threads, head_timeout_s=args.head_timeout_s, body_timeout_s=args.body_timeout_s,
         drain_timeout_s=args.drain_timeout_s, max_connections=args.max_connections,
-        max_buffered_body_bytes=args.max_buffered_body_bytes,
+        max_buffered_body_bytes=args.max_buffered_body_bytes, intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
     )
     config_poll_s = args.model_config_file_poll_wait_seconds or None
     from ctrflow.serving.workers import run_supervised, worker_count
@@ -507,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request body bytes buffered across all connections at most (beyond: 503)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes on the port, each with its own models and batcher (0: one per core)")
+    p.add_argument("--intra-op-threads", type=int, default=0, metavar="N",
+                   help="threads one TensorFlow op may use, per process (TF Serving's --tensorflow_intra_op_parallelism; 0: TensorFlow chooses)")
+    p.add_argument("--inter-op-threads", type=int, default=0, metavar="N",
+                   help="TensorFlow ops run at once, per process (TF Serving's --tensorflow_inter_op_parallelism; 0: TensorFlow chooses)")
     _common(p)
     p.set_defaults(func=_cmd_serve)
 

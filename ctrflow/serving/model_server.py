@@ -17,10 +17,12 @@ Flags (TF Serving's names, `--flag=value` or `--flag value`; booleans also bare)
     --batching_parameters_file     textproto BatchingParameters (max_batch_size, batch_timeout_micros, ...)
     --enable_model_warmup          replay assets.extra/tf_serving_warmup_requests (default true)
     --host                         interface (ctrflow's addition; default 0.0.0.0 as TF Serving)
+    --tensorflow_intra_op_parallelism  threads one TensorFlow op may use (0: TensorFlow chooses; default 0)
+    --tensorflow_inter_op_parallelism  TensorFlow ops run at once (0: TensorFlow chooses; default 0)
     --workers                      server processes on the ports, each with its own models and batcher
                                    (ctrflow's addition; 0: one per core; default 1)
 
-Unknown TF Serving flags (e.g. `--tensorflow_intra_op_parallelism`) are refused with their name, so a
+Unknown TF Serving flags (e.g. `--tensorflow_session_parallelism`) are refused with their name, so a
 deployment never silently runs without a setting it relied on. `start_server` is shared with
 `ctrflow serve`: it builds the `ModelManager` from the config (models and rollouts) and the
 `ConfigWatcher` that re-reads it.
@@ -51,8 +53,9 @@ def start_server(options: Any, *, config_poll_s: float | None = None, batching: 
     from ctrflow.serving.config import ConfigWatcher, apply_config, load_model_config
     from ctrflow.serving.models import ManagerOptions, ModelManager
     from ctrflow.serving.rollout import RolloutSet, parse_rollouts
-    from ctrflow.serving.server import Server
+    from ctrflow.serving.server import Server, apply_tf_threads
 
+    apply_tf_threads(options.intra_op_threads, options.inter_op_threads)  # before any model loads
     watcher = None
     if batching == "options":  # textproto models are batched as the server's flags say
         batching = options.batching
@@ -110,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False)
     p.add_argument("--batching_parameters_file", default="")
     p.add_argument("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True)
+    p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                   help="threads one TensorFlow op may use (0: TensorFlow chooses)")
+    p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                   help="TensorFlow ops run at once (0: TensorFlow chooses)")
     p.add_argument("--workers", type=int, default=1, help="server processes (ctrflow's addition; 0: one per core)")
     p.add_argument("--json", action="store_true", help="print where it listens as one JSON line")
     return p
@@ -136,7 +143,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         model_base_path=args.model_base_path or None, model_name=args.model_name if args.model_base_path else None,
         model_config_file=args.model_config_file or None, host=args.host, port=rest_port, grpc_port=args.port,
         batching=batching, poll_interval_s=float(args.file_system_poll_wait_seconds),
-        warmup=args.enable_model_warmup,
+        warmup=args.enable_model_warmup, intra_op_threads=args.tensorflow_intra_op_parallelism,
+        inter_op_threads=args.tensorflow_inter_op_parallelism,
         default_timeout_ms=float(args.rest_api_timeout_in_ms) if args.rest_api_timeout_in_ms > 0 else None,
     )
     return options, batching

@@ -78,6 +78,11 @@ class ServeOptions:
     max_buffered_body_bytes: int = 256 << 20
     # Threads computing unbatched requests (REST and gRPC), >= 1. Default 8.
     worker_threads: int = 8
+    # TensorFlow's thread pools, as TF Serving's --tensorflow_intra_op_parallelism / _inter_op_: threads
+    # one op may split over, and ops run at once, >= 0; 0: TensorFlow chooses (about the cores). Applied
+    # by `start_server` before the models load (a process's TensorFlow takes them once). Default 0.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
 
     def __post_init__(self) -> None:
         sources = [x for x in ("model_base_path", "model_config_file", "models") if getattr(self, x)]
@@ -89,7 +94,8 @@ class ServeOptions:
         object.__setattr__(self, "models", tuple(self.models))
         check_fields(self, {"port": Int(0, 65535), "grpc_port": Int(0, 65535, optional=True), "keep_versions": Int(1),
                             "max_body_bytes": Int(1024), "max_header_bytes": Int(1024), "max_rows_per_request": Int(1),
-                            "worker_threads": Int(1), "max_connections": Int(1)})
+                            "worker_threads": Int(1), "max_connections": Int(1), "intra_op_threads": Int(0),
+                            "inter_op_threads": Int(0)})
         check_fields(self, {"max_buffered_body_bytes": Int(self.max_body_bytes)})
         if self.grpc_port is not None:
             if self.grpc_port == self.port and self.port != 0:
@@ -110,6 +116,27 @@ class ServeOptions:
         base = os.path.abspath(str(self.model_base_path))
         name = self.model_name or os.path.basename(base.rstrip(os.sep)) or "default"
         return [ModelSpec(name, base, batching=self.batching, keep_versions=self.keep_versions)]
+
+
+def apply_tf_threads(intra_op: int, inter_op: int) -> None:
+    """Size TensorFlow's intra-/inter-op thread pools (0: leave TensorFlow's choice). Only before this
+    process's TensorFlow runs anything: later a different size is a `ConfigError`, not a silent no-op."""
+    if not (intra_op or inter_op):
+        return
+    import tensorflow as tf
+
+    threading_ = tf.config.threading
+    for n, get, set_, what in ((intra_op, threading_.get_intra_op_parallelism_threads,
+                                threading_.set_intra_op_parallelism_threads, "intra-op"),
+                               (inter_op, threading_.get_inter_op_parallelism_threads,
+                                threading_.set_inter_op_parallelism_threads, "inter-op")):
+        if n and get() != n:
+            try:
+                set_(n)
+            except RuntimeError:
+                raise ConfigError(f"cannot set TensorFlow's {what} threads to {n}: this process's TensorFlow "
+                                  f"already runs with {get() or 'its default'}.") from None
+    log.info("TensorFlow threads: intra-op %s, inter-op %s", intra_op or "default", inter_op or "default")
 
 
 class Server:

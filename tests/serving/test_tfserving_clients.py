@@ -113,7 +113,7 @@ def test_rest_metadata_is_the_true_signature_def(live):
     doc = json.loads(body)
     assert status == 200 and doc["model_spec"] == {"name": "ctr", "signature_name": "", "version": "2"}
     sigs = doc["metadata"]["signature_def"]["signature_def"]
-    assert set(sigs) == {"serving_default", "predict_ids", "transform"}
+    assert set(sigs) == {"serving_default", "predict_ids", "transform", "serving_packed"}
     inputs = sigs["serving_default"]["inputs"]
     assert inputs["C1"]["dtype"] == "DT_STRING" and inputs["I1"]["dtype"] == "DT_DOUBLE"
     assert inputs["I1"]["name"] == "serving_default_I1:0" and inputs["I1"]["tensor_shape"]["dim"] == [{"size": "-1", "name": ""}]

@@ -92,7 +92,8 @@ def test_ctrflow_model_server_takes_tf_servings_flags(tmp_path, model):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TF_CPP_MIN_LOG_LEVEL="2")
     cmd = [sys.executable, "-m", "ctrflow.serving.model_server", "--host=127.0.0.1", "--port=0", "--rest_api_port=0",
            "--model_name=ctr", f"--model_base_path={tmp_path / 'ctr'}", "--enable_batching",
-           f"--batching_parameters_file={params}", "--json"]
+           f"--batching_parameters_file={params}", "--tensorflow_intra_op_parallelism=1",
+           "--tensorflow_inter_op_parallelism=2", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -110,6 +111,7 @@ def test_ctrflow_model_server_takes_tf_servings_flags(tmp_path, model):
         assert [s.state for s in st.model_version_status] == [30]  # AVAILABLE
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        assert "TensorFlow threads: intra-op 1, inter-op 2" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -117,6 +119,6 @@ def test_ctrflow_model_server_takes_tf_servings_flags(tmp_path, model):
     bad = subprocess.run([sys.executable, "-m", "ctrflow.serving.model_server", "--model_name=x"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "error: Give exactly one of --model_base_path" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "ctrflow.serving.model_server", "--tensorflow_intra_op_parallelism=2"],
+    bad = subprocess.run([sys.executable, "-m", "ctrflow.serving.model_server", "--tensorflow_session_parallelism=2"],
                          capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "tensorflow_intra_op_parallelism" in bad.stderr
+    assert bad.returncode == 2 and "tensorflow_session_parallelism" in bad.stderr
