@@ -158,6 +158,20 @@ def _counts(shards, model):
     return [np.bincount(ids[:, c], minlength=n) for c, n in zip(model.layout.id_columns, model.layout.id_buckets)]
 
 
+def test_the_counting_pass_pools_batches_and_counts_every_row(two_days):
+    """Batches are pooled before counting (a bincount costs its buckets): every row is counted once, the
+    last partial pool too."""
+    from ctrflow.data.batch import FeatureSpec
+    from ctrflow.models import ModelConfig, make_model
+    from ctrflow.train.core import init_id_remap, load_run_info
+
+    model = make_model(ModelConfig("lr", min_count=4), FeatureSpec.from_dict(load_run_info(two_days / "r4")["feature_spec"]))
+    assert max(model.layout.id_buckets) < 1500  # several pools of 7-row batches, and a partial one
+    init_id_remap(model, two_days / "b", batch_rows=7)
+    expected = np.concatenate([rare_id_remap(c, 4)[0] for c in _counts(two_days / "b", model)])
+    np.testing.assert_array_equal(model.id_remap.numpy(), expected)
+
+
 def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path, two_days):
     from ctrflow.train.loop import train
 
