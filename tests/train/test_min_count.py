@@ -73,8 +73,7 @@ def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "m" / "1"))
     rows = raw_rows(tmp_path / "train.csv", 200)
     feats = {k: [r[k] if k.startswith("C") else (np.nan if r[k] is None else r[k]) for r in rows] for k in rows[0]}
-    unseen = list(feats["C3"])
-    unseen[0] = "never-seen-in-training"
+    unseen = [f"never-seen-in-training-{i}" for i in range(len(rows))]  # 200 new values: some hash to empty buckets
     out = {}
     for name, c3 in (("train", feats["C3"]), ("unseen", unseen)):
         t = {k: tf.constant(c3 if k == "C3" else v, tf.string if k.startswith("C") else tf.float64) for k, v in feats.items()}
@@ -82,11 +81,12 @@ def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
         served = loaded.signatures["serving_default"](**t)["probabilities"].numpy()
         np.testing.assert_allclose(served, tf.sigmoid(model(ids_served, b.numeric[:200])).numpy(), rtol=1e-5, atol=1e-7)
         out[name] = (ids_served, served)
-    if counts[out["unseen"][0][0, col]] < 3:  # the unseen value's bucket is rare (empty) in training, as expected
-        shared = expected[out["unseen"][0][0, col]]
-        ids = out["unseen"][0][:1].copy()
-        ids[0, col] = shared
-        np.testing.assert_allclose(out["unseen"][1][0], tf.sigmoid(model(ids, b.numeric[:1])).numpy()[0], rtol=1e-5)
+    ids_unseen = out["unseen"][0]
+    empty = np.flatnonzero(counts[ids_unseen[:, col]] == 0)  # rows whose new value's bucket no training row had
+    assert len(empty) and set(expected[ids_unseen[empty, col]]) == {expected[rare[0]]}  # ... all read the rare values' row
+    shared = ids_unseen[empty].copy()
+    shared[:, col] = expected[ids_unseen[empty, col]]
+    np.testing.assert_allclose(out["unseen"][1][empty], tf.sigmoid(model(shared, b.numeric[:200][empty])).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["fm", "ffm"])
