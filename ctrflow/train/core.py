@@ -272,8 +272,8 @@ def init_id_remap(model: Any, data: Any, *, warm: bool = False, batch_rows: int 
     its checkpoint's). `warm`: after a warm start from a parent with a remap (`WarmStart.merge_remap`; from one
     without, the remap is counted fresh: its identity would leave nothing rare), merged with the restored
     remap — an id that had its own row keeps it, one now frequent gets its own (continuous training lets new
-    ids graduate). None when off
-    or when `data` is a stream (read once: no counts; the remap stays the identity, every id keeps its row)."""
+    ids graduate). None when off or when `data` is a stream (read once: no counts; the remap stays as it is,
+    the identity in a new run: every id keeps its row)."""
     if not getattr(model.config, "min_count", 0) or hasattr(data, "read") or str(data) == "-":
         return None  # off, or a stream (read once: nothing to count before the first step; every id keeps its row)
     buckets = model.spec.id_buckets
