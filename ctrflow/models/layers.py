@@ -861,6 +861,9 @@ def rare_id_remap(counts: "np.ndarray", min_count: int, previous: "np.ndarray | 
 
     `previous` (a warm start's remap): a bucket that had its own row keeps it, and the shared bucket stays, so the
     learned rows stay where they are; a bucket frequent in the new data gets its own row (new ids can graduate).
+    Unless the shared bucket itself is frequent in the new data (a new value hashed into it): then it is that
+    value's own row (the rows it learned as the shared one are its start) and the rare values move to their
+    least-seen bucket, whose row starts where the parent's initializer left it (no parent id read it).
     Returns (remap of len(counts), {"seen", "rare_seen", "rare_rows"})."""
     import numpy as np
 
@@ -874,6 +877,8 @@ def rare_id_remap(counts: "np.ndarray", min_count: int, previous: "np.ndarray | 
         rare &= ~own
         moved = previous[~own]
         shared = int(moved[0]) if len(moved) else None
+        if shared is not None and counts[shared] >= min_count:  # frequent now: not every rare value's row too
+            shared = None
     if rare.any():
         if shared is None:
             shared = int(np.flatnonzero(rare)[np.argmin(counts[rare])])

@@ -266,22 +266,38 @@ def init_output_bias(model: Any, positives: float | None, rows: int | None, nega
         model.linear.bias.assign(math.log(rate / (1 - rate)) - logit_correction(negative_sampling_rate))
 
 
-def init_id_remap(model: Any, data: Any, *, warm: bool = False) -> dict[str, dict[str, int]] | None:
+def init_id_remap(model: Any, data: Any, *, warm: bool = False, batch_rows: int = 65_536) -> dict[str, dict[str, int]] | None:
     """`ModelConfig.min_count`: count every id column over the training data `data` (a shard folder or
     list; one pass) and set the model's rare-id remap from the counts, when a run starts (a resume keeps
     its checkpoint's). `warm`: after a warm start from a parent with a remap (`WarmStart.merge_remap`; from one
-    without, the remap is counted fresh: its identity would leave nothing rare), merged with the restored remap — an id that had its own
-    row keeps it, one now frequent gets its own (continuous training lets new ids graduate). None when off
-    or when `data` is a stream (read once: no counts; the remap stays the identity, every id keeps its row)."""
+    without, the remap is counted fresh: its identity would leave nothing rare), merged with the restored
+    remap — an id that had its own row keeps it, one now frequent gets its own (continuous training lets new
+    ids graduate). None when off or when `data` is a stream (read once: no counts; the remap stays as it is,
+    the identity in a new run: every id keeps its row)."""
     if not getattr(model.config, "min_count", 0) or hasattr(data, "read") or str(data) == "-":
         return None  # off, or a stream (read once: nothing to count before the first step; every id keeps its row)
-    buckets = np.asarray(model.spec.id_buckets, np.int64)
-    offsets = np.cumsum(buckets) - buckets
-    total = np.zeros(int(buckets.sum()), np.int64)
-    with open_batches(data, PipelineOptions(batch_size=65_536, shuffle=False)) as batches:
-        for b in batches:  # every column in one bincount: its cost is the rows, not one pass per column over the buckets
-            total += np.bincount((b.ids.astype(np.int64) + offsets).ravel(), minlength=len(total))[: len(total)]
-    counts = [total[o:o + n] for o, n in zip(offsets, buckets)]
+    buckets = model.spec.id_buckets
+    counts = [np.zeros(b, np.int64) for b in buckets]
+    # A bincount costs its bucket count besides its ids, so batches are pooled until they hold about as many
+    # rows as the largest field has buckets (at most 2^26 ids): measured at 39 fields x 2^20 buckets, 65k-row
+    # batches, 115 -> 49 ms a batch (one bincount a batch over all fields, offset: 109 ms; random scatter into
+    # one 39M-row count array misses the cache); at 2^14 buckets the same as per batch (19-22 ms).
+    pool_rows = max(1, min(max(buckets, default=1), (1 << 26) // max(len(buckets), 1)))
+    pool: list[np.ndarray] = []
+
+    def add_pool() -> None:
+        cols = np.ascontiguousarray(np.concatenate(pool).T)  # one contiguous row of ids per field
+        for c, col in zip(counts, cols):
+            c += np.bincount(col, minlength=len(c))[: len(c)]
+        pool.clear()
+
+    with open_batches(data, PipelineOptions(batch_size=batch_rows, shuffle=False)) as batches:
+        for b in batches:
+            pool.append(b.ids)
+            if sum(len(p) for p in pool) >= pool_rows:
+                add_pool()
+    if pool:
+        add_pool()
     return model.set_id_counts(counts, keep=warm)
 
 

@@ -71,8 +71,8 @@ for data, out, config, options, valid, warm in json.loads(sys.argv[1]):
 """
 
 
-def config_dict(kind="fm", **kw) -> dict:
-    return TrainConfig(model=ModelConfig(kind, embedding_dim=8, hidden=(32,)), **{**SMALL, **kw}).to_dict()
+def config_dict(kind="fm", min_count=0, **kw) -> dict:
+    return TrainConfig(model=ModelConfig(kind, embedding_dim=8, hidden=(32,), min_count=min_count), **{**SMALL, **kw}).to_dict()
 
 
 def coordinator(cluster: LocalCluster, data, out, config: dict, options: dict | None = None, valid=None, warm_start=None, **popen):
@@ -339,7 +339,7 @@ def test_cluster_training_matches_one_process_and_exports_serve_alike(tmp_path, 
     from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest, train
 
     train_dir, test_dir, _ = synthetic_shards
-    config = config_dict(epochs=1, learning_rate=0.003)
+    config = config_dict(epochs=1, learning_rate=0.003, min_count=3)  # the rare-id remap too, sharded like a table
     options = {"min_shard_bytes": 4096, "shards": 2}  # two shards of each table on the one ps
     proc = coordinator(cluster, train_dir, tmp_path / "dist", config, options, valid=test_dir)
     single = train(train_dir, tmp_path / "single", TrainConfig.from_dict(config), valid=test_dir)
@@ -370,12 +370,17 @@ def test_cluster_training_matches_one_process_and_exports_serve_alike(tmp_path, 
         b = next(iter(batches))
     served = Predictor.load(e.path).predict_ids(b.ids, b.numeric)
     np.testing.assert_allclose(served, tf.sigmoid(model(b.ids, b.numeric)).numpy(), rtol=1e-5, atol=1e-7)
+    remap = model.id_remap.numpy()  # counted on the same rows as the single-process run's
+    single_model = build_model_from_run(load_run_info(tmp_path / "single"))
+    restore_latest(tmp_path / "single", single_model)
+    np.testing.assert_array_equal(remap, single_model.id_remap.numpy())
+    assert (remap != np.concatenate([np.arange(n) for n in model.layout.id_buckets])).any()
 
     # Resuming on a cluster that shards the tables differently is refused within seconds; then the fix it
     # names, in the same coordinator process (one process coordinates one partitioning for its lifetime).
     refused, warm = finish_sequence(coordinator_sequence(cluster, [
-        job(train_dir, tmp_path / "dist", config_dict(epochs=2, learning_rate=0.003), {"min_shard_bytes": 4096, "shards": 1}),
-        job(train_dir, tmp_path / "resharded", config_dict(max_steps=5), {"min_shard_bytes": 4096, "shards": 1},
+        job(train_dir, tmp_path / "dist", config_dict(epochs=2, learning_rate=0.003, min_count=3), {"min_shard_bytes": 4096, "shards": 1}),
+        job(train_dir, tmp_path / "resharded", config_dict(max_steps=5, min_count=3), {"min_shard_bytes": 4096, "shards": 1},
             warm_start=tmp_path / "dist"),
     ]), 2)
     message = refused.get("error", "")
@@ -383,6 +388,11 @@ def test_cluster_training_matches_one_process_and_exports_serve_alike(tmp_path, 
     assert refused["seconds"] < 60
     # ... and the fix it names works: a new run folder warm-started from the two-shard run, tables whole.
     assert warm["summary"]["warm_started_from"].endswith("ckpt-" + str(dist["steps"])), warm
+    # the remap carried over and merged with the same data's counts: nothing new is frequent, it is unchanged
+    assert load_run_info(tmp_path / "resharded")["warm_start"]["id_remap"].startswith("merged"), warm
+    warmed = build_model_from_run(load_run_info(tmp_path / "resharded"))
+    restore_latest(tmp_path / "resharded", warmed)
+    np.testing.assert_array_equal(warmed.id_remap.numpy(), remap)
 
 
 @pytest.mark.slow

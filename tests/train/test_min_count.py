@@ -19,6 +19,17 @@ def test_rare_buckets_map_to_the_least_seen_one_and_frequent_ones_stay():
     assert rare_id_remap(np.array([0, 0, 5]), 3, np.arange(3))[0].tolist() == [0, 1, 2]  # from a run without min_count
 
 
+def test_a_shared_bucket_frequent_after_a_warm_start_stops_being_the_rare_values_row():
+    """A new value hashed into the shared bucket and frequent now gets that row as its own; the rare values
+    move to their least-seen bucket instead of sharing a frequent value's row."""
+    previous = np.array([0, 1, 3, 3, 3, 5])  # bucket 3 was the shared one
+    remap, stats = rare_id_remap(np.array([4, 5, 1, 7, 0, 9]), 3, previous)
+    assert remap.tolist() == [0, 1, 4, 3, 4, 5]  # 3 is its frequent value's own; rare 2 and empty 4 share bucket 4
+    assert stats == {"seen": 5, "rare_seen": 1, "rare_rows": 1}
+    # the next warm start keeps the moved shared bucket
+    assert rare_id_remap(np.array([4, 5, 1, 7, 0, 9]), 3, remap)[0].tolist() == [0, 1, 4, 3, 4, 5]
+
+
 def test_min_count_is_checked():
     from ctrflow.errors import ConfigError
     from ctrflow.models.registry import ModelConfig
@@ -73,8 +84,7 @@ def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "m" / "1"))
     rows = raw_rows(tmp_path / "train.csv", 200)
     feats = {k: [r[k] if k.startswith("C") else (np.nan if r[k] is None else r[k]) for r in rows] for k in rows[0]}
-    unseen = list(feats["C3"])
-    unseen[0] = "never-seen-in-training"
+    unseen = [f"never-seen-in-training-{i}" for i in range(len(rows))]  # 200 new values: some hash to empty buckets
     out = {}
     for name, c3 in (("train", feats["C3"]), ("unseen", unseen)):
         t = {k: tf.constant(c3 if k == "C3" else v, tf.string if k.startswith("C") else tf.float64) for k, v in feats.items()}
@@ -82,11 +92,12 @@ def test_remap_is_counted_on_train_restored_and_served_by_the_export(tmp_path):
         served = loaded.signatures["serving_default"](**t)["probabilities"].numpy()
         np.testing.assert_allclose(served, tf.sigmoid(model(ids_served, b.numeric[:200])).numpy(), rtol=1e-5, atol=1e-7)
         out[name] = (ids_served, served)
-    if counts[out["unseen"][0][0, col]] < 3:  # the unseen value's bucket is rare (empty) in training, as expected
-        shared = expected[out["unseen"][0][0, col]]
-        ids = out["unseen"][0][:1].copy()
-        ids[0, col] = shared
-        np.testing.assert_allclose(out["unseen"][1][0], tf.sigmoid(model(ids, b.numeric[:1])).numpy()[0], rtol=1e-5)
+    ids_unseen = out["unseen"][0]
+    empty = np.flatnonzero(counts[ids_unseen[:, col]] == 0)  # rows whose new value's bucket no training row had
+    assert len(empty) and set(expected[ids_unseen[empty, col]]) == {expected[rare[0]]}  # ... all read the rare values' row
+    shared = ids_unseen[empty].copy()
+    shared[:, col] = expected[ids_unseen[empty, col]]
+    np.testing.assert_allclose(out["unseen"][1][empty], tf.sigmoid(model(shared, b.numeric[:200][empty])).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["fm", "ffm"])
@@ -158,6 +169,20 @@ def _counts(shards, model):
     return [np.bincount(ids[:, c], minlength=n) for c, n in zip(model.layout.id_columns, model.layout.id_buckets)]
 
 
+def test_the_counting_pass_pools_batches_and_counts_every_row(two_days):
+    """Batches are pooled before counting (a bincount costs its buckets): every row is counted once, the
+    last partial pool too."""
+    from ctrflow.data.batch import FeatureSpec
+    from ctrflow.models import ModelConfig, make_model
+    from ctrflow.train.core import init_id_remap, load_run_info
+
+    model = make_model(ModelConfig("lr", min_count=4), FeatureSpec.from_dict(load_run_info(two_days / "r4")["feature_spec"]))
+    assert max(model.layout.id_buckets) < 1500  # several pools of 7-row batches, and a partial one
+    init_id_remap(model, two_days / "b", batch_rows=7)
+    expected = np.concatenate([rare_id_remap(c, 4)[0] for c in _counts(two_days / "b", model)])
+    np.testing.assert_array_equal(model.id_remap.numpy(), expected)
+
+
 def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path, two_days):
     from ctrflow.train.loop import train
 
@@ -167,7 +192,15 @@ def test_a_warm_start_keeps_every_own_row_and_the_shared_row(tmp_path, two_days)
     own1, own2 = first == local, second == local
     assert (~own1).any() and (own2[own1]).all()  # rare ids existed; every own row of run 1 is still own
     assert (own2 & ~own1).any()  # some ids rare on day a became frequent on day b and got their own row
-    np.testing.assert_array_equal(second[~own2], first[~own2])  # the still-rare ones read the same shared rows
+    moved = 0
+    for f, counts in enumerate(_counts(two_days / "b", model)):  # per field: the still-rare ones read one row, the same
+        part = slice(model.layout.offsets[f], model.layout.offsets[f] + model.layout.id_buckets[f])  # shared row unless
+        was, now = set(first[part][~own1[part]]), set(second[part][~own2[part]])  # a new frequent value took it
+        assert len(was) <= 1 and len(now) <= 1
+        if was and now and was != now:
+            assert counts[was.pop()] >= 4 and counts[now.pop()] < 4
+            moved += 1
+    assert moved < len(model.layout.id_buckets)
 
 
 def test_a_warm_start_without_min_count_from_a_run_with_it_is_refused(tmp_path, two_days):
