@@ -297,8 +297,7 @@ class AutoBatcher:
             if timer is not None:
                 timer.cancel()
         if outcome is not _EXPIRED:
-            if request.expected_s is not None:
-                self._learn_unseen(request)
+            self._learn_unseen(request)
             return outcome
         error = self._give_up(request, timeout_ms)
         if error is None:  # it finished in the meantime

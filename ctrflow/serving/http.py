@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -55,6 +54,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
+from ctrflow.serving.models import hold_short_switch_interval, release_short_switch_interval
 from ctrflow.serving.rest import RestRequest, RestResponse
 
 __all__ = ["FREE_CHUNKS", "HttpTransport", "LINGER_S", "MAX_TRAILER_FIELDS", "MIN_MEAN_CHUNK_BYTES", "StrictHttpProtocol"]
@@ -73,30 +73,10 @@ _LAG_MEMORY_S = 0.05  # the lag is smoothed over about this long
 LINGER_S = 2.0  # after a refusal, read and drop what the client still sends for at most this long
 _LINGER_MAX_BYTES = 64 << 20  # ... and at most this many bytes
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
-# Python's GIL switch interval while a server runs (5 ms by default). The event loop gives the GIL up
-# in every socket call (a recv and a send per request, refused or served) and then waits for it while
-# the batcher's thread runs TensorFlow's Python dispatch: up to a whole interval per call. Profiled at
-# 2x capacity, the loop held the GIL for only about half of its wall time (BENCHMARKS.md, "Cheaper
-# refusals"); a short interval hands it back sooner. (`ctrflow.serving.models` uses the same 0.5 ms
-# while a version loads.)
-GIL_SWITCH_INTERVAL_S = 0.0005
-_switch_users = [0, 0.0]  # servers running in this process, and the interval before the first started
-_switch_lock = threading.Lock()
-
-
-def _hold_switch_interval() -> None:
-    with _switch_lock:
-        if _switch_users[0] == 0:
-            _switch_users[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_users[1], GIL_SWITCH_INTERVAL_S))
-        _switch_users[0] += 1
-
-
-def _release_switch_interval() -> None:
-    with _switch_lock:
-        _switch_users[0] -= 1
-        if _switch_users[0] == 0:
-            sys.setswitchinterval(_switch_users[1])
+# While a server runs, Python's GIL switch interval is held short (`hold_short_switch_interval`): the
+# event loop gives the GIL up in every socket call (a recv and a send per request, refused or served)
+# and then waits for it while the batcher's thread runs TensorFlow's Python dispatch, up to a whole
+# interval (5 ms by default) per call (BENCHMARKS.md, "Where a refusal's time goes at 2x").
 
 
 class _Refuse(Exception):
@@ -145,19 +125,12 @@ def _date_field() -> bytes:
     return _date[1]
 
 
-def _door_answer(status: int, message: str, keep_alive: bool) -> bytes:
-    """A request refused at the door, answered like its route would (JSON error, Retry-After on 503)."""
+def _refusal(status: int, message: str, keep_alive: bool = False) -> bytes:
+    """A whole error answer (JSON error, Retry-After on 503): a refusal, or a request turned away at the door."""
     body = json.dumps({"error": message}).encode()
     extra = b"retry-after: 1\r\n" if status == 503 else b""
     return b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s" % (
         STATUS_LINE[status], _date_field(), len(body), extra, b"" if keep_alive else b"connection: close\r\n", body)
-
-
-def _refusal(status: int, message: str) -> bytes:
-    body = json.dumps({"error": message}).encode()
-    extra = b"retry-after: 1\r\n" if status == 503 else b""
-    return b"%s%scontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (
-        STATUS_LINE[status], _date_field(), len(body), extra, body)
 
 
 class StrictHttpProtocol(HttpToolsProtocol):
@@ -413,7 +386,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if self._turned_away is not None:  # answered in order by `_pump`, without a task or the routes
             parser = self.parser
             keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
-            self._queue.append((_door_answer(*self._turned_away, keep_alive), keep_alive))
+            self._queue.append((_refusal(*self._turned_away, keep_alive), keep_alive))
             self._turned_away = None
             self.shared.door_refused += 1
             return
@@ -664,10 +637,10 @@ class HttpTransport:
                 finally:
                     self.loop.close()
                     sock.close()
-                    _release_switch_interval()
+                    release_short_switch_interval()
                     self._done.set()
 
-        _hold_switch_interval()
+        hold_short_switch_interval()
         self._thread = threading.Thread(target=run, name="ctrflow-http", daemon=True)
         self._thread.start()
         started.wait(60)

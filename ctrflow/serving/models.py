@@ -702,30 +702,58 @@ def _write_accepted(base: Path, signature: tuple, kind: str, version: int) -> No
                     base / ACCEPTED_SCHEMA_FILE, e)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005  # Python's GIL switch interval while a server runs or a version loads (5 ms by default)
+_switch_holds = [0, 0.0]  # holders now, and the interval before the first of them
+_switch_lock = threading.Lock()
+
+
+def hold_short_switch_interval() -> None:
+    """Cut Python's GIL switch interval to GIL_SWITCH_INTERVAL_S until every holder has released it.
+
+    A thread that gives the GIL up (the event loop in every socket call, a request thread) then waits
+    at most about that long for it while another thread runs Python (TensorFlow's call dispatch, a
+    version's tf.saved_model.load). Counted, so a loader finishing while a server runs, or the other
+    way round, never restores the 5 ms under the other."""
+    import sys
+
+    with _switch_lock:
+        if _switch_holds[0] == 0:
+            _switch_holds[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_holds[1], GIL_SWITCH_INTERVAL_S))
+        _switch_holds[0] += 1
+
+
+def release_short_switch_interval() -> None:
+    """Undo one `hold_short_switch_interval`; the last release restores the interval from before."""
+    import sys
+
+    with _switch_lock:
+        _switch_holds[0] -= 1
+        if _switch_holds[0] == 0:
+            sys.setswitchinterval(_switch_holds[1])
+
+
 @contextmanager
-def _background_priority(nice: int = 10, *, enabled: bool = True, switch_interval_s: float = 0.0005) -> Iterator[None]:
+def _background_priority(nice: int = 10, *, enabled: bool = True) -> Iterator[None]:
     """Run the block (loading and warming a version) so the version being served keeps its tail:
     this thread's CPU priority is lowered (Linux: per-thread nice +10), and Python's GIL switch
-    interval is cut from 5 ms to 0.5 ms meanwhile, so a request thread waits at most about that long
-    for the interpreter while the loader runs Python (tf.saved_model.load is mostly Python). Only the
-    watcher thread does this (an unprivileged process cannot raise its priority back)."""
+    interval is held short meanwhile (`hold_short_switch_interval`), so a request thread waits at most
+    about 0.5 ms for the interpreter while the loader runs Python (tf.saved_model.load is mostly
+    Python). Only the watcher thread does this (an unprivileged process cannot raise its priority back)."""
     if not enabled:
         yield
         return
-    import sys
-
     tid = threading.get_native_id()
-    before_switch = sys.getswitchinterval()
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
     except (AttributeError, OSError):
         before = None
-    sys.setswitchinterval(min(before_switch, switch_interval_s))
+    hold_short_switch_interval()
     try:
         yield
     finally:
-        sys.setswitchinterval(before_switch)
+        release_short_switch_interval()
         if before is not None:
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, before)  # needs CAP_SYS_NICE; else the watcher stays lower

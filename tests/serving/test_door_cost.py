@@ -5,6 +5,7 @@ import socket
 import sys
 
 from ctrflow.serving import http
+from ctrflow.serving.models import GIL_SWITCH_INTERVAL_S
 from ctrflow.serving.rest import RestResponse
 from ctrflow.serving.server import ServeOptions
 
@@ -31,10 +32,10 @@ def test_a_running_server_holds_the_switch_interval_short_and_gives_it_back():
     first, second = http.HttpTransport(options, _ok), http.HttpTransport(options, _ok)
     try:
         first.start()
-        assert sys.getswitchinterval() == min(before, http.GIL_SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == min(before, GIL_SWITCH_INTERVAL_S)
         port = second.start()
         first.stop(1.0)
-        assert sys.getswitchinterval() == min(before, http.GIL_SWITCH_INTERVAL_S)  # the second still runs
+        assert sys.getswitchinterval() == min(before, GIL_SWITCH_INTERVAL_S)  # the second still runs
         assert _get(port).startswith(b"HTTP/1.1 200 ")
         second.stop(1.0)
         assert sys.getswitchinterval() == before
