@@ -1,0 +1,38 @@
+"""A whole columnar body's remembered layout (rows, size and every header byte) is only a shortcut: a
+body of the same rows and size whose headers differ anywhere takes the checked path and is named."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctrflow.client.columnar import encode_columnar
+from ctrflow.serving.codec import _BODIES, RequestError, _decode_columnar_checked, decode_columnar
+
+CATS, NUMS = ("C1", "C2"), ("I1",)
+
+
+def test_same_size_bodies_with_other_headers_are_not_taken_for_a_remembered_one():
+    good = encode_columnar({"C1": ["ab", "c"], "C2": ["", "xyz"], "I1": [1.5, None]}, CATS, NUMS)
+    for _ in range(3):  # checked, then header by header (remembers the body), then the whole-body shortcut
+        out, rows = decode_columnar(good, CATS, NUMS)
+        want, _ = _decode_columnar_checked(good, CATS, NUMS, {})
+        assert rows == 2 and list(out) == list(want)
+        assert all(out[k].dtype == want[k].dtype and out[k].tobytes() == want[k].tobytes() for k in want)
+    assert (2, len(good)) in _BODIES[(CATS, NUMS)]
+    # Same rows and size, other widths (C1 3 wide, C2 2 wide): decoded by its own headers.
+    swapped = encode_columnar({"C1": ["abc", "c"], "C2": ["", "xy"], "I1": [1.5, None]}, CATS, NUMS)
+    assert len(swapped) == len(good)
+    out, _ = decode_columnar(swapped, CATS, NUMS)
+    assert out["C1"].tolist() == [b"abc", b"c"] and out["C2"].tolist() == [b"", b"xy"]
+    # Same size, one header byte off: a name, a kind, the row count.
+    c2 = good.index(b"C2")
+    for body, message in [
+        (good[:c2] + b"C3" + good[c2 + 2:], "Unknown feature 'C3'"),
+        (good[:c2 + 2] + b"f" + good[c2 + 3:], "has kind 'f'"),
+        (good[:8] + b"\x03\0\0\0" + good[12:], "ends inside|after its last column"),
+    ]:
+        assert len(body) == len(good)
+        with pytest.raises(RequestError, match=message):
+            decode_columnar(body, CATS, NUMS)
+    out, _ = decode_columnar(bytearray(good), CATS, NUMS)  # and the good body is still read right
+    assert out["C2"].tolist() == [b"", b"xyz"] and np.isnan(out["I1"][1])
