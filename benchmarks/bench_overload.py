@@ -17,11 +17,13 @@ per capacity step and during the overload); `--pin S:G` puts them on separate CP
 
 A/B: `--compare-tree DIR` runs a second server from the ctrflow package under DIR (e.g. `git archive
 OLD ctrflow | tar -x -C DIR`) interleaved with this tree's, order reversed on odd repeats;
-`--capacity-once` lets both sides of a repeat meet the same offered rate.
+`--capacity-once` lets both sides of a repeat meet the same offered rate. `--workers 1,2` runs the
+server with 1, then 2 worker processes (`ctrflow serve --workers`), interleaved the same way; without
+`--capacity-once` each searches its own capacity (2x of what each can answer).
 
 Usage: python benchmarks/bench_overload.py [--model-base-path DIR] [--deadline-ms 100] [--overload-s 10]
        [--recovery-s 3] [--step-s 3] [--repeat 1] [--rates 200,400,...] [--pin 1:0]
-       [--compare-tree DIR [--capacity-once]] [--compare-no-shed] [--capacity-rps R]
+       [--compare-tree DIR [--capacity-once]] [--workers N[,M]] [--compare-no-shed] [--capacity-rps R]
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -54,24 +56,84 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
+def _family(pid: int) -> list[int]:
+    """`pid` and every process below it (a `--workers N` server: the supervisor and its workers)."""
+    import psutil
+
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
 def _cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system, every thread) used so far by process `pid` (None: this one)."""
+    """CPU seconds (user + system, every thread) used so far by process `pid` and the processes below it
+    (None: this one)."""
     if pid is None:
         return time.process_time()
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for one in _family(pid):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            if one == pid:
+                return math.nan
+            continue  # a worker that just ended
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of process `pid` (threads it starts later inherit it) onto `cpus`."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    """Every thread of process `pid` and of its workers (threads started later inherit it) onto `cpus`."""
+    for one in _family(pid):
         try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except OSError:  # a thread that just ended
-            pass
+            tasks = list(Path(f"/proc/{one}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:  # a thread that just ended
+                pass
+
+
+# The `--workers N` server: `ctrflow.serving.workers.Supervisor` in a child process, imported from the tree
+# under test (as `loadgen._ChildServer` does for one process), its port on stdout, stopped by closing stdin.
+_WORKERS_CHILD = """
+import json, sys
+from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.server import ServeOptions
+from ctrflow.serving.workers import Supervisor
+spec = json.loads(sys.argv[1])
+sup = Supervisor(ServeOptions(model_base_path=spec["model_base_path"], model_name=spec["model_name"], port=0,
+                              batching=BatchingOptions(**spec["batching"]), poll_interval_s=3600.0),
+                 workers=spec["workers"]).start()
+print(f"CTRFLOW_PORT {sup.port}", flush=True)
+try:
+    sys.stdin.read()
+finally:
+    sup.stop()
+"""
+
+
+class _WorkersChild:
+    """`loadgen._ChildServer`'s interface (port, proc, close) for a server of N worker processes."""
+
+    def __init__(self, base: str, name: str, batching: BatchingOptions, workers: int) -> None:
+        import dataclasses
+        import subprocess
+
+        spec = {"model_base_path": base, "model_name": name, "batching": dataclasses.asdict(batching), "workers": workers}
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKERS_CHILD, json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        self.port = loadgen.child_port(self.proc, 300.0)
+        if self.port is None:
+            self.close()
+            raise SystemExit(f"error: the {workers}-worker server for {base} did not start (exit {self.proc.poll()}).")
+
+    def close(self) -> None:
+        loadgen._ChildServer.close(self)  # the same stop: EOF on stdin, then wait, then kill
 
 
 class _Meter:
@@ -99,52 +161,45 @@ class _Meter:
             self.gen_lag.append(max(0.0, loop.time() - asked))
 
 
-async def _drive(port: int, heads: list[bytes], bodies: list[bytes], times: np.ndarray, connections: int,
+async def _drive(port: int, requests: list[bytes], times: np.ndarray, connections: int,
                  limit_s: float, meter: _Meter | None = None,
                  mark_at: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Send request i at start + times[i] (open loop); (status per request, latency s from its scheduled
-    time, the generator's own lag s in starting it). `meter` is marked at the start, at each offset of
-    `mark_at`, and once every answer is in."""
-    pool = loadgen._HttpPool("127.0.0.1", port, connections)
+    """Send request i (`requests[i % len]`: head and body joined ahead of time) at start + times[i] (open
+    loop); (status per request, latency s from its scheduled time, the generator's own lag s in starting
+    it). `meter` is marked at the start, at each offset of `mark_at`, and once every answer is in. The
+    client is `loadgen._OpenLoopHttp` (no task, future or timer per request: the generator shares the
+    server's cores, so what it spends at 2x is taken from the server)."""
     loop = asyncio.get_running_loop()
     status = np.zeros(len(times), np.int32)  # 0: no answer (client timeout, connection error)
     latency = np.full(len(times), np.nan)
     lag = np.zeros(len(times))
-    tasks: set[asyncio.Task] = set()
     prober = None
 
-    async def one(i: int, at: float) -> None:
-        lag[i] = max(0.0, loop.time() - at)
-        k = i % len(bodies)
-        try:
-            code, _ = await asyncio.wait_for(pool.request(heads[k], bodies[k]), limit_s)
-            status[i] = code
-        except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            status[i] = 0
-        latency[i] = loop.time() - at
+    def done(i: int, code: int, at: float, now: float, kind: str) -> None:
+        status[i] = code
+        latency[i] = now - at
 
+    client = loadgen._OpenLoopHttp("127.0.0.1", port, connections, requests, limit_s, done)
     start = loop.time() + 0.05
     if meter is not None:
         loop.call_at(start, meter.mark)
         for offset in mark_at:
             loop.call_at(start + offset, meter.mark)
         prober = loop.create_task(meter.probe())
-    for i, offset in enumerate(times):  # bounded by the schedule
-        at = start + float(offset)
-        delay = at - loop.time()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        task = loop.create_task(one(i, at))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(set(tasks), timeout=limit_s + 5)
-    for task in list(tasks):
-        task.cancel()
+    try:
+        for i, offset in enumerate(times):  # bounded by the schedule
+            at = start + float(offset)
+            delay = at - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            lag[i] = max(0.0, loop.time() - at)
+            client.fire(i, at)
+        await client.drain(limit_s + 5)
+    finally:
+        client.close()
     if meter is not None:
         meter.mark()
         prober.cancel()
-    await pool.close()
     return status, latency, lag
 
 
@@ -160,7 +215,7 @@ def _counter(before: dict[str, float], after: dict[str, float], name: str) -> fl
     return sum(after[k] - before.get(k, 0.0) for k in keys)
 
 
-def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, deadline_ms: float,
+def find_capacity(port: int, requests, rates: list[float], step_s: float, deadline_ms: float,
                   connections: int, seed: int, server_pid: int | None = None) -> tuple[float, list[dict]]:
     """Capacity: the most requests/s answered 200 within the deadline at any of the rising `rates`
     (which stop one step after the good share falls under 90%: past capacity)."""
@@ -168,7 +223,7 @@ def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, d
     for rate in rates:
         times = loadgen.arrival_times(rate, step_s, seed)
         meter = _Meter(server_pid)
-        status, latency, _ = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3),
+        status, latency, _ = asyncio.run(_drive(port, requests, times, connections, max(2.0, 20 * deadline_ms / 1e3),
                                                 meter, (step_s,)))
         server_cores, generator_cores = meter.cores(0, 1)
         good = (status == 200) & (latency <= deadline_ms / 1e3)
@@ -190,7 +245,7 @@ def find_capacity(port: int, heads, bodies, rates: list[float], step_s: float, d
     return capacity, steps
 
 
-def overload(port: int, heads, bodies, capacity_rps: float, deadline_ms: float, overload_s: float, recovery_s: float,
+def overload(port: int, requests, capacity_rps: float, deadline_ms: float, overload_s: float, recovery_s: float,
              connections: int, seed: int, server_pid: int | None = None) -> dict:
     """2x capacity for overload_s, then 0.5x for recovery_s, in one open-loop schedule."""
     over = loadgen.arrival_times(2 * capacity_rps, overload_s, seed)
@@ -198,7 +253,7 @@ def overload(port: int, heads, bodies, capacity_rps: float, deadline_ms: float, 
     times = np.concatenate([over, after])
     before = _scrape(port)
     meter = _Meter(server_pid)
-    status, latency, lag = asyncio.run(_drive(port, heads, bodies, times, connections, max(2.0, 20 * deadline_ms / 1e3),
+    status, latency, lag = asyncio.run(_drive(port, requests, times, connections, max(2.0, 20 * deadline_ms / 1e3),
                                               meter, (overload_s,)))
     server_cores, generator_cores = meter.cores(0, 1)
     metrics = _scrape(port)
@@ -270,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-once", action="store_true",
                     help="search capacity only in the first run of each repeat; the others overload at 2x that, "
                          "so a pair meets the very same offered rate")
+    ap.add_argument("--workers", default="1", metavar="N[,M...]",
+                    help="server worker processes (`ctrflow serve --workers`); a list (e.g. 1,2) runs each in turn, "
+                         "interleaved like --compare-tree, so 1 vs 2 workers meet the same offered rate")
     ap.add_argument("--compare-no-shed", action="store_true",
                     help="each repeat runs shedding on, then off, on the same schedule (interleaved)")
     args = ap.parse_args(argv)
@@ -292,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         heads = [(f"POST /v1/models/{name}:predict_columnar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                   f"{COLUMNAR_CONTENT_TYPE}\r\nContent-Length: {len(b)}\r\nX-Deadline-Ms: {args.deadline_ms:g}\r\n\r\n").encode()
                  for b in bodies]
+        requests = [h + b for h, b in zip(heads, bodies)]  # joined once: no copy of a body per request
         import gc
 
         gc.collect()
@@ -301,43 +360,48 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, pin[1])
         here = os.environ.get("PYTHONPATH", "")
         cwd = os.getcwd()
-        modes = [("this", not args.no_shed, str(REPO))]
+        workers = [int(x) for x in args.workers.split(",") if x]
+        if not workers or min(workers) < 1:
+            raise SystemExit(f"error: --workers wants counts >= 1 (e.g. 1,2). Got {args.workers!r} instead.")
+        modes = [("this", not args.no_shed, str(REPO), w) for w in workers]
         if args.compare_tree:
-            modes.append(("tree", not args.no_shed, str(Path(args.compare_tree).resolve())))
+            modes += [("tree", not args.no_shed, str(Path(args.compare_tree).resolve()), w) for w in workers]
         if args.compare_no_shed:
-            modes.append(("this", False, str(REPO)))
+            modes.append(("this", False, str(REPO), workers[0]))
         runs = []
         # Odd repeats run the modes in reverse order, so that neither side always goes first.
         order = ((r, i, m) for r in range(args.repeat) for i, m in enumerate(modes if r % 2 == 0 else modes[::-1]))
-        for r, m_i, (label, shed, tree) in order:
+        for r, m_i, (label, shed, tree, n_workers) in order:
             # The child server (`python -m`, which puts its working directory first on sys.path) imports
             # ctrflow from `tree`: run it from there.
             os.environ["PYTHONPATH"] = tree
             os.chdir(tree)
             batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                                        shed_by_deadline=shed, shed_budget_fraction=args.shed_budget_fraction)
-            child = loadgen._ChildServer(str(base), name, batching)
+            child = loadgen._ChildServer(str(base), name, batching) if n_workers == 1 else \
+                _WorkersChild(str(base), name, batching, n_workers)
             if pin:
                 _pin(child.proc.pid, pin[0])
             try:
                 warm = loadgen.arrival_times(100, 2.0, 99)
-                asyncio.run(_drive(child.port, heads, bodies, warm, 64, 5.0))
+                asyncio.run(_drive(child.port, requests, warm, 64, 5.0))
                 rates = [float(x) for x in args.rates.split(",") if x]
                 if args.capacity_rps:
                     capacity, steps = args.capacity_rps, []
                 elif args.capacity_once and m_i and runs[-1].get("capacity_rps"):
                     capacity, steps = runs[-1]["capacity_rps"], []
                 else:
-                    capacity, steps = find_capacity(child.port, heads, bodies, rates, args.step_s, args.deadline_ms,
+                    capacity, steps = find_capacity(child.port, requests, rates, args.step_s, args.deadline_ms,
                                                     args.connections, seed=r, server_pid=child.proc.pid)
                 if not capacity:
                     print("no rate met the deadline: the machine is too busy to measure", flush=True)
-                    runs.append({"code": label, "shed_by_deadline": shed, "capacity_rps": 0.0, "steps": steps})
+                    runs.append({"code": label, "workers": n_workers, "shed_by_deadline": shed, "capacity_rps": 0.0,
+                                 "steps": steps})
                     continue
                 time.sleep(1.0)
-                result = overload(child.port, heads, bodies, capacity, args.deadline_ms, args.overload_s,
+                result = overload(child.port, requests, capacity, args.deadline_ms, args.overload_s,
                                   args.recovery_s, args.connections, seed=100 + r, server_pid=child.proc.pid)
-                runs.append({"code": label, "shed_by_deadline": shed, "capacity_rps": capacity,
+                runs.append({"code": label, "workers": n_workers, "shed_by_deadline": shed, "capacity_rps": capacity,
                              "capacity_predictions_per_s": capacity * CANDIDATES, "steps": steps, **result})
             finally:
                 child.close()
@@ -347,13 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"overload: 2x capacity for {args.overload_s:g} s, X-Deadline-Ms {args.deadline_ms:g}, {CANDIDATES} candidates, "
           f"binary columnar, shed_budget_fraction {args.shed_budget_fraction:g}")
-    print(f"{'run':>3} {'code':>4} {'shed':>4} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
+    print(f"{'run':>3} {'code':>4} {'wk':>2} {'shed':>4} {'capacity':>9} {'offered':>8} {'acc p50':>8} {'acc p99':>8} {'late':>5} {'503':>6} {'504':>5} "
           f"{'goodput':>8} {'rec p99':>8} {'rec ok':>7} {'gen lag p99':>11} {'srv CPU':>7} {'gen CPU':>7}")
     for i, run in enumerate(runs):
         if "accepted" not in run:
-            print(f"{i:>3} {run['code']:>4} {'on' if run['shed_by_deadline'] else 'off':>4} {'-':>9}")
+            print(f"{i:>3} {run['code']:>4} {run['workers']:>2} {'on' if run['shed_by_deadline'] else 'off':>4} {'-':>9}")
             continue
-        print(f"{i:>3} {run['code']:>4} {'on' if run['shed_by_deadline'] else 'off':>4} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
+        print(f"{i:>3} {run['code']:>4} {run['workers']:>2} {'on' if run['shed_by_deadline'] else 'off':>4} {run['capacity_rps']:>7.0f}/s {run['offered_rps']:>6.0f}/s {run['accepted_p50_ms']:>6.1f}ms "
               f"{run['accepted_p99_ms']:>6.1f}ms {run['accepted_late']:>5} {run['shed_503']:>6} {run['timeouts_504']:>5} "
               f"{run['goodput_vs_capacity']:>8.1%} {run['recovery_p99_ms']:>6.1f}ms {run['recovery_ok_fraction']:>7.1%} "
               f"{run['generator_lag_p99_ms']:>9.1f}ms {run['server_cores']:>7.2f} {run['generator_cores']:>7.2f}")

@@ -23,6 +23,7 @@ spends its CPU on sockets, not on JSON. Every loop is bounded in count and in ti
 from __future__ import annotations
 
 import asyncio
+import collections
 import csv
 import ipaddress
 import json
@@ -482,6 +483,164 @@ class _HttpPool:
         self._idle.clear()
 
 
+class _FireConnection(asyncio.Protocol):
+    """One keep-alive connection of `_OpenLoopHttp`: carries one request at a time; on its answer it
+    reports to the client and takes the next waiting request (no task, future or timer per request)."""
+
+    __slots__ = ("client", "transport", "buf", "job", "closed")
+
+    def __init__(self, client: "_OpenLoopHttp") -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.job: tuple[int, float] | None = None  # (request index, scheduled time) in flight
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client._ready(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self.buf = buf
+            return
+        head = buf[:end]
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:  # the server under test writes lower-case names; anything else is read case-blind
+            head = head.lower()
+            at = head.find(b"\r\ncontent-length:")
+        length = 0
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17: stop if stop > 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            self.buf = buf
+            return
+        self.buf = b""  # one request in flight per connection: nothing follows its answer
+        close = (b"onnection" in head or b"ONNECTION" in head) and b"\r\nconnection: close" in head.lower()
+        job, self.job = self.job, None
+        if job is not None:
+            self.client._answered(self, job, int(buf[9:12]), close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        job, self.job = self.job, None
+        self.client._lost(self, job)
+
+
+class _OpenLoopHttp:
+    """The open-loop HTTP/1.1 client of the load generators: `fire(i, at)` writes request i's pre-encoded
+    bytes (head and body joined once, ahead of time) on an idle keep-alive connection, or queues it
+    until one is free (at most `size` connections; that wait counts as latency). Each answer calls
+    `done(i, status, at, now)` from `data_received` (status 0: no answer within `limit_s` of its
+    scheduled time, or the connection failed; `kind` names which). One sweep timer every 10 ms expires
+    late requests and closes their connections (an answer may still come on them).
+
+    Against `_HttpPool` + a task per request this spends no task, future, timer or copy of the body per
+    request: what a generator on the server's own cores takes from the server is what it measures."""
+
+    def __init__(self, host: str, port: int, size: int, requests: Sequence[bytes], limit_s: float,
+                 done: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._host, self._port, self._size = host, port, size
+        self._requests, self._limit_s, self._done = requests, limit_s, done
+        self._idle: list[_FireConnection] = []
+        self._busy: set[_FireConnection] = set()
+        self._opening = 0
+        self._waiting: "collections.deque[tuple[int, float]]" = collections.deque()
+        self.in_flight = 0
+        self._sweeper = self._loop.call_later(0.01, self._sweep)
+        self.closing = False
+
+    def fire(self, i: int, at: float) -> None:
+        self.in_flight += 1
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self._start(conn, i, at)
+                return
+        self._waiting.append((i, at))
+        if len(self._busy) + self._opening < self._size:
+            self._opening += 1
+            self._loop.create_task(self._open())
+
+    def _start(self, conn: _FireConnection, i: int, at: float) -> None:
+        conn.job = (i, at)
+        self._busy.add(conn)
+        conn.transport.write(self._requests[i % len(self._requests)])
+
+    async def _open(self) -> None:
+        try:
+            await self._loop.create_connection(lambda: _FireConnection(self), self._host, self._port)
+        except OSError as e:
+            self._opening -= 1
+            if self._waiting and not self._busy and not self._opening:  # nothing else would serve them
+                i, at = self._waiting.popleft()
+                self._finish(i, 0, at, f"connection_error:{type(e).__name__}")
+
+    def _ready(self, conn: _FireConnection) -> None:
+        self._opening -= 1
+        self._next(conn)
+
+    def _next(self, conn: _FireConnection) -> None:
+        if self._waiting and not self.closing:
+            i, at = self._waiting.popleft()
+            self._start(conn, i, at)
+        else:
+            self._idle.append(conn)
+
+    def _finish(self, i: int, status: int, at: float, kind: str) -> None:
+        self.in_flight -= 1
+        self._done(i, status, at, self._loop.time(), kind)
+
+    def _answered(self, conn: _FireConnection, job: tuple[int, float], status: int, close: bool) -> None:
+        self._busy.discard(conn)
+        self._finish(job[0], status, job[1], str(status))
+        if close:
+            conn.transport.close()
+        else:
+            self._next(conn)
+
+    def _lost(self, conn: _FireConnection, job: tuple[int, float] | None) -> None:
+        self._busy.discard(conn)
+        if job is not None:
+            self._finish(job[0], 0, job[1], "connection_error:ConnectionResetError")
+        if self._waiting and len(self._busy) + self._opening < self._size and not self.closing:
+            self._opening += 1
+            self._loop.create_task(self._open())
+
+    def _sweep(self) -> None:
+        oldest = self._loop.time() - self._limit_s
+        waiting = self._waiting
+        while waiting and waiting[0][1] < oldest:  # scheduled in order: the oldest first
+            i, at = waiting.popleft()
+            self._finish(i, 0, at, "client_timeout")
+        for conn in [c for c in self._busy if c.job is not None and c.job[1] < oldest]:
+            job, conn.job = conn.job, None
+            self._busy.discard(conn)
+            self._finish(job[0], 0, job[1], "client_timeout")
+            conn.transport.close()
+        if not self.closing:
+            self._sweeper = self._loop.call_later(0.01, self._sweep)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Until every fired request is answered or expired (bounded by `timeout_s`)."""
+        stop = self._loop.time() + timeout_s
+        while self.in_flight > 0 and self._loop.time() < stop:  # bounded by timeout_s
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        self.closing = True
+        self._sweeper.cancel()
+        for conn in [*self._idle, *self._busy]:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+
+
 async def _read_to_eof(reader: asyncio.StreamReader, limit: int) -> bytes:
     """Everything until the server closes (it was asked to: Connection: close), at most `limit` bytes."""
     parts, total = [], 0
@@ -615,6 +774,41 @@ async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_T
     return tally, loop.time() - start
 
 
+async def _drive_http(options: LoadOptions, times: np.ndarray, requests: Sequence[bytes], host: str,
+                      port: int) -> tuple[_Tally, float]:
+    """`_drive` for HTTP: request i (`requests[i % len]`, head and body pre-joined) fired at its scheduled
+    offset through `_OpenLoopHttp`, answers tallied from its callback (no task per request)."""
+    tally = _Tally(len(times))
+    loop = asyncio.get_running_loop()
+    client_limit_s = max(1.0, 10 * options.timeout_ms / 1e3)
+    latency, ok = tally.latency_ms, tally.ok
+
+    def done(i: int, status: int, scheduled: float, now: float, kind: str) -> None:
+        latency[i] = (now - scheduled) * 1e3
+        ok[i] = status == 200
+        tally.count(kind)
+
+    client = _OpenLoopHttp(host, port, options.connections, requests, client_limit_s, done)
+    start = loop.time() + 0.05
+    try:
+        for i, offset in enumerate(times):  # bounded by the schedule
+            at = start + float(offset)
+            delay = at - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            tally.lag_ms[i] = max(0.0, (loop.time() - at) * 1e3)
+            if client.in_flight >= options.max_in_flight:
+                tally.dropped += 1
+                continue
+            tally.sent += 1
+            client.fire(i, at)
+        await client.drain(options.drain_s + 10 * options.timeout_ms / 1e3)
+    finally:
+        client.close()
+    tally.in_flight = client.in_flight
+    return tally, loop.time() - start
+
+
 def _result(label: str, options: LoadOptions, tally: _Tally, wall_s: float, *, server: dict[str, Any]) -> LoadResult:
     s = tally.status
     ok = s.get("200", 0)
@@ -677,16 +871,7 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
         cpu0 = sum(proc.cpu_times()[:2])
 
     async def main() -> tuple[_Tally, float]:
-        pool = _HttpPool(host, port, options.connections)
-
-        async def send(i: int) -> str:
-            k = i % len(bodies)
-            status, _ = await pool.request(heads[k], bodies[k])
-            return str(status)
-
-        tally, wall = await _drive(options, times, send)
-        await pool.close()
-        return tally, wall
+        return await _drive_http(options, times, [h + b for h, b in zip(heads, bodies)], host, port)
 
     async def main_grpc() -> tuple[_Tally, float]:
         import grpc.aio
