@@ -477,8 +477,22 @@ def _compute_before(compute: Callable[[Mapping[str, Any]], Any], features: Mappi
     return compute(features)
 
 
+_TARGETS: dict[str, ModelTarget] = {}  # paths already split (a server sees a handful): one dict lookup each
+_TARGETS_LIMIT = 1024
+
+
 def split_model_path(rest: str) -> ModelTarget:
-    """'NAME[/versions/V][/TAIL][:VERB]' → ModelTarget."""
+    """'NAME[/versions/V][/TAIL][:VERB]' → ModelTarget (remembered per path; a bad path raises every time)."""
+    target = _TARGETS.get(rest)
+    if target is None:
+        target = _split_model_path(rest)
+        if len(_TARGETS) >= _TARGETS_LIMIT:
+            _TARGETS.clear()
+        _TARGETS[rest] = target
+    return target
+
+
+def _split_model_path(rest: str) -> ModelTarget:
     rest, _, verb = rest.partition(":")
     parts = rest.split("/")
     name = parts[0]
