@@ -39,7 +39,8 @@ def bytes_tensor(matrix: np.ndarray) -> Any:
     if count == 0:
         return tf.constant(matrix.astype(object), tf.string)
     index = np.int32 if count * width < 2**31 else np.int64
-    lengths = np.char.str_len(matrix).reshape(-1).astype(index, copy=False)
-    starts = np.arange(0, count * width, width, dtype=index)
-    flat = tf.strings.substr(matrix.tobytes(), starts, lengths)
-    return tf.reshape(flat, matrix.shape)
+    lengths = np.char.str_len(matrix).astype(index, copy=False)
+    starts = np.arange(0, count * width, width, dtype=index).reshape(matrix.shape)
+    # The raw op, the scalar input broadcast against starts/lengths of the matrix's shape: no reshape op and
+    # no Python dispatch layers (half the fixed cost of `tf.strings.substr` + `tf.reshape` per call).
+    return tf.raw_ops.Substr(input=matrix.tobytes(), pos=starts, len=lengths)

@@ -1,0 +1,205 @@
+"""The HTTP path's own per-request costs (issue 11, items 1 and 5), each measured both ways, interleaved, in one run.
+
+1. `decode`: `decode_columnar` of this tree against the one under `--old-tree DIR` (e.g. `git -C /work/main
+   archive main | tar -x -C DIR`), on the same 100 x 39 bodies (CPU µs per request).
+2. `strings`: the raw binary path's server-side work per batch of K requests (decode -> prepare -> concatenate
+   -> `Predictor._compute`) as it is, against 'S' columns kept as they are and handed to TensorFlow by
+   `ctrflow.serving.strings.bytes_tensor` (what `_notes/wire-needs.md` asks of the predictor and batcher);
+   scores checked equal. CPU µs per prediction.
+3. `generator`: the load generator's own CPU per request against one child server at `--rate`: the former
+   client (`_HttpPool`, a task per request; `wait_for` as bench_overload had it) against `_OpenLoopHttp`.
+
+Usage: python benchmarks/bench_wire_costs.py --model-base-path DIR [--old-tree DIR] [--parts decode,strings,generator]
+       [--rounds 3] [--rate 800] [--seconds 5]
+Pin it (`taskset -c 1`) for parts 1-2 on a shared machine. Prints a table per part, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ctrflow.bench import loadgen  # noqa: E402
+from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, encode_columnar  # noqa: E402
+from ctrflow.serving.codec import decode_columnar  # noqa: E402
+
+
+def _rows(base: str, n: int) -> tuple[loadgen._Features, dict]:
+    from ctrflow.data.generate import GenerateOptions, generate
+
+    features, _, _ = loadgen._model_info(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp) / "rows.csv", GenerateOptions(rows=n, seed=3, split="test"))
+        return features, loadgen._read_rows(Path(tmp) / "rows.csv", features, None)
+
+
+def _bodies(features, cols, count: int) -> list[bytes]:
+    return [encode_columnar({k: v[i * 100:(i + 1) * 100] for k, v in cols.items()}, features.categorical, features.numeric)
+            for i in range(count)]
+
+
+def part_decode(base: str, old_tree: str, rounds: int) -> dict:
+    spec = importlib.util.spec_from_file_location("_old_codec", Path(old_tree) / "ctrflow/serving/codec.py")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["_old_codec"] = old
+    spec.loader.exec_module(old)
+    features, cols = _rows(base, 3000)
+    bodies = _bodies(features, cols, 30)
+    cat, num = features.categorical, features.numeric
+
+    def cpu(fn) -> float:
+        for b in bodies:
+            fn(b, cat, num)
+        t = time.process_time()
+        for _ in range(200):
+            for b in bodies:
+                fn(b, cat, num)
+        return (time.process_time() - t) / (200 * len(bodies)) * 1e6
+
+    out = [{"old_us": cpu(old.decode_columnar), "new_us": cpu(decode_columnar)} for _ in range(rounds)]
+    for r in out:
+        print(f"  decode_columnar, 100 x {len(cat) + len(num)}: old {r['old_us']:6.1f}  new {r['new_us']:6.1f} µs/request")
+    return {"rounds": out}
+
+
+def part_strings(base: str, rounds: int) -> dict:
+    import tensorflow as tf
+
+    from ctrflow.serving import predictor as P
+    from ctrflow.serving.strings import bytes_tensor
+
+    _, _, folder = loadgen._model_info(base)
+    p = P.Predictor.load(folder)
+    features, cols = _rows(base, 4000)
+    bodies = _bodies(features, cols, 40)
+
+    def compute_s(inputs):  # `_compute`'s packed branch, strings through bytes_tensor
+        strings = np.stack([inputs[k] for k in p.categorical_names])
+        numbers = np.stack([inputs[k] for k in p.numeric_names])
+        out = p._packed_signature(strings=bytes_tensor(strings), numbers=tf.constant(numbers, tf.float64))
+        return np.stack([out[k].numpy() for k in p._outputs], axis=1)
+
+    def run(k: int, s_path: bool):
+        decoded = [decode_columnar(b, p.categorical_names, p.numeric_names)[0] for b in bodies[:k]]
+        if s_path:
+            prepared = [{n: c if n in p._cat_set else P._numeric(n, c) for n, c in d.items()} for d in decoded]
+        else:
+            prepared = [p.prepare(d) for d in decoded]
+        batch = {n: np.concatenate([q[n] for q in prepared]) for n in p.feature_names}
+        return compute_s(batch) if s_path else p._compute(batch)
+
+    if p._packed_signature is None:
+        raise SystemExit("error: this export has no serving_packed signature (re-export it): part 'strings' compares its raw path.")
+    sizes = (2, 5, 10, 20, 40)
+    for k in sizes:
+        if not np.array_equal(run(k, False), run(k, True)):
+            raise SystemExit(f"error: the two ways scored a batch of {k * 100} rows differently.")
+    out = []
+    for r in range(rounds):
+        for k in sizes:
+            reps = max(3, 200 // k)
+            row = {"round": r, "batch_rows": k * 100}
+            for name, s_path in (("current_us", False), ("s_path_us", True)) if r % 2 == 0 else (("s_path_us", True), ("current_us", False)):
+                t = time.process_time()
+                for _ in range(reps):
+                    run(k, s_path)
+                row[name] = (time.process_time() - t) / (reps * k * 100) * 1e6
+            out.append(row)
+            print(f"  round {r} batch {k * 100:5d}: current {row['current_us']:6.2f}  'S' path {row['s_path_us']:6.2f} µs/pred "
+                  f"({(row['current_us'] - row['s_path_us']) * 100:+5.0f} µs per 100-row request)")
+    p.close()
+    return {"rounds": out}
+
+
+def part_generator(base: str, rate: float, seconds: float, rounds: int) -> dict:
+    features, schema, _ = loadgen._model_info(base)
+    name = Path(base).name
+    options = loadgen.LoadOptions(model_base_path=base, protocol="columnar", candidates=100, rate_rps=rate, duration_s=seconds,
+                                  timeout_ms=100, distinct_bodies=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = loadgen._bodies(options, loadgen._sample_data(options, features, schema, Path(tmp)), features)
+    heads = [(f"POST /v1/models/{name}:predict_columnar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {COLUMNAR_CONTENT_TYPE}\r\n"
+              f"Content-Length: {len(b)}\r\nX-Deadline-Ms: 100\r\n\r\n").encode() for b in bodies]
+    child = loadgen._ChildServer(base, name, options.batching)
+
+    async def pool_tasks(times, port, wait_for: bool):
+        pool = loadgen._HttpPool("127.0.0.1", port, 512 if wait_for else options.connections)
+
+        async def send(i):
+            k = i % len(bodies)
+            request = pool.request(heads[k], bodies[k])
+            status, _ = await (asyncio.wait_for(request, 2.0) if wait_for else request)
+            return str(status)
+
+        tally = await loadgen._drive(options, times, send)
+        await pool.close()
+        return tally
+
+    async def open_loop(times, port):
+        return await loadgen._drive_http(options, times, [h + b for h, b in zip(heads, bodies)], "127.0.0.1", port)
+
+    ways = {"task per request + wait_for (bench_overload before)": lambda t: pool_tasks(t, child.port, True),
+            "task per request (bench serve before)": lambda t: pool_tasks(t, child.port, False),
+            "_OpenLoopHttp (now)": lambda t: open_loop(t, child.port)}
+    out = []
+    try:
+        for r in range(rounds):
+            for label in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+                times = loadgen.arrival_times(rate, seconds, r)
+                t0 = os.times()
+                tally, _ = asyncio.run(ways[label](times))
+                t1 = os.times()
+                user, system = t1.user - t0.user, t1.system - t0.system
+                row = {"round": r, "client": label, "sent": tally.sent, "ok": int(tally.ok.sum()),
+                       "user_us_per_request": user / max(1, tally.sent) * 1e6, "sys_us_per_request": system / max(1, tally.sent) * 1e6}
+                out.append(row)
+                print(f"  round {r} {label:<52}: {row['user_us_per_request'] + row['sys_us_per_request']:6.1f} µs/request "
+                      f"(user {row['user_us_per_request']:5.1f}, sys {row['sys_us_per_request']:5.1f}), {row['ok']}/{row['sent']} answered 200")
+                time.sleep(0.5)
+    finally:
+        child.close()
+    return {"rate_rps": rate, "rounds": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--model-base-path", required=True)
+    ap.add_argument("--old-tree", help="a ctrflow checkout to compare decode_columnar with (part 'decode')")
+    ap.add_argument("--parts", default="decode,strings,generator")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=800.0)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    base = str(Path(args.model_base_path).resolve())
+    parts = [p for p in args.parts.split(",") if p]
+    result: dict = {"benchmark": "wire_costs", "model": base, "load_average": os.getloadavg()[0]}
+    if "decode" in parts:
+        if not args.old_tree:
+            raise SystemExit("error: part 'decode' needs --old-tree DIR (the code to compare with).")
+        print("decode_columnar (CPU µs per 100-row request, 30 bodies):")
+        result["decode"] = part_decode(base, args.old_tree, args.rounds)
+    if "strings" in parts:
+        print("raw binary path, server side (decode -> prepare -> concatenate -> _compute), CPU µs per prediction:")
+        result["strings"] = part_strings(base, args.rounds)
+    if "generator" in parts:
+        print(f"load generator's own CPU per request at {args.rate:g} req/s against one child server:")
+        result["generator"] = part_generator(base, args.rate, args.seconds, args.rounds)
+    result["load_average_after"] = os.getloadavg()[0]
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
