@@ -3,7 +3,7 @@
 1. `decode`: `decode_columnar` of this tree against the one under `--old-tree DIR` (e.g. `git -C /work/main
    archive main | tar -x -C DIR`), on the same 100 x 39 bodies (CPU µs per request).
 2. `strings`: the raw binary path's server-side work per batch of K requests (decode -> prepare -> concatenate
-   -> `Predictor._compute`) as it is, against 'S' columns kept as they are and handed to TensorFlow by
+   -> `Predictor._compute`) with the strings as Python objects (today's route), against 'S' columns kept as they are and handed to TensorFlow by
    `ctrflow.serving.strings.bytes_tensor` (what `_notes/wire-needs.md` asks of the predictor and batcher);
    scores checked equal. CPU µs per prediction.
 3. `generator`: the load generator's own CPU per request against one child server at `--rate`: the former
@@ -95,8 +95,8 @@ def part_strings(base: str, rounds: int) -> dict:
         decoded = [decode_columnar(b, p.categorical_names, p.numeric_names)[0] for b in bodies[:k]]
         if s_path:
             prepared = [{n: c if n in p._cat_set else P._numeric(n, c) for n, c in d.items()} for d in decoded]
-        else:
-            prepared = [p.prepare(d) for d in decoded]
+        else:  # the object route, whichever way this tree's `prepare` hands 'S' columns on
+            prepared = [{n: c.astype(object) if c.dtype.kind == "S" else c for n, c in p.prepare(d).items()} for d in decoded]
         batch = {n: np.concatenate([q[n] for q in prepared]) for n in p.feature_names}
         return compute_s(batch) if s_path else p._compute(batch)
 
