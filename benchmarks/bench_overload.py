@@ -23,7 +23,8 @@ server with 1, then 2 worker processes (`ctrflow serve --workers`), interleaved 
 
 Usage: python benchmarks/bench_overload.py [--model-base-path DIR] [--deadline-ms 100] [--overload-s 10]
        [--recovery-s 3] [--step-s 3] [--repeat 1] [--rates 200,400,...] [--pin 1:0]
-       [--compare-tree DIR [--capacity-once]] [--workers N[,M]] [--compare-no-shed] [--capacity-rps R]
+       [--compare-tree DIR [--capacity-once]] [--workers N[,M]] [--tf-threads INTRA[,INTER]] [--compare-no-shed]
+       [--capacity-rps R]
 Without --model-base-path a small FM on the synthetic schema (39 fields) is trained and exported first.
 Prints a table, then one JSON object as the last line.
 """
@@ -328,9 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1", metavar="N[,M...]",
                     help="server worker processes (`ctrflow serve --workers`); a list (e.g. 1,2) runs each in turn, "
                          "interleaved like --compare-tree, so 1 vs 2 workers meet the same offered rate")
+    ap.add_argument("--tf-threads", metavar="INTRA[,INTER]",
+                    help="TensorFlow threads of the server(s) (TF_NUM_INTRAOP/INTEROP_THREADS in their environment; "
+                         "INTER defaults to INTRA), e.g. 1,2 so that two workers do not each spin two threads per call")
     ap.add_argument("--compare-no-shed", action="store_true",
                     help="each repeat runs shedding on, then off, on the same schedule (interleaved)")
     args = ap.parse_args(argv)
+    if args.tf_threads:
+        intra, _, inter = args.tf_threads.partition(",")
+        if not intra.isdigit() or not (inter or intra).isdigit():
+            raise SystemExit(f"error: --tf-threads wants INTRA[,INTER] thread counts (e.g. 1,2). Got {args.tf_threads!r} instead.")
+        os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"] = intra, inter or intra
 
     with tempfile.TemporaryDirectory(prefix="ctrflow-bench-overload-") as tmp:
         if args.model_base_path:
@@ -423,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['generator_lag_p99_ms']:>9.1f}ms {run['server_cores']:>7.2f} {run['generator_cores']:>7.2f}")
     print(json.dumps({"benchmark": "overload", "deadline_ms": args.deadline_ms, "candidates": CANDIDATES,
                       "overload_s": args.overload_s, "shed_budget_fraction": args.shed_budget_fraction, "cpus": os.cpu_count(), "pin": args.pin,
+                      "tf_threads": args.tf_threads,
                       "runs": runs}))
     return 0
 

@@ -270,11 +270,12 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
         return _decode_columnar_checked(body, categorical, numeric, {})
     rows = _U32.unpack_from(body, 8)[0]
     bodies = _BODIES.get(schema)
-    whole = None if bodies is None else bodies.get((rows, size))
-    if whole is not None:
-        index, expected, columns = whole
-        if np.frombuffer(body, np.uint8)[index].tobytes() == expected:
-            return {name: np.frombuffer(body, dtype, rows, offset) for name, dtype, offset in columns}, rows
+    layouts = None if bodies is None else bodies.get((rows, size))
+    if layouts:
+        view = np.frombuffer(body, np.uint8)
+        for index, expected, columns in layouts:  # at most _SAME_SIZE
+            if view[index].tobytes() == expected:
+                return {name: np.frombuffer(body, dtype, rows, offset) for name, dtype, offset in columns}, rows
     known = _LAYOUTS.get(schema)
     if known is None:
         if len(_LAYOUTS) >= 64:  # schemas served by one process: a handful
@@ -303,27 +304,39 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
             offset = stop
         else:  # every column known and distinct, as many as the schema has: all present
             if offset == size:
-                _remember_body(schema, body, rows, spans, out)
+                _remember_body(schema, body, rows, spans, out, layouts)
                 return out, rows
     return _decode_columnar_checked(body, categorical, numeric, known)
 
 
 # Whole bodies' layouts, per schema and (rows, size): the header bytes' positions, their values and the
-# columns (name, dtype, offset). Bounded: cleared when full (clients send a few layouts each).
-_BODIES: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[int, int], tuple[np.ndarray, bytes, list]]] = {}
-_BODY_LIMIT = 1024  # x ~6 KB each (index, header bytes, columns): a few MB per schema at most
+# columns (name, dtype, offset); a few per key (same size, other widths). A layout is remembered the
+# second time its (rows, size) is seen, so clients whose layouts never repeat pay one dict entry each, not
+# the index. Bounded: cleared when full.
+_BODIES: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[int, int], list[tuple[np.ndarray, bytes, list]]]] = {}
+_BODY_LIMIT = 1024  # keys per schema, x ~6 KB per layout (index, header bytes, columns): a few MB at most
+_SAME_SIZE = 4  # layouts per (rows, size)
 _U32 = struct.Struct("<I")
 
 
-def _remember_body(schema: tuple, body: bytes, rows: int, spans: list[tuple[int, int]], out: dict[str, np.ndarray]) -> None:
+def _remember_body(schema: tuple, body: bytes, rows: int, spans: list[tuple[int, int]], out: dict[str, np.ndarray],
+                   layouts: list | None) -> None:
     bodies = _BODIES.get(schema)
     if bodies is None:
         bodies = _BODIES[schema] = {}
-    elif len(bodies) >= _BODY_LIMIT:
-        bodies.clear()
-    index = np.concatenate([np.arange(a, b) for a, b in spans])  # intp: int32 would be converted per gather (+2 µs)
+    key = (rows, len(body))
+    if layouts is None:  # first sighting of this (rows, size): note it only
+        if len(bodies) >= _BODY_LIMIT:
+            bodies.clear()
+        bodies[key] = []
+        return
+    bounds = np.array(spans)
+    lengths = bounds[:, 1] - bounds[:, 0]
+    index = np.repeat(bounds[:, 0] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
     columns = [(name, column.dtype, end) for (_, end), (name, column) in zip(spans[1:], out.items())]
-    bodies[(rows, len(body))] = (index, np.frombuffer(body, np.uint8)[index].tobytes(), columns)
+    if len(layouts) >= _SAME_SIZE:
+        del layouts[0]
+    layouts.append((index, np.frombuffer(body, np.uint8)[index].tobytes(), columns))
 
 
 def _decode_columnar_checked(body: bytes, categorical: Sequence[str], numeric: Sequence[str],
