@@ -924,11 +924,12 @@ class _CostModel:
     ALPHA = 0.1
     MIN_CALLS = 3  # no estimate before this many calls (the first ones carry one-time costs)
 
-    __slots__ = ("calls", "mx", "my", "mxx", "mxy")
+    __slots__ = ("calls", "mx", "my", "mxx", "mxy", "_fit")
 
     def __init__(self) -> None:
         self.calls = 0
         self.mx = self.my = self.mxx = self.mxy = 0.0
+        self._fit: tuple[float | None, float] | None = None  # fit() since the last learn (asked per request)
 
     def learn(self, rows: int, seconds: float) -> None:
         x, y = float(rows), max(0.0, float(seconds))
@@ -941,9 +942,16 @@ class _CostModel:
             self.mxx += a * (x * x - self.mxx)
             self.mxy += a * (x * y - self.mxy)
         self.calls += 1
+        self._fit = None
 
     def fit(self) -> tuple[float | None, float]:
         """(fixed seconds per call, seconds per row); (None, 0.0) until MIN_CALLS calls were seen."""
+        fit = self._fit
+        if fit is None:
+            fit = self._fit = self._solve()
+        return fit
+
+    def _solve(self) -> tuple[float | None, float]:
         if self.calls < self.MIN_CALLS or self.mx <= 0.0:
             return None, 0.0
         var = self.mxx - self.mx * self.mx
