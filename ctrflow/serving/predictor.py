@@ -8,8 +8,10 @@ ads each are joined into one compute call by `AutoBatcher`, so many small reques
 
 Inputs are columnar: every schema field is required (values may be missing: None/"" for categoricals,
 None/NaN for numerics); extra or missing keys, ragged columns and non-numeric numerics raise
-`SchemaError` naming the field (and row). The backend is the SavedModel's restored `tf.function` called
-with a dict of tensors — measured faster than the signature's concrete function (BENCHMARKS.md).
+`SchemaError` naming the field (and row). The batchers compute through the export's `serving_packed`
+and `predict_ids` signatures, called flat (`_flat_caller`: no Python argument binding) with ids and
+numerics handed over without a copy when aligned (`_tensor`); older exports through the restored
+`tf.function` with one tensor per field (BENCHMARKS.md).
 
 Every signature of the export is callable by its key (`run`/`arun`: TF Serving's Predict), with the
 true signature read from `saved_model.pb` (`signatures`, `signature_defs`); `serving_default` goes
@@ -243,7 +245,8 @@ class Predictor:
 
         # The signature's concrete function: measured 0.3-0.6 ms CPU cheaper per call than the restored
         # tf.function on ids (two tensors; on serving_default's 39 inputs the restored function won, which
-        # is why the raw path calls serving_packed's two matrices instead, see `_compute`).
+        # is why the raw path calls serving_packed's two matrices instead, see `_compute`). Called flat, with
+        # the batcher's aligned buffers shared rather than copied (`_flat_caller`, `_tensor`).
         sig = self._ids_signature
         if sig is not None:
             out = self._flat.get(id(sig), sig)(ids=_tensor(tf, inputs["ids"]), numeric=_tensor(tf, inputs["numeric"]))
