@@ -21,6 +21,7 @@ noisy machine compare the ratios of one run, not absolute figures across runs.
 
 Usage: python benchmarks/bench_serving_paths.py [--model-base-path /tmp/demo-out/models/ctr] [--candidates 100]
        [--rates 100,200,400,800,1200,1600,2000,2400,3000] [--step-s 3] [--p99-ms 20] [--paths ids_inprocess,...]
+       [--tf-threads INTRA[,INTER]] [--batch-threads N] [--batch-timeout-ms T] [--max-batch B] [--thread-cpu]
 Without --model-base-path: the demo export at /tmp/demo-out/models/ctr if present, else a small FM is built.
 Prints a table, then one JSON object as the last line.
 """
@@ -51,6 +52,7 @@ from ctrflow.serving.batcher import BatchingOptions  # noqa: E402
 
 DEMO = Path("/tmp/demo-out/models/ctr")
 BATCHING = BatchingOptions(max_batch_size=4096, batch_timeout_ms=2.0)
+THREAD_SPLIT: list = []  # --thread-cpu: one entry per in-process run (see thread_cpu_split)
 # (key, label, target, protocol)
 PATHS = (
     ("ids_inprocess", "in-process ids", "inprocess", "ids"),
@@ -102,6 +104,47 @@ def model_compute(base: Path, batches: list[int], min_s: float) -> dict:
             "raw_graph_cpu_us": raw_cpu, "raw_graph_predictions_per_s": raw_rate, "raw_with_prepare_cpu_us": prep_cpu}
 
 
+def thread_cpu_split(per_step: list) -> None:
+    """Wrap the load generator's in-process driver so each in-process step also records where the process's
+    CPU went, by thread (Linux /proc): TensorFlow's pools (threads Python did not start: intra-op, and the
+    inter-op `tf_Compute`), the batch threads, and the event loop's thread (generator + predictor share)."""
+    import threading
+
+    import ctrflow.bench.loadgen as loadgen
+
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def snap() -> dict[str, float]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            out[tid] = (int(fields[11]) + int(fields[12])) / hz
+        return out
+
+    drive = loadgen._run_inprocess
+
+    def measured(options, predictor, bodies, times):
+        before = snap()
+        out = drive(options, predictor, bodies, times)
+        after = snap()
+        names = {str(t.native_id): t.name for t in threading.enumerate()}
+        split = {"tf_pools_s": 0.0, "batch_threads_s": 0.0, "loop_thread_s": 0.0, "other_s": 0.0}
+        for tid, cpu in after.items():
+            name = names.get(tid)
+            key = ("tf_pools_s" if name is None else "batch_threads_s" if name.startswith("ctrflow-batcher")
+                   else "loop_thread_s" if name == "MainThread" else "other_s")
+            split[key] += cpu - before.get(tid, 0.0)
+        split["rows"] = out[2].get("rows_computed") or 0
+        per_step.append(split)
+        return out
+
+    loadgen._run_inprocess = measured
+
+
 def sweep(make: callable, rates: list[float], p99_ms: float, stop_p99_ms: float) -> dict:
     """Run `make(rate)` at rising rates until p99 > stop_p99_ms or > 1% fail.
 
@@ -121,12 +164,18 @@ def sweep(make: callable, rates: list[float], p99_ms: float, stop_p99_ms: float)
                       "load_generator_cpu_us_per_prediction": None if r.load_generator_cpu_s is None or not r.predictions
                       else r.load_generator_cpu_s / r.predictions * 1e6,
                       "ok": ok})
+        split = THREAD_SPLIT[-1] if THREAD_SPLIT and r.target == "inprocess" else None
+        if split and split["rows"]:
+            steps[-1]["thread_cpu_us_per_prediction"] = {k[:-2]: round(v / split["rows"] * 1e6, 3) for k, v in split.items() if k != "rows"}
         print(f"  {rate:>6g} req/s: {r.predictions_per_s:>10,.0f} pred/s  p99 {r.latency_ms['p99']:7.2f} ms  "
               f"CPU {r.cpu_s_per_million_predictions or float('nan'):6.2f} µs/pred  batch {r.mean_batch_rows or 0:6.0f}  "
               f"failed {failed}  generator lag p99 {r.schedule_lag_ms_p99:.0f} ms"
               + ("" if r.load_generator_cpu_s is None or not r.predictions else
                  f"  (generator's own {r.load_generator_cpu_s / r.predictions * 1e6:.2f} µs/pred"
                  + (", left out)" if r.target == "inprocess" else ", another process)")), flush=True)
+        if "thread_cpu_us_per_prediction" in steps[-1]:
+            print("           by thread, µs/pred: " + ", ".join(f"{k} {v:.2f}" for k, v in steps[-1]["thread_cpu_us_per_prediction"].items())
+                  + " (loop thread: generator + predictor)", flush=True)
         if not held or r.latency_ms["p99"] > stop_p99_ms:
             break
         if ok and (best is None or r.predictions_per_s > best["predictions_per_s"]):
@@ -154,7 +203,11 @@ def main() -> int:
     ap.add_argument("--batch-threads", type=int, default=1, help="BatchingOptions.num_batch_threads")
     ap.add_argument("--batch-timeout-ms", type=float, default=2.0, help="BatchingOptions.batch_timeout_ms")
     ap.add_argument("--max-batch", type=int, default=4096, help="BatchingOptions.max_batch_size")
+    ap.add_argument("--thread-cpu", action="store_true",
+                    help="in-process steps: also split the process's CPU by thread (TensorFlow's pools, batch threads, the loop)")
     args = ap.parse_args()
+    if args.thread_cpu:
+        thread_cpu_split(THREAD_SPLIT)
     global BATCHING
     BATCHING = BatchingOptions(max_batch_size=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
                                num_batch_threads=args.batch_threads)

@@ -168,10 +168,15 @@ class AutoBatcher:
             `num_batch_threads` at a time. It must not keep or modify the arrays it is given.
         options: `BatchingOptions`; the defaults suit a CPU model at a few thousand requests/s.
         name: names the threads and appears in every error message (e.g. the model name).
+        reuse_buffers: `compute` promises to keep no reference to its inputs (nor views of them) once it
+            returns, so a merged batch is gathered into buffers each batch thread reuses from call to call:
+            no fresh pages to fault in per call (~0.15 ms of a 1,500-row ids batch, measured served).
+            Default False: a fresh buffer per merged batch.
     """
 
     def __init__(
-        self, compute: ComputeFn, options: BatchingOptions = BatchingOptions(), *, name: str = "default"
+        self, compute: ComputeFn, options: BatchingOptions = BatchingOptions(), *, name: str = "default",
+        reuse_buffers: bool = False,
     ) -> None:
         if not callable(compute):
             raise ConfigError(
@@ -190,6 +195,8 @@ class AutoBatcher:
         # Fixed by the first request: {key: (dtype, shape after the row axis)}. Checking every request
         # against it keeps one malformed request from failing everyone else's batch in np.concatenate.
         self._signature: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None
+        # reuse_buffers: per batch thread, {key: an aligned [max_batch_size, ...] array} (see `_gather`).
+        self._buffers = threading.local() if reuse_buffers else None
 
         # Everything below is guarded by _cond.
         self._cond = threading.Condition(threading.Lock())
@@ -661,7 +668,7 @@ class AutoBatcher:
         """One compute call over the tasks' rows: the scores, or the exception that fails them."""
         rows = sum(t.size for t in tasks)
         try:
-            scores = self._compute(_gather(tasks))
+            scores = self._compute(_gather(tasks, self._max_batch, self._buffers))
             if not isinstance(scores, np.ndarray):
                 scores = np.asarray(scores)
             if scores.ndim == 0 or scores.shape[0] != rows:
@@ -884,16 +891,42 @@ class _Counters:
         self.batch_size_counts = [0] * buckets
 
 
-def _gather(tasks: list[_Task]) -> dict[str, np.ndarray]:
-    """Merge the tasks' rows into one input dict: one np.concatenate per key, none for a lone task."""
+def _gather(tasks: list[_Task], max_rows: int = 0, buffers: threading.local | None = None) -> dict[str, np.ndarray]:
+    """Merge the tasks' rows into one input dict: one np.concatenate per key into a 64-byte-aligned
+    buffer (this thread's reused one when `buffers` is given, else a fresh one), none for a lone task."""
     if len(tasks) == 1:
         task = tasks[0]
         stop = task.start + task.size
         return {key: array[task.start : stop] for key, array in task.request.inputs.items()}
-    return {
-        key: np.concatenate([t.request.inputs[key][t.start : t.start + t.size] for t in tasks])
-        for key in tasks[0].request.inputs
-    }
+    rows = sum(t.size for t in tasks)
+    out = {}
+    for key, first in tasks[0].request.inputs.items():
+        pieces = [t.request.inputs[key][t.start : t.start + t.size] for t in tasks]
+        if first.dtype.hasobject:
+            out[key] = np.concatenate(pieces)
+            continue
+        # Aligned, so a compute (TensorFlow) may share it without a copy.
+        shape = (rows, *first.shape[1:])
+        if buffers is None or rows > max_rows:
+            target = _aligned_empty(shape, first.dtype)
+        else:
+            kept = buffers.__dict__.get(key)
+            if kept is None or kept.dtype != first.dtype or kept.shape[1:] != shape[1:]:
+                kept = buffers.__dict__[key] = _aligned_empty((max_rows, *shape[1:]), first.dtype)
+            target = kept[:rows]
+        out[key] = np.concatenate(pieces, out=target)
+    return out
+
+
+_ALIGN = 64  # bytes (TensorFlow's EIGEN_MAX_ALIGN_BYTES)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty(shape, dtype) whose data starts on an `_ALIGN`-byte boundary."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def _settle(setter: Callable[[Any], None], value: Any) -> None:
@@ -924,11 +957,12 @@ class _CostModel:
     ALPHA = 0.1
     MIN_CALLS = 3  # no estimate before this many calls (the first ones carry one-time costs)
 
-    __slots__ = ("calls", "mx", "my", "mxx", "mxy")
+    __slots__ = ("calls", "mx", "my", "mxx", "mxy", "_fit")
 
     def __init__(self) -> None:
         self.calls = 0
         self.mx = self.my = self.mxx = self.mxy = 0.0
+        self._fit: tuple[float | None, float] | None = None  # fit() since the last learn (asked per request)
 
     def learn(self, rows: int, seconds: float) -> None:
         x, y = float(rows), max(0.0, float(seconds))
@@ -941,9 +975,16 @@ class _CostModel:
             self.mxx += a * (x * x - self.mxx)
             self.mxy += a * (x * y - self.mxy)
         self.calls += 1
+        self._fit = None
 
     def fit(self) -> tuple[float | None, float]:
         """(fixed seconds per call, seconds per row); (None, 0.0) until MIN_CALLS calls were seen."""
+        fit = self._fit
+        if fit is None:
+            fit = self._fit = self._solve()
+        return fit
+
+    def _solve(self) -> tuple[float | None, float]:
         if self.calls < self.MIN_CALLS or self.mx <= 0.0:
             return None, 0.0
         var = self.mxx - self.mx * self.mx

@@ -8,8 +8,10 @@ ads each are joined into one compute call by `AutoBatcher`, so many small reques
 
 Inputs are columnar: every schema field is required (values may be missing: None/"" for categoricals,
 None/NaN for numerics); extra or missing keys, ragged columns and non-numeric numerics raise
-`SchemaError` naming the field (and row). The backend is the SavedModel's restored `tf.function` called
-with a dict of tensors — measured faster than the signature's concrete function (BENCHMARKS.md).
+`SchemaError` naming the field (and row). The batchers compute through the export's `serving_packed`
+and `predict_ids` signatures, called flat (`_flat_caller`: no Python argument binding) with ids and
+numerics handed over without a copy when aligned (`_tensor`); older exports through the restored
+`tf.function` with one tensor per field (BENCHMARKS.md).
 
 Every signature of the export is callable by its key (`run`/`arun`: TF Serving's Predict), with the
 true signature read from `saved_model.pb` (`signatures`, `signature_defs`); `serving_default` goes
@@ -169,6 +171,8 @@ class Predictor:
         self._serve_ids = loaded.serve_ids
         self._ids_signature = loaded.signatures.get("predict_ids") if hasattr(loaded, "signatures") else None
         self._packed_signature = loaded.signatures.get(PACKED_SIGNATURE) if hasattr(loaded, "signatures") else None
+        # The batchers' two signatures, called below their Python argument binding (`_flat_caller`).
+        self._flat = {id(s): _flat_caller(s) for s in (self._ids_signature, self._packed_signature) if s is not None}
         self.signature_defs = read_signature_defs(path)
         self.signatures: dict[str, Signature] = signatures_from_defs(self.signature_defs)
         default = self.signatures.get("serving_default")
@@ -178,10 +182,12 @@ class Predictor:
         self._outputs = default.output_names
         self._p_index = self._outputs.index("probabilities") if "probabilities" in self._outputs else 0
         self._field_of = {alias: field for field, alias in self._inputs.items()}
-        self.batcher = AutoBatcher(self._compute, batching, name=f"{name}/{self.version}") if batching else None
+        # Both computes copy or drop their inputs before returning, so the batchers may reuse gather buffers.
+        self.batcher = AutoBatcher(self._compute, batching, name=f"{name}/{self.version}", reuse_buffers=True) if batching else None
         # The one-tensor fast path (`predict_ids`): its own batcher, since a batcher's inputs have one
         # fixed signature ({"ids": int32 [n, F], "numeric": float32 [n, N]} here).
-        self.ids_batcher = AutoBatcher(self._compute_ids, batching, name=f"{name}/{self.version}/ids") if batching else None
+        self.ids_batcher = (AutoBatcher(self._compute_ids, batching, name=f"{name}/{self.version}/ids", reuse_buffers=True)
+                            if batching else None)
         self.id_names = tuple(info.get("feature_spec", {}).get("id_names") or self.schema.id_names)
         self._id_limits = _id_limits(info, self.schema)
         self._tiled_limits: np.ndarray | None = None  # _id_limits repeated per row, for `_ids_in_range`
@@ -225,7 +231,8 @@ class Predictor:
             n = len(inputs[self.feature_names[0]])
             strings = np.stack([inputs[k] for k in self.categorical_names]) if self.categorical_names else np.empty((0, n), object)
             numbers = np.stack([inputs[k] for k in self.numeric_names]) if self.numeric_names else np.empty((0, n), np.float64)
-            out = packed(strings=tf.constant(strings, tf.string), numbers=tf.constant(numbers, tf.float64))
+            call = self._flat.get(id(packed), packed)
+            out = call(strings=tf.constant(strings, tf.string), numbers=tf.constant(numbers, tf.float64))
         else:  # exports from before serving_packed
             out = self._serve({self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names})
         if len(self._outputs) == 1:
@@ -238,10 +245,11 @@ class Predictor:
 
         # The signature's concrete function: measured 0.3-0.6 ms CPU cheaper per call than the restored
         # tf.function on ids (two tensors; on serving_default's 39 inputs the restored function won, which
-        # is why the raw path calls serving_packed's two matrices instead, see `_compute`).
+        # is why the raw path calls serving_packed's two matrices instead, see `_compute`). Called flat, with
+        # the batcher's aligned buffers shared rather than copied (`_flat_caller`, `_tensor`).
         sig = self._ids_signature
         if sig is not None:
-            out = sig(ids=tf.constant(inputs["ids"]), numeric=tf.constant(inputs["numeric"]))
+            out = self._flat.get(id(sig), sig)(ids=_tensor(tf, inputs["ids"]), numeric=_tensor(tf, inputs["numeric"]))
         else:
             out = self._serve_ids(tf.constant(inputs["ids"]), tf.constant(inputs["numeric"]))
         if len(self._outputs) == 1:
@@ -469,6 +477,60 @@ class Predictor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_TF_ALIGN = 64  # bytes: TensorFlow's kernels abort the process on a tensor buffer aligned less (EIGEN_MAX_ALIGN_BYTES)
+_SHAREABLE = frozenset(np.dtype(t) for t in (np.int32, np.int64, np.float32, np.float64))
+_from_dlpack: Any = None  # tf.experimental.dlpack.from_dlpack, bound on first use
+
+
+def _tensor(tf: Any, array: np.ndarray) -> Any:
+    """An eager tensor over the array's own memory (DLPack: no copy, ~1 µs) when that is safe, else
+    `tf.constant`'s copy. Served, the copy was ~0.1 ms per input of a 1,500-row batch (a fresh buffer's
+    page faults each call); the batcher gathers batches into 64-byte-aligned buffers so they qualify.
+    Safe means: C-contiguous, writable (numpy exports nothing else), a plain numeric dtype and a buffer
+    aligned to `_TF_ALIGN` (TensorFlow checks alignment with a fatal CHECK, so it is tested here first).
+    TensorFlow never writes into an input whose Python tensor is alive, and the capsule keeps the array
+    alive as long as the tensor."""
+    if (array.size and array.ctypes.data % _TF_ALIGN == 0 and array.flags.c_contiguous and array.flags.writeable
+            and array.dtype in _SHAREABLE):
+        global _from_dlpack
+        try:
+            if _from_dlpack is None:  # (the lazy module chain costs ~3 µs a lookup)
+                _from_dlpack = tf.experimental.dlpack.from_dlpack
+            return _from_dlpack(array.__dlpack__())
+        except (AttributeError, BufferError, TypeError, ValueError, tf.errors.OpError):
+            pass
+    return tf.constant(array)
+
+
+def _flat_caller(signature: Any) -> Any:
+    """`signature(**tensors)` without TensorFlow's Python argument binding: the restored function's flat
+    call with its inputs in order and its captured variables appended. On the ids path that binding
+    (structured-signature matching, TensorSpec casts, the wrapper's replica check) is 0.1-0.2 ms of
+    the batch thread's CPU per call, paid under the GIL. It leans on TensorFlow internals
+    (`_inference_function.call_preflattened`), so it is checked once against the signature's own call
+    on zero inputs and any difference or missing attribute falls back to the signature itself."""
+    import tensorflow as tf
+
+    try:
+        order = tuple(signature.function_type.parameters)
+        specs = signature.structured_input_signature[1]
+        call = signature._inference_function.call_preflattened
+        captured = list(signature.captured_inputs)
+        if set(order) != set(specs) or any(t.dtype == tf.resource for t in signature.inputs[: len(order)]):
+            return signature
+
+        def flat(**tensors: Any) -> Any:
+            return call([tensors[k] for k in order] + captured)
+
+        probe = {k: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype) for k, spec in specs.items()}
+        want, got = signature(**probe), flat(**probe)
+        if set(want) != set(got) or not all(np.array_equal(want[k].numpy(), got[k].numpy()) for k in want):
+            return signature
+        return flat
+    except Exception:  # noqa: BLE001 - any TensorFlow without these internals: the public call
+        return signature
 
 
 def call_signature(loaded: Any, signature: Signature, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
