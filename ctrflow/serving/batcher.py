@@ -489,7 +489,7 @@ class AutoBatcher:
             shape = getattr(array, "shape", None)
             if (
                 not isinstance(array, np.ndarray)
-                or array.dtype != dtype
+                or (array.dtype != dtype and not (array.dtype.kind in "SO" and dtype.kind in "SO"))
                 or len(shape) != len(row_shape) + 1
                 or shape[1:] != row_shape
             ):
@@ -902,7 +902,9 @@ def _gather(tasks: list[_Task], max_rows: int = 0, buffers: threading.local | No
     out = {}
     for key, first in tasks[0].request.inputs.items():
         pieces = [t.request.inputs[key][t.start : t.start + t.size] for t in tasks]
-        if first.dtype.hasobject:
+        if first.dtype.hasobject or first.dtype.kind == "S":
+            # Strings: numpy picks the widest 'S' width (or object when a JSON request's objects join
+            # binary ones' bytes); a buffer of the first piece's width would cut longer values.
             out[key] = np.concatenate(pieces)
             continue
         # Aligned, so a compute (TensorFlow) may share it without a copy.

@@ -42,6 +42,7 @@ from ctrflow.errors import ModelNotFoundError, SchemaError
 from ctrflow.export import EXPORT_INFO, PACKED_SIGNATURE, find_versions
 from ctrflow.schema import Schema
 from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
+from ctrflow.serving.strings import bytes_tensor, fixed_width
 from ctrflow.serving.tfserving import (
     WARMUP_FILE,
     InvalidArgument,
@@ -104,7 +105,9 @@ def _sum_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def _categorical(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray):
-        if values.dtype.kind in "SU":  # binary columnar: fixed-width bytes → objects in one C loop
+        if values.dtype.kind == "S":  # binary columnar: fixed-width bytes, kept (`_compute`: bytes_tensor)
+            return values
+        if values.dtype.kind == "U":
             return values.astype(object)
         if values.dtype == object and set(map(type, values)) <= _TOKEN_TYPES:
             return values
@@ -232,7 +235,9 @@ class Predictor:
             strings = np.stack([inputs[k] for k in self.categorical_names]) if self.categorical_names else np.empty((0, n), object)
             numbers = np.stack([inputs[k] for k in self.numeric_names]) if self.numeric_names else np.empty((0, n), np.float64)
             call = self._flat.get(id(packed), packed)
-            out = call(strings=tf.constant(strings, tf.string), numbers=tf.constant(numbers, tf.float64))
+            # Binary bodies' 'S' columns become one tensor in one op, no Python object per value.
+            strings_t = bytes_tensor(strings) if fixed_width(strings) else tf.constant(strings, tf.string)
+            out = call(strings=strings_t, numbers=tf.constant(numbers, tf.float64))
         else:  # exports from before serving_packed
             out = self._serve({self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names})
         if len(self._outputs) == 1:

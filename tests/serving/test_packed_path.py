@@ -2,6 +2,8 @@
 like the per-field `serving_default` call; exports without it still serve through the per-field function."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -50,3 +52,30 @@ def test_export_without_packed_signature_serves_per_field(model):
         packed = p.predict(feats)
         p._packed_signature = None  # what an export from before serving_packed restores as
         np.testing.assert_array_equal(p.predict(feats), packed)
+
+
+def test_bytes_columns_of_any_width_batch_with_objects_and_score_alike(model):
+    """Binary bodies' fixed-width 'S' columns stay bytes through prepare, the batcher and the packed call:
+    requests of different widths (and a JSON-like request of str objects) merged in one batch score as
+    each scores alone through objects — a merge buffer of the first request's width would cut values."""
+    version, rows = model
+    base = columns(rows[:60])
+    names = None
+    with Predictor.load(version, batching=BatchingOptions(max_batch_size=4096, batch_timeout_ms=200)) as p:
+        names = p.categorical_names
+        short, wide, plain = ({k: v[i * 20:(i + 1) * 20] for k, v in base.items()} for i in range(3))
+        for feats, pad in ((short, 0), (wide, 9)):
+            for k in names:
+                feats[k] = np.array([str(v).encode() + b"z" * pad for v in feats[k]], dtype="S")
+        alone = [p._compute(p.prepare({k: (v.astype(object) if getattr(v, "dtype", None) is not None and v.dtype.kind == "S" else v) for k, v in f.items()}))
+                 for f in (short, wide, plain)]
+        assert p.prepare(short)[names[0]].dtype.kind == "S"
+
+        async def together():
+            return await asyncio.gather(*(p.apredict(f, timeout_ms=10_000) for f in (short, wide, plain)))
+
+        got = asyncio.run(together())
+        assert p.batcher.stats().compute_calls >= 1
+        col = p._p_index
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g, a[:, col], rtol=0, atol=1e-6)
