@@ -188,11 +188,7 @@ async def _drive(port: int, requests: list[bytes], times: np.ndarray, connection
             loop.call_at(start + offset, meter.mark)
         prober = loop.create_task(meter.probe())
     try:
-        for i, offset in enumerate(times):  # bounded by the schedule
-            at = start + float(offset)
-            delay = at - loop.time()
-            if delay > 0.0005:
-                await asyncio.sleep(delay)
+        async for i, at in loadgen.on_schedule(times, start):
             lag[i] = max(0.0, loop.time() - at)
             client.fire(i, at)
         await client.drain(limit_s + 5)
@@ -369,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, pin[1])
         here = os.environ.get("PYTHONPATH", "")
         cwd = os.getcwd()
-        workers = [int(x) for x in args.workers.split(",") if x]
-        if not workers or min(workers) < 1:
+        workers = [int(x) for x in args.workers.split(",") if x.strip().isdigit()]
+        if not workers or len(workers) != len([x for x in args.workers.split(",") if x]) or min(workers) < 1:
             raise SystemExit(f"error: --workers wants counts >= 1 (e.g. 1,2). Got {args.workers!r} instead.")
         modes = [("this", not args.no_shed, str(REPO), w) for w in workers]
         if args.compare_tree:

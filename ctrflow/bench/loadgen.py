@@ -575,14 +575,18 @@ class _OpenLoopHttp:
     async def _open(self) -> None:
         try:
             await self._loop.create_connection(lambda: _FireConnection(self), self._host, self._port)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - refused, reset, unreachable...: counted, never raised
             self._opening -= 1
-            if self._waiting and not self._busy and not self._opening:  # nothing else would serve them
-                i, at = self._waiting.popleft()
-                self._finish(i, 0, at, f"connection_error:{type(e).__name__}")
+            if not self._busy and not self._opening:  # nothing else would serve them: all fail as the old client did
+                while self._waiting:  # bounded by the requests waiting
+                    i, at = self._waiting.popleft()
+                    self._finish(i, 0, at, f"connection_error:{type(e).__name__}")
 
     def _ready(self, conn: _FireConnection) -> None:
         self._opening -= 1
+        if self.closing:  # opened after close(): nothing will use it
+            conn.transport.close()
+            return
         self._next(conn)
 
     def _next(self, conn: _FireConnection) -> None:
@@ -633,12 +637,17 @@ class _OpenLoopHttp:
             await asyncio.sleep(0.005)
 
     def close(self) -> None:
+        """Stop: the tally is final once the caller returns, so what is still in flight is not counted
+        again when its connection closes (`_lost` sees no job)."""
         self.closing = True
         self._sweeper.cancel()
         for conn in [*self._idle, *self._busy]:
+            conn.job = None
             if conn.transport is not None:
                 conn.transport.close()
         self._idle.clear()
+        self._busy.clear()
+        self._waiting.clear()
 
 
 async def _read_to_eof(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -717,6 +726,19 @@ class _Tally:
         self.status[key] = self.status.get(key, 0) + 1
 
 
+async def on_schedule(times: np.ndarray, start: float) -> Any:
+    """Yield (i, scheduled loop time) as each of `times` (seconds after `start`, ascending) comes due:
+    the open-loop pacing every driver shares (sleeps only for gaps over 0.5 ms; a late step is yielded
+    at once, its lag for the caller to record)."""
+    loop = asyncio.get_running_loop()
+    for i, offset in enumerate(times):  # bounded by the schedule
+        at = start + float(offset)
+        delay = at - loop.time()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        yield i, at
+
+
 async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_Tally, float]:
     """Fire `send(i)` at each scheduled offset; returns the tally and the wall seconds used."""
     tally = _Tally(len(times))
@@ -753,11 +775,7 @@ async def _drive(options: LoadOptions, times: np.ndarray, send: Any) -> tuple[_T
         tally.in_flight -= 1
 
     start = loop.time() + 0.05
-    for i, offset in enumerate(times):
-        at = start + float(offset)
-        delay = at - loop.time()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
+    async for i, at in on_schedule(times, start):
         tally.lag_ms[i] = max(0.0, (loop.time() - at) * 1e3)
         if tally.in_flight >= options.max_in_flight:
             tally.dropped += 1
@@ -791,11 +809,7 @@ async def _drive_http(options: LoadOptions, times: np.ndarray, requests: Sequenc
     client = _OpenLoopHttp(host, port, options.connections, requests, client_limit_s, done)
     start = loop.time() + 0.05
     try:
-        for i, offset in enumerate(times):  # bounded by the schedule
-            at = start + float(offset)
-            delay = at - loop.time()
-            if delay > 0.0005:
-                await asyncio.sleep(delay)
+        async for i, at in on_schedule(times, start):
             tally.lag_ms[i] = max(0.0, (loop.time() - at) * 1e3)
             if client.in_flight >= options.max_in_flight:
                 tally.dropped += 1

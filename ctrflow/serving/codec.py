@@ -270,10 +270,10 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
         return _decode_columnar_checked(body, categorical, numeric, {})
     rows = _U32.unpack_from(body, 8)[0]
     bodies = _BODIES.get(schema)
-    layouts = None if bodies is None else bodies.get((rows, size))
-    if layouts:
+    seen = None if bodies is None else bodies.get((rows, size))
+    if seen is not None and seen[1]:
         view = np.frombuffer(body, np.uint8)
-        for index, expected, columns in layouts:  # at most _SAME_SIZE
+        for index, expected, columns in seen[1]:  # at most _SAME_SIZE
             if view[index].tobytes() == expected:
                 return {name: np.frombuffer(body, dtype, rows, offset) for name, dtype, offset in columns}, rows
     known = _LAYOUTS.get(schema)
@@ -281,6 +281,7 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
         if len(_LAYOUTS) >= 64:  # schemas served by one process: a handful
             _LAYOUTS.clear()
             _BODIES.clear()
+            _BUILT.clear()
         known = _LAYOUTS[schema] = {}
     magic, fmt, _, n_columns, rows = _HEADER.unpack_from(body, 0)
     if magic == b"CTRC" and fmt == 1 and rows and n_columns == len(schema[0]) + len(schema[1]):
@@ -304,39 +305,56 @@ def decode_columnar(body: bytes, categorical: Sequence[str], numeric: Sequence[s
             offset = stop
         else:  # every column known and distinct, as many as the schema has: all present
             if offset == size:
-                _remember_body(schema, body, rows, spans, out, layouts)
+                _remember_body(schema, body, rows, spans, out, seen)
                 return out, rows
     return _decode_columnar_checked(body, categorical, numeric, known)
 
 
-# Whole bodies' layouts, per schema and (rows, size): the header bytes' positions, their values and the
-# columns (name, dtype, offset); a few per key (same size, other widths). A layout is remembered the
-# second time its (rows, size) is seen, so clients whose layouts never repeat pay one dict entry each, not
-# the index. Bounded: cleared when full.
-_BODIES: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[int, int], list[tuple[np.ndarray, bytes, list]]]] = {}
-_BODY_LIMIT = 1024  # keys per schema, x ~6 KB per layout (index, header bytes, columns): a few MB at most
+# Whole bodies' layouts, per schema and (rows, size): [the header bytes last seen at that size, its
+# layouts: (positions of the header bytes, their values, columns (name, dtype, offset))]. A layout is built
+# only when the same header bytes come back at the same size, so a client whose string widths vary per
+# request (URLs, user agents) pays one join of its headers per body, not an index build. Bounded: at most
+# _BODY_LIMIT sizes and _LAYOUTS_MAX layouts (~4-5 KB each) per schema, cleared when full.
+_BODIES: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[int, int], list]] = {}
+_BODY_LIMIT = 1024  # sizes per schema (one bytes value of the header bytes each)
+_LAYOUTS_MAX = 256  # built layouts per schema: ~1 MB at most
 _SAME_SIZE = 4  # layouts per (rows, size)
 _U32 = struct.Struct("<I")
 
 
 def _remember_body(schema: tuple, body: bytes, rows: int, spans: list[tuple[int, int]], out: dict[str, np.ndarray],
-                   layouts: list | None) -> None:
+                   seen: list | None) -> None:
     bodies = _BODIES.get(schema)
     if bodies is None:
         bodies = _BODIES[schema] = {}
-    key = (rows, len(body))
-    if layouts is None:  # first sighting of this (rows, size): note it only
-        if len(bodies) >= _BODY_LIMIT:
-            bodies.clear()
-        bodies[key] = []
+    heads = b"".join(body[a:b] for a, b in spans)  # == the gather of `index` below, in the same order
+    if seen is None or seen[0] != heads:  # a new size, or another layout at this size: note its headers only
+        if seen is None:
+            if len(bodies) >= _BODY_LIMIT:
+                bodies.clear()
+                _BUILT[schema] = 0
+            bodies[(rows, len(body))] = [heads, []]
+        else:
+            seen[0] = heads
         return
-    bounds = np.array(spans)
+    if _BUILT.get(schema, 0) >= _LAYOUTS_MAX:
+        for entry in bodies.values():
+            entry[1] = []
+        _BUILT[schema] = 0
+    bounds = np.array(spans, dtype=np.int32)
     lengths = bounds[:, 1] - bounds[:, 0]
-    index = np.repeat(bounds[:, 0] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    index = (np.repeat(bounds[:, 0] - (np.cumsum(lengths) - lengths), lengths)
+             + np.arange(int(lengths.sum()), dtype=np.int32))
     columns = [(name, column.dtype, end) for (_, end), (name, column) in zip(spans[1:], out.items())]
+    layouts = seen[1]
     if len(layouts) >= _SAME_SIZE:
         del layouts[0]
-    layouts.append((index, np.frombuffer(body, np.uint8)[index].tobytes(), columns))
+    else:
+        _BUILT[schema] = _BUILT.get(schema, 0) + 1
+    layouts.append((index, heads, columns))
+
+
+_BUILT: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}  # layouts built per schema (`_LAYOUTS_MAX`)
 
 
 def _decode_columnar_checked(body: bytes, categorical: Sequence[str], numeric: Sequence[str],

@@ -479,6 +479,7 @@ def _compute_before(compute: Callable[[Mapping[str, Any]], Any], features: Mappi
 
 _TARGETS: dict[str, ModelTarget] = {}  # paths already split (a server sees a handful): one dict lookup each
 _TARGETS_LIMIT = 1024
+_TARGET_PATH_MAX = 256  # characters: at most ~0.3 MB remembered
 
 
 def split_model_path(rest: str) -> ModelTarget:
@@ -486,9 +487,10 @@ def split_model_path(rest: str) -> ModelTarget:
     target = _TARGETS.get(rest)
     if target is None:
         target = _split_model_path(rest)
-        if len(_TARGETS) >= _TARGETS_LIMIT:
-            _TARGETS.clear()
-        _TARGETS[rest] = target
+        if len(rest) <= _TARGET_PATH_MAX:  # a client's long or random paths are split each time, never kept
+            if len(_TARGETS) >= _TARGETS_LIMIT:
+                _TARGETS.clear()
+            _TARGETS[rest] = target
     return target
 
 

@@ -36,7 +36,7 @@ def bytes_tensor(matrix: np.ndarray) -> Any:
         raise TypeError(f"bytes_tensor takes a numpy 'S' array; got {getattr(matrix, 'dtype', type(matrix))}.")
     matrix = np.ascontiguousarray(matrix)
     width, count = matrix.dtype.itemsize, matrix.size
-    if count == 0:
+    if count == 0 or matrix.ndim not in (1, 2):  # (the raw op keeps 1-D and 2-D shapes; others are rare)
         return tf.constant(matrix.astype(object), tf.string)
     index = np.int32 if count * width < 2**31 else np.int64
     lengths = np.char.str_len(matrix).astype(index, copy=False)

@@ -67,3 +67,27 @@ def test_unanswered_requests_expire_as_client_timeouts():
     got, connections = _run("silent", 5, 2, 0.1)
     assert sorted(got) == [(i, 0, "client_timeout") for i in range(5)]
     assert connections == 2  # never more than `size`; the expired ones were closed by the client
+
+
+def test_a_refusing_port_fails_every_waiting_request_as_a_connection_error():
+    """Nothing listens: every request fails at once as a connection error (not a client timeout after
+    `limit_s`), the way the task-per-request client counted them."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main() -> list[str]:
+        kinds: list[str] = []
+        client = _OpenLoopHttp("127.0.0.1", port, 4, [b"GET / HTTP/1.1\r\n\r\n"], 5.0,
+                               lambda i, status, at, now, kind: kinds.append(kind))
+        loop = asyncio.get_running_loop()
+        for i in range(20):
+            client.fire(i, loop.time())
+        await client.drain(3.0)
+        client.close()
+        return kinds
+
+    kinds = asyncio.run(main())
+    assert len(kinds) == 20 and all(k.startswith("connection_error") for k in kinds), kinds
