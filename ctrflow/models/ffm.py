@@ -16,7 +16,8 @@ synthetic benchmark sets has 4-8 interacting pairs among 45-741 — instead of f
 vectors. Their rate is 10x the dense group's (`PAIR_WEIGHT_SCALE`): at 1x they barely leave 1 within the
 few hundred steps of a run. Test logloss, defaults otherwise: synthetic 0.11516 -> 0.11401, zipfmix
 0.11352 -> 0.11205, TalkingData 0.00862 -> 0.00741, iPinYou 0.02006 -> 0.02006 (BENCHMARKS.md, "How much
-of the gap is reachable"). A checkpoint written before them restores with r = 1: the same model.
+of the gap is reachable"). A checkpoint written before them has no r: restored with
+`expect_partial` (evaluate, export), r keeps its start, 1, the model it was.
 """
 from __future__ import annotations
 
