@@ -16,8 +16,9 @@ synthetic benchmark sets has 4-8 interacting pairs among 45-741 — instead of f
 vectors. Their rate is 10x the dense group's (`PAIR_WEIGHT_SCALE`): at 1x they barely leave 1 within the
 few hundred steps of a run. Test logloss, defaults otherwise: synthetic 0.11516 -> 0.11401, zipfmix
 0.11352 -> 0.11205, TalkingData 0.00862 -> 0.00741, iPinYou 0.02006 -> 0.02006 (BENCHMARKS.md, "How much
-of the gap is reachable"). A checkpoint written before them has no r: restored with
-`expect_partial` (evaluate, export), r keeps its start, 1, the model it was.
+of the gap is reachable"). A checkpoint written before them has no r: read with
+`expect_partial` (evaluate, export, warm starts), r keeps its start, 1, the model it was; a resume of such a run
+in its own folder is refused (the checkpoint does not match).
 """
 from __future__ import annotations
 

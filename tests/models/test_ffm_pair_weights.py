@@ -55,3 +55,17 @@ def test_pair_weights_start_as_the_plain_ffm_and_a_zero_weight_removes_its_pair(
     fields = ffm_slot_fields(n)
     ab = rows[:, fields.index((0, 1))] @ np.eye(2) * rows[:, fields.index((1, 0))]
     np.testing.assert_allclose(model(ids, None).numpy(), plain.numpy() - ab.sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_from_before_the_pair_weights_restores_as_the_plain_ffm(tmp_path):
+    spec = FeatureSpec(("a", "b", "c"), (20, 10, 5))
+    ids = tf.constant([[1, 2, 3], [4, 5, 1]])
+    old = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5, seed=1), spec)
+    old.build()
+    del old.pairs  # what an FFM checkpoint written before them holds: linear and embedding tables only
+    path = tf.train.Checkpoint(model=old).write(str(tmp_path / "ckpt"))
+    expect = old.linear(ids, None) + ffm_interaction(old.embedding(ids, None), 3, 2)
+    new = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5, seed=2), spec)
+    new.build()
+    tf.train.Checkpoint(model=new).read(path).expect_partial()  # as evaluate, export and warm starts read it
+    np.testing.assert_allclose(new(ids, None).numpy(), expect.numpy(), rtol=1e-6)
