@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -55,7 +55,7 @@ def _metrics(y: np.ndarray, p: np.ndarray, bayes: float | None) -> dict[str, Any
 
 
 # --- ctrflow ----------------------------------------------------------------------------------------
-MODEL_OVERRIDES = ("min_count",)  # overrides that are ModelConfig fields
+MODEL_OVERRIDES = ("min_count", "ffm_dim")  # overrides that are ModelConfig fields
 
 
 def default_config(model: str, **overrides: Any) -> Any:
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sklearn-c", help="comma-separated C values tried on valid (default 0.03,0.1,0.3,1)")
     ap.add_argument("--vw-l2", help="comma-separated --l2 values of VW -q tried on valid (default 1e-6,1e-7,1e-8)")
     ap.add_argument("--min-count", type=int, help="override ModelConfig.min_count (ids seen < K times in train share a row)")
+    ap.add_argument("--ffm-dim", type=int, help="override ModelConfig.ffm_dim (width of FFM's field-aware vectors)")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
@@ -332,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.vw_l2:
         VW_L2 = tuple(float(c) for c in a.vw_l2.split(","))
     results: dict[str, Any] = {}
-    overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size), ("min_count", a.min_count))
+    overrides = {k: v for k, v in (("l2_mode", a.l2_mode), ("l2", a.l2), ("batch_size", a.batch_size), ("min_count", a.min_count),
+                                                 ("ffm_dim", a.ffm_dim))
                  if v is not None}
     if a.linear_optimizer:
         from ctrflow.train.config import DEFAULT_LEARNING_RATES, GroupOptimizer

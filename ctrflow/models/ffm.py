@@ -1,6 +1,6 @@
 """Field-aware FM (Juan et al. 2016, what Outbrain's engine serves): one vector per (id, other field).
 
-`logit = linear + sum_{i<j} <v_{id_i, field j}, v_{id_j, field i}>`. Each id keeps S - 1 vectors of
+`logit = linear + sum_{i<j} r_ij <v_{id_i, field j}, v_{id_j, field i}>`. Each id keeps S - 1 vectors of
 `config.ffm_dim` floats, stored side by side in one row of an ordinary field table, so the row is one
 gather (sparse-aware optimizers update only looked-up rows, tables shard by row as every other table).
 
@@ -9,15 +9,30 @@ preset's 39 fields capped at 16k buckets (223k rows): 223k x 38 x 4 x 4 B = 136 
 rows) 4.4 GB, plus two LazyAdam slots while training. Hence the small default `ffm_dim=4` (libffm's
 own default) and `embedding_dim` not being used here. Serving moves S x (S - 1) x ffm_dim floats per
 prediction (23.7 KB for 39 fields): ~9x DeepFM's compute (BENCHMARKS.md, "Model zoo").
+
+The pair weights r_ij (FwFM's, Pan et al. 2018, on FFM's vectors; S(S-1)/2 "dense" numbers starting at 1,
+the plain FFM) let training turn off the many field pairs that do not interact — the truth of both
+synthetic benchmark sets has 4-8 interacting pairs among 45-741 — instead of fitting noise into their
+vectors. Their rate is 10x the dense group's (`PAIR_WEIGHT_SCALE`): at 1x they barely leave 1 within the
+few hundred steps of a run. Test logloss, defaults otherwise: synthetic 0.11516 -> 0.11401, zipfmix
+0.11352 -> 0.11205, TalkingData 0.00862 -> 0.00741, iPinYou 0.02006 -> 0.02006 (BENCHMARKS.md, "How much
+of the gap is reachable"). A checkpoint written before them has no r: read with
+`expect_partial` (evaluate, export, warm starts), r keeps its start, 1, the model it was; a resume of such a run
+in its own folder is refused (the checkpoint does not match).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
 from ctrflow.errors import ConfigError
-from ctrflow.models.layers import CtrModel, FieldEmbedding, SparseLinear, ffm_interaction, ffm_pair_slots, slot_dot
+from ctrflow.models.layers import (
+    CtrModel, FieldEmbedding, FieldPairInteraction, SparseLinear, ffm_interaction, ffm_pair_fields, ffm_pair_slots,
+    ffm_slot_fields, slot_dot,
+)
 
-__all__ = ["FieldAwareFM"]
+__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE"]
+
+PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
 
 
 class FieldAwareFM(CtrModel):
@@ -30,7 +45,8 @@ class FieldAwareFM(CtrModel):
         >>> [v.shape.as_list() for v in model.variable_groups()["embedding"]]
         [[1524, 4]]
 
-    Variables: "linear" tables; "embedding" tables of `[rows, (S - 1) * ffm_dim]`; a "dense" bias.
+    Variables: "linear" tables; "embedding" tables of `[rows, (S - 1) * ffm_dim]`; "dense": a bias and the
+    `[S, S]` pair weights (stored / `PAIR_WEIGHT_SCALE`; only i < j is used).
     Needs at least two fields (one field has no pair to interact with).
     """
 
@@ -47,14 +63,18 @@ class FieldAwareFM(CtrModel):
                 self.layout, (n - 1) * config.ffm_dim, table_mode=config.table_mode, init_scale=config.init_scale,
                 seed=config.seed,
             )
+            self.pairs = FieldPairInteraction(n, scale=PAIR_WEIGHT_SCALE)
 
     def build_layers(self) -> None:
         self.linear.build()
         self.embedding.build()
+        self.pairs.build()
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)
-        return self.linear(ids, values) + ffm_interaction(emb, self.layout.n_fields, self.config.ffm_dim)
+        n = self.layout.n_fields
+        weights = self.pairs.symmetric_weights(ffm_slot_fields(n))
+        return self.linear(ids, values) + ffm_interaction(emb, n, self.config.ffm_dim, weights)
 
     # Context requests: context-context pairs once; each context field's vectors for the candidate
     # fields are gathered once per candidate and met by the candidate's vectors for the context fields.
@@ -64,16 +84,19 @@ class FieldAwareFM(CtrModel):
 
     def context_terms(self, split, ids, values):
         flat = self._slots(split, split.context, ids, values)
-        slots = ffm_pair_slots(self.layout.n_fields, split)
-        out = {"logit": slot_dot(flat, slots["cc"][0], flat, slots["cc"][1])}
-        if slots["ck"][0]:
-            out["ck"] = tf.gather(flat, slots["ck"][0], axis=1)  # [R, Sc * Sk, k]
+        slots, pairs = ffm_pair_slots(self.layout.n_fields, split), ffm_pair_fields(split)
+        out = {"logit": slot_dot(flat, slots["cc"][0], flat, slots["cc"][1], self._weights(pairs["cc"]))}
+        if slots["ck"][0]:  # [R, Sc * Sk, k], each context vector already times its pair's weight
+            out["ck"] = tf.gather(flat, slots["ck"][0], axis=1) * self._weights(pairs["ck"])[None, :, None]
         return out
 
     def candidate_terms(self, split, context, ids, values):
         flat = self._slots(split, split.candidate, ids, values)
-        slots = ffm_pair_slots(self.layout.n_fields, split)
-        out = slot_dot(flat, slots["kk"][0], flat, slots["kk"][1])
+        slots, pairs = ffm_pair_slots(self.layout.n_fields, split), ffm_pair_fields(split)
+        out = slot_dot(flat, slots["kk"][0], flat, slots["kk"][1], self._weights(pairs["kk"]))
         if "ck" in context:
             out += tf.reduce_sum(context["ck"] * tf.gather(flat, slots["ck"][1], axis=1), axis=[1, 2])
         return out
+
+    def _weights(self, pairs: list[tuple[int, int]]) -> tf.Tensor | None:
+        return self.pairs.symmetric_weights(pairs) if pairs else None

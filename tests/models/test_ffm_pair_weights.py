@@ -1,0 +1,71 @@
+"""FFM's field-pair weights: `sum_{i<j} r_ij <v_{i,j}, v_{j,i}>`, r starting at 1 (the plain FFM), learned
+at `PAIR_WEIGHT_SCALE` times the dense group's rate."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from ctrflow.data.batch import FeatureSpec
+from ctrflow.models import ModelConfig, make_model
+from ctrflow.models.ffm import PAIR_WEIGHT_SCALE
+from ctrflow.models.layers import ffm_interaction, ffm_partner_slots, ffm_slot_fields
+
+
+def _explicit(vec: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """vec [B, S, S, k]: field f's vector for partner g at [:, f, g]."""
+    s = vec.shape[1]
+    return sum(r[i, j] * np.sum(vec[:, i, j] * vec[:, j, i], axis=1) for i in range(s) for j in range(i + 1, s))
+
+
+def test_weighted_interaction_and_its_gradients_match_the_definition():
+    rng = np.random.default_rng(0)
+    b, s, k = 5, 4, 3
+    vec = rng.normal(size=(b, s, s, k))
+    r = rng.normal(size=(s, s))
+    r = np.triu(r, 1) + np.triu(r, 1).T
+    fields = ffm_slot_fields(s)
+    rows = np.stack([vec[:, f, g] for f, g in fields], axis=1).reshape(b, s, (s - 1) * k)  # the model's row layout
+    w = tf.constant([r[f, g] for f, g in fields])
+    x = tf.constant(rows)
+    np.testing.assert_allclose(ffm_interaction(x, s, k, w).numpy(), _explicit(vec, r), rtol=1e-6)
+
+    up = tf.constant(rng.normal(size=b))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, w])
+        fast = tf.reduce_sum(up * ffm_interaction(x, s, k, w))
+        flat = tf.reshape(x, [b, s * (s - 1), k])  # the same sum through TensorFlow's own gradients
+        slow = tf.reduce_sum(up * 0.5 * tf.reduce_sum(flat * tf.gather(flat, ffm_partner_slots(s), axis=1) * w[None, :, None], axis=[1, 2]))
+    for a, c in zip(tape.gradient(fast, [x, w]), tape.gradient(slow, [x, w])):
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-6, atol=1e-12)
+
+
+def test_pair_weights_start_as_the_plain_ffm_and_a_zero_weight_removes_its_pair():
+    spec = FeatureSpec(("a", "b", "c"), (20, 10, 5))
+    model = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5), spec)
+    ids = tf.constant([[1, 2, 3], [4, 5, 1], [7, 0, 2]])
+    n = model.layout.n_fields
+    emb = model.embedding(ids, None)
+    plain = model.linear(ids, None) + ffm_interaction(emb, n, 2)
+    np.testing.assert_allclose(model(ids, None).numpy(), plain.numpy(), rtol=1e-6)
+    r = model.pairs.r
+    assert any(v is r for v in model.variable_groups()["dense"])
+    np.testing.assert_allclose(r.numpy(), 1.0 / PAIR_WEIGHT_SCALE)
+    r.assign(tf.tensor_scatter_nd_update(r, [[0, 1]], [0.0]))  # turn off pair (a, b)
+    rows = tf.reshape(emb, [3, n * (n - 1), 2]).numpy()
+    fields = ffm_slot_fields(n)
+    ab = rows[:, fields.index((0, 1))] @ np.eye(2) * rows[:, fields.index((1, 0))]
+    np.testing.assert_allclose(model(ids, None).numpy(), plain.numpy() - ab.sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_from_before_the_pair_weights_restores_as_the_plain_ffm(tmp_path):
+    spec = FeatureSpec(("a", "b", "c"), (20, 10, 5))
+    ids = tf.constant([[1, 2, 3], [4, 5, 1]])
+    old = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5, seed=1), spec)
+    old.build()
+    del old.pairs  # what an FFM checkpoint written before them holds: linear and embedding tables only
+    path = tf.train.Checkpoint(model=old).write(str(tmp_path / "ckpt"))
+    expect = old.linear(ids, None) + ffm_interaction(old.embedding(ids, None), 3, 2)
+    new = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5, seed=2), spec)
+    new.build()
+    tf.train.Checkpoint(model=new).read(path).expect_partial()  # as evaluate, export and warm starts read it
+    np.testing.assert_allclose(new(ids, None).numpy(), expect.numpy(), rtol=1e-6)
