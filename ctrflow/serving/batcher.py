@@ -904,7 +904,11 @@ def _gather(tasks: list[_Task], max_rows: int = 0, buffers: threading.local | No
         pieces = [t.request.inputs[key][t.start : t.start + t.size] for t in tasks]
         if first.dtype.hasobject or first.dtype.kind == "S":
             # Strings: numpy picks the widest 'S' width (or object when a JSON request's objects join
-            # binary ones' bytes); a buffer of the first piece's width would cut longer values.
+            # binary ones' bytes); a buffer of the first piece's width would cut longer values. One wide
+            # request must not pad everyone's column to its width: then the column goes as objects.
+            widths = [p.dtype.itemsize for p in pieces if p.dtype.kind == "S"]
+            if widths and max(widths) * rows > _PAD_LIMIT and max(widths) > 2 * min(widths):
+                pieces = [p.astype(object) if p.dtype.kind == "S" else p for p in pieces]
             out[key] = np.concatenate(pieces)
             continue
         # Aligned, so a compute (TensorFlow) may share it without a copy.
@@ -921,6 +925,7 @@ def _gather(tasks: list[_Task], max_rows: int = 0, buffers: threading.local | No
 
 
 _ALIGN = 64  # bytes (TensorFlow's EIGEN_MAX_ALIGN_BYTES)
+_PAD_LIMIT = 1 << 20  # bytes of one merged string column padded to its widest request's width
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -42,7 +42,7 @@ from ctrflow.errors import ModelNotFoundError, SchemaError
 from ctrflow.export import EXPORT_INFO, PACKED_SIGNATURE, find_versions
 from ctrflow.schema import Schema
 from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
-from ctrflow.serving.strings import bytes_tensor, fixed_width
+from ctrflow.serving.strings import columns_tensor, fixed_width
 from ctrflow.serving.tfserving import (
     WARMUP_FILE,
     InvalidArgument,
@@ -103,8 +103,14 @@ def _sum_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _one_dim(name: str, values: np.ndarray) -> None:
+    if values.ndim != 1:  # a (n, 1) column would fix the batcher's row shape and fail every request after it
+        raise SchemaError(f"feature {name!r} must be one value per candidate (a 1-D column); got shape {values.shape}.")
+
+
 def _categorical(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray):
+        _one_dim(name, values)
         if values.dtype.kind == "S":  # binary columnar: fixed-width bytes, kept (`_compute`: bytes_tensor)
             return values
         if values.dtype.kind == "U":
@@ -138,6 +144,8 @@ def _token(name: str, i: int, v: Any) -> str | bytes:
 
 
 def _numeric(name: str, values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        _one_dim(name, values)
     if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
         return values.astype(np.float64, copy=False)
     if set(map(type, values)) <= _NUMBER_TYPES:  # common case (C-level type scan): numpy maps None to NaN
@@ -232,11 +240,15 @@ class Predictor:
             # Two field-major tensors instead of one per field: the call's per-input cost is most of the
             # model's CPU at serving batch sizes (~45% less per 100-row call on the demo's 39 fields).
             n = len(inputs[self.feature_names[0]])
-            strings = np.stack([inputs[k] for k in self.categorical_names]) if self.categorical_names else np.empty((0, n), object)
+            cols = [inputs[k] for k in self.categorical_names]
+            if cols and all(fixed_width(c) for c in cols):
+                # Binary bodies' 'S' columns: one tensor in one op, no Python object per value, and no column
+                # padded to another's width (`columns_tensor`).
+                strings_t = columns_tensor(cols)
+            else:
+                strings_t = tf.constant(np.stack(cols) if cols else np.empty((0, n), object), tf.string)
             numbers = np.stack([inputs[k] for k in self.numeric_names]) if self.numeric_names else np.empty((0, n), np.float64)
             call = self._flat.get(id(packed), packed)
-            # Binary bodies' 'S' columns become one tensor in one op, no Python object per value.
-            strings_t = bytes_tensor(strings) if fixed_width(strings) else tf.constant(strings, tf.string)
             out = call(strings=strings_t, numbers=tf.constant(numbers, tf.float64))
         else:  # exports from before serving_packed
             out = self._serve({self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names})
@@ -529,7 +541,11 @@ def _flat_caller(signature: Any) -> Any:
         def flat(**tensors: Any) -> Any:
             return call([tensors[k] for k in order] + captured)
 
-        probe = {k: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype) for k, spec in specs.items()}
+        if any(callable(c) for c in captured):  # captures resolved at call time: only the public call knows them
+            return signature
+        # Non-zero probes (ones; "1" for strings), so a call that drops or mixes up inputs reads differently.
+        probe = {k: (tf.fill([1 if d is None else d for d in spec.shape], "1") if spec.dtype == tf.string
+                     else tf.ones([1 if d is None else d for d in spec.shape], spec.dtype)) for k, spec in specs.items()}
         want, got = signature(**probe), flat(**probe)
         if set(want) != set(got) or not all(np.array_equal(want[k].numpy(), got[k].numpy()) for k in want):
             return signature

@@ -9,7 +9,8 @@ whole matrix goes to TensorFlow as one bytes value and `tf.strings.substr` cuts 
 (row i at i x width, of the length numpy gives the value: trailing NULs dropped, as numpy's own
 `bytes` items and `tf.constant` drop them), so the strings are made once, in C++, by one op.
 
-    tensor = bytes_tensor(np.stack(columns))   # columns: 'S' arrays of one row count, any widths
+    tensor = columns_tensor(columns)   # [C, B]: 1-D 'S' columns of one row count, each at its own width
+    tensor = bytes_tensor(matrix)      # an 'S' array's own shape (1-D or 2-D)
 
 The result equals `tf.constant(matrix.astype(object), tf.string)` element for element, bytes for
 bytes (tested with empty values, embedded and trailing NULs, non-UTF-8 bytes and values >= 128 bytes).
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bytes_tensor", "fixed_width"]
+__all__ = ["bytes_tensor", "columns_tensor", "fixed_width"]
 
 
 def fixed_width(array: Any) -> bool:
@@ -34,13 +35,29 @@ def bytes_tensor(matrix: np.ndarray) -> Any:
 
     if not fixed_width(matrix):
         raise TypeError(f"bytes_tensor takes a numpy 'S' array; got {getattr(matrix, 'dtype', type(matrix))}.")
-    matrix = np.ascontiguousarray(matrix)
-    width, count = matrix.dtype.itemsize, matrix.size
-    if count == 0 or matrix.ndim not in (1, 2):  # (the raw op keeps 1-D and 2-D shapes; others are rare)
+    if matrix.size == 0 or matrix.ndim not in (1, 2):  # (rare shapes: the plain conversion)
         return tf.constant(matrix.astype(object), tf.string)
-    index = np.int32 if count * width < 2**31 else np.int64
-    lengths = np.char.str_len(matrix).astype(index, copy=False)
-    starts = np.arange(0, count * width, width, dtype=index).reshape(matrix.shape)
-    # The raw op, the scalar input broadcast against starts/lengths of the matrix's shape: no reshape op and
-    # no Python dispatch layers (half the fixed cost of `tf.strings.substr` + `tf.reshape` per call).
-    return tf.raw_ops.Substr(input=matrix.tobytes(), pos=starts, len=lengths)
+    if matrix.ndim == 1:
+        return columns_tensor([matrix])[0]
+    return columns_tensor(list(matrix))
+
+
+def columns_tensor(columns: Any) -> Any:
+    """A [C, B] tf.string tensor of C equal-length 1-D 'S' columns, each at its own width: one blob of the
+    columns' bytes and one `Substr`, so one wide column (or value) costs only its own bytes — a stacked
+    matrix would pad every column to the widest."""
+    import tensorflow as tf
+
+    columns = [np.ascontiguousarray(c) for c in columns]
+    if not columns or not all(fixed_width(c) and c.ndim == 1 for c in columns) or len({len(c) for c in columns}) != 1:
+        raise TypeError("columns_tensor takes equal-length 1-D numpy 'S' arrays.")
+    rows = len(columns[0])
+    if rows == 0:
+        return tf.constant(np.empty((len(columns), 0), object), tf.string)
+    widths = np.array([c.dtype.itemsize for c in columns], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(widths * rows)[:-1]])
+    total = int(widths.sum()) * rows
+    index = np.int32 if total < 2**31 else np.int64
+    starts = (base[:, None] + widths[:, None] * np.arange(rows, dtype=np.int64)).astype(index)
+    lengths = np.stack([np.char.str_len(c) for c in columns]).astype(index, copy=False)
+    return tf.raw_ops.Substr(input=b"".join(c.tobytes() for c in columns), pos=starts, len=lengths)

@@ -42,3 +42,29 @@ def test_merged_batches_are_aligned_and_each_caller_gets_its_rows(reuse):
     assert merged and all(aligned for _, _, aligned in merged)
     if reuse:  # one thread, one buffer: every merged batch starts at the same address
         assert len({address for _, address, _ in merged}) == 1
+
+
+def test_string_columns_merge_at_their_widths_and_one_wide_request_goes_as_objects():
+    """'S' columns of different widths merge without cutting a value; when one request's width would pad
+    the whole merged column past the limit, the column goes as objects instead (values unchanged)."""
+    from ctrflow.serving import batcher as batcher_module
+
+    seen: list[np.dtype] = []
+    gate = threading.Event()
+
+    def compute(inputs):
+        gate.wait(5)
+        seen.append(inputs["s"].dtype)
+        return np.array([[len(v)] for v in inputs["s"].tolist()], np.float32)
+
+    with AutoBatcher(compute, BatchingOptions(max_batch_size=10_000, batch_timeout_ms=50.0)) as batcher:
+        for wide_width in (9, batcher_module._PAD_LIMIT // 1000 + 100):  # 1,000 merged rows
+            gate.clear()
+            columns = [np.array([b"ab"] * 500, dtype="S2"), np.array([b"x" * wide_width] + [b"c"] * 499, dtype=f"S{wide_width}")]
+            futures = [batcher.submit({"s": c}) for c in columns]
+            gate.set()
+            wait(futures, timeout=10)
+            assert futures[0].result()[:, 0].tolist() == [2.0] * 500
+            assert futures[1].result()[:, 0].tolist() == [float(wide_width)] + [1.0] * 499
+    merged = [d for d in seen]
+    assert merged[0] == np.dtype("S9") and merged[-1] == np.dtype(object), merged

@@ -75,7 +75,7 @@ def test_bytes_columns_of_any_width_batch_with_objects_and_score_alike(model):
             return await asyncio.gather(*(p.apredict(f, timeout_ms=10_000) for f in (short, wide, plain)))
 
         got = asyncio.run(together())
-        assert p.batcher.stats().compute_calls >= 1
+        assert p.batcher.stats().compute_calls == 1  # merged: one call
         col = p._p_index
     for g, a in zip(got, alone):
         np.testing.assert_allclose(g, a[:, col], rtol=0, atol=1e-6)

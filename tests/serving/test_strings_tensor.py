@@ -29,3 +29,14 @@ def test_fixed_width_only():
     assert not fixed_width(np.array(["a"], object)) and not fixed_width(np.array(["a"])) and not fixed_width([b"a"])
     with pytest.raises(TypeError, match="'S' array"):
         bytes_tensor(np.array(["a"], object))
+
+
+def test_columns_tensor_keeps_each_columns_width_and_values():
+    """Columns of different widths (one very wide value) give the values as objects would, and the blob
+    handed to TensorFlow is the columns' own bytes, not every column padded to the widest."""
+    from ctrflow.serving.strings import columns_tensor
+
+    narrow = np.array([b"a", b"", b"bc\x00d"], dtype="S4")
+    wide = np.array([b"x" * 4096, b"y", b"\xff\x00"], dtype="S4096")
+    got = columns_tensor([narrow, wide, narrow]).numpy().tolist()
+    assert got == [narrow.astype(object).tolist(), wide.astype(object).tolist(), narrow.astype(object).tolist()]
