@@ -36,6 +36,98 @@ from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, encode_columnar  # no
 from ctrflow.serving.codec import decode_columnar  # noqa: E402
 
 
+# ---- the generators' former client (a task per request), kept here only to compare against ----
+
+
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of `_HttpPool`: one request at a time, the answer framed by its
+    Content-Length. A Protocol, not streams: one loop future per request and no reader buffer objects,
+    so the generator's own CPU per request stays small beside the server's on a shared machine."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buf = b""
+        self._answer: asyncio.Future[tuple[int, bytes, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
+        """Write one request; the future resolves to (status, body, server closes the connection)."""
+        self._answer = answer = asyncio.get_running_loop().create_future()
+        self._buf = b""
+        self.transport.write(data)
+        return answer
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._buf = buf
+            return
+        head = buf[:end].lower()
+        length, at = 0, head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17: stop if stop > 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            self._buf = buf
+            return
+        self._buf = b""
+        answer, self._answer = self._answer, None
+        close = b"\r\nconnection: close" in head
+        if answer is not None and not answer.done():
+            answer.set_result((int(buf[9:12]), buf[end + 4: end + 4 + length], close))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(asyncio.IncompleteReadError(self._buf, None))
+
+
+class _HttpPool:
+    """At most `size` keep-alive connections; a request waits for a free one (that wait counts as latency).
+
+    Releasing is synchronous, so a request cancelled by its timeout still gives its slot back (and its
+    connection, which may still receive that answer, is closed rather than reused).
+    """
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self._host, self._port = host, port
+        self._idle: list[_HttpConnection] = []
+        self._slots = asyncio.Semaphore(size)
+
+    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        await self._slots.acquire()
+        conn = None
+        reusable = False
+        try:
+            while self._idle and conn is None:  # bounded by the idle list
+                conn = self._idle.pop()
+                if conn.closed:
+                    conn = None
+            if conn is None:
+                _, conn = await asyncio.get_running_loop().create_connection(_HttpConnection, self._host, self._port)
+            status, payload, close = await conn.send(head + body)
+            reusable = not close and not conn.closed
+            return status, payload
+        finally:
+            if conn is not None:
+                if reusable:
+                    self._idle.append(conn)
+                elif conn.transport is not None:
+                    conn.transport.close()
+            self._slots.release()
+
+    async def close(self) -> None:
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+
+
 def _rows(base: str, n: int) -> tuple[loadgen._Features, dict]:
     from ctrflow.data.generate import GenerateOptions, generate
 
@@ -135,7 +227,7 @@ def part_generator(base: str, rate: float, seconds: float, rounds: int) -> dict:
     child = loadgen._ChildServer(base, name, options.batching)
 
     async def pool_tasks(times, port, wait_for: bool):
-        pool = loadgen._HttpPool("127.0.0.1", port, 512 if wait_for else options.connections)
+        pool = _HttpPool("127.0.0.1", port, 512 if wait_for else options.connections)
 
         async def send(i):
             k = i % len(bodies)
