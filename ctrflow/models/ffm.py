@@ -34,8 +34,9 @@ __all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
 
 PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
 # Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
-# l1 / l2; read when a model is made). Off: they sharpen the selection but lose on synthetic's valid logloss at every
-# setting tried (L1 1e-6 .. 3e-3, L2 1e-6 .. 1e-3; BENCHMARKS.md, "Sharper pair selection").
+# l1 / l2; read when a model is made). Off: they sharpen the selection, but every setting tried on synthetic (L1 1e-6,
+# 3e-6, 1e-5; L2 1e-6) loses there on valid logloss, and zipfmix gains at most 0.00015 (BENCHMARKS.md, "Sharper pair
+# selection").
 PAIR_L1 = 0.0
 PAIR_L2 = 0.0
 
