@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -82,10 +82,14 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     t0 = time.perf_counter()
     config = default_config(model, **(overrides or {}))
     label = f"ctrflow {model}, defaults" + "".join(f", {k} {v}" for k, v in (overrides or {}).items())
+    if model == "ffm":
+        import ctrflow.models.ffm as ffm
+
+        label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2)) if v)
     s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
     r = evaluate(run, ds.shards["test"])
-    rows.append({"model": label, **_pick(r, ds), "seconds": time.perf_counter() - t0,
-                 "epochs": s.history[-1]["epoch"] if s.history else None})
+    rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
+                 "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint) if model == "ffm" else {})})
     shutil.rmtree(run, ignore_errors=True)
     if tune_trials:
         from ctrflow.train.tune import TuneOptions, tune
@@ -102,6 +106,24 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
                      "seconds": time.perf_counter() - t0, "params": ts.best_params})
         shutil.rmtree(run, ignore_errors=True)
     return rows
+
+
+def _pair_stats(checkpoint: str | None) -> dict[str, Any]:
+    """FFM's learnt pair weights r (upper triangle) in the final checkpoint: how many end near 0, the largest."""
+    import tensorflow as tf
+
+    from ctrflow.models.ffm import PAIR_WEIGHT_SCALE
+
+    if not checkpoint:
+        return {}
+    reader = tf.train.load_checkpoint(checkpoint)
+    keys = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/") and k.endswith("pairs/r/.ATTRIBUTES/VARIABLE_VALUE")]
+    if len(keys) != 1:
+        return {}
+    r = reader.get_tensor(keys[0]) * PAIR_WEIGHT_SCALE
+    w = np.abs(r[np.triu_indices(r.shape[0], 1)])
+    return {"pairs_below_0.1": float((w < 0.1).mean()), "pairs_below_0.01": float((w < 0.01).mean()),
+            "pair_median": float(np.median(w)), "pair_top4": [round(float(v), 2) for v in np.sort(w)[::-1][:4]]}
 
 
 def _pick(r: dict[str, Any], ds: quality_common.Dataset) -> dict[str, Any]:
@@ -317,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vw-l2", help="comma-separated --l2 values of VW -q tried on valid (default 1e-6,1e-7,1e-8)")
     ap.add_argument("--min-count", type=int, help="override ModelConfig.min_count (ids seen < K times in train share a row)")
     ap.add_argument("--ffm-dim", type=int, help="override ModelConfig.ffm_dim (width of FFM's field-aware vectors)")
+    ap.add_argument("--ffm-pair-l1", type=float, help="override ctrflow.models.ffm.PAIR_L1 (L1 on FFM's pair weights r, training only)")
+    ap.add_argument("--ffm-pair-l2", type=float, help="override ctrflow.models.ffm.PAIR_L2 (L2 on r itself, not on r / 10)")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
@@ -328,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         import ctrflow.train.config
 
         ctrflow.train.config.MAX_EPOCHS = a.max_epochs
+    for flag, attr in ((a.ffm_pair_l1, "PAIR_L1"), (a.ffm_pair_l2, "PAIR_L2")):
+        if flag is not None:
+            import ctrflow.models.ffm
+
+            setattr(ctrflow.models.ffm, attr, flag)
     if a.sklearn_c:
         SKLEARN_C = tuple(float(c) for c in a.sklearn_c.split(","))
     if a.vw_l2:

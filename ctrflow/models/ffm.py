@@ -30,9 +30,15 @@ from ctrflow.models.layers import (
     ffm_slot_fields, slot_dot,
 )
 
-__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE"]
+__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
 
 PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
+# Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
+# l1 / l2; read when a model is made). Off: they sharpen the selection, but every setting tried on synthetic (L1 1e-6,
+# 3e-6, 1e-5; L2 1e-6) loses there on valid logloss, and zipfmix gains at most 0.00015 (BENCHMARKS.md, "Sharper pair
+# selection").
+PAIR_L1 = 0.0
+PAIR_L2 = 0.0
 
 
 class FieldAwareFM(CtrModel):
@@ -63,7 +69,7 @@ class FieldAwareFM(CtrModel):
                 self.layout, (n - 1) * config.ffm_dim, table_mode=config.table_mode, init_scale=config.init_scale,
                 seed=config.seed,
             )
-            self.pairs = FieldPairInteraction(n, scale=PAIR_WEIGHT_SCALE)
+            self.pairs = FieldPairInteraction(n, scale=PAIR_WEIGHT_SCALE, l1=PAIR_L1, l2=PAIR_L2)
 
     def build_layers(self) -> None:
         self.linear.build()
@@ -73,7 +79,7 @@ class FieldAwareFM(CtrModel):
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)
         n = self.layout.n_fields
-        weights = self.pairs.symmetric_weights(ffm_slot_fields(n))
+        weights = self.pairs.symmetric_weights(ffm_slot_fields(n), penalize=training)
         return self.linear(ids, values) + ffm_interaction(emb, n, self.config.ffm_dim, weights)
 
     # Context requests: context-context pairs once; each context field's vectors for the candidate

@@ -512,12 +512,21 @@ class FieldPairInteraction(tf.Module):
     stored variable moves r `scale` times as far (Adam's step does not depend on the gradient's size, so
     this is the one way to give r a faster rate inside the "dense" group). FFM uses 10: its pair weights
     must travel from 1 to ~0 for the many pairs that do not interact within a few hundred steps.
+
+    `l1`, `l2` (default 0, off): a penalty `l1 * sum_{i<j} |r_ij| + l2 * sum_{i<j} r_ij**2` on r itself (not
+    on the stored r / scale, which the optimizer's own L2 sees: 1/scale**2 of it) — a sharper pair
+    selection. The trainer's loss has no hook for a model's own penalty, so `pair_weights(penalize=True)`
+    (the training pass) adds the penalty's gradient to r's on the way back (the forward value is r).
     """
 
-    def __init__(self, n_fields: int, *, scale: float = 1.0, name: str = "field_pairs") -> None:
+    def __init__(self, n_fields: int, *, scale: float = 1.0, l1: float = 0.0, l2: float = 0.0,
+                 name: str = "field_pairs") -> None:
         super().__init__(name=name)
+        if not (l1 >= 0 and l2 >= 0):
+            raise ConfigError(f"The pair-weight penalties of FieldPairInteraction must be >= 0. Got l1={l1!r}, l2={l2!r} instead.")
         self.n_fields = n_fields
         self.scale = float(scale)
+        self.l1, self.l2 = float(l1), float(l2)
         self.r: tf.Variable | None = None
 
     def build(self) -> None:
@@ -530,14 +539,20 @@ class FieldPairInteraction(tf.Module):
     @property
     def pair_weights(self) -> tf.Tensor:
         """`[S, S]`: r_ij above the diagonal, zeros elsewhere."""
+        return self.weights_matrix()
+
+    def weights_matrix(self, penalize: bool = False) -> tf.Tensor:
+        """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's."""
         r = self.r * self.scale if self.scale != 1.0 else self.r
         upper = tf.linalg.band_part(r, 0, -1)
-        return upper - tf.linalg.band_part(r, 0, 0)
+        w = upper - tf.linalg.band_part(r, 0, 0)
+        return _with_penalty_gradient(w, self.l1, self.l2) if penalize and (self.l1 or self.l2) else w
 
-    def symmetric_weights(self, pairs: Sequence[tuple[int, int]]) -> tf.Tensor:
-        """`[P]`: r of each (i, j) in `pairs`, whichever of i, j is smaller (FFM's per-slot / per-pair weights)."""
+    def symmetric_weights(self, pairs: Sequence[tuple[int, int]], penalize: bool = False) -> tf.Tensor:
+        """`[P]`: r of each (i, j) in `pairs`, whichever of i, j is smaller (FFM's per-slot / per-pair weights).
+        `penalize`: see `weights_matrix`; pass it once per forward pass (each call adds the penalty once)."""
         self.build()
-        w = self.pair_weights
+        w = self.weights_matrix(penalize)
         return tf.gather_nd(w + tf.transpose(w), [[int(i), int(j)] for i, j in pairs])
 
     def __call__(self, emb: tf.Tensor) -> tf.Tensor:
@@ -562,6 +577,20 @@ class FieldPairInteraction(tf.Module):
         c, k = list(split.context.fields), list(split.candidate.fields)
         block = lambda m, rows, cols: take(take(m, rows, axis=0), cols, axis=1)  # noqa: E731
         return block(w, c, c), block(both, c, k), block(w, k, k)
+
+
+def _with_penalty_gradient(w: tf.Tensor, l1: float, l2: float) -> tf.Tensor:
+    """`w` (zero off the strict upper triangle) unchanged; on the way back its gradient gains that of
+    `l1 * sum |w| + l2 * sum w**2` (zero entries get none: sign(0) = 0)."""
+
+    @tf.custom_gradient
+    def identity(x):
+        def grad(up):
+            return up + tf.cast(l1, x.dtype) * tf.sign(x) + tf.cast(2.0 * l2, x.dtype) * x
+
+        return tf.identity(x), grad
+
+    return identity(w)
 
 
 def ffm_partner_slots(n_fields: int) -> list[int]:

@@ -1,5 +1,5 @@
 """FFM's field-pair weights: `sum_{i<j} r_ij <v_{i,j}, v_{j,i}>`, r starting at 1 (the plain FFM), learned
-at `PAIR_WEIGHT_SCALE` times the dense group's rate."""
+at `PAIR_WEIGHT_SCALE` times the dense group's rate; optional L1 / L2 penalties on r itself (training only)."""
 from __future__ import annotations
 
 import numpy as np
@@ -69,3 +69,28 @@ def test_a_checkpoint_from_before_the_pair_weights_restores_as_the_plain_ffm(tmp
     new.build()
     tf.train.Checkpoint(model=new).read(path).expect_partial()  # as evaluate, export and warm starts read it
     np.testing.assert_allclose(new(ids, None).numpy(), expect.numpy(), rtol=1e-6)
+
+
+def test_pair_penalties_act_on_r_itself_in_training_only(monkeypatch):
+    import ctrflow.models.ffm as ffm
+
+    l1, l2 = 0.03, 0.02
+    monkeypatch.setattr(ffm, "PAIR_L1", l1)
+    monkeypatch.setattr(ffm, "PAIR_L2", l2)
+    spec = FeatureSpec(("a", "b", "c"), (20, 10, 5))
+    model = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5), spec)
+    r = model.pairs.r
+    r.assign(tf.constant([[0.3, -0.2, 0.05], [0.7, 0.1, 0.0], [0.2, 0.4, -0.6]]))  # stored r / scale, any sign
+    ids = tf.constant([[1, 2, 3], [4, 5, 1], [7, 0, 2]])
+    grads, outs = {}, {}
+    for training in (False, True):
+        with tf.GradientTape() as tape:
+            outs[training] = model(ids, None, training=training)
+            loss = tf.reduce_sum(outs[training] * tf.constant([0.5, -1.0, 2.0]))
+        grads[training] = tape.gradient(loss, r).numpy()
+    np.testing.assert_allclose(outs[True].numpy(), outs[False].numpy(), rtol=1e-6)  # the forward value does not change
+    with tf.GradientTape() as tape:  # the definition: the penalty on r = stored * scale, upper triangle only
+        w = tf.linalg.band_part(r * PAIR_WEIGHT_SCALE, 0, -1) - tf.linalg.band_part(r * PAIR_WEIGHT_SCALE, 0, 0)
+        penalty = l1 * tf.reduce_sum(tf.abs(w)) + l2 * tf.reduce_sum(w * w)
+    np.testing.assert_allclose(grads[True], grads[False] + tape.gradient(penalty, r).numpy(), rtol=1e-5, atol=1e-7)
+    assert np.abs(grads[True] - grads[False]).max() > 0.1  # the penalty moved something (scale x l1 = 0.3)
