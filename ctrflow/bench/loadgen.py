@@ -796,9 +796,6 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
         proc = psutil.Process(server_pid)
         cpu0 = sum(proc.cpu_times()[:2])
 
-    async def main() -> tuple[_Tally, float]:
-        return await _drive_http(options, times, [h + b for h, b in zip(heads, bodies)], host, port)
-
     async def main_grpc() -> tuple[_Tally, float]:
         import grpc.aio
 
@@ -819,7 +816,8 @@ def _run_http(options: LoadOptions, url: str, model: str, bodies: list[bytes], t
             return await _drive(options, times, send)
 
     generator0 = time.process_time()
-    tally, wall = asyncio.run(main_grpc() if options.protocol == "grpc" else main())
+    tally, wall = asyncio.run(main_grpc() if options.protocol == "grpc"
+                              else _drive_http(options, times, [h + b for h, b in zip(heads, bodies)], host, port))
     generator = time.process_time() - generator0
     after = _scrape(url, model)
     if proc is not None:

@@ -515,7 +515,7 @@ class FieldPairInteraction(tf.Module):
 
     `l1`, `l2` (default 0, off): a penalty `l1 * sum_{i<j} |r_ij| + l2 * sum_{i<j} r_ij**2` on r itself (not
     on the stored r / scale, which the optimizer's own L2 sees: 1/scale**2 of it) — a sharper pair
-    selection. The trainer's loss has no hook for a model's own penalty, so `pair_weights(penalize=True)`
+    selection. The trainer's loss has no hook for a model's own penalty, so `weights_matrix(penalize=True)`
     (the training pass) adds the penalty's gradient to r's on the way back (the forward value is r).
     """
 

@@ -66,7 +66,7 @@ import numpy as np
 from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, QueueFullError, SchemaError
 from ctrflow.validation import Float, Int, check_fields
 
-__all__ = ["AutoBatcher", "BatcherStats", "BatchingOptions", "ComputeFn"]
+__all__ = ["AutoBatcher", "BatcherStats", "BatchingOptions", "ComputeFn", "TF_ALIGN_BYTES"]
 
 ComputeFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 """Scores one batch: gets the merged inputs, returns an array whose first dimension is the batch rows."""
@@ -924,15 +924,15 @@ def _gather(tasks: list[_Task], max_rows: int = 0, buffers: threading.local | No
     return out
 
 
-_ALIGN = 64  # bytes (TensorFlow's EIGEN_MAX_ALIGN_BYTES)
+TF_ALIGN_BYTES = 64  # TensorFlow's kernels abort the process on a tensor buffer aligned less (EIGEN_MAX_ALIGN_BYTES)
 _PAD_LIMIT = 1 << 20  # bytes of one merged string column padded to its widest request's width
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.empty(shape, dtype) whose data starts on an `_ALIGN`-byte boundary."""
+    """np.empty(shape, dtype) whose data starts on a `TF_ALIGN_BYTES`-byte boundary."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    skip = -raw.ctypes.data % _ALIGN
+    raw = np.empty(nbytes + TF_ALIGN_BYTES, np.uint8)
+    skip = -raw.ctypes.data % TF_ALIGN_BYTES
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 

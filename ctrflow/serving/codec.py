@@ -319,6 +319,7 @@ _BODIES: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[int, int], lis
 _BODY_LIMIT = 1024  # sizes per schema (one bytes value of the header bytes each)
 _LAYOUTS_MAX = 256  # built layouts per schema: ~1 MB at most
 _SAME_SIZE = 4  # layouts per (rows, size)
+_BUILT: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}  # layouts built per schema (`_LAYOUTS_MAX`)
 _U32 = struct.Struct("<I")
 
 
@@ -352,9 +353,6 @@ def _remember_body(schema: tuple, body: bytes, rows: int, spans: list[tuple[int,
     else:
         _BUILT[schema] = _BUILT.get(schema, 0) + 1
     layouts.append((index, heads, columns))
-
-
-_BUILT: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}  # layouts built per schema (`_LAYOUTS_MAX`)
 
 
 def _decode_columnar_checked(body: bytes, categorical: Sequence[str], numeric: Sequence[str],

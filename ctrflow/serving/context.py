@@ -226,13 +226,11 @@ class ContextScorer:
 
 def _packed(columns: Mapping[str, np.ndarray], side: tuple[tuple[str, ...], tuple[str, ...]], prefix: str) -> dict[str, Any]:
     """One side's columns → the packed signature's field-major `strings` / `numbers` matrices."""
-    import tensorflow as tf
+    from ctrflow.serving.predictor import packed_tensors
 
     cats, nums = side
-    rows = len(columns[(cats or nums)[0]])
-    strings = np.stack([columns[f] for f in cats]) if cats else np.empty((0, rows), object)
-    numbers = np.stack([columns[f] for f in nums]) if nums else np.empty((0, rows), np.float64)
-    return {prefix + "strings": tf.constant(strings, tf.string), prefix + "numbers": tf.constant(numbers, tf.float64)}
+    strings, numbers = packed_tensors([columns[f] for f in cats], [columns[f] for f in nums], len(columns[(cats or nums)[0]]))
+    return {prefix + "strings": strings, prefix + "numbers": numbers}
 
 
 def _common_length(columns: Mapping[str, np.ndarray], side: str) -> int:

@@ -41,7 +41,7 @@ import numpy as np
 from ctrflow.errors import ModelNotFoundError, SchemaError
 from ctrflow.export import EXPORT_INFO, PACKED_SIGNATURE, find_versions
 from ctrflow.schema import Schema
-from ctrflow.serving.batcher import AutoBatcher, BatchingOptions
+from ctrflow.serving.batcher import TF_ALIGN_BYTES, AutoBatcher, BatchingOptions
 from ctrflow.serving.strings import columns_tensor, fixed_width
 from ctrflow.serving.tfserving import (
     WARMUP_FILE,
@@ -111,7 +111,7 @@ def _one_dim(name: str, values: np.ndarray) -> None:
 def _categorical(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray):
         _one_dim(name, values)
-        if values.dtype.kind == "S":  # binary columnar: fixed-width bytes, kept (`_compute`: bytes_tensor)
+        if values.dtype.kind == "S":  # binary columnar: fixed-width bytes, kept (`packed_tensors`)
             return values
         if values.dtype.kind == "U":
             return values.astype(object)
@@ -146,8 +146,8 @@ def _token(name: str, i: int, v: Any) -> str | bytes:
 def _numeric(name: str, values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray):
         _one_dim(name, values)
-    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
-        return values.astype(np.float64, copy=False)
+        if values.dtype.kind in "fiu":
+            return values.astype(np.float64, copy=False)
     if set(map(type, values)) <= _NUMBER_TYPES:  # common case (C-level type scan): numpy maps None to NaN
         return np.array(values, dtype=np.float64)
     out = np.empty(len(values), np.float64)
@@ -239,17 +239,9 @@ class Predictor:
         if packed is not None:
             # Two field-major tensors instead of one per field: the call's per-input cost is most of the
             # model's CPU at serving batch sizes (~45% less per 100-row call on the demo's 39 fields).
-            n = len(inputs[self.feature_names[0]])
-            cols = [inputs[k] for k in self.categorical_names]
-            if cols and all(fixed_width(c) for c in cols):
-                # Binary bodies' 'S' columns: one tensor in one op, no Python object per value, and no column
-                # padded to another's width (`columns_tensor`).
-                strings_t = columns_tensor(cols)
-            else:
-                strings_t = tf.constant(np.stack(cols) if cols else np.empty((0, n), object), tf.string)
-            numbers = np.stack([inputs[k] for k in self.numeric_names]) if self.numeric_names else np.empty((0, n), np.float64)
-            call = self._flat.get(id(packed), packed)
-            out = call(strings=strings_t, numbers=tf.constant(numbers, tf.float64))
+            strings, numbers = packed_tensors([inputs[k] for k in self.categorical_names],
+                                              [inputs[k] for k in self.numeric_names], len(inputs[self.feature_names[0]]))
+            out = self._flat.get(id(packed), packed)(strings=strings, numbers=numbers)
         else:  # exports from before serving_packed
             out = self._serve({self._inputs[n]: tf.constant(inputs[n]) for n in self.feature_names})
         if len(self._outputs) == 1:
@@ -496,7 +488,20 @@ class Predictor:
         self.close()
 
 
-_TF_ALIGN = 64  # bytes: TensorFlow's kernels abort the process on a tensor buffer aligned less (EIGEN_MAX_ALIGN_BYTES)
+def packed_tensors(categorical: Sequence[np.ndarray], numeric: Sequence[np.ndarray], rows: int) -> tuple[Any, Any]:
+    """Columns → a packed raw signature's field-major `strings` tf.string `[C, rows]` and `numbers` float64
+    `[N, rows]` (`serving_packed`, each side of `serving_context_packed`). Binary bodies' 'S' columns take
+    `columns_tensor` (one op, no Python object per value, no column padded to another's width)."""
+    import tensorflow as tf
+
+    if categorical and all(fixed_width(c) for c in categorical):
+        strings = columns_tensor(categorical)
+    else:
+        strings = tf.constant(np.stack(categorical) if categorical else np.empty((0, rows), object), tf.string)
+    numbers = np.stack(numeric) if numeric else np.empty((0, rows), np.float64)
+    return strings, tf.constant(numbers, tf.float64)
+
+
 _SHAREABLE = frozenset(np.dtype(t) for t in (np.int32, np.int64, np.float32, np.float64))
 _from_dlpack: Any = None  # tf.experimental.dlpack.from_dlpack, bound on first use
 
@@ -506,10 +511,10 @@ def _tensor(tf: Any, array: np.ndarray) -> Any:
     `tf.constant`'s copy. Served, the copy was ~0.1 ms per input of a 1,500-row batch (a fresh buffer's
     page faults each call); the batcher gathers batches into 64-byte-aligned buffers so they qualify.
     Safe means: C-contiguous, writable (numpy exports nothing else), a plain numeric dtype and a buffer
-    aligned to `_TF_ALIGN` (TensorFlow checks alignment with a fatal CHECK, so it is tested here first).
+    aligned to `TF_ALIGN_BYTES` (TensorFlow checks alignment with a fatal CHECK, so it is tested here first).
     TensorFlow never writes into an input whose Python tensor is alive, and the capsule keeps the array
     alive as long as the tensor."""
-    if (array.size and array.ctypes.data % _TF_ALIGN == 0 and array.flags.c_contiguous and array.flags.writeable
+    if (array.size and array.ctypes.data % TF_ALIGN_BYTES == 0 and array.flags.c_contiguous and array.flags.writeable
             and array.dtype in _SHAREABLE):
         global _from_dlpack
         try:
@@ -527,7 +532,7 @@ def _flat_caller(signature: Any) -> Any:
     (structured-signature matching, TensorSpec casts, the wrapper's replica check) is 0.1-0.2 ms of
     the batch thread's CPU per call, paid under the GIL. It leans on TensorFlow internals
     (`_inference_function.call_preflattened`), so it is checked once against the signature's own call
-    on zero inputs and any difference or missing attribute falls back to the signature itself."""
+    on non-zero inputs and any difference or missing attribute falls back to the signature itself."""
     import tensorflow as tf
 
     try:
@@ -537,12 +542,12 @@ def _flat_caller(signature: Any) -> Any:
         captured = list(signature.captured_inputs)
         if set(order) != set(specs) or any(t.dtype == tf.resource for t in signature.inputs[: len(order)]):
             return signature
+        if any(callable(c) for c in captured):  # captures resolved at call time: only the public call knows them
+            return signature
 
         def flat(**tensors: Any) -> Any:
             return call([tensors[k] for k in order] + captured)
 
-        if any(callable(c) for c in captured):  # captures resolved at call time: only the public call knows them
-            return signature
         # Non-zero probes (ones; "1" for strings), so a call that drops or mixes up inputs reads differently.
         probe = {k: (tf.fill([1 if d is None else d for d in spec.shape], "1") if spec.dtype == tf.string
                      else tf.ones([1 if d is None else d for d in spec.shape], spec.dtype)) for k, spec in specs.items()}

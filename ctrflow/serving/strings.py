@@ -5,9 +5,9 @@ tensor without one Python object per value.
 (per value, in C, but with an allocation each). Both cost ~25-40 ns per string, and the object array
 itself costs another ~30 ns per string to build (`astype(object)`), which on the raw serving path
 (26 string fields x 100 candidates per request) is a fifth of the server's GIL-held time. Here the
-whole matrix goes to TensorFlow as one bytes value and `tf.strings.substr` cuts it at fixed offsets
-(row i at i x width, of the length numpy gives the value: trailing NULs dropped, as numpy's own
-`bytes` items and `tf.constant` drop them), so the strings are made once, in C++, by one op.
+columns' bytes go to TensorFlow as one bytes value and one `Substr` op cuts it at fixed offsets (value
+i of a column at i x its own width, of the length numpy gives the value: trailing NULs dropped, as
+numpy's own `bytes` items and `tf.constant` drop them), so the strings are made once, in C++.
 
     tensor = columns_tensor(columns)   # [C, B]: 1-D 'S' columns of one row count, each at its own width
     tensor = bytes_tensor(matrix)      # an 'S' array's own shape (1-D or 2-D)
