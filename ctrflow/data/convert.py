@@ -465,17 +465,25 @@ def _read_jsonl(data: bytes, block: _Block, schema: Schema) -> tuple[dict[str, A
         if not isinstance(obj, dict):
             rejects.append((line, "bad_json", "not an object", raw.decode("utf-8", "replace")))
             continue
+        row: list[bytes] = []
         for n in names:
             v = obj.get(n)
             if v is None:
-                values[n].append(b"")
+                row.append(b"")
             elif isinstance(v, bool):
-                values[n].append(b"1" if v else b"0")
+                row.append(b"1" if v else b"0")
             elif isinstance(v, float) and v.is_integer():
-                values[n].append(str(int(v)).encode())
+                row.append(str(int(v)).encode())
             else:
-                values[n].append(str(v).encode())
-        lines.append(line)
+                try:  # JSON may escape a lone surrogate ("\ud800"): no UTF-8 form, so the row is refused
+                    row.append(str(v).encode())
+                except UnicodeEncodeError:
+                    rejects.append((line, "invalid_utf8", n, raw.decode("utf-8", "replace")))
+                    break
+        else:
+            for n, b in zip(names, row):
+                values[n].append(b)
+            lines.append(line)
     cols = {n: pa.array(v, pa.binary()) for n, v in values.items()}
     return cols, np.asarray(lines, np.int64), rejects, rows_read
 
