@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ctrflow.data.transforms import Transforms, discretize, field_hash_key, log_transform
+from ctrflow.data.transforms import Transforms, discretize, field_hash_key, log_transform, value_keys
 from ctrflow.errors import InputError
-from ctrflow.schema import Schema
+from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
 __all__ = ["HASH_SPEC_VERSION", "FeatureHasher", "siphash24", "hash_bucket_ids"]
 
@@ -233,6 +233,8 @@ class FeatureHasher:
         object.__setattr__(self, "_bounds", {f.name: self.transforms.boundaries_of(f.name) for f in self.schema.numeric})
         object.__setattr__(self, "_key_matrix", np.array([self._keys[f.name] for f in self.schema.categorical], _U).reshape(-1, 2))
         object.__setattr__(self, "_log_rows", np.array([j for j, f in enumerate(self.schema.numeric) if f.transform == "log"], np.intp))
+        object.__setattr__(self, "_both_keys", {f.name: field_hash_key(self.schema.hash_seed, f.name + VALUE_ID_SUFFIX)
+                                                for f in self.schema.both_numeric})
 
     @classmethod
     def from_manifest(cls, path: str | Path, *, backend: str = "numpy") -> "FeatureHasher":
@@ -265,22 +267,27 @@ class FeatureHasher:
             return fast
         out = []
         for f in self.schema.numeric:
-            col = self._column(columns, f.name, rows)
-            try:
-                if isinstance(col, np.ndarray) and col.dtype.kind in "fiub":
-                    x = col.astype(np.float64, copy=False)
-                else:  # lists with None, pyarrow arrays: nulls → NaN in C++
-                    import pyarrow as pa
-
-                    arr = col if isinstance(col, (pa.Array, pa.ChunkedArray)) else pa.array(col, pa.float64(), from_pandas=True)
-                    x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-            except Exception:  # pyarrow's ArrowInvalid/ArrowTypeError, numpy's TypeError/ValueError
-                raise InputError(f"Field '{f.name}': numeric values must be numbers (NaN/None = missing).") from None
-            if np.isinf(x).any():
-                raise InputError(f"Field '{f.name}': value at row {int(np.flatnonzero(np.isinf(x))[0])} is infinite.")
+            x = self._float64(columns, f.name, rows)
             out.append((log_transform(x) if f.transform == "log" else x).astype(np.float32))
             rows = len(x)
         return np.stack(out, axis=1) if out else np.zeros((rows or 0, 0), np.float32)
+
+    def _float64(self, columns: Mapping[str, Any], name: str, rows: int | None) -> np.ndarray:
+        """One numeric column as float64, NaN where missing; infinities refused with the row."""
+        col = self._column(columns, name, rows)
+        try:
+            if isinstance(col, np.ndarray) and col.dtype.kind in "fiub":
+                x = col.astype(np.float64, copy=False)
+            else:  # lists with None, pyarrow arrays: nulls → NaN in C++
+                import pyarrow as pa
+
+                arr = col if isinstance(col, (pa.Array, pa.ChunkedArray)) else pa.array(col, pa.float64(), from_pandas=True)
+                x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        except Exception:  # pyarrow's ArrowInvalid/ArrowTypeError, numpy's TypeError/ValueError
+            raise InputError(f"Field '{name}': numeric values must be numbers (NaN/None = missing).") from None
+        if np.isinf(x).any():
+            raise InputError(f"Field '{name}': value at row {int(np.flatnonzero(np.isinf(x))[0])} is infinite.")
+        return x
 
     def _numeric_matrix(self, columns: Mapping[str, Any], rows: int | None) -> np.ndarray | None:
         """All numeric columns in one numpy conversion when they are plain numbers (None = missing), else None."""
@@ -365,6 +372,10 @@ class FeatureHasher:
         off = len(self.schema.categorical)
         for j, f in enumerate(self.schema.numeric):
             out[:, off + j] = discretize(num[:, j], self._bounds[f.name])
+        off += len(self.schema.numeric)
+        for j, f in enumerate(self.schema.both_numeric):  # the exact value's id, keyed as the converter keys it
+            keys = value_keys(self._float64(columns, f.name, rows))
+            out[:, off + j] = hash_bucket_ids(list(keys), f.hash_buckets, self._both_keys[f.name], name=f.name)
         return out
 
     def _all_str(self, columns: Mapping[str, Any], rows: int) -> np.ndarray | None:

@@ -1,0 +1,29 @@
+"""FeatureHasher on what a bidder really passes: every id column the converter writes, wrong shapes refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctrflow.client.hashing import FeatureHasher
+from ctrflow.data.convert import ConvertOptions, convert
+from ctrflow.data.shards import load_manifest, read_shard
+from ctrflow.data.transforms import Transforms
+from ctrflow.errors import InputError
+from ctrflow.schema import CategoricalField, NumericField, Schema
+
+BOTH = Schema("b", "y", (CategoricalField("c", 64),), (NumericField("n", mode="both", hash_buckets=512), NumericField("m")),
+              columns=("y", "c", "n", "m"))
+
+
+def test_both_mode_exact_value_ids_equal_the_converters(tmp_path):
+    raw = ["3", "3.0", "-7", "12.5", "", "1e300", "-0", "9007199254740993", "0.1"]
+    lines = ["y,c,n,m"] + [f"{i % 2},c{i},{v},{i}" for i, v in enumerate(raw)]
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    convert(tmp_path / "x.csv", tmp_path / "s", schema=BOTH, options=ConvertOptions(workers=1))
+    want = np.concatenate([read_shard(p).ids for p in load_manifest(tmp_path / "s").shard_paths()])
+    hasher = FeatureHasher.from_manifest(tmp_path / "s")
+    cols = {"c": [f"c{i}" for i in range(len(raw))], "n": [float(v) if v else None for v in raw],
+            "m": list(range(len(raw)))}
+    assert (want[:, 3] != 0).sum() == len(raw) - 1  # the exact-value column is filled
+    np.testing.assert_array_equal(hasher.ids(cols), want)
+    np.testing.assert_array_equal(hasher.transform({**cols, "n": np.array(cols["n"], dtype=float)})[0], want)
