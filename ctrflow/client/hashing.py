@@ -255,6 +255,11 @@ class FeatureHasher:
         if name not in columns:
             raise InputError(f"FeatureHasher: missing column '{name}'.")
         col = columns[name]
+        shape = getattr(col, "shape", None)
+        if isinstance(col, (str, bytes, Mapping)) or not hasattr(col, "__len__") or (shape is not None and len(shape) != 1):
+            got = f"shape {tuple(shape)}" if shape is not None and len(shape) != 1 else f"a {type(col).__name__}"
+            raise InputError(f"FeatureHasher: column '{name}' must be one value per row (a list, a 1-D numpy or "
+                             f"pyarrow array). Got {got} instead.")
         n = len(col)
         if rows is not None and n != rows:
             raise InputError(f"FeatureHasher: column '{name}' has {n} values, expected {rows}.")
@@ -335,9 +340,11 @@ class FeatureHasher:
 
     def _rows(self, columns: Mapping[str, Any]) -> int:
         names = self.schema.id_names
+        if not isinstance(columns, Mapping):
+            raise InputError(f"FeatureHasher: columns must be a mapping of field name to values. Got a {type(columns).__name__} instead.")
         if not names or names[0] not in columns:
             raise InputError(f"FeatureHasher: missing column '{names[0] if names else '?'}'.")
-        return len(columns[names[0]])
+        return len(self._column(columns, names[0], None))
 
     def ids(self, columns: Mapping[str, Any]) -> np.ndarray:
         """int32 [B, F]: categoricals in schema order (hashed), then numerics (discretized)."""

@@ -27,3 +27,15 @@ def test_both_mode_exact_value_ids_equal_the_converters(tmp_path):
     assert (want[:, 3] != 0).sum() == len(raw) - 1  # the exact-value column is filled
     np.testing.assert_array_equal(hasher.ids(cols), want)
     np.testing.assert_array_equal(hasher.transform({**cols, "n": np.array(cols["n"], dtype=float)})[0], want)
+
+
+def test_a_column_of_the_wrong_shape_is_refused_naming_it():
+    """A str is not a column of its characters, nor an (n, 1) array one of n rows: both silently gave other ids."""
+    schema = Schema("s", "y", (CategoricalField("c", 64),), (NumericField("n"),), columns=("y", "c", "n"))
+    hasher = FeatureHasher(schema, Transforms({"n": (0.5, 1.5)}))
+    good = {"c": ["a", "b"], "n": [1.0, 2.0]}
+    assert hasher.ids(good).shape == (2, 2)
+    for name, bad, got in [("c", "ab", "a str"), ("c", b"ab", "a bytes"), ("n", np.ones((2, 1)), r"shape \(2, 1\)"),
+                           ("c", np.array([["a"], ["b"]]), r"shape \(2, 1\)"), ("n", 3.0, "a float")]:
+        with pytest.raises(InputError, match=f"column '{name}' must be one value per row.*Got {got} instead"):
+            hasher.transform({**good, name: bad})
