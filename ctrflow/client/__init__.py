@@ -7,7 +7,7 @@ context + candidates request (docs/context.md).
 """
 from ctrflow.client.columnar import COLUMNAR_CONTENT_TYPE, COLUMNAR_FORMAT, encode_columnar
 from ctrflow.client.context import CONTEXT_CONTENT_TYPE, encode_context
-from ctrflow.client.ids import IDS_CONTENT_TYPE, IDS_FORMAT, IdsClient, encode_ids
+from ctrflow.client.ids import IDS_CONTENT_TYPE, IDS_FORMAT, IdsClient, ServerConnectionError, encode_ids
 
 __all__ = ["COLUMNAR_CONTENT_TYPE", "COLUMNAR_FORMAT", "CONTEXT_CONTENT_TYPE", "IDS_CONTENT_TYPE", "IDS_FORMAT", "IdsClient",
-           "encode_columnar", "encode_context", "encode_ids"]
+           "ServerConnectionError", "encode_columnar", "encode_context", "encode_ids"]

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ctrflow.errors import ConfigError
+from ctrflow.errors import ConfigError, CtrflowError, DeadlineExceeded, InputError, ModelNotFoundError, QueueFullError
 
-__all__ = ["IDS_CONTENT_TYPE", "IDS_FORMAT", "IDS_HEADER", "IDS_MAGIC", "IDS_VERSION", "IdsClient", "encode_ids", "ids_body_size"]
+__all__ = ["IDS_CONTENT_TYPE", "IDS_FORMAT", "IDS_HEADER", "IDS_MAGIC", "IDS_VERSION", "IdsClient", "ServerConnectionError",
+           "encode_ids", "ids_body_size"]
 
 IDS_CONTENT_TYPE = "application/x-ctrflow-ids"
 IDS_MAGIC = b"CTRI"
@@ -58,6 +59,18 @@ def encode_ids(ids: np.ndarray, numeric: np.ndarray) -> bytes:
                      np.ascontiguousarray(numeric, dtype="<f4").tobytes()))
 
 
+class ServerConnectionError(CtrflowError, ConnectionError):
+    """The server could not be reached, or dropped the connection before answering (no answer to act on)."""
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds (its delta-seconds form); None when absent or an HTTP date."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 class IdsClient:
     """Hash raw features on the client and score them over the binary ids endpoint, on one keep-alive connection.
 
@@ -65,8 +78,13 @@ class IdsClient:
         client = IdsClient("http://127.0.0.1:8501", "ctr", hasher)
         p = client.predict({"C1": ["68fd1e64", ""], ..., "I1": [3.0, None], ...})   # float32 [rows]
 
-    `predict_ids(ids, numeric)` sends matrices hashed already. Not thread-safe (one connection);
-    errors raise `InputError` with the server's message.
+    `predict_ids(ids, numeric)` sends matrices hashed already. Not thread-safe (one connection: one
+    client per thread). Errors carry the server's message: 503 (queue full, shed, connection cap) raises
+    `QueueFullError` with `retry_after_s` (the Retry-After header; nothing is retried here, a bid's
+    deadline is shorter than any back-off), 504 and a `timeout_s` without an answer `DeadlineExceeded`,
+    404 `ModelNotFoundError`, other statuses `InputError`, an unreachable server `ServerConnectionError`.
+    After any failure the connection is dropped, so the next call opens a fresh one; a kept-alive
+    connection the server closed while idle is reopened and the request sent once more (it is idempotent).
     """
 
     def __init__(self, url: str, model: str, hasher: Any | None = None, *, timeout_s: float = 10.0,
@@ -77,7 +95,11 @@ class IdsClient:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname or parts.port is None:
             raise ConfigError(f"IdsClient: the url must look like http://HOST:PORT. Got {url!r} instead.")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ConfigError(f"The 'timeout_s' parameter of IdsClient must be a number > 0. Got {timeout_s!r} instead.")
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        self._timeout_s = timeout_s
+        self._used = False  # the connection answered before: a failure to send on it may be a stale keep-alive
         self._path = f"/v1/models/{urllib.parse.quote(model)}:predict_ids"
         self._headers = {"Content-Type": IDS_CONTENT_TYPE}
         if deadline_ms is not None:
@@ -91,20 +113,55 @@ class IdsClient:
         return self.predict_ids(*self.hasher.transform(columns))
 
     def predict_ids(self, ids: np.ndarray, numeric: np.ndarray) -> np.ndarray:
-        from ctrflow.errors import InputError
-
-        self._conn.request("POST", self._path, body=encode_ids(ids, numeric), headers=self._headers)
-        response = self._conn.getresponse()
-        payload = response.read()
-        if response.status != 200:
+        """int32 ids [rows, F] and float32 numerics [rows, N] → float32 probabilities [rows]."""
+        body = encode_ids(ids, numeric)
+        status, retry_after, payload = self._post(body)
+        if status != 200:
             try:
                 import json
 
                 message = json.loads(payload)["error"]
             except (ValueError, KeyError, TypeError):
                 message = payload[:300].decode(errors="replace")
-            raise InputError(f"{self._path} answered {response.status}: {message}")
+            text = f"{self._path} answered {status}: {message}"
+            if status == 503:
+                error = QueueFullError(text)
+                error.retry_after_s = _retry_after_s(retry_after)  # type: ignore[attr-defined]
+                raise error
+            if status == 504:
+                raise DeadlineExceeded(text)
+            if status == 404:
+                raise ModelNotFoundError(text)
+            raise InputError(text)
         return np.frombuffer(payload, "<f4")
+
+    def _post(self, body: bytes) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body) of one POST; transport failures mapped, the connection reset after any."""
+        import http.client
+        import socket
+
+        for attempt in (0, 1):
+            reused = self._used
+            try:
+                self._conn.request("POST", self._path, body=body, headers=self._headers)
+                response = self._conn.getresponse()
+                payload = response.read()
+            except (socket.timeout, TimeoutError):
+                self._conn.close()  # a late answer must not be read as the next request's
+                raise DeadlineExceeded(f"{self._path}: no answer within timeout_s={self._timeout_s:g} s.") from None
+            except (OSError, http.client.HTTPException) as e:
+                self._conn.close()
+                self._used = False
+                stale = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if attempt == 0 and reused and stale:
+                    continue  # the server closed the idle keep-alive connection: once more on a new one
+                raise ServerConnectionError(f"{self._path} on {self._conn.host}:{self._conn.port}: "
+                                            f"{type(e).__name__}: {e or 'connection closed'}.") from None
+            self._used = not response.will_close
+            if response.will_close:
+                self._conn.close()
+            return response.status, response.getheader("Retry-After"), payload
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._conn.close()
