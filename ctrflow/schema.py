@@ -374,9 +374,10 @@ def load_schema(name_or_path: str | os.PathLike | Schema) -> Schema:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a leading byte order mark (Excel, Windows tools) is dropped, not read into the first column's name
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _is_number(v: str) -> bool:

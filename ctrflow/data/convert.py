@@ -163,6 +163,7 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark at the start of a file
 _PIECE = 4 << 20  # bytes read at a time while cutting: the planner's memory is O(block + piece), never O(line)
 _HEAD = 256  # bytes of a too-long line kept for the rejects file
 
@@ -283,9 +284,11 @@ def _plan_text(path: Path, kind: str, schema: Schema | None, block_bytes: int, s
             if len(first) > max_line_bytes + 1 or (not first.endswith(b"\n") and f.read(1)):
                 raise InputError(f"{path} line 1: longer than {max_line_bytes} bytes (max_line_bytes); "
                                  "is this a text file of rows? (raise the limit with --max-line-bytes)")
+            bom = len(_BOM) if first.startswith(_BOM) else 0  # Excel and Windows tools write one: not data
+            first = first[bom:]
             skip = _check_first_line(first, path, schema) if (kind == "text" and schema) else False
             line = 2 if skip else 1
-            offset = len(first) if skip else 0
+            offset = bom + (len(first) if skip else 0)
             cutter = _LineCutter(str(path), kind, offset, line, block_bytes, max_line_bytes, compressed, start_index)
             f.seek(offset)
             while True:
@@ -787,7 +790,7 @@ def _with_header_columns(schema: Schema, paths: Sequence[Path], max_line_bytes: 
         raise SchemaError(f"schema '{schema.name}' has header: true and no 'columns', and {text[0]} has no header line: "
                           "list the columns in the schema.")
     try:
-        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")], delimiter=schema.delimiter))
+        header = next(csv.reader([first.removeprefix(_BOM).decode("utf-8").rstrip("\r\n")], delimiter=schema.delimiter))
     except (UnicodeDecodeError, csv.Error) as e:
         raise SchemaError(f"{text[0]} line 1: not a text header ({e}); is this a CSV file?") from None
     missing = [c for c in schema.used_columns if c not in header]

@@ -19,3 +19,15 @@ def test_jsonl_lone_surrogate_is_an_invalid_utf8_reject_not_a_crash(tmp_path):
     s = convert(tmp_path / "x.jsonl", tmp_path / "o", schema=SCHEMA, options=ConvertOptions(workers=1))
     assert (s.rows, s.rejects) == (2, {"invalid_utf8": 1})
     assert "x.jsonl\t2\tinvalid_utf8\tc\t" in (tmp_path / "o" / "rejects.tsv").read_text()
+
+
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column(tmp_path):
+    from ctrflow.schema import explain_schema
+
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_bytes(b"y,c,d\r\n1,a,x\r\n0,b,y\r\n")
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what Excel's "CSV UTF-8" writes
+    assert explain_schema(bom, label="y").schema.columns == ("y", "c", "d")
+    convert(plain, tmp_path / "a", schema=SCHEMA, options=ConvertOptions(workers=1))
+    convert(bom, tmp_path / "b", schema=SCHEMA, options=ConvertOptions(workers=1))
+    assert _ids(tmp_path / "b") == _ids(tmp_path / "a")
