@@ -306,6 +306,21 @@ def _context_signatures(module: Any, model: Any, schema: Schema, boundaries: dic
             CONTEXT_PACKED_SIGNATURE: module.serve_context_packed.get_concrete_function()}
 
 
+def _remove_stale_temps(base: Path) -> list[str]:
+    """Remove the `.tmp-<version>-<pid>` / `.old-<version>-<pid>` folders of exports that died (their pid
+    no longer runs): a killed export of a large model otherwise leaves gigabytes behind, forever."""
+    from ctrflow.data.convert import _pid_alive
+
+    removed = []
+    for p in base.iterdir():
+        parts = p.name.split("-")
+        if len(parts) == 3 and parts[0] in (".tmp", ".old") and parts[2].isdigit() and p.is_dir() \
+                and int(parts[2]) != os.getpid() and not _pid_alive(int(parts[2])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
 def _slim_tables(model: Any, dtype: str) -> None:
     """Replace every embedding/linear table of `model` by a copy in `dtype` (lookups widen to float32)."""
     import tensorflow as tf
@@ -345,6 +360,14 @@ def export(
     if embedding_dtype not in ("float32", "float16"):
         raise ConfigError(f"The 'embedding_dtype' option of export must be 'float32' or 'float16'. Got {embedding_dtype!r} instead.")
     info = load_run_info(run)
+    base = Path(model_base_path)
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"{base} is a file: the model base path (--model-base-path) must be a folder, whose "
+                          "integer subfolders are the versions.")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+        raise ConfigError(f"The 'version' of export must be an int >= 0. Got {version!r} instead.")
+    if version is not None and (base / str(version)).exists() and not overwrite:  # before minutes of model building
+        raise ConfigError(f"{base / str(version)} already exists: pass another --version or --overwrite.")
     schema = Schema.from_dict(info["schema"])
     if context_fields is None:
         context_fields = schema.context
@@ -354,7 +377,11 @@ def export(
         schema.check_context(context_fields)  # before the model is built: a typo fails at once
     boundaries = {k: tuple(v) for k, v in info["transforms"]["boundaries"].items()}
     model = build_model_from_run(info)
-    checkpoint = restore_latest(run, model)
+    try:
+        checkpoint = restore_latest(run, model)
+    except (tf.errors.OpError, ValueError) as e:  # a checkpoint file missing, truncated or of another model
+        raise TrainingError(f"{run}: its latest checkpoint cannot be read ({str(e).strip()[:300]}); "
+                            "nothing was exported.") from None
     model.bake_id_remap()  # min_count: rare ids read copies of their shared row, no remap gather when serving
     if embedding_dtype != "float32":
         _slim_tables(model, embedding_dtype)
@@ -362,8 +389,8 @@ def export(
     if len(set(names)) != len(names):
         raise ConfigError(f"field names collide as signature inputs: {names}; rename the fields in the schema.")
 
-    base = Path(model_base_path)
     base.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(base)
     existing = find_versions(base)
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
     if not isinstance(version, int) or version < 0:
@@ -432,9 +459,13 @@ def export(
             meta["context"] = context
         (tmp / EXPORT_INFO).write_text(json.dumps(meta, indent=1))
         write_warmup_requests(tmp, schema, boundaries, context=context)
-        if final.exists():
-            shutil.rmtree(final)
-        replace_atomically(tmp, final)
+        if final.exists():  # overwrite: the old version goes aside only once the new one is complete, in one rename
+            old = base / f".old-{version}-{os.getpid()}"
+            os.replace(final, old)
+            replace_atomically(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            replace_atomically(tmp, final)
     except (OSError, tf.errors.OpError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"export to {final} failed ({str(e).strip()[:300]}); nothing was published.") from None
