@@ -254,6 +254,7 @@ class _StreamSource(_RecordSource):
         self.schema = Schema.from_dict(meta["schema"], source=name)
         self.transforms = Transforms.from_dict(meta["transforms"])
         self._fingerprint = meta.get("schema_fingerprint")
+        self._transforms = meta["transforms"]
         self._first: shardio.ShardData | None = first
         self._name = name
         self.rows = None
@@ -263,8 +264,12 @@ class _StreamSource(_RecordSource):
             first, self._first = self._first, None
             yield first
         for i, rec in enumerate(self._it, start=1):
-            if (rec.meta or {}).get("schema_fingerprint") != self._fingerprint:
+            meta = rec.meta or {}
+            if meta.get("schema_fingerprint") != self._fingerprint:
                 raise SchemaError(f"{self._name} record {i}: another schema than the stream's first record.")
+            if meta.get("transforms") != self._transforms:  # same schema, other bins: its numeric ids mean other ranges
+                raise SchemaError(f"{self._name} record {i}: other discretizer boundaries than the stream's first record "
+                                  "(another conversion): convert later data with `--like` the first to stream them together.")
             yield rec
 
 

@@ -31,3 +31,23 @@ def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column(tmp
     convert(plain, tmp_path / "a", schema=SCHEMA, options=ConvertOptions(workers=1))
     convert(bom, tmp_path / "b", schema=SCHEMA, options=ConvertOptions(workers=1))
     assert _ids(tmp_path / "b") == _ids(tmp_path / "a")
+
+
+def test_a_stream_of_two_conversions_with_other_bins_is_refused(tmp_path):
+    """Same schema, other quantile boundaries: concatenated shards would silently give numeric ids other meanings."""
+    import io
+
+    import pytest
+
+    from ctrflow.data.pipeline import open_batches
+    from ctrflow.errors import SchemaError
+    from ctrflow.schema import NumericField
+
+    schema = Schema("n", "y", (CategoricalField("c", 64),), (NumericField("x"),), columns=("y", "c", "x"))
+    for name, scale in (("a", 1), ("b", 1000)):
+        (tmp_path / f"{name}.csv").write_text("y,c,x\n" + "".join(f"{i % 2},c,{i * scale}\n" for i in range(50)))
+        convert(tmp_path / f"{name}.csv", tmp_path / name, schema=schema, options=ConvertOptions(workers=1))
+    shards = [p.read_bytes() for d in "ab" for p in load_manifest(tmp_path / d).shard_paths()]
+    assert sum(1 for _ in open_batches(io.BytesIO(shards[0] * 2))) == 1  # one conversion's records stream together
+    with pytest.raises(SchemaError, match="record 1: other discretizer boundaries"):
+        list(open_batches(io.BytesIO(b"".join(shards))))
