@@ -308,14 +308,18 @@ def _context_signatures(module: Any, model: Any, schema: Schema, boundaries: dic
 
 def _remove_stale_temps(base: Path) -> list[str]:
     """Remove the `.tmp-<version>-<pid>` / `.old-<version>-<pid>` folders of exports that died (their pid
-    no longer runs): a killed export of a large model otherwise leaves gigabytes behind, forever."""
+    no longer runs): a killed export of a large model otherwise leaves gigabytes behind, forever. An
+    overwrite killed between its two renames left the old version only as `.old-*`: it is put back."""
     from ctrflow.data.convert import _pid_alive
 
     removed = []
-    for p in base.iterdir():
+    for p in sorted(base.iterdir(), key=lambda p: p.name.startswith(".tmp")):  # .old first: restored before any .tmp goes
         parts = p.name.split("-")
         if len(parts) == 3 and parts[0] in (".tmp", ".old") and parts[2].isdigit() and p.is_dir() \
                 and int(parts[2]) != os.getpid() and not _pid_alive(int(parts[2])):
+            if parts[0] == ".old" and parts[1].isdigit() and not (base / parts[1]).exists():
+                replace_atomically(p, base / parts[1])
+                continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed

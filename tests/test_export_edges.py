@@ -25,9 +25,13 @@ def test_export_refuses_bad_places_in_one_line_and_cleans_a_dead_exports_temp(tm
         export(damaged, tmp_path / "m")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (tmp_path / "m" / f".tmp-1-{dead}" / "variables").mkdir(parents=True)  # what a kill -9 mid-export leaves
+    (tmp_path / "m" / f".old-2-{dead}").mkdir()  # ... and one between an overwrite's two renames: version 2 itself
+    (tmp_path / "m" / f".old-2-{dead}" / "saved_model.pb").write_text("v2")
+    (tmp_path / "m" / f".old-2-{dead}" / "ctrflow.json").write_text("{}")
     (tmp_path / "m" / "1").mkdir()
     (tmp_path / "m" / "1" / "saved_model.pb").write_text("old")
     (tmp_path / "m" / "1" / "ctrflow.json").write_text("{}")
     assert export(run, tmp_path / "m", version=1, overwrite=True).version == 1  # swapped in, the old one removed
     assert (tmp_path / "m" / "1" / "saved_model.pb").read_bytes() != b"old"
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"] and find_versions(tmp_path / "m") == [1]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"] and find_versions(tmp_path / "m") == [1, 2]
+    assert (tmp_path / "m" / "2" / "saved_model.pb").read_text() == "v2"
