@@ -750,16 +750,21 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_partials(out: Path) -> list[str]:
     """Remove what dead conversions into `out` left: `out.partial-<pid>` / `out.old-<pid>` folders and
-    temp files of the rejects file, whose pid no longer runs. A live conversion's are kept."""
+    temp files of the rejects file, whose pid no longer runs. A live conversion's are kept. An
+    `out.old-<pid>` while `out` is missing is the last good output of an overwrite killed between its
+    two renames: it is put back as `out`, not removed."""
     removed = []
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return removed
     prefixes = (f"{out.name}.partial-", f"{out.name}.old-", f".{out.name}.rejects.tsv.tmp-")
-    for p in parent.iterdir():
+    for p in sorted(parent.iterdir(), key=lambda p: not p.name.startswith(prefixes[1])):  # .old- first
         prefix = next((x for x in prefixes if p.name.startswith(x)), None)
         pid = p.name[len(prefix):] if prefix else ""
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if prefix == prefixes[1] and p.is_dir() and not out.exists():
+            replace_atomically(p, out)
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -840,10 +845,10 @@ def convert(
         schema_obj = load_schema(schema)  # type: ignore[arg-type]
     schema_obj = _with_header_columns(schema_obj, paths, options.max_line_bytes)
     out = Path(out)
+    remove_stale_partials(out)  # first: it may put back the output an overwrite killed mid-swap left aside
     if out.exists():
         if not options.overwrite:
             raise ConfigError(f"{out} already exists: choose another folder or pass overwrite (--overwrite).")
-    remove_stale_partials(out)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -51,3 +51,18 @@ def test_a_stream_of_two_conversions_with_other_bins_is_refused(tmp_path):
     assert sum(1 for _ in open_batches(io.BytesIO(shards[0] * 2))) == 1  # one conversion's records stream together
     with pytest.raises(SchemaError, match="record 1: other discretizer boundaries"):
         list(open_batches(io.BytesIO(b"".join(shards))))
+
+
+def test_an_overwrite_killed_mid_swap_gets_its_last_good_output_back(tmp_path):
+    """Between `out → out.old-<pid>` and `partial → out` only the .old folder holds data: the next run restores it."""
+    import pytest
+
+    from ctrflow.errors import ConfigError
+
+    old = tmp_path / "o.old-999999999"  # above any pid_max: that conversion is dead
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    (tmp_path / "x.csv").write_text("y,c,d\n1,a,x\n")
+    with pytest.raises(ConfigError, match="already exists"):  # it is back, so no --overwrite means no overwrite
+        convert(tmp_path / "x.csv", tmp_path / "o", schema=SCHEMA, options=ConvertOptions(workers=1))
+    assert (tmp_path / "o" / "manifest.json").read_text() == "{}" and not old.exists()
