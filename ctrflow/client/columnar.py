@@ -32,24 +32,61 @@ HEADER = struct.Struct("<4sBBHI")
 COLUMN = struct.Struct("<BBI")
 
 
+def _value_bytes(v: Any) -> bytes:
+    """One categorical value's bytes, by the converter's rule for non-strings (docs/hashing.md §4): None →
+    missing, bools `1`/`0`, integral floats as integers (`3.0` → `3`), other values as `str` prints them."""
+    if v is None:
+        return b""
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, (bool, np.bool_)):
+        return b"1" if v else b"0"
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v)).encode()
+    return str(float(v) if isinstance(v, np.floating) else v).encode()
+
+
+def _column(features: Mapping[str, Any], name: str) -> Any:
+    if name not in features:
+        raise ConfigError(f"encode_columnar: missing column {name!r}.")
+    col = features[name]
+    shape = getattr(col, "shape", None)
+    if isinstance(col, (str, bytes, Mapping)) or not hasattr(col, "__len__") or (shape is not None and len(shape) != 1):
+        got = f"shape {tuple(shape)}" if shape is not None and len(shape) != 1 else f"a {type(col).__name__}"
+        raise ConfigError(f"encode_columnar: column {name!r} must be one value per row (a list or 1-D array). Got {got} instead.")
+    return col
+
+
 def encode_columnar(features: Mapping[str, Any], categorical: Sequence[str], numeric: Sequence[str]) -> bytes:
     """Named columns → the binary body (strings UTF-8, None → missing); the inverse of the server's decoder."""
     names = [*categorical, *numeric]
-    rows = len(features[names[0]]) if names else 0
+    rows = len(_column(features, names[0])) if names else 0
     parts = [HEADER.pack(b"CTRC", 1, 0, len(names), rows)]
     for n in names:
-        col = features[n]
+        col = _column(features, n)
         if len(col) != rows:
             raise ConfigError(f"encode_columnar: column {n!r} has {len(col)} values, expected {rows}.")
         if n in categorical:
-            arr = np.asarray(col) if isinstance(col, np.ndarray) and col.dtype.kind == "S" else np.array(
-                [b"" if v is None else (v if isinstance(v, bytes) else str(v).encode()) for v in col], dtype="S")
+            try:
+                if isinstance(col, np.ndarray) and col.dtype.kind == "S":
+                    arr = np.asarray(col)
+                elif set(map(type, col)) == {str}:  # the common case, without a call per value
+                    arr = np.array([v.encode() for v in col], dtype="S")
+                else:
+                    arr = np.array([_value_bytes(v) for v in col], dtype="S")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") has no UTF-8 form
+                raise ConfigError(f"encode_columnar: column {n!r} holds a value that is not valid text ({e.reason}).") from None
             if arr.dtype.itemsize == 0 or arr.dtype == np.dtype("S0"):
                 arr = arr.astype("S1")
             kind, payload, width = b"S", arr.tobytes(), arr.dtype.itemsize
         else:
-            arr = np.array([np.nan if v is None else v for v in col], dtype="<f4") if not isinstance(col, np.ndarray) \
-                else np.asarray(col, dtype="<f4")
+            try:
+                arr = np.array([np.nan if v is None else v for v in col], dtype="<f4") if not isinstance(col, np.ndarray) \
+                    else np.asarray(col, dtype="<f4")
+            except (TypeError, ValueError):
+                raise ConfigError(f"encode_columnar: numeric column {n!r} must hold numbers (None/NaN = missing).") from None
             kind, payload, width = b"f", arr.tobytes(), 4
         name = n.encode()
         parts.append(struct.pack("<H", len(name)) + name + COLUMN.pack(kind[0], 0, width) + payload)
