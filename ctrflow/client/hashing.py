@@ -283,6 +283,8 @@ class FeatureHasher:
         try:
             if isinstance(col, np.ndarray) and col.dtype.kind in "fiub":
                 x = col.astype(np.float64, copy=False)
+            elif isinstance(col, (list, tuple)) and set(map(type, col)) <= _NUMBER_TYPES:
+                x = np.array(col, dtype=np.float64)  # None → NaN; ints past 2^53 round as the converter's parse does
             else:  # lists with None, pyarrow arrays: nulls → NaN in C++
                 import pyarrow as pa
 

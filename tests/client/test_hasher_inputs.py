@@ -39,3 +39,16 @@ def test_a_column_of_the_wrong_shape_is_refused_naming_it():
                            ("c", np.array([["a"], ["b"]]), r"shape \(2, 1\)"), ("n", 3.0, "a float")]:
         with pytest.raises(InputError, match=f"column '{name}' must be one value per row.*Got {got} instead"):
             hasher.transform({**good, name: bad})
+
+
+def test_a_list_of_big_ints_is_numbers_on_every_path():
+    """pyarrow refuses ints past 2^53 as float64; numpy (and the converter's parse) round them. The list path
+    is taken for `mode: both` ids, or when another numeric column is not a plain list."""
+    transforms = Transforms({"n": (0.5, 40.0), "m": (0.5,)})
+    hasher = FeatureHasher(BOTH, transforms)
+    cols = {"c": ["a", "b"], "n": [2**60, -3.0], "m": [1.0, None]}
+    want = hasher.ids({**cols, "n": np.array([2.0**60, -3.0])})
+    np.testing.assert_array_equal(hasher.ids(cols), want)
+    import pyarrow as pa
+
+    np.testing.assert_array_equal(hasher.ids({**cols, "m": pa.array([1.0, None])}), want)
