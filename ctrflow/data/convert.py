@@ -361,11 +361,13 @@ def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], 
         cols = {}
         for name in schema.used_columns:
             col = table.column(name).combine_chunks()
-            if pa.types.is_floating(col.type):  # 3.0 and 3 must hash alike: integral floats print as ints
-                import pyarrow.compute as pc
+            import pyarrow.compute as pc
 
+            if pa.types.is_floating(col.type):  # 3.0 and 3 must hash alike: integral floats print as ints
                 as_int = col.cast(pa.int64(), safe=False)
                 col = pc.if_else(pc.equal(as_int.cast(col.type), col), as_int.cast(pa.string()), col.cast(pa.string()))
+            elif pa.types.is_boolean(col.type):  # 1/0 as JSON Lines and FeatureHasher read them (Arrow prints "true")
+                col = pc.if_else(col, "1", "0")
             cols[name] = col.cast(pa.string()).fill_null("").cast(pa.binary())
         lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
         return cols, lines, rejects, table.num_rows

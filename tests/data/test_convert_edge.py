@@ -66,3 +66,22 @@ def test_an_overwrite_killed_mid_swap_gets_its_last_good_output_back(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):  # it is back, so no --overwrite means no overwrite
         convert(tmp_path / "x.csv", tmp_path / "o", schema=SCHEMA, options=ConvertOptions(workers=1))
     assert (tmp_path / "o" / "manifest.json").read_text() == "{}" and not old.exists()
+
+
+def test_parquet_booleans_read_as_1_and_0_like_json_lines(tmp_path):
+    """A bool label was a bad_label on every row; a bool categorical hashed "true" where JSONL and the client hash "1"."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctrflow.schema import NumericField
+
+    schema = Schema("p", "y", (CategoricalField("c", 1000),), (NumericField("n"),))
+    table = pa.table({"y": [True, False, True], "c": [True, False, None], "n": [True, False, None]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    for name in ("x.parquet", "x.jsonl"):
+        s = convert(tmp_path / name, tmp_path / name.replace(".", "_"), schema=schema, options=ConvertOptions(workers=1))
+        assert (s.rows, s.rejects) == (3, {})
+    assert _ids(tmp_path / "x_parquet") == _ids(tmp_path / "x_jsonl")
