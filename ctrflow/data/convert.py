@@ -368,6 +368,10 @@ def _read_block_columns(block: _Block, schema: Schema) -> tuple[dict[str, Any], 
                 col = pc.if_else(pc.equal(as_int.cast(col.type), col), as_int.cast(pa.string()), col.cast(pa.string()))
             elif pa.types.is_boolean(col.type):  # 1/0 as JSON Lines and FeatureHasher read them (Arrow prints "true")
                 col = pc.if_else(col, "1", "0")
+            elif pa.types.is_timestamp(col.type) and name == schema.time:  # epoch seconds (UTC), floored
+                per_s = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[col.type.unit]
+                raw = col.cast(pa.int64()).to_numpy(zero_copy_only=False)
+                col = pa.array(np.floor_divide(np.nan_to_num(raw).astype(np.int64), per_s), mask=col.is_null().to_numpy(zero_copy_only=False))
             cols[name] = col.cast(pa.string()).fill_null("").cast(pa.binary())
         lines = np.arange(block.first_line, block.first_line + table.num_rows, dtype=np.int64)
         return cols, lines, rejects, table.num_rows
@@ -537,6 +541,8 @@ def _parse_times(col: Any) -> tuple[np.ndarray, np.ndarray]:
         return s.cast(pa.int64()).to_numpy(zero_copy_only=False), np.zeros(len(col), bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
+    # Fractional seconds ("09:30:00.123", which schema inference takes for a date-time) floor to the second.
+    s = pc.replace_substring_regex(s, pattern=r"(:\d\d)\.\d+$", replacement=r"\1")
     out = pa.nulls(len(s), pa.timestamp("s"))
     for fmt in _TIME_FORMATS:
         out = pc.coalesce(out, pc.strptime(s, format=fmt, unit="s", error_is_null=True))

@@ -85,3 +85,23 @@ def test_parquet_booleans_read_as_1_and_0_like_json_lines(tmp_path):
         s = convert(tmp_path / name, tmp_path / name.replace(".", "_"), schema=schema, options=ConvertOptions(workers=1))
         assert (s.rows, s.rejects) == (3, {})
     assert _ids(tmp_path / "x_parquet") == _ids(tmp_path / "x_jsonl")
+
+
+def test_times_with_fractional_seconds_and_parquet_timestamps_are_epoch_seconds(tmp_path):
+    """Schema inference takes "09:30:00.123" for a date-time (the time column), but convert rejected every such
+    row as bad_time; Parquet timestamps (stored in ms, printed with ".000") were all bad_time too."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = Schema("t", "y", (CategoricalField("c", 64),), time="t", columns=("y", "c", "t"))
+    (tmp_path / "x.csv").write_text("y,c,t\n1,a,2020-01-01 00:00:00.750\n0,b,2020-01-01 01:00:00\n")
+    when = [dt.datetime(2020, 1, 1, 0, 0, 0, 750000), dt.datetime(2020, 1, 1, 1)]
+    for unit, tz in (("ms", None), ("us", "UTC")):
+        pq.write_table(pa.table({"y": [1, 0], "c": ["a", "b"], "t": pa.array(when, pa.timestamp(unit, tz=tz))}), tmp_path / f"{unit}.parquet")
+    for name in ("x.csv", "ms.parquet", "us.parquet"):
+        s = convert(tmp_path / name, tmp_path / name.replace(".", "_"), schema=schema, options=ConvertOptions(workers=1))
+        assert s.rejects == {}, name
+        times = np.concatenate([read_shard(p).time for p in load_manifest(tmp_path / name.replace(".", "_")).shard_paths()])
+        assert times.tolist() == [1577836800, 1577840400], name
