@@ -319,6 +319,12 @@ def _plan(inputs: Sequence[Path], schema: Schema, block_bytes: int, max_line_byt
             missing = [c for c in schema.used_columns if c not in pf.schema_arrow.names]
             if missing:
                 raise SchemaError(f"{path}: schema '{schema.name}' needs columns {missing} that the Parquet file lacks (it has {pf.schema_arrow.names}).")
+            import pyarrow as pa
+
+            nested = [f"{c} ({pf.schema_arrow.field(c).type})" for c in schema.used_columns if pa.types.is_nested(pf.schema_arrow.field(c).type)]
+            if nested:
+                raise SchemaError(f"{path}: columns {nested} hold lists or structs; a schema column must hold one string, "
+                                  "number or bool per row (flatten them, or leave them out of the schema).")
             line = 1
             for rg in range(pf.num_row_groups):
                 yield _Block(index, str(path), kind, rg, rg + 1, line)

@@ -105,3 +105,16 @@ def test_times_with_fractional_seconds_and_parquet_timestamps_are_epoch_seconds(
         assert s.rejects == {}, name
         times = np.concatenate([read_shard(p).time for p in load_manifest(tmp_path / name.replace(".", "_")).shard_paths()])
         assert times.tolist() == [1577836800, 1577840400], name
+
+
+def test_a_parquet_list_column_is_a_schema_error_naming_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from ctrflow.errors import SchemaError
+
+    pq.write_table(pa.table({"y": [1, 0], "c": [[1], [2]], "d": ["x", "y"]}), tmp_path / "x.parquet")
+    with pytest.raises(SchemaError, match=r"columns \['c \(list<element: int64>\)'\] hold lists"):
+        convert(tmp_path / "x.parquet", tmp_path / "o", schema=SCHEMA, options=ConvertOptions(workers=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
