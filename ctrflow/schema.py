@@ -489,7 +489,9 @@ def explain_schema(
     except (EOFError, OSError, zlib.error) as e:
         raise SchemaError(f"Cannot infer a schema: cannot read {path} ({getattr(e, 'strerror', None) or e}).") from None
     if label not in header:
-        raise SchemaError(f"Label column {label!r} is not in the header of {path}: found {header}.")
+        other = next((d for d in (";", "\t", "|", ",") if d != delimiter and len(header) == 1 and d in header[0]), None)
+        hint = f" The header reads as one column: is the delimiter {other!r}? Pass --delimiter {other!r}." if other else ""
+        raise SchemaError(f"Label column {label!r} is not in the header of {path}: found {header}.{hint}")
     categorical, numeric, both, ignore = set(categorical), set(numeric), set(both), set(ignore)
     for c in categorical | numeric | both | ignore | {x for x in (time, weight) if x}:
         if c not in header:

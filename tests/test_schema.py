@@ -125,3 +125,10 @@ def test_talkingdata_inference_makes_its_ids_categorical():
     r = explain_schema(shared_file("talkingdata", "train_sample.csv"), label="is_attributed")
     assert set(r.schema.categorical_names) == {"ip", "app", "device", "os", "channel"}
     assert r.schema.numeric == () and r.schema.time == "click_time" and r.schema.ignore == ("attributed_time",)
+
+
+def test_a_header_read_as_one_column_suggests_the_delimiter(tmp_path):
+    (tmp_path / "x.csv").write_text("y;c;n\n1;a;3\n")
+    with pytest.raises(SchemaError, match="is the delimiter ';'\\? Pass --delimiter ';'"):
+        infer_schema(tmp_path / "x.csv", label="y")
+    assert infer_schema(tmp_path / "x.csv", label="y", delimiter=";").columns == ("y", "c", "n")
