@@ -493,6 +493,12 @@ def explain_schema(
         hint = f" The header reads as one column: is the delimiter {other!r}? Pass --delimiter {other!r}." if other else ""
         raise SchemaError(f"Label column {label!r} is not in the header of {path}: found {header}.{hint}")
     categorical, numeric, both, ignore = set(categorical), set(numeric), set(both), set(ignore)
+    repeated = [c for i, c in enumerate(header) if c in header[:i] and c not in ignore]
+    if repeated:
+        c = repeated[0]
+        where = [i + 1 for i, h in enumerate(header) if h == c]
+        raise SchemaError(f"{path} line 1: the header names column {c!r} {len(where)} times (columns {where}): "
+                          f"rename them in the file, or pass --ignore {c} to drop them.")
     for c in categorical | numeric | both | ignore | {x for x in (time, weight) if x}:
         if c not in header:
             hint = difflib.get_close_matches(c, header, n=1)

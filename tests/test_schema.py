@@ -132,3 +132,10 @@ def test_a_header_read_as_one_column_suggests_the_delimiter(tmp_path):
     with pytest.raises(SchemaError, match="is the delimiter ';'\\? Pass --delimiter ';'"):
         infer_schema(tmp_path / "x.csv", label="y")
     assert infer_schema(tmp_path / "x.csv", label="y", delimiter=";").columns == ("y", "c", "n")
+
+
+def test_a_repeated_header_name_is_named_with_its_columns_and_the_way_out(tmp_path):
+    (tmp_path / "x.csv").write_text("y,c,n,c\n1,a,3,b\n")
+    with pytest.raises(SchemaError, match=r"x.csv line 1: the header names column 'c' 2 times \(columns \[2, 4\]\).*--ignore c"):
+        infer_schema(tmp_path / "x.csv", label="y")
+    assert infer_schema(tmp_path / "x.csv", label="y", ignore=["c"]).used_columns == ["y", "n"]
