@@ -50,8 +50,8 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """
     path = Path(path)
     tmp = temp_name(path)
-    try:
-        with open(tmp, mode) as f:
+    try:  # text is UTF-8 whatever the locale (an ASCII or cp1252 locale failed on the first non-Latin value)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
