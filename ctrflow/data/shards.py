@@ -143,8 +143,17 @@ def _parse_header(buf: bytes | memoryview, where: str) -> tuple[dict[str, Any], 
         header = json.loads(bytes(buf[_PREFIX : _PREFIX + hlen]))
     except ValueError as e:
         raise ShardCorruptError(f"{where}: header is not valid JSON ({e}).") from None
-    if header.get("version") != FORMAT_VERSION:
-        raise ShardCorruptError(f"{where}: shard format version {header.get('version')!r}, this ctrflow reads {FORMAT_VERSION}.")
+    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+        version = header.get("version") if isinstance(header, dict) else None
+        raise ShardCorruptError(f"{where}: shard format version {version!r}, this ctrflow reads {FORMAT_VERSION}.")
+    try:  # damage that still parses as JSON must not surface as a KeyError or a numpy error later
+        ok = isinstance(header["payload_bytes"], int) and header["payload_bytes"] >= 0 and isinstance(header["rows"], int) \
+            and all(b["name"] in _DTYPES and b["dtype"] == _DTYPES[b["name"]] and b["offset"] >= 0
+                    and int(np.prod(b["shape"])) * np.dtype(b["dtype"]).itemsize == b["nbytes"] for b in header["blocks"])
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ShardCorruptError(f"{where}: the header's block layout is damaged (run `ctrflow verify` on its folder).")
     return header, _PREFIX + hlen
 
 
@@ -212,6 +221,8 @@ def iter_stream(f: IO[bytes], *, name: str = "<stdin>", check_crc: bool = True) 
         if not prefix:
             return
         where = f"{name} record {index}"
+        if prefix[:8] != MAGIC[:len(prefix)]:  # text or other bytes: say so, not "ended mid-record"
+            raise ShardCorruptError(f"{where}: not a ctrflow shard stream (bad magic {prefix[:8]!r}, expected {MAGIC!r}).")
         if len(prefix) < _PREFIX:
             raise ShardCorruptError(f"{where}: stream ended mid-record ({len(prefix)} of {_PREFIX} prefix bytes).")
         if prefix[:8] != MAGIC:

@@ -62,3 +62,24 @@ def test_stream_of_records_and_cut_stream(tmp_path):
     assert [r.meta["k"] for r in recs] == [0, 1, 2] and all(r.rows == 50 for r in recs)
     with pytest.raises(ShardCorruptError, match="record 2: stream ended mid-record"):
         list(shards.iter_stream(io.BytesIO(raw[:-7])))
+
+
+def test_damage_that_still_parses_is_a_shard_corrupt_error(tmp_path):
+    """Text on stdin is 'not a shard stream' (it said 'ended mid-record'); a header that is valid JSON with a
+    broken layout is ShardCorruptError (it was a KeyError or a numpy error)."""
+    import io
+    import json
+
+    from ctrflow.data.shards import MAGIC, iter_stream, read_shard
+    from ctrflow.errors import ShardCorruptError
+
+    with pytest.raises(ShardCorruptError, match="not a ctrflow shard stream"):
+        list(iter_stream(io.BytesIO(b"hello\n")))
+    for header in ({"version": 1}, [1], {"version": 1, "rows": 1, "payload_bytes": 64, "blocks": [{"name": "label"}]},
+                   {"version": 1, "rows": 1, "payload_bytes": 64,
+                    "blocks": [{"name": "label", "dtype": "float32", "shape": [9], "offset": 0, "nbytes": 4}]}):
+        text = json.dumps(header).encode()
+        text += b" " * ((-(12 + len(text))) % 64)
+        (tmp_path / "x.ctrs").write_bytes(MAGIC + len(text).to_bytes(4, "little") + text + b"\0" * 64)
+        with pytest.raises(ShardCorruptError):
+            read_shard(tmp_path / "x.ctrs")
