@@ -297,7 +297,10 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text())
     except ValueError as e:
         raise ShardCorruptError(f"{path}: not valid JSON ({e}).") from None
-    if data.get("format") != "ctrflow-shards" or data.get("version") != FORMAT_VERSION:
+    except OSError as e:
+        raise ShardCorruptError(f"{path}: cannot read ({e.strerror or e}).") from None
+    if not isinstance(data, dict) or data.get("format") != "ctrflow-shards" or data.get("version") != FORMAT_VERSION \
+            or not isinstance(data.get("shards"), list):
         raise ShardCorruptError(f"{path}: not a ctrflow shard manifest of version {FORMAT_VERSION}.")
     return Manifest(root, data)
 

@@ -83,3 +83,13 @@ def test_damage_that_still_parses_is_a_shard_corrupt_error(tmp_path):
         (tmp_path / "x.ctrs").write_bytes(MAGIC + len(text).to_bytes(4, "little") + text + b"\0" * 64)
         with pytest.raises(ShardCorruptError):
             read_shard(tmp_path / "x.ctrs")
+
+
+def test_a_manifest_of_the_wrong_shape_is_named(tmp_path):
+    from ctrflow.data.shards import load_manifest
+    from ctrflow.errors import ShardCorruptError
+
+    for text in ("[]", '{"format": "ctrflow-shards", "version": 1}'):  # AttributeError / KeyError before
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(ShardCorruptError, match="not a ctrflow shard manifest"):
+            load_manifest(tmp_path).shard_paths()
