@@ -273,7 +273,11 @@ class FeatureHasher:
         out = []
         for f in self.schema.numeric:
             x = self._float64(columns, f.name, rows)
-            out.append((log_transform(x) if f.transform == "log" else x).astype(np.float32))
+            with np.errstate(over="ignore"):
+                v = (log_transform(x) if f.transform == "log" else x).astype(np.float32)
+            if np.isinf(v).any():  # the converter rejects such rows (bad_number): no id to match
+                raise InputError(f"Field '{f.name}': value at row {int(np.flatnonzero(np.isinf(v))[0])} is beyond float32's range.")
+            out.append(v)
             rows = len(x)
         return np.stack(out, axis=1) if out else np.zeros((rows or 0, 0), np.float32)
 
@@ -319,7 +323,9 @@ class FeatureHasher:
         logs = self._log_rows
         if len(logs):
             x[logs] = log_transform(x[logs])
-        return np.ascontiguousarray(x.T, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(x.T, dtype=np.float32)
+        return None if np.isinf(out).any() else out  # the per-field path names the field and row
 
     def _flat_binary(self, cols: list[Any]) -> tuple[np.ndarray, np.ndarray, list[str] | None] | None:
         """UTF-8 bytes and offsets of all-str columns, field after field, in one pass (None: not all str)."""

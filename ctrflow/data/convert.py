@@ -625,7 +625,10 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     for j, f in enumerate(schema.numeric):
         v, vbad = _parse_floats(cols[f.name])
         reject(vbad, "bad_number", f.name)
-        numeric[:, j] = log_transform(v) if f.transform == "log" else v
+        with np.errstate(over="ignore"):
+            numeric[:, j] = log_transform(v) if f.transform == "log" else v
+        # past float32's range (an identity value over 3.4e38): the shard would hold FLT_MAX, the served graph inf
+        reject(np.isinf(numeric[:, j]), "bad_number", f.name)
         if f.mode == "both":
             exact[f.name] = v
     weight = None

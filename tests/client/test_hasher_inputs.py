@@ -52,3 +52,16 @@ def test_a_list_of_big_ints_is_numbers_on_every_path():
     import pyarrow as pa
 
     np.testing.assert_array_equal(hasher.ids({**cols, "m": pa.array([1.0, None])}), want)
+
+
+def test_identity_values_past_float32_are_refused_by_converter_and_client(tmp_path):
+    """1e300 became FLT_MAX in the shards (and from the client) but inf in the served graph: now no id for it anywhere."""
+    schema = Schema("i", "y", (CategoricalField("c", 64),), (NumericField("n", transform="identity", mode="normalize"),),
+                    columns=("y", "c", "n"))
+    (tmp_path / "x.csv").write_text("y,c,n\n1,a,1e300\n0,b,2\n1,c,-1e39\n0,d,3e38\n")
+    s = convert(tmp_path / "x.csv", tmp_path / "s", schema=schema, options=ConvertOptions(workers=1))
+    assert (s.rows, s.rejects) == (2, {"bad_number": 2})
+    hasher = FeatureHasher.from_manifest(tmp_path / "s")
+    assert hasher.numeric({"c": ["d"], "n": [3e38]}).tolist() == [[np.float32(3e38)]]
+    with pytest.raises(InputError, match="'n': value at row 1 is beyond float32's range"):
+        hasher.transform({"c": ["a", "b"], "n": [2.0, 1e300]})
