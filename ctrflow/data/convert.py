@@ -634,7 +634,7 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     weight = None
     if schema.weight:
         w, wbad = _parse_floats(cols[schema.weight])
-        reject(wbad | np.isnan(w) | (w < 0), "bad_weight", schema.weight)
+        reject(wbad | np.isnan(w) | (w < 0) | (w > np.finfo(np.float32).max), "bad_weight", schema.weight)  # inf as float32
         weight = w.astype(np.float32)
     times = None
     if schema.time:

@@ -118,3 +118,11 @@ def test_a_parquet_list_column_is_a_schema_error_naming_it(tmp_path):
     with pytest.raises(SchemaError, match=r"columns \['c \(list<element: int64>\)'\] hold lists"):
         convert(tmp_path / "x.parquet", tmp_path / "o", schema=SCHEMA, options=ConvertOptions(workers=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+
+
+def test_a_weight_past_float32_is_a_bad_weight(tmp_path):
+    """1e39 was stored as an inf weight: one row would turn the weighted loss into inf / NaN."""
+    schema = Schema("w", "y", (CategoricalField("c", 64),), weight="w", columns=("y", "c", "w"))
+    (tmp_path / "x.csv").write_text("y,c,w\n1,a,1e39\n0,b,2\n")
+    s = convert(tmp_path / "x.csv", tmp_path / "o", schema=schema, options=ConvertOptions(workers=1))
+    assert (s.rows, s.rejects) == (1, {"bad_weight": 1})
