@@ -635,7 +635,8 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
     if schema.weight:
         w, wbad = _parse_floats(cols[schema.weight])
         reject(wbad | np.isnan(w) | (w < 0) | (w > np.finfo(np.float32).max), "bad_weight", schema.weight)  # inf as float32
-        weight = w.astype(np.float32)
+        with np.errstate(over="ignore"):  # such rows are rejected just above
+            weight = w.astype(np.float32)
     times = None
     if schema.time:
         times, tbad = _parse_times(cols[schema.time])
@@ -645,8 +646,9 @@ def _process_block(block: _Block, schema_dict: dict[str, Any], staging: str, fin
         extras = np.zeros((n, len(schema.extras)), np.float32)
         for j, name in enumerate(schema.extras):
             v, vbad = _parse_floats(cols[name])
-            reject(vbad, "bad_number", name)
-            extras[:, j] = v
+            reject(vbad | (np.abs(v) > np.finfo(np.float32).max), "bad_number", name)
+            with np.errstate(over="ignore"):
+                extras[:, j] = v
     for f in schema.categorical:
         m = _bad_utf8(cols[f.name])
         if m is not None:
