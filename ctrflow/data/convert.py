@@ -187,6 +187,11 @@ class _LineCutter:
         self.line_start, self.line_no = start, first_line  # the open (unterminated) line
         self.buf = bytearray()  # bytes [blk, blk + len(buf)) when keep_data
         self.long_head: bytes | None = None  # head of the open line once it is known to be too long
+        # CSV quoting: a newline after an odd number of '"' lies inside a quoted field, so no block may end
+        # there (both halves would be misparsed). Stray quotes in unquoted fields could keep the count odd
+        # for good, so a block past 2x block_bytes is cut at a newline anyway (what it did before).
+        self.quotes = kind == "text"
+        self.quote_parity = 0  # '"' seen so far, mod 2
 
     def _emit_rows(self, end: int, out: list[_Block]) -> None:
         assert self.blk is not None
@@ -203,8 +208,9 @@ class _LineCutter:
             if upto - base > lo:
                 self.buf += c[max(lo, 0): upto - base]
 
-    def _normal(self, ends: np.ndarray, c: bytes, base: int, out: list[_Block]) -> None:
-        """Lines ending at `ends` (stream offsets after each newline) are short: cut full blocks among them."""
+    def _normal(self, ends: np.ndarray, c: bytes, base: int, out: list[_Block], outside: np.ndarray | None = None) -> None:
+        """Lines ending at `ends` (stream offsets after each newline) are short: cut full blocks among them,
+        only after newlines `outside` quoted fields (None: all are)."""
         if not len(ends):
             return
         first = 0
@@ -213,6 +219,15 @@ class _LineCutter:
             k = int(np.searchsorted(ends[first:], self.blk + self.block_bytes, side="left")) + first
             if k >= len(ends):
                 break
+            if outside is not None and not outside[k]:
+                ok = np.flatnonzero(outside[k:])
+                forced = int(np.searchsorted(ends, self.blk + 2 * self.block_bytes, side="left"))
+                if len(ok) and k + int(ok[0]) <= forced:
+                    k += int(ok[0])
+                elif forced < len(ends):
+                    k = max(forced, k)
+                else:
+                    break  # the row goes on in the next piece
             cut = int(ends[k])
             self._append(c, base, cut)
             self._emit_rows(cut, out)
@@ -236,15 +251,22 @@ class _LineCutter:
 
     def feed(self, c: bytes) -> list[_Block]:
         base, out = self.pos, []
-        ends = np.flatnonzero(np.frombuffer(c, np.uint8) == 10).astype(np.int64) + (base + 1)
+        arr = np.frombuffer(c, np.uint8)
+        ends = np.flatnonzero(arr == 10).astype(np.int64) + (base + 1)
+        outside = None
+        if self.quotes:
+            quotes = np.flatnonzero(arr == 34)
+            if len(quotes) or self.quote_parity:
+                outside = (np.searchsorted(quotes, ends - base) + self.quote_parity) % 2 == 0
+            self.quote_parity = (self.quote_parity + len(quotes)) % 2
         j = 0
         if len(ends):
             starts = np.concatenate(([self.line_start], ends[:-1]))
             for k in np.flatnonzero(ends - starts - 1 > self.max_line).tolist():
-                self._normal(ends[j:k], c, base, out)
+                self._normal(ends[j:k], c, base, out, None if outside is None else outside[j:k])
                 self._long(int(starts[k]), int(ends[k]), c, base, out)
                 j = k + 1
-        self._normal(ends[j:], c, base, out)
+        self._normal(ends[j:], c, base, out, None if outside is None else outside[j:])
         self.pos = base + len(c)
         if self.long_head is None:
             if self.pos - self.line_start > self.max_line:  # the open line is already too long: stop keeping it

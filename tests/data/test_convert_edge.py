@@ -126,3 +126,13 @@ def test_a_weight_past_float32_is_a_bad_weight(tmp_path):
     (tmp_path / "x.csv").write_text("y,c,w\n1,a,1e39\n0,b,2\n")
     s = convert(tmp_path / "x.csv", tmp_path / "o", schema=schema, options=ConvertOptions(workers=1))
     assert (s.rows, s.rejects) == (1, {"bad_weight": 1})
+
+
+def test_a_quoted_field_with_newlines_is_never_cut_between_blocks(tmp_path):
+    """A block ending inside a quoted multi-line field misparsed both halves (wrong_field_count rejects, rows lost)."""
+    rows = ["y,c,d"] + [f'{i % 2},"a\nb\nc\nd\ne\nf\ng {i}",d{i}' for i in range(1500)]
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    whole = convert(tmp_path / "x.csv", tmp_path / "a", schema=SCHEMA, options=ConvertOptions(workers=1))
+    cut = convert(tmp_path / "x.csv", tmp_path / "b", schema=SCHEMA, options=ConvertOptions(workers=1, block_bytes=4096))
+    assert (whole.shards, cut.shards) == (1, 11) and cut.rejects == {} and cut.rows == 1500
+    assert _ids(tmp_path / "b") == _ids(tmp_path / "a")
