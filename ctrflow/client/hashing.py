@@ -196,6 +196,8 @@ def siphash24(values: Any, key: tuple[int, int], *, name: str = "value") -> np.n
 
 def hash_bucket_ids(values: Any, buckets: int, key: tuple[int, int], *, name: str = "value") -> np.ndarray:
     """int32 ids in [1, buckets) (`1 + siphash % (buckets - 1)`); empty/None → 0. Equals transforms.hash_values."""
+    if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)) or not 2 <= buckets <= 0x7FFFFFFF:
+        raise InputError(f"hash_bucket_ids: buckets must be an int in [2, 2**31 - 1] (ids are int32). Got {buckets!r} instead.")
     data, offsets, ascii_values = _binary(values, name)
     h = _siphash_offsets(data, offsets, key[0], key[1], ascii_values)
     ids = (h % _U(buckets - 1)).astype(np.int64) + 1

@@ -65,3 +65,14 @@ def test_identity_values_past_float32_are_refused_by_converter_and_client(tmp_pa
     assert hasher.numeric({"c": ["d"], "n": [3e38]}).tolist() == [[np.float32(3e38)]]
     with pytest.raises(InputError, match="'n': value at row 1 is beyond float32's range"):
         hasher.transform({"c": ["a", "b"], "n": [2.0, 1e300]})
+
+
+def test_hash_bucket_ids_refuses_bucket_counts_outside_int32_ids():
+    """1 bucket divided by zero (every id 1, a numpy warning); 2**40 wrapped ids past int32 silently."""
+    from ctrflow.client.hashing import hash_bucket_ids
+    from ctrflow.data.transforms import field_hash_key
+
+    for buckets in (1, 0, 2**31, 2**40, 2.5):
+        with pytest.raises(InputError, match="buckets must be an int in"):
+            hash_bucket_ids(["a"], buckets, field_hash_key(0, "f"))
+    assert hash_bucket_ids(["a", ""], 2, field_hash_key(0, "f")).tolist() == [1, 0]
