@@ -34,8 +34,8 @@ from ctrflow.train.checkpoints import CHECKPOINTS, RunCheckpoints, checkpoint_st
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
 __all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "init_id_remap", "load_run_info",
-           "build_model_from_run", "training_step", "make_optimizers", "make_predict", "logit_correction", "run_info",
-           "check_prior_run", "check_valid_data", "WarmStart", "check_warm_start", "apply_warm_start", "resolve_validation",
+           "build_model_from_run", "training_step", "make_optimizers", "make_group_optimizer", "make_predict", "logit_correction",
+           "run_info", "check_prior_run", "check_valid_data", "WarmStart", "check_warm_start", "apply_warm_start", "resolve_validation",
            "finish_run", "write_errors", "DISTRIBUTED_KEY"]
 
 RUN_FILE = "run.json"
@@ -308,16 +308,20 @@ def init_id_remap(model: Any, data: Any, *, warm: bool = False, batch_rows: int 
     return model.set_id_counts(counts, keep=warm)
 
 
-def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):
-    """One sparse optimizer per non-empty variable group, at the group's rate scaled to the batch size."""
-    from ctrflow.train.optimizers import OptimizerGroups, make_optimizer
+def make_group_optimizer(config: TrainConfig, group: str):
+    """The sparse optimizer of variable group `group`, at the group's rate scaled to the batch size."""
+    from ctrflow.train.optimizers import make_optimizer
 
-    optimizers = {}
-    for g in OPTIMIZER_GROUPS:
-        if groups.get(g):
-            spec = config.group_optimizer(g)
-            optimizers[g] = make_optimizer(spec.name, learning_rate=config.effective_learning_rate(g), l2=config.l2,
-                                           l2_mode=config.l2_mode, **spec.extra)
+    spec = config.group_optimizer(group)
+    return make_optimizer(spec.name, learning_rate=config.effective_learning_rate(group), l2=config.l2,
+                          l2_mode=config.l2_mode, **spec.extra)
+
+
+def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):
+    """One sparse optimizer per non-empty variable group (`make_group_optimizer`)."""
+    from ctrflow.train.optimizers import OptimizerGroups
+
+    optimizers = {g: make_group_optimizer(config, g) for g in OPTIMIZER_GROUPS if groups.get(g)}
     return OptimizerGroups(optimizers, assign=group_of)
 
 
