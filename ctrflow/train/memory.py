@@ -20,7 +20,7 @@ share, total / servers, of the same estimate).
 
 Example:
     >>> est = estimate_training_state(TrainConfig(model=ModelConfig("ffm")), spec)  # doctest: +SKIP
-    >>> check_fits(est, available=8 << 30)  # raises ConfigError with the split and the fixes  # doctest: +SKIP
+    >>> check_fits(est, available=8 << 30)  # raises InsufficientMemoryError with the split and the fixes  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctrflow.data.batch import FeatureSpec
-from ctrflow.errors import ConfigError
+from ctrflow.errors import InsufficientMemoryError
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
 __all__ = ["StateEstimate", "estimate_training_state", "available_memory", "check_fits", "check_training_memory",
@@ -131,8 +131,8 @@ def _cgroup_room() -> int | None:
 
 
 def check_fits(est: StateEstimate, available: int, *, config: TrainConfig, spec: FeatureSpec) -> None:
-    """Raise `ConfigError` when `est.peak` exceeds `available` bytes, naming the estimate's parts and the fixes
-    (a --max-buckets that would fit, a narrower model, or --skip-memory-check)."""
+    """Raise `InsufficientMemoryError` (a `ConfigError`) when `est.peak` exceeds `available` bytes, naming the
+    estimate's parts and the fixes (a --max-buckets that would fit, a narrower model, or --skip-memory-check)."""
     if est.peak <= available:
         return
     m = config.model
@@ -147,7 +147,7 @@ def check_fits(est: StateEstimate, available: int, *, config: TrainConfig, spec:
     convert = (f"convert the data again with `ctrflow convert ... --max-buckets {cap}` (then --like that folder for "
                f"validation and test data)" if cap else "cap the hash buckets (`ctrflow convert ... --max-buckets N`)")
     fixes = "; ".join(x for x in (convert, width, "fewer or smaller categorical fields in the schema") if x)
-    raise ConfigError(
+    raise InsufficientMemoryError(
         f"the {m.kind} model needs about {_size(est.peak)} to train on this data: {est.describe()}; this machine has "
         f"{_size(available)} available. To fit: {fixes}. Or pass --skip-memory-check (API: "
         f"train(..., check_memory=False)) if memory will be freed or swap covers it.")

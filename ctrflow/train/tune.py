@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ctrflow.atomic import fsync_dir, replace_atomically
-from ctrflow.errors import ConfigError, CtrflowError, TrainingError
+from ctrflow.errors import ConfigError, CtrflowError, InsufficientMemoryError, TrainingError
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import MAX_EPOCHS, OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
 from ctrflow.validation import Float, Int, check_fields
@@ -236,7 +236,8 @@ def tune(
                         state["stopped_by_budget"] = True
                         rec["state"] = "budget"
                         break
-                    except TrainingError as e:  # diverged: a bad region of the space, not a failed search
+                    except (TrainingError, InsufficientMemoryError) as e:  # diverged, or too big to fit here: a bad
+                        # region of the space (e.g. ffm_dim 8 on large tables), not a failed search
                         rec["state"], rec["error"] = "failed", str(e)[:200]
                         break
                     v = float(s.valid["logloss"]) if s.valid else math.nan
