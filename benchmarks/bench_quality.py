@@ -89,7 +89,7 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
     r = evaluate(run, ds.shards["test"])
     rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
-                 "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint) if model == "ffm" else {})})
+                 "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint, config.model.ffm_pair_rate) if model == "ffm" else {})})
     shutil.rmtree(run, ignore_errors=True)
     if tune_trials:
         from ctrflow.train.tune import TuneOptions, tune
@@ -108,11 +108,10 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     return rows
 
 
-def _pair_stats(checkpoint: str | None) -> dict[str, Any]:
-    """FFM's learnt pair weights r (upper triangle) in the final checkpoint: how many end near 0, the largest."""
+def _pair_stats(checkpoint: str | None, rate: float) -> dict[str, Any]:
+    """FFM's learnt pair weights r (upper triangle) in the final checkpoint (stored as r / `rate`, the run's
+    ModelConfig.ffm_pair_rate): how many end near 0, the largest."""
     import tensorflow as tf
-
-    from ctrflow.models.ffm import PAIR_WEIGHT_SCALE
 
     if not checkpoint:
         return {}
@@ -120,7 +119,7 @@ def _pair_stats(checkpoint: str | None) -> dict[str, Any]:
     keys = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/") and k.endswith("pairs/r/.ATTRIBUTES/VARIABLE_VALUE")]
     if len(keys) != 1:
         return {}
-    r = reader.get_tensor(keys[0]) * PAIR_WEIGHT_SCALE
+    r = reader.get_tensor(keys[0]) * rate
     w = np.abs(r[np.triu_indices(r.shape[0], 1)])
     return {"pairs_below_0.1": float((w < 0.1).mean()), "pairs_below_0.01": float((w < 0.01).mean()),
             "pair_median": float(np.median(w)), "pair_top4": [round(float(v), 2) for v in np.sort(w)[::-1][:4]]}

@@ -7,7 +7,13 @@ hash-bucket sizes (~6.9M embedding rows), 2 cores:
 - DeepFM at batch 1024 vs Twitter's published 13,312 samples/s for its optimized sparse layer: >= 3x;
 - resident memory per million embedding rows (weights + LazyAdam slots).
 
+FFM (`--models ffm`) trains on shards whose hash buckets are capped at `--ffm-max-buckets` (default 16,384 per
+field: 223k rows of (fields - 1) x 4 floats, ctrflow.models.ffm's example): the preset's full 7.2M rows would
+need ~19 GiB of training state (4.1 GiB table, 8.3 GiB LazyAdam slots, the rest while it is made), more than a
+small box has. `--ffm-max-buckets 0`: the full sizes (train refuses them up front where they cannot fit).
+
 Usage: python benchmarks/bench_train.py [--rows 300000] [--steps 60] [--models lr,fm,deepfm] [--skip-keras]
+       [--ffm-max-buckets 16384]
 Prints a table, then one JSON object as the last line.
 """
 from __future__ import annotations
@@ -42,14 +48,23 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _data(out: Path, rows: int) -> Path:
-    shards = out / f"train-shards-{rows}"
+def _data(out: Path, rows: int, max_buckets: int = 0) -> Path:
+    """Shards of `rows` synthetic rows, the preset's hash buckets (capped at `max_buckets` per field when > 0)."""
+    from ctrflow.schema import PRESETS
+
+    shards = out / (f"train-shards-{rows}" + (f"-cap{max_buckets}" if max_buckets else ""))
     if not (shards / "manifest.json").exists():
         csv = out / f"train-{rows}.csv"
         if not csv.exists():
             generate(csv, GenerateOptions(rows=rows, seed=3))
-        convert(csv, shards, schema="synthetic", options=ConvertOptions(overwrite=True))
+        schema = PRESETS["synthetic"].capped(max_buckets) if max_buckets else "synthetic"
+        convert(csv, shards, schema=schema, options=ConvertOptions(overwrite=True))
     return shards
+
+
+def _table_rows(shards: Path) -> int:
+    with open_batches(shards, PipelineOptions(batch_size=1, shuffle=False)) as bs:
+        return int(sum(bs.spec.id_buckets))
 
 
 def _ctrflow(shards: Path, out: Path, kind: str, batch: int, steps: int, steps_per_call: int) -> dict:
@@ -142,13 +157,21 @@ def main() -> None:
     ap.add_argument("--models", default="lr,fm,deepfm")
     ap.add_argument("--steps-per-call", type=int, default=4)
     ap.add_argument("--skip-keras", action="store_true")
+    ap.add_argument("--ffm-max-buckets", type=int, default=16_384,
+                    help="ffm: cap every field's hash buckets at this (default 16384: 223k table rows); 0: the preset's full sizes")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
     out = REPO / args.out
     out.mkdir(exist_ok=True)
-    shards = _data(out, args.rows)
     result: dict = {"rows": args.rows}
     for kind in args.models.split(","):
+        shards = _data(out, args.rows, args.ffm_max_buckets if kind == "ffm" else 0)
+        if kind == "ffm":
+            result["ffm_max_buckets"] = args.ffm_max_buckets
+            result["ffm_table_rows"] = _table_rows(shards)
+            print(f"ffm: hash buckets capped at {args.ffm_max_buckets:,} per field ({result['ffm_table_rows']:,} table rows)"
+                  if args.ffm_max_buckets else f"ffm: the preset's full hash buckets ({result['ffm_table_rows']:,} table rows)",
+                  flush=True)
         for batch in ((4096, 1024) if kind == "deepfm" else (4096,)):
             steps = args.steps * (4096 // batch)
             runs = {k: _ctrflow(shards, out, kind, batch, steps, k) for k in sorted({1, args.steps_per_call})}
@@ -157,7 +180,7 @@ def main() -> None:
             for k, r in runs.items():
                 result[f"{kind}_b{batch}_ctrflow_k{k}_examples_per_s"] = r["examples_per_s"]
             result[f"{kind}_b{batch}_ctrflow_examples_per_s"] = ours["examples_per_s"]
-            if not args.skip_keras and batch == 4096:
+            if not args.skip_keras and batch == 4096 and kind in ("lr", "fm", "deepfm"):  # the Keras twins written here
                 k = _keras(shards, kind, batch, args.steps)
                 result[f"{kind}_b{batch}_keras_examples_per_s"] = k["examples_per_s"]
                 result[f"{kind}_b{batch}_speedup_vs_keras"] = ours["examples_per_s"] / k["examples_per_s"]

@@ -246,7 +246,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             s = train_distributed(args.data, args.out, config, cluster=args.cluster, valid=args.valid,
                                   warm_start=args.warm_start, options=options, on_progress=bar)
         else:
-            s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar)
+            s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar,
+                      check_memory=not args.skip_memory_check)
     finally:
         bar.close()
     d = s.to_dict()
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=0, help="with a cluster: most shards per table; 0 = one per ps")
     p.add_argument("--holdout-fraction", type=float,
                    help="without --valid: latest share of rows (by time) held out for validation (default 0.1; 0: none)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="allocate the tables even if their estimated training state exceeds the memory available")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)

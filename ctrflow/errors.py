@@ -12,6 +12,7 @@ __all__ = [
     "TooManyRejectsError",
     "ShardCorruptError",
     "ConfigError",
+    "InsufficientMemoryError",
     "TrainingError",
     "DeadlineExceeded",
     "QueueFullError",
@@ -25,6 +26,10 @@ class CtrflowError(Exception):
 
 class ConfigError(CtrflowError, ValueError):
     """A setting was out of range or settings conflict; the message names the value received."""
+
+
+class InsufficientMemoryError(ConfigError):
+    """The training state a config asks for would not fit in the memory available; nothing was allocated."""
 
 
 class SchemaError(CtrflowError, ValueError):

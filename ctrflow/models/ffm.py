@@ -29,10 +29,10 @@ from ctrflow.models.layers import (
     CtrModel, FieldEmbedding, FieldPairInteraction, SparseLinear, ffm_interaction, ffm_pair_fields, ffm_pair_slots,
     ffm_slot_fields, slot_dot,
 )
+from ctrflow.models.registry import PAIR_WEIGHT_SCALE  # the default of ModelConfig.ffm_pair_rate (measured: 1x, 3x, 10x, 30x)
 
 __all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
 
-PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
 # Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
 # l1 / l2; read when a model is made). Off: they sharpen the selection, but every setting tried on synthetic (L1 1e-6,
 # 3e-6, 1e-5; L2 1e-6) loses there on valid logloss, and zipfmix gains at most 0.00015 (BENCHMARKS.md, "Sharper pair
@@ -69,7 +69,7 @@ class FieldAwareFM(CtrModel):
                 self.layout, (n - 1) * config.ffm_dim, table_mode=config.table_mode, init_scale=config.init_scale,
                 seed=config.seed,
             )
-            self.pairs = FieldPairInteraction(n, scale=PAIR_WEIGHT_SCALE, l1=PAIR_L1, l2=PAIR_L2)
+            self.pairs = FieldPairInteraction(n, scale=config.ffm_pair_rate, l1=PAIR_L1, l2=PAIR_L2)
 
     def build_layers(self) -> None:
         self.linear.build()

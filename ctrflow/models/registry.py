@@ -16,7 +16,8 @@ from ctrflow.validation import Bool, Choice, Float, Int, check_fields, suggest
 if TYPE_CHECKING:
     from ctrflow.models.layers import CtrModel
 
-__all__ = ["ModelConfig", "make_model", "model_class", "MODELS", "MODEL_KINDS", "TABLE_MODES", "CROSS_STRUCTURES"]
+__all__ = ["ModelConfig", "make_model", "model_class", "MODELS", "MODEL_KINDS", "TABLE_MODES", "CROSS_STRUCTURES",
+           "PAIR_WEIGHT_SCALE"]
 
 # Model kinds by name, as written in configs and on the command line, and where each class lives. The
 # classes are imported on first use: settings (ModelConfig, TrainConfig) must load without TensorFlow.
@@ -30,6 +31,9 @@ _CLASSES = {
 }
 MODEL_KINDS = tuple(_CLASSES)
 CROSS_STRUCTURES = ("parallel", "stacked")  # dcnv2's cross/MLP arrangement
+# FFM's pair weights learn at this many times the dense group's rate by default (`ModelConfig.ffm_pair_rate`;
+# measured 1x, 3x, 10x, 30x: at 1x they barely leave their start, 1, within a run; ctrflow.models.ffm's doc).
+PAIR_WEIGHT_SCALE = 10.0
 
 
 def model_class(kind: str) -> "type[CtrModel]":
@@ -79,6 +83,10 @@ class ModelConfig:
     cross_structure: str = "stacked"  # dcnv2: "stacked" (MLP on the cross output) or "parallel" (side by side)
     cross_rank: int | None = 64  # dcnv2: low-rank cross layers of rank r (full rank when 2r >= D); None = full rank
     ffm_dim: int = 4  # ffm: width of each field-aware vector; a row holds (fields - 1) of them, 1..256
+    # ffm: the pair weights' rate as a multiple of the dense group's, in [0.01, 1000] (r is stored as r / rate, so the
+    # optimizer's steps on it move r `rate` times as far). A config written before this field reads the default.
+    # Warm starts need the parent's value (the stored r / rate would mean another r). fwfm's pair weights learn at 1x.
+    ffm_pair_rate: float = PAIR_WEIGHT_SCALE
     # Ids seen fewer than this many times in the training data share one row per field (learned from all of
     # them: "rarely seen" is itself a signal; unseen values at serving read it too); counted when a run
     # starts, kept by resumes, warm starts and exports. 0: off.
@@ -99,6 +107,7 @@ class ModelConfig:
             "cross_structure": Choice(CROSS_STRUCTURES),
             "cross_rank": Int(1, 4096, optional=True),
             "ffm_dim": Int(1, 256),
+            "ffm_pair_rate": Float(0.01, 1000.0),
             "min_count": Int(0),
         })
 

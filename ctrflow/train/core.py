@@ -29,12 +29,13 @@ from ctrflow.atomic import atomic_write_json
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.data.pipeline import PipelineOptions, open_batches
 from ctrflow.errors import ConfigError, SchemaError, TrainingError
+from ctrflow.models.registry import PAIR_WEIGHT_SCALE, ModelConfig
 from ctrflow.train.checkpoints import CHECKPOINTS, RunCheckpoints, checkpoint_step, latest_checkpoint
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
 __all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "init_id_remap", "load_run_info",
-           "build_model_from_run", "training_step", "make_optimizers", "make_predict", "logit_correction", "run_info",
-           "check_prior_run", "check_valid_data", "WarmStart", "check_warm_start", "apply_warm_start", "resolve_validation",
+           "build_model_from_run", "training_step", "make_optimizers", "make_group_optimizer", "make_predict", "logit_correction",
+           "run_info", "check_prior_run", "check_valid_data", "WarmStart", "check_warm_start", "apply_warm_start", "resolve_validation",
            "finish_run", "write_errors", "DISTRIBUTED_KEY"]
 
 RUN_FILE = "run.json"
@@ -143,7 +144,8 @@ def check_prior_run(run: Path, info: dict[str, Any], *, distributed: bool) -> di
             f"{run} was trained on data with another schema or other transforms (fingerprint {old['schema_fingerprint']}, "
             f"this data {info['schema_fingerprint']}): use a new --out, or convert this data with --like the run's original data."
         )
-    if old["config"]["model"] != info["config"]["model"]:
+    # A run.json written before a ModelConfig field existed lacks it: it reads the field's default (the model it was).
+    if ModelConfig.from_dict(old["config"]["model"]).to_dict() != info["config"]["model"]:
         raise ConfigError(f"{run} holds a {old['config']['model']} model; this command asks for {info['config']['model']}. Use a new --out.")
     if latest_checkpoint(run) is not None:
         if distributed and DISTRIBUTED_KEY not in old:
@@ -221,6 +223,11 @@ def check_warm_start(src: str | os.PathLike, info: dict[str, Any]) -> WarmStart:
     diff = {k: (tm.get(k), mm.get(k)) for k in _SHAPE_KEYS if tm.get(k) != mm.get(k)}
     if diff:
         raise TrainingError(f"cannot warm start from {src}: model shapes differ ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}).")
+    if mm["kind"] == "ffm" and float(tm.get("ffm_pair_rate", PAIR_WEIGHT_SCALE)) != float(mm["ffm_pair_rate"]):
+        rate = tm.get("ffm_pair_rate", PAIR_WEIGHT_SCALE)
+        raise ConfigError(f"cannot warm start from {src}: its FFM pair weights were trained with ffm_pair_rate {rate:g}, "
+                          f"this run asks for {mm['ffm_pair_rate']:g} (r is stored as r / rate: the parent's values would "
+                          f"mean other weights). Set ffm_pair_rate: {rate:g} in the model config, or train from scratch.")
     theirs, mine = int(tm.get("min_count") or 0), int(mm.get("min_count") or 0)
     if theirs and not mine:
         # Without a remap variable the parent's would be dropped by the partial restore: ids that shared one
@@ -301,16 +308,20 @@ def init_id_remap(model: Any, data: Any, *, warm: bool = False, batch_rows: int 
     return model.set_id_counts(counts, keep=warm)
 
 
-def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):
-    """One sparse optimizer per non-empty variable group, at the group's rate scaled to the batch size."""
-    from ctrflow.train.optimizers import OptimizerGroups, make_optimizer
+def make_group_optimizer(config: TrainConfig, group: str):
+    """The sparse optimizer of variable group `group`, at the group's rate scaled to the batch size."""
+    from ctrflow.train.optimizers import make_optimizer
 
-    optimizers = {}
-    for g in OPTIMIZER_GROUPS:
-        if groups.get(g):
-            spec = config.group_optimizer(g)
-            optimizers[g] = make_optimizer(spec.name, learning_rate=config.effective_learning_rate(g), l2=config.l2,
-                                           l2_mode=config.l2_mode, **spec.extra)
+    spec = config.group_optimizer(group)
+    return make_optimizer(spec.name, learning_rate=config.effective_learning_rate(group), l2=config.l2,
+                          l2_mode=config.l2_mode, **spec.extra)
+
+
+def make_optimizers(config: TrainConfig, groups: dict[str, list[Any]], group_of: Callable[[Any], str]):
+    """One sparse optimizer per non-empty variable group (`make_group_optimizer`)."""
+    from ctrflow.train.optimizers import OptimizerGroups
+
+    optimizers = {g: make_group_optimizer(config, g) for g in OPTIMIZER_GROUPS if groups.get(g)}
     return OptimizerGroups(optimizers, assign=group_of)
 
 

@@ -127,6 +127,7 @@ def train(
     valid: str | os.PathLike | None = None,
     warm_start: str | os.PathLike | None = None,
     on_progress: ProgressFn | None = None,
+    check_memory: bool = True,
 ) -> TrainSummary:
     """Train a model on shard folder(s) (or "-" / a binary stream) into the run folder `out`.
 
@@ -135,7 +136,8 @@ def train(
     `config.max_epochs`) and the run ends on its best checkpoint. Rerunning on an existing `out` resumes
     from its latest checkpoint. `warm_start` initializes model (and, with the same optimizer settings,
     optimizer) state from another run's latest checkpoint (same schema and model shapes). Every check
-    runs before anything is written.
+    runs before anything is written, among them (unless `check_memory` is False) that the model's tables and
+    optimizer slots fit in the memory available (`ctrflow.train.memory`): else a `ConfigError` says how to fit.
 
     Example:
         summary = ctrflow.train("shards/train", "runs/fm", TrainConfig(model=ModelConfig("fm")), valid="shards/test")
@@ -153,6 +155,10 @@ def train(
         info = core.run_info(first, config, data)
         core.check_prior_run(run, info, distributed=False)
         core.check_valid_data(valid, info)
+        if check_memory:
+            from ctrflow.train.memory import check_training_memory
+
+            check_training_memory(config, spec)
         warm = core.check_warm_start(warm_start, info) if warm_start is not None and latest_checkpoint(run) is None else None
         source = core.resolve_validation(data, valid, config, run)
         if source.train is not data:

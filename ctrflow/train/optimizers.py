@@ -145,6 +145,11 @@ class SparseOptimizer(tf.Module):
                 self.slots[key][LAST_STEP] = self._create_slot(var, LAST_STEP, 0, shape=var.shape[:1], dtype=tf.int64)
             self._built[key] = weakref.ref(var)
 
+    def slot_bytes(self, rows: int, width: int) -> int:
+        """Bytes of the slots `build` makes for a float32 `[rows, width]` table: each slot shaped like it, plus
+        the int64 `last_step` per row that l2_mode="every_step" keeps (`ctrflow.train.memory` counts them first)."""
+        return len(self._slot_initial_values()) * rows * width * 4 + (rows * 8 if self._catches_up() else 0)
+
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Gradient | None, tf.Variable]]) -> None:
         """Apply one step: update each variable from its gradient, then add 1 to `iterations`.
 

@@ -28,24 +28,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ctrflow.atomic import fsync_dir, replace_atomically
-from ctrflow.errors import ConfigError, CtrflowError, TrainingError
+from ctrflow.errors import ConfigError, CtrflowError, InsufficientMemoryError, TrainingError
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import MAX_EPOCHS, OPTIMIZER_GROUPS, GroupOptimizer, TrainConfig
 from ctrflow.validation import Float, Int, check_fields
 
 __all__ = ["TuneOptions", "TuneSummary", "tune", "SEARCH_SPACE"]
 
-# What is searched, per parameter: (low, high, log scale) for floats, a list for choices. Parameters a
-# model does not have (embeddings of `lr`, the MLP dropout of models without one) are left out.
+# What is searched, per parameter: (low, high, log scale) for floats, a list for choices. Each model searches
+# only what acts on it (`_space_for`): no embeddings for `lr`, no MLP dropout without an MLP, and FFM its own
+# vector width and pair-weight rate instead of `embedding_dim` (which it ignores).
 SEARCH_SPACE: dict[str, Any] = {
     "learning_rate": (1e-4, 3e-2, True),  # the embedding and dense groups (every group for lr)
     "linear_learning_rate": (1e-3, 1e-1, True),  # the linear group
-    "embedding_dim": [4, 8, 16, 32],
+    "embedding_dim": [4, 8, 16, 32],  # fm, fwfm, deepfm, dcnv2
+    "ffm_dim": [2, 4, 8],  # ffm: a row holds (fields - 1) vectors of this width (8: twice the default's table)
+    "ffm_pair_rate": (1.0, 30.0, True),  # ffm: the pair weights' rate / the dense group's (measured 1x..30x)
     "l2": (1e-8, 1e-3, True),
     "dropout": (0.0, 0.5, False),
     "batch_size": [1024, 2048, 4096, 8192],
 }
 MLP_MODELS = frozenset({"deepfm", "dcnv2"})  # models whose `dropout` acts (an MLP)
+MODEL_PARAMS = ("embedding_dim", "dropout", "ffm_dim", "ffm_pair_rate")  # searched ModelConfig fields
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -103,8 +107,11 @@ class _Deadline(Exception):
 
 
 def _space_for(model: str) -> list[str]:
+    """The searched parameters of model kind `model`: only those that change what it trains."""
     names = ["learning_rate", "l2", "batch_size"]
-    if model != "lr":
+    if model == "ffm":
+        names += ["linear_learning_rate", "ffm_dim", "ffm_pair_rate"]
+    elif model != "lr":
         names += ["linear_learning_rate", "embedding_dim"]
     if model in MLP_MODELS:
         names.append("dropout")
@@ -128,8 +135,8 @@ def base_params(base: TrainConfig, names: list[str]) -> dict[str, Any]:
     choice left out when the base's value is not one): the first trial, so the search starts from the
     defaults and its best is never worse than they are on the validation split."""
     own = {"learning_rate": base.group_optimizer("linear" if base.model.kind == "lr" else "embedding").learning_rate,
-           "linear_learning_rate": base.group_optimizer("linear").learning_rate, "embedding_dim": base.model.embedding_dim,
-           "l2": base.l2, "dropout": base.model.dropout, "batch_size": base.batch_size}
+           "linear_learning_rate": base.group_optimizer("linear").learning_rate, "l2": base.l2, "batch_size": base.batch_size,
+           **{k: getattr(base.model, k) for k in MODEL_PARAMS}}
     out = {}
     for n in names:
         spec = SEARCH_SPACE[n]
@@ -144,7 +151,7 @@ def base_params(base: TrainConfig, names: list[str]) -> dict[str, Any]:
 def config_with(base: TrainConfig, params: dict[str, Any], epochs: int) -> TrainConfig:
     """`base` with a trial's parameters applied (the group optimizers keep their names)."""
     model = base.model
-    mchanges = {k: params[k] for k in ("embedding_dim", "dropout") if k in params}
+    mchanges = {k: params[k] for k in MODEL_PARAMS if k in params}
     if mchanges:
         model = ModelConfig.from_dict({**model.to_dict(), **mchanges})
     # Every group explicit, starting from the rates the base config would run with (its defaults included):
@@ -179,7 +186,8 @@ def tune(
     on_trial: ProgressFn | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> TuneSummary:
-    """Search learning rates, embedding size, L2, dropout and batch size for `base.model` on `valid`.
+    """Search learning rates, embedding size, L2, dropout and batch size for `base.model` on `valid` (FFM: its
+    vector width `ffm_dim` and pair-weight rate `ffm_pair_rate` instead of the embedding size it does not use).
 
     Writes `out/` (see the module doc) only when the search has a result; on any error nothing is left.
 
@@ -228,7 +236,8 @@ def tune(
                         state["stopped_by_budget"] = True
                         rec["state"] = "budget"
                         break
-                    except TrainingError as e:  # diverged: a bad region of the space, not a failed search
+                    except (TrainingError, InsufficientMemoryError) as e:  # diverged, or too big to fit here: a bad
+                        # region of the space (e.g. ffm_dim 8 on large tables), not a failed search
                         rec["state"], rec["error"] = "failed", str(e)[:200]
                         break
                     v = float(s.valid["logloss"]) if s.valid else math.nan
