@@ -54,6 +54,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
+from ctrflow.serving.deadline import DoorPass, door_for
 from ctrflow.serving.models import hold_short_switch_interval, release_short_switch_interval
 from ctrflow.serving.rest import RestRequest, RestResponse
 
@@ -108,8 +109,9 @@ class _Shared:
         self.reads = 0  # reads from any connection (the lag probe parks while this stands still)
         self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
         # Asked once a request's head is read: (status, message) refuses it before its body is buffered
-        # (`ctrflow.serving.deadline.door_for`: overload and passed deadlines); None lets it in.
-        self.door: Callable[[str, list[tuple[bytes, bytes]], float], tuple[int, str] | None] | None = None
+        # (`ctrflow.serving.deadline.door_for`: overload and passed deadlines); a `DoorPass` lets it in
+        # with the door's lease (handed to the routes in `RestRequest.door`); None lets it in without.
+        self.door: Callable[[str, list[tuple[bytes, bytes]], float], Any] | None = None
         self.door_refused = 0  # requests so refused (also counted by their batcher's shed counter)
 
 
@@ -164,6 +166,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._body: bytes | bytearray = b""
         self._arrived = 0.0
         self._turned_away: tuple[int, str] | None = None  # refused at the door: its body is read and dropped
+        self._pass: DoorPass | None = None  # let in by the door: its lease, until the request is complete
         self._method = ""
         self._path = ""
         self._query = ""
@@ -199,6 +202,10 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._drain_timer.cancel()
         while self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
+        self._drop_pass()
+        for request, _ in self._queue:  # read, never started: their leases go back (a started one's route returns its own)
+            if type(request) is RestRequest and request.door is not None:
+                request.door.release()
         self._queue.clear()
         if self.flow is not None:
             self.flow.resume_writing()
@@ -341,9 +348,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
             # Under overload most requests are refused: decided here, a refusal skips buffering, decoding
             # and routing its body (read and dropped below, so the connection stays in step).
             try:
-                self._turned_away = door(self._path, self.headers, self._arrived)
+                answer = door(self._path, self.headers, self._arrived)
             except Exception:  # noqa: BLE001 - a bug in the door must not refuse the request: let it in
                 log.exception("the door failed on POST %s; letting the request in", self._path)
+            else:
+                if type(answer) is tuple:
+                    self._turned_away = answer
+                else:
+                    self._pass = answer  # returned by `_refuse`/`connection_lost` if the request never completes
         self._reserve(length if self._turned_away is None else 0, new_request=True)  # nothing to buffer when refused
         if length or self._chunked:
             self._set_timer(self.shared.body_timeout_s, "body")
@@ -391,7 +403,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self.shared.door_refused += 1
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
-        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived)
+        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived, self._pass)
+        self._pass = None  # the request's now: taken by its route, or returned when it is answered or dropped
         self._body = b""
         parser = self.parser
         self._queue.append((request, parser.get_http_version() != "1.0" and parser.should_keep_alive()))
@@ -429,7 +442,11 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     async def _answer(self, request: RestRequest, keep_alive: bool) -> None:
         try:
-            response = await self.handle(request)
+            try:
+                response = await self.handle(request)
+            finally:
+                if request.door is not None:  # a lease its route did not take (e.g. answered 404/415)
+                    request.door.release()
             extra = response.headers
             head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
                 STATUS_LINE[response.status], _date_field(), response.content_type, len(response.body))
@@ -519,8 +536,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
 
+    def _drop_pass(self) -> None:
+        door_pass, self._pass = self._pass, None
+        if door_pass is not None:
+            door_pass.release()
+
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` after the requests before it, stop reading requests, close soon."""
+        self._drop_pass()  # the request being read (if the door let it in) is never answered
         if self._phase == "refused":
             return
         self._phase = "refused"
@@ -581,8 +604,6 @@ class HttpTransport:
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
-        from ctrflow.serving.deadline import door_for
-
         self.shared.door = door_for(getattr(handle, "__self__", None))
         protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,),
                         {"shared": self.shared, "handle": staticmethod(handle)})
