@@ -137,8 +137,10 @@ def door_for(routes: Any) -> Door | None:
                     budget_ms = float(value)
                 except ValueError:
                     return None
-            elif key == b"content-type" and value.split(b";")[0].strip().lower() == _CONTEXT_TYPE:
-                return None
+            elif key == b"content-type":
+                media = value.lower()
+                if b"context" in media and media.split(b";")[0].strip() == _CONTEXT_TYPE:
+                    return None
         if budget_ms is None or not math.isfinite(budget_ms) or budget_ms <= 0:
             return None
         try:

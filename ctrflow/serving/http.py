@@ -99,6 +99,8 @@ class _Shared:
         self.max_connections = int(options.max_connections)
         self.head_timeout_s = float(options.head_timeout_s)
         self.body_timeout_s = float(options.body_timeout_s)
+        self.head_timer = ("head", self.head_timeout_s)  # (what, seconds) of a connection's deadline, made once
+        self.body_timer = ("body", self.body_timeout_s)
         self.drain_timeout_s = float(options.drain_timeout_s)
         self.buffered = 0  # body bytes reserved by requests not yet answered, all connections
         self.refused: dict[int, int] = {}  # status → count, for tests and metrics
@@ -115,6 +117,8 @@ class _Shared:
         self.door_refused = 0  # requests so refused (also counted by their batcher's shed counter)
 
 
+_VALID_FIELDS: set[tuple[bytes, bytes]] = set()  # response header fields already checked (no CR/LF/NUL)
+_VALID_FIELDS_MAX = 1024
 _date: tuple[int, bytes] = (0, b"")  # (second, its Date field): formatted once per second, not per answer
 
 
@@ -173,6 +177,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._reserved: deque[list[int]] = deque()  # per request not yet answered: [bytes reserved]
         self._deadline: float | None = None  # loop time by which the head or body must be complete
         self._deadline_for: tuple[str, float] = ("head", 0.0)  # what, and its timeout in seconds
+        self._idle_timer = ("idle", float(self.timeout_keep_alive))
         self._drain_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: bytes | None = None
         self._lingered = 0
@@ -269,7 +274,9 @@ class StrictHttpProtocol(HttpToolsProtocol):
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        self._arrived = time.monotonic() - self.shared.loop_lag_s
+        shared = self.shared
+        now = time.monotonic()  # (asyncio's loop.time() is this clock: the sweep compares deadlines with it)
+        self._arrived = now - shared.loop_lag_s
         self.url = b""
         self.headers = []
         self.expect_100_continue = False
@@ -281,7 +288,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._trailer_fields = self._trailer_bytes = self._body_bytes = self._chunks = 0
         self._chunked = False
         self._turned_away = None
-        self._set_timer(self.shared.head_timeout_s, "head")
+        self._deadline_for = timer = shared.head_timer  # `_set_timer`, inline: once per request
+        self._deadline = now + timer[1]
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._phase == "body":  # a trailer field: counted, bounded, dropped (routes never see trailers)
@@ -303,7 +311,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        self._deadline = None  # `_cancel_timer`
         self._phase = "body"
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
@@ -358,7 +366,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
                     self._pass = answer  # returned by `_refuse`/`connection_lost` if the request never completes
         self._reserve(length if self._turned_away is None else 0, new_request=True)  # nothing to buffer when refused
         if length or self._chunked:
-            self._set_timer(self.shared.body_timeout_s, "body")
+            self._deadline_for = timer = self.shared.body_timer
+            self._deadline = time.monotonic() + timer[1]
             if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
                 if self._busy or self._queue:
                     self._continue_owed = True
@@ -393,7 +402,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._body = bytearray(self._body) + body
 
     def on_message_complete(self) -> None:
-        self._cancel_timer()
+        self._deadline = None  # `_cancel_timer`
         self._phase = "idle"
         if self._turned_away is not None:  # answered in order by `_pump`, without a task or the routes
             parser = self.parser
@@ -451,9 +460,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
             head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
                 STATUS_LINE[response.status], _date_field(), response.content_type, len(response.body))
             if extra:
-                for name, value in extra:
-                    if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                        raise ValueError(f"invalid response header {name!r}: {value!r}")
+                for pair in extra:
+                    if pair not in _VALID_FIELDS:  # (a handful: x-model-version per version, rollout arms)
+                        name, value = pair
+                        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                            raise ValueError(f"invalid response header {name!r}: {value!r}")
+                        if len(_VALID_FIELDS) >= _VALID_FIELDS_MAX:
+                            _VALID_FIELDS.clear()
+                        _VALID_FIELDS.add(pair)
                 head += b"".join(b"%s: %s\r\n" % pair for pair in extra)
             body = b"" if request.method == "HEAD" else response.body
         except Exception:  # noqa: BLE001 - the routes answer their own errors; this is a bug, logged
@@ -472,7 +486,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if keep_alive:
             transport.write(head + b"\r\n" + body)
             if self._phase == "idle" and not self._queue:  # nothing more read: the connection is idle now
-                self._set_timer(self.timeout_keep_alive, "idle")
+                self._deadline_for = timer = self._idle_timer
+                self._deadline = time.monotonic() + timer[1]
             self._pump()
         else:
             transport.write(head + b"connection: close\r\n\r\n" + body)
@@ -511,7 +526,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _set_timer(self, seconds: float, what: str) -> None:
         # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
-        # which costs less per request than arming and cancelling TimerHandles.
+        # which costs less per request than arming and cancelling TimerHandles. (Inlined on the
+        # per-request path: on_message_begin, on_headers_complete, _answer.)
         self._deadline = self.loop.time() + seconds
         self._deadline_for = (what, seconds)
 
