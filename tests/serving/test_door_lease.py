@@ -26,8 +26,8 @@ def live(request, tmp_path):
     base = tmp_path / "ctr"
     sf.copy_version(version_dir, base, 1)
     server = serve(ServeOptions(model_base_path=str(base), port=0, poll_interval_s=3600.0, drain_grace_s=10,
-                                batching=BatchingOptions(max_batch_size=256, batch_timeout_ms=batch_timeout_ms), body_timeout_s=body_timeout_s,
-                                max_rows_per_request=50, max_body_bytes=1 << 16))
+                                batching=BatchingOptions(max_batch_size=256, batch_timeout_ms=batch_timeout_ms),
+                                body_timeout_s=body_timeout_s, max_rows_per_request=50, max_body_bytes=1 << 16))
     try:
         with server.manager.lease("ctr") as predictor:
             ids, numeric = FeatureHasher.from_manifest(predictor.path).transform(columns(rows[:60]))
