@@ -8,9 +8,15 @@
    scores checked equal. CPU µs per prediction.
 3. `generator`: the load generator's own CPU per request against one child server at `--rate`: the former
    client (`_HttpPool`, a task per request; `wait_for` as bench_overload had it) against `_OpenLoopHttp`.
+4. `loop`: the HTTP server's event-loop thread's own CPU per `:predict_ids` request (100 candidates), this
+   tree's server against the one under `--old-tree`: both child processes run at once (pinned to
+   `--server-cpu`), driven closed-loop by `--connections` keep-alive connections from this process (pinned
+   to the other cores) in alternating slices (old, new, new, old, ...) of `--requests` answers per round
+   each; the loop thread's CPU and the whole server's from the kernel's per-thread run time
+   (/proc/PID/task/TID/schedstat, ns).
 
-Usage: python benchmarks/bench_wire_costs.py --model-base-path DIR [--old-tree DIR] [--parts decode,strings,generator]
-       [--rounds 3] [--rate 800] [--seconds 5]
+Usage: python benchmarks/bench_wire_costs.py --model-base-path DIR [--old-tree DIR] [--parts decode,strings,generator,loop]
+       [--rounds 3] [--rate 800] [--seconds 5] [--requests 3000] [--connections 8] [--server-cpu 1]
 Pin it (`taskset -c 1`) for parts 1-2 on a shared machine. Prints a table per part, then one JSON line.
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -265,6 +272,150 @@ def part_generator(base: str, rate: float, seconds: float, rounds: int) -> dict:
     return {"rate_rps": rate, "rounds": out}
 
 
+_LOOP_CHILD = """
+import json, sys, threading
+from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.server import ServeOptions, serve
+spec = json.loads(sys.argv[1])
+server = serve(ServeOptions(model_base_path=spec["base"], model_name=spec["name"], port=0, poll_interval_s=3600.0,
+                            batching=BatchingOptions(**spec["batching"])))
+tid = next(t.native_id for t in threading.enumerate() if t.name == "ctrflow-http")
+print("LOOP", server.port, tid, flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def _run_ns(pid: int, tid: int | None = None) -> int:
+    """On-CPU time of one thread of `pid` (or of all its threads), ns, from the scheduler's own account."""
+    tids = [tid] if tid is not None else [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    total = 0
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
+async def _closed_loop(port: int, requests: list[bytes], n: int, connections: int) -> dict[int, int]:
+    """`n` requests over `connections` keep-alive connections, each sending its next one when answered."""
+    statuses: dict[int, int] = {}
+    left = [n]
+
+    async def one(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        while left[0] > 0:
+            left[0] -= 1
+            writer.write(requests[i % len(requests)])
+            i += connections
+            head = await reader.readuntil(b"\r\n\r\n")
+            at = head.lower().find(b"content-length:")
+            length = int(head[at + 15:head.find(b"\r\n", at)])
+            await reader.readexactly(length)
+            status = int(head[9:12])
+            statuses[status] = statuses.get(status, 0) + 1
+        writer.close()
+
+    await asyncio.gather(*(one(k) for k in range(connections)))
+    return statuses
+
+
+def _start_loop_child(tree: str, spec: str, server_cpu: int | None) -> tuple[Any, int, int]:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": tree, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-c", _LOOP_CHILD, spec]
+    if server_cpu is not None:
+        cmd = ["taskset", "-c", str(server_cpu), *cmd]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                            text=True, cwd=tree)
+    line = ""
+    for _ in range(100):
+        line = proc.stdout.readline()
+        if line.startswith("LOOP ") or not line:
+            break
+    if not line.startswith("LOOP "):
+        _stop_child(proc)
+        raise SystemExit(f"error: the server of {tree} did not start (exit code {proc.poll()}).")
+    _, port, tid = line.split()
+    return proc, int(port), int(tid)
+
+
+def _stop_child(proc: Any) -> None:
+    import subprocess
+
+    try:
+        proc.stdin.close()
+        proc.wait(30)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait(10)
+
+
+def part_loop(base: str, old_tree: str, rounds: int, n: int, connections: int, server_cpu: int | None,
+              slices: int = 10) -> dict:
+    """Both servers run at once; each round drives them in `slices` alternating slices of n/slices requests
+    (old, new, new, old, ...), so both see the same moments of a shared machine."""
+    features, schema, folder = loadgen._model_info(base)
+    name = Path(base).name
+    options = loadgen.LoadOptions(model_base_path=base, protocol="ids", candidates=100, distinct_bodies=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = loadgen._bodies(options, loadgen._sample_data(options, features, schema, Path(tmp)), features, folder)
+    from ctrflow.client.ids import IDS_CONTENT_TYPE
+
+    requests = [(f"POST /v1/models/{name}:predict_ids HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {IDS_CONTENT_TYPE}\r\n"
+                 f"Content-Length: {len(b)}\r\nX-Deadline-Ms: 1000\r\n\r\n").encode() + b for b in bodies]
+    batching = {"max_batch_size": 4096, "batch_timeout_ms": 2.0, "num_batch_threads": 1}
+    spec = json.dumps({"base": base, "name": name, "batching": batching})
+    trees = {"old": str(Path(old_tree).resolve()), "new": str(REPO)}
+    if server_cpu is not None:
+        others = sorted(os.sched_getaffinity(0) - {server_cpu})
+        if others:
+            os.sched_setaffinity(0, others)
+    servers = {}
+    out = []
+    per_slice = max(1, n // slices)
+    try:
+        for label, tree in trees.items():
+            servers[label] = _start_loop_child(tree, spec, server_cpu)
+        for proc, port, _ in servers.values():
+            asyncio.run(_closed_loop(port, requests, 500, connections))  # warm-up: cost model, caches
+        for r in range(rounds):
+            acc = {label: {"loop_ns": 0, "server_ns": 0, "s": 0.0, "statuses": {}} for label in trees}
+            for k in range(slices):
+                order = ("old", "new") if (r + k) % 2 == 0 else ("new", "old")
+                for label in order:
+                    proc, port, tid = servers[label]
+                    a = acc[label]
+                    loop0, all0, t0 = _run_ns(proc.pid, tid), _run_ns(proc.pid), time.perf_counter()
+                    statuses = asyncio.run(_closed_loop(port, requests, per_slice, connections))
+                    loop1, all1, t1 = _run_ns(proc.pid, tid), _run_ns(proc.pid), time.perf_counter()
+                    a["loop_ns"] += loop1 - loop0
+                    a["server_ns"] += all1 - all0
+                    a["s"] += t1 - t0
+                    for code, c in statuses.items():
+                        a["statuses"][code] = a["statuses"].get(code, 0) + c
+            m = per_slice * slices
+            row = {"round": r, "requests_each": m, "load_average": os.getloadavg()[0]}
+            for label, a in acc.items():
+                row[label] = {"loop_us_per_request": round(a["loop_ns"] / m / 1e3, 1),
+                              "server_us_per_request": round(a["server_ns"] / m / 1e3, 1),
+                              "req_per_s": round(m / a["s"], 1), "statuses": a["statuses"]}
+            row["loop_new_over_old"] = round(row["new"]["loop_us_per_request"] / row["old"]["loop_us_per_request"], 3)
+            out.append(row)
+            print(f"  round {r}: loop thread old {row['old']['loop_us_per_request']:6.1f}  new {row['new']['loop_us_per_request']:6.1f} "
+                  f"µs/request (new/old {row['loop_new_over_old']:.3f}); server old {row['old']['server_us_per_request']:7.1f}  "
+                  f"new {row['new']['server_us_per_request']:7.1f}; statuses old {row['old']['statuses']} new {row['new']['statuses']}; "
+                  f"load {row['load_average']:.1f}", flush=True)
+    finally:
+        for proc, _, _ in servers.values():
+            _stop_child(proc)
+    return {"connections": connections, "server_cpu": server_cpu, "batching": batching, "slices": slices, "rounds": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--model-base-path", required=True)
@@ -273,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=800.0)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--requests", type=int, default=3000, help="part 'loop': answers measured per server")
+    ap.add_argument("--connections", type=int, default=8, help="part 'loop': closed-loop connections")
+    ap.add_argument("--server-cpu", type=int, default=None, help="part 'loop': pin each server to this core (this process: the others)")
     args = ap.parse_args(argv)
     base = str(Path(args.model_base_path).resolve())
     parts = [p for p in args.parts.split(",") if p]
@@ -288,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     if "generator" in parts:
         print(f"load generator's own CPU per request at {args.rate:g} req/s against one child server:")
         result["generator"] = part_generator(base, args.rate, args.seconds, args.rounds)
+    if "loop" in parts:
+        if not args.old_tree:
+            raise SystemExit("error: part 'loop' needs --old-tree DIR (the server to compare with).")
+        print(f"event-loop thread CPU per :predict_ids request (closed loop, {args.connections} connections):")
+        result["loop"] = part_loop(base, args.old_tree, args.rounds, args.requests, args.connections, args.server_cpu)
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
     return 0

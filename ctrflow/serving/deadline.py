@@ -14,7 +14,10 @@ parsing and waiting for the event loop are spent from the budget rather than add
 
 The first two are also asked at the door (`door_for`): the HTTP transport asks once a request's head is
 read, before its body is buffered and decoded, so under overload a refusal costs parsing a head, not
-a request (the body is still read and dropped: the connection stays usable, framing intact).
+a request (the body is still read and dropped: the connection stays usable, framing intact). A request
+the door lets in carries the door's lease of the model version and its deadline to the route (`DoorPass`):
+one lease per request, taken at the head and returned once, by the route or by the transport if the
+request never reaches one (a body that times out, is too large, or a client gone before it is answered).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Any
 
 from ctrflow.errors import CtrflowError, DeadlineExceeded, QueueFullError
 
-__all__ = ["admit", "batcher_for", "door_for", "left_ms"]
+__all__ = ["DoorPass", "admit", "batcher_for", "door_for", "left_ms"]
 
 # The verbs asked at the door, and the signature whose batcher answers them. Context bodies and JSON
 # `:predict` (which may name any signature) are left to their routes.
@@ -66,13 +69,48 @@ def admit(predictor: Any, rows: int, deadline: float | None, signature: str = "s
     return left_ms(deadline)
 
 
-Door = Callable[[str, list[tuple[bytes, bytes]], float], "tuple[int, str] | None"]
+class DoorPass:
+    """What the door learnt of a request it let in: the model version it leased for it and its deadline.
+
+    Exactly one owner returns the lease: the route that takes it (`take`, then its own release), else
+    whoever drops the request (`release`: idempotent, so a request dropped twice returns it once). The
+    version stays open while its request is read and queued, as it does while the request is computed
+    (a retired version closes after its last lease, or after `drain_grace_s`)."""
+
+    __slots__ = ("_manager", "_loaded", "name", "deadline", "budget_ms")
+
+    def __init__(self, manager: Any, loaded: Any, name: str, deadline: float, budget_ms: float) -> None:
+        self._manager = manager
+        self._loaded = loaded
+        self.name = name  # the model leased (newest version: the path named no version or label)
+        self.deadline = deadline  # time.monotonic() deadline: arrival + budget_ms
+        self.budget_ms = budget_ms  # X-Deadline-Ms, else the server's default_timeout_ms
+
+    def take(self, name: str) -> Any:
+        """The leased `ServedVersion` of `name`, now the caller's to release; None if it is not that
+        model's or was taken or released already."""
+        loaded = self._loaded
+        if loaded is None or name != self.name:
+            return None
+        self._loaded = None
+        return loaded
+
+    def release(self) -> None:
+        """Return the lease unless it was taken or returned already."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self._manager.release(loaded)
+
+
+Door = Callable[[str, list[tuple[bytes, bytes]], float], "tuple[int, str] | DoorPass | None"]
 
 
 def door_for(routes: Any) -> Door | None:
-    """`door(path, headers, arrived) -> (status, message) | None` for the REST routes `routes`: the
-    load refusal (503/504) `admit` would give, decided from its head alone (None: let it in; a request
-    the route would answer 400/415 may get the 503 instead under overload).
+    """`door(path, headers, arrived) -> (status, message) | DoorPass | None` for the REST routes
+    `routes`: the load refusal (503/504) `admit` would give, decided from its head alone; else the
+    request is let in, with its lease and deadline (`DoorPass`, for the route to take) or without (None:
+    the door did not decide; the route leases itself). A request the route would answer 400/415 may get
+    the 503 instead under overload.
 
     It asks the batcher about one row without the partial batch's timeout (`admit(lower_bound=True)`),
     less than any request can cost, so it never refuses what `admit` would accept once the rows are
@@ -84,7 +122,7 @@ def door_for(routes: Any) -> Door | None:
     if manager is None:
         return None
 
-    def door(path: str, headers: list[tuple[bytes, bytes]], arrived: float) -> tuple[int, str] | None:
+    def door(path: str, headers: list[tuple[bytes, bytes]], arrived: float) -> tuple[int, str] | DoorPass | None:
         if not path.startswith("/v1/models/"):
             return None
         name, _, verb = path[11:].rpartition(":")
@@ -99,8 +137,10 @@ def door_for(routes: Any) -> Door | None:
                     budget_ms = float(value)
                 except ValueError:
                     return None
-            elif key == b"content-type" and value.split(b";")[0].strip().lower() == _CONTEXT_TYPE:
-                return None
+            elif key == b"content-type":
+                media = value.lower()
+                if b"context" in media and media.split(b";")[0].strip() == _CONTEXT_TYPE:
+                    return None
         if budget_ms is None or not math.isfinite(budget_ms) or budget_ms <= 0:
             return None
         try:
@@ -109,19 +149,22 @@ def door_for(routes: Any) -> Door | None:
             loaded = manager.acquire(name)
         except (CtrflowError, LookupError):
             return None
+        deadline = arrived + budget_ms / 1e3
         try:
             batcher = batcher_for(loaded.predictor, signature)
-            deadline = arrived + budget_ms / 1e3
             left_ms(deadline, budget_ms)
             if batcher is not None and hasattr(batcher, "admit"):
                 batcher.admit(1, deadline=deadline, lower_bound=True)
-            return None
         except DeadlineExceeded as e:
             refusal = 504, str(e)
         except QueueFullError as e:
             refusal = 503, str(e)
-        finally:
+        except BaseException:
             manager.release(loaded)
+            raise
+        else:
+            return DoorPass(manager, loaded, name, deadline, budget_ms)
+        manager.release(loaded)
         metrics = getattr(routes, "metrics", None)
         if metrics is not None:  # counted with the routes' answers (ctrflow_requests_total by code)
             metrics.observe(name, protocol, refusal[0], max(0.0, time.monotonic() - arrived), 0)

@@ -54,6 +54,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
+from ctrflow.serving.deadline import DoorPass, door_for
 from ctrflow.serving.models import hold_short_switch_interval, release_short_switch_interval
 from ctrflow.serving.rest import RestRequest, RestResponse
 
@@ -98,6 +99,8 @@ class _Shared:
         self.max_connections = int(options.max_connections)
         self.head_timeout_s = float(options.head_timeout_s)
         self.body_timeout_s = float(options.body_timeout_s)
+        self.head_timer = ("head", self.head_timeout_s)  # (what, seconds) of a connection's deadline, made once
+        self.body_timer = ("body", self.body_timeout_s)
         self.drain_timeout_s = float(options.drain_timeout_s)
         self.buffered = 0  # body bytes reserved by requests not yet answered, all connections
         self.refused: dict[int, int] = {}  # status → count, for tests and metrics
@@ -108,11 +111,14 @@ class _Shared:
         self.reads = 0  # reads from any connection (the lag probe parks while this stands still)
         self.wake_prober: Callable[[], None] | None = None  # set while the lag probe is parked
         # Asked once a request's head is read: (status, message) refuses it before its body is buffered
-        # (`ctrflow.serving.deadline.door_for`: overload and passed deadlines); None lets it in.
-        self.door: Callable[[str, list[tuple[bytes, bytes]], float], tuple[int, str] | None] | None = None
+        # (`ctrflow.serving.deadline.door_for`: overload and passed deadlines); a `DoorPass` lets it in
+        # with the door's lease (handed to the routes in `RestRequest.door`); None lets it in without.
+        self.door: Callable[[str, list[tuple[bytes, bytes]], float], Any] | None = None
         self.door_refused = 0  # requests so refused (also counted by their batcher's shed counter)
 
 
+_VALID_FIELDS: set[tuple[bytes, bytes]] = set()  # response header fields already checked (no CR/LF/NUL)
+_VALID_FIELDS_MAX = 1024
 _date: tuple[int, bytes] = (0, b"")  # (second, its Date field): formatted once per second, not per answer
 
 
@@ -164,12 +170,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._body: bytes | bytearray = b""
         self._arrived = 0.0
         self._turned_away: tuple[int, str] | None = None  # refused at the door: its body is read and dropped
+        self._pass: DoorPass | None = None  # let in by the door: its lease, until the request is complete
         self._method = ""
         self._path = ""
         self._query = ""
         self._reserved: deque[list[int]] = deque()  # per request not yet answered: [bytes reserved]
         self._deadline: float | None = None  # loop time by which the head or body must be complete
         self._deadline_for: tuple[str, float] = ("head", 0.0)  # what, and its timeout in seconds
+        self._idle_timer = ("idle", float(self.timeout_keep_alive))
         self._drain_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: bytes | None = None
         self._lingered = 0
@@ -199,6 +207,10 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._drain_timer.cancel()
         while self._reserved:
             self.shared.buffered -= self._reserved.popleft()[0]
+        self._drop_pass()
+        for request, _ in self._queue:  # read, never started: their leases go back (a started one's route returns its own)
+            if type(request) is RestRequest and request.door is not None:
+                request.door.release()
         self._queue.clear()
         if self.flow is not None:
             self.flow.resume_writing()
@@ -262,7 +274,9 @@ class StrictHttpProtocol(HttpToolsProtocol):
         # A request's deadline (X-Deadline-Ms) counts from its first byte, so reading it, waiting for the
         # loop and parsing it are spent from its budget, not added on top (ctrflow.serving.rest). The
         # first byte's time as well as we can know it: when the loop read it, less how late the loop runs.
-        self._arrived = time.monotonic() - self.shared.loop_lag_s
+        shared = self.shared
+        now = time.monotonic()  # (asyncio's loop.time() is this clock: the sweep compares deadlines with it)
+        self._arrived = now - shared.loop_lag_s
         self.url = b""
         self.headers = []
         self.expect_100_continue = False
@@ -274,7 +288,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._trailer_fields = self._trailer_bytes = self._body_bytes = self._chunks = 0
         self._chunked = False
         self._turned_away = None
-        self._set_timer(self.shared.head_timeout_s, "head")
+        self._deadline_for = timer = shared.head_timer  # `_set_timer`, inline: once per request
+        self._deadline = now + timer[1]
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._phase == "body":  # a trailer field: counted, bounded, dropped (routes never see trailers)
@@ -296,7 +311,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        self._deadline = None  # `_cancel_timer`
         self._phase = "body"
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
@@ -341,12 +356,18 @@ class StrictHttpProtocol(HttpToolsProtocol):
             # Under overload most requests are refused: decided here, a refusal skips buffering, decoding
             # and routing its body (read and dropped below, so the connection stays in step).
             try:
-                self._turned_away = door(self._path, self.headers, self._arrived)
+                answer = door(self._path, self.headers, self._arrived)
             except Exception:  # noqa: BLE001 - a bug in the door must not refuse the request: let it in
                 log.exception("the door failed on POST %s; letting the request in", self._path)
+            else:
+                if type(answer) is tuple:
+                    self._turned_away = answer
+                else:
+                    self._pass = answer  # returned by `_refuse`/`connection_lost` if the request never completes
         self._reserve(length if self._turned_away is None else 0, new_request=True)  # nothing to buffer when refused
         if length or self._chunked:
-            self._set_timer(self.shared.body_timeout_s, "body")
+            self._deadline_for = timer = self.shared.body_timer
+            self._deadline = time.monotonic() + timer[1]
             if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
                 if self._busy or self._queue:
                     self._continue_owed = True
@@ -381,7 +402,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._body = bytearray(self._body) + body
 
     def on_message_complete(self) -> None:
-        self._cancel_timer()
+        self._deadline = None  # `_cancel_timer`
         self._phase = "idle"
         if self._turned_away is not None:  # answered in order by `_pump`, without a task or the routes
             parser = self.parser
@@ -391,7 +412,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self.shared.door_refused += 1
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
-        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived)
+        request = RestRequest(self._method, self._path, headers, self._body, self._query, self._arrived, self._pass)
+        self._pass = None  # the request's now: taken by its route, or returned when it is answered or dropped
         self._body = b""
         parser = self.parser
         self._queue.append((request, parser.get_http_version() != "1.0" and parser.should_keep_alive()))
@@ -429,14 +451,23 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     async def _answer(self, request: RestRequest, keep_alive: bool) -> None:
         try:
-            response = await self.handle(request)
+            try:
+                response = await self.handle(request)
+            finally:
+                if request.door is not None:  # a lease its route did not take (e.g. answered 404/415)
+                    request.door.release()
             extra = response.headers
             head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
                 STATUS_LINE[response.status], _date_field(), response.content_type, len(response.body))
             if extra:
-                for name, value in extra:
-                    if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                        raise ValueError(f"invalid response header {name!r}: {value!r}")
+                for pair in extra:
+                    if pair not in _VALID_FIELDS:  # (a handful: x-model-version per version, rollout arms)
+                        name, value = pair
+                        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                            raise ValueError(f"invalid response header {name!r}: {value!r}")
+                        if len(_VALID_FIELDS) >= _VALID_FIELDS_MAX:
+                            _VALID_FIELDS.clear()
+                        _VALID_FIELDS.add(pair)
                 head += b"".join(b"%s: %s\r\n" % pair for pair in extra)
             body = b"" if request.method == "HEAD" else response.body
         except Exception:  # noqa: BLE001 - the routes answer their own errors; this is a bug, logged
@@ -455,7 +486,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if keep_alive:
             transport.write(head + b"\r\n" + body)
             if self._phase == "idle" and not self._queue:  # nothing more read: the connection is idle now
-                self._set_timer(self.timeout_keep_alive, "idle")
+                self._deadline_for = timer = self._idle_timer
+                self._deadline = time.monotonic() + timer[1]
             self._pump()
         else:
             transport.write(head + b"connection: close\r\n\r\n" + body)
@@ -494,7 +526,8 @@ class StrictHttpProtocol(HttpToolsProtocol):
 
     def _set_timer(self, seconds: float, what: str) -> None:
         # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
-        # which costs less per request than arming and cancelling TimerHandles.
+        # which costs less per request than arming and cancelling TimerHandles. (Inlined on the
+        # per-request path: on_message_begin, on_headers_complete, _answer.)
         self._deadline = self.loop.time() + seconds
         self._deadline_for = (what, seconds)
 
@@ -519,8 +552,14 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
 
+    def _drop_pass(self) -> None:
+        door_pass, self._pass = self._pass, None
+        if door_pass is not None:
+            door_pass.release()
+
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` after the requests before it, stop reading requests, close soon."""
+        self._drop_pass()  # the request being read (if the door let it in) is never answered
         if self._phase == "refused":
             return
         self._phase = "refused"
@@ -581,8 +620,6 @@ class HttpTransport:
         self.options = options
         self._handle = handle
         self.shared = _Shared(options)
-        from ctrflow.serving.deadline import door_for
-
         self.shared.door = door_for(getattr(handle, "__self__", None))
         protocol = type("BoundStrictHttpProtocol", (StrictHttpProtocol,),
                         {"shared": self.shared, "handle": staticmethod(handle)})

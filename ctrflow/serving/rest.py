@@ -87,6 +87,9 @@ class RestRequest:
     body: bytes | bytearray = b""
     query: str = ""
     arrived: float | None = None  # time.monotonic() of the request's first byte; its deadline counts from here
+    # What the HTTP door learnt (`ctrflow.serving.deadline.DoorPass`): the model version it leased and the
+    # deadline; the route takes the lease instead of leasing again. None: the route leases itself.
+    door: Any = None
 
 
 @dataclass
@@ -221,6 +224,10 @@ class RestRoutes:
     def _deadline(self, request: RestRequest) -> float | None:
         """The request's absolute deadline (`time.monotonic()`): its first byte + X-Deadline-Ms (or the
         server default); None without one. Already passed: DeadlineExceeded (504) before any work."""
+        door = request.door
+        if door is not None:  # the door read the same header from the same first byte
+            left_ms(door.deadline, door.budget_ms)
+            return door.deadline
         budget_ms = self._timeout_ms(request.headers)
         if budget_ms is None:
             return None
@@ -228,6 +235,16 @@ class RestRoutes:
         deadline = arrived + budget_ms / 1e3
         left_ms(deadline, budget_ms)
         return deadline
+
+    def _acquire(self, request: RestRequest, target: ModelTarget) -> Any:
+        """Lease the version `target` names: the one the door leased for this request if it names the
+        same (the newest of that model), else a lease of its own; pair with `manager.release`."""
+        door = request.door
+        if door is not None and target.version is None and target.label is None:
+            loaded = door.take(target.name)
+            if loaded is not None:
+                return loaded
+        return self.manager.acquire(target.name, target.version, target.label)
 
     async def _predict(self, request: RestRequest, target: ModelTarget) -> RestResponse:
         """TF Serving's predict, answered as TF Serving shapes it for the signature called (see
@@ -303,7 +320,7 @@ class RestRoutes:
             from ctrflow.serving.context import predict_context_binary
 
             return await predict_context_binary(self, request, target, left_ms(deadline))
-        loaded = self.manager.acquire(target.name, target.version, target.label)
+        loaded = self._acquire(request, target)
         try:
             predictor = loaded.predictor
             if ctype == COLUMNAR_CONTENT_TYPE:
@@ -339,7 +356,7 @@ class RestRoutes:
         if ctype != IDS_CONTENT_TYPE:
             raise RequestError(f"Content-Type {ctype!r} is not understood here; send {IDS_CONTENT_TYPE} "
                                "(docs/ids_body.md), or JSON to :predict with signature_name 'predict_ids'.", 415)
-        loaded = self.manager.acquire(target.name, target.version, target.label)
+        loaded = self._acquire(request, target)
         try:
             predictor = loaded.predictor
             if not hasattr(predictor, "apredict_ids"):
@@ -387,7 +404,8 @@ class RestRoutes:
         """Score the same request on the shadow model after the answer left; never raises."""
         got = None
         try:
-            request = dataclasses.replace(request, arrived=None)  # the shadow's budget counts from its own start
+            # The shadow's budget counts from its own start; its lease is its own.
+            request = dataclasses.replace(request, arrived=None, door=None)
             answer = await handler(request, ModelTarget(shadow.model, shadow.version, target.tail, target.verb, shadow.label))
             got = getattr(answer, "probabilities", None)
         except Exception as e:  # noqa: BLE001 - a shadow's failure is a figure, not an answer
