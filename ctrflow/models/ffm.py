@@ -30,7 +30,7 @@ from ctrflow.models.layers import (
     ffm_slot_fields, slot_dot,
 )
 
-__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
+__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2", "PAIR_START"]
 
 PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
 # Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
@@ -39,6 +39,10 @@ PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured
 # selection").
 PAIR_L1 = 0.0
 PAIR_L2 = 0.0
+# Where r starts when a model is made (read by build_layers): None, every r_ij = 1; or an [S, S] array, 0 = the pair is
+# off for good (FieldPairInteraction.weights_matrix). Stage 2 of the two-stage pair selection (benchmarks/
+# bench_quality.py --ffm-select; BENCHMARKS.md, "Two-stage pair selection") sets it from stage 1's learnt r.
+PAIR_START = None
 
 
 class FieldAwareFM(CtrModel):
@@ -74,7 +78,7 @@ class FieldAwareFM(CtrModel):
     def build_layers(self) -> None:
         self.linear.build()
         self.embedding.build()
-        self.pairs.build()
+        self.pairs.build(PAIR_START)
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)

@@ -26,8 +26,9 @@ import functools
 import re
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
@@ -529,12 +530,22 @@ class FieldPairInteraction(tf.Module):
         self.l1, self.l2 = float(l1), float(l2)
         self.r: tf.Variable | None = None
 
-    def build(self) -> None:
+    def build(self, start: Any = None) -> None:
+        """Create r (idempotent). `start`: None (every r_ij = 1) or an `[S, S]` array of each pair's
+        starting r (upper triangle used; 0 = the pair is off for good, see `weights_matrix`)."""
         if self.r is not None:
             return
+        n = self.n_fields
+        if start is None:
+            init = lambda shape, dtype: tf.fill(shape, tf.constant(1.0 / self.scale, dtype))  # noqa: E731
+        else:
+            start = np.asarray(start, dtype=np.float32)
+            if start.shape != (n, n) or not np.all(np.isfinite(start)):
+                raise ConfigError(f"The start of FieldPairInteraction's pair weights must be a finite [{n}, {n}] array. "
+                                  f"Got shape {start.shape} instead.")
+            init = lambda shape, dtype: tf.constant(start / self.scale, dtype)  # noqa: E731
         with self.name_scope:
-            start = 1.0 / self.scale
-            self.r = _variable(lambda shape, dtype: tf.fill(shape, tf.constant(start, dtype)), [self.n_fields, self.n_fields], "r")
+            self.r = _variable(init, [n, n], "r")
 
     @property
     def pair_weights(self) -> tf.Tensor:
@@ -542,8 +553,14 @@ class FieldPairInteraction(tf.Module):
         return self.weights_matrix()
 
     def weights_matrix(self, penalize: bool = False) -> tf.Tensor:
-        """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's."""
+        """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's.
+
+        A pair whose stored r is exactly 0 is off: its gradient is masked, so r stays 0 under any
+        optimizer (zero gradient, zero moments, decay keeps 0), its vectors get none either and do not
+        enter the logit — how a pruned pair (two-stage selection, `build(start)`) stays pruned through
+        training, resumes, warm starts and continuous runs, with no extra state in the checkpoint."""
         r = self.r * self.scale if self.scale != 1.0 else self.r
+        r = r * tf.cast(tf.not_equal(self.r, 0.0), r.dtype)
         upper = tf.linalg.band_part(r, 0, -1)
         w = upper - tf.linalg.band_part(r, 0, 0)
         return _with_penalty_gradient(w, self.l1, self.l2) if penalize and (self.l1 or self.l2) else w
