@@ -98,10 +98,13 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
                      "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint) if model == "ffm" else {})})
         if model == "ffm" and FFM_SELECT:
             learnt = _pair_weights(s.checkpoint)
-            stage1.write_text(json.dumps({"row": rows[-1], "r": learnt.tolist()}, default=float))
+            stage1.write_text(json.dumps({"row": rows[-1], "r": learnt.tolist(), "term_rms": _pair_term_rms(run, ds.shards["train"]).tolist()},
+                                         default=float))
+            first = json.loads(stage1.read_text())
         shutil.rmtree(run, ignore_errors=True)
     if model == "ffm" and FFM_SELECT:
-        rows += _ffm_stage2(ds, run, config, label, learnt, rows[-1])
+        strength = np.abs(learnt) if FFM_SELECT_BY == "r" else np.asarray(first["term_rms"])
+        rows += _ffm_stage2(ds, run, config, label, learnt, strength, rows[-1])
     if tune_trials:
         from ctrflow.train.tune import TuneOptions, tune
 
@@ -147,12 +150,37 @@ def _pair_stats(checkpoint: str | None) -> dict[str, Any]:
 FFM_SELECT: tuple[str, ...] = ()  # --ffm-select rules: "top:K" (the K largest |r|) or "frac:F" (|r| >= F x max |r|)
 FFM_SELECT_START: tuple[str, ...] = ("learnt",)  # kept pairs' r starts at stage 1's value ("learnt") or at 1 ("one")
 FFM_REUSE_STAGE1 = False
+FFM_STAGE2_DIM: int | None = None  # stage 2's ffm_dim (default: stage 1's): the kept pairs' vectors may be wider
 
 
-def select_pairs(r: np.ndarray, rule: str) -> np.ndarray:
-    """Boolean `[S, S]` (upper triangle) of the pairs a rule keeps, from stage 1's r (valid data never enters)."""
-    iu = np.triu_indices(r.shape[0], 1)
-    w = np.abs(r[iu])
+FFM_SELECT_BY = "r"  # rank pairs by |r| ("r") or by the RMS of the pair's term r_ij <v_ij, v_ji> over train rows ("term")
+
+
+def _pair_term_rms(run: Path, train_shards: Any, rows: int = 65_536) -> np.ndarray:
+    """`[S, S]` (upper triangle): the RMS over the first `rows` train rows of each pair's term in the logit."""
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.train.checkpoints import restore_latest
+    from ctrflow.train.core import build_model_from_run, load_run_info
+
+    model = build_model_from_run(load_run_info(run))
+    restore_latest(run, model)
+    total, seen = 0.0, 0
+    with open_batches(train_shards, PipelineOptions(batch_size=8192, shuffle=False)) as batches:
+        for b in batches:
+            t = model.pair_terms(b.ids, b.numeric).numpy().astype(np.float64)
+            total, seen = total + (t * t).sum(axis=0), seen + len(t)
+            if seen >= rows:
+                break
+    n = model.layout.n_fields
+    out = np.zeros((n, n))
+    out[np.triu_indices(n, 1)] = np.sqrt(total / seen)
+    return out
+
+
+def select_pairs(strength: np.ndarray, rule: str) -> np.ndarray:
+    """Boolean `[S, S]` (upper triangle) of the pairs a rule keeps, from stage 1's strengths (valid data never enters)."""
+    iu = np.triu_indices(strength.shape[0], 1)
+    w = np.abs(strength[iu])
     kind, _, arg = rule.partition(":")
     if kind == "top":
         keep = np.zeros(len(w), bool)
@@ -161,30 +189,34 @@ def select_pairs(r: np.ndarray, rule: str) -> np.ndarray:
         keep = w >= float(arg) * w.max()
     else:
         raise SystemExit(f"--ffm-select: unknown rule {rule!r} (top:K or frac:F)")
-    out = np.zeros(r.shape, bool)
+    out = np.zeros(strength.shape, bool)
     out[iu] = keep
     return out
 
 
-def _ffm_stage2(ds: quality_common.Dataset, run: Path, config: Any, label: str, learnt: np.ndarray, first: dict) -> list[dict]:
+def _ffm_stage2(ds: quality_common.Dataset, run: Path, config: Any, label: str, learnt: np.ndarray, strength: np.ndarray,
+                first: dict) -> list[dict]:
     """Stage 2 of every --ffm-select rule x start: FFM from scratch with the dropped pairs' r at exactly 0."""
+    from dataclasses import replace
+
     import ctrflow.models.ffm as ffm
     from ctrflow.train.evaluate import evaluate
     from ctrflow.train.loop import train
 
     rows = []
     for rule in FFM_SELECT:
-        keep = select_pairs(learnt, rule)
+        keep = select_pairs(strength, rule)
         for start in FFM_SELECT_START:
             t0 = time.perf_counter()
             ffm.PAIR_START = np.where(keep, learnt if start == "learnt" else 1.0, 0.0)
+            second = config.replace(model=replace(config.model, ffm_dim=FFM_STAGE2_DIM)) if FFM_STAGE2_DIM else config
             try:
                 shutil.rmtree(run, ignore_errors=True)
-                s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
+                s = train(ds.shards["train"], run, second, valid=ds.shards["valid"])
                 r = evaluate(run, ds.shards["test"])
             finally:
                 ffm.PAIR_START = None
-            rows.append({"model": f"{label}, two-stage {rule} start {start}", **_pick(r, ds), "valid_logloss": s.best_valid_logloss,
+            rows.append({"model": f"{label}, two-stage {rule} by {FFM_SELECT_BY} start {start}" + (f" dim {FFM_STAGE2_DIM}" if FFM_STAGE2_DIM else ""), **_pick(r, ds), "valid_logloss": s.best_valid_logloss,
                          "seconds": time.perf_counter() - t0 + first.get("seconds", 0.0), "pairs_kept": int(keep.sum()),
                          "epochs": s.history[-1]["epoch"] if s.history else None, "stage1_epochs": first.get("epochs"),
                          **_pair_stats(s.checkpoint)})
@@ -411,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffm-select", help="two-stage FFM: after the default run, retrain with only the pairs each comma-separated "
                     "rule keeps, top:K (the K largest learnt |r|) or frac:F (|r| >= F x the largest)")
     ap.add_argument("--ffm-select-start", default="learnt", help="comma-separated: kept pairs' r starts at stage 1's (learnt) or 1 (one)")
+    ap.add_argument("--ffm-select-by", choices=["r", "term"], default="r",
+                    help="rank pairs by |r| or by the RMS of their term r_ij <v_ij, v_ji> over train rows")
+    ap.add_argument("--ffm-stage2-dim", type=int, help="ffm_dim of stage 2 (default: stage 1's)")
     ap.add_argument("--ffm-reuse-stage1", action="store_true", help="take stage 1 (row and r) from WORK/DATASET/ffm-stage1.json if present")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
@@ -428,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             import ctrflow.models.ffm
 
             setattr(ctrflow.models.ffm, attr, flag)
-    global FFM_SELECT, FFM_SELECT_START, FFM_REUSE_STAGE1
+    global FFM_SELECT, FFM_SELECT_START, FFM_REUSE_STAGE1, FFM_SELECT_BY, FFM_STAGE2_DIM
+    FFM_SELECT_BY, FFM_STAGE2_DIM = a.ffm_select_by, a.ffm_stage2_dim
     if a.ffm_select:
         FFM_SELECT = tuple(a.ffm_select.split(","))
         FFM_SELECT_START = tuple(a.ffm_select_start.split(","))

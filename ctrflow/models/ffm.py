@@ -27,7 +27,7 @@ import tensorflow as tf
 from ctrflow.errors import ConfigError
 from ctrflow.models.layers import (
     CtrModel, FieldEmbedding, FieldPairInteraction, SparseLinear, ffm_interaction, ffm_pair_fields, ffm_pair_slots,
-    ffm_slot_fields, slot_dot,
+    ffm_slot, ffm_slot_fields, slot_dot,
 )
 
 __all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2", "PAIR_START"]
@@ -85,6 +85,18 @@ class FieldAwareFM(CtrModel):
         n = self.layout.n_fields
         weights = self.pairs.symmetric_weights(ffm_slot_fields(n), penalize=training)
         return self.linear(ids, values) + ffm_interaction(emb, n, self.config.ffm_dim, weights)
+
+    def pair_terms(self, ids: tf.Tensor, numeric: tf.Tensor | None = None) -> tf.Tensor:
+        """`[B, S(S-1)/2]`: each pair's term `r_ij <v_{i,j}, v_{j,i}>` of the logit (pairs i < j in row-major
+        order, `np.triu_indices(S, 1)`'s), serving mode — how much each pair moves predictions (the two-stage
+        selection's strength of a pair)."""
+        ids, values = self.prepare_inputs(ids, numeric)
+        n, k = self.layout.n_fields, self.config.ffm_dim
+        flat = tf.reshape(self.embedding(ids, values), [-1, n * (n - 1), k])
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        dots = tf.reduce_sum(tf.gather(flat, [ffm_slot(n, i, j, i) for i, j in pairs], axis=1)
+                             * tf.gather(flat, [ffm_slot(n, j, i, j) for i, j in pairs], axis=1), axis=2)
+        return dots * self.pairs.symmetric_weights(pairs)[None, :]
 
     # Context requests: context-context pairs once; each context field's vectors for the candidate
     # fields are gathered once per candidate and met by the candidate's vectors for the context fields.

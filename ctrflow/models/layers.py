@@ -1055,6 +1055,10 @@ class CtrModel(tf.Module):
         raise NotImplementedError
 
     def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
+        return self.call(*self.prepare_inputs(ids, numeric, training), training)
+
+    def prepare_inputs(self, ids, numeric=None, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """`__call__`'s inputs as `call` takes them: the active id columns remapped, normalized numerics or None."""
         self.build()
         lay = self.layout
         ids = tf.cast(ids, tf.int32)
@@ -1072,7 +1076,7 @@ class CtrModel(tf.Module):
             if lay.n_numeric_fields != lay.n_numeric_input:
                 numeric = tf.gather(numeric, lay.numeric_columns, axis=1)
             values = self.normalizer(numeric, training=training)
-        return self.call(ids, values, training)
+        return ids, values
 
     # -- context + candidates requests (issue 11) -----------------------------------------------------
     def context_split(self, context_id_inputs: Sequence[int], context_numeric_inputs: Sequence[int] = ()) -> ContextSplit:
