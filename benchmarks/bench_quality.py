@@ -85,7 +85,7 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     if model == "ffm":
         import ctrflow.models.ffm as ffm
 
-        label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2)) if v)
+        label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2), ("pair_prox", ffm.PAIR_PROX)) if v)
     stage1 = work / "ffm-stage1.json"  # stage 1 of --ffm-select: its row and learnt r, reused with --ffm-reuse-stage1
     if model == "ffm" and FFM_SELECT and FFM_REUSE_STAGE1 and stage1.exists():
         first = json.loads(stage1.read_text())
@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffm-dim", type=int, help="override ModelConfig.ffm_dim (width of FFM's field-aware vectors)")
     ap.add_argument("--ffm-pair-l1", type=float, help="override ctrflow.models.ffm.PAIR_L1 (L1 on FFM's pair weights r, training only)")
     ap.add_argument("--ffm-pair-l2", type=float, help="override ctrflow.models.ffm.PAIR_L2 (L2 on r itself, not on r / 10)")
+    ap.add_argument("--ffm-pair-prox", type=float, help="override ctrflow.models.ffm.PAIR_PROX (soft threshold on r per training step)")
     ap.add_argument("--ffm-select", help="two-stage FFM: after the default run, retrain with only the pairs each comma-separated "
                     "rule keeps, top:K (the K largest learnt |r|) or frac:F (|r| >= F x the largest)")
     ap.add_argument("--ffm-select-start", default="learnt", help="comma-separated: kept pairs' r starts at stage 1's (learnt) or 1 (one)")
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         import ctrflow.train.config
 
         ctrflow.train.config.MAX_EPOCHS = a.max_epochs
-    for flag, attr in ((a.ffm_pair_l1, "PAIR_L1"), (a.ffm_pair_l2, "PAIR_L2")):
+    for flag, attr in ((a.ffm_pair_l1, "PAIR_L1"), (a.ffm_pair_l2, "PAIR_L2"), (a.ffm_pair_prox, "PAIR_PROX")):
         if flag is not None:
             import ctrflow.models.ffm
 

@@ -43,6 +43,9 @@ PAIR_L2 = 0.0
 # off for good (FieldPairInteraction.weights_matrix). Stage 2 of the two-stage pair selection (benchmarks/
 # bench_quality.py --ffm-select; BENCHMARKS.md, "Two-stage pair selection") sets it from stage 1's learnt r.
 PAIR_START = None
+# Soft threshold on r before each training pass reads it (FieldPairInteraction.soft_threshold; 0 = off): an L1
+# proximal step per optimizer step, pairs it zeroes stay off. Experimental (BENCHMARKS.md, "Two-stage pair selection").
+PAIR_PROX = 0.0
 
 
 class FieldAwareFM(CtrModel):
@@ -83,6 +86,8 @@ class FieldAwareFM(CtrModel):
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)
         n = self.layout.n_fields
+        if training and PAIR_PROX:
+            self.pairs.soft_threshold(PAIR_PROX)
         weights = self.pairs.symmetric_weights(ffm_slot_fields(n), penalize=training)
         return self.linear(ids, values) + ffm_interaction(emb, n, self.config.ffm_dim, weights)
 

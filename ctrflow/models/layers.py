@@ -547,6 +547,14 @@ class FieldPairInteraction(tf.Module):
         with self.name_scope:
             self.r = _variable(init, [n, n], "r")
 
+    def soft_threshold(self, t: float) -> tf.Operation:
+        """Proximal step of an L1 penalty on r: `r <- sign(r) max(|r| - t, 0)` (t on r's scale, not r / scale).
+        Run in the training pass before r is read, so it follows the previous optimizer step; a pair it
+        brings to exactly 0 is off for good (`weights_matrix`): a pruning schedule, not a reversible L1."""
+        self.build()
+        cut = tf.constant(t / self.scale, self.r.dtype)
+        return self.r.assign(tf.sign(self.r) * tf.nn.relu(tf.abs(self.r) - cut))
+
     @property
     def pair_weights(self) -> tf.Tensor:
         """`[S, S]`: r_ij above the diagonal, zeros elsewhere."""
