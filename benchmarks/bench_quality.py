@@ -156,25 +156,11 @@ FFM_STAGE2_DIM: int | None = None  # stage 2's ffm_dim (default: stage 1's): the
 FFM_SELECT_BY = "r"  # rank pairs by |r| ("r") or by the RMS of the pair's term r_ij <v_ij, v_ji> over train rows ("term")
 
 
-def _pair_term_rms(run: Path, train_shards: Any, rows: int = 65_536) -> np.ndarray:
-    """`[S, S]` (upper triangle): the RMS over the first `rows` train rows of each pair's term in the logit."""
-    from ctrflow.data.pipeline import PipelineOptions, open_batches
-    from ctrflow.train.checkpoints import restore_latest
-    from ctrflow.train.core import build_model_from_run, load_run_info
+def _pair_term_rms(run: Path, train_shards: Any) -> np.ndarray:
+    """`[S, S]`: the RMS of each pair's term over train rows (ctrflow.train.pair_selection, what `train --ffm-select-pairs` ranks by)."""
+    from ctrflow.train.pair_selection import pair_term_rms
 
-    model = build_model_from_run(load_run_info(run))
-    restore_latest(run, model)
-    total, seen = 0.0, 0
-    with open_batches(train_shards, PipelineOptions(batch_size=8192, shuffle=False)) as batches:
-        for b in batches:
-            t = model.pair_terms(b.ids, b.numeric).numpy().astype(np.float64)
-            total, seen = total + (t * t).sum(axis=0), seen + len(t)
-            if seen >= rows:
-                break
-    n = model.layout.n_fields
-    out = np.zeros((n, n))
-    out[np.triu_indices(n, 1)] = np.sqrt(total / seen)
-    return out
+    return pair_term_rms(run, train_shards)[0]
 
 
 def select_pairs(strength: np.ndarray, rule: str) -> np.ndarray:
