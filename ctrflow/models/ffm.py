@@ -19,6 +19,9 @@ few hundred steps of a run. Test logloss, defaults otherwise: synthetic 0.11516 
 of the gap is reachable"). A checkpoint written before them has no r: read with
 `expect_partial` (evaluate, export, warm starts), r keeps its start, 1, the model it was; a resume of such a run
 in its own folder is refused (the checkpoint does not match).
+
+A pair whose r is exactly 0 is off (no gradient, not in the logit): `ctrflow train --ffm-select-pairs K`
+(ctrflow.train.pair_selection) retrains with only K pairs that way, starting r from `PAIR_START`.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ PAIR_L2 = 0.0
 # bench_quality.py --ffm-select; BENCHMARKS.md, "Two-stage pair selection") sets it from stage 1's learnt r.
 PAIR_START = None
 # Soft threshold on r before each training pass reads it (FieldPairInteraction.soft_threshold; 0 = off): an L1
-# proximal step per optimizer step, pairs it zeroes stay off. Experimental (BENCHMARKS.md, "Two-stage pair selection").
+# proximal step per optimizer step. Off: zipfmix at 0.003 / 0.01 / 0.03 ties or loses on valid (BENCHMARKS.md,
+# "Two-stage pair selection").
 PAIR_PROX = 0.0
 
 

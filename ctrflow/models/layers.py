@@ -549,8 +549,9 @@ class FieldPairInteraction(tf.Module):
 
     def soft_threshold(self, t: float) -> tf.Operation:
         """Proximal step of an L1 penalty on r: `r <- sign(r) max(|r| - t, 0)` (t on r's scale, not r / scale).
-        Run in the training pass before r is read, so it follows the previous optimizer step; a pair it
-        brings to exactly 0 is off for good (`weights_matrix`): a pruning schedule, not a reversible L1."""
+        Run in the training pass before r is read, so it follows the previous optimizer step (no optimizer
+        hook needed). A pair it zeroes gets no gradient in that step, but Adam's momentum from earlier steps
+        still moves it off 0 (measured: no pair ends at exactly 0), so this is a per-step L1 shrink, not pruning."""
         self.build()
         cut = tf.constant(t / self.scale, self.r.dtype)
         return self.r.assign(tf.sign(self.r) * tf.nn.relu(tf.abs(self.r) - cut))
@@ -563,10 +564,10 @@ class FieldPairInteraction(tf.Module):
     def weights_matrix(self, penalize: bool = False) -> tf.Tensor:
         """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's.
 
-        A pair whose stored r is exactly 0 is off: its gradient is masked, so r stays 0 under any
-        optimizer (zero gradient, zero moments, decay keeps 0), its vectors get none either and do not
-        enter the logit — how a pruned pair (two-stage selection, `build(start)`) stays pruned through
-        training, resumes, warm starts and continuous runs, with no extra state in the checkpoint."""
+        A pair whose stored r is exactly 0 is off: its gradient is masked, and its vectors get none
+        either and do not enter the logit. A pair that *starts* at 0 (two-stage selection, `build(start)`)
+        so never gets a gradient, its optimizer moments stay 0 and r stays exactly 0 through training,
+        resumes, warm starts and continuous runs (decay keeps 0), with no extra state in the checkpoint."""
         r = self.r * self.scale if self.scale != 1.0 else self.r
         r = r * tf.cast(tf.not_equal(self.r, 0.0), r.dtype)
         upper = tf.linalg.band_part(r, 0, -1)
