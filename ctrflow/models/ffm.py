@@ -33,7 +33,7 @@ from ctrflow.models.layers import (
     ffm_slot, ffm_slot_fields, slot_dot,
 )
 
-__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2", "PAIR_START"]
+__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2", "PAIR_START", "PAIR_PROX"]
 
 PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured: 1x, 3x, 10x, 30x; see the module doc)
 # Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
@@ -43,8 +43,8 @@ PAIR_WEIGHT_SCALE = 10.0  # the pair weights' rate / the dense group's (measured
 PAIR_L1 = 0.0
 PAIR_L2 = 0.0
 # Where r starts when a model is made (read by build_layers): None, every r_ij = 1; or an [S, S] array, 0 = the pair is
-# off for good (FieldPairInteraction.weights_matrix). Stage 2 of the two-stage pair selection (benchmarks/
-# bench_quality.py --ffm-select; BENCHMARKS.md, "Two-stage pair selection") sets it from stage 1's learnt r.
+# off for good (FieldPairInteraction.weights_matrix). Stage 2 of the two-stage pair selection sets it while it makes
+# its model (ctrflow.train.pair_selection: 1 for the kept pairs; bench_quality --ffm-select-start learnt: stage 1's r).
 PAIR_START = None
 # Soft threshold on r before each training pass reads it (FieldPairInteraction.soft_threshold; 0 = off): an L1
 # proximal step per optimizer step. Off: zipfmix at 0.003 / 0.01 / 0.03 ties or loses on valid (BENCHMARKS.md,

@@ -80,11 +80,10 @@ def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pair
     keep = select_top(strength, keep_pairs)
     iu = np.triu_indices(len(strength), 1)
     kept = [{"pair": [names[i], names[j]], "term_rms": float(strength[i, j])} for i, j in zip(*iu) if keep[i, j]]
-    ffm.PAIR_START = np.where(keep, 1.0, 0.0)
-    try:
-        summary = train(data, run, config, valid=valid, on_progress=on_progress)
-    finally:
-        ffm.PAIR_START = None
     atomic_write_json(run / SELECTION_FILE, {"stage1": str(first.run), "stage1_valid_logloss": first.best_valid_logloss,
                                              "pairs": int(len(iu[0])), "kept": sorted(kept, key=lambda p: -p["term_rms"])})
-    return summary
+    ffm.PAIR_START = np.where(keep, 1.0, 0.0)
+    try:
+        return train(data, run, config, valid=valid, on_progress=on_progress)
+    finally:
+        ffm.PAIR_START = None
