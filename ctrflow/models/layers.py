@@ -35,8 +35,6 @@ from ctrflow.data.batch import FeatureSpec
 from ctrflow.errors import ConfigError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ctrflow.models.registry import ModelConfig
 
 __all__ = [
