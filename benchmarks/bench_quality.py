@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -77,7 +77,7 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     from ctrflow.train.loop import train
 
     rows = []
-    run = work / f"ctrflow-{model}"
+    run = work / f"ctrflow-{model}-{os.getpid()}"  # per process: another checkout's bench may share --work
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     config = default_config(model, **(overrides or {}))
@@ -85,12 +85,26 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     if model == "ffm":
         import ctrflow.models.ffm as ffm
 
-        label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2)) if v)
-    s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
-    r = evaluate(run, ds.shards["test"])
-    rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
-                 "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint, config.model.ffm_pair_rate) if model == "ffm" else {})})
-    shutil.rmtree(run, ignore_errors=True)
+        label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2), ("pair_prox", ffm.PAIR_PROX)) if v)
+    stage1 = work / "ffm-stage1.json"  # stage 1 of --ffm-select: its row and learnt r, reused with --ffm-reuse-stage1
+    if model == "ffm" and FFM_SELECT and FFM_REUSE_STAGE1 and stage1.exists():
+        first = json.loads(stage1.read_text())
+        rows.append(first["row"])
+        learnt = np.asarray(first["r"])
+    else:
+        s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
+        r = evaluate(run, ds.shards["test"])
+        rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
+                     "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint, config.model.ffm_pair_rate) if model == "ffm" else {})})
+        if model == "ffm" and FFM_SELECT:
+            learnt = _pair_weights(s.checkpoint, config.model.ffm_pair_rate)
+            stage1.write_text(json.dumps({"row": rows[-1], "r": learnt.tolist(), "term_rms": _pair_term_rms(run, ds.shards["train"]).tolist()},
+                                         default=float))
+            first = json.loads(stage1.read_text())
+        shutil.rmtree(run, ignore_errors=True)
+    if model == "ffm" and FFM_SELECT:
+        strength = np.abs(learnt) if FFM_SELECT_BY == "r" else np.asarray(first["term_rms"])
+        rows += _ffm_stage2(ds, run, config, label, learnt, strength, rows[-1])
     if tune_trials:
         from ctrflow.train.tune import TuneOptions, tune
 
@@ -108,21 +122,92 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     return rows
 
 
-def _pair_stats(checkpoint: str | None, rate: float) -> dict[str, Any]:
-    """FFM's learnt pair weights r (upper triangle) in the final checkpoint (stored as r / `rate`, the run's
-    ModelConfig.ffm_pair_rate): how many end near 0, the largest."""
+def _pair_weights(checkpoint: str | None, rate: float) -> np.ndarray | None:
+    """FFM's learnt pair weights r `[S, S]` (stored * scale; upper triangle used) in a checkpoint, or None."""
     import tensorflow as tf
 
+
     if not checkpoint:
-        return {}
+        return None
     reader = tf.train.load_checkpoint(checkpoint)
     keys = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/") and k.endswith("pairs/r/.ATTRIBUTES/VARIABLE_VALUE")]
-    if len(keys) != 1:
+    return reader.get_tensor(keys[0]) * rate if len(keys) == 1 else None
+
+
+def _pair_stats(checkpoint: str | None, rate: float) -> dict[str, Any]:
+    """FFM's learnt pair weights r (upper triangle) in the final checkpoint: how many end near 0, the largest."""
+    r = _pair_weights(checkpoint, rate)
+    if r is None:
         return {}
-    r = reader.get_tensor(keys[0]) * rate
     w = np.abs(r[np.triu_indices(r.shape[0], 1)])
     return {"pairs_below_0.1": float((w < 0.1).mean()), "pairs_below_0.01": float((w < 0.01).mean()),
-            "pair_median": float(np.median(w)), "pair_top4": [round(float(v), 2) for v in np.sort(w)[::-1][:4]]}
+            "pair_median": float(np.median(w)), "pair_top4": [round(float(v), 2) for v in np.sort(w)[::-1][:4]],
+            "pairs_off": int((w == 0).sum())}
+
+
+# --- two-stage pair selection (AutoFIS-like: stage 1 learns r on every pair, stage 2 retrains on the kept) ------
+FFM_SELECT: tuple[str, ...] = ()  # --ffm-select rules: "top:K" (the K largest |r|) or "frac:F" (|r| >= F x max |r|)
+FFM_SELECT_START: tuple[str, ...] = ("learnt",)  # kept pairs' r starts at stage 1's value ("learnt") or at 1 ("one")
+FFM_REUSE_STAGE1 = False
+FFM_STAGE2_DIM: int | None = None  # stage 2's ffm_dim (default: stage 1's): the kept pairs' vectors may be wider
+
+
+FFM_SELECT_BY = "r"  # rank pairs by |r| ("r") or by the RMS of the pair's term r_ij <v_ij, v_ji> over train rows ("term")
+
+
+def _pair_term_rms(run: Path, train_shards: Any) -> np.ndarray:
+    """`[S, S]`: the RMS of each pair's term over train rows (ctrflow.train.pair_selection, what `train --ffm-select-pairs` ranks by)."""
+    from ctrflow.train.pair_selection import pair_term_rms
+
+    return pair_term_rms(run, train_shards)[0]
+
+
+def select_pairs(strength: np.ndarray, rule: str) -> np.ndarray:
+    """Boolean `[S, S]` (upper triangle) of the pairs a rule keeps, from stage 1's strengths (valid data never enters)."""
+    iu = np.triu_indices(strength.shape[0], 1)
+    w = np.abs(strength[iu])
+    kind, _, arg = rule.partition(":")
+    if kind == "top":
+        keep = np.zeros(len(w), bool)
+        keep[np.argsort(-w, kind="stable")[:int(arg)]] = True
+    elif kind == "frac":
+        keep = w >= float(arg) * w.max()
+    else:
+        raise SystemExit(f"--ffm-select: unknown rule {rule!r} (top:K or frac:F)")
+    out = np.zeros(strength.shape, bool)
+    out[iu] = keep
+    return out
+
+
+def _ffm_stage2(ds: quality_common.Dataset, run: Path, config: Any, label: str, learnt: np.ndarray, strength: np.ndarray,
+                first: dict) -> list[dict]:
+    """Stage 2 of every --ffm-select rule x start: FFM from scratch with the dropped pairs' r at exactly 0."""
+    from dataclasses import replace
+
+    import ctrflow.models.ffm as ffm
+    from ctrflow.train.evaluate import evaluate
+    from ctrflow.train.loop import train
+
+    rows = []
+    for rule in FFM_SELECT:
+        keep = select_pairs(strength, rule)
+        for start in FFM_SELECT_START:
+            t0 = time.perf_counter()
+            ffm.PAIR_START = np.where(keep, learnt if start == "learnt" else 1.0, 0.0)
+            second = config.replace(model=replace(config.model, ffm_dim=FFM_STAGE2_DIM)) if FFM_STAGE2_DIM else config
+            try:
+                shutil.rmtree(run, ignore_errors=True)
+                s = train(ds.shards["train"], run, second, valid=ds.shards["valid"])
+                r = evaluate(run, ds.shards["test"])
+            finally:
+                ffm.PAIR_START = None
+            rows.append({"model": f"{label}, two-stage {rule} by {FFM_SELECT_BY} start {start}" + (f" dim {FFM_STAGE2_DIM}" if FFM_STAGE2_DIM else ""), **_pick(r, ds), "valid_logloss": s.best_valid_logloss,
+                         "seconds": time.perf_counter() - t0 + first.get("seconds", 0.0), "pairs_kept": int(keep.sum()),
+                         "epochs": s.history[-1]["epoch"] if s.history else None, "stage1_epochs": first.get("epochs"),
+                         **_pair_stats(s.checkpoint, config.model.ffm_pair_rate)})
+            print(f"  stage 2: {rows[-1]}", file=sys.stderr, flush=True)
+            shutil.rmtree(run, ignore_errors=True)
+    return rows
 
 
 def _pick(r: dict[str, Any], ds: quality_common.Dataset) -> dict[str, Any]:
@@ -340,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffm-dim", type=int, help="override ModelConfig.ffm_dim (width of FFM's field-aware vectors)")
     ap.add_argument("--ffm-pair-l1", type=float, help="override ctrflow.models.ffm.PAIR_L1 (L1 on FFM's pair weights r, training only)")
     ap.add_argument("--ffm-pair-l2", type=float, help="override ctrflow.models.ffm.PAIR_L2 (L2 on r itself, not on r / 10)")
+    ap.add_argument("--ffm-pair-prox", type=float, help="override ctrflow.models.ffm.PAIR_PROX (soft threshold on r per training step)")
+    ap.add_argument("--ffm-select", help="two-stage FFM: after the default run, retrain with only the pairs each comma-separated "
+                    "rule keeps, top:K (the K largest learnt |r|) or frac:F (|r| >= F x the largest)")
+    ap.add_argument("--ffm-select-start", default="learnt", help="comma-separated: kept pairs' r starts at stage 1's (learnt) or 1 (one)")
+    ap.add_argument("--ffm-select-by", choices=["r", "term"], default="r",
+                    help="rank pairs by |r| or by the RMS of their term r_ij <v_ij, v_ji> over train rows")
+    ap.add_argument("--ffm-stage2-dim", type=int, help="ffm_dim of stage 2 (default: stage 1's)")
+    ap.add_argument("--ffm-reuse-stage1", action="store_true", help="take stage 1 (row and r) from WORK/DATASET/ffm-stage1.json if present")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
@@ -351,11 +444,17 @@ def main(argv: list[str] | None = None) -> int:
         import ctrflow.train.config
 
         ctrflow.train.config.MAX_EPOCHS = a.max_epochs
-    for flag, attr in ((a.ffm_pair_l1, "PAIR_L1"), (a.ffm_pair_l2, "PAIR_L2")):
+    for flag, attr in ((a.ffm_pair_l1, "PAIR_L1"), (a.ffm_pair_l2, "PAIR_L2"), (a.ffm_pair_prox, "PAIR_PROX")):
         if flag is not None:
             import ctrflow.models.ffm
 
             setattr(ctrflow.models.ffm, attr, flag)
+    global FFM_SELECT, FFM_SELECT_START, FFM_REUSE_STAGE1, FFM_SELECT_BY, FFM_STAGE2_DIM
+    FFM_SELECT_BY, FFM_STAGE2_DIM = a.ffm_select_by, a.ffm_stage2_dim
+    if a.ffm_select:
+        FFM_SELECT = tuple(a.ffm_select.split(","))
+        FFM_SELECT_START = tuple(a.ffm_select_start.split(","))
+        FFM_REUSE_STAGE1 = a.ffm_reuse_stage1
     if a.sklearn_c:
         SKLEARN_C = tuple(float(c) for c in a.sklearn_c.split(","))
     if a.vw_l2:

@@ -237,6 +237,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ctrflow.train.loop import train
 
     config = _train_config(args)
+    if args.ffm_select_pairs is not None and (args.cluster or os.environ.get("TF_CONFIG") or args.warm_start):
+        from ctrflow.errors import ConfigError
+
+        raise ConfigError("--ffm-select-pairs trains both stages from scratch in this process: drop --cluster / --warm-start.")
     bar = _bar(args, "examples")
     try:
         if args.cluster or os.environ.get("TF_CONFIG"):  # this process coordinates a parameter-server cluster
@@ -245,6 +249,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options = DistributedOptions(partitioner=args.partitioner, shards=args.shards)
             s = train_distributed(args.data, args.out, config, cluster=args.cluster, valid=args.valid,
                                   warm_start=args.warm_start, options=options, on_progress=bar)
+        elif args.ffm_select_pairs is not None:  # two-stage FFM (ctrflow.train.pair_selection)
+            from ctrflow.train.pair_selection import train_two_stage
+
+            s = train_two_stage(args.data, args.out, config, keep_pairs=args.ffm_select_pairs, valid=args.valid, on_progress=bar)
         else:
             s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar,
                       check_memory=not args.skip_memory_check)
@@ -458,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --valid: latest share of rows (by time) held out for validation (default 0.1; 0: none)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="allocate the tables even if their estimated training state exceeds the memory available")
+    p.add_argument("--ffm-select-pairs", type=int, metavar="K",
+                   help="ffm, single process: train twice, the second time (from scratch, in OUT; the first in OUT/stage1) "
+                        "with only the K field pairs whose term moves the logit most (about 2x the time; BENCHMARKS.md)")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)

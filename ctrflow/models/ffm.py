@@ -19,19 +19,25 @@ few hundred steps of a run. Test logloss, defaults otherwise: synthetic 0.11516 
 of the gap is reachable"). A checkpoint written before them has no r: read with
 `expect_partial` (evaluate, export, warm starts), r keeps its start, 1, the model it was; a resume of such a run
 in its own folder is refused (the checkpoint does not match).
+
+A pair whose r is exactly 0 is off (no gradient, not in the logit): `ctrflow train --ffm-select-pairs K`
+(ctrflow.train.pair_selection) retrains with only K pairs that way, starting r from `PAIR_START`.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import tensorflow as tf
 
 from ctrflow.errors import ConfigError
 from ctrflow.models.layers import (
     CtrModel, FieldEmbedding, FieldPairInteraction, SparseLinear, ffm_interaction, ffm_pair_fields, ffm_pair_slots,
-    ffm_slot_fields, slot_dot,
+    ffm_slot, ffm_slot_fields, slot_dot,
 )
 from ctrflow.models.registry import PAIR_WEIGHT_SCALE  # the default of ModelConfig.ffm_pair_rate (measured: 1x, 3x, 10x, 30x)
 
-__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
+__all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2", "PAIR_START", "PAIR_PROX"]
 
 # Penalties on r itself during training, `PAIR_L1 * sum |r_ij| + PAIR_L2 * sum r_ij**2` (FieldPairInteraction's
 # l1 / l2; read when a model is made). Off: they sharpen the selection, but every setting tried on synthetic (L1 1e-6,
@@ -39,6 +45,14 @@ __all__ = ["FieldAwareFM", "PAIR_WEIGHT_SCALE", "PAIR_L1", "PAIR_L2"]
 # selection").
 PAIR_L1 = 0.0
 PAIR_L2 = 0.0
+# Where r starts when a model is made (read by build_layers): None, every r_ij = 1; or an [S, S] array, 0 = the pair is
+# off for good (FieldPairInteraction.weights_matrix). Stage 2 of the two-stage pair selection sets it while it makes
+# its model (ctrflow.train.pair_selection: 1 for the kept pairs; bench_quality --ffm-select-start learnt: stage 1's r).
+PAIR_START = None
+# Soft threshold on r before each training pass reads it (FieldPairInteraction.soft_threshold; 0 = off): an L1
+# proximal step per optimizer step. Off: zipfmix at 0.003 / 0.01 / 0.03 ties or loses on valid (BENCHMARKS.md,
+# "Two-stage pair selection").
+PAIR_PROX = 0.0
 
 
 class FieldAwareFM(CtrModel):
@@ -74,13 +88,42 @@ class FieldAwareFM(CtrModel):
     def build_layers(self) -> None:
         self.linear.build()
         self.embedding.build()
-        self.pairs.build()
+        self.pairs.build(self._pair_start())
+
+    def _pair_start(self) -> Any:
+        """Where r starts: `config.ffm_pairs` (1 on those pairs, 0 = off on every other), else `PAIR_START`."""
+        if self.config.ffm_pairs is None:
+            return PAIR_START
+        names = list(self.layout.id_names) + list(self.layout.numeric_names)
+        index = {n: i for i, n in enumerate(names)}
+        start = np.zeros((len(names), len(names)), np.float32)
+        for a, b in self.config.ffm_pairs:
+            missing = [n for n in (a, b) if n not in index]
+            if missing:
+                raise ConfigError(f"ffm_pairs names {missing[0]!r}, which is not one of this model's fields {names}.")
+            i, j = sorted((index[a], index[b]))
+            start[i, j] = 1.0
+        return start
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
         emb = self.embedding(ids, values)
         n = self.layout.n_fields
+        if training and PAIR_PROX:
+            self.pairs.soft_threshold(PAIR_PROX)
         weights = self.pairs.symmetric_weights(ffm_slot_fields(n), penalize=training)
         return self.linear(ids, values) + ffm_interaction(emb, n, self.config.ffm_dim, weights)
+
+    def pair_terms(self, ids: tf.Tensor, numeric: tf.Tensor | None = None) -> tf.Tensor:
+        """`[B, S(S-1)/2]`: each pair's term `r_ij <v_{i,j}, v_{j,i}>` of the logit (pairs i < j in row-major
+        order, `np.triu_indices(S, 1)`'s), serving mode — how much each pair moves predictions (the two-stage
+        selection's strength of a pair)."""
+        ids, values = self.prepare_inputs(ids, numeric)
+        n, k = self.layout.n_fields, self.config.ffm_dim
+        flat = tf.reshape(self.embedding(ids, values), [-1, n * (n - 1), k])
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        dots = tf.reduce_sum(tf.gather(flat, [ffm_slot(n, i, j, i) for i, j in pairs], axis=1)
+                             * tf.gather(flat, [ffm_slot(n, j, i, j) for i, j in pairs], axis=1), axis=2)
+        return dots * self.pairs.symmetric_weights(pairs)[None, :]
 
     # Context requests: context-context pairs once; each context field's vectors for the candidate
     # fields are gathered once per candidate and met by the candidate's vectors for the context fields.

@@ -26,16 +26,15 @@ import functools
 import re
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.errors import ConfigError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ctrflow.models.registry import ModelConfig
 
 __all__ = [
@@ -529,12 +528,31 @@ class FieldPairInteraction(tf.Module):
         self.l1, self.l2 = float(l1), float(l2)
         self.r: tf.Variable | None = None
 
-    def build(self) -> None:
+    def build(self, start: Any = None) -> None:
+        """Create r (idempotent). `start`: None (every r_ij = 1) or an `[S, S]` array of each pair's
+        starting r (upper triangle used; 0 = the pair is off for good, see `weights_matrix`)."""
         if self.r is not None:
             return
+        n = self.n_fields
+        if start is None:
+            init = lambda shape, dtype: tf.fill(shape, tf.constant(1.0 / self.scale, dtype))  # noqa: E731
+        else:
+            start = np.asarray(start, dtype=np.float32)
+            if start.shape != (n, n) or not np.all(np.isfinite(start)):
+                raise ConfigError(f"The start of FieldPairInteraction's pair weights must be a finite [{n}, {n}] array. "
+                                  f"Got shape {start.shape} instead.")
+            init = lambda shape, dtype: tf.constant(start / self.scale, dtype)  # noqa: E731
         with self.name_scope:
-            start = 1.0 / self.scale
-            self.r = _variable(lambda shape, dtype: tf.fill(shape, tf.constant(start, dtype)), [self.n_fields, self.n_fields], "r")
+            self.r = _variable(init, [n, n], "r")
+
+    def soft_threshold(self, t: float) -> tf.Operation:
+        """Proximal step of an L1 penalty on r: `r <- sign(r) max(|r| - t, 0)` (t on r's scale, not r / scale).
+        Run in the training pass before r is read, so it follows the previous optimizer step (no optimizer
+        hook needed). A pair it zeroes gets no gradient in that step, but Adam's momentum from earlier steps
+        still moves it off 0 (measured: no pair ends at exactly 0), so this is a per-step L1 shrink, not pruning."""
+        self.build()
+        cut = tf.constant(t / self.scale, self.r.dtype)
+        return self.r.assign(tf.sign(self.r) * tf.nn.relu(tf.abs(self.r) - cut))
 
     @property
     def pair_weights(self) -> tf.Tensor:
@@ -542,8 +560,14 @@ class FieldPairInteraction(tf.Module):
         return self.weights_matrix()
 
     def weights_matrix(self, penalize: bool = False) -> tf.Tensor:
-        """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's."""
+        """`pair_weights`; `penalize` (training): its gradient also carries the `l1` / `l2` penalty's.
+
+        A pair whose stored r is exactly 0 is off: its gradient is masked, and its vectors get none
+        either and do not enter the logit. A pair that *starts* at 0 (two-stage selection, `build(start)`)
+        so never gets a gradient, its optimizer moments stay 0 and r stays exactly 0 through training,
+        resumes, warm starts and continuous runs (decay keeps 0), with no extra state in the checkpoint."""
         r = self.r * self.scale if self.scale != 1.0 else self.r
+        r = r * tf.cast(tf.not_equal(self.r, 0.0), r.dtype)
         upper = tf.linalg.band_part(r, 0, -1)
         w = upper - tf.linalg.band_part(r, 0, 0)
         return _with_penalty_gradient(w, self.l1, self.l2) if penalize and (self.l1 or self.l2) else w
@@ -1038,6 +1062,10 @@ class CtrModel(tf.Module):
         raise NotImplementedError
 
     def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
+        return self.call(*self.prepare_inputs(ids, numeric, training), training)
+
+    def prepare_inputs(self, ids, numeric=None, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """`__call__`'s inputs as `call` takes them: the active id columns remapped, normalized numerics or None."""
         self.build()
         lay = self.layout
         ids = tf.cast(ids, tf.int32)
@@ -1055,7 +1083,7 @@ class CtrModel(tf.Module):
             if lay.n_numeric_fields != lay.n_numeric_input:
                 numeric = tf.gather(numeric, lay.numeric_columns, axis=1)
             values = self.normalizer(numeric, training=training)
-        return self.call(ids, values, training)
+        return ids, values
 
     # -- context + candidates requests (issue 11) -----------------------------------------------------
     def context_split(self, context_id_inputs: Sequence[int], context_numeric_inputs: Sequence[int] = ()) -> ContextSplit:

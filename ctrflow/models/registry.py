@@ -59,6 +59,18 @@ def _widths(owner: str, name: str, value: object) -> tuple[int, ...]:
     return hidden
 
 
+def _pairs(owner: str, name: str, value: object) -> tuple[tuple[str, str], ...] | None:
+    """None, or pairs of two distinct field names (lists accepted, as a config file or JSON gives them)."""
+    if value is None:
+        return None
+    pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value) if isinstance(value, (list, tuple)) else value
+    if (not isinstance(pairs, tuple) or not pairs
+            or not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(n, str) and n for n in p) and p[0] != p[1] for p in pairs)):
+        raise ConfigError(f"The {name!r} parameter of {owner} must be None or a non-empty list of pairs of two "
+                          f"different field names. Got {value!r} instead.")
+    return pairs
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to build and its sizes. Checked once, here; invalid values raise `ConfigError`.
@@ -87,6 +99,9 @@ class ModelConfig:
     # optimizer's steps on it move r `rate` times as far). A config written before this field reads the default.
     # Warm starts need the parent's value (the stored r / rate would mean another r). fwfm's pair weights learn at 1x.
     ffm_pair_rate: float = PAIR_WEIGHT_SCALE
+    # ffm: the only field pairs that interact, by field name (either order); every other pair's weight is 0 for good
+    # (no gradient, not in the logit). None: every pair. What `train --ffm-select-pairs` trains its second stage with.
+    ffm_pairs: tuple[tuple[str, str], ...] | None = None
     # Ids seen fewer than this many times in the training data share one row per field (learned from all of
     # them: "rarely seen" is itself a signal; unseen values at serving read it too); counted when a run
     # starts, kept by resumes, warm starts and exports. 0: off.
@@ -108,6 +123,7 @@ class ModelConfig:
             "cross_rank": Int(1, 4096, optional=True),
             "ffm_dim": Int(1, 256),
             "ffm_pair_rate": Float(0.01, 1000.0),
+            "ffm_pairs": _pairs,
             "min_count": Int(0),
         })
 
@@ -115,6 +131,7 @@ class ModelConfig:
         """Plain JSON-able dict; `ModelConfig.from_dict(c.to_dict()) == c`."""
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["ffm_pairs"] = None if self.ffm_pairs is None else [list(p) for p in self.ffm_pairs]
         return d
 
     @classmethod

@@ -94,3 +94,39 @@ def test_pair_penalties_act_on_r_itself_in_training_only(monkeypatch):
         penalty = l1 * tf.reduce_sum(tf.abs(w)) + l2 * tf.reduce_sum(w * w)
     np.testing.assert_allclose(grads[True], grads[False] + tape.gradient(penalty, r).numpy(), rtol=1e-5, atol=1e-7)
     assert np.abs(grads[True] - grads[False]).max() > 0.1  # the penalty moved something (scale x l1 = 0.3)
+
+
+def test_a_pair_started_at_zero_stays_off_through_training(monkeypatch):
+    """Two-stage selection's stage 2: `PAIR_START` with 0 for the dropped pairs; their r gets no gradient and stays
+    exactly 0 under the default optimizers (L2 included), their vectors get none and never enter the logit."""
+    import ctrflow.models.ffm as ffm
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.core import make_optimizers, training_step
+
+    start = np.array([[0.0, 2.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])  # (a, c) off
+    monkeypatch.setattr(ffm, "PAIR_START", start)
+    spec = FeatureSpec(("a", "b", "c"), (20, 10, 5))
+    model = make_model(ModelConfig("ffm", ffm_dim=2, init_scale=0.5), spec)
+    np.testing.assert_allclose(model.pairs.r.numpy() * PAIR_WEIGHT_SCALE, start, rtol=1e-6)
+    groups = model.variable_groups()
+    owner = {v.ref(): g for g, vs in groups.items() for v in vs}
+    opt = make_optimizers(TrainConfig(), groups, lambda v: owner[v.ref()])
+    variables = [v for vs in groups.values() for v in vs]
+    rng = np.random.default_rng(0)
+    ids = tf.constant(np.stack([rng.integers(0, b, 64) for b in (20, 10, 5)], axis=1), tf.int32)
+    label = tf.constant(rng.integers(0, 2, 64), tf.float32)
+    emb = groups["embedding"][0]
+    before = emb.numpy()
+    for _ in range(3):
+        training_step(model, opt, variables, ids, None, label, tf.ones([64]))
+    r = model.pairs.r.numpy() * PAIR_WEIGHT_SCALE
+    assert r[0, 2] == 0.0 and r[0, 1] != 2.0 and r[1, 2] != 0.5  # the kept pairs learn, the dropped one stays 0
+    a_rows, c_rows = ids[:, 0].numpy(), 20 + 10 + ids[:, 2].numpy()  # shared table: a's, b's, c's rows end to end
+    # field a's vector for c is its row's slot 1; field c's vector for a is slot 0: no step may have reached them
+    # other than the L2 decay toward 0 (a pair's vectors count only through a nonzero r)
+    for rows, slot in ((a_rows, 1), (c_rows, 0)):
+        moved, was = emb.numpy()[rows, slot * 2:(slot + 1) * 2], before[rows, slot * 2:(slot + 1) * 2]
+        assert np.all(np.abs(moved) <= np.abs(was) + 1e-7)
+    with np.testing.assert_raises(Exception):
+        monkeypatch.setattr(ffm, "PAIR_START", np.ones((2, 2)))
+        make_model(ModelConfig("ffm", ffm_dim=2), spec)
