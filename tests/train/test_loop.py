@@ -96,7 +96,8 @@ def test_resume_after_kill_continues_from_last_checkpoint(tmp_path, synthetic_sh
     proc = subprocess.Popen([sys.executable, "-m", "ctrflow", "train", "--out", str(victim), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 300
-    while time.time() < deadline and not (victim / "checkpoints" / "ckpt-45.index").exists():
+    state = victim / "checkpoints" / "checkpoint"  # names the latest once ckpt-45 is complete (its .index comes first)
+    while time.time() < deadline and not (state.exists() and "ckpt-45" in state.read_text(errors="replace")):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # mid-epoch, between checkpoints
     proc.wait()
