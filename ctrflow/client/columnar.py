@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ctrflow.client.hashing import row_column
 from ctrflow.errors import ConfigError
 
 __all__ = ["COLUMNAR_CONTENT_TYPE", "COLUMNAR_FORMAT", "HEADER", "COLUMN", "encode_columnar"]
@@ -49,14 +50,7 @@ def _value_bytes(v: Any) -> bytes:
 
 
 def _column(features: Mapping[str, Any], name: str) -> Any:
-    if name not in features:
-        raise ConfigError(f"encode_columnar: missing column {name!r}.")
-    col = features[name]
-    shape = getattr(col, "shape", None)
-    if isinstance(col, (str, bytes, Mapping)) or not hasattr(col, "__len__") or (shape is not None and len(shape) != 1):
-        got = f"shape {tuple(shape)}" if shape is not None and len(shape) != 1 else f"a {type(col).__name__}"
-        raise ConfigError(f"encode_columnar: column {name!r} must be one value per row (a list or 1-D array). Got {got} instead.")
-    return col
+    return row_column(features, name, "encode_columnar", ConfigError)
 
 
 def encode_columnar(features: Mapping[str, Any], categorical: Sequence[str], numeric: Sequence[str]) -> bytes:

@@ -205,6 +205,20 @@ def hash_bucket_ids(values: Any, buckets: int, key: tuple[int, int], *, name: st
     return ids.astype(np.int32)
 
 
+def row_column(columns: Mapping[str, Any], name: str, who: str, error: type[Exception]) -> Any:
+    """`columns[name]`, checked to be one value per row (a list, a 1-D numpy or pyarrow array): a str would be
+    read as its characters and an (n, 1) array as n rows of arrays. Raises `error` naming `who` and the column."""
+    if name not in columns:
+        raise error(f"{who}: missing column '{name}'.")
+    col = columns[name]
+    shape = getattr(col, "shape", None)
+    if isinstance(col, (str, bytes, Mapping)) or not hasattr(col, "__len__") or (shape is not None and len(shape) != 1):
+        got = f"shape {tuple(shape)}" if shape is not None and len(shape) != 1 else f"a {type(col).__name__}"
+        raise error(f"{who}: column '{name}' must be one value per row (a list, a 1-D numpy or pyarrow array). "
+                    f"Got {got} instead.")
+    return col
+
+
 @dataclass(frozen=True)
 class FeatureHasher:
     """Raw columns → the model's inputs, exactly as the converter and the serving graph compute them."""
@@ -254,14 +268,7 @@ class FeatureHasher:
         return cls(Schema.from_dict(d["schema"], source=str(p)), Transforms.from_dict(d["transforms"]), backend=backend)
 
     def _column(self, columns: Mapping[str, Any], name: str, rows: int | None) -> Any:
-        if name not in columns:
-            raise InputError(f"FeatureHasher: missing column '{name}'.")
-        col = columns[name]
-        shape = getattr(col, "shape", None)
-        if isinstance(col, (str, bytes, Mapping)) or not hasattr(col, "__len__") or (shape is not None and len(shape) != 1):
-            got = f"shape {tuple(shape)}" if shape is not None and len(shape) != 1 else f"a {type(col).__name__}"
-            raise InputError(f"FeatureHasher: column '{name}' must be one value per row (a list, a 1-D numpy or "
-                             f"pyarrow array). Got {got} instead.")
+        col = row_column(columns, name, "FeatureHasher", InputError)
         n = len(col)
         if rows is not None and n != rows:
             raise InputError(f"FeatureHasher: column '{name}' has {n} values, expected {rows}.")
