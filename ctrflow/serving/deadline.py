@@ -88,11 +88,16 @@ class DoorPass:
 
     def take(self, name: str) -> Any:
         """The leased `ServedVersion` of `name`, now the caller's to release; None if it is not that
-        model's or was taken or released already."""
+        model's, was taken or released already, or was retired while the request was read or queued (the
+        lease is returned and the route leases the version served now: a retired version may be closed
+        after `drain_grace_s` even with this lease out, and a removed model is then the route's 404)."""
         loaded = self._loaded
         if loaded is None or name != self.name:
             return None
         self._loaded = None
+        if loaded.retired:
+            self._manager.release(loaded)
+            return None
         return loaded
 
     def release(self) -> None:
