@@ -364,8 +364,9 @@ class RestRoutes:
                                    "no ids body (call :predict with its own signature).")
             ids, numeric, rows = decode_ids(request.body, len(predictor.id_names), len(predictor.numeric_names))
             self._check_rows(rows)
-            timeout_ms = admit(predictor, rows, deadline, "predict_ids")
-            scores = await predictor.apredict_ids(ids, numeric, timeout_ms=timeout_ms)
+            # No `admit` first: the ids batcher's submit makes the same load checks (503 / 504), and there is
+            # no preparing to spare (the matrices are views of the body).
+            scores = await predictor.apredict_ids(ids, numeric, timeout_ms=left_ms(deadline))
         finally:
             self.manager.release(loaded)
         if "application/json" in headers.get("accept", ""):
