@@ -197,7 +197,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._refuse(503, f"The server holds its limit of {self.shared.max_connections} connections; retry.")
             return
         # An opened connection that never sends is idle, not a request: closed silently after keep-alive.
-        self._set_timer(self.timeout_keep_alive, "idle")
+        self._set_timer(self._idle_timer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -288,8 +288,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self._trailer_fields = self._trailer_bytes = self._body_bytes = self._chunks = 0
         self._chunked = False
         self._turned_away = None
-        self._deadline_for = timer = shared.head_timer  # `_set_timer`, inline: once per request
-        self._deadline = now + timer[1]
+        self._set_timer(shared.head_timer, now)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._phase == "body":  # a trailer field: counted, bounded, dropped (routes never see trailers)
@@ -311,7 +310,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_headers_complete(self) -> None:
-        self._deadline = None  # `_cancel_timer`
+        self._cancel_timer()
         self._phase = "body"
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
@@ -366,8 +365,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
                     self._pass = answer  # returned by `_refuse`/`connection_lost` if the request never completes
         self._reserve(length if self._turned_away is None else 0, new_request=True)  # nothing to buffer when refused
         if length or self._chunked:
-            self._deadline_for = timer = self.shared.body_timer
-            self._deadline = time.monotonic() + timer[1]
+            self._set_timer(self.shared.body_timer)
             if self.expect_100_continue:  # after the answers before it, if any (`_pump`)
                 if self._busy or self._queue:
                     self._continue_owed = True
@@ -402,7 +400,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
             self._body = bytearray(self._body) + body
 
     def on_message_complete(self) -> None:
-        self._deadline = None  # `_cancel_timer`
+        self._cancel_timer()
         self._phase = "idle"
         if self._turned_away is not None:  # answered in order by `_pump`, without a task or the routes
             parser = self.parser
@@ -486,8 +484,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if keep_alive:
             transport.write(head + b"\r\n" + body)
             if self._phase == "idle" and not self._queue:  # nothing more read: the connection is idle now
-                self._deadline_for = timer = self._idle_timer
-                self._deadline = time.monotonic() + timer[1]
+                self._set_timer(self._idle_timer)
             self._pump()
         else:
             transport.write(head + b"connection: close\r\n\r\n" + body)
@@ -508,7 +505,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
         if not (keep_alive and not self._stopping):
             transport.close()
         elif self._phase == "idle" and not self._queue:
-            self._set_timer(self.timeout_keep_alive, "idle")
+            self._set_timer(self._idle_timer)
 
     # ---- refusals, budget, timers ---------------------------------------------------------------------
 
@@ -524,12 +521,12 @@ class StrictHttpProtocol(HttpToolsProtocol):
         else:
             self._reserved[-1][0] += n
 
-    def _set_timer(self, seconds: float, what: str) -> None:
-        # A deadline, not a loop timer: `HttpTransport` sweeps every connection a few times a second,
-        # which costs less per request than arming and cancelling TimerHandles. (Inlined on the
-        # per-request path: on_message_begin, on_headers_complete, _answer.)
-        self._deadline = self.loop.time() + seconds
-        self._deadline_for = (what, seconds)
+    def _set_timer(self, timer: tuple[str, float], now: float | None = None) -> None:
+        """Arm the connection's one deadline: `timer` is (what, seconds), e.g. `_Shared.head_timer`; `now`
+        a `time.monotonic()` already read. A deadline, not a loop timer: `HttpTransport` sweeps every
+        connection a few times a second, which costs less per request than arming and cancelling TimerHandles."""
+        self._deadline_for = timer
+        self._deadline = (time.monotonic() if now is None else now) + timer[1]
 
     def _cancel_timer(self) -> None:
         self._deadline = None
@@ -547,7 +544,7 @@ class StrictHttpProtocol(HttpToolsProtocol):
             return
         if self.flow is not None and self.flow.read_paused:
             # We stopped reading (a pipelined request waits): the client is not late. Look again later.
-            self._set_timer(seconds, what)
+            self._set_timer((what, seconds))
             return
         if self._phase in ("head", "body"):
             self._refuse(408, f"The request {what} did not arrive within {seconds:g} s.")
