@@ -310,8 +310,8 @@ class AutoBatcher:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         request = self._enqueue(inputs, deadline, (loop, waiter))
-        if request.future.done():  # a zero-row request: answered at submit
-            _relay(waiter, request.future)
+        if not request.rows:  # a zero-row request: answered at submit
+            _relay(waiter, request)
         if deadline is not None:  # woken with _EXPIRED at its deadline if its scores are not there by then
             expiries = self._expiries.get(loop)
             if expiries is None:
@@ -377,7 +377,8 @@ class AutoBatcher:
             if rows == 0:
                 request.pieces_expected(0)
                 counts.completed += 1
-                request.future.set_result(np.empty((0,), dtype=np.float32))
+                request.outcome = np.empty((0,), dtype=np.float32)
+                request.future.set_result(request.outcome)
                 return request
 
             batch = self._open
@@ -841,7 +842,7 @@ class _Request:
 
     __slots__ = (
         "inputs", "rows", "deadline", "submitted_at", "future", "waiter", "done", "_pieces", "_remaining", "_lock",
-        "expected_s",
+        "expected_s", "outcome",
     )
 
     def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None,
@@ -858,6 +859,9 @@ class _Request:
         self._remaining = 0
         self._lock = threading.Lock()  # pieces may finish on different batch threads
         self.expected_s: float | None = None  # the cost model's queue wait + compute at submit (admission)
+        # The scores or the error, once settled: what an asyncio caller's waiter is handed (`_relay`), read
+        # here rather than through `future` (each of its accessors enters a Python-level Condition).
+        self.outcome: np.ndarray | BaseException | None = None
 
     def pieces_expected(self, count: int) -> None:
         self._pieces = [None] * count
@@ -876,7 +880,8 @@ class _Request:
                 return False
             self.done = True
             pieces, self._pieces = self._pieces, []
-        _settle(self.future.set_result, pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+        self.outcome = scores = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        _settle(self.future.set_result, scores)
         self._woken(wakes)
         return True
 
@@ -888,6 +893,7 @@ class _Request:
             self.done = True
             self._pieces = []
         if error is not None:
+            self.outcome = error
             _settle(self.future.set_exception, error)
             self._woken(wakes)
         return True
@@ -1098,21 +1104,22 @@ class _Unseen:
 _EXPIRED = object()  # what `apredict`'s timer puts in its waiter
 
 
-def _relay(waiter: asyncio.Future[Any], done: Future[np.ndarray]) -> None:
-    """On the loop: hand a finished request's outcome to its waiter (unless it timed out or was cancelled)."""
-    if waiter.done() or done.cancelled():
+def _relay(waiter: asyncio.Future[Any], request: _Request) -> None:
+    """On the loop: hand a finished request's outcome to its waiter (unless it timed out or was cancelled:
+    the waiter is done then)."""
+    if waiter.done():
         return
-    error = done.exception()
-    if error is not None:
-        waiter.set_exception(error)
+    outcome = request.outcome
+    if isinstance(outcome, BaseException):
+        waiter.set_exception(outcome)
     else:
-        waiter.set_result(done.result())
+        waiter.set_result(outcome)
 
 
 def _relay_all(requests: list[_Request]) -> None:
     """On the loop: hand each finished request's outcome to its waiter."""
     for request in requests:
-        _relay(request.waiter[1], request.future)
+        _relay(request.waiter[1], request)
 
 
 def _wake_all(requests: list[_Request]) -> None:
