@@ -498,7 +498,7 @@ class AutoBatcher:
         signature = self._signature
         if signature is None:
             signature = self._fix_signature(inputs)
-        if not isinstance(inputs, Mapping) or len(inputs) != len(signature):
+        if (type(inputs) is not dict and not isinstance(inputs, Mapping)) or len(inputs) != len(signature):  # (an ABC check: ~1 µs)
             raise SchemaError(
                 f"Inputs to batcher '{self._name}' must be a dict with keys {sorted(signature)}. "
                 f"Got {_describe(inputs)} instead."
