@@ -349,7 +349,8 @@ class RestRoutes:
         """The one-tensor fast path: the binary ids body (docs/ids_body.md) → float32 probabilities.
 
         The body's two matrices are views of the request bytes (no parse, no copy) that go to the
-        predictor's ids batcher once `check_ids` has found every id inside its field's table."""
+        predictor's ids batcher, whose screen checks every id against its field's table per batch (a bad
+        request is answered 400 alone)."""
         headers = request.headers
         deadline = self._deadline(request)
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
