@@ -14,7 +14,8 @@ span that covers it, clipped to its anonymous private mapping, `madvise(MADV_HUG
 khugepaged may use huge pages) and `madvise(MADV_COLLAPSE)` (Linux >= 6.1: copy the populated pages into
 huge pages now, synchronously). The memory's contents do not change, so scores are bitwise the same.
 
-No environment variable is needed. Where it cannot work — not Linux, THP `never`, a kernel without
+No environment variable is needed; `CTRFLOW_HUGE_PAGES=off` turns it off for a whole process tree
+(benchmarks comparing both, a memory-tight container) whatever the option says. Where it cannot work — not Linux, THP `never`, a kernel without
 MADV_COLLAPSE, a mapping that is not anonymous (memory-mapped files get no anonymous THP) — it does what
 it can, raises nothing, and says so in `HugePages.status` (the model status and `Predictor.huge_pages`),
 with one log line.
@@ -35,7 +36,7 @@ from typing import Any
 
 from ctrflow.validation import Choice, check_fields
 
-__all__ = ["HUGE_PAGE_MODES", "HugePages", "advise_variables", "thp_mode"]
+__all__ = ["ENV_OFF", "HUGE_PAGE_MODES", "HugePages", "advise_variables", "thp_mode"]
 
 log = logging.getLogger("ctrflow.serving")
 
@@ -45,6 +46,7 @@ MIN_BYTES = 1 << 20  # smaller variables: at most one huge page, not worth a sys
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25  # Linux >= 6.1
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+ENV_OFF = "CTRFLOW_HUGE_PAGES"  # "off": every load in this process (and its children) as with mode "off"
 
 
 @dataclass(frozen=True)
@@ -164,28 +166,30 @@ def _huge_bytes_in(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BYTES) -> HugePages:
+def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BYTES, what: str = "model") -> HugePages:
     """Put the large variable buffers of a loaded SavedModel on transparent huge pages (see the module doc).
 
     Never raises for an unsupported platform or kernel: the returned `HugePages.status` says what happened.
     """
+    HugePages(mode=mode)  # validates the option
     if mode == "off":
         return HugePages(mode="off", status="off")
-    HugePages(mode=mode)  # validates the option
+    if os.environ.get(ENV_OFF, "").strip().lower() == "off":
+        return _report(what, HugePages(mode="off", status=f"off ({ENV_OFF}=off)"))
     thp = thp_mode()
     if not sys.platform.startswith("linux") or not thp:
-        return _report(HugePages(mode=mode, status="unsupported: no transparent huge pages on this platform"))
+        return _report(what, HugePages(mode=mode, status="unsupported: no transparent huge pages on this platform"))
     if thp == "never":
-        return _report(HugePages(mode=mode, status="unsupported: transparent huge pages are 'never' on this kernel"))
+        return _report(what, HugePages(mode=mode, status="unsupported: transparent huge pages are 'never' on this kernel"))
     try:
         madvise = _libc_madvise()
         buffers, keep = _buffers(loaded, min_bytes)
         maps = _anon_maps()
     except (OSError, AttributeError, ValueError) as e:
-        return _report(HugePages(mode=mode, status=f"unsupported: {e}"))
+        return _report(what, HugePages(mode=mode, status=f"unsupported: {e}"))
     spans = sorted({s for s in (_span(a, n, maps) for a, n in buffers) if s is not None})
     if not spans:
-        return _report(HugePages(mode=mode, status="unsupported: no large variable in anonymous memory"
+        return _report(what, HugePages(mode=mode, status="unsupported: no large variable in anonymous memory"
                                  if buffers else "off: no variable of at least 1 MB"))
     collapse_errors: set[str] = set()
     advised = 0
@@ -210,13 +214,14 @@ def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BY
         status = "advised (" + "; ".join(sorted(collapse_errors)) + ")"
     else:
         status = "collapsed"
-    return _report(HugePages(mode=mode, status=status, variables=len(buffers), advised_bytes=size, huge_bytes=huge))
+    return _report(what, HugePages(mode=mode, status=status, variables=len(buffers), advised_bytes=size, huge_bytes=huge))
 
 
-def _report(h: HugePages) -> HugePages:
+def _report(what: str, h: HugePages) -> HugePages:
+    """The one log line per load."""
     if h.status == "collapsed":
-        log.info("huge pages: %d variable buffers, %.1f of %.1f MB on huge pages", h.variables,
+        log.info("%s: huge pages: %d variable buffers, %.1f of %.1f MB on huge pages", what, h.variables,
                  h.huge_bytes / 2**20, h.advised_bytes / 2**20)
     else:
-        log.info("huge pages: %s", h.status)
+        log.info("%s: huge pages: %s", what, h.status)
     return h

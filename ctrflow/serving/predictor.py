@@ -238,7 +238,7 @@ class Predictor:
             loaded = tf.saved_model.load(str(p))
         except (OSError, ValueError, tf.errors.OpError) as e:
             raise ModelNotFoundError(f"{p}: cannot load the model ({str(e).strip()[:300]}).") from None
-        pages = advise_variables(loaded, huge_pages)  # before the batchers start: no compute is running
+        pages = advise_variables(loaded, huge_pages, what=str(p))  # before the batchers start: no compute runs
         predictor = cls(p, loaded, info, name=name or p.parent.name, batching=batching)
         predictor.huge_pages = pages
         return predictor
@@ -699,11 +699,12 @@ class SavedModelPredictor:
         pass
 
 
-def load_predictor(path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None) -> Any:
+def load_predictor(path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None,
+                   huge_pages: str = "auto") -> Any:
     """A version folder → `Predictor` (ctrflow export) or `SavedModelPredictor` (a plain SavedModel)."""
     p = Path(path)
     if (p / EXPORT_INFO).exists():
-        return Predictor.load(p, batching=batching, name=name)
+        return Predictor.load(p, batching=batching, name=name, huge_pages=huge_pages)
     if (p / "saved_model.pb").exists():
         return SavedModelPredictor.load(p, name=name)
-    return Predictor.load(p, batching=batching, name=name)  # a base path: its newest ctrflow version
+    return Predictor.load(p, batching=batching, name=name, huge_pages=huge_pages)  # a base path: its newest ctrflow version
