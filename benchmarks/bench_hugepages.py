@@ -5,18 +5,23 @@ Claim measured (BENCHMARKS.md, "Huge pages for the tables"): `Predictor.load(hug
 prediction when the gathers miss the caches, at no change of the scores; compared with starting the
 process under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc advises all of its heap).
 
-Each variant runs in a fresh process (one TensorFlow intra-op thread, as a served compute call), the
-variants interleaved `--pairs` times, so a noisy machine shows in the spread rather than in one
-variant. Per process: `compute_ids` (one direct call, no batcher) on `--reps` rounds of 8 batches per
-batch size and id distribution, best round's process CPU per prediction; AnonHugePages and RSS from
-/proc/self/smaps_rollup; a checksum of the scores (identical across variants: bitwise the same model).
+Two ways, both with one TensorFlow intra-op thread (as a served compute call) and `compute_ids` (one
+direct call, no batcher) on 8 batches per batch size and id distribution:
+- **A/B in one process** (`--ab-processes N`, the headline figure): the version loaded twice, with
+  `huge_pages="off"` and `"auto"`, timed in alternating rounds (off, auto, off, auto, ...), so both see
+  the same machine at the same moments; per cell the best round of each and the median of the per-round
+  ratios auto/off. Several processes, since each lays its memory out differently.
+- **One variant per process** (`--variants off,auto,tunable,auto+tunable`, run in alternating order
+  `--pairs` times): needed for `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which glibc reads at start;
+  AnonHugePages and RSS from /proc/self/smaps_rollup show each variant's memory cost.
+A checksum of the scores is printed per variant (identical: bitwise the same model).
 
 Id distributions: `random` (uniform over each field's table: the cache-miss worst case) and `zipf`
 (per field, rank r drawn with probability ~ 1/r^1.1, ranks scattered over the table by a fixed
 permutation as hashing scatters them: real traffic's hot ids).
 
-Usage: python benchmarks/bench_hugepages.py [--model-base-path /tmp/lead-bench2/ctr] [--pairs 3]
-       [--batches 1000,2000,4000] [--variants off,auto,tunable] [--reps 4]
+Usage: python benchmarks/bench_hugepages.py [--model-base-path /tmp/lead-bench2/ctr] [--ab-processes 3]
+       [--variants off,auto,tunable] [--pairs 3] [--batches 1000,2000,4000] [--reps 6]
 Prints a table, then one JSON object as the last line.
 """
 from __future__ import annotations
@@ -64,6 +69,7 @@ def _ids(rng, limits, rows: int, dist: str, perms):
 
 
 def _child(path: str, mode: str, batches: list[int], reps: int) -> None:
+    """mode "off"/"auto": one predictor; "ab": both, timed in alternating rounds."""
     import numpy as np
 
     from ctrflow._tf import quiet_import
@@ -74,72 +80,105 @@ def _child(path: str, mode: str, batches: list[int], reps: int) -> None:
     from ctrflow.serving.predictor import Predictor
 
     t0 = time.perf_counter()
-    p = Predictor.load(path, huge_pages=mode)
+    modes = ("off", "auto") if mode == "ab" else (mode,)
+    ps = [Predictor.load(path, huge_pages=m) for m in modes]
     load_s = time.perf_counter() - t0
-    limits = np.asarray(p._id_limits, dtype=np.int64)
-    n_num = len(p.numeric_names)
-    out: dict = {"load_s": round(load_s, 2), "huge_pages": p.huge_pages.to_dict(), "cpu_us": {}}
-    checksum = 0.0
+    limits = np.asarray(ps[0]._id_limits, dtype=np.int64)
+    n_num = len(ps[0].numeric_names)
+    out: dict = {"load_s": round(load_s, 2), "huge_pages": ps[-1].huge_pages.to_dict(),
+                 "cpu_us": {m: {} for m in modes}, "round_ratio_median": {}}
+    checksums = [0.0] * len(ps)
     for dist in ("random", "zipf"):
         rng = np.random.default_rng(0)  # the same ids in every process
         perms = [rng.permutation(int(n)) for n in limits]
         for b in batches:
+            key = f"{dist}@{b}"
             inputs = [(_ids(rng, limits, b, dist, perms), rng.random((b, n_num)).astype(np.float32)) for _ in range(8)]
-            for ids, num in inputs:
-                checksum += float(p.compute_ids(ids, num).astype(np.float64).sum())
-            best = float("inf")
-            for _ in range(reps):
-                t = time.process_time()
+            for j, p in enumerate(ps):
                 for ids, num in inputs:
-                    p.compute_ids(ids, num)
-                best = min(best, (time.process_time() - t) / (8 * b) * 1e6)
-            out["cpu_us"][f"{dist}@{b}"] = round(best, 3)
+                    checksums[j] += float(p.compute_ids(ids, num).astype(np.float64).sum())
+            rounds: list[list[float]] = [[] for _ in ps]
+            for r in range(reps):
+                for j in (range(len(ps)) if r % 2 == 0 else range(len(ps) - 1, -1, -1)):
+                    t = time.process_time()
+                    for ids, num in inputs:
+                        ps[j].compute_ids(ids, num)
+                    rounds[j].append((time.process_time() - t) / (8 * b) * 1e6)
+            for m, xs in zip(modes, rounds):
+                out["cpu_us"][m][key] = round(min(xs), 3)
+            if len(ps) == 2:
+                out["round_ratio_median"][key] = round(float(np.median(np.divide(rounds[1], rounds[0]))), 3)
     roll = _rollup()
-    out.update(checksum=checksum, rss_mb=round(roll.get("Rss", 0) / 1024, 1),
+    out.update(checksums=checksums, rss_mb=round(roll.get("Rss", 0) / 1024, 1),
                anon_huge_mb=round(roll.get("AnonHugePages", 0) / 1024, 1))
+    for p in ps:
+        p.close()
     print(json.dumps(out))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-base-path", default="/tmp/lead-bench2/ctr")
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--ab-processes", type=int, default=3, help="processes timing off and auto in alternating rounds")
+    ap.add_argument("--variants", default="", help="also one process per variant, e.g. off,auto,tunable,auto+tunable")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of --variants processes")
     ap.add_argument("--batches", default="1000,2000,4000")
-    ap.add_argument("--variants", default="off,auto,tunable")
-    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     if a.child:
         _child(a.model_base_path, a.child, batches, a.reps)
         return 0
-    variants = a.variants.split(",")
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for i in range(a.pairs):
-        for v in (variants if i % 2 == 0 else variants[::-1]):  # alternate the order: no variant always first
-            mode, env = VARIANTS[v]
-            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model-base-path", a.model_base_path,
-                                   "--batches", a.batches, "--reps", str(a.reps)],
-                                  env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            runs[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    keys = list(runs[variants[0]][0]["cpu_us"])
-    print(f"{'variant':<14}" + "".join(f"{k:>16}" for k in keys) + f"{'AnonHuge MB':>12}{'RSS MB':>9}  huge_pages")
-    for v in variants:
-        cells = ["/".join(f"{r['cpu_us'][k]:.2f}" for r in runs[v]) for k in keys]
-        print(f"{v:<14}" + "".join(f"{c:>16}" for c in cells)
-              + f"{runs[v][0]['anon_huge_mb']:>12}{runs[v][0]['rss_mb']:>9}  {runs[v][0]['huge_pages']}")
-    base = variants[0]
-    ratios = {}
-    for v in variants[1:]:
-        ratios[v] = {k: round(sum(r[k] for r in (x["cpu_us"] for x in runs[v])) /
-                              sum(r[k] for r in (x["cpu_us"] for x in runs[base])), 3) for k in keys}
-        print(f"{v} / {base} (mean of pairs): " + ", ".join(f"{k} {x:.3f}" for k, x in ratios[v].items()))
-    sums = {v: {round(r["checksum"], 6) for r in runs[v]} for v in variants}
-    print("score checksums:", sums)
-    print(json.dumps({"runs": runs, "ratios": ratios, "checksums_equal": len(set().union(*sums.values())) == 1}))
+    def run(mode: str, env: dict) -> dict:
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model-base-path", a.model_base_path,
+                               "--batches", a.batches, "--reps", str(a.reps)],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+        if proc.returncode:
+            raise SystemExit(f"child {mode} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    report: dict = {}
+    if a.ab_processes:
+        ab = [run("ab", {}) for _ in range(a.ab_processes)]
+        keys = list(ab[0]["round_ratio_median"])
+        print(f"A/B in one process ({a.ab_processes} processes, {a.reps} alternating rounds each): "
+              "best CPU µs/pred off -> auto, median per-round ratio auto/off")
+        print(f"{'cell':<14}" + "".join(f"{'process %d' % (i + 1):>28}" for i in range(len(ab))) + f"{'median ratio':>14}")
+        for k in keys:
+            cells = [f"{r['cpu_us']['off'][k]:.2f} -> {r['cpu_us']['auto'][k]:.2f} ({r['round_ratio_median'][k]:.3f})" for r in ab]
+            med = float(sorted(r["round_ratio_median"][k] for r in ab)[len(ab) // 2])
+            print(f"{k:<14}" + "".join(f"{c:>28}" for c in cells) + f"{med:>14.3f}")
+        same = all(r["checksums"][0] == r["checksums"][1] for r in ab)
+        print(f"huge pages: {ab[0]['huge_pages']}; scores off == auto (checksum): {same}")
+        report["ab"] = {"runs": ab, "scores_equal": same,
+                        "median_ratio": {k: sorted(r["round_ratio_median"][k] for r in ab)[len(ab) // 2] for k in keys}}
+    variants = [v for v in a.variants.split(",") if v]
+    if variants:
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for i in range(a.pairs):
+            for v in (variants if i % 2 == 0 else variants[::-1]):  # alternate the order: no variant always first
+                mode, env = VARIANTS[v]
+                r = run(mode, env)
+                r["cpu_us"] = r["cpu_us"][mode]
+                runs[v].append(r)
+        keys = list(runs[variants[0]][0]["cpu_us"])
+        print(f"\none variant per process, {a.pairs} rounds in alternating order: best CPU µs/pred per process")
+        print(f"{'variant':<14}" + "".join(f"{k:>18}" for k in keys) + f"{'AnonHuge MB':>12}{'RSS MB':>9}  huge_pages")
+        for v in variants:
+            cells = ["/".join(f"{r['cpu_us'][k]:.2f}" for r in runs[v]) for k in keys]
+            print(f"{v:<14}" + "".join(f"{c:>18}" for c in cells)
+                  + f"{runs[v][0]['anon_huge_mb']:>12}{runs[v][0]['rss_mb']:>9}  {runs[v][0]['huge_pages']['status']}")
+        base = variants[0]
+        ratios = {}
+        for v in variants[1:]:  # per round (the two processes ran next to each other), then the median
+            ratios[v] = {k: float(sorted(x["cpu_us"][k] / y["cpu_us"][k] for x, y in zip(runs[v], runs[base]))[a.pairs // 2])
+                         for k in keys}
+            print(f"{v} / {base} (median over rounds): " + ", ".join(f"{k} {x:.3f}" for k, x in ratios[v].items()))
+        sums = {v: sorted({round(r["checksums"][0], 6) for r in runs[v]}) for v in variants}
+        print("score checksums:", sums)
+        report["variants"] = {"runs": runs, "ratios": ratios}
+    print(json.dumps(report))
     return 0
 
 
