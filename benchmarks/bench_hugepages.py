@@ -15,6 +15,15 @@ direct call, no batcher) on 8 batches per batch size and id distribution:
   `--pairs` times): needed for `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which glibc reads at start;
   AnonHugePages and RSS from /proc/self/smaps_rollup show each variant's memory cost.
 A checksum of the scores is printed per variant (identical: bitwise the same model).
+`--parts` (one more process): where the call's CPU goes at batch 4000 — the whole call against its two
+gathers alone (embedding [R, 16] and linear [R, 1], the export's shared tables), with random ids and with
+all-zero ids (every row cached), off and auto in alternating rounds; then the same gathers from other
+table layouts built here from the model's own tables: the linear weight packed as a 17th column of the
+embedding row (one lookup instead of two), and that row padded to 32 floats (128 B, two whole lines).
+`--file-backed`: whether a table shared between workers through a memory-mapped file could be on huge
+pages: a 64 MB float32 `.npy` (evicted from the page cache first), `np.load(mmap_mode="r"|"c")` with
+and without MADV_HUGEPAGE before the first touch, then MADV_COLLAPSE; and a memfd (shmem) table. Reports
+FilePmdMapped / ShmemPmdMapped / AnonHugePages of the mapping (/proc/self/smaps).
 
 Id distributions: `random` (uniform over each field's table: the cache-miss worst case) and `zipf`
 (per field, rank r drawn with probability ~ 1/r^1.1, ranks scattered over the table by a fixed
@@ -116,6 +125,143 @@ def _child(path: str, mode: str, batches: list[int], reps: int) -> None:
     print(json.dumps(out))
 
 
+def _parts(path: str, reps: int) -> None:
+    import numpy as np
+
+    from ctrflow._tf import quiet_import
+
+    tf = quiet_import()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    from ctrflow.serving.hugepages import advise_variables
+    from ctrflow.serving.predictor import Predictor
+
+    ps = {m: Predictor.load(path, huge_pages=m) for m in ("off", "auto")}
+    limits = np.asarray(ps["off"]._id_limits)
+    offsets = tf.constant(np.concatenate([[0], np.cumsum(limits)[:-1]]).astype(np.int32))
+    b, rng = 4000, np.random.default_rng(0)
+    ids = {"random": [(rng.random((b, len(limits))) * limits).astype(np.int32) for _ in range(8)],
+           "cached": [np.zeros((b, len(limits)), np.int32) for _ in range(8)]}
+    numeric = rng.random((b, len(ps["off"].numeric_names))).astype(np.float32)
+
+    def tables(p):
+        vs = [o for o in tf.train.TrackableView(p._loaded).descendants() if isinstance(o, tf.Variable)]
+        return [next(v for v in vs if f"{k}/table" in v.name) for k in ("embedding", "linear")]
+
+    def module(**arrays):
+        m = tf.Module()
+        for k, a in arrays.items():
+            setattr(m, k, tf.Variable(a))
+        return m
+
+    emb, lin = (v.numpy() for v in tables(ps["off"]))
+    cells = {}  # name -> (fn, inputs)
+    for m, p in ps.items():
+        e, l = tables(p)
+        cells[f"whole call, random ids, {m}"] = (lambda x, p=p: p.compute_ids(x, numeric), ids["random"])
+        cells[f"whole call, cached ids, {m}"] = (lambda x, p=p: p.compute_ids(x, numeric), ids["cached"])
+        gathers = tf.function(lambda i, e=e, l=l: (tf.reduce_sum(tf.gather(e, i + offsets)), tf.reduce_sum(tf.gather(l, i + offsets))))
+        cells[f"both gathers, random ids, {m}"] = (gathers, [tf.constant(x) for x in ids["random"]])
+        cells[f"both gathers, cached ids, {m}"] = (gathers, [tf.constant(x) for x in ids["cached"]])
+        packed = module(t=np.concatenate([emb, lin], 1))
+        padded = module(t=np.concatenate([emb, lin, np.zeros((len(emb), 15), np.float32)], 1))
+        advise_variables(packed, m), advise_variables(padded, m)
+        cells[f"packed [R,17] gather, random ids, {m}"] = (
+            tf.function(lambda i, t=packed.t: tf.reduce_sum(tf.gather(t, i + offsets))), [tf.constant(x) for x in ids["random"]])
+        cells[f"padded [R,32] gather, random ids, {m}"] = (
+            tf.function(lambda i, t=padded.t: tf.reduce_sum(tf.gather(t, i + offsets)[..., :17])), [tf.constant(x) for x in ids["random"]])
+    for fn, xs in cells.values():
+        for x in xs:
+            fn(x)
+    times: dict[str, list[float]] = {k: [] for k in cells}
+    names = list(cells)
+    for r in range(reps):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            fn, xs = cells[k]
+            t = time.process_time()
+            for x in xs:
+                fn(x)
+            times[k].append((time.process_time() - t) / (len(xs) * b) * 1e6)
+    print(json.dumps({k: {"best": round(min(v), 3), "median": round(float(np.median(v)), 3)} for k, v in times.items()}))
+
+
+def _file_backed() -> None:
+    import ctypes
+    import mmap
+    import tempfile
+
+    import numpy as np
+
+    from ctrflow.serving.hugepages import HUGE, MADV_COLLAPSE, MADV_HUGEPAGE, _libc_madvise
+
+    madvise = _libc_madvise()
+    fields = ("Rss:", "FilePmdMapped:", "ShmemPmdMapped:", "AnonHugePages:")
+
+    def pmd(lo: int, hi: int) -> dict:
+        out, cur = {}, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    a, b = (int(x, 16) for x in head.split("-"))
+                    cur = a < hi and lo < b
+                elif cur and head in fields:
+                    out[head[:-1]] = out.get(head[:-1], 0) + int(line.split()[1]) // 1024
+        return out
+
+    def advise(addr: int, size: int, how: int) -> str:
+        lo = -(-addr // HUGE) * HUGE
+        n = (addr + size - lo) // HUGE * HUGE
+        return "ok" if madvise(lo, n, how) == 0 else os.strerror(ctypes.get_errno())
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ctrflow-thp-", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "table.npy")
+        np.save(path, np.random.default_rng(0).random((1 << 20, 16), dtype=np.float32))
+        os.sync()
+        for mode in ("r", "c"):
+            for hint in (False, True):
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: evicted without root
+                os.close(fd)
+                a = np.load(path, mmap_mode=mode)
+                addr, size = a.ctypes.data, a.nbytes
+                pre = advise(addr, size, MADV_HUGEPAGE) if hint else "-"
+                float(a.sum())
+                before = pmd(addr, addr + size)
+                collapse = advise(addr, size, MADV_COLLAPSE)
+                rows.append({"mapping": f"np.load mmap_mode={mode!r}", "MADV_HUGEPAGE before touch": pre,
+                             "after touch": before, "MADV_COLLAPSE": collapse, "after collapse": pmd(addr, addr + size)})
+                del a
+    fd = os.memfd_create("ctrflow-thp")
+    os.ftruncate(fd, 64 << 20)
+    m = mmap.mmap(fd, 64 << 20, mmap.MAP_SHARED)
+    b = np.frombuffer(m, np.float32)
+    addr, size = b.ctypes.data, b.nbytes
+    pre = advise(addr, size, MADV_HUGEPAGE)
+    b[:] = 1.0
+    rows.append({"mapping": "memfd (shmem)", "MADV_HUGEPAGE before touch": pre, "after touch": pmd(addr, addr + size),
+                 "MADV_COLLAPSE": advise(addr, size, MADV_COLLAPSE), "after collapse": pmd(addr, addr + size)})
+    # A second process mapping the same memfd (as another worker would): are its pages PMD-mapped too?
+    reader = ("import mmap, os, sys, numpy as np; m = mmap.mmap(int(sys.argv[1]), 64 << 20, mmap.MAP_SHARED, mmap.PROT_READ); "
+              "b = np.frombuffer(m, np.float32); b.sum(); lo = b.ctypes.data; n = 0; cur = False\n"
+              "for line in open('/proc/self/smaps'):\n"
+              "    h = line.split(None, 1)[0]\n"
+              "    if '-' in h and not h.endswith(':'):\n"
+              "        x, y = (int(v, 16) for v in h.split('-')); cur = x < lo + b.nbytes and lo < y\n"
+              "    elif cur and h == 'ShmemPmdMapped:': n += int(line.split()[1]) // 1024\n"
+              "print(n, lo % (2 << 20) == 0)")
+    os.set_inheritable(fd, True)
+    out = subprocess.run([sys.executable, "-c", reader, str(fd)], close_fds=False, capture_output=True, text=True)
+    got = (out.stdout.split() or ["-1", "?"])
+    rows.append({"mapping": "memfd, a 2nd process", "MADV_HUGEPAGE before touch": "-", "after touch":
+                 {"ShmemPmdMapped": int(got[0]), "address 2 MB-aligned": got[1]}, "MADV_COLLAPSE": "-", "after collapse": {}})
+    del b
+    m.close()
+    os.close(fd)
+    print(json.dumps(rows))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-base-path", default="/tmp/lead-bench2/ctr")
@@ -124,9 +270,17 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3, help="rounds of --variants processes")
     ap.add_argument("--batches", default="1000,2000,4000")
     ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--parts", action="store_true", help="also the call's parts and other table layouts (one process)")
+    ap.add_argument("--file-backed", action="store_true", help="also: huge pages for a memory-mapped (shared) table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
+    if a.child == "file":
+        _file_backed()
+        return 0
+    if a.child == "parts":
+        _parts(a.model_base_path, a.reps)
+        return 0
     if a.child:
         _child(a.model_base_path, a.child, batches, a.reps)
         return 0
@@ -178,6 +332,19 @@ def main() -> int:
         sums = {v: sorted({round(r["checksums"][0], 6) for r in runs[v]}) for v in variants}
         print("score checksums:", sums)
         report["variants"] = {"runs": runs, "ratios": ratios}
+    if a.parts:
+        parts = run("parts", {})
+        print(f"\nparts at batch 4000 (one process, {a.reps} alternating rounds): CPU µs/pred best / median")
+        for k, v in parts.items():
+            print(f"  {k:<44}{v['best']:>8.2f}{v['median']:>8.2f}")
+        report["parts"] = parts
+    if a.file_backed:
+        rows = run("file", {})
+        print("\nfile-backed and shmem tables (64 MB; MB of the mapping):")
+        for r in rows:
+            print(f"  {r['mapping']:<24} MADV_HUGEPAGE before touch: {r['MADV_HUGEPAGE before touch']:<4} after touch {r['after touch']}"
+                  f"  MADV_COLLAPSE: {r['MADV_COLLAPSE']}  after {r['after collapse']}")
+        report["file_backed"] = rows
     print(json.dumps(report))
     return 0
 
