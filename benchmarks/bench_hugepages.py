@@ -243,23 +243,53 @@ def _file_backed() -> None:
     rows.append({"mapping": "memfd (shmem)", "MADV_HUGEPAGE before touch": pre, "after touch": pmd(addr, addr + size),
                  "MADV_COLLAPSE": advise(addr, size, MADV_COLLAPSE), "after collapse": pmd(addr, addr + size)})
     # A second process mapping the same memfd (as another worker would): are its pages PMD-mapped too?
-    reader = ("import mmap, os, sys, numpy as np; m = mmap.mmap(int(sys.argv[1]), 64 << 20, mmap.MAP_SHARED, mmap.PROT_READ); "
-              "b = np.frombuffer(m, np.float32); b.sum(); lo = b.ctypes.data; n = 0; cur = False\n"
-              "for line in open('/proc/self/smaps'):\n"
-              "    h = line.split(None, 1)[0]\n"
-              "    if '-' in h and not h.endswith(':'):\n"
-              "        x, y = (int(v, 16) for v in h.split('-')); cur = x < lo + b.nbytes and lo < y\n"
-              "    elif cur and h == 'ShmemPmdMapped:': n += int(line.split()[1]) // 1024\n"
-              "print(n, lo % (2 << 20) == 0)")
+    # Once where mmap puts it, once at a 2 MB-aligned address (an aligned reservation, then MAP_FIXED).
     os.set_inheritable(fd, True)
-    out = subprocess.run([sys.executable, "-c", reader, str(fd)], close_fds=False, capture_output=True, text=True)
-    got = (out.stdout.split() or ["-1", "?"])
-    rows.append({"mapping": "memfd, a 2nd process", "MADV_HUGEPAGE before touch": "-", "after touch":
-                 {"ShmemPmdMapped": int(got[0]), "address 2 MB-aligned": got[1]}, "MADV_COLLAPSE": "-", "after collapse": {}})
+    for aligned in (False, True):
+        out = subprocess.run([sys.executable, __file__, "--child", "memfd-reader", "--reps", str(fd),
+                              "--batches", "1" if aligned else "0"], close_fds=False, capture_output=True, text=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+        rows.append({"mapping": f"memfd, 2nd process{', aligned' if aligned else ''}", "MADV_HUGEPAGE before touch": "-",
+                     "after touch": got, "MADV_COLLAPSE": "-", "after collapse": {}})
     del b
     m.close()
     os.close(fd)
     print(json.dumps(rows))
+
+
+def _memfd_reader(fd: int, aligned: bool) -> None:
+    """Map the parent's 64 MB memfd read-only, touch it, report ShmemPmdMapped of the mapping."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    from ctrflow.serving.hugepages import HUGE
+
+    size = 64 << 20
+    if aligned:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        hold = libc.mmap(None, size + HUGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # PROT_NONE
+        at = -(-hold // HUGE) * HUGE
+        addr = libc.mmap(at, size, mmap.PROT_READ, mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
+        table = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), (size // 4,))
+    else:
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        table = np.frombuffer(m, np.float32)
+        addr = table.ctypes.data
+    total = float(table.sum())
+    n, cur = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                cur = lo < addr + size and addr < hi
+            elif cur and head == "ShmemPmdMapped:":
+                n += int(line.split()[1]) // 1024
+    print(json.dumps({"ShmemPmdMapped": n, "address 2 MB-aligned": addr % HUGE == 0, "sum": total}))
 
 
 def main() -> int:
@@ -275,6 +305,9 @@ def main() -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
+    if a.child == "memfd-reader":  # --reps carries the fd, --batches 1 asks for an aligned mapping
+        _memfd_reader(a.reps, a.batches == "1")
+        return 0
     if a.child == "file":
         _file_backed()
         return 0
