@@ -98,20 +98,13 @@ def _anon_maps() -> list[tuple[int, int]]:
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split()
-            # address perms offset dev inode [path]: anonymous = inode 0 and no path, or [heap]
+            # address perms offset dev inode [path]: anonymous = inode 0 and no path, [heap] or a named
+            # anonymous mapping ([anon:...], e.g. glibc's arenas under glibc.mem.decorate_maps)
             if len(parts) >= 5 and parts[1].startswith("rw") and parts[1][3] == "p" and parts[4] == "0" \
-                    and (len(parts) == 5 or parts[5] == "[heap]"):
+                    and (len(parts) == 5 or parts[5] == "[heap]" or parts[5].startswith("[anon:")):
                 lo, hi = parts[0].split("-")
                 out.append((int(lo, 16), int(hi, 16)))
-    out.sort()
-    # Neighbouring anonymous mappings (split by earlier madvise calls) form one span.
-    merged: list[tuple[int, int]] = []
-    for lo, hi in out:
-        if merged and merged[-1][1] == lo:
-            merged[-1] = (merged[-1][0], hi)
-        else:
-            merged.append((lo, hi))
-    return merged
+    return _merge(sorted(out))  # neighbouring mappings (split by earlier madvise calls) form one span
 
 
 def _span(addr: int, size: int, maps: list[tuple[int, int]]) -> tuple[int, int] | None:
@@ -123,6 +116,17 @@ def _span(addr: int, size: int, maps: list[tuple[int, int]]) -> tuple[int, int] 
             start, end = max(lo, addr // HUGE * HUGE), min(hi, -(-(addr + size) // HUGE) * HUGE)
             return (start, end) if end - start >= HUGE else None
     return None  # not anonymous (a file mapping) or not found
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted spans with overlapping or touching ones joined (neighbouring tables share a huge page)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _buffers(loaded: Any, min_bytes: int) -> tuple[list[tuple[int, int]], list[Any]]:
@@ -188,7 +192,7 @@ def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BY
         maps = _anon_maps()
     except (OSError, AttributeError, ValueError) as e:
         return _report(what, HugePages(mode=mode, status=f"unsupported: {e}"))
-    spans = sorted({s for s in (_span(a, n, maps) for a, n in buffers) if s is not None})
+    spans = _merge(sorted(s for s in (_span(a, n, maps) for a, n in buffers) if s is not None))
     if not spans:
         return _report(what, HugePages(mode=mode, status="unsupported: no large variable in anonymous memory"
                                  if buffers else "off: no variable of at least 1 MB"))
