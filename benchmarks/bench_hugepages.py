@@ -25,9 +25,12 @@ pages: a 64 MB float32 `.npy` (evicted from the page cache first), `np.load(mmap
 and without MADV_HUGEPAGE before the first touch, then MADV_COLLAPSE; and a memfd (shmem) table. Reports
 FilePmdMapped / ShmemPmdMapped / AnonHugePages of the mapping (/proc/self/smaps).
 
-Id distributions: `random` (uniform over each field's table: the cache-miss worst case) and `zipf`
+Id distributions: `random` (uniform over each field's table: the cache-miss worst case), `zipf`
 (per field, rank r drawn with probability ~ 1/r^1.1, ranks scattered over the table by a fixed
-permutation as hashing scatters them: real traffic's hot ids).
+permutation as hashing scatters them: real traffic's hot ids), and `data`: what the serving benchmarks'
+load generator sends — 6,400 rows (its 64 distinct bodies x 100 candidates) sampled from 20,000
+generated synthetic rows and hashed by the export's `FeatureHasher`, batches drawn from that pool
+(~26k distinct table rows: 1.6 MB of rows, but spread over ~9k of the table's 10k 4 kB pages).
 
 Usage: python benchmarks/bench_hugepages.py [--model-base-path /tmp/lead-bench2/ctr] [--ab-processes 3]
        [--variants off,auto,tunable] [--pairs 3] [--batches 1000,2000,4000] [--reps 6]
@@ -65,9 +68,32 @@ def _rollup() -> dict[str, int]:
     return out
 
 
-def _ids(rng, limits, rows: int, dist: str, perms):
+def _data_pool(folder) -> "np.ndarray":
+    """The load generator's kind of ids: 6,400 generated rows (seeded), hashed as a client would."""
+    import tempfile
+
     import numpy as np
 
+    from ctrflow.bench.loadgen import _Features, _read_rows
+    from ctrflow.client.hashing import FeatureHasher
+    from ctrflow.data.generate import GenerateOptions, generate
+
+    info = json.loads((Path(folder) / "ctrflow.json").read_text())
+    spec = info["feature_spec"]
+    cats = tuple(n for n in spec["id_names"] if n not in spec["numeric_names"])
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp) / "rows.csv", GenerateOptions(rows=20_000, seed=2, split="test"))
+        cols = _read_rows(Path(tmp) / "rows.csv", _Features(cats, tuple(spec["numeric_names"])), None)
+    idx = np.random.default_rng(3).integers(0, 20_000, 6_400)
+    ids, _ = FeatureHasher.from_manifest(Path(folder)).transform({k: [v[i] for i in idx] for k, v in cols.items()})
+    return np.ascontiguousarray(ids, dtype=np.int32)
+
+
+def _ids(rng, limits, rows: int, dist: str, perms, pool=None):
+    import numpy as np
+
+    if dist == "data":
+        return pool[rng.integers(0, len(pool), rows)]
     if dist == "random":
         return (rng.random((rows, len(limits))) * limits).astype(np.int32)
     cols = []
@@ -97,12 +123,13 @@ def _child(path: str, mode: str, batches: list[int], reps: int) -> None:
     out: dict = {"load_s": round(load_s, 2), "huge_pages": ps[-1].huge_pages.to_dict(),
                  "cpu_us": {m: {} for m in modes}, "round_ratio_median": {}}
     checksums = [0.0] * len(ps)
-    for dist in ("random", "zipf"):
+    pool = _data_pool(ps[0].path)
+    for dist in ("random", "zipf", "data"):
         rng = np.random.default_rng(0)  # the same ids in every process
         perms = [rng.permutation(int(n)) for n in limits]
         for b in batches:
             key = f"{dist}@{b}"
-            inputs = [(_ids(rng, limits, b, dist, perms), rng.random((b, n_num)).astype(np.float32)) for _ in range(8)]
+            inputs = [(_ids(rng, limits, b, dist, perms, pool), rng.random((b, n_num)).astype(np.float32)) for _ in range(8)]
             for j, p in enumerate(ps):
                 for ids, num in inputs:
                     checksums[j] += float(p.compute_ids(ids, num).astype(np.float64).sum())

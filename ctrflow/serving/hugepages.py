@@ -5,7 +5,7 @@ from a 2.6 MB linear table): about 30% of the model's own CPU with uniformly ran
 pages nearly every row is a TLB miss (a page walk) on top of its cache miss. Linux's transparent huge
 pages map 2 MB with one TLB entry, but on the common `madvise` THP setting only memory that asked for it
 gets them, and TensorFlow's allocator never asks. Measured (BENCHMARKS.md, "Huge pages for the
-tables"): the embedding gather ~10% cheaper, the whole `predict_ids` call 2-5%, no RSS cost.
+tables"): the whole `predict_ids` call 2-7% cheaper (interleaved A/B), no RSS cost.
 
 What `advise_variables(loaded)` does, once after a SavedModel loads (`Predictor.load(huge_pages="auto")`,
 `ctrflow serve --huge-pages auto`, the default): for every CPU variable of at least `MIN_BYTES`, find its
