@@ -53,6 +53,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError, CtrflowError, ModelNotFoundError
 from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.hugepages import HUGE_PAGE_MODES
 from ctrflow.serving.metrics import ModelGauges
 from ctrflow.validation import Bool, Choice, Float, Int, check_fields
 
@@ -156,7 +157,7 @@ class ManagerOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, {"poll_interval_s": Float(0.0, low_open=True), "drain_grace_s": Float(0.0), "warmup": Bool(),
-                            "huge_pages": Choice(("auto", "off"))})
+                            "huge_pages": Choice(HUGE_PAGE_MODES)})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.hugepages import HUGE_PAGE_MODES
 from ctrflow.serving.metrics import CONTENT_TYPE, PUBLISH_INTERVAL_S, ModelCollector, ServingMetrics, collector, rollout_families
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
@@ -98,7 +99,7 @@ class ServeOptions:
         check_fields(self, {"port": Int(0, 65535), "grpc_port": Int(0, 65535, optional=True), "keep_versions": Int(1),
                             "max_body_bytes": Int(1024), "max_header_bytes": Int(1024), "max_rows_per_request": Int(1),
                             "worker_threads": Int(1), "max_connections": Int(1), "intra_op_threads": Int(0),
-                            "inter_op_threads": Int(0), "huge_pages": Choice(("auto", "off"))})
+                            "inter_op_threads": Int(0), "huge_pages": Choice(HUGE_PAGE_MODES)})
         check_fields(self, {"max_buffered_body_bytes": Int(self.max_body_bytes)})
         if self.grpc_port is not None:
             if self.grpc_port == self.port and self.port != 0:
