@@ -33,7 +33,7 @@ generated synthetic rows and hashed by the export's `FeatureHasher`, batches dra
 (~26k distinct table rows: 1.6 MB of rows, but spread over ~9k of the table's 10k 4 kB pages).
 
 Usage: python benchmarks/bench_hugepages.py [--model-base-path /tmp/lead-bench2/ctr] [--ab-processes 3]
-       [--variants off,auto,tunable] [--pairs 3] [--batches 1000,2000,4000] [--reps 6]
+       [--variants off,auto,tunable,auto+tunable] [--pairs 3] [--batches 1000,2000,4000] [--reps 6] [--parts] [--file-backed]
 Prints a table, then one JSON object as the last line.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _rollup() -> dict[str, int]:
     return out
 
 
-def _data_pool(folder) -> "np.ndarray":
+def _data_pool(folder: str | Path):
     """The load generator's kind of ids: 6,400 generated rows (seeded), hashed as a client would."""
     import tempfile
 
