@@ -22,6 +22,7 @@ noisy machine compare the ratios of one run, not absolute figures across runs.
 Usage: python benchmarks/bench_serving_paths.py [--model-base-path /tmp/demo-out/models/ctr] [--candidates 100]
        [--rates 100,200,400,800,1200,1600,2000,2400,3000] [--step-s 3] [--p99-ms 20] [--paths ids_inprocess,...]
        [--tf-threads INTRA[,INTER]] [--batch-threads N] [--batch-timeout-ms T] [--max-batch B] [--thread-cpu]
+       [--huge-pages auto|off]
 Without --model-base-path: the demo export at /tmp/demo-out/models/ctr if present, else a small FM is built.
 Prints a table, then one JSON object as the last line.
 """
@@ -44,6 +45,8 @@ if "--tf-threads" in sys.argv and sys.argv.index("--tf-threads") + 1 < len(sys.a
     if _intra not in ("", "0"):
         os.environ["TF_NUM_INTRAOP_THREADS"] = _intra
         os.environ["TF_NUM_INTEROP_THREADS"] = _inter or _intra
+if "--huge-pages" in sys.argv and sys.argv[sys.argv.index("--huge-pages") + 1:][:1] == ["off"]:
+    os.environ["CTRFLOW_HUGE_PAGES"] = "off"  # here and in the child server: every load as huge_pages="off"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -101,7 +104,8 @@ def model_compute(base: Path, batches: list[int], min_s: float) -> dict:
     predictor.close()
     return {"batches": {str(b): {"cpu_us_per_prediction": round(c, 3), "predictions_per_s": round(r)} for b, (c, r) in per_batch.items()},
             "best_batch": best, "limit_cpu_us": per_batch[best][0], "limit_predictions_per_s": per_batch[best][1],
-            "raw_graph_cpu_us": raw_cpu, "raw_graph_predictions_per_s": raw_rate, "raw_with_prepare_cpu_us": prep_cpu}
+            "raw_graph_cpu_us": raw_cpu, "raw_graph_predictions_per_s": raw_rate, "raw_with_prepare_cpu_us": prep_cpu,
+            "huge_pages": predictor.huge_pages.to_dict()}
 
 
 def thread_cpu_split(per_step: list) -> None:
@@ -205,6 +209,9 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=4096, help="BatchingOptions.max_batch_size")
     ap.add_argument("--thread-cpu", action="store_true",
                     help="in-process steps: also split the process's CPU by thread (TensorFlow's pools, batch threads, the loop)")
+    ap.add_argument("--huge-pages", choices=["auto", "off"], default="auto",
+                    help="the served tables on transparent huge pages (the default) or not (CTRFLOW_HUGE_PAGES=off, "
+                         "for the limit, the in-process paths and the child server)")
     args = ap.parse_args()
     if args.thread_cpu:
         thread_cpu_split(THREAD_SPLIT)
@@ -227,12 +234,14 @@ def main() -> int:
     _, _, folder = _model_info(str(base))
     info = json.loads((folder / "ctrflow.json").read_text())
     print(f"model {folder} ({info['model']['kind']}, {len(info['feature_spec']['id_names'])} id columns), "
-          f"{args.candidates} candidates/request, {BATCHING}, TF threads {args.tf_threads if args.tf_threads != '0' else 'default'}", flush=True)
+          f"{args.candidates} candidates/request, {BATCHING}, TF threads {args.tf_threads if args.tf_threads != '0' else 'default'}, "
+          f"huge pages {args.huge_pages}", flush=True)
 
     print("model compute (direct calls, no batcher):", flush=True)
     limit = model_compute(base, [int(b) for b in args.batches.split(",")], min_s=1.5)
     for b, v in limit["batches"].items():
         print(f"  predict_ids batch {b:>5}: {v['cpu_us_per_prediction']:6.2f} µs/pred CPU, {v['predictions_per_s']:>10,} pred/s")
+    print(f"  huge pages: {limit['huge_pages']}")
     print(f"  serving_default (raw) batch {limit['best_batch']}: {limit['raw_graph_cpu_us']:.2f} µs/pred "
           f"(+ Predictor.prepare on lists: {limit['raw_with_prepare_cpu_us']:.2f})", flush=True)
 
@@ -340,7 +349,7 @@ def main() -> int:
           "'x compute': the path's CPU over predict_ids' own at the mean batch the path formed.")
     print("targets: " + ", ".join(f"{k}={'met' if v else ('not met' if v is False else 'n/a')}" for k, v in targets.items()))
     print(json.dumps({"model": str(folder), "model_kind": info["model"]["kind"], "candidates": args.candidates,
-                      "tf_threads": args.tf_threads, "batching": BATCHING.__dict__,
+                      "tf_threads": args.tf_threads, "huge_pages": args.huge_pages, "batching": BATCHING.__dict__,
                       "p99_ms_limit": args.p99_ms, "step_s": args.step_s, "limit": limit, "paths": results, "targets": targets},
                      default=float))
     return 0

@@ -338,7 +338,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         worker_threads=args.worker_threads, head_timeout_s=args.head_timeout_s, body_timeout_s=args.body_timeout_s,
         drain_timeout_s=args.drain_timeout_s, max_connections=args.max_connections,
         max_buffered_body_bytes=args.max_buffered_body_bytes, intra_op_threads=args.intra_op_threads,
-        inter_op_threads=args.inter_op_threads,
+        inter_op_threads=args.inter_op_threads, huge_pages=args.huge_pages,
     )
     config_poll_s = args.model_config_file_poll_wait_seconds or None
     from ctrflow.serving.workers import run_supervised, worker_count
@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads one TensorFlow op may use, per process (TF Serving's --tensorflow_intra_op_parallelism; 0: TensorFlow chooses)")
     p.add_argument("--inter-op-threads", type=int, default=0, metavar="N",
                    help="TensorFlow ops run at once, per process (TF Serving's --tensorflow_inter_op_parallelism; 0: TensorFlow chooses)")
+    p.add_argument("--huge-pages", choices=["auto", "off"], default="auto",
+                   help="put the models' embedding tables on transparent huge pages where the kernel allows "
+                        "(cheaper gathers, same scores; default auto)")
     _common(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -60,7 +60,7 @@ def start_server(options: Any, *, config_poll_s: float | None = None, batching: 
     if batching == "options":  # textproto models are batched as the server's flags say
         batching = options.batching
     manager_options = ManagerOptions(poll_interval_s=options.poll_interval_s, warmup=options.warmup,
-                                     drain_grace_s=options.drain_grace_s)
+                                     drain_grace_s=options.drain_grace_s, huge_pages=options.huge_pages)
     if options.model_config_file:
         config = load_model_config(options.model_config_file, batching=batching)
         manager = ModelManager(list(config.models), manager_options)

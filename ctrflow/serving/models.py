@@ -53,8 +53,9 @@ from typing import Any
 
 from ctrflow.errors import ConfigError, CtrflowError, ModelNotFoundError
 from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.hugepages import HUGE_PAGE_MODES
 from ctrflow.serving.metrics import ModelGauges
-from ctrflow.validation import Bool, Float, Int, check_fields
+from ctrflow.validation import Bool, Choice, Float, Int, check_fields
 
 __all__ = [
     "ManagerOptions",
@@ -150,9 +151,13 @@ class ManagerOptions:
     # Longest a retired version waits for its in-flight requests before it is closed anyway, >= 0
     # seconds. Its queued requests are still computed (drained). Default 30.
     drain_grace_s: float = 30.0
+    # "auto": each loaded version's large variables go on transparent huge pages where the kernel allows
+    # (`ctrflow.serving.hugepages`); "off": as TensorFlow allocated them. Default "auto".
+    huge_pages: str = "auto"
 
     def __post_init__(self) -> None:
-        check_fields(self, {"poll_interval_s": Float(0.0, low_open=True), "drain_grace_s": Float(0.0), "warmup": Bool()})
+        check_fields(self, {"poll_interval_s": Float(0.0, low_open=True), "drain_grace_s": Float(0.0), "warmup": Bool(),
+                            "huge_pages": Choice(HUGE_PAGE_MODES)})
 
 
 @dataclass(frozen=True)
@@ -568,7 +573,7 @@ class ModelManager:
             return self._loader(path, spec.batching, spec.name)
         from ctrflow.serving.predictor import load_predictor
 
-        return load_predictor(path, batching=spec.batching, name=spec.name)
+        return load_predictor(path, batching=spec.batching, name=spec.name, huge_pages=self._options.huge_pages)
 
     def _publish(self, state: _ModelState, loaded: ServedVersion) -> None:
         with self._lock:

@@ -216,11 +216,21 @@ class Predictor:
             self.context = ContextScorer(self, batching)
 
     kind = "ctrflow"
+    huge_pages: Any = None  # ctrflow.serving.hugepages.HugePages, set by `load`
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None) -> "Predictor":
-        """Load a version folder, or the newest complete version of a base path."""
+    def load(cls, path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None,
+             huge_pages: str = "auto") -> "Predictor":
+        """Load a version folder, or the newest complete version of a base path.
+
+        huge_pages: "auto" puts the large variables (the embedding tables) on transparent huge pages
+        where the kernel allows (`ctrflow.serving.hugepages`: cheaper gathers, same scores); "off" leaves
+        them as TensorFlow allocated them. What happened is `predictor.huge_pages`."""
         import tensorflow as tf
+
+        from ctrflow.serving.hugepages import HugePages, advise_variables
+
+        HugePages(mode=huge_pages)  # a bad option fails before the load
 
         p = Path(path)
         if not (p / EXPORT_INFO).exists():
@@ -233,7 +243,10 @@ class Predictor:
             loaded = tf.saved_model.load(str(p))
         except (OSError, ValueError, tf.errors.OpError) as e:
             raise ModelNotFoundError(f"{p}: cannot load the model ({str(e).strip()[:300]}).") from None
-        return cls(p, loaded, info, name=name or p.parent.name, batching=batching)
+        pages = advise_variables(loaded, huge_pages, what=str(p))  # before the batchers start: no compute runs
+        predictor = cls(p, loaded, info, name=name or p.parent.name, batching=batching)
+        predictor.huge_pages = pages
+        return predictor
 
     # --- compute ---------------------------------------------------------------------------------
     def _compute(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -715,11 +728,12 @@ class SavedModelPredictor:
         pass
 
 
-def load_predictor(path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None) -> Any:
+def load_predictor(path: str | os.PathLike, *, batching: BatchingOptions | None = None, name: str | None = None,
+                   huge_pages: str = "auto") -> Any:
     """A version folder → `Predictor` (ctrflow export) or `SavedModelPredictor` (a plain SavedModel)."""
     p = Path(path)
     if (p / EXPORT_INFO).exists():
-        return Predictor.load(p, batching=batching, name=name)
+        return Predictor.load(p, batching=batching, name=name, huge_pages=huge_pages)
     if (p / "saved_model.pb").exists():
         return SavedModelPredictor.load(p, name=name)
-    return Predictor.load(p, batching=batching, name=name)  # a base path: its newest ctrflow version
+    return Predictor.load(p, batching=batching, name=name, huge_pages=huge_pages)  # a base path: its newest ctrflow version

@@ -16,10 +16,11 @@ from typing import Any
 
 from ctrflow.errors import ConfigError
 from ctrflow.serving.batcher import BatchingOptions
+from ctrflow.serving.hugepages import HUGE_PAGE_MODES
 from ctrflow.serving.metrics import CONTENT_TYPE, PUBLISH_INTERVAL_S, ModelCollector, ServingMetrics, collector, rollout_families
 from ctrflow.serving.models import ManagerOptions, ModelManager, ModelSpec, load_model_config
 from ctrflow.serving.rest import RestRoutes
-from ctrflow.validation import Float, Int, check_fields
+from ctrflow.validation import Choice, Float, Int, check_fields
 
 __all__ = ["freeze_heap", "ServeOptions", "Server", "serve"]
 
@@ -83,6 +84,9 @@ class ServeOptions:
     # by `start_server` before the models load (a process's TensorFlow takes them once). Default 0.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # "auto": loaded models' large variables (embedding tables) go on transparent huge pages where the
+    # kernel allows, cheaper gathers at the same scores (`ctrflow.serving.hugepages`); "off". Default "auto".
+    huge_pages: str = "auto"
 
     def __post_init__(self) -> None:
         sources = [x for x in ("model_base_path", "model_config_file", "models") if getattr(self, x)]
@@ -95,7 +99,7 @@ class ServeOptions:
         check_fields(self, {"port": Int(0, 65535), "grpc_port": Int(0, 65535, optional=True), "keep_versions": Int(1),
                             "max_body_bytes": Int(1024), "max_header_bytes": Int(1024), "max_rows_per_request": Int(1),
                             "worker_threads": Int(1), "max_connections": Int(1), "intra_op_threads": Int(0),
-                            "inter_op_threads": Int(0)})
+                            "inter_op_threads": Int(0), "huge_pages": Choice(HUGE_PAGE_MODES)})
         check_fields(self, {"max_buffered_body_bytes": Int(self.max_body_bytes)})
         if self.grpc_port is not None:
             if self.grpc_port == self.port and self.port != 0:
@@ -149,7 +153,8 @@ class Server:
         self.options = options
         self.manager = manager or ModelManager(
             options.model_specs(),
-            ManagerOptions(poll_interval_s=options.poll_interval_s, warmup=options.warmup, drain_grace_s=options.drain_grace_s),
+            ManagerOptions(poll_interval_s=options.poll_interval_s, warmup=options.warmup, drain_grace_s=options.drain_grace_s,
+                           huge_pages=options.huge_pages),
         )
         self.metrics = ServingMetrics()
         self.port: int | None = None
