@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -217,6 +217,8 @@ CROSS_SELECT: tuple[int, ...] = ()  # --cross-select: K values (top K crossable 
 CROSS_BUCKETS: tuple[int, ...] = ()  # --cross-buckets: table sizes (default: ModelConfig's)
 CROSS_MODELS: tuple[str, ...] = ("ffm",)  # --cross-models: stage 2's model kinds
 CROSS_FFM_PAIRS = False  # --cross-ffm-pairs: stage 2's FFM also keeps only the crossed pairs (ffm_pairs)
+CROSS_SCALES: tuple[float, ...] = ()  # --cross-scale: ModelConfig.cross_scale values (default: its default)
+CROSS_GIVEN: tuple[tuple[str, str], ...] = ()  # --cross-pairs: a row with exactly these pairs (K written as 0)
 
 
 def _cross_stage2(ds: quality_common.Dataset, run: Path, strength: np.ndarray, first: dict, overrides: dict) -> list[dict]:
@@ -238,12 +240,16 @@ def _cross_stage2(ds: quality_common.Dataset, run: Path, strength: np.ndarray, f
     rows = []
     for kind in CROSS_MODELS:
         for k in CROSS_SELECT:
-            keep = select_top(np.where(ok, strength, 0.0), k) & ok
-            pairs = sorted(((names[i], names[j]) for i, j in zip(*iu) if keep[i, j]), key=lambda p: -strength[names.index(p[0]), names.index(p[1])])
-            for buckets in CROSS_BUCKETS or (None,):
+            if k == 0:  # --cross-pairs: the given pairs, not a selection
+                pairs, k = list(CROSS_GIVEN), "given"
+            else:
+                keep = select_top(np.where(ok, strength, 0.0), k) & ok
+                pairs = sorted(((names[i], names[j]) for i, j in zip(*iu) if keep[i, j]), key=lambda p: -strength[names.index(p[0]), names.index(p[1])])
+            for buckets, scale in [(b, c) for b in CROSS_BUCKETS or (None,) for c in CROSS_SCALES or (None,)]:
                 t0 = time.perf_counter()
                 config = default_config(kind, **dict(overrides))
-                extra = {"cross_pairs": tuple(pairs), **({"cross_buckets": buckets} if buckets else {})}
+                extra = {"cross_pairs": tuple(pairs), **({"cross_buckets": buckets} if buckets else {}),
+                         **({"cross_scale": scale} if scale else {})}
                 if CROSS_FFM_PAIRS and kind == "ffm":
                     extra["ffm_pairs"] = tuple(pairs)
                 config = config.replace(model=replace(config.model, **extra))
@@ -251,6 +257,7 @@ def _cross_stage2(ds: quality_common.Dataset, run: Path, strength: np.ndarray, f
                 s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
                 r = evaluate(run, ds.shards["test"])
                 rows.append({"model": f"ctrflow {kind}, cross-select {k}" + (f", buckets {buckets}" if buckets else "")
+                             + (f", cross_scale {scale:g}" if scale else "")
                              + (", ffm_pairs = crossed" if "ffm_pairs" in extra else "")
                              + "".join(f", {a} {v}" for a, v in overrides.items()),
                              **_pick(r, ds), "valid_logloss": s.best_valid_logloss,
@@ -489,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                     "crosses of the top K pairs by stage 1's term RMS (`train --cross-select K`); reuses stage 1 with --ffm-reuse-stage1")
     ap.add_argument("--cross-buckets", help="comma-separated cross table sizes (default: ModelConfig.cross_buckets)")
     ap.add_argument("--cross-models", default="ffm", help="comma-separated stage 2 model kinds of --cross-select (e.g. ffm,lr)")
+    ap.add_argument("--cross-scale", help="comma-separated ModelConfig.cross_scale values (rate x s, L2 / s^2 on the crosses)")
+    ap.add_argument("--cross-pairs", help="--cross-select: also a row with exactly these pairs, a:b,c:d (e.g. the true ones)")
     ap.add_argument("--cross-ffm-pairs", action="store_true", help="--cross-select: stage 2's FFM also keeps only the crossed pairs")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
@@ -512,9 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         FFM_SELECT = tuple(a.ffm_select.split(","))
         FFM_SELECT_START = tuple(a.ffm_select_start.split(","))
         FFM_REUSE_STAGE1 = a.ffm_reuse_stage1
-    global CROSS_SELECT, CROSS_BUCKETS, CROSS_MODELS, CROSS_FFM_PAIRS
-    if a.cross_select:
-        CROSS_SELECT = tuple(int(k) for k in a.cross_select.split(","))
+    global CROSS_SELECT, CROSS_BUCKETS, CROSS_MODELS, CROSS_FFM_PAIRS, CROSS_SCALES, CROSS_GIVEN
+    if a.cross_select or a.cross_pairs:
+        CROSS_SELECT = tuple(int(k) for k in (a.cross_select or "").split(",") if k) + ((0,) if a.cross_pairs else ())
+        CROSS_GIVEN = tuple(tuple(p.split(":")) for p in (a.cross_pairs or "").split(",") if p)
+        CROSS_SCALES = tuple(float(c) for c in a.cross_scale.split(",")) if a.cross_scale else ()
         CROSS_BUCKETS = tuple(int(b) for b in a.cross_buckets.split(",")) if a.cross_buckets else ()
         CROSS_MODELS = tuple(m for m in a.cross_models.split(",") if m)
         CROSS_FFM_PAIRS = a.cross_ffm_pairs

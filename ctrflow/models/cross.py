@@ -66,7 +66,8 @@ class PairCross(tf.Module):
     Built by `CtrModel` when `config.cross_pairs` is not empty; pairs name fields of `layout` (either order).
     """
 
-    def __init__(self, layout: FieldLayout, pairs: Sequence[tuple[str, str]], buckets: int, *, name: str = "pair_cross") -> None:
+    def __init__(self, layout: FieldLayout, pairs: Sequence[tuple[str, str]], buckets: int, *, scale: float = 1.0,
+                 name: str = "pair_cross") -> None:
         super().__init__(name=name)
         ids = {n: i for i, n in enumerate(layout.id_names)}
         nums = {n: j for j, n in enumerate(layout.numeric_names)}
@@ -89,6 +90,7 @@ class PairCross(tf.Module):
             else:
                 self.num_pairs.append((p, ids[x], nums[y]))
         self.buckets = int(buckets)
+        self.scale = float(scale)  # the table holds w / scale (ModelConfig.cross_scale)
         self.n_id_fields = layout.n_id_fields
         cross_layout = FieldLayout((0,), ("cross",), (self.buckets,), (), (), 1, 0)
         with self.name_scope:
@@ -118,7 +120,7 @@ class PairCross(tf.Module):
             h = _cross_ids(tf.constant([p for p, _, _ in num_pairs], tf.int64)[None, :], a, tf.zeros_like(a), self.buckets)
             term = tf.reduce_sum(lookup(table, h)[..., 0] * x, axis=1)
             out = term if out is None else out + term
-        return out
+        return out * self.scale if self.scale != 1.0 else out
 
     # Context requests: a pair of two context fields once per context row; every other pair per candidate, the
     # context side's column gathered by the candidate's row (an int gather: the cross id needs both ids).

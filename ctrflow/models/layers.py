@@ -1045,7 +1045,7 @@ class CtrModel(tf.Module):
             if getattr(config, "cross_pairs", ()):
                 from ctrflow.models.cross import PairCross
 
-                self.pair_cross = PairCross(self.layout, config.cross_pairs, config.cross_buckets)
+                self.pair_cross = PairCross(self.layout, config.cross_pairs, config.cross_buckets, scale=config.cross_scale)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def build(self) -> None:

@@ -35,6 +35,7 @@ CROSS_STRUCTURES = ("parallel", "stacked")  # dcnv2's cross/MLP arrangement
 # measured 1x, 3x, 10x, 30x: at 1x they barely leave their start, 1, within a run; ctrflow.models.ffm's doc).
 PAIR_WEIGHT_SCALE = 10.0
 CROSS_BUCKETS = 1 << 20  # default rows of the hashed cross table (ModelConfig.cross_buckets): 4 MiB + slots
+CROSS_SCALE = 1.0  # ModelConfig.cross_scale's default
 
 
 def model_class(kind: str) -> "type[CtrModel]":
@@ -134,6 +135,10 @@ class ModelConfig:
     # Empty: none, the model of before.
     cross_pairs: tuple[tuple[str, str], ...] = ()
     cross_buckets: int = CROSS_BUCKETS  # rows of the hashed cross table (one float each, plus optimizer slots)
+    # The cross weights are stored / this scale and multiplied back: under the (Lazy)Adam linear group their steps
+    # move `scale` times as far and the group's L2 acts as l2 / scale^2 on them (its own rate and penalty without a
+    # fourth optimizer group). Warm starts need the parent's value. In [0.01, 1000].
+    cross_scale: float = CROSS_SCALE
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -155,6 +160,7 @@ class ModelConfig:
             "min_count": Int(0),
             "cross_pairs": _cross_pairs,
             "cross_buckets": Int(1, 2**30),
+            "cross_scale": Float(0.01, 1000.0),
         })
 
     def to_dict(self) -> dict:

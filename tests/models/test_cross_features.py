@@ -59,7 +59,7 @@ def test_empty_pairs_is_the_old_model_and_zero_crosses_score_alike(kind):
 
 @pytest.mark.parametrize("kind", ["lr", "ffm", "deepfm", "dcnv2"])
 def test_context_requests_and_baked_remap_score_as_the_flat_call(kind):
-    model = make_model(ModelConfig(kind, embedding_dim=4, ffm_dim=2, hidden=(8,), cross_pairs=PAIRS, cross_buckets=997,
+    model = make_model(ModelConfig(kind, embedding_dim=4, ffm_dim=2, hidden=(8,), cross_pairs=PAIRS, cross_buckets=997, cross_scale=3.0,
                                    min_count=2), SPEC)
     _random(model)
     rng = np.random.default_rng(2)
@@ -140,14 +140,14 @@ def test_cross_select_trains_resumes_and_exports_with_served_parity(tmp_path, ca
     convert(csv, tmp_path / "shards", schema=schema, options=ConvertOptions(workers=1))
     run = tmp_path / "run"
     args = ["train", "--data", str(tmp_path / "shards"), "--out", str(run), "--model", "lr", "--cross-select", "2",
-            "--epochs", "2", "--batch-size", "256", "--holdout-fraction", "0.2"]
+            "--epochs", "1", "--batch-size", "256", "--holdout-fraction", "0.2"]
     assert main(args + ["--json"]) == 0  # LR + crosses of the pairs an FFM stage 1 ranks first
     sel = json.loads((run / "pair_selection.json").read_text())
     assert len(sel["crossed"]) == 2 and ["a", "b"] in [p["pair"] for p in sel["crossed"]]
     info = load_run_info(run)
     assert info["config"]["model"]["kind"] == "lr" and load_run_info(run / "stage1")["config"]["model"]["kind"] == "ffm"
     assert [p["pair"] for p in sel["crossed"]] == info["config"]["model"]["cross_pairs"]
-    assert main(args + ["--epochs", "3", "--json"]) == 0  # a rerun resumes stage 2 with the recorded pairs
+    assert main(args + ["--epochs", "2", "--json"]) == 0  # a rerun resumes stage 2 with the recorded pairs
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from_step"] > 0
     assert main(["export", str(run), "--model-base-path", str(tmp_path / "m"), "--json"]) == 0
     capsys.readouterr()
