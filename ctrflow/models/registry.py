@@ -35,7 +35,9 @@ CROSS_STRUCTURES = ("parallel", "stacked")  # dcnv2's cross/MLP arrangement
 # measured 1x, 3x, 10x, 30x: at 1x they barely leave their start, 1, within a run; ctrflow.models.ffm's doc).
 PAIR_WEIGHT_SCALE = 10.0
 CROSS_BUCKETS = 1 << 20  # default rows of the hashed cross table (ModelConfig.cross_buckets): 4 MiB + slots
-CROSS_SCALE = 1.0  # ModelConfig.cross_scale's default
+# ModelConfig.cross_scale's default: measured 1, 2, 3, 10 (30) on the four benchmark sets; 3 is best or level where crosses
+# help (LR + 4 crosses on zipfmix: valid 0.11043 at 1, 0.10628 at 3, 0.10798 at 10; BENCHMARKS.md, "Hashed crosses").
+CROSS_SCALE = 3.0
 
 
 def model_class(kind: str) -> "type[CtrModel]":
