@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.errors import ConfigError
-from ctrflow.models import MODEL_KINDS, ModelConfig, make_model
+from ctrflow.models import ModelConfig, make_model
 from ctrflow.models.cross import cross_index
 
 # as tests/models/test_context_models.py: a, b, c categoricals, n1 / n2 discretized, n1#value, n2 normalized
@@ -45,7 +45,7 @@ def test_cross_id_is_the_documented_function_in_range_and_per_pair():
     assert (cross_index(0, small, small, 1 << 20) != cross_index(1, small, small, 1 << 20)).mean() > 0.99
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", ["lr", "ffm", "dcnv2"])  # dcnv2: its own `cross` network sits beside the crosses
 def test_empty_pairs_is_the_old_model_and_zero_crosses_score_alike(kind):
     old = {k: v for k, v in ModelConfig(kind).to_dict().items() if k not in ("cross_pairs", "cross_buckets")}
     assert ModelConfig.from_dict(old) == ModelConfig(kind)  # a config / run.json written before the fields
@@ -57,7 +57,7 @@ def test_empty_pairs_is_the_old_model_and_zero_crosses_score_alike(kind):
     np.testing.assert_allclose(crossed(ids, num).numpy(), plain(ids, num).numpy(), rtol=1e-6)  # the table starts at 0
 
 
-@pytest.mark.parametrize("kind", ["lr", "ffm", "deepfm", "dcnv2"])
+@pytest.mark.parametrize("kind", ["lr", "ffm", "dcnv2"])
 def test_context_requests_and_baked_remap_score_as_the_flat_call(kind):
     model = make_model(ModelConfig(kind, embedding_dim=4, ffm_dim=2, hidden=(8,), cross_pairs=PAIRS, cross_buckets=997, cross_scale=3.0,
                                    min_count=2), SPEC)
