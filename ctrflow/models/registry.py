@@ -67,6 +67,8 @@ def _cross_pairs(owner: str, name: str, value: object) -> tuple[tuple[str, str],
     """Pairs of two distinct field names, no pair twice (either order); empty = no crosses. Lists accepted (a
     config file or JSON), and "a:b,c:d" (the command line's form). Whether the names are fields is checked when
     the model is made (the config does not know the schema)."""
+    if value is None:  # a config file's `cross_pairs: null`
+        return ()
     if isinstance(value, str):
         value = [p.split(":") for p in value.split(",") if p.strip()]
     pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value) if isinstance(value, (list, tuple)) else value
