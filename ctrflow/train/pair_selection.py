@@ -132,6 +132,11 @@ def _stage2(config: Any, record: dict, keep_pairs: int | None, cross_pairs: int 
     recorded in the run, so resumes, exports and warm starts rebuild the same model."""
     from dataclasses import replace
 
+    missing = [flag for flag, key, k in (("--ffm-select-pairs", "kept", keep_pairs), ("--cross-select", "crossed", cross_pairs))
+               if k is not None and key not in record]
+    if missing:  # a resume with another selection flag than the run's: its record does not say which pairs
+        raise ConfigError(f"this run folder's {SELECTION_FILE} was written without {missing[0]}: rerun it with the flags it "
+                          f"was started with, or use a new folder.")
     changes = {}
     if keep_pairs is not None:
         changes["ffm_pairs"] = tuple(tuple(p["pair"]) for p in record.get("kept", ()))
