@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -87,7 +87,7 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
 
         label += "".join(f", {k} {v}" for k, v in (("pair_l1", ffm.PAIR_L1), ("pair_l2", ffm.PAIR_L2), ("pair_prox", ffm.PAIR_PROX)) if v)
     stage1 = work / "ffm-stage1.json"  # stage 1 of --ffm-select: its row and learnt r, reused with --ffm-reuse-stage1
-    if model == "ffm" and FFM_SELECT and FFM_REUSE_STAGE1 and stage1.exists():
+    if model == "ffm" and (FFM_SELECT or CROSS_SELECT) and FFM_REUSE_STAGE1 and stage1.exists():
         first = json.loads(stage1.read_text())
         rows.append(first["row"])
         learnt = np.asarray(first["r"])
@@ -96,7 +96,7 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
         r = evaluate(run, ds.shards["test"])
         rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
                      "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint, config.model.ffm_pair_rate) if model == "ffm" else {})})
-        if model == "ffm" and FFM_SELECT:
+        if model == "ffm" and (FFM_SELECT or CROSS_SELECT):
             learnt = _pair_weights(s.checkpoint, config.model.ffm_pair_rate)
             stage1.write_text(json.dumps({"row": rows[-1], "r": learnt.tolist(), "term_rms": _pair_term_rms(run, ds.shards["train"]).tolist()},
                                          default=float))
@@ -105,6 +105,8 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
     if model == "ffm" and FFM_SELECT:
         strength = np.abs(learnt) if FFM_SELECT_BY == "r" else np.asarray(first["term_rms"])
         rows += _ffm_stage2(ds, run, config, label, learnt, strength, rows[-1])
+    if model == "ffm" and CROSS_SELECT:
+        rows += _cross_stage2(ds, run, np.asarray(first["term_rms"]), rows[0], overrides or {})
     if tune_trials:
         from ctrflow.train.tune import TuneOptions, tune
 
@@ -207,6 +209,63 @@ def _ffm_stage2(ds: quality_common.Dataset, run: Path, config: Any, label: str, 
                          **_pair_stats(s.checkpoint, config.model.ffm_pair_rate)})
             print(f"  stage 2: {rows[-1]}", file=sys.stderr, flush=True)
             shutil.rmtree(run, ignore_errors=True)
+    return rows
+
+
+# --- hashed crosses of the pairs stage 1 ranks first (`train --cross-select K`, ctrflow.models.cross) ----------------
+CROSS_SELECT: tuple[int, ...] = ()  # --cross-select: K values (top K crossable pairs by stage 1's term RMS)
+CROSS_BUCKETS: tuple[int, ...] = ()  # --cross-buckets: table sizes (default: ModelConfig's)
+CROSS_MODELS: tuple[str, ...] = ("ffm",)  # --cross-models: stage 2's model kinds
+CROSS_FFM_PAIRS = False  # --cross-ffm-pairs: stage 2's FFM also keeps only the crossed pairs (ffm_pairs)
+CROSS_SCALES: tuple[float, ...] = ()  # --cross-scale: ModelConfig.cross_scale values (default: its default)
+CROSS_GIVEN: tuple[tuple[str, str], ...] = ()  # --cross-pairs: a row with exactly these pairs (K written as 0)
+
+
+def _cross_stage2(ds: quality_common.Dataset, run: Path, strength: np.ndarray, first: dict, overrides: dict) -> list[dict]:
+    """Stage 2 with crosses of the top K pairs (what `ctrflow train --model M --cross-select K` trains), for every
+    model x K x buckets of the grid; stage 1 (the default FFM) is `first` / WORK/DATASET/ffm-stage1.json."""
+    from dataclasses import replace
+
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.models.layers import FieldLayout
+    from ctrflow.train.evaluate import evaluate
+    from ctrflow.train.loop import train
+    from ctrflow.train.pair_selection import crossable, select_top
+
+    with open_batches(ds.shards["train"], PipelineOptions(batch_size=1, shuffle=False)) as b:
+        lay = FieldLayout.from_spec(b.spec)
+    names = list(lay.id_names) + list(lay.numeric_names)
+    ok = crossable(names, lay.n_id_fields)
+    iu = np.triu_indices(len(names), 1)
+    rows = []
+    for kind in CROSS_MODELS:
+        for k in CROSS_SELECT:
+            if k == 0:  # --cross-pairs: the given pairs, not a selection
+                pairs, k = list(CROSS_GIVEN), "given"
+            else:
+                keep = select_top(np.where(ok, strength, 0.0), k) & ok
+                pairs = sorted(((names[i], names[j]) for i, j in zip(*iu) if keep[i, j]), key=lambda p: -strength[names.index(p[0]), names.index(p[1])])
+            for buckets, scale in [(b, c) for b in CROSS_BUCKETS or (None,) for c in CROSS_SCALES or (None,)]:
+                t0 = time.perf_counter()
+                config = default_config(kind, **dict(overrides))
+                extra = {"cross_pairs": tuple(pairs), **({"cross_buckets": buckets} if buckets else {}),
+                         **({"cross_scale": scale} if scale else {})}
+                if CROSS_FFM_PAIRS and kind == "ffm":
+                    extra["ffm_pairs"] = tuple(pairs)
+                config = config.replace(model=replace(config.model, **extra))
+                shutil.rmtree(run, ignore_errors=True)
+                s = train(ds.shards["train"], run, config, valid=ds.shards["valid"])
+                r = evaluate(run, ds.shards["test"])
+                rows.append({"model": f"ctrflow {kind}, cross-select {k}" + (f", buckets {buckets}" if buckets else "")
+                             + (f", cross_scale {scale:g}" if scale else "")
+                             + (", ffm_pairs = crossed" if "ffm_pairs" in extra else "")
+                             + "".join(f", {a} {v}" for a, v in overrides.items()),
+                             **_pick(r, ds), "valid_logloss": s.best_valid_logloss,
+                             "seconds": time.perf_counter() - t0 + first.get("seconds", 0.0), "stage2_seconds": time.perf_counter() - t0,
+                             "epochs": s.history[-1]["epoch"] if s.history else None, "stage1_epochs": first.get("epochs"),
+                             "crossed": [list(p) for p in pairs]})
+                print(f"  cross stage 2: {rows[-1]}", file=sys.stderr, flush=True)
+                shutil.rmtree(run, ignore_errors=True)
     return rows
 
 
@@ -433,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="rank pairs by |r| or by the RMS of their term r_ij <v_ij, v_ji> over train rows")
     ap.add_argument("--ffm-stage2-dim", type=int, help="ffm_dim of stage 2 (default: stage 1's)")
     ap.add_argument("--ffm-reuse-stage1", action="store_true", help="take stage 1 (row and r) from WORK/DATASET/ffm-stage1.json if present")
+    ap.add_argument("--cross-select", help="comma-separated K: after the default FFM (stage 1), train --cross-models with hashed "
+                    "crosses of the top K pairs by stage 1's term RMS (`train --cross-select K`); reuses stage 1 with --ffm-reuse-stage1")
+    ap.add_argument("--cross-buckets", help="comma-separated cross table sizes (default: ModelConfig.cross_buckets)")
+    ap.add_argument("--cross-models", default="ffm", help="comma-separated stage 2 model kinds of --cross-select (e.g. ffm,lr)")
+    ap.add_argument("--cross-scale", help="comma-separated ModelConfig.cross_scale values (rate x s, L2 / s^2 on the crosses)")
+    ap.add_argument("--cross-pairs", help="--cross-select: also a row with exactly these pairs, a:b,c:d (e.g. the true ones)")
+    ap.add_argument("--cross-ffm-pairs", action="store_true", help="--cross-select: stage 2's FFM also keeps only the crossed pairs")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
@@ -454,6 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.ffm_select:
         FFM_SELECT = tuple(a.ffm_select.split(","))
         FFM_SELECT_START = tuple(a.ffm_select_start.split(","))
+        FFM_REUSE_STAGE1 = a.ffm_reuse_stage1
+    global CROSS_SELECT, CROSS_BUCKETS, CROSS_MODELS, CROSS_FFM_PAIRS, CROSS_SCALES, CROSS_GIVEN
+    if a.cross_select or a.cross_pairs:
+        CROSS_SELECT = tuple(int(k) for k in (a.cross_select or "").split(",") if k) + ((0,) if a.cross_pairs else ())
+        CROSS_GIVEN = tuple(tuple(p.split(":")) for p in (a.cross_pairs or "").split(",") if p)
+        CROSS_SCALES = tuple(float(c) for c in a.cross_scale.split(",")) if a.cross_scale else ()
+        CROSS_BUCKETS = tuple(int(b) for b in a.cross_buckets.split(",")) if a.cross_buckets else ()
+        CROSS_MODELS = tuple(m for m in a.cross_models.split(",") if m)
+        CROSS_FFM_PAIRS = a.cross_ffm_pairs
         FFM_REUSE_STAGE1 = a.ffm_reuse_stage1
     if a.sklearn_c:
         SKLEARN_C = tuple(float(c) for c in a.sklearn_c.split(","))

@@ -198,7 +198,8 @@ def _train_config(args: argparse.Namespace):
         Choice(tuple(sorted(MODEL_KINDS)))("ctrflow train", "--model", args.model)  # "Did you mean ...?"
     for flag, key in (("model", "kind"), ("embedding_dim", "embedding_dim"), ("dropout", "dropout"), ("table_mode", "table_mode"),
                       ("cross_layers", "cross_layers"), ("cross_structure", "cross_structure"), ("cross_rank", "cross_rank"),
-                      ("ffm_dim", "ffm_dim"), ("min_count", "min_count")):
+                      ("ffm_dim", "ffm_dim"), ("min_count", "min_count"), ("cross_pairs", "cross_pairs"),
+                      ("cross_buckets", "cross_buckets")):
         if getattr(args, flag) is not None:
             model[key] = getattr(args, flag)
     if args.cross_rank == 0:
@@ -237,10 +238,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ctrflow.train.loop import train
 
     config = _train_config(args)
-    if args.ffm_select_pairs is not None and (args.cluster or os.environ.get("TF_CONFIG") or args.warm_start):
+    two_stage = args.ffm_select_pairs is not None or args.cross_select is not None
+    if two_stage and (args.cluster or os.environ.get("TF_CONFIG") or args.warm_start):
         from ctrflow.errors import ConfigError
 
-        raise ConfigError("--ffm-select-pairs trains both stages from scratch in this process: drop --cluster / --warm-start.")
+        flag = "--ffm-select-pairs" if args.ffm_select_pairs is not None else "--cross-select"
+        raise ConfigError(f"{flag} trains both stages from scratch in this process: drop --cluster / --warm-start.")
     bar = _bar(args, "examples")
     try:
         if args.cluster or os.environ.get("TF_CONFIG"):  # this process coordinates a parameter-server cluster
@@ -249,10 +252,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options = DistributedOptions(partitioner=args.partitioner, shards=args.shards)
             s = train_distributed(args.data, args.out, config, cluster=args.cluster, valid=args.valid,
                                   warm_start=args.warm_start, options=options, on_progress=bar)
-        elif args.ffm_select_pairs is not None:  # two-stage FFM (ctrflow.train.pair_selection)
+        elif two_stage:  # two-stage FFM pairs / crosses (ctrflow.train.pair_selection)
             from ctrflow.train.pair_selection import train_two_stage
 
-            s = train_two_stage(args.data, args.out, config, keep_pairs=args.ffm_select_pairs, valid=args.valid, on_progress=bar)
+            s = train_two_stage(args.data, args.out, config, keep_pairs=args.ffm_select_pairs, cross_pairs=args.cross_select,
+                                valid=args.valid, on_progress=bar)
         else:
             s = train(args.data, args.out, config, valid=args.valid, warm_start=args.warm_start, on_progress=bar,
                       check_memory=not args.skip_memory_check)
@@ -469,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffm-select-pairs", type=int, metavar="K",
                    help="ffm, single process: train twice, the second time (from scratch, in OUT; the first in OUT/stage1) "
                         "with only the K field pairs whose term moves the logit most (about 2x the time; BENCHMARKS.md)")
+    p.add_argument("--cross-select", type=int, metavar="K",
+                   help="any model, single process: train an FFM first (in OUT/stage1), then this model (in OUT) with hashed "
+                        "cross features of the K field pairs whose FFM term moves the logit most (about 2x the time)")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)
@@ -589,6 +596,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-rank", type=int, help="dcnv2: rank of the low-rank cross layers (default 64); 0 = full rank")
     p.add_argument("--ffm-dim", type=int, help="ffm: width of each field-aware vector (default 4; rows hold fields-1 of them)")
     p.add_argument("--min-count", type=int, help="ids seen fewer than K times in the training data share one row per field (0: off)")
+    p.add_argument("--cross-pairs", help="any model: hashed cross features of these field pairs, a:b,c:d (one weight per id pair)")
+    p.add_argument("--cross-buckets", type=int, help="rows of the hashed cross table (default 1048576)")
     p.add_argument("--l2", type=float)
     p.add_argument("--l2-mode", choices=["touched", "every_step"],
                    help="L2 on table rows only in the steps they are in, or at every step (caught up when next touched)")

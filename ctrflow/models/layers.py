@@ -1039,6 +1039,13 @@ class CtrModel(tf.Module):
                 if self.layout.n_numeric_fields
                 else None
             )
+            # Hashed crosses of chosen field pairs added to the logit, for every kind (ctrflow.models.cross);
+            # None without `cross_pairs`: the model, its variables and checkpoints are those of before.
+            self.pair_cross = None
+            if getattr(config, "cross_pairs", ()):
+                from ctrflow.models.cross import PairCross
+
+                self.pair_cross = PairCross(self.layout, config.cross_pairs, config.cross_buckets, scale=config.cross_scale)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def build(self) -> None:
@@ -1056,6 +1063,8 @@ class CtrModel(tf.Module):
                 dtype = tf.int64 if rows >= 2**31 else tf.int32
                 self.id_remap = tf.Variable(
                     tf.concat([tf.range(b, dtype=dtype) for b in self.layout.id_buckets], 0), trainable=False, name="id_remap")
+            if self.pair_cross is not None:
+                self.pair_cross.build()
             self.build_layers()
         self.built = True
 
@@ -1067,16 +1076,24 @@ class CtrModel(tf.Module):
         raise NotImplementedError
 
     def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
-        return self.call(*self.prepare_inputs(ids, numeric, training), training)
+        if self.pair_cross is None:
+            return self.call(*self.prepare_inputs(ids, numeric, training), training)
+        active, values = self._inputs(ids, numeric, training)
+        logit = self.call(self.remap_ids(active, range(self.layout.n_id_fields)), values, training)
+        return logit + self.pair_cross(active, values)
 
     def prepare_inputs(self, ids, numeric=None, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
         """`__call__`'s inputs as `call` takes them: the active id columns remapped, normalized numerics or None."""
+        active, values = self._inputs(ids, numeric, training)
+        return self.remap_ids(active, range(self.layout.n_id_fields)), values
+
+    def _inputs(self, ids, numeric=None, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """The active id columns (not remapped: crosses hash these) and the normalized numerics or None."""
         self.build()
         lay = self.layout
         ids = tf.cast(ids, tf.int32)
         if len(lay.id_columns) != lay.n_ids_input:
             ids = tf.gather(ids, lay.id_columns, axis=1)
-        ids = self.remap_ids(ids, range(lay.n_id_fields))
         values = None
         if self.normalizer is not None:
             if numeric is None:
@@ -1104,13 +1121,22 @@ class CtrModel(tf.Module):
         term that involves only context fields is computed once per context row, then gathered.
         """
         self.build()
-        c_ids, c_vals = self._side_inputs(split.context, context_ids, context_numeric)
-        k_ids, k_vals = self._side_inputs(split.candidate, ids, numeric)
+        c_raw, c_vals = self._side_inputs(split.context, context_ids, context_numeric, remap=False)
+        k_raw, k_vals = self._side_inputs(split.candidate, ids, numeric, remap=False)
+        c_ids, k_ids = self.remap_ids(c_raw, split.context.id_fields), self.remap_ids(k_raw, split.candidate.id_fields)
         parts = self.context_terms(split, c_ids, c_vals)
         parts["logit"] = parts.get("logit", 0.0) + self.linear.side(c_ids, c_vals, split.context) + self.linear.bias
         row = tf.cast(row, tf.int32)
+        if self.pair_cross is not None:
+            both_context = self.pair_cross.context_logit(split, c_raw, c_vals)
+            if both_context is not None:
+                parts["logit"] += both_context
         gathered = {name: tf.gather(value, row) for name, value in parts.items()}
         logit = gathered.pop("logit") + self.linear.side(k_ids, k_vals, split.candidate)
+        if self.pair_cross is not None:
+            with_candidate = self.pair_cross.candidate_logit(split, c_raw, c_vals, k_raw, k_vals, row)
+            if with_candidate is not None:
+                logit += with_candidate
         return logit + self.candidate_terms(split, gathered, k_ids, k_vals)
 
     def context_terms(self, split: ContextSplit, ids: tf.Tensor, values: tf.Tensor | None) -> dict[str, tf.Tensor]:
@@ -1123,12 +1149,14 @@ class CtrModel(tf.Module):
         gathered per candidate (without "logit")."""
         return tf.zeros([tf.shape(ids)[0]])
 
-    def _side_inputs(self, side: ContextSide, ids, numeric) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """A side's raw columns -> (its active id fields' ids, its normalized numerics' values or None)."""
+    def _side_inputs(self, side: ContextSide, ids, numeric, *, remap: bool = True) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """A side's raw columns -> (its active id fields' ids, remapped unless `remap` is False; its normalized
+        numerics' values or None)."""
         ids = tf.cast(ids, tf.int32)
         if side.id_positions != tuple(range(len(side.id_inputs))):
             ids = take(ids, side.id_positions, axis=1)
-        ids = self.remap_ids(ids, side.id_fields)
+        if remap:
+            ids = self.remap_ids(ids, side.id_fields)
         values = None
         if side.numeric_fields:
             numeric = take(tf.cast(numeric, tf.float32), side.numeric_positions, axis=1)
@@ -1164,8 +1192,8 @@ class CtrModel(tf.Module):
         remap = tf.convert_to_tensor(self.id_remap).numpy().astype(np.int64)
         starts = np.cumsum((0,) + tuple(lay.id_buckets))
         for module in self.submodules:
-            if not isinstance(module, FieldTables) or not module.tables:
-                continue
+            if not isinstance(module, FieldTables) or not module.tables or module.layout is not lay:
+                continue  # (a cross table is indexed by hashed pairs of raw ids: nothing to remap)
             if module.table_mode == "shared":
                 source = np.arange(lay.shared_rows, dtype=np.int64)
                 for f in range(lay.n_id_fields):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ctrflow.models.layers import CtrModel
 
 __all__ = ["ModelConfig", "make_model", "model_class", "MODELS", "MODEL_KINDS", "TABLE_MODES", "CROSS_STRUCTURES",
-           "PAIR_WEIGHT_SCALE"]
+           "PAIR_WEIGHT_SCALE", "CROSS_BUCKETS"]
 
 # Model kinds by name, as written in configs and on the command line, and where each class lives. The
 # classes are imported on first use: settings (ModelConfig, TrainConfig) must load without TensorFlow.
@@ -34,6 +34,10 @@ CROSS_STRUCTURES = ("parallel", "stacked")  # dcnv2's cross/MLP arrangement
 # FFM's pair weights learn at this many times the dense group's rate by default (`ModelConfig.ffm_pair_rate`;
 # measured 1x, 3x, 10x, 30x: at 1x they barely leave their start, 1, within a run; ctrflow.models.ffm's doc).
 PAIR_WEIGHT_SCALE = 10.0
+CROSS_BUCKETS = 1 << 20  # default rows of the hashed cross table (ModelConfig.cross_buckets): 4 MiB + slots
+# ModelConfig.cross_scale's default: measured 1, 2, 3, 10 (30) on the four benchmark sets; 3 is best or level where crosses
+# help (LR + 4 crosses on zipfmix: valid 0.11043 at 1, 0.10628 at 3, 0.10798 at 10; BENCHMARKS.md, "Hashed crosses").
+CROSS_SCALE = 3.0
 
 
 def model_class(kind: str) -> "type[CtrModel]":
@@ -57,6 +61,30 @@ def _widths(owner: str, name: str, value: object) -> tuple[int, ...]:
     if not isinstance(hidden, tuple) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
         raise ConfigError(f"The {name!r} parameter of {owner} must be a tuple of positive ints (layer widths). Got {value!r} instead.")
     return hidden
+
+
+def _cross_pairs(owner: str, name: str, value: object) -> tuple[tuple[str, str], ...]:
+    """Pairs of two distinct field names, no pair twice (either order); empty = no crosses. Lists accepted (a
+    config file or JSON), and "a:b,c:d" (the command line's form). Whether the names are fields is checked when
+    the model is made (the config does not know the schema)."""
+    if value is None:  # a config file's `cross_pairs: null`
+        return ()
+    if isinstance(value, str):
+        value = [p.split(":") for p in value.split(",") if p.strip()]
+    pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(n, str) and n for n in p)
+                                               for p in pairs):
+        raise ConfigError(f"The {name!r} parameter of {owner} must be a list of pairs of field names (\"a:b,c:d\" on the "
+                          f"command line). Got {value!r} instead.")
+    pairs = tuple((a.strip(), b.strip()) for a, b in pairs)
+    seen: set[frozenset] = set()
+    for a, b in pairs:
+        if a == b:
+            raise ConfigError(f"The {name!r} parameter of {owner} crosses {a!r} with itself; a cross needs two different fields.")
+        if frozenset((a, b)) in seen:
+            raise ConfigError(f"The {name!r} parameter of {owner} names the pair ({a!r}, {b!r}) twice.")
+        seen.add(frozenset((a, b)))
+    return pairs
 
 
 def _pairs(owner: str, name: str, value: object) -> tuple[tuple[str, str], ...] | None:
@@ -106,6 +134,15 @@ class ModelConfig:
     # them: "rarely seen" is itself a signal; unseen values at serving read it too); counted when a run
     # starts, kept by resumes, warm starts and exports. 0: off.
     min_count: int = 0
+    # Every kind: hashed cross features of these field pairs (by name, either order), one learned scalar per
+    # (pair, id_a, id_b) added to the logit (ctrflow.models.cross; `train --cross-pairs a:b` / `--cross-select K`).
+    # Empty: none, the model of before.
+    cross_pairs: tuple[tuple[str, str], ...] = ()
+    cross_buckets: int = CROSS_BUCKETS  # rows of the hashed cross table (one float each, plus optimizer slots)
+    # The cross weights are stored / this scale and multiplied back: under the (Lazy)Adam linear group their steps
+    # move `scale` times as far and the group's L2 acts as l2 / scale^2 on them (its own rate and penalty without a
+    # fourth optimizer group). Warm starts need the parent's value. In [0.01, 1000].
+    cross_scale: float = CROSS_SCALE
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -125,6 +162,9 @@ class ModelConfig:
             "ffm_pair_rate": Float(0.01, 1000.0),
             "ffm_pairs": _pairs,
             "min_count": Int(0),
+            "cross_pairs": _cross_pairs,
+            "cross_buckets": Int(1, 2**30),
+            "cross_scale": Float(0.01, 1000.0),
         })
 
     def to_dict(self) -> dict:
@@ -132,6 +172,7 @@ class ModelConfig:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         d["ffm_pairs"] = None if self.ffm_pairs is None else [list(p) for p in self.ffm_pairs]
+        d["cross_pairs"] = [list(p) for p in self.cross_pairs]
         return d
 
     @classmethod

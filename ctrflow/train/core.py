@@ -235,6 +235,12 @@ def check_warm_start(src: str | os.PathLike, info: dict[str, Any]) -> WarmStart:
         raise ConfigError(f"cannot warm start with min_count 0 from {src}: it was trained with min_count {theirs} (its rare "
                           f"ids share one row per field; this run has no remap to carry that). Pass --min-count {theirs} "
                           f"(min_count: {theirs} in the model config) as the parent did, or train from scratch.")
+    crosses = {k: (ModelConfig.from_dict(tm).to_dict()[k], ModelConfig.from_dict(mm).to_dict()[k]) for k in ("cross_pairs", "cross_buckets", "cross_scale")}
+    if any(a != b for a, b in crosses.values()):  # the hashed cross ids (pair index, ids) would mean other rows
+        there, here = (", ".join(f"{k} {v[i]}" for k, v in crosses.items()) for i in (0, 1))
+        raise ConfigError(f"cannot warm start from {src}: its cross features differ ({there} there; {here} here: a cross's "
+                          f"row depends on its pair's index and the table size, its value on the scale). Use the parent's "
+                          f"cross settings (its run.json), or train from scratch.")
     latest = latest_checkpoint(src)
     if latest is None:
         raise TrainingError(f"cannot warm start from {src}: it has no checkpoint.")

@@ -4,7 +4,8 @@ instead of the kernel killing the process half-way through allocating it (no mes
 
 What is counted (`estimate_training_state`), from the same objects the trainer builds, before any variable
 exists: every table of the model (`FieldTables`, the "linear" and "embedding" groups: rows x width x 4 bytes;
-FFM's rows are (S - 1) x ffm_dim wide), the rare-id remap of `min_count` (4 or 8 bytes per id row), and the
+FFM's rows are (S - 1) x ffm_dim wide; the hashed cross table of `cross_pairs`, cross_buckets x 1, is one of the
+"linear" group's), the rare-id remap of `min_count` (4 or 8 bytes per id row), and the
 slots the group's optimizer keeps per table (`SparseOptimizer.slot_bytes`: LazyAdam and Adam 2, FTRL 2,
 Adagrad 1, SGD 0, plus 8 bytes per row for l2_mode="every_step"). Transient: while a table is made its
 initial value and the initializer's temporaries exist beside it, and checkpoint writes buffer part of a table:

@@ -7,6 +7,9 @@ A pair's strength is the RMS over training rows of its term `r_ij <v_{i,j}, v_{j
 the vectors' scale trade off, and on the Zipf-mixture benchmark |r| ranks noise pairs beside the true
 ones while the term's RMS puts the true ones first. Valid and test data never enter the choice.
 Costs about twice a plain run (BENCHMARKS.md, "Two-stage pair selection").
+
+`--cross-select K` uses the same stage 1 to choose the K pairs that stage 2 memorizes with hashed cross features
+(ctrflow.models.cross), on any model kind (BENCHMARKS.md, "Hashed crosses of the selected pairs").
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from ctrflow.errors import ConfigError
 
-__all__ = ["pair_term_rms", "select_top", "train_two_stage", "STAGE1_DIR", "SELECTION_FILE"]
+__all__ = ["pair_term_rms", "select_top", "crossable", "train_two_stage", "STAGE1_DIR", "SELECTION_FILE"]
 
 STAGE1_DIR = "stage1"  # stage 1's run folder, inside the final run folder
 SELECTION_FILE = "pair_selection.json"  # what stage 2 kept, and why
@@ -57,43 +60,86 @@ def select_top(strength: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pairs: int, valid: Any = None,
-                    on_progress: Callable[..., Any] | None = None) -> Any:
-    """Stage 1 into `out/stage1`, then stage 2 into `out` with only the `keep_pairs` strongest pairs (r
-    starting at 1 there; starting at stage 1's r measured worse). Rerun to resume: a run folder with a
-    checkpoint resumes stage 2 (its r already holds the zeros). Returns stage 2's TrainSummary."""
+def crossable(names: list[str], n_id_fields: int) -> np.ndarray:
+    """Boolean `[S, S]`: the pairs a hashed cross can take (not two normalized numerics; ctrflow.models.cross)."""
+    n = len(names)
+    ok = np.ones((n, n), bool)
+    ok[n_id_fields:, n_id_fields:] = False
+    return ok
+
+
+def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pairs: int | None = None,
+                    cross_pairs: int | None = None, valid: Any = None, on_progress: Callable[..., Any] | None = None) -> Any:
+    """Stage 1 (the default FFM) into `out/stage1`, then stage 2 (`config`'s model) into `out`, from scratch:
+    - `keep_pairs` K (`--ffm-select-pairs`, FFM only): its FFM keeps only the K strongest pairs (r starting at 1
+      there; starting at stage 1's r measured worse);
+    - `cross_pairs` K (`--cross-select`, any model): hashed cross features of the K strongest pairs a cross can
+      take (`ModelConfig.cross_pairs`) are added to its logit — the memorized full table of each chosen pair
+      that FFM's low-rank vectors cannot fit. Stage 1 is an FFM whatever `config`'s kind (an LR + crosses run
+      picks its pairs from an FFM).
+    Rerun to resume: a run folder with a checkpoint resumes stage 2 with the pairs it recorded. Returns stage
+    2's TrainSummary."""
+    from dataclasses import replace
+
     from ctrflow.atomic import atomic_write_json
     from ctrflow.train.checkpoints import latest_checkpoint
     from ctrflow.train.loop import train
 
-    if config.model.kind != "ffm":
+    flag = "--ffm-select-pairs" if keep_pairs is not None else "--cross-select"
+    if keep_pairs is None and cross_pairs is None:
+        raise ConfigError("train_two_stage needs keep_pairs (--ffm-select-pairs K) or cross_pairs (--cross-select K).")
+    if keep_pairs is not None and config.model.kind != "ffm":
         raise ConfigError(f"--ffm-select-pairs selects FFM's field pairs; this run trains {config.model.kind!r}. Use --model ffm.")
-    if keep_pairs < 1:
-        raise ConfigError(f"--ffm-select-pairs must keep at least 1 pair. Got {keep_pairs} instead.")
+    for name, k in (("--ffm-select-pairs", keep_pairs), ("--cross-select", cross_pairs)):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"{name} must keep at least 1 pair. Got {k!r} instead.")
+    if cross_pairs is not None and config.model.cross_pairs:
+        raise ConfigError("--cross-select chooses the crossed pairs itself: drop --cross-pairs (or cross_pairs in the config).")
     if hasattr(data, "read") or str(data) == "-":
-        raise ConfigError("--ffm-select-pairs reads the training data twice: give a shard folder, not a stream.")
+        raise ConfigError(f"{flag} reads the training data twice: give a shard folder, not a stream.")
     run = Path(out)
     if latest_checkpoint(run) is not None and (run / SELECTION_FILE).exists():  # resume stage 2 with its own pairs
         try:
             chosen = json.loads((run / SELECTION_FILE).read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{run / SELECTION_FILE} cannot be read ({e}); start the two-stage run in a new folder.") from None
-        pairs = tuple(tuple(p["pair"]) for p in chosen.get("kept", ()))
-        return train(data, run, _with_pairs(config, pairs), valid=valid, on_progress=on_progress)
-    first = train(data, run / STAGE1_DIR, config, valid=valid, on_progress=on_progress)
+        return train(data, run, _stage2(config, chosen, keep_pairs, cross_pairs), valid=valid, on_progress=on_progress)
+    stage1 = config if config.model.kind == "ffm" and not config.model.cross_pairs else \
+        config.replace(model=replace(config.model, kind="ffm", cross_pairs=()))
+    first = train(data, run / STAGE1_DIR, stage1, valid=valid, on_progress=on_progress)
     strength, names = pair_term_rms(first.run, data)
-    keep = select_top(strength, keep_pairs)
+    from ctrflow.train.core import build_model_from_run, load_run_info
+
+    n_ids = build_model_from_run(load_run_info(first.run)).layout.n_id_fields
     iu = np.triu_indices(len(strength), 1)
-    kept = sorted(({"pair": [names[i], names[j]], "term_rms": float(strength[i, j])} for i, j in zip(*iu) if keep[i, j]),
-                  key=lambda p: -p["term_rms"])  # resumes read this order back: the run's recorded config must match
-    atomic_write_json(run / SELECTION_FILE, {"stage1": str(first.run), "stage1_valid_logloss": first.best_valid_logloss,
-                                             "pairs": int(len(iu[0])), "kept": kept})
-    return train(data, run, _with_pairs(config, tuple(tuple(p["pair"]) for p in kept)), valid=valid, on_progress=on_progress)
+
+    def ranked(keep: np.ndarray) -> list[dict]:  # resumes read this order back: the run's recorded config must match
+        return sorted(({"pair": [names[i], names[j]], "term_rms": float(strength[i, j])} for i, j in zip(*iu) if keep[i, j]),
+                      key=lambda p: -p["term_rms"])
+
+    record = {"stage1": str(first.run), "stage1_valid_logloss": first.best_valid_logloss, "pairs": int(len(iu[0]))}
+    if keep_pairs is not None:
+        record["kept"] = ranked(select_top(strength, keep_pairs))
+    if cross_pairs is not None:
+        ok = crossable(names, n_ids)
+        record["crossed"] = ranked(select_top(np.where(ok, strength, 0.0), cross_pairs) & ok)
+    atomic_write_json(run / SELECTION_FILE, record)
+    return train(data, run, _stage2(config, record, keep_pairs, cross_pairs), valid=valid, on_progress=on_progress)
 
 
-def _with_pairs(config: Any, pairs: tuple[tuple[str, str], ...]) -> Any:
-    """`config` whose FFM trains only `pairs` (ModelConfig.ffm_pairs: recorded in the run, so resumes, exports and
-    warm starts rebuild the same model)."""
+def _stage2(config: Any, record: dict, keep_pairs: int | None, cross_pairs: int | None) -> Any:
+    """`config` with the recorded pairs: ModelConfig.ffm_pairs (FFM trains only those) and / or cross_pairs (crossed),
+    recorded in the run, so resumes, exports and warm starts rebuild the same model."""
     from dataclasses import replace
 
-    return config.replace(model=replace(config.model, ffm_pairs=pairs))
+    missing = [flag for flag, key, k in (("--ffm-select-pairs", "kept", keep_pairs), ("--cross-select", "crossed", cross_pairs))
+               if k is not None and key not in record]
+    if missing:  # a resume with another selection flag than the run's: its record does not say which pairs
+        raise ConfigError(f"this run folder's {SELECTION_FILE} was written without {missing[0]}: rerun it with the flags it "
+                          f"was started with, or use a new folder.")
+    changes = {}
+    if keep_pairs is not None:
+        changes["ffm_pairs"] = tuple(tuple(p["pair"]) for p in record.get("kept", ()))
+    if cross_pairs is not None:
+        changes["cross_pairs"] = tuple(tuple(p["pair"]) for p in record.get("crossed", ()))
+    return config.replace(model=replace(config.model, **changes))
