@@ -120,7 +120,7 @@ def ids_tensors(inputs: Any) -> tuple[np.ndarray, np.ndarray]:
 
     `tensor_content` (what `tf.make_tensor_proto` writes) is read with np.frombuffer; typed
     `int_val`/`float_val` fields are taken too (one conversion). Shapes and ranges are checked by the
-    predictor (`check_ids`); dtypes and declared shapes here."""
+    predictor (its batcher's screen, or `check_ids` unbatched); dtypes and declared shapes here."""
     if set(inputs) != {"ids", "numeric"}:
         raise _Invalid(f"signature 'predict_ids' takes inputs 'ids' (DT_INT32 [n, F]) and 'numeric' (DT_FLOAT [n, N]). "
                        f"Got {sorted(inputs)[:10]}.")

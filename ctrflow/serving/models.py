@@ -774,7 +774,7 @@ def _describe_signature(signature: tuple) -> str:
 
 
 _COUNTER_KEYS = ("requests", "predictions", "compute_calls", "timeouts", "rejects", "errors", "rows_dropped",
-                 "rows_enqueued", "queue_wait_count", "shed", "expired")
+                 "rows_enqueued", "queue_wait_count", "shed", "expired", "invalid")
 
 
 def _batcher_stats(predictor: Any) -> tuple[dict[str, float], tuple[int, ...], list[int]] | None:

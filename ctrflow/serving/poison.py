@@ -8,14 +8,16 @@ naming the feature and row, before the request reaches the batcher:
   encodes one directly) makes `tf.constant` raise "Unable to convert element to UTF-8";
 - an id outside its field's bucket range on the `predict_ids` path: past the end of the shared table
   the lookup raises; inside it, the id silently reads another field's rows (a wrong answer, no error).
-  The predictor checks those itself (`Predictor.check_ids`, which knows the tables), on every path.
+  The predictor checks those itself, knowing the tables: per merged batch on the ids batcher's thread
+  (its screen; a batch holding a bad row screens each request alone, so only that one fails 400), and
+  per request (`Predictor.check_ids`) where nothing batches.
 
 Whatever still fails a batch is handled by the batcher itself: it re-runs the batch's requests one by
 one, so the good ones are scored and only the culprit fails (`ctrflow.serving.batcher`).
 
 Cost: a JSON body is scanned once for a backslash, an 0xED byte (UTF-8 of a surrogate, which Python's
 json accepts) or a non-UTF-8 encoding (json also reads UTF-16/32); only such bodies, rare in practice,
-get the per-column check. Ids cost one vectorised comparison per request.
+get the per-column check. Ids cost one vectorised comparison per batch.
 """
 from __future__ import annotations
 

@@ -106,6 +106,24 @@ def test_apredict_callers_expire_each_at_its_own_deadline_and_answered_ones_neve
     assert not batcher._expiries  # no deadline held: nothing kept for the loop
 
 
+def test_answered_callers_with_long_deadlines_are_not_held_until_their_deadline():
+    batcher = AutoBatcher(lambda inputs: inputs["ids"][:, 0].astype(np.float64),
+                          BatchingOptions(max_batch_size=64, batch_timeout_ms=0), name="held")
+    sizes: list[int] = []
+
+    async def main() -> None:
+        for start in range(0, 3000, 100):  # 3,000 answered callers, each with an hour to spare
+            await asyncio.gather(*(batcher.apredict(rows(i, 1), timeout_ms=3_600_000) for i in range(start, start + 100)))
+            expiries = batcher._expiries.get(asyncio.get_running_loop())
+            sizes.append(len(expiries._heap) if expiries is not None else 0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert max(sizes) <= 2 * 256 + 100, sizes  # compacted: about the callers still waiting, not all 3,000
+
+
 def test_the_metrics_tally_counts_every_request_from_several_threads():
     metrics = ServingMetrics()
     n, threads = 5_000, 4
