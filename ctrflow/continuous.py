@@ -663,6 +663,11 @@ def _reset_rows_copy(line_run: Path, out: Path, stale: dict[int, np.ndarray]) ->
     fresh_tables = [m for m in fresh.model.submodules if isinstance(m, FieldTables)]
     for mine, init in zip(tables, fresh_tables):
         lay = mine.layout
+        if lay is not state.model.layout:
+            # Not a per-field table: the hashed pair crosses' rows are not ids of one column (found in
+            # review: field 0's stale ids zeroed unrelated cross rows, or ran past a smaller table). A
+            # cross of a stale id keeps its weight; it is trained by that pair's rows only.
+            continue
         fields = [np.flatnonzero(stale[c]) for c in lay.id_columns]
         if mine.table_mode == "shared":
             per_table = [np.concatenate([off + rows for off, rows in zip(lay.offsets, fields)])]

@@ -169,3 +169,28 @@ def test_cross_select_trains_and_exports_with_served_parity(tmp_path, capsys):
     ctx = sigs["predict_context"](context_ids=tf.constant(batch.ids[:, ci]), context_numeric=tf.zeros([64, 0]),
                                   ids=tf.constant(batch.ids[:, [1, 3]]), numeric=tf.zeros([64, 0]), row=tf.constant(row))
     np.testing.assert_allclose(ctx["probabilities"].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_continuous_stale_row_reset_leaves_the_cross_table_alone(tmp_path):
+    """The stale-id reset of continuous training acts on per-field tables only: a cross table's rows are
+    hashed pairs, not ids of column 0 (which zeroed unrelated crosses, or ran past a smaller table)."""
+    from ctrflow.continuous import _reset_rows_copy
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.core import RUN_FILE
+    from ctrflow.train.loop import Trainer
+
+    spec = FeatureSpec(("a", "b"), (5000, 10))
+    cfg = TrainConfig(model=ModelConfig("lr", cross_pairs=(("a", "b"),), cross_buckets=4096))
+    line = tmp_path / "line"
+    line.mkdir()
+    trainer = Trainer(line, cfg, spec)
+    table = trainer.model.pair_cross.table.tables[0]
+    table.assign(np.ones(table.shape, np.float32))
+    (line / RUN_FILE).write_text(json.dumps({"config": cfg.to_dict(), "feature_spec": spec.to_dict()}))
+    trainer.manager.save(checkpoint_number=1)
+    stale = {0: np.zeros(5000, bool), 1: np.zeros(10, bool)}
+    stale[0][[3, 7, 4500]] = True  # 4500 is past the 4096-row cross table
+    out = _reset_rows_copy(line, tmp_path / "warm", stale)
+    check = Trainer(tmp_path / "check", cfg, spec)
+    check.ckpt.read(tf.train.latest_checkpoint(str(out / "checkpoints"))).expect_partial()
+    assert (check.model.pair_cross.table.tables[0].numpy() == 1).all()
