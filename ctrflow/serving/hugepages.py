@@ -18,8 +18,7 @@ huge pages now, synchronously). The memory's contents do not change, so scores a
 No environment variable is needed; `CTRFLOW_HUGE_PAGES=off` turns it off for a whole process tree
 (benchmarks comparing both, a memory-tight container) whatever the option says. Where it cannot work — not Linux, THP `never`, a kernel without
 MADV_COLLAPSE, a mapping that is not anonymous (memory-mapped files get no anonymous THP) — it does what
-it can, raises nothing, and says so in `HugePages.status` (the model status and `Predictor.huge_pages`),
-with one log line.
+it can, raises nothing, and says so in `HugePages.status` (`Predictor.huge_pages`) and one log line per load.
 
 Implementation details follow: ctypes `madvise` from libc; the span's huge-page bytes are read back from
 `/proc/self/smaps` (AnonHugePages of the mappings inside the spans, which madvise splits out).
@@ -47,12 +46,13 @@ MIN_BYTES = 1 << 20  # smaller variables: at most one huge page, not worth a sys
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25  # Linux >= 6.1
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-ENV_OFF = "CTRFLOW_HUGE_PAGES"  # "off": every load in this process (and its children) as with mode "off"
+ENV_OFF = "CTRFLOW_HUGE_PAGES"  # "off" (or 0/false/no): every load in this process (and its children) as with mode "off"
+_ENV_FALSE = ("off", "0", "false", "no")
 
 
 @dataclass(frozen=True)
 class HugePages:
-    """What `advise_variables` did for one loaded model (reported in the model status).
+    """What `advise_variables` did for one loaded model (`Predictor.huge_pages`, and the load's log line).
 
     mode: the option ("auto" or "off"). status: "collapsed" (the spans are on huge pages now),
     "advised" (MADV_HUGEPAGE only: khugepaged collapses them later), "off", or "unsupported: <why>".
@@ -179,8 +179,9 @@ def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BY
     HugePages(mode=mode)  # validates the option
     if mode == "off":
         return HugePages(mode="off", status="off")
-    if os.environ.get(ENV_OFF, "").strip().lower() == "off":
-        return _report(what, HugePages(mode="off", status=f"off ({ENV_OFF}=off)"))
+    env = os.environ.get(ENV_OFF, "").strip().lower()
+    if env in _ENV_FALSE:
+        return _report(what, HugePages(mode="off", status=f"off ({ENV_OFF}={env})"))
     thp = thp_mode()
     if not sys.platform.startswith("linux") or not thp:
         return _report(what, HugePages(mode=mode, status="unsupported: no transparent huge pages on this platform"))
@@ -205,7 +206,7 @@ def advise_variables(loaded: Any, mode: str = "auto", *, min_bytes: int = MIN_BY
         advised += 1
         if madvise(start, end - start, MADV_COLLAPSE) != 0:
             err = ctypes.get_errno()
-            collapse_errors.add("MADV_COLLAPSE needs Linux >= 6.1" if err == errno.EINVAL else
+            collapse_errors.add("MADV_COLLAPSE: EINVAL (a kernel before 6.1, or THP disabled for this process)" if err == errno.EINVAL else
                                 f"MADV_COLLAPSE: {os.strerror(err)}")
     del keep
     size = sum(e - s for s, e in spans)
