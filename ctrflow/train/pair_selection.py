@@ -103,6 +103,10 @@ def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pair
             chosen = json.loads((run / SELECTION_FILE).read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{run / SELECTION_FILE} cannot be read ({e}); start the two-stage run in a new folder.") from None
+        for name, key, k in (("--ffm-select-pairs", "ffm_select_pairs", keep_pairs), ("--cross-select", "cross_select", cross_pairs)):
+            if k is not None and key in chosen and chosen[key] != k:  # (records of older runs lack the K)
+                raise ConfigError(f"{run} selected its pairs with {name} {chosen[key]}; this run asks for {k}. "
+                                  f"Resume with {name} {chosen[key]}, or start the two-stage run in a new folder.")
         return train(data, run, _stage2(config, chosen, keep_pairs, cross_pairs), valid=valid, on_progress=on_progress)
     stage1 = config if config.model.kind == "ffm" and not config.model.cross_pairs else \
         config.replace(model=replace(config.model, kind="ffm", cross_pairs=()))
@@ -117,7 +121,9 @@ def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pair
         return sorted(({"pair": [names[i], names[j]], "term_rms": float(strength[i, j])} for i, j in zip(*iu) if keep[i, j]),
                       key=lambda p: -p["term_rms"])
 
-    record = {"stage1": str(first.run), "stage1_valid_logloss": first.best_valid_logloss, "pairs": int(len(iu[0]))}
+    record = {"stage1": str(first.run), "stage1_valid_logloss": first.best_valid_logloss, "pairs": int(len(iu[0])),
+              **({"ffm_select_pairs": keep_pairs} if keep_pairs is not None else {}),
+              **({"cross_select": cross_pairs} if cross_pairs is not None else {})}
     if keep_pairs is not None:
         record["kept"] = ranked(select_top(strength, keep_pairs))
     if cross_pairs is not None:

@@ -147,6 +147,9 @@ def test_cross_select_trains_and_exports_with_served_parity(tmp_path, capsys):
     info = load_run_info(run)
     assert info["config"]["model"]["kind"] == "lr" and load_run_info(run / "stage1")["config"]["model"]["kind"] == "ffm"
     assert [p["pair"] for p in sel["crossed"]] == info["config"]["model"]["cross_pairs"]
+    other_k = [("3" if a == "2" else a) for a in args]
+    assert main(other_k) == 2  # a rerun asking for another K is refused, not resumed with the recorded pairs
+    assert "selected its pairs with --cross-select 2" in capsys.readouterr().err
     # a rerun resumes stage 2 with the pairs recorded (the same path as --ffm-select-pairs' resume, tested there)
     from ctrflow.train.config import TrainConfig
     from ctrflow.train.pair_selection import _stage2
