@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_writer", "replace_atomically", "fsync_dir", "temp_name"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_writer", "replace_atomically", "fsync_dir", "fsync_tree",
+           "temp_name"]
 
 
 def temp_name(path: Path) -> Path:
@@ -33,6 +34,15 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Sync every file and folder under `folder`, deepest first: a tree written by a library that does not
+    sync (`tf.saved_model.save`) before a rename publishes it, so the new name never points at empty files."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_dir(os.path.join(root, name))  # a read-only descriptor can be synced: files too
+        fsync_dir(root)
 
 
 def replace_atomically(src: str | os.PathLike, dst: str | os.PathLike) -> None:

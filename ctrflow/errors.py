@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "InsufficientMemoryError",
     "TrainingError",
+    "CheckpointError",
     "DeadlineExceeded",
     "QueueFullError",
     "ModelNotFoundError",
@@ -50,6 +51,11 @@ class ShardCorruptError(CtrflowError):
 
 class TrainingError(CtrflowError):
     """Training cannot go on (NaN loss, mismatched warm start); the last good checkpoint is kept."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint's files are missing, truncated or unreadable (a file deleted or cut short on disk); the
+    message names the checkpoint and the file. Nothing was restored from it."""
 
 
 class DeadlineExceeded(CtrflowError, TimeoutError):

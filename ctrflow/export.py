@@ -40,7 +40,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-from ctrflow.atomic import replace_atomically
+from ctrflow.atomic import fsync_tree, replace_atomically
 from ctrflow.data.transforms import field_hash_key
 from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
@@ -463,6 +463,7 @@ def export(
             meta["context"] = context
         (tmp / EXPORT_INFO).write_text(json.dumps(meta, indent=1))
         write_warmup_requests(tmp, schema, boundaries, context=context)
+        fsync_tree(tmp)  # the version's bytes on disk before its name (the rename below syncs the base folder)
         if final.exists():  # overwrite: the old version goes aside only once the new one is complete, in one rename
             old = base / f".old-{version}-{os.getpid()}"
             os.replace(final, old)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,19 @@ def raw_rows(csv_path: Path, n: int) -> list[dict]:
             if len(out) == n:
                 break
     return out
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`ctrflow ARGS` run by `ctrflow.cli.main` in this process: its exit code, stdout and stderr (text) as a
+    subprocess would give them, without a new process importing TensorFlow (~5 s of CPU each). For what a
+    command does; a real process's exit code and tracebacks are checked by at least one subprocess test per
+    command (test_cli.py, test_faults.py and the command's own tests)."""
+    import contextlib
+    import io
+
+    from ctrflow.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["ctrflow", *args], code, out.getvalue(), err.getvalue())

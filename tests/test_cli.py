@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 
 def run(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
@@ -53,7 +53,8 @@ def test_errors_are_one_line_with_exit_2_and_a_json_error(tmp_path):
 
 def test_verify_exit_code_1_names_the_damaged_shard(tmp_path):
     (tmp_path / "x.csv").write_text("clicked,site\n" + "".join(f"{i % 2},s{i % 7}\n" for i in range(500)))
-    assert run("convert", str(tmp_path / "x.csv"), "--label", "clicked", "--out", str(tmp_path / "s")).returncode == 0
+    # The conversion in this process (a `ctrflow convert` process is the first test's): the command under test is verify.
+    assert cli_in_process("convert", tmp_path / "x.csv", "--label", "clicked", "--out", tmp_path / "s").returncode == 0
     shard = next((tmp_path / "s").glob("part-*.ctrs"))
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0xFF

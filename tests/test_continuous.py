@@ -271,8 +271,9 @@ def test_kill_9_at_random_points_then_rerun_trains_each_slice_once_and_never_sho
         proc.wait()
         visible = sorted(int(p.name) for p in base.iterdir() if not p.name.startswith(".")) if base.exists() else []
         assert visible == find_versions(base)  # every visible version folder is complete
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    # The rerun that finishes the job, in this process (a sixth process would import TensorFlow again): what
+    # it must reconcile is on disk, left by the killed ones.
+    continuous_train(tmp_path / "incoming", base, state, CFG, ContinuousOptions(tolerance=0.5), once=True)
     assert kills >= 4
     log = read_decisions(state)
     assert [(d["slice"], d["decision"], d["version"]) for d in log] == [("mon", "published", 1), ("tue", "published", 2), ("wed", "published", 3)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 import pytest
 
-from ctrflow.errors import ConfigError, TrainingError
+from ctrflow.errors import CheckpointError, ConfigError
 from ctrflow.export import export, find_versions
 
 
@@ -18,7 +18,8 @@ def test_export_refuses_bad_places_in_one_line_and_cleans_a_dead_exports_temp(tm
     shutil.copytree(run, damaged, ignore=shutil.ignore_patterns("tensorboard", "*.png"))
     for p in (damaged / "checkpoints").glob("*.data-*"):
         p.unlink()
-    with pytest.raises(TrainingError, match="its latest checkpoint cannot be read"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*damaged/checkpoints/ckpt-40: its data file "
+                                              r"ckpt-40\.data-00000-of-00001 is missing"):
         export(damaged, tmp_path / "m")
     dead = 999999999  # above any pid_max: no process runs under it
     (tmp_path / "m" / f".tmp-1-{dead}" / "variables").mkdir(parents=True)  # what a kill -9 mid-export leaves

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 PY = sys.executable
 
@@ -116,9 +116,10 @@ def test_kill_9_mid_convert_leaves_no_orphan_workers_and_the_next_run_cleans_up(
         proc.stderr.close()
     _wait_for(lambda: not any(_alive(w) for w in workers), 15, f"workers {workers} to die with their parent")
     assert partial.is_dir() and not out.exists()  # the dead run's leftovers: what the next run must remove
-    p = ctrflow("convert", str(logs), "--schema", "synthetic", "--out", str(out), "--workers", "1", "--json", "--quiet")
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    assert json.loads(p.stdout.decode().splitlines()[-1])["rows"] == 45_000
+    # The next run (in this process: the command's cleanup, not another TensorFlow import) removes them.
+    p = cli_in_process("convert", logs, "--schema", "synthetic", "--out", out, "--workers", "1", "--json", "--quiet")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.splitlines()[-1])["rows"] == 45_000
     assert not partial.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["shards"]
 
 
@@ -229,9 +230,9 @@ def test_giant_line_is_a_reject_and_memory_stays_bounded(tmp_path, gz):
     assert len(long) == 1 and long[0][0] == 2002 and long[0][2] == (40 << 20) + 5
     yaml = tmp_path / "g.yaml"
     yaml.write_text("label: y\ncategorical: [c]\nnumeric: [x]\n")
-    p = ctrflow("convert", str(path), "--schema", str(yaml), "--out", str(tmp_path / "s"), "--json", "--quiet")
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    s = json.loads(p.stdout.decode().splitlines()[-1])
+    p = cli_in_process("convert", path, "--schema", yaml, "--out", tmp_path / "s", "--json", "--quiet")
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(p.stdout.splitlines()[-1])
     assert s["rows"] == 3000 and s["rejects"] == {"line_too_long": 1}
     rej = (tmp_path / "s" / "rejects.tsv").read_text().splitlines()
     assert len(rej) == 2 and rej[1].split("\t")[1:3] == ["2002", "line_too_long"] and len(rej[1]) < 1000
@@ -242,14 +243,13 @@ def test_line_and_field_limits_are_flags(tmp_path):
     path.write_text("y,c,x\n" + "".join(f"{i % 2},{'w' * (300 if i == 7 else 3)},{i}\n" for i in range(50)))
     yaml = tmp_path / "g.yaml"
     yaml.write_text("label: y\ncategorical: [c]\nnumeric: [x]\n")
-    # The two conversions run side by side (each imports TensorFlow for the hashing).
-    field, line = (subprocess.Popen([PY, "-m", "ctrflow", "convert", str(path), "--schema", str(yaml), "--out", str(tmp_path / out),
-                                     "--json", "--quiet", flag, limit], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # In this process (each conversion in a new one imports TensorFlow for the hashing); the real process's
+    # answer to a bad limit is the subprocess below.
+    field, line = (cli_in_process("convert", path, "--schema", yaml, "--out", tmp_path / out, "--json", "--quiet", flag, limit)
                    for out, flag, limit in (("a", "--max-field-bytes", "100"), ("b", "--max-line-bytes", "200")))
-    (field_out, field_err), (line_out, _) = field.communicate(timeout=300), line.communicate(timeout=300)
-    assert field.returncode == 0, field_err.decode()
-    assert json.loads(field_out.decode().splitlines()[-1])["rejects"] == {"field_too_long": 1}
-    assert json.loads(line_out.decode().splitlines()[-1])["rejects"] == {"line_too_long": 1}
+    assert field.returncode == 0 and line.returncode == 0, field.stderr + line.stderr
+    assert json.loads(field.stdout.splitlines()[-1])["rejects"] == {"field_too_long": 1}
+    assert json.loads(line.stdout.splitlines()[-1])["rejects"] == {"line_too_long": 1}
     p = ctrflow("convert", str(path), "--schema", str(yaml), "--out", str(tmp_path / "c"), "--json", "--max-line-bytes", "-5")
     obj = assert_clean_error(p, json_mode=True, what="negative limit")
     assert "max_line_bytes" in obj["error"]
@@ -268,8 +268,9 @@ def garbage(tmp_path_factory, logs) -> dict[str, Path]:
         (root / name).write_bytes(data)
     # A shard folder whose shard is random bytes, one whose manifest is, and one with a truncated shard.
     good = root / "good"
-    subprocess.run([PY, "-m", "ctrflow", "convert", str(logs), "--schema", "synthetic", "--out", str(good), "--quiet"],
-                   cwd=REPO, check=True, capture_output=True)
+    from ctrflow.data.convert import ConvertOptions, convert
+
+    convert(logs, good, schema="synthetic", options=ConvertOptions(workers=1))
     for kind in ("random_shard", "random_manifest", "truncated_shard"):
         d = root / kind
         shutil.copytree(good, d)

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ctrflow.errors import ConfigError, TrainingError
+from ctrflow.errors import CheckpointError, ConfigError, TrainingError
 
 __all__ = ["CHECKPOINTS", "RunCheckpoints", "make_counters", "restore_latest", "latest_checkpoint", "checkpoint_step",
-           "clean_partial_checkpoints"]
+           "clean_partial_checkpoints", "read_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
 COUNTERS = ("step", "epoch", "batch_in_epoch", "examples", "best", "bad_validations")
@@ -53,8 +53,41 @@ def restore_latest(run: str | os.PathLike, model: Any) -> str:
     latest = latest_checkpoint(run)
     if latest is None:
         raise TrainingError(f"{run}: no checkpoint to restore (checkpoints/ is empty).")
-    tf.train.Checkpoint(model=model).read(latest).expect_partial()
+    read_checkpoint(latest, lambda: tf.train.Checkpoint(model=model).read(latest).expect_partial())
     return latest
+
+
+def _damage(path: str) -> str:
+    """What is wrong with checkpoint `path`'s files, in words: its index or a data shard missing, else damaged."""
+    import glob
+
+    if not os.path.exists(path + ".index"):
+        return f"its index file {Path(path).name}.index is missing"
+    shards = sorted(glob.glob(glob.escape(path) + ".data-?????-of-?????"))
+    if not shards:
+        return f"its data file {Path(path).name}.data-00000-of-00001 is missing"
+    total = int(shards[0].rsplit("-of-", 1)[1])
+    missing = [f"{Path(path).name}.data-{i:05d}-of-{total:05d}" for i in range(total)
+               if not os.path.exists(f"{path}.data-{i:05d}-of-{total:05d}")]
+    if missing:
+        return f"its data file{'s' if len(missing) > 1 else ''} {', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing"
+    return "a file of it is truncated or damaged"
+
+
+def read_checkpoint(path: str, read: Any) -> Any:
+    """`read()` (a restore of checkpoint `path`), with a missing or damaged checkpoint file as one
+    `CheckpointError` naming the checkpoint and the file: TensorFlow raises an OpError for a missing file and
+    an IndexError ("Read less bytes than requested") for a truncated one."""
+    import tensorflow as tf
+
+    try:
+        return read()
+    except (tf.errors.OpError, IndexError) as e:
+        if isinstance(e, tf.errors.UnavailableError):  # a cluster task is gone: the caller names it
+            raise
+        detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: {_damage(path)} ({detail}). Restore the run folder's "
+                              "checkpoints/ from a copy, or train again.") from None
 
 
 def clean_partial_checkpoints(run: str | os.PathLike) -> list[str]:
@@ -92,7 +125,7 @@ class RunCheckpoints:
         if not self.latest:
             return None
         try:
-            self.ckpt.restore(self.latest).assert_existing_objects_matched()
+            read_checkpoint(self.latest, lambda: self.ckpt.restore(self.latest).assert_existing_objects_matched())
         except (AssertionError, ValueError) as e:
             raise ConfigError(f"{self.latest} does not match this model and optimizer ({str(e).strip()[:300]}): resume "
                               "with the run's own settings, or use a new run folder.") from None

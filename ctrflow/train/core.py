@@ -28,9 +28,9 @@ import numpy as np
 from ctrflow.atomic import atomic_write_json
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.data.pipeline import PipelineOptions, open_batches
-from ctrflow.errors import ConfigError, SchemaError, TrainingError
+from ctrflow.errors import CheckpointError, ConfigError, SchemaError, TrainingError
 from ctrflow.models.registry import PAIR_WEIGHT_SCALE, ModelConfig
-from ctrflow.train.checkpoints import CHECKPOINTS, RunCheckpoints, checkpoint_step, latest_checkpoint
+from ctrflow.train.checkpoints import CHECKPOINTS, RunCheckpoints, checkpoint_step, latest_checkpoint, read_checkpoint
 from ctrflow.train.config import OPTIMIZER_GROUPS, TrainConfig
 
 __all__ = ["RUN_FILE", "TrainSummary", "RunHistory", "ValidationSource", "Validation", "init_output_bias", "init_id_remap", "load_run_info",
@@ -264,8 +264,10 @@ def apply_warm_start(latest: str, model: Any, optimizer: Any | None) -> str:
 
     parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     try:
-        tf.train.Checkpoint(**parts).read(latest).expect_partial()
-    except (ValueError, tf.errors.OpError) as e:
+        read_checkpoint(latest, lambda: tf.train.Checkpoint(**parts).read(latest).expect_partial())
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot warm start: {e}") from None
+    except ValueError as e:
         raise TrainingError(f"cannot warm start from {latest}: {str(e).strip()[:300]}") from None
     return latest
 

@@ -19,7 +19,7 @@ import pytest
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 
-from conftest import REPO, cluster_ready
+from conftest import REPO, cli_in_process, cluster_ready
 
 COORDINATOR = """
 import json, sys
@@ -128,8 +128,10 @@ def test_cli_model_flags_reach_the_run_and_a_misspelled_model_gets_a_suggestion(
     bad = cli("--out", str(tmp_path / "bad"), "--model", "dcn2")
     assert bad.returncode == 2 and "Did you mean 'dcnv2'?" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
-    ok = cli("--out", str(tmp_path / "run"), "--model", "dcnv2", "--cross-structure", "stacked", "--cross-layers", "2",
-             "--cross-rank", "4", "--dropout", "0.1", "--embedding-dim", "4", "--hidden", "8", "--max-steps", "3", "--json")
+    # The training in this process (a new one imports TensorFlow): the flags' parsing is the same code.
+    ok = cli_in_process("train", "--data", train_dir, "--out", tmp_path / "run", "--model", "dcnv2", "--cross-structure", "stacked",
+                        "--cross-layers", "2", "--cross-rank", "4", "--dropout", "0.1", "--embedding-dim", "4", "--hidden", "8",
+                        "--max-steps", "3", "--json")
     assert ok.returncode == 0, ok.stderr[-3000:]
     model = json.loads((tmp_path / "run" / "run.json").read_text())["config"]["model"]
     assert (model["kind"], model["cross_structure"], model["cross_layers"], model["cross_rank"], model["dropout"]) == \

@@ -18,7 +18,7 @@ from ctrflow.train.config import DEFAULT_LEARNING_RATES, GroupOptimizer, TrainCo
 from ctrflow.train.evaluate import evaluate
 from ctrflow.train.loop import train
 
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -176,7 +176,8 @@ def test_config_file_yaml_numbers_and_file_line_errors(tmp_path, synthetic_shard
     train_dir, _, _ = synthetic_shards
     (tmp_path / "c.yaml").write_text("model: {kind: lr}\nlearning_rate: 1e-3\nbatch_size: 4096\nmax_steps: 2\nholdout_fraction: 0\n")
     assert TrainConfig.load(tmp_path / "c.yaml").learning_rate == 0.001
-    r = cli("train", "--data", str(train_dir), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--json", "--quiet")
+    # The run in this process (a new one imports TensorFlow); the bad file's answer below comes from a real process.
+    r = cli_in_process("train", "--data", train_dir, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["learning_rates"]["linear"] == pytest.approx(0.001)
     (tmp_path / "bad.yaml").write_text("model: {kind: lr}\nlearning_rate: [1e-3\nbatch_size: 1024\n")
@@ -249,6 +250,7 @@ def test_evaluate_reports_calibration_and_draws_a_reliability_diagram(tmp_path, 
     assert all(a["predicted"] <= b["predicted"] for a, b in zip(pts, pts[1:]))  # bins ordered by prediction
     assert pts[-1]["observed"] > pts[0]["observed"]  # a model that ranks: the top bin clicks more
     assert 0 <= ev["calibration_error"] < 0.05 and png.read_bytes()[:4] == b"\x89PNG"
-    r = cli("evaluate", str(run), "--data", str(test_dir), "--json", "--quiet")
+    # In this process: real `ctrflow evaluate` processes are test_faults.py's (bad input) and test_damaged_checkpoint.py's.
+    r = cli_in_process("evaluate", run, "--data", test_dir, "--json", "--quiet")
     assert r.returncode == 0 and (run / "reliability.png").exists(), r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["calibration"] == pytest.approx(ev["calibration"])

@@ -443,7 +443,7 @@ def test_worker_killed_mid_training_the_other_goes_on_and_it_rejoins(tmp_path, c
 def test_ps_killed_stops_clearly_and_a_restarted_cluster_resumes_from_the_last_checkpoint(tmp_path, cluster, synthetic_shards):
     train_dir, _, _ = synthetic_shards
     run = tmp_path / "run"
-    config = config_dict(epochs=3)
+    config = config_dict(epochs=2)  # 118 steps: the ps dies at 60, the second run is killed at 45
     with LocalCluster(workers=2, ps=1) as c:  # a cluster of its own: its parameter server dies here
         proc = coordinator(c, train_dir, run, config)
         wait_for_step(run, 60, proc)
@@ -464,7 +464,7 @@ def test_ps_killed_stops_clearly_and_a_restarted_cluster_resumes_from_the_last_c
     assert "summary" in resumed, resumed
     summary = resumed["summary"]
     assert killed_at - 20 <= summary["resumed_from_step"] <= killed_at + 20  # at most one checkpoint interval lost
-    assert summary["steps"] >= 3 * 59
+    assert summary["steps"] >= 2 * 59
     # The coordinator killed: a rerun on the same, still running tasks resumes too.
     killed_at = latest_step(tmp_path / "run2")
     code, summary2, err = finish(coordinator(cluster, train_dir, tmp_path / "run2", config))

@@ -2,8 +2,6 @@
 refusal when it cannot fit: one `error:` line, exit 2, nothing written."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -13,6 +11,8 @@ from ctrflow.errors import ConfigError
 from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import GroupOptimizer, TrainConfig
 from ctrflow.train.memory import HEADROOM_BYTES, check_training_memory, estimate_training_state
+
+from conftest import cli_in_process
 
 SPEC = FeatureSpec(("site", "app", "hour", "n"), (3000, 500, 24, 8), ("n",), ("n",))  # 3 id fields + 1 normalized
 
@@ -81,8 +81,9 @@ def test_cli_train_refuses_tables_that_cannot_fit(tmp_path):
     generate(tmp_path / "t.csv", GenerateOptions(rows=500, seed=1))
     convert(tmp_path / "t.csv", tmp_path / "shards", schema=huge, options=ConvertOptions(workers=1))
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "ctrflow", "train", "--data", str(tmp_path / "shards"), "--out", str(run),
-                        "--model", "ffm"], capture_output=True, text=True, timeout=240)
+    # In this process (a new one imports TensorFlow first): the command's own answer; real `ctrflow train`
+    # processes on bad input are test_faults.py's and test_defaults.py's.
+    r = cli_in_process("train", "--data", tmp_path / "shards", "--out", run, "--model", "ffm")
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "ffm model" in errors[0] and "--max-buckets" in errors[0], r.stderr

@@ -13,6 +13,8 @@ from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 from ctrflow.train.tune import TuneOptions, config_with, tune
 
+from conftest import cli_in_process
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -94,5 +96,5 @@ def test_cli_tune_without_valid_holds_out_the_latest_rows(tiny, tmp_path):
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["trials"] == 1 and Path(d["best_config"]).exists() and d["model"] == "lr"
     assert "the latest 10% of rows by time column" in r.stdout and "800 rows held out" in r.stdout
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    r = cli_in_process(*cmd[3:])  # the same command again, in this process: refused, the output folder exists
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
