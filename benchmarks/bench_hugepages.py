@@ -58,16 +58,6 @@ VARIANTS = {  # name: (huge_pages option, extra environment)
 }
 
 
-def _rollup() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                out[parts[0][:-1]] = int(parts[1])
-    return out
-
-
 def _data_pool(folder: str | Path):
     """The load generator's kind of ids: 6,400 generated rows (seeded), hashed as a client would."""
     import tempfile
@@ -144,6 +134,8 @@ def _child(path: str, mode: str, batches: list[int], reps: int) -> None:
                 out["cpu_us"][m][key] = round(min(xs), 3)
             if len(ps) == 2:
                 out["round_ratio_median"][key] = round(float(np.median(np.divide(rounds[1], rounds[0]))), 3)
+    from bench_shared_weights import _rollup  # (benchmarks/: the script's folder is on sys.path)
+
     roll = _rollup()
     out.update(checksums=checksums, rss_mb=round(roll.get("Rss", 0) / 1024, 1),
                anon_huge_mb=round(roll.get("AnonHugePages", 0) / 1024, 1))
