@@ -41,6 +41,19 @@ def criteo_file(tmp_path: Path) -> Path:
     return p
 
 
+def synthetic_split(root: Path, train_rows: int, valid_rows: int, *, seed: int, cap: int) -> Path:
+    """`root`/train and `root`/valid: synthetic shards (tables capped at `cap` rows per field), valid hashed like train."""
+    from ctrflow.data.convert import ConvertOptions, convert
+    from ctrflow.data.generate import GenerateOptions, generate
+    from ctrflow.schema import PRESETS
+
+    generate(root / "train.csv", GenerateOptions(rows=train_rows, seed=seed))
+    generate(root / "valid.csv", GenerateOptions(rows=valid_rows, seed=seed, split="test"))
+    convert(root / "train.csv", root / "train", schema=PRESETS["synthetic"].capped(cap), options=ConvertOptions(workers=1))
+    convert(root / "valid.csv", root / "valid", like=root / "train", options=ConvertOptions(workers=1))
+    return root
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """(train_dir, test_dir, generate summary): 60k/20k synthetic rows from one hidden model, small tables."""

@@ -13,22 +13,13 @@ from ctrflow.models.registry import ModelConfig
 from ctrflow.train.config import TrainConfig
 from ctrflow.train.tune import TuneOptions, config_with, tune
 
-from conftest import cli_in_process
+from conftest import cli_in_process, synthetic_split
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """8k/3k synthetic rows, tables capped at 1024 rows: a trial epoch takes about a second."""
-    from ctrflow.data.convert import ConvertOptions, convert
-    from ctrflow.data.generate import GenerateOptions, generate
-    from ctrflow.schema import PRESETS
-
-    root = tmp_path_factory.mktemp("tune")
-    generate(root / "train.csv", GenerateOptions(rows=8000, seed=3))
-    generate(root / "valid.csv", GenerateOptions(rows=3000, seed=3, split="test"))
-    convert(root / "train.csv", root / "train", schema=PRESETS["synthetic"].capped(1024), options=ConvertOptions(workers=1))
-    convert(root / "valid.csv", root / "valid", like=root / "train", options=ConvertOptions(workers=1))
-    return root
+    return synthetic_split(tmp_path_factory.mktemp("tune"), 8000, 3000, seed=3, cap=1024)
 
 
 BASE = TrainConfig(model=ModelConfig("fm", embedding_dim=4), optimizer="lazyadam", learning_rate=0.003)

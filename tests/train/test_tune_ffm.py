@@ -11,6 +11,8 @@ from ctrflow.models.registry import PAIR_WEIGHT_SCALE, ModelConfig
 from ctrflow.train.config import TrainConfig
 from ctrflow.train.tune import SEARCH_SPACE, TuneOptions, _space_for, base_params, config_with, tune
 
+from conftest import synthetic_split
+
 
 def test_ffm_space_has_its_own_width_and_rate_and_trial_0_is_the_base():
     names = _space_for("ffm")
@@ -45,16 +47,7 @@ def test_pair_rate_is_validated_defaulted_and_built_into_the_model():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """4k/1.5k synthetic rows, tables capped at 256 rows per field."""
-    from ctrflow.data.convert import ConvertOptions, convert
-    from ctrflow.data.generate import GenerateOptions, generate
-    from ctrflow.schema import PRESETS
-
-    root = tmp_path_factory.mktemp("tune_ffm")
-    generate(root / "train.csv", GenerateOptions(rows=4000, seed=5))
-    generate(root / "valid.csv", GenerateOptions(rows=1500, seed=5, split="test"))
-    convert(root / "train.csv", root / "train", schema=PRESETS["synthetic"].capped(256), options=ConvertOptions(workers=1))
-    convert(root / "valid.csv", root / "valid", like=root / "train", options=ConvertOptions(workers=1))
-    return root
+    return synthetic_split(tmp_path_factory.mktemp("tune_ffm"), 4000, 1500, seed=5, cap=256)
 
 
 @pytest.mark.slow
