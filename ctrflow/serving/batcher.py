@@ -326,7 +326,7 @@ class AutoBatcher:
             raise
         finally:
             # Entries the timer popped (_EXPIRED) are gone already; an answered or cancelled one is still held.
-            if expiries is not None and (waiter.cancelled() or not waiter.done() or waiter.result() is not _EXPIRED):
+            if expiries is not None and not _expired(waiter):
                 expiries.settle()
         if outcome is not _EXPIRED:
             self._learn_unseen(request)
@@ -1108,6 +1108,11 @@ class _Unseen:
 
 
 _EXPIRED = object()  # what `apredict`'s timer puts in its waiter
+
+
+def _expired(waiter: asyncio.Future[Any]) -> bool:
+    """Whether the timer woke `waiter` (its entry popped), not an outcome, an error or a cancellation."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None and waiter.result() is _EXPIRED
 
 
 def _relay(waiter: asyncio.Future[Any], request: _Request) -> None:

@@ -106,14 +106,20 @@ def test_apredict_callers_expire_each_at_its_own_deadline_and_answered_ones_neve
     assert not batcher._expiries  # no deadline held: nothing kept for the loop
 
 
-def test_answered_callers_with_long_deadlines_are_not_held_until_their_deadline():
-    batcher = AutoBatcher(lambda inputs: inputs["ids"][:, 0].astype(np.float64),
-                          BatchingOptions(max_batch_size=64, batch_timeout_ms=0), name="held")
+@pytest.mark.parametrize("failing", [False, True], ids=["scored", "failed"])
+def test_answered_callers_with_long_deadlines_are_not_held_until_their_deadline(failing):
+    def compute(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if failing:  # answered with an error: held no longer than a scored one
+            raise ValueError("this model fails every call")
+        return inputs["ids"][:, 0].astype(np.float64)
+
+    batcher = AutoBatcher(compute, BatchingOptions(max_batch_size=64, batch_timeout_ms=0), name="held")
     sizes: list[int] = []
 
     async def main() -> None:
         for start in range(0, 3000, 100):  # 3,000 answered callers, each with an hour to spare
-            await asyncio.gather(*(batcher.apredict(rows(i, 1), timeout_ms=3_600_000) for i in range(start, start + 100)))
+            await asyncio.gather(*(batcher.apredict(rows(i, 1), timeout_ms=3_600_000) for i in range(start, start + 100)),
+                                 return_exceptions=True)
             expiries = batcher._expiries.get(asyncio.get_running_loop())
             sizes.append(len(expiries._heap) if expiries is not None else 0)
 
