@@ -1,0 +1,434 @@
+"""Refit a trained model's per-id scalar weights to convergence on the full L2-penalized training logloss.
+
+What it fits: the linear table (every id field's weight; each normalized numeric's weight, times its value),
+the hashed cross table (ctrflow.models.cross; it stores w / cross_scale, the refit works on w itself) and the
+output bias (unpenalized). Everything else (embeddings, FFM vectors, pair weights, the MLP) is frozen: its part
+of each training row's logit is a fixed offset, computed once by one forward pass of the model.
+
+Why: a few early-stopped LazyAdam epochs leave the per-id weights far from the optimum of the penalized
+objective — ctrflow's LR 0.12164 vs scikit-learn's L-BFGS LR 0.11946 on the synthetic set, the same model class
+(BENCHMARKS.md, "Refit of the per-id weights").
+
+How: block-coordinate Newton. Within one id field (one cross pair) each row touches exactly one table row, so
+that block's Hessian is diagonal and every id's Newton step is exact given the rest:
+`g_i = sum_{rows of i} w (p - y) x + lam th_i`, `h_i = sum w p (1 - p) x^2 + lam` (x = 1 for an id, the value
+for a value-weighted row), step `-g / h` clipped to `MAX_STEP` (a trust region in logit units), the block's step
+halved while it does not lower the objective. Blocks cycle until the objective's relative change is below
+`tol`. A cross row hit by two pairs (a hash collision) gets its gradient from both (the block stays monotone).
+The penalty `lam / 2 * sum th^2` is on sums over rows (scikit-learn's 1/C); lam is chosen from a grid on the
+validation split's logloss, the grid walked from strong to weak, each fit starting where the last ended.
+
+Memory: per training row, its offset, one table row per id field and per cross pair (int32) and the normalized
+numerics — 150k rows x 39 fields: ~30 MB. At larger sizes a block needs one pass over those columns (kept on
+disk, not recomputed) per block per sweep: (fields + numerics + pairs + 1) x sweeps passes; a Jacobi variant
+(every block from one pass, damped by the number of blocks) would need one pass per sweep. Not built.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ctrflow.errors import ConfigError
+from ctrflow.validation import Float, Int, check_fields
+
+__all__ = ["RefitOptions", "RefitResult", "RefitData", "collect", "refit", "refit_model", "objective", "gradient",
+           "DEFAULT_LAMS", "MAX_STEP"]
+
+DEFAULT_LAMS = (30.0, 10.0, 3.0, 1.0)  # lam grid (sum-scale L2, like scikit-learn's 1/C), strongest first
+MAX_STEP = 2.0  # largest change of one weight in one Newton step (logit units)
+
+
+def _lams(owner: str, name: str, value: object) -> tuple[float, ...]:
+    vals = tuple(value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(vals, tuple) or not vals or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in vals):
+        raise ConfigError(f"The {name!r} parameter of {owner} must be a non-empty list of positive numbers (L2 strengths). "
+                          f"Got {value!r} instead.")
+    return tuple(sorted((float(v) for v in vals), reverse=True))
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """lams: the L2 grid (chosen on valid; the first when there is no validation); max_sweeps per lam; tol: stop
+    when a sweep lowers the objective by less than this fraction; batch_rows: rows per forward pass."""
+
+    lams: tuple[float, ...] = DEFAULT_LAMS
+    max_sweeps: int = 30
+    tol: float = 2e-6
+    batch_rows: int = 65536
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"lams": _lams, "max_sweeps": Int(1, 10_000), "tol": Float(0.0, 1.0),
+                            "batch_rows": Int(1, 1 << 24)})
+
+
+@dataclass
+class RefitData:
+    """One split in the refit's terms: frozen offsets, the table rows each row reads, labels and weights."""
+
+    offset: np.ndarray  # float64 [N]: the logit minus every refit term
+    id_rows: np.ndarray  # int32 [N, F]: the linear row (flat over the linear tables) each id field reads
+    values: np.ndarray  # float64 [N, Nn]: normalized numerics
+    cross_rows: np.ndarray  # int32 [N, P]: each cross pair's row
+    cross_x: np.ndarray  # float64 [N, P]: its multiplier (1 for id x id, the value for id x numeric)
+    label: np.ndarray  # float64 [N]
+    weight: np.ndarray  # float64 [N]
+    # per cross pair: its two id fields (columns of id_rows) for id x id, or (field, None) and the numeric's column
+    pair_fields: list[tuple[int, int | None]] = field(default_factory=list)
+    pair_numeric: list[int | None] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.label)
+
+
+@dataclass
+class Params:
+    """The refit's parameters: flat linear rows (id rows, then numeric rows in `num_rows`), cross w, bias."""
+
+    linear: np.ndarray  # float64, every linear table end to end
+    num_rows: np.ndarray  # int [Nn]: the linear rows of the normalized numerics
+    cross: np.ndarray  # float64 [buckets] (w = stored x scale), or empty
+    bias: float
+
+    def copy(self) -> "Params":
+        return Params(self.linear.copy(), self.num_rows, self.cross.copy(), self.bias)
+
+
+@dataclass
+class RefitResult:
+    lam: float | None
+    sweeps: int  # at the chosen lam
+    objective_before: float  # training objective at the chosen lam, trained weights
+    objective_after: float
+    train_logloss_before: float
+    train_logloss_after: float
+    valid_logloss_before: float | None
+    valid_logloss_after: float | None
+    seconds: float
+    grid: list[dict[str, Any]] = field(default_factory=list)  # per lam: sweeps, objective, valid logloss
+    rows: int = 0
+    applied: bool = True  # False: the refit was worse on valid than the trained weights, which were kept
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# --- reading the model ----------------------------------------------------------------------------------------
+def _linear_layout(model: Any) -> tuple[list[Any], np.ndarray, Callable[[int, np.ndarray], np.ndarray], np.ndarray]:
+    """The linear tables, their start in the flat vector, `row(f, remapped local ids)`, the numerics' rows."""
+    lin = model.linear.table
+    lay = model.layout
+    tables = list(lin.tables)
+    sizes = [int(t.shape[0]) for t in tables]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    if lin.table_mode == "shared":
+        offsets = np.asarray(lay.offsets, np.int64)
+        row = lambda f, local: local + offsets[f]  # noqa: E731
+        num_rows = sum(lay.id_buckets) + np.arange(lay.n_numeric_fields)
+    else:
+        row = lambda f, local: local + starts[f]  # noqa: E731
+        num_rows = (starts[-1] + np.arange(lay.n_numeric_fields)) if lay.n_numeric_fields else np.zeros(0, np.int64)
+    return tables, starts, row, np.asarray(num_rows, np.int64)
+
+
+def read_params(model: Any) -> Params:
+    tables, _, _, num_rows = _linear_layout(model)
+    linear = np.concatenate([t.numpy()[:, 0].astype(np.float64) for t in tables])
+    pc = model.pair_cross
+    cross = pc.table.tables[0].numpy()[:, 0].astype(np.float64) * pc.scale if pc is not None else np.zeros(0)
+    return Params(linear, num_rows, cross, float(model.linear.bias.numpy()))
+
+
+def write_params(model: Any, params: Params) -> None:
+    """Assign the refit weights into the model's variables (float32)."""
+    tables, starts, _, _ = _linear_layout(model)
+    for t, s in zip(tables, starts):
+        n = int(t.shape[0])
+        t.assign(params.linear[s:s + n, None].astype(np.float32))
+    pc = model.pair_cross
+    if pc is not None:
+        pc.table.tables[0].assign((params.cross / pc.scale)[:, None].astype(np.float32))
+    model.linear.bias.assign(np.float32(params.bias))
+
+
+def collect(model: Any, data: Any, *, batch_rows: int = 65536, correction: float = 0.0) -> RefitData:
+    """One pass over `data` (shards): each row's frozen offset and the rows it reads. `correction` is added to
+    every logit (a negative-sampled run's log R: the refit fits the served, calibrated predictions)."""
+    import tensorflow as tf
+
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.models.cross import cross_index
+
+    lay = model.layout
+    params = read_params(model)
+    _, _, row_of, _ = _linear_layout(model)
+    remap = tf.convert_to_tensor(model.id_remap).numpy().astype(np.int64) if model.id_remap is not None else None
+    pc = model.pair_cross
+    pairs = ([(p, a, b, None) for p, a, b in pc.id_pairs] + [(p, a, None, j) for p, a, j in pc.num_pairs]) if pc is not None else []
+    forward = tf.function(lambda ids, numeric: (model(ids, numeric, training=False), model._inputs(ids, numeric, training=False)[1]))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("offset", "id_rows", "values", "cross_rows", "cross_x", "label", "weight")}
+    offsets = np.asarray(lay.offsets, np.int64)
+    with open_batches(data, PipelineOptions(batch_size=batch_rows, shuffle=False)) as batches:
+        for b in batches:
+            numeric = b.numeric if b.numeric is not None else np.zeros((b.rows, lay.n_numeric_input), np.float32)
+            logit, values = forward(tf.constant(b.ids), tf.constant(numeric))
+            logit = logit.numpy().astype(np.float64) + correction
+            values = np.zeros((b.rows, 0)) if values is None else values.numpy().astype(np.float64)
+            raw = b.ids[:, list(lay.id_columns)].astype(np.int64)
+            local = raw if remap is None else remap[raw + offsets[None, :]]
+            rows = np.stack([row_of(f, local[:, f]) for f in range(lay.n_id_fields)], 1) if lay.n_id_fields else np.zeros((b.rows, 0), np.int64)
+            cr = np.zeros((b.rows, len(pairs)), np.int64)
+            cx = np.ones((b.rows, len(pairs)))
+            for k, (p, a, bb, j) in enumerate(pairs):
+                cr[:, k] = cross_index(p, raw[:, a], raw[:, bb] if bb is not None else np.zeros(b.rows, np.int64), pc.buckets)
+                if j is not None:
+                    cx[:, k] = values[:, j]
+            refit_part = (params.linear[rows].sum(1) + values @ params.linear[params.num_rows] + params.bias
+                          + ((params.cross[cr] * cx).sum(1) if len(pairs) else 0.0))
+            parts["offset"].append(logit - refit_part)
+            parts["id_rows"].append(rows.astype(np.int32))
+            parts["values"].append(values)
+            parts["cross_rows"].append(cr.astype(np.int32))
+            parts["cross_x"].append(cx)
+            parts["label"].append(b.label.astype(np.float64))
+            parts["weight"].append(np.ones(b.rows) if b.weight is None else b.weight.astype(np.float64))
+    if not parts["label"]:
+        raise ConfigError(f"{data}: no rows to refit on.")
+    return RefitData(**{k: np.concatenate(v) for k, v in parts.items()}, pair_fields=[(a, bb) for _, a, bb, _ in pairs],
+                     pair_numeric=[j for _, _, _, j in pairs])
+
+
+# --- the objective ------------------------------------------------------------------------------------------
+def logits(d: RefitData, th: Params) -> np.ndarray:
+    z = d.offset + th.linear[d.id_rows].sum(1) + th.bias
+    if d.values.shape[1]:
+        z = z + d.values @ th.linear[th.num_rows]
+    if d.cross_rows.shape[1]:
+        z = z + (th.cross[d.cross_rows] * d.cross_x).sum(1)
+    return z
+
+
+def _loss(d: RefitData, z: np.ndarray) -> float:
+    """Weighted sum of logloss from logits (stable)."""
+    return float(np.sum(d.weight * (np.logaddexp(0.0, z) - d.label * z)))
+
+
+def _penalized_rows(d: RefitData, th: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the penalty covers: every linear row and cross row some training row reads (rows nothing reads
+    are not moved by the refit and are left out of its objective)."""
+    lin = np.unique(np.concatenate([d.id_rows.ravel(), th.num_rows.astype(np.int32)]))
+    cr = np.unique(d.cross_rows.ravel()) if d.cross_rows.size else np.zeros(0, np.int64)
+    return lin, cr
+
+
+def objective(d: RefitData, th: Params, lam: float, rows: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """`sum w logloss + lam / 2 * (||linear||^2 + ||cross||^2)` over the rows the data reads; bias unpenalized."""
+    lin, cr = rows or _penalized_rows(d, th)
+    return _loss(d, logits(d, th)) + 0.5 * lam * (float(np.sum(th.linear[lin] ** 2)) + float(np.sum(th.cross[cr] ** 2)))
+
+
+def gradient(d: RefitData, th: Params, lam: float) -> Params:
+    """The objective's gradient w.r.t. every refit weight (an independent check of convergence)."""
+    r = d.weight * (1.0 / (1.0 + np.exp(-logits(d, th))) - d.label)
+    lin, cr = _penalized_rows(d, th)
+    g_lin = np.bincount(d.id_rows.ravel(), np.repeat(r, d.id_rows.shape[1]), minlength=len(th.linear))
+    for j, row in enumerate(th.num_rows):
+        g_lin[row] += float(r @ d.values[:, j])
+    g_lin[lin] += lam * th.linear[lin]
+    g_cross = np.zeros_like(th.cross)
+    if d.cross_rows.size:
+        g_cross = np.bincount(d.cross_rows.ravel(), (r[:, None] * d.cross_x).ravel(), minlength=len(th.cross))
+        g_cross[cr] += lam * th.cross[cr]
+    return Params(g_lin, th.num_rows, g_cross, float(r.sum()))
+
+
+# --- block-coordinate Newton ----------------------------------------------------------------------------------
+def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -> tuple[Params, int, float]:
+    """Newton sweeps over the blocks (bias, each id field, each numeric, each cross pair) at one lam.
+
+    Centring steps, each exact (no logit changes) and closed-form: after each id field's step its weights are
+    centred into the bias (every training row reads exactly one row of the field, so +c on all of them and -c on
+    the bias leaves every logit as it was; the penalty is least at c = -their mean); an id x id cross pair's rows
+    into the bias, and, grouped by the row of either field they go with, into that field's row (+c on the group,
+    -c on the row: least at c = (w_row - sum group) / (n + 1)); an id x numeric pair's into the numeric's weight.
+    Without them coordinate descent crawls along those directions (the bias is unpenalized; measured on
+    zipfmix: LR's bias gradient still 60 after 12 sweeps; FFM + 4 crosses 30 sweeps without reaching tol, 6-8
+    with). The cross rows that two pairs share (hash collisions) are a block of their own (a Jacobi step over all
+    their occurrences): each pair's block then reads only rows no other pair reads, so its Hessian is diagonal and
+    its steps cost O(rows)."""
+    pen = _penalized_rows(d, th)
+    z = logits(d, th)
+    cross = th.cross
+    fields = [np.unique(d.id_rows[:, f], return_inverse=True) for f in range(d.id_rows.shape[1])]
+    n_pairs = d.cross_rows.shape[1]
+    pairs = [np.unique(d.cross_rows[:, k], return_inverse=True) for k in range(n_pairs)]
+    if n_pairs:
+        shared = np.bincount(np.concatenate([u for u, _ in pairs]), minlength=len(cross)) > 1
+        free = [~shared[u] for u, _ in pairs]  # rows only this pair reads
+        # the shared rows' own block: every occurrence of them (a Jacobi step; backtracking keeps it monotone)
+        occ = shared[d.cross_rows]
+        sh_ex, sh_k = np.nonzero(occ)
+        sh_rows, sh_inv = np.unique(d.cross_rows[sh_ex, sh_k], return_inverse=True)
+        sh_x = d.cross_x[sh_ex, sh_k]
+    groups = []  # per pair: (field row of each group, group of each cross row, group sizes, the field's rows per training row)
+    for k, (uniq, inv) in enumerate(pairs):
+        sides = []
+        if d.pair_numeric[k] is None:
+            first = np.zeros(len(uniq), np.int64)
+            first[inv[::-1]] = np.arange(d.rows)[::-1]  # each cross row's first training row
+            for f in d.pair_fields[k]:
+                rows, ginv = np.unique(d.id_rows[first, f], return_inverse=True)
+                sides.append((rows, ginv, np.bincount(ginv, minlength=len(rows)).astype(np.float64), d.id_rows[:, f]))
+        groups.append(sides)
+    loss = _loss(d, z)
+
+    def penalty() -> float:
+        return 0.5 * lam * (float(np.sum(th.linear[pen[0]] ** 2)) + float(np.sum(cross[pen[1]] ** 2)))
+
+    def step(dz: np.ndarray | float, pen_change: Callable[[float], float], z: np.ndarray) -> tuple[float, np.ndarray]:
+        """Backtracking on the block's step: the largest t in 1, 1/2, ... that does not raise the objective."""
+        nonlocal loss
+        for t in (1.0, 0.5, 0.25, 0.125, 0.0625):
+            zn = z + t * dz
+            new = _loss(d, zn)
+            if new + pen_change(t) <= loss + 1e-12 * abs(loss):
+                loss = new
+                return t, zn
+        return 0.0, z
+
+    def residuals(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = 1.0 / (1.0 + np.exp(-z))
+        return d.weight * (p - d.label), d.weight * p * (1 - p)
+
+    def sq(w: np.ndarray, delta: np.ndarray | float) -> Callable[[float], float]:
+        """The penalty's change when w moves by t * delta."""
+        return lambda t: 0.5 * lam * float(np.sum((w + t * delta) ** 2 - w ** 2))
+
+    obj = loss + penalty()
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        r, s = residuals(z)  # bias: unpenalized 1-D Newton
+        delta = float(np.clip(-r.sum() / max(s.sum(), 1e-12), -MAX_STEP, MAX_STEP))
+        t, z = step(np.float64(delta), lambda t: 0.0, z)
+        th.bias += t * delta
+        for uniq, inv in fields:  # each id field: diagonal Hessian, an exact per-id Newton step; then centred
+            r, s = residuals(z)
+            w = th.linear[uniq]
+            delta = np.clip(-(np.bincount(inv, r, minlength=len(uniq)) + lam * w) / (np.bincount(inv, s, minlength=len(uniq)) + lam),
+                            -MAX_STEP, MAX_STEP)
+            t, z = step(delta[inv], sq(w, delta), z)
+            c = -float(np.mean(w + t * delta))
+            th.linear[uniq] = w + t * delta + c
+            th.bias -= c
+        for j, row in enumerate(th.num_rows):  # each normalized numeric: one scalar
+            x = d.values[:, j]
+            r, s = residuals(z)
+            w = th.linear[row]
+            delta = float(np.clip(-(r @ x + lam * w) / (s @ (x * x) + lam), -MAX_STEP, MAX_STEP))
+            t, z = step(delta * x, sq(np.float64(w), delta), z)
+            th.linear[row] = w + t * delta
+        for k, (uniq, inv) in enumerate(pairs):  # each cross pair: its own rows
+            x = d.cross_x[:, k]
+            r, s = residuals(z)
+            w = cross[uniq]
+            delta = np.clip(-(np.bincount(inv, r * x, minlength=len(uniq)) + lam * w)
+                            / (np.bincount(inv, s * x * x, minlength=len(uniq)) + lam), -MAX_STEP, MAX_STEP) * free[k]
+            t, z = step(delta[inv] * x, sq(w, delta), z)
+            cross[uniq] = w = w + t * delta
+            j = d.pair_numeric[k]
+            if j is None:  # centre into the bias
+                c = -float(np.mean(w[free[k]])) * free[k] if free[k].any() else np.zeros(len(w))
+                cross[uniq] = w + c
+                th.bias -= float(c[free[k]][0]) if free[k].any() else 0.0
+            else:  # ... into the numeric's weight: +c x on every row, -c x by the numeric
+                wj = th.linear[th.num_rows[j]]
+                c = (wj - float(np.sum(w[free[k]]))) / (int(free[k].sum()) + 1) if free[k].any() else 0.0
+                cross[uniq] = w + c * free[k]
+                th.linear[th.num_rows[j]] = wj - c
+                z = z + (c * free[k][inv] - c) * x  # (0 but for the shared rows, left as they were)
+                loss = _loss(d, z)
+            for rows, ginv, n, ex_lin in groups[k]:  # ... and each group into its field's row
+                w, wl = cross[uniq], th.linear[rows]
+                c = (wl - np.bincount(ginv, w * free[k], minlength=len(rows))) / (np.bincount(ginv, free[k], minlength=len(rows)) + 1.0)
+                shift = np.zeros(len(th.linear))
+                shift[rows] = c
+                move = c[ginv] * free[k]
+                dz = move[inv] - shift[ex_lin]  # 0 without collisions
+                t, z = step(dz, lambda t: sq(w, move)(t) + sq(wl, -c)(t), z)
+                cross[uniq] = w + t * move
+                th.linear[rows] = wl - t * c
+        if n_pairs and len(sh_rows):
+            r, s = residuals(z)
+            w = cross[sh_rows]
+            delta = np.clip(-(np.bincount(sh_inv, r[sh_ex] * sh_x, minlength=len(w)) + lam * w)
+                            / (np.bincount(sh_inv, s[sh_ex] * sh_x * sh_x, minlength=len(w)) + lam), -MAX_STEP, MAX_STEP)
+            t, z = step(np.bincount(sh_ex, delta[sh_inv] * sh_x, minlength=d.rows), sq(w, delta), z)
+            cross[sh_rows] = w + t * delta
+        new = loss + penalty()
+        done = (obj - new) <= tol * abs(obj)
+        obj = new
+        if done:
+            break
+    return th, sweeps, obj
+
+
+def refit(train: RefitData, valid: RefitData | None, start: Params, options: RefitOptions = RefitOptions(),
+          progress: Callable[[str], None] | None = None) -> tuple[Params, RefitResult]:
+    """Fit at every lam of the grid (strongest first, each from the last's end) until valid gets worse; keep the
+    best on valid. Without valid: the first lam only."""
+    t0 = time.perf_counter()
+    say = progress or (lambda s: None)
+    valid_before = _loss(valid, logits(valid, start)) / valid.weight.sum() if valid is not None else None
+    th = start.copy()
+    best: tuple[float, float, Params, int, float] | None = None
+    grid = []
+    for lam in options.lams:
+        th, sweeps, obj = _fit(train, th, lam, max_sweeps=options.max_sweeps, tol=options.tol)
+        v = _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else None
+        grid.append({"lam": lam, "sweeps": sweeps, "objective": obj, "valid_logloss": v,
+                     "train_logloss": _loss(train, logits(train, th)) / train.weight.sum()})
+        say(f"refit lam {lam:g}: {sweeps} sweeps, objective {obj:.6g}" + (f", valid logloss {v:.6f}" if v is not None else ""))
+        key = v if v is not None else 0.0
+        if best is None or key < best[0]:
+            best = (key, lam, th.copy(), sweeps, obj)
+        elif valid is not None:
+            break  # valid got worse on the way to weaker L2: past the best (one lam more would cost a fit)
+        if valid is None:
+            break
+    _, lam, fitted, sweeps, obj = best
+    result = RefitResult(
+        lam=lam, sweeps=sweeps, objective_before=objective(train, start, lam), objective_after=obj,
+        train_logloss_before=_loss(train, logits(train, start)) / train.weight.sum(),
+        train_logloss_after=_loss(train, logits(train, fitted)) / train.weight.sum(),
+        valid_logloss_before=valid_before, valid_logloss_after=best[0] if valid is not None else None,
+        seconds=time.perf_counter() - t0, grid=grid, rows=train.rows)
+    return fitted, result
+
+
+def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: RefitOptions = RefitOptions(), *,
+                correction: float = 0.0, progress: Callable[[str], None] | None = None,
+                keep_if_worse: bool = True) -> RefitResult:
+    """Refit `model`'s per-id weights in place on `train_data` (shards), lam chosen on `valid_data`.
+
+    `keep_if_worse`: when the best lam's valid logloss is not below the trained weights', keep those (applied
+    False). Models without a sparse linear layer are refused (every ctrflow kind has one)."""
+    if getattr(model, "linear", None) is None:
+        raise ConfigError(f"a {model.kind} model has no per-id linear weights to refit.")
+    t0 = time.perf_counter()
+    start = read_params(model)
+    train = collect(model, train_data, batch_rows=options.batch_rows, correction=correction)
+    valid = collect(model, valid_data, batch_rows=options.batch_rows, correction=correction) if valid_data is not None else None
+    fitted, result = refit(train, valid, start, options, progress)
+    if keep_if_worse and valid is not None and result.valid_logloss_after >= result.valid_logloss_before:
+        result.applied = False
+    else:
+        write_params(model, fitted)
+    result.seconds = time.perf_counter() - t0
+    return result
