@@ -38,7 +38,7 @@ from ctrflow.validation import Float, Int, check_fields
 __all__ = ["RefitOptions", "RefitResult", "RefitData", "collect", "refit", "refit_model", "objective", "gradient",
            "DEFAULT_LAMS", "MAX_STEP"]
 
-DEFAULT_LAMS = (30.0, 10.0, 3.0, 1.0)  # lam grid (sum-scale L2, like scikit-learn's 1/C), strongest first
+DEFAULT_LAMS = (100.0, 30.0, 10.0, 3.0, 1.0)  # lam grid (sum-scale L2, like scikit-learn's 1/C), strongest first
 MAX_STEP = 2.0  # largest change of one weight in one Newton step (logit units)
 
 
@@ -343,17 +343,22 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
             t, z = step(delta[inv] * x, sq(w, delta), z)
             cross[uniq] = w = w + t * delta
             j = d.pair_numeric[k]
-            if j is None:  # centre into the bias
-                c = -float(np.mean(w[free[k]])) * free[k] if free[k].any() else np.zeros(len(w))
-                cross[uniq] = w + c
-                th.bias -= float(c[free[k]][0]) if free[k].any() else 0.0
-            else:  # ... into the numeric's weight: +c x on every row, -c x by the numeric
-                wj = th.linear[th.num_rows[j]]
-                c = (wj - float(np.sum(w[free[k]]))) / (int(free[k].sum()) + 1) if free[k].any() else 0.0
-                cross[uniq] = w + c * free[k]
-                th.linear[th.num_rows[j]] = wj - c
-                z = z + (c * free[k][inv] - c) * x  # (0 but for the shared rows, left as they were)
-                loss = _loss(d, z)
+            if free[k].any():  # centre into the bias (id x id) or the numeric's weight (id x numeric): +c on the
+                # pair's rows, -c on the other; exact but for training rows on a shared row, hence checked as a step
+                if j is None:
+                    c = -float(np.mean(w[free[k]]))
+                    other, pen_other = np.float64(0.0), (lambda t: 0.0)
+                else:
+                    wj = th.linear[th.num_rows[j]]
+                    c = (wj - float(np.sum(w[free[k]]))) / (int(free[k].sum()) + 1)
+                    other, pen_other = wj, sq(np.float64(wj), -c)
+                move = c * free[k]
+                t, z = step((move[inv] - c) * x, lambda t: sq(w, move)(t) + pen_other(t), z)
+                cross[uniq] = w + t * move
+                if j is None:
+                    th.bias -= t * c
+                else:
+                    th.linear[th.num_rows[j]] = other - t * c
             for rows, ginv, n, ex_lin in groups[k]:  # ... and each group into its field's row
                 w, wl = cross[uniq], th.linear[rows]
                 c = (wl - np.bincount(ginv, w * free[k], minlength=len(rows))) / (np.bincount(ginv, free[k], minlength=len(rows)) + 1.0)
@@ -381,27 +386,41 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
 
 def refit(train: RefitData, valid: RefitData | None, start: Params, options: RefitOptions = RefitOptions(),
           progress: Callable[[str], None] | None = None) -> tuple[Params, RefitResult]:
-    """Fit at every lam of the grid (strongest first, each from the last's end) until valid gets worse; keep the
-    best on valid. Without valid: the first lam only."""
+    """Fit at the grid's middle lam, then walk the grid towards weaker L2 while valid improves, else towards
+    stronger (each fit starting from the nearest one's end); keep the best on valid. Without valid: the middle lam
+    only. Measured, best lam: zipfmix FFM / LR 10, FFM + crosses 3, synthetic FFM 30 (BENCHMARKS.md)."""
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
     valid_before = _loss(valid, logits(valid, start)) / valid.weight.sum() if valid is not None else None
-    th = start.copy()
+    lams = options.lams
     best: tuple[float, float, Params, int, float] | None = None
     grid = []
-    for lam in options.lams:
-        th, sweeps, obj = _fit(train, th, lam, max_sweeps=options.max_sweeps, tol=options.tol)
+
+    def fit(i: int, th: Params) -> tuple[float, Params]:
+        nonlocal best
+        th, sweeps, obj = _fit(train, th.copy(), lams[i], max_sweeps=options.max_sweeps, tol=options.tol)
         v = _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else None
-        grid.append({"lam": lam, "sweeps": sweeps, "objective": obj, "valid_logloss": v,
+        grid.append({"lam": lams[i], "sweeps": sweeps, "objective": obj, "valid_logloss": v,
                      "train_logloss": _loss(train, logits(train, th)) / train.weight.sum()})
-        say(f"refit lam {lam:g}: {sweeps} sweeps, objective {obj:.6g}" + (f", valid logloss {v:.6f}" if v is not None else ""))
+        say(f"refit lam {lams[i]:g}: {sweeps} sweeps, objective {obj:.6g}" + (f", valid logloss {v:.6f}" if v is not None else ""))
         key = v if v is not None else 0.0
         if best is None or key < best[0]:
-            best = (key, lam, th.copy(), sweeps, obj)
-        elif valid is not None:
-            break  # valid got worse on the way to weaker L2: past the best (one lam more would cost a fit)
-        if valid is None:
-            break
+            best = (key, lams[i], th, sweeps, obj)
+        return key, th
+
+    mid = (len(lams) - 1) // 2
+    key, th_mid = fit(mid, start)
+    if valid is not None:
+        for direction in (1, -1):  # weaker first; stronger only when the first weaker step did not help
+            i, last, th = mid + direction, key, th_mid
+            moved = False
+            while 0 <= i < len(lams):
+                v, th = fit(i, th)
+                if v >= last:
+                    break
+                last, moved, i = v, True, i + direction
+            if moved:
+                break
     _, lam, fitted, sweeps, obj = best
     result = RefitResult(
         lam=lam, sweeps=sweeps, objective_before=objective(train, start, lam), objective_after=obj,
@@ -432,3 +451,45 @@ def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: Re
         write_params(model, fitted)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# --- after training (the trainer core's last step) ------------------------------------------------------------
+def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: Any, config: Any, *, step: int, examples: int,
+                         record: Callable[[dict[str, Any]], None], predict: Callable[..., Any],
+                         distributed: bool = False) -> dict[str, Any] | None:
+    """`TrainConfig.refit`: refit the trained model's per-id weights (lam chosen on `valid`) and save them as the
+    run's latest checkpoint (`RunCheckpoints.save_refit`). Returns run.json / summary's record of it: "status"
+    "refit" (applied), "kept" (no lam beat the trained weights on valid: they stay), or "skipped" with the reason;
+    None when `config.refit` is off."""
+    if not getattr(config, "refit", False):
+        return None
+    skip = None
+    if distributed:
+        skip = "cluster training: the refit reads every training row in one process; not run"
+    elif valid is None:
+        skip = "no validation split to choose its L2 on"
+    elif hasattr(train_data, "read") or str(train_data) == "-":
+        skip = "the training data is a stream (read once)"
+    elif checkpoints.refit_done(step):
+        skip = f"already done ({checkpoints.latest})"
+    if skip:
+        out = {"status": "skipped", "reason": skip}
+        record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": 0.0, **out})
+        return out
+    from ctrflow.train.core import evaluate_stream
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.train.core import logit_correction
+
+    t0 = time.perf_counter()
+    res = refit_model(model, train_data, valid, RefitOptions(), correction=logit_correction(config.negative_sampling_rate),
+                      progress=lambda m: record({"kind": "refit", "step": step, "examples": examples, "epoch": -1,
+                                                 "seconds": time.perf_counter() - t0, "message": m}))
+    out: dict[str, Any] = {"status": "refit" if res.applied else "kept", **res.to_dict()}
+    if res.applied:
+        out["checkpoint"] = checkpoints.save_refit(step)
+        with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
+            out["valid"] = evaluate_stream(predict, vb)
+    out["seconds"] = time.perf_counter() - t0
+    record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": out["seconds"],
+            **{k: v for k, v in out.items() if isinstance(v, (int, float, str)) or v is None}})
+    return out
