@@ -298,7 +298,8 @@ def _refit_row(ds: quality_common.Dataset, run: Path, trained: dict) -> dict:
         r = evaluate_stream(predict, tb)
     out = {"model": trained["model"] + ", refit", **_pick(r, ds), "valid_logloss": res.valid_logloss_after,
            "valid_before": trained.get("valid_logloss"), "test_before": trained["logloss"], "refit_seconds": time.perf_counter() - t0,
-           "seconds": trained.get("seconds", 0.0) + time.perf_counter() - t0, "lam": res.lam, "sweeps": res.sweeps,
+           "seconds": trained.get("seconds", 0.0) + time.perf_counter() - t0, "lam": res.lam, "lam_cross": res.lam_cross, "sweeps": res.sweeps,
+           "train_refit_keeps_it": bool(res.valid_logloss_after < res.valid_logloss_before),  # what `train --refit` would do
            "objective_before": res.objective_before, "objective_after": res.objective_after,
            "train_logloss_before": res.train_logloss_before, "train_logloss_after": res.train_logloss_after,
            "grid": res.grid}

@@ -53,17 +53,21 @@ def _lams(owner: str, name: str, value: object) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class RefitOptions:
-    """lams: the L2 grid (chosen on valid; the first when there is no validation); max_sweeps per lam; tol: stop
-    when a sweep lowers the objective by less than this fraction; batch_rows: rows per forward pass."""
+    """lams: the L2 grid of both tables (walked on valid, `refit`); search_sweeps: sweeps of each fit of the walk;
+    max_rounds: of the alternating walks (crosses' lam, linear's lam); max_sweeps / tol: the chosen pair's final fit
+    stops after max_sweeps or when a sweep lowers the objective by less than this fraction; batch_rows: rows per
+    forward pass."""
 
     lams: tuple[float, ...] = DEFAULT_LAMS
+    search_sweeps: int = 5
+    max_rounds: int = 3
     max_sweeps: int = 30
     tol: float = 2e-6
     batch_rows: int = 65536
 
     def __post_init__(self) -> None:
-        check_fields(self, {"lams": _lams, "max_sweeps": Int(1, 10_000), "tol": Float(0.0, 1.0),
-                            "batch_rows": Int(1, 1 << 24)})
+        check_fields(self, {"lams": _lams, "search_sweeps": Int(1, 10_000), "max_rounds": Int(0, 100),
+                            "max_sweeps": Int(1, 10_000), "tol": Float(0.0, 1.0), "batch_rows": Int(1, 1 << 24)})
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Params:
 @dataclass
 class RefitResult:
     lam: float | None
+    lam_cross: float | None  # the cross table's (None without crosses)
     sweeps: int  # at the chosen lam
     objective_before: float  # training objective at the chosen lam, trained weights
     objective_after: float
@@ -228,13 +233,16 @@ def _penalized_rows(d: RefitData, th: Params) -> tuple[np.ndarray, np.ndarray]:
     return lin, cr
 
 
-def objective(d: RefitData, th: Params, lam: float, rows: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """`sum w logloss + lam / 2 * (||linear||^2 + ||cross||^2)` over the rows the data reads; bias unpenalized."""
+def objective(d: RefitData, th: Params, lam: float, lam_cross: float | None = None,
+              rows: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """`sum w logloss + lam / 2 ||linear||^2 + lam_cross / 2 ||cross||^2` (lam_cross None: lam) over the rows the data
+    reads; bias unpenalized."""
     lin, cr = rows or _penalized_rows(d, th)
-    return _loss(d, logits(d, th)) + 0.5 * lam * (float(np.sum(th.linear[lin] ** 2)) + float(np.sum(th.cross[cr] ** 2)))
+    lc = lam if lam_cross is None else lam_cross
+    return _loss(d, logits(d, th)) + 0.5 * (lam * float(np.sum(th.linear[lin] ** 2)) + lc * float(np.sum(th.cross[cr] ** 2)))
 
 
-def gradient(d: RefitData, th: Params, lam: float) -> Params:
+def gradient(d: RefitData, th: Params, lam: float, lam_cross: float | None = None) -> Params:
     """The objective's gradient w.r.t. every refit weight (an independent check of convergence)."""
     r = d.weight * (1.0 / (1.0 + np.exp(-logits(d, th))) - d.label)
     lin, cr = _penalized_rows(d, th)
@@ -245,12 +253,12 @@ def gradient(d: RefitData, th: Params, lam: float) -> Params:
     g_cross = np.zeros_like(th.cross)
     if d.cross_rows.size:
         g_cross = np.bincount(d.cross_rows.ravel(), (r[:, None] * d.cross_x).ravel(), minlength=len(th.cross))
-        g_cross[cr] += lam * th.cross[cr]
+        g_cross[cr] += (lam if lam_cross is None else lam_cross) * th.cross[cr]
     return Params(g_lin, th.num_rows, g_cross, float(r.sum()))
 
 
 # --- block-coordinate Newton ----------------------------------------------------------------------------------
-def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -> tuple[Params, int, float]:
+def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, tol: float) -> tuple[Params, int, float]:
     """Newton sweeps over the blocks (bias, each id field, each numeric, each cross pair) at one lam.
 
     Centring steps, each exact (no logit changes) and closed-form: after each id field's step its weights are
@@ -290,7 +298,7 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
     loss = _loss(d, z)
 
     def penalty() -> float:
-        return 0.5 * lam * (float(np.sum(th.linear[pen[0]] ** 2)) + float(np.sum(cross[pen[1]] ** 2)))
+        return 0.5 * (lam * float(np.sum(th.linear[pen[0]] ** 2)) + lc * float(np.sum(cross[pen[1]] ** 2)))
 
     def step(dz: np.ndarray | float, pen_change: Callable[[float], float], z: np.ndarray) -> tuple[float, np.ndarray]:
         """Backtracking on the block's step: the largest t in 1, 1/2, ... that does not raise the objective."""
@@ -307,9 +315,9 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
         p = 1.0 / (1.0 + np.exp(-z))
         return d.weight * (p - d.label), d.weight * p * (1 - p)
 
-    def sq(w: np.ndarray, delta: np.ndarray | float) -> Callable[[float], float]:
-        """The penalty's change when w moves by t * delta."""
-        return lambda t: 0.5 * lam * float(np.sum((w + t * delta) ** 2 - w ** 2))
+    def sq(w: np.ndarray, delta: np.ndarray | float, l: float = lam) -> Callable[[float], float]:
+        """The penalty's change when w (under L2 l) moves by t * delta."""
+        return lambda t: 0.5 * l * float(np.sum((w + t * delta) ** 2 - w ** 2))
 
     obj = loss + penalty()
     sweeps = 0
@@ -338,9 +346,9 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
             x = d.cross_x[:, k]
             r, s = residuals(z)
             w = cross[uniq]
-            delta = np.clip(-(np.bincount(inv, r * x, minlength=len(uniq)) + lam * w)
-                            / (np.bincount(inv, s * x * x, minlength=len(uniq)) + lam), -MAX_STEP, MAX_STEP) * free[k]
-            t, z = step(delta[inv] * x, sq(w, delta), z)
+            delta = np.clip(-(np.bincount(inv, r * x, minlength=len(uniq)) + lc * w)
+                            / (np.bincount(inv, s * x * x, minlength=len(uniq)) + lc), -MAX_STEP, MAX_STEP) * free[k]
+            t, z = step(delta[inv] * x, sq(w, delta, lc), z)
             cross[uniq] = w = w + t * delta
             j = d.pair_numeric[k]
             if free[k].any():  # centre into the bias (id x id) or the numeric's weight (id x numeric): +c on the
@@ -350,10 +358,10 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
                     other, pen_other = np.float64(0.0), (lambda t: 0.0)
                 else:
                     wj = th.linear[th.num_rows[j]]
-                    c = (wj - float(np.sum(w[free[k]]))) / (int(free[k].sum()) + 1)
+                    c = (lam * wj - lc * float(np.sum(w[free[k]]))) / (lc * int(free[k].sum()) + lam)
                     other, pen_other = wj, sq(np.float64(wj), -c)
                 move = c * free[k]
-                t, z = step((move[inv] - c) * x, lambda t: sq(w, move)(t) + pen_other(t), z)
+                t, z = step((move[inv] - c) * x, lambda t: sq(w, move, lc)(t) + pen_other(t), z)
                 cross[uniq] = w + t * move
                 if j is None:
                     th.bias -= t * c
@@ -361,20 +369,20 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
                     th.linear[th.num_rows[j]] = other - t * c
             for rows, ginv, n, ex_lin in groups[k]:  # ... and each group into its field's row
                 w, wl = cross[uniq], th.linear[rows]
-                c = (wl - np.bincount(ginv, w * free[k], minlength=len(rows))) / (np.bincount(ginv, free[k], minlength=len(rows)) + 1.0)
+                c = (lam * wl - lc * np.bincount(ginv, w * free[k], minlength=len(rows))) / (lc * np.bincount(ginv, free[k], minlength=len(rows)) + lam)
                 shift = np.zeros(len(th.linear))
                 shift[rows] = c
                 move = c[ginv] * free[k]
                 dz = move[inv] - shift[ex_lin]  # 0 without collisions
-                t, z = step(dz, lambda t: sq(w, move)(t) + sq(wl, -c)(t), z)
+                t, z = step(dz, lambda t: sq(w, move, lc)(t) + sq(wl, -c)(t), z)
                 cross[uniq] = w + t * move
                 th.linear[rows] = wl - t * c
         if n_pairs and len(sh_rows):
             r, s = residuals(z)
             w = cross[sh_rows]
-            delta = np.clip(-(np.bincount(sh_inv, r[sh_ex] * sh_x, minlength=len(w)) + lam * w)
-                            / (np.bincount(sh_inv, s[sh_ex] * sh_x * sh_x, minlength=len(w)) + lam), -MAX_STEP, MAX_STEP)
-            t, z = step(np.bincount(sh_ex, delta[sh_inv] * sh_x, minlength=d.rows), sq(w, delta), z)
+            delta = np.clip(-(np.bincount(sh_inv, r[sh_ex] * sh_x, minlength=len(w)) + lc * w)
+                            / (np.bincount(sh_inv, s[sh_ex] * sh_x * sh_x, minlength=len(w)) + lc), -MAX_STEP, MAX_STEP)
+            t, z = step(np.bincount(sh_ex, delta[sh_inv] * sh_x, minlength=d.rows), sq(w, delta, lc), z)
             cross[sh_rows] = w + t * delta
         new = loss + penalty()
         done = (obj - new) <= tol * abs(obj)
@@ -386,48 +394,72 @@ def _fit(d: RefitData, th: Params, lam: float, *, max_sweeps: int, tol: float) -
 
 def refit(train: RefitData, valid: RefitData | None, start: Params, options: RefitOptions = RefitOptions(),
           progress: Callable[[str], None] | None = None) -> tuple[Params, RefitResult]:
-    """Fit at the grid's middle lam, then walk the grid towards weaker L2 while valid improves, else towards
-    stronger (each fit starting from the nearest one's end); keep the best on valid. Without valid: the middle lam
-    only. Measured, best lam: zipfmix FFM / LR 10, FFM + crosses 3, synthetic FFM 30 (BENCHMARKS.md)."""
+    """Choose (lam, lam_cross) on valid by walks over the grid, each fit starting from the nearest one's end and
+    cut at `search_sweeps`: from the middle lam (both tables at it) up the grid while valid improves, else down
+    it; then, with crosses, the cross table's lam alone, the linear's alone, and so on until neither moves (at
+    most `max_rounds`). The best pair is then fitted to convergence (`max_sweeps`, `tol`). Without valid: the
+    middle lam. Measured (BENCHMARKS.md): zipfmix FFM / LR 10, FFM + 4 crosses 3; synthetic FFM 30, LR + 8
+    crosses lam 30 with lam_cross 3 (one lam for both lost to the trained model there)."""
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
-    valid_before = _loss(valid, logits(valid, start)) / valid.weight.sum() if valid is not None else None
+    vloss = lambda th: _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else 0.0  # noqa: E731
+    valid_before = vloss(start) if valid is not None else None
     lams = options.lams
-    best: tuple[float, float, Params, int, float] | None = None
+    has_cross = bool(train.cross_rows.size)
+    fits: dict[tuple[int, int], tuple[float, Params]] = {}  # (lam index, lam_cross index) -> (valid, params)
     grid = []
 
-    def fit(i: int, th: Params) -> tuple[float, Params]:
-        nonlocal best
-        th, sweeps, obj = _fit(train, th.copy(), lams[i], max_sweeps=options.max_sweeps, tol=options.tol)
-        v = _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else None
-        grid.append({"lam": lams[i], "sweeps": sweeps, "objective": obj, "valid_logloss": v,
+    def fit(i: int, j: int, th: Params, sweeps_max: int) -> tuple[float, Params]:
+        th, sweeps, obj = _fit(train, th.copy(), lams[i], lams[j], max_sweeps=sweeps_max, tol=options.tol)
+        v = vloss(th)
+        grid.append({"lam": lams[i], "lam_cross": lams[j], "sweeps": sweeps, "objective": obj,
+                     "valid_logloss": v if valid is not None else None,
                      "train_logloss": _loss(train, logits(train, th)) / train.weight.sum()})
-        say(f"refit lam {lams[i]:g}: {sweeps} sweeps, objective {obj:.6g}" + (f", valid logloss {v:.6f}" if v is not None else ""))
-        key = v if v is not None else 0.0
-        if best is None or key < best[0]:
-            best = (key, lams[i], th, sweeps, obj)
-        return key, th
+        say(f"refit lam {lams[i]:g}" + (f", crosses {lams[j]:g}" if has_cross else "") + f": {sweeps} sweeps, objective "
+            f"{obj:.6g}" + (f", valid logloss {v:.6f}" if valid is not None else ""))
+        return v, th
+
+    def at(i: int, j: int, near: tuple[int, int]) -> float:
+        if (i, j) not in fits:
+            fits[(i, j)] = fit(i, j, fits[near][1], options.search_sweeps)
+        return fits[(i, j)][0]
+
+    def walk(point: tuple[int, int], move: Callable[[tuple[int, int], int], tuple[int, int]]) -> tuple[int, int]:
+        """From `point`, steps of `move` up the grid while valid improves, else down it."""
+        for direction in (1, -1):
+            cur, moved = point, False
+            while True:
+                nxt = move(cur, direction)
+                if not (0 <= nxt[0] < len(lams) and 0 <= nxt[1] < len(lams)) or at(*nxt, cur) >= fits[cur][0]:
+                    break
+                cur, moved = nxt, True
+            if moved:
+                return cur
+        return point
 
     mid = (len(lams) - 1) // 2
-    key, th_mid = fit(mid, start)
+    fits[(mid, mid)] = fit(mid, mid, start, options.search_sweeps if valid is not None else options.max_sweeps)
+    point = (mid, mid)
     if valid is not None:
-        for direction in (1, -1):  # weaker first; stronger only when the first weaker step did not help
-            i, last, th = mid + direction, key, th_mid
-            moved = False
-            while 0 <= i < len(lams):
-                v, th = fit(i, th)
-                if v >= last:
-                    break
-                last, moved, i = v, True, i + direction
-            if moved:
+        point = walk(point, lambda p, d: (p[0] + d, p[1] + d))  # both tables at one lam
+        for _ in range(options.max_rounds if has_cross else 0):
+            before = point
+            point = walk(point, lambda p, d: (p[0], p[1] + d))  # the crosses' lam alone
+            point = walk(point, lambda p, d: (p[0] + d, p[1]))  # the linear table's alone
+            if point == before:
                 break
-    _, lam, fitted, sweeps, obj = best
+        # the chosen point to convergence
+        v, th = fit(*point, fits[point][1], options.max_sweeps)
+        fits[point] = (v, th)
+    v, fitted = fits[point]
+    final = grid[-1]
+    lam, lam_cross = lams[point[0]], lams[point[1]]
     result = RefitResult(
-        lam=lam, sweeps=sweeps, objective_before=objective(train, start, lam), objective_after=obj,
+        lam=lam, lam_cross=lam_cross if has_cross else None, sweeps=final["sweeps"],
+        objective_before=objective(train, start, lam, lam_cross), objective_after=final["objective"],
         train_logloss_before=_loss(train, logits(train, start)) / train.weight.sum(),
-        train_logloss_after=_loss(train, logits(train, fitted)) / train.weight.sum(),
-        valid_logloss_before=valid_before, valid_logloss_after=best[0] if valid is not None else None,
-        seconds=time.perf_counter() - t0, grid=grid, rows=train.rows)
+        train_logloss_after=final["train_logloss"], valid_logloss_before=valid_before,
+        valid_logloss_after=v if valid is not None else None, seconds=time.perf_counter() - t0, grid=grid, rows=train.rows)
     return fitted, result
 
 

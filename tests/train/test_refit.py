@@ -54,8 +54,11 @@ def test_lam_is_chosen_on_valid_and_a_grid_is_checked():
     d, start = _problem(0)
     v, _ = _problem(1)
     _, res = refit(d, v, start, RefitOptions(lams=(100.0, 10.0, 1.0, 0.1)))
-    valid = {g["lam"]: g["valid_logloss"] for g in res.grid}
-    assert res.lam == min(valid, key=valid.get) and res.valid_logloss_after == valid[res.lam]
+    *search, final = res.grid  # the walk's fits, then the chosen point's to convergence
+    chosen = min(search, key=lambda g: g["valid_logloss"])
+    assert (res.lam, res.lam_cross) == (chosen["lam"], chosen["lam_cross"]) == (final["lam"], final["lam_cross"])
+    assert res.valid_logloss_after == final["valid_logloss"]
+    assert len({g["lam_cross"] / g["lam"] for g in res.grid}) > 1  # the crosses' own L2 was walked too
     with pytest.raises(ConfigError, match="lams"):
         RefitOptions(lams=(1.0, -2.0))
 
@@ -88,10 +91,10 @@ def test_train_refit_saves_the_refit_as_the_runs_checkpoint(tmp_path):
         model = build_model_from_run(info)
         assert restore_latest(run, model) == fit["checkpoint"]
         size = lambda g: max(np.abs(g.linear).max(), np.abs(g.cross).max(), abs(g.bias))  # noqa: E731
-        after = size(gradient(collect(model, data / "train"), read_params(model), fit["lam"]))
+        after = size(gradient(collect(model, data / "train"), read_params(model), fit["lam"], fit["lam_cross"]))
         trained = tf.train.get_checkpoint_state(str(run / "checkpoints")).all_model_checkpoint_paths[-2]  # the one before
         tf.train.Checkpoint(model=model).read(trained).expect_partial()
-        before = size(gradient(collect(model, data / "train"), read_params(model), fit["lam"]))
+        before = size(gradient(collect(model, data / "train"), read_params(model), fit["lam"], fit["lam_cross"]))
         assert after < 0.02 * before, (after, before)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert any(h["kind"] == "refit" and h.get("lam") == fit["lam"] for h in history)
