@@ -281,7 +281,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if s.refit:
         r = s.refit
         human += (f"\nrefit of the per-id weights: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
-                  + (f", lam {r['lam']:g}, {r['sweeps']} sweeps, valid logloss {r['valid_logloss_before']:.5f} -> "
+                  + (f", lam {r['lam']:g}" + (f" (crosses {r['lam_cross']:g})" if r.get("lam_cross") is not None else "")
+                     + f", {r['sweeps']} sweeps, valid logloss {r['valid_logloss_before']:.5f} -> "
                      f"{r['valid_logloss_after']:.5f}, {r['seconds']:.1f} s" if r.get("lam") is not None else ""))
     if s.resumed_from_step:
         human += f"\nresumed from step {s.resumed_from_step}"
