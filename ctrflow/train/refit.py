@@ -5,18 +5,19 @@ the hashed cross table (ctrflow.models.cross; it stores w / cross_scale, the ref
 output bias (unpenalized). Everything else (embeddings, FFM vectors, pair weights, the MLP) is frozen: its part
 of each training row's logit is a fixed offset, computed once by one forward pass of the model.
 
-Why: a few early-stopped LazyAdam epochs leave the per-id weights far from the optimum of the penalized
-objective — ctrflow's LR 0.12164 vs scikit-learn's L-BFGS LR 0.11946 on the synthetic set, the same model class
-(BENCHMARKS.md, "Refit of the per-id weights").
+Why: a few early-stopped LazyAdam epochs leave the per-id weights short of the optimum of the penalized objective
+(its gradient's max-norm 57-125 at the trained weights of zipfmix FFM + 4 crosses, ~1 after the refit). Measured
+(BENCHMARKS.md, "Refit of the per-id weights"): valid and test lower for every model on both synthetic sets
+(-0.0002 to -0.0009 test), far from halving the best peer's gap; so `TrainConfig.refit` is an option, off.
 
 How: block-coordinate Newton. Within one id field (one cross pair) each row touches exactly one table row, so
 that block's Hessian is diagonal and every id's Newton step is exact given the rest:
 `g_i = sum_{rows of i} w (p - y) x + lam th_i`, `h_i = sum w p (1 - p) x^2 + lam` (x = 1 for an id, the value
 for a value-weighted row), step `-g / h` clipped to `MAX_STEP` (a trust region in logit units), the block's step
-halved while it does not lower the objective. Blocks cycle until the objective's relative change is below
-`tol`. A cross row hit by two pairs (a hash collision) gets its gradient from both (the block stays monotone).
-The penalty `lam / 2 * sum th^2` is on sums over rows (scikit-learn's 1/C); lam is chosen from a grid on the
-validation split's logloss, the grid walked from strong to weak, each fit starting where the last ended.
+halved while it does not lower the objective; closed-form centring steps along the directions that leave every
+logit unchanged (`_fit`). Blocks cycle until the objective's relative change is below `tol`. The penalty
+`lam / 2 * sum w^2` (the cross table: `lam_cross`) is on sums over rows (scikit-learn's 1/C); both are chosen on
+the validation split's logloss by walks over a grid (`refit`).
 
 Memory: per training row, its offset, one table row per id field and per cross pair (int32) and the normalized
 numerics — 150k rows x 39 fields: ~30 MB. At larger sizes a block needs one pass over those columns (kept on
@@ -265,7 +266,8 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
     centred into the bias (every training row reads exactly one row of the field, so +c on all of them and -c on
     the bias leaves every logit as it was; the penalty is least at c = -their mean); an id x id cross pair's rows
     into the bias, and, grouped by the row of either field they go with, into that field's row (+c on the group,
-    -c on the row: least at c = (w_row - sum group) / (n + 1)); an id x numeric pair's into the numeric's weight.
+    -c on the row: least at c = (lam w_row - lc sum group) / (lc n + lam)); an id x numeric pair's into the
+    numeric's weight.
     Without them coordinate descent crawls along those directions (the bias is unpenalized; measured on
     zipfmix: LR's bias gradient still 60 after 12 sweeps; FFM + 4 crosses 30 sweeps without reaching tol, 6-8
     with). The cross rows that two pairs share (hash collisions) are a block of their own (a Jacobi step over all
@@ -486,6 +488,43 @@ def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: Re
 
 
 # --- after training (the trainer core's last step) ------------------------------------------------------------
+def refit_bytes(model: Any, rows: int) -> int:
+    """What `collect` and `_fit` hold for `rows` rows: offset, label, weight, the logits and per-block temporaries
+    (float64, ~10 per row), one int32 row and an int64 inverse per id field and per pair, the numerics and the
+    pairs' multipliers (float64)."""
+    lay = model.layout
+    pairs = len(model.pair_cross.id_pairs) + len(model.pair_cross.num_pairs) if model.pair_cross is not None else 0
+    return rows * (10 * 8 + (lay.n_id_fields + pairs) * 12 + (lay.n_numeric_fields + pairs) * 8)
+
+
+def _prior_record(run: Any) -> dict[str, Any] | None:
+    """The refit record of the run's summary.json, when it has one."""
+    import json
+    from pathlib import Path
+
+    try:
+        record = json.loads((Path(run) / "summary.json").read_text()).get("refit")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _too_big(model: Any, train_data: Any, valid: Any) -> str | None:
+    """Why the refit cannot hold its data in the memory available (half of it, the model being there too), or None."""
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.train.memory import available_memory
+
+    rows = 0
+    for data in (train_data, valid):
+        with open_batches(data, PipelineOptions(batch_size=1, shuffle=False)) as b:
+            rows += int(b.rows or 0)
+    need, room = refit_bytes(model, rows), available_memory() // 2
+    if need > room:
+        return (f"its {rows:,} rows need about {need / 2**30:.1f} GiB in memory, more than half of the "
+                f"{2 * room / 2**30:.1f} GiB available (a streaming refit is not built)")
+    return None
+
+
 def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: Any, config: Any, *, step: int, examples: int,
                          record: Callable[[dict[str, Any]], None], predict: Callable[..., Any],
                          distributed: bool = False) -> dict[str, Any] | None:
@@ -502,15 +541,19 @@ def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: A
         skip = "no validation split to choose its L2 on"
     elif hasattr(train_data, "read") or str(train_data) == "-":
         skip = "the training data is a stream (read once)"
-    elif checkpoints.refit_done(step):
+    elif checkpoints.refit_done(step):  # a rerun of the finished run: the earlier record stands
+        prior = _prior_record(checkpoints.run)
+        if prior is not None:
+            return {**prior, "note": f"done by an earlier run of this command ({checkpoints.latest})"}
         skip = f"already done ({checkpoints.latest})"
+    else:
+        skip = _too_big(model, train_data, valid)
     if skip:
         out = {"status": "skipped", "reason": skip}
         record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": 0.0, **out})
         return out
-    from ctrflow.train.core import evaluate_stream
     from ctrflow.data.pipeline import PipelineOptions, open_batches
-    from ctrflow.train.core import logit_correction
+    from ctrflow.train.core import evaluate_stream, logit_correction
 
     t0 = time.perf_counter()
     res = refit_model(model, train_data, valid, RefitOptions(), correction=logit_correction(config.negative_sampling_rate),

@@ -81,7 +81,8 @@ def test_train_refit_saves_the_refit_as_the_runs_checkpoint(tmp_path):
     fit = s["refit"]
     assert fit["status"] in ("refit", "kept") and fit["lam"] in RefitOptions().lams
     assert fit["objective_after"] < fit["objective_before"]
-    assert "refit of the per-id weights" in cli_in_process(*args[:-1]).stdout  # a rerun: nothing to do, said so
+    rerun = cli_in_process(*args[:-1])  # a rerun of the finished run: nothing to do, the record stands
+    assert rerun.returncode == 0 and f"refit of the per-id weights: {fit['status']}" in rerun.stdout, rerun.stdout
     if fit["status"] == "refit":
         assert "ckpt-refit" in fit["checkpoint"] and s["checkpoint"] == fit["checkpoint"]
         assert s["valid_logloss"] == pytest.approx(fit["valid_logloss_after"], rel=1e-4)
