@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--refit [--refit-lams 100,30,10,3,1]] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.

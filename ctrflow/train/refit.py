@@ -177,9 +177,12 @@ def collect(model: Any, data: Any, *, batch_rows: int = 65536, correction: float
     _, _, row_of, _ = _linear_layout(model)
     remap = tf.convert_to_tensor(model.id_remap).numpy().astype(np.int64) if model.id_remap is not None else None
     pc = model.pair_cross
-    pairs = ([(p, a, b, None) for p, a, b in pc.id_pairs] + [(p, a, None, j) for p, a, j in pc.num_pairs]) if pc is not None else []
-    forward = tf.function(lambda ids, numeric: (model(ids, numeric, training=False), model._inputs(ids, numeric, training=False)[1]))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("offset", "id_rows", "values", "cross_rows", "cross_x", "label", "weight")}
+    pairs = [] if pc is None else [(p, a, b, None) for p, a, b in pc.id_pairs] + [(p, a, None, j) for p, a, j in pc.num_pairs]
+    # the served logit and the normalized numerics the linear layer reads (serving mode: no statistics updated)
+    forward = tf.function(lambda ids, numeric: (model(ids, numeric, training=False),
+                                                model._inputs(ids, numeric, training=False)[1]))
+    names = ("offset", "id_rows", "values", "cross_rows", "cross_x", "label", "weight")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     offsets = np.asarray(lay.offsets, np.int64)
     with open_batches(data, PipelineOptions(batch_size=batch_rows, shuffle=False)) as batches:
         for b in batches:
@@ -189,11 +192,13 @@ def collect(model: Any, data: Any, *, batch_rows: int = 65536, correction: float
             values = np.zeros((b.rows, 0)) if values is None else values.numpy().astype(np.float64)
             raw = b.ids[:, list(lay.id_columns)].astype(np.int64)
             local = raw if remap is None else remap[raw + offsets[None, :]]
-            rows = np.stack([row_of(f, local[:, f]) for f in range(lay.n_id_fields)], 1) if lay.n_id_fields else np.zeros((b.rows, 0), np.int64)
+            rows = (np.stack([row_of(f, local[:, f]) for f in range(lay.n_id_fields)], 1) if lay.n_id_fields
+                    else np.zeros((b.rows, 0), np.int64))
             cr = np.zeros((b.rows, len(pairs)), np.int64)
             cx = np.ones((b.rows, len(pairs)))
             for k, (p, a, bb, j) in enumerate(pairs):
-                cr[:, k] = cross_index(p, raw[:, a], raw[:, bb] if bb is not None else np.zeros(b.rows, np.int64), pc.buckets)
+                other = raw[:, bb] if bb is not None else np.zeros(b.rows, np.int64)
+                cr[:, k] = cross_index(p, raw[:, a], other, pc.buckets)
                 if j is not None:
                     cx[:, k] = values[:, j]
             refit_part = (params.linear[rows].sum(1) + values @ params.linear[params.num_rows] + params.bias
@@ -287,7 +292,8 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
         sh_ex, sh_k = np.nonzero(occ)
         sh_rows, sh_inv = np.unique(d.cross_rows[sh_ex, sh_k], return_inverse=True)
         sh_x = d.cross_x[sh_ex, sh_k]
-    groups = []  # per pair: (field row of each group, group of each cross row, group sizes, the field's rows per training row)
+    # per pair: (field row of each group, group of each cross row, group sizes, the field's row of each training row)
+    groups = []
     for k, (uniq, inv) in enumerate(pairs):
         sides = []
         if d.pair_numeric[k] is None:
@@ -331,8 +337,8 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
         for uniq, inv in fields:  # each id field: diagonal Hessian, an exact per-id Newton step; then centred
             r, s = residuals(z)
             w = th.linear[uniq]
-            delta = np.clip(-(np.bincount(inv, r, minlength=len(uniq)) + lam * w) / (np.bincount(inv, s, minlength=len(uniq)) + lam),
-                            -MAX_STEP, MAX_STEP)
+            g = np.bincount(inv, r, minlength=len(uniq)) + lam * w
+            delta = np.clip(-g / (np.bincount(inv, s, minlength=len(uniq)) + lam), -MAX_STEP, MAX_STEP)
             t, z = step(delta[inv], sq(w, delta), z)
             c = -float(np.mean(w + t * delta))
             th.linear[uniq] = w + t * delta + c
@@ -371,7 +377,8 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
                     th.linear[th.num_rows[j]] = other - t * c
             for rows, ginv, n, ex_lin in groups[k]:  # ... and each group into its field's row
                 w, wl = cross[uniq], th.linear[rows]
-                c = (lam * wl - lc * np.bincount(ginv, w * free[k], minlength=len(rows))) / (lc * np.bincount(ginv, free[k], minlength=len(rows)) + lam)
+                total = np.bincount(ginv, w * free[k], minlength=len(rows))
+                c = (lam * wl - lc * total) / (lc * np.bincount(ginv, free[k], minlength=len(rows)) + lam)
                 shift = np.zeros(len(th.linear))
                 shift[rows] = c
                 move = c[ginv] * free[k]
@@ -477,7 +484,7 @@ def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: Re
     t0 = time.perf_counter()
     start = read_params(model)
     train = collect(model, train_data, batch_rows=options.batch_rows, correction=correction)
-    valid = collect(model, valid_data, batch_rows=options.batch_rows, correction=correction) if valid_data is not None else None
+    valid = None if valid_data is None else collect(model, valid_data, batch_rows=options.batch_rows, correction=correction)
     fitted, result = refit(train, valid, start, options, progress)
     if keep_if_worse and valid is not None and result.valid_logloss_after >= result.valid_logloss_before:
         result.applied = False
