@@ -16,7 +16,7 @@ Peers (pip install -r benchmarks/requirements.txt; a missing peer is skipped and
 Usage:
     python benchmarks/bench_quality.py [--datasets synthetic,zipfmix,talkingdata,ipinyou] [--rows 300000]
         [--models lr,fm,fwfm,ffm,deepfm,dcnv2] [--l2-mode touched|every_step] [--l2 X] [--peers sklearn,vw,deepctr] [--tune-trials 0] [--tune-minutes 10]
-        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
+        [--talkingdata-ids explicit|inferred] [--min-count K] [--ffm-dim K] [--ffm-pair-l1 X] [--ffm-pair-l2 X] [--ffm-select top:K,frac:F [--ffm-select-start learnt,one] [--ffm-reuse-stage1]] [--cross-select 4,8 [--cross-buckets B] [--cross-models ffm,lr] [--cross-ffm-pairs] [--cross-scale 1,3] [--cross-pairs a:b]] [--max-epochs N] [--refit [--refit-lams 100,30,10,3,1]] [--sklearn-c 0.1,0.3] [--vw-l2 1e-6]
         [--work /tmp/ctrflow-bench-quality] [--rerun-peers]
 Peer results are cached per dataset in WORK (they do not depend on ctrflow); --rerun-peers retrains them.
 Prints a table per dataset, then one JSON object as the last line.
@@ -96,6 +96,8 @@ def run_ctrflow(ds: quality_common.Dataset, model: str, work: Path, *, tune_tria
         r = evaluate(run, ds.shards["test"])
         rows.append({"model": label, **_pick(r, ds), "valid_logloss": s.best_valid_logloss, "seconds": time.perf_counter() - t0,
                      "epochs": s.history[-1]["epoch"] if s.history else None, **(_pair_stats(s.checkpoint, config.model.ffm_pair_rate) if model == "ffm" else {})})
+        if REFIT:
+            rows.append(_refit_row(ds, run, rows[-1]))
         if model == "ffm" and (FFM_SELECT or CROSS_SELECT):
             learnt = _pair_weights(s.checkpoint, config.model.ffm_pair_rate)
             stage1.write_text(json.dumps({"row": rows[-1], "r": learnt.tolist(), "term_rms": _pair_term_rms(run, ds.shards["train"]).tolist()},
@@ -265,8 +267,44 @@ def _cross_stage2(ds: quality_common.Dataset, run: Path, strength: np.ndarray, f
                              "epochs": s.history[-1]["epoch"] if s.history else None, "stage1_epochs": first.get("epochs"),
                              "crossed": [list(p) for p in pairs]})
                 print(f"  cross stage 2: {rows[-1]}", file=sys.stderr, flush=True)
+                if REFIT:
+                    rows.append(_refit_row(ds, run, rows[-1]))
+                    print(f"  refit: {rows[-1]}", file=sys.stderr, flush=True)
                 shutil.rmtree(run, ignore_errors=True)
     return rows
+
+
+# --- refit of the per-id weights after training (ctrflow.train.refit) ------------------------------------------
+REFIT = False  # --refit: after every ctrflow row, a row with its per-id weights refitted to convergence
+REFIT_LAMS: tuple[float, ...] = ()  # --refit-lams: the lam grid (default: ctrflow.train.refit.DEFAULT_LAMS)
+
+
+def _refit_row(ds: quality_common.Dataset, run: Path, trained: dict) -> dict:
+    """The run's model with its linear + cross weights and bias refitted (lam on valid), scored on test."""
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.train.checkpoints import restore_latest
+    from ctrflow.train.core import build_model_from_run, evaluate_stream, load_run_info, logit_correction, make_predict
+    from ctrflow.train.refit import RefitOptions, refit_model
+
+    t0 = time.perf_counter()
+    info = load_run_info(run)
+    model = build_model_from_run(info)
+    restore_latest(run, model)
+    options = RefitOptions(lams=REFIT_LAMS) if REFIT_LAMS else RefitOptions()
+    res = refit_model(model, ds.shards["train"], ds.shards["valid"], options, correction=logit_correction(info),
+                      progress=lambda m: print(f"    {m}", file=sys.stderr, flush=True), keep_if_worse=False)
+    predict = make_predict(model, info["feature_spec"], logit_correction(info))
+    with open_batches(ds.shards["test"], PipelineOptions(batch_size=16384, shuffle=False)) as tb:
+        r = evaluate_stream(predict, tb)
+    out = {"model": trained["model"] + ", refit", **_pick(r, ds), "valid_logloss": res.valid_logloss_after,
+           "valid_before": trained.get("valid_logloss"), "test_before": trained["logloss"], "refit_seconds": time.perf_counter() - t0,
+           "seconds": trained.get("seconds", 0.0) + time.perf_counter() - t0, "lam": res.lam, "lam_cross": res.lam_cross, "sweeps": res.sweeps,
+           "train_refit_keeps_it": bool(res.valid_logloss_after < res.valid_logloss_before),  # what `train --refit` would do
+           "objective_before": res.objective_before, "objective_after": res.objective_after,
+           "train_logloss_before": res.train_logloss_before, "train_logloss_after": res.train_logloss_after,
+           "grid": res.grid}
+    print(f"  refit: {out}", file=sys.stderr, flush=True)
+    return out
 
 
 def _pick(r: dict[str, Any], ds: quality_common.Dataset) -> dict[str, Any]:
@@ -501,11 +539,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cross-ffm-pairs", action="store_true", help="--cross-select: stage 2's FFM also keeps only the crossed pairs")
     ap.add_argument("--linear-optimizer", help="override the linear group's optimizer, NAME or NAME:RATE (e.g. adagrad:1.0)")
     ap.add_argument("--max-epochs", type=int, help="override the bound on early-stopped epochs (ctrflow.train.config.MAX_EPOCHS)")
+    ap.add_argument("--refit", action="store_true", help="after every ctrflow row, add one with its per-id weights refitted to "
+                    "convergence (ctrflow.train.refit; lam chosen on valid)")
+    ap.add_argument("--refit-lams", help="comma-separated lam grid of --refit (default: ctrflow.train.refit.DEFAULT_LAMS)")
     ap.add_argument("--work", default="/tmp/ctrflow-bench-quality")
     ap.add_argument("--rerun-peers", action="store_true", help="retrain the peers even if WORK/DATASET/peer-P.json exists")
     a = ap.parse_args(argv)
     work = Path(a.work)
     global SKLEARN_C, VW_L2
+    global REFIT, REFIT_LAMS
+    REFIT = a.refit
+    REFIT_LAMS = tuple(float(x) for x in a.refit_lams.split(",")) if a.refit_lams else ()
     if a.max_epochs:
         import ctrflow.train.config
 

@@ -224,6 +224,8 @@ def _train_config(args: argparse.Namespace):
         changes["holdout_fraction"] = args.holdout_fraction
     if getattr(args, "no_restore_best", False):
         changes["restore_best"] = False
+    if getattr(args, "refit", None) is not None:  # train --refit / --no-refit (ctrflow.train.refit)
+        changes["refit"] = args.refit
     groups = dict(base.optimizer_groups)
     for g in ("linear", "embedding", "dense"):
         name = getattr(args, f"{g}_optimizer")
@@ -276,6 +278,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             human += " (stopped early)"
     if s.negative_sampling_rate < 1:
         human += f"\nnegatives kept with probability {s.negative_sampling_rate:g}: evaluate and export correct for it"
+    if s.refit:
+        r = s.refit
+        human += (f"\nrefit of the per-id weights: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
+                  + (f", lam {r['lam']:g}" + (f" (crosses {r['lam_cross']:g})" if r.get("lam_cross") is not None else "")
+                     + f", {r['sweeps']} sweeps, valid logloss {r['valid_logloss_before']:.5f} -> "
+                     f"{r['valid_logloss_after']:.5f}, {r['seconds']:.1f} s" if r.get("lam") is not None else ""))
     if s.resumed_from_step:
         human += f"\nresumed from step {s.resumed_from_step}"
     human += f"\nrun folder: {s.run} (learning_curves.png, history.jsonl, checkpoints/)"
@@ -476,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-select", type=int, metavar="K",
                    help="any model, single process: train an FFM first (in OUT/stage1), then this model (in OUT) with hashed "
                         "cross features of the K field pairs whose FFM term moves the logit most (about 2x the time)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, refit the per-id weights (linear, crosses, bias) to convergence on the full "
+                        "L2-penalized training logloss, the rest frozen, L2 chosen on validation (BENCHMARKS.md)")
     _train_flags(p)
     _common(p)
     p.set_defaults(func=_cmd_train)

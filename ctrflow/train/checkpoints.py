@@ -3,6 +3,7 @@
     RUN/checkpoints/ckpt-N.*       model + optimizer slots + loop counters (tf.train.CheckpointManager)
     RUN/checkpoints/ckpt-best-N.*  the final state when training ended on its best validation (restore_best)
     RUN/checkpoints/best/best-N.*  the model (only) at its best validation so far
+    RUN/checkpoints/ckpt-refit-N.* the final state with the per-id weights refitted (`TrainConfig.refit`)
 
 The loop counters (`step`, `epoch`, `batch_in_epoch`, `examples`, `best`, `bad_validations`) are variables
 saved with the model, so a resumed run knows where it was. TensorFlow writes a checkpoint's files under
@@ -23,6 +24,7 @@ __all__ = ["CHECKPOINTS", "RunCheckpoints", "make_counters", "restore_latest", "
            "clean_partial_checkpoints", "read_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
+REFIT_NAME = "ckpt-refit"  # the refit weights' checkpoint (ctrflow.train.refit), the run's latest when written
 COUNTERS = ("step", "epoch", "batch_in_epoch", "examples", "best", "bad_validations")
 
 
@@ -150,7 +152,7 @@ class RunCheckpoints:
         best = self._best.latest_checkpoint
         if best is None or checkpoint_step(best) == step:
             return None
-        if self.latest and Path(self.latest).name == f"ckpt-best-{step}":  # a rerun of a finished run
+        if self.latest and Path(self.latest).name in (f"ckpt-best-{step}", f"{REFIT_NAME}-{step}"):  # a rerun of a finished run
             return self.latest
         tf.train.Checkpoint(model=self.model).read(best).assert_existing_objects_matched().expect_partial()
         final = tf.train.CheckpointManager(self.ckpt, str(self.run / CHECKPOINTS), max_to_keep=self._keep,
@@ -158,6 +160,22 @@ class RunCheckpoints:
         path = self._save(lambda: final.save(checkpoint_number=step), step)
         self.manager = final  # the run's latest checkpoint now
         return path
+
+    def save_refit(self, step: int) -> str:
+        """The refit model (`ctrflow.train.refit`) with the final counters and optimizer state, saved as
+        `ckpt-refit-<step>`: the run's latest checkpoint (TensorFlow writes it under a temporary name and the
+        index last, so a crash leaves the previous latest one)."""
+        import tensorflow as tf
+
+        final = tf.train.CheckpointManager(self.ckpt, str(self.run / CHECKPOINTS), max_to_keep=self._keep,
+                                           checkpoint_name=REFIT_NAME)
+        path = self._save(lambda: final.save(checkpoint_number=step), step)
+        self.manager = final
+        return path
+
+    def refit_done(self, step: int) -> bool:
+        """The latest checkpoint is the refit of step `step` (a rerun of a finished run)."""
+        return bool(self.latest) and Path(self.latest).name == f"{REFIT_NAME}-{step}"
 
     def _save(self, write: Any, step: int) -> str:
         import tensorflow as tf

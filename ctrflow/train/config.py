@@ -128,6 +128,9 @@ class TrainConfig:
     log_every_steps: int = 50  # history/TensorBoard interval for train logloss
     hogwild_threads: int = 1  # > 1: that many threads run steps on shared variables without locks
     profile: bool = False  # write a TensorFlow profiler trace of a few steps to RUN/profile
+    # After training (with validation): refit the per-id weights — linear, crosses, output bias — to convergence on the
+    # full L2-penalized training logloss, the rest of the model frozen, L2 chosen on validation (ctrflow.train.refit)
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -161,7 +164,7 @@ class TrainConfig:
             "early_stopping_patience": Int(0), "restore_best": Bool(), "holdout_fraction": Float(0, 0.5),
             "reference_batch_size": Int(1), "lr_scaling": Choice(LR_SCALINGS),
             "negative_sampling_rate": Float(0, 1, low_open=True), "checkpoint_every_steps": Int(1),
-            "keep_checkpoints": Int(1), "log_every_steps": Int(1), "hogwild_threads": Int(1), "profile": Bool(),
+            "keep_checkpoints": Int(1), "log_every_steps": Int(1), "hogwild_threads": Int(1), "profile": Bool(), "refit": Bool(),
         })
         if self.hogwild_threads > 1 and self.deterministic:
             raise ConfigError("hogwild_threads > 1 cannot be deterministic: choose one (set deterministic=False or hogwild_threads=1).")

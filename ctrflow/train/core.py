@@ -65,6 +65,7 @@ class TrainSummary:
     restored_best: bool = False  # the final checkpoint holds the best validation's model, not the last one
     learning_rates: dict[str, float] = field(default_factory=dict)  # per group, scaled to the batch size
     negative_sampling_rate: float = 1.0
+    refit: dict[str, Any] | None = None  # the per-id weights' refit after training (TrainConfig.refit; ctrflow.train.refit)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -539,7 +540,7 @@ def plot_curves(run: Path, history: list[dict[str, Any]], *, best_step: int | No
 def finish_run(run: Path, counters: dict[str, Any], history: list[dict[str, Any]], *, seconds: float, overhead_s: float,
                start_examples: int, steps: int, running_logloss: float, validation: Validation, source: ValidationSource,
                stopped_early: bool, resumed_from: int, warm_from: str | None, checkpoint: str | None, restored_best: bool,
-               config: TrainConfig) -> TrainSummary:
+               config: TrainConfig, refit: dict[str, Any] | None = None) -> TrainSummary:
     """The run's summary (examples/s without validation and checkpoint time), also written to summary.json."""
     tr_hist = [h for h in history if h["kind"] == "train"]
     best = float(counters["best"].numpy())
@@ -553,7 +554,7 @@ def finish_run(run: Path, counters: dict[str, Any], history: list[dict[str, Any]
         resumed_from_step=resumed_from, warm_started_from=warm_from, checkpoint=checkpoint, valid_source=source.source,
         valid_note=source.note, epochs=int(counters["epoch"].numpy()), best_step=best_step if best_step and best_step >= 0 else None,
         restored_best=restored_best, learning_rates={g: config.effective_learning_rate(g) for g in OPTIMIZER_GROUPS},
-        negative_sampling_rate=config.negative_sampling_rate, history=history,
+        negative_sampling_rate=config.negative_sampling_rate, refit=refit, history=history,
     )
     with write_errors(str(run / "summary.json")):
         atomic_write_json(run / "summary.json", summary.to_dict())

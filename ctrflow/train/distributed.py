@@ -503,6 +503,10 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
         if progress["saved"] != done:
             save(done)
         restored = validation.finish(done)
+        from ctrflow.train.refit import refit_after_training
+
+        refit = refit_after_training(trainer.model, trainer.checkpoints, source.train, source.valid, config, step=done, examples=int(trainer.examples.numpy()),
+                                     record=record, predict=None, distributed=True)  # skipped, said in the record
         latest = trainer.checkpoints.latest
     finally:
         runlog.close(best_step=trainer.checkpoints.best_step)
@@ -510,7 +514,7 @@ def _coordinate(trainer: _ClusterTrainer, coordinator: Any, cluster: ClusterSpec
                            overhead_s=progress["overhead_s"] + validation.seconds, start_examples=start_examples, steps=done,
                            running_logloss=progress["running"], validation=validation, source=source,
                            stopped_early=validation.stop, resumed_from=resumed_from, warm_from=warm_from, checkpoint=latest,
-                           restored_best=restored, config=config)
+                           restored_best=restored, config=config, refit=refit)
 
 
 def _stalled(cluster: ClusterSpec, options: DistributedOptions, done: int, total: int, trainer: _ClusterTrainer) -> TrainingError:

@@ -294,6 +294,12 @@ def train(
         if step != core.ckpt_step(trainer.checkpoints):
             trainer.save()
         restored = validation.finish(step)
+        from ctrflow.train.refit import refit_after_training
+
+        refit = refit_after_training(trainer.model, trainer.checkpoints, train_data, source.valid, config, step=step, examples=int(trainer.examples.numpy()),
+                                     record=record, predict=trainer.predict)
+        if refit and refit.get("valid"):
+            validation.last = refit["valid"]  # the summary's metrics are the final model's
         latest = trainer.checkpoints.latest
     finally:
         if profiling:
@@ -303,7 +309,7 @@ def train(
                            overhead_s=trainer.overhead_s + validation.seconds, start_examples=start_examples,
                            steps=int(trainer.step.numpy()), running_logloss=running, validation=validation, source=source,
                            stopped_early=stopped_early, resumed_from=resumed_from, warm_from=warm_from, checkpoint=latest,
-                           restored_best=restored, config=config)
+                           restored_best=restored, config=config, refit=refit)
 
 
 def _single(trainer: Trainer, it: Iterator[Batch], config: TrainConfig, after: Callable[[np.ndarray, int], bool]) -> bool:

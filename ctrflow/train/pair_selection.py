@@ -110,6 +110,7 @@ def train_two_stage(data: Any, out: str | os.PathLike, config: Any, *, keep_pair
         return train(data, run, _stage2(config, chosen, keep_pairs, cross_pairs), valid=valid, on_progress=on_progress)
     stage1 = config if config.model.kind == "ffm" and not config.model.cross_pairs else \
         config.replace(model=replace(config.model, kind="ffm", cross_pairs=()))
+    stage1 = stage1.replace(refit=False)  # stage 1 only ranks pairs by its FFM terms, which a refit does not touch
     first = train(data, run / STAGE1_DIR, stage1, valid=valid, on_progress=on_progress)
     strength, names = pair_term_rms(first.run, data)
     from ctrflow.train.core import build_model_from_run, load_run_info

@@ -229,7 +229,8 @@ def tune(
             best, bad = math.inf, 0
             try:
                 for epoch in range(1, options.max_epochs + 1):
-                    cfg = config_with(base, params, epoch).replace(seed=options.seed, keep_checkpoints=1)
+                    cfg = config_with(base, params, epoch).replace(seed=options.seed, keep_checkpoints=1,
+                                                                   refit=False)  # trials compare trained models; best_config keeps base's refit
                     try:
                         s = train(train_data, run, cfg, valid=valid, on_progress=watch)
                     except _Deadline:
