@@ -46,9 +46,12 @@ from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
 __all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests", "context_layout",
-           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "CONTEXT_PACKED_SIGNATURE", "signature_rows"]
+           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "PACK_MODES", "PACK_AUTO_KINDS", "CONTEXT_PACKED_SIGNATURE", "signature_rows"]
 
 EXPORT_INFO = "ctrflow.json"
+PACK_MODES = ("auto", "on", "off")  # export(pack_tables=...), `ctrflow export --pack-tables`
+# Kinds that "auto" packs: where serving from packed tables measured faster (BENCHMARKS.md, "Packed tables").
+PACK_AUTO_KINDS: frozenset[str] = frozenset({"fm"})
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
 
 
@@ -344,6 +347,7 @@ def export(
     embedding_dtype: str = "float32",
     overwrite: bool = False,
     context_fields: Any = None,
+    pack_tables: str = "auto",
 ) -> ExportSummary:
     """Export `run`'s latest checkpoint to `model_base_path/<version>/` (default: newest version + 1).
 
@@ -354,6 +358,10 @@ def export(
         context_fields: feature fields sent once per request in context + candidates requests (adds the
             `serving_context` and `predict_context` signatures); None takes the schema's `context`
             list, an empty list exports none.
+        pack_tables: "auto", "on" or "off": "on" serves from packed tables (the linear weight as the
+            embedding table's last column, `CtrModel.pack_tables`: one gather per id instead of two, same
+            scores); "auto" packs the kinds in `PACK_AUTO_KINDS` (where it measured faster, BENCHMARKS.md
+            "Packed tables"); "off" keeps the two tables. Recorded as `packed_tables` in ctrflow.json.
     """
     import tensorflow as tf
 
@@ -363,6 +371,8 @@ def export(
     t0 = time.perf_counter()
     if embedding_dtype not in ("float32", "float16"):
         raise ConfigError(f"The 'embedding_dtype' option of export must be 'float32' or 'float16'. Got {embedding_dtype!r} instead.")
+    if pack_tables not in PACK_MODES:
+        raise ConfigError(f"The 'pack_tables' option of export must be one of {', '.join(PACK_MODES)}. Got {pack_tables!r} instead.")
     info = load_run_info(run)
     base = Path(model_base_path)
     if base.exists() and not base.is_dir():
@@ -389,6 +399,8 @@ def export(
     model.bake_id_remap()  # min_count: rare ids read copies of their shared row, no remap gather when serving
     if embedding_dtype != "float32":
         _slim_tables(model, embedding_dtype)
+    # after slimming: the packed table is built from the served (float16) copies
+    packed = (pack_tables == "on" or (pack_tables == "auto" and model.kind in PACK_AUTO_KINDS)) and model.pack_tables()
     names = [input_name(f) for f in schema.categorical_names + schema.numeric_names]
     if len(set(names)) != len(names):
         raise ConfigError(f"field names collide as signature inputs: {names}; rename the fields in the schema.")
@@ -455,6 +467,7 @@ def export(
             "format": "ctrflow-export", "version": version, "run": str(run), "checkpoint": checkpoint,
             "schema": info["schema"], "schema_fingerprint": info["schema_fingerprint"], "transforms": info["transforms"],
             "feature_spec": info["feature_spec"], "model": info["config"]["model"], "embedding_dtype": embedding_dtype,
+            "packed_tables": bool(packed),
             "negative_sampling_rate": info["config"].get("negative_sampling_rate", 1.0), "logit_correction": correction,
             "inputs": {f: input_name(f) for f in schema.categorical_names + schema.numeric_names},
             "created_unix": time.time(),

@@ -1,4 +1,4 @@
-"""Exports bake the rare-id remap into the tables: the same scores without the remap's gather."""
+"""Exports bake the rare-id remap into the tables, then pack them: the same scores with fewer gathers."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,3 +23,9 @@ def test_baked_tables_score_as_the_remap_did(kind, table_mode):
     model.bake_id_remap()
     assert model.id_remap is None and not any("id_remap" in v.name for v in model.variables)
     np.testing.assert_allclose(model(ids, numeric).numpy(), want, rtol=1e-6, atol=1e-6)
+    # exports then pack the tables (linear weight as the embedding rows' last column): same scores, one gather
+    assert model.pack_tables() == (kind != "lr")
+    np.testing.assert_allclose(model(ids, numeric).numpy(), want, rtol=1e-6, atol=1e-6)
+    if kind != "lr":
+        assert model.linear.table.tables[0] is model.embedding.table.tables[0]
+        assert not model.pack_tables()  # once
