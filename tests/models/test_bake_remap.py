@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
 from ctrflow.models import ModelConfig, make_model
@@ -21,6 +22,8 @@ def test_baked_tables_score_as_the_remap_did(kind, table_mode):
     numeric = rng.normal(size=(40, 1)).astype(np.float32)
     want = model(ids, numeric).numpy()
     model.bake_id_remap()
+    count = kind in ("deepfm", "dcnv2")  # (a trace each: two kinds, both table modes)
+    unpacked = _table_gathers(model, ids, numeric) if count else 0
     assert model.id_remap is None and not any("id_remap" in v.name for v in model.variables)
     np.testing.assert_allclose(model(ids, numeric).numpy(), want, rtol=1e-6, atol=1e-6)
     # exports then pack the tables (linear weight as the embedding rows' last column): same scores, one gather
@@ -29,3 +32,11 @@ def test_baked_tables_score_as_the_remap_did(kind, table_mode):
     if kind != "lr":
         assert model.linear.table.tables[0] is model.embedding.table.tables[0]
         assert not model.pack_tables()  # once
+        if count:  # each table's lookups (ids, numerics): one gather where there were two
+            assert 2 * _table_gathers(model, ids, numeric) == unpacked
+
+
+def _table_gathers(model, ids, numeric) -> int:
+    """Table lookups (ResourceGather ops) in the model's serving graph."""
+    graph = tf.function(lambda i, n: model(i, n)).get_concrete_function(tf.constant(ids), tf.constant(numeric)).graph
+    return sum(op.type == "ResourceGather" for op in graph.get_operations())
