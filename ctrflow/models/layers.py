@@ -1326,7 +1326,7 @@ class CtrModel(tf.Module):
                 for f in range(lay.n_id_fields):
                     table = module.tables[f]
                     table.assign(tf.gather(table, remap[starts[f]:starts[f + 1]]))
-        self.id_remap = None
+        del self.id_remap  # (not `= None`: the module would keep tracking the variable, and exports would save it)
 
     # -- packed serving tables (exports) ----------------------------------------------------------------
     packed_rows: PackedRows | None = None
