@@ -17,9 +17,11 @@ median of the per-round ratios on/off. Cells:
 - with `--raw`: `serving_packed` (raw strings/numbers, hashed in-graph) on the `data` rows;
 - with `--context-fields`: `predict_context`, one context row per 100 candidates, `data` ids.
 Scores of the two exports are compared on every input (max |difference| printed; 0 = bitwise equal).
+`--parts`: instead, the gathers alone at the largest batch (random ids): the run's embedding and linear
+tables, the packed table, and the packed table gathered then sliced into its parts (where the saving goes).
 
 Usage: python benchmarks/bench_packed_tables.py --run RUN [--run RUN2 ...] [--batches 500,1000,2000,4000]
-       [--reps 6] [--raw] [--context-fields C1,C2,...]
+       [--reps 6] [--raw] [--context-fields C1,C2,...] [--parts]
 Prints a table, then one JSON object as the last line.
 """
 from __future__ import annotations
@@ -143,6 +145,51 @@ def bench_run(run: str, batches: list[int], reps: int, raw: bool, context_fields
     return result
 
 
+def parts(run: str, batch: int, reps: int) -> dict:
+    """Where packing's saving goes: the run's own embedding [R, dim] and linear [R, 1] tables gathered
+    alone, the packed [R, dim + 1] table gathered alone, and gathered then sliced into its two parts (what
+    a model that reads the parts as separate tensors pays), random ids, one op each (tf.function)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from ctrflow.train.loop import build_model_from_run, load_run_info, restore_latest
+
+    model = build_model_from_run(load_run_info(run))
+    restore_latest(run, model)
+    model.bake_id_remap()
+    emb, lin = model.embedding.table.tables[0], model.linear.table.tables[0]
+    packed = tf.Variable(tf.concat([emb, lin], axis=1))
+    dim, rows, fields = emb.shape[1], emb.shape[0], model.layout.n_id_fields
+    rng = np.random.default_rng(0)
+    inputs = [tf.constant(rng.integers(0, rows, (batch, fields)).astype(np.int32)) for _ in range(N_INPUTS)]
+    touch = lambda *ts: tf.add_n([t[0, 0, 0] if t.shape.rank == 3 else t[0, 0] for t in ts])  # noqa: E731
+    cells = {
+        "gather embedding [R, dim]": lambda i: touch(tf.gather(emb, i)),
+        "gather linear [R, 1]": lambda i: touch(tf.gather(lin, i)),
+        "gather both (the unpacked export)": lambda i: touch(tf.gather(emb, i), tf.gather(lin, i)),
+        "gather packed [R, dim + 1]": lambda i: touch(tf.gather(packed, i)),
+        "gather packed, then slice both parts": lambda i: (lambda g: touch(g[..., :dim], g[..., dim:]))(tf.gather(packed, i)),
+        "gather packed, then tf.split": lambda i: touch(*tf.split(tf.gather(packed, i), [dim, 1], axis=-1)),
+    }
+    fns = {k: tf.function(f) for k, f in cells.items()}
+    for f in fns.values():
+        f(inputs[0])
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.process_time()
+            for x in inputs:
+                fns[k](x).numpy()
+            times[k].append((time.process_time() - t) / (len(inputs) * batch) * 1e6)
+    print(f"\n{run}: gathers alone, random ids @ {batch} ({rows:,} rows x {fields} fields), CPU µs/pred")
+    print("| op | best | median |\n|---|---|---|")
+    out = {}
+    for k, v in times.items():
+        out[k] = {"best": round(min(v), 3), "median": round(float(np.median(v)), 3)}
+        print(f"| {k} | {min(v):.3f} | {np.median(v):.3f} |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="append", required=True, help="a training run (repeat for several)")
@@ -150,6 +197,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--raw", action="store_true", help="also time serving_packed (raw features)")
     ap.add_argument("--context-fields", help="export context signatures with these fields and time predict_context")
+    ap.add_argument("--parts", action="store_true", help="only the gathers alone (and sliced) at the largest batch")
     args = ap.parse_args()
     from ctrflow._tf import quiet_import
 
@@ -158,6 +206,10 @@ def main() -> int:
     tf.config.threading.set_inter_op_parallelism_threads(2)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.time()
+    if args.parts:
+        out = {r: parts(r, max(batches), args.reps) for r in args.run}
+        print(json.dumps({"bench": "packed_tables_parts", "batch": max(batches), "reps": args.reps, "runs": out}))
+        return 0
     results = [bench_run(r, batches, args.reps, args.raw, args.context_fields) for r in args.run]
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {time.time() - t0:.0f} s")
