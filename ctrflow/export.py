@@ -24,6 +24,10 @@ With context fields (schema `context:` or `export(context_fields=...)`, docs/con
   `[Cc, R]`, `context_numbers` `[Nc, R]`, `strings` `[Ck, M]`, `numbers` `[Nk, M]`, `row` `[M]`
   (each side's fields in schema order); `ContextScorer` calls this one.
 
+Packed tables (`pack_tables`, default "auto": FM only, where it measured faster): the linear weight is
+stored as the embedding table's last column, so every signature gathers each id once
+(`CtrModel.pack_tables`); `packed_tables` in ctrflow.json says which layout a version has.
+
 Only the model's variables are saved: optimizer slots (two per weight for Adam-family optimizers) stay
 in the checkpoints, so an export is about a third of a checkpoint. The version folder is built under a
 dot-prefixed temp name (which TF Serving and ctrflow ignore) and renamed when complete.
@@ -70,6 +74,7 @@ class ExportSummary:
     embedding_dtype: str
     signatures: list[str]
     seconds: float
+    packed_tables: bool = False  # served from packed tables (export's pack_tables)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -495,5 +500,5 @@ def export(
     return ExportSummary(
         path=str(final), version=version, export_bytes=export_bytes, checkpoint_bytes=ckpt_bytes,
         export_vs_checkpoint=export_bytes / max(ckpt_bytes, 1), embedding_dtype=embedding_dtype,
-        signatures=sorted(signatures), seconds=time.perf_counter() - t0,
+        signatures=sorted(signatures), seconds=time.perf_counter() - t0, packed_tables=bool(packed),
     )

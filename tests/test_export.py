@@ -69,6 +69,8 @@ def test_float16_tables_halve_the_export_and_barely_move_scores(tmp_path, traine
     assert abs(auc(t.label, s32) - auc(t.label, s16)) < 2e-3
     with pytest.raises(ConfigError, match="float32' or 'float16'"):
         export(run, tmp_path / "x", embedding_dtype="int8")
+    with pytest.raises(ConfigError, match="'pack_tables' option of export must be one of auto, on, off"):
+        export(run, tmp_path / "x", pack_tables="yes")
 
 
 def test_versions_increment_and_are_never_overwritten_silently(tmp_path, trained_run):
