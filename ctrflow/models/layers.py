@@ -451,8 +451,10 @@ class PackedRows:
     (same rows); `CtrModel.pack_tables` makes one `[R, dim + 1]` table of the two (per table of the
     layout) and sets it on both `FieldTables`, which then take their columns of the same rows. Inside
     `scope()` (one call of the model) a lookup of the same ids tensor is gathered once and shared by
-    both; outside it each lookup gathers (still correct). The values are the same floats, so the scores
-    are those of the unpacked tables. Training never packs: checkpoints keep the two tables.
+    both; outside it each lookup gathers (still correct). The values are the same floats: sliced, they
+    give the unpacked scores bitwise; kinds that read the rows whole (`CtrModel.packed_terms`, FM) sum
+    them in another order, equal within float32 rounding. Training never packs: checkpoints keep the
+    two tables.
     """
 
     def __init__(self, tables: Sequence[tf.Variable], dim: int) -> None:
@@ -1244,9 +1246,10 @@ class CtrModel(tf.Module):
         c_ids, k_ids = self.remap_ids(c_raw, split.context.id_fields), self.remap_ids(k_raw, split.candidate.id_fields)
         packed = self.packed_rows is not None and self.packed_terms  # the terms below carry the linear sums
         parts = self.context_terms(split, c_ids, c_vals)
-        parts["logit"] = parts.get("logit", 0.0) + self.linear.bias
-        if not packed:
-            parts["logit"] += self.linear.side(c_ids, c_vals, split.context)
+        if packed:
+            parts["logit"] = parts.get("logit", 0.0) + self.linear.bias
+        else:
+            parts["logit"] = parts.get("logit", 0.0) + self.linear.side(c_ids, c_vals, split.context) + self.linear.bias
         row = tf.cast(row, tf.int32)
         if self.pair_cross is not None:
             both_context = self.pair_cross.context_logit(split, c_raw, c_vals)
