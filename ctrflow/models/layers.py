@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -451,7 +452,8 @@ class PackedRows:
     (same rows); `CtrModel.pack_tables` makes one `[R, dim + 1]` table of the two (per table of the
     layout) and sets it on both `FieldTables`, which then take their columns of the same rows. Inside
     `scope()` (one call of the model) a lookup of the same ids tensor is gathered once and shared by
-    both; outside it each lookup gathers (still correct). The values are the same floats: sliced, they
+    both; outside it each lookup gathers (still correct). The memo is per thread and per graph, so
+    concurrent calls and tracings (serving threads, several `tf.function`s) never share a gather. The values are the same floats: sliced, they
     give the unpacked scores bitwise; kinds that read the rows whole (`CtrModel.packed_terms`, FM) sum
     them in another order, equal within float32 rounding. Training never packs: checkpoints keep the
     two tables.
@@ -460,28 +462,32 @@ class PackedRows:
     def __init__(self, tables: Sequence[tf.Variable], dim: int) -> None:
         self.tables = list(tables)
         self.dim = dim  # the embedding's columns; the linear weight is column `dim`
-        self._memo: dict | None = None
+        # One memo per thread (serving threads and tracings run concurrently on one model), keyed by the
+        # graph too: a gather of one graph (or of eager mode) must never be handed to another.
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def scope(self):
-        """Share the gathers of one call of the model (nested scopes join the outer one)."""
-        if self._memo is not None:
+        """Share the gathers of one call of the model (nested scopes join the outer one of this thread)."""
+        if getattr(self._local, "memo", None) is not None:
             yield
             return
-        self._memo = {}
+        self._local.memo = {}
         try:
             yield
         finally:
-            self._memo = None
+            self._local.memo = None
 
     def rows(self, key: tuple, ids: tf.Tensor | None, gather: Callable[[], tf.Tensor]) -> tf.Tensor:
-        """The packed rows for `key` of this ids tensor (by identity), gathered on first use in the scope."""
-        if self._memo is None:
+        """The packed rows for `key` of this ids tensor (by identity) in the current graph, gathered on
+        first use in this thread's scope."""
+        memo = getattr(self._local, "memo", None)
+        if memo is None:
             return gather()
-        k = (key, None if ids is None else ids.ref())
-        if k not in self._memo:
-            self._memo[k] = (ids, gather())  # ids kept alive: its ref cannot be reused within the scope
-        return self._memo[k][1]
+        k = (tf.compat.v1.get_default_graph(), key, None if ids is None else ids.ref())
+        if k not in memo:
+            memo[k] = (ids, gather())  # ids kept alive: its ref cannot be reused within the scope
+        return memo[k][1]
 
 
 class SparseLinear(tf.Module):
