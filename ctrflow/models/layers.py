@@ -1370,6 +1370,12 @@ class CtrModel(tf.Module):
         if self.packed_rows is not None or not self.can_pack_tables():
             return False
         emb, lin = self.embedding.table, self.linear.table
+        from tensorflow.python.distribute.sharded_variable import ShardedVariableMixin  # (as train/distributed.py)
+
+        sharded = [t.name for t in emb.tables + lin.tables if isinstance(t, ShardedVariableMixin)]
+        if sharded:  # the concat would silently gather every shard into one local variable
+            raise ConfigError(f"pack_tables does not take row-sharded tables (ShardedVariable: {', '.join(sharded)}); "
+                              "export from a model built without a variable partitioner.")
         packed = PackedRows([], emb.dim)
         # Plain lists, and the modules' tracked lists dropped: a tracked list keeps a snapshot of its items
         old_emb, old_lin = list(emb.tables), list(lin.tables)

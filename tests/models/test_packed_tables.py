@@ -1,4 +1,5 @@
-"""Packed serving tables (`CtrModel.pack_tables`): safe to trace from many threads."""
+"""Packed serving tables (`CtrModel.pack_tables`): safe to trace from many threads, never silently
+un-sharding a partitioned table."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
+from ctrflow.errors import ConfigError
 from ctrflow.models import ModelConfig, make_model
 
 # "x" enters normalized: its packed rows are looked up without an ids tensor (the memo key most at risk)
@@ -54,3 +56,15 @@ def test_concurrent_tracings_of_a_packed_model_each_get_their_own_gathers(kind):
     assert not errors and len(results) == 12
     for got in results:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_tables_refuses_a_sharded_table():
+    from tensorflow.python.distribute.sharded_variable import ShardedVariable
+
+    model = _model("fm", "shared")
+    table = model.embedding.table.tables[0]
+    half = int(table.shape[0]) // 2
+    model.embedding.table.tables = [ShardedVariable([tf.Variable(table[:half], name="s0"), tf.Variable(table[half:], name="s1")])]
+    with pytest.raises(ConfigError, match="row-sharded"):
+        model.pack_tables()
+    assert model.packed_rows is None
