@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
-from ctrflow.errors import ConfigError
+from ctrflow.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from ctrflow.models.registry import ModelConfig
@@ -1197,6 +1197,8 @@ class CtrModel(tf.Module):
         raise NotImplementedError
 
     def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
+        if training:
+            self._refuse_training_if_packed()
         with self._packed_scope():
             if self.pair_cross is None:
                 return self.call(*self.prepare_inputs(ids, numeric, training), training)
@@ -1358,8 +1360,8 @@ class CtrModel(tf.Module):
         Scores are unchanged: the same floats are read, bitwise for the kinds that slice the packed rows,
         within float32 rounding for FM (`packed_terms`: it sums the rows in another order). Returns False
         (and changes nothing) where the model has no such pair of tables (LR) or they are packed already.
-        Call after `bake_id_remap` and any float16 slimming; the model is a serving model afterwards (its
-        variables are not training's).
+        Call after `bake_id_remap` and any float16 slimming; the model is a serving model afterwards: it
+        refuses training (`variable_groups`, `__call__(training=True)` raise TrainingError).
 
         Memory: tables are packed one at a time, each old pair freed before the next is made, so the
         extra peak is bounded by the largest table (its copy, plus the concat's while it is made); in
@@ -1391,6 +1393,13 @@ class CtrModel(tf.Module):
             module.packed = packed
         self.packed_rows = packed
         return True
+
+    def _refuse_training_if_packed(self) -> None:
+        """A packed model shares one non-trainable variable between its embedding and linear tables: an
+        optimizer would get it in both groups (and no gradient), so training one must fail loudly."""
+        if self.packed_rows is not None:
+            raise TrainingError("this model's tables are packed for serving (CtrModel.pack_tables): it cannot be "
+                                "trained; train from the run's checkpoint (it keeps the two tables) instead.")
 
     def _packed_scope(self):
         return self.packed_rows.scope() if self.packed_rows is not None else contextlib.nullcontext()
@@ -1430,6 +1439,7 @@ class CtrModel(tf.Module):
         `tf.IndexedSlices` gradients); "dense": everything else (biases, MLP, batch norm scale/offset).
         """
         self.build()
+        self._refuse_training_if_packed()
         groups: dict[str, list[tf.Variable]] = {g: [] for g in VARIABLE_GROUPS}
         sparse = set()
         for module in (m for m in self.submodules if isinstance(m, FieldTables)):

@@ -1,5 +1,5 @@
-"""Packed serving tables (`CtrModel.pack_tables`): safe to trace from many threads, never silently
-un-sharding a partitioned table."""
+"""Packed serving tables (`CtrModel.pack_tables`): safe to trace from many threads, never trainable,
+never silently un-sharding a partitioned table."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
-from ctrflow.errors import ConfigError
+from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.models import ModelConfig, make_model
 
 # "x" enters normalized: its packed rows are looked up without an ids tensor (the memo key most at risk)
@@ -68,3 +68,14 @@ def test_pack_tables_refuses_a_sharded_table():
     with pytest.raises(ConfigError, match="row-sharded"):
         model.pack_tables()
     assert model.packed_rows is None
+
+
+def test_a_packed_model_refuses_training():
+    model = _model("deepfm", "per_field")
+    model.variable_groups()  # (unpacked: fine)
+    assert model.pack_tables()
+    with pytest.raises(TrainingError, match="packed for serving"):
+        model.variable_groups()
+    with pytest.raises(TrainingError, match="packed for serving"):
+        model(IDS, NUMERIC, training=True)
+    model(IDS, NUMERIC)  # serving still works
