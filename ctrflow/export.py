@@ -364,8 +364,9 @@ def export(
             `serving_context` and `predict_context` signatures); None takes the schema's `context`
             list, an empty list exports none.
         pack_tables: "auto", "on" or "off": "on" serves from packed tables (the linear weight as the
-            embedding table's last column, `CtrModel.pack_tables`: one gather per id instead of two, same
-            scores); "auto" packs the kinds in `PACK_AUTO_KINDS` (where it measured faster, BENCHMARKS.md
+            embedding table's last column, `CtrModel.pack_tables`: one gather per id instead of two; the
+            same scores, bitwise for the kinds that slice the packed rows, within float32 rounding for FM,
+            which sums them whole in another order); "auto" packs the kinds in `PACK_AUTO_KINDS` (where it measured faster, BENCHMARKS.md
             "Packed tables"); "off" keeps the two tables. Recorded as `packed_tables` in ctrflow.json.
     """
     import tensorflow as tf
