@@ -133,8 +133,12 @@ def small_shards(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lr", "fm", "fwfm", "ffm", "deepfm", "dcnv2"])
-def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_converter_ids(tmp_path, small_shards, kind):
+# Each kind once (the test is slow: not doubled), in the table layout that is not covered elsewhere end to
+# end: FM unpacked (its default "auto" packs; the FM exports above are packed), DeepFM and FFM in their
+# default unpacked layout ("auto"), FwFM and DCN-v2 packed ("on": the sliced packed path); LR has none.
+@pytest.mark.parametrize("kind,pack", [("lr", "auto"), ("fm", "off"), ("fwfm", "on"), ("ffm", "auto"), ("deepfm", "auto"),
+                                       ("dcnv2", "on")])
+def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_converter_ids(tmp_path, small_shards, kind, pack):
     from ctrflow.models import MODELS
     from ctrflow.models.registry import ModelConfig
     from ctrflow.train.config import TrainConfig
@@ -144,8 +148,8 @@ def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_c
     model_config = ModelConfig(kind, embedding_dim=8, hidden=(32,), ffm_dim=2, cross_layers=2, batch_norm=kind == "dcnv2")
     run = tmp_path / "run"
     train(small_shards, run, TrainConfig(model=model_config, batch_size=512, learning_rate=0.003, max_steps=8))
-    export(run, tmp_path / "m", pack_tables="on")  # packed tables: every kind but LR serves one gather per id
-    assert json.loads((tmp_path / "m" / "1" / "ctrflow.json").read_text())["packed_tables"] == (kind != "lr")
+    export(run, tmp_path / "m", pack_tables=pack)
+    assert json.loads((tmp_path / "m" / "1" / "ctrflow.json").read_text())["packed_tables"] == (pack == "on")
     with open_batches(small_shards, PipelineOptions(batch_size=500, shuffle=False)) as bs:
         b = next(iter(bs))
     model = build_model_from_run(load_run_info(run))
