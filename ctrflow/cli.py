@@ -313,7 +313,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ctrflow.export import export
 
     s = export(args.run, args.model_base_path, version=args.version, embedding_dtype=args.embedding_dtype, overwrite=args.overwrite,
-               context_fields=args.context_fields)
+               context_fields=args.context_fields, pack_tables=args.pack_tables)
     _emit(args, s.to_dict(), f"exported version {s.version} to {s.path}: {s.export_bytes / 1e6:.1f} MB "
                              f"({s.export_vs_checkpoint:.0%} of the {s.checkpoint_bytes / 1e6:.1f} MB checkpoint)")
     return 0
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base-path", required=True, help="MODELS/NAME; the version folder goes inside")
     p.add_argument("--version", type=int, help="default: newest existing version + 1")
     p.add_argument("--embedding-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--pack-tables", choices=["auto", "on", "off"], default="auto",
+                   help="serve from one table per id (the linear weight as the embedding row's last column): on, off, "
+                        "or auto (the kinds where it measured faster; BENCHMARKS.md 'Packed tables')")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--context-fields", metavar="A,B,C", help="fields sent once per request in context + candidates "
                    "requests (adds the serving_context/predict_context signatures; default: the schema's context list, "

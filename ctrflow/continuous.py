@@ -109,7 +109,8 @@ class ContinuousOptions:
         poll_seconds: pause between scans of the incoming folder when not `once`, > 0; default 30.
         max_polls: stop after this many scans (None, default: until stopped or interrupted).
         keep_runs: run folders kept besides the line's (the newest decided slices), >= 0; default 3.
-        embedding_dtype: tables of the published export, "float32" (default) or "float16".
+        embedding_dtype: tables of the published export, "float32" (default) or "float16". (Packed
+            tables follow `export`'s default, pack_tables="auto": FM versions are packed.)
     """
 
     tolerance: float = 0.01

@@ -24,6 +24,10 @@ With context fields (schema `context:` or `export(context_fields=...)`, docs/con
   `[Cc, R]`, `context_numbers` `[Nc, R]`, `strings` `[Ck, M]`, `numbers` `[Nk, M]`, `row` `[M]`
   (each side's fields in schema order); `ContextScorer` calls this one.
 
+Packed tables (`pack_tables`, default "auto": FM only, where it measured faster): the linear weight is
+stored as the embedding table's last column, so every signature gathers each id once
+(`CtrModel.pack_tables`); `packed_tables` in ctrflow.json says which layout a version has.
+
 Only the model's variables are saved: optimizer slots (two per weight for Adam-family optimizers) stay
 in the checkpoints, so an export is about a third of a checkpoint. The version folder is built under a
 dot-prefixed temp name (which TF Serving and ctrflow ignore) and renamed when complete.
@@ -46,9 +50,12 @@ from ctrflow.errors import ConfigError, TrainingError
 from ctrflow.schema import VALUE_ID_SUFFIX, Schema
 
 __all__ = ["ExportSummary", "export", "find_versions", "EXPORT_INFO", "input_name", "write_warmup_requests", "context_layout",
-           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "CONTEXT_PACKED_SIGNATURE", "signature_rows"]
+           "CONTEXT_ROW_INPUT", "PACKED_SIGNATURE", "PACK_MODES", "PACK_AUTO_KINDS", "CONTEXT_PACKED_SIGNATURE", "signature_rows"]
 
 EXPORT_INFO = "ctrflow.json"
+PACK_MODES = ("auto", "on", "off")  # export(pack_tables=...), `ctrflow export --pack-tables`
+# Kinds that "auto" packs: where serving from packed tables measured faster (BENCHMARKS.md, "Packed tables").
+PACK_AUTO_KINDS: frozenset[str] = frozenset({"fm"})
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
 
 
@@ -67,6 +74,7 @@ class ExportSummary:
     embedding_dtype: str
     signatures: list[str]
     seconds: float
+    packed_tables: bool = False  # served from packed tables (export's pack_tables)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,6 +352,7 @@ def export(
     embedding_dtype: str = "float32",
     overwrite: bool = False,
     context_fields: Any = None,
+    pack_tables: str = "auto",
 ) -> ExportSummary:
     """Export `run`'s latest checkpoint to `model_base_path/<version>/` (default: newest version + 1).
 
@@ -354,6 +363,11 @@ def export(
         context_fields: feature fields sent once per request in context + candidates requests (adds the
             `serving_context` and `predict_context` signatures); None takes the schema's `context`
             list, an empty list exports none.
+        pack_tables: "auto", "on" or "off": "on" serves from packed tables (the linear weight as the
+            embedding table's last column, `CtrModel.pack_tables`: one gather per id instead of two; the
+            same scores, bitwise for the kinds that slice the packed rows, within float32 rounding for FM,
+            which sums them whole in another order); "auto" packs the kinds in `PACK_AUTO_KINDS` (where it measured faster, BENCHMARKS.md
+            "Packed tables"); "off" keeps the two tables. Recorded as `packed_tables` in ctrflow.json.
     """
     import tensorflow as tf
 
@@ -363,6 +377,8 @@ def export(
     t0 = time.perf_counter()
     if embedding_dtype not in ("float32", "float16"):
         raise ConfigError(f"The 'embedding_dtype' option of export must be 'float32' or 'float16'. Got {embedding_dtype!r} instead.")
+    if pack_tables not in PACK_MODES:
+        raise ConfigError(f"The 'pack_tables' option of export must be one of {', '.join(PACK_MODES)}. Got {pack_tables!r} instead.")
     info = load_run_info(run)
     base = Path(model_base_path)
     if base.exists() and not base.is_dir():
@@ -389,6 +405,8 @@ def export(
     model.bake_id_remap()  # min_count: rare ids read copies of their shared row, no remap gather when serving
     if embedding_dtype != "float32":
         _slim_tables(model, embedding_dtype)
+    # after slimming: the packed table is built from the served (float16) copies
+    packed = (pack_tables == "on" or (pack_tables == "auto" and model.kind in PACK_AUTO_KINDS)) and model.pack_tables()
     names = [input_name(f) for f in schema.categorical_names + schema.numeric_names]
     if len(set(names)) != len(names):
         raise ConfigError(f"field names collide as signature inputs: {names}; rename the fields in the schema.")
@@ -455,6 +473,7 @@ def export(
             "format": "ctrflow-export", "version": version, "run": str(run), "checkpoint": checkpoint,
             "schema": info["schema"], "schema_fingerprint": info["schema_fingerprint"], "transforms": info["transforms"],
             "feature_spec": info["feature_spec"], "model": info["config"]["model"], "embedding_dtype": embedding_dtype,
+            "packed_tables": bool(packed),
             "negative_sampling_rate": info["config"].get("negative_sampling_rate", 1.0), "logit_correction": correction,
             "inputs": {f: input_name(f) for f in schema.categorical_names + schema.numeric_names},
             "created_unix": time.time(),
@@ -482,5 +501,5 @@ def export(
     return ExportSummary(
         path=str(final), version=version, export_bytes=export_bytes, checkpoint_bytes=ckpt_bytes,
         export_vs_checkpoint=export_bytes / max(ckpt_bytes, 1), embedding_dtype=embedding_dtype,
-        signatures=sorted(signatures), seconds=time.perf_counter() - t0,
+        signatures=sorted(signatures), seconds=time.perf_counter() - t0, packed_tables=bool(packed),
     )

@@ -1,6 +1,7 @@
 """Exports: slim, TF-Serving-shaped, atomic, and scoring exactly like the converter + model."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,8 @@ def test_float16_tables_halve_the_export_and_barely_move_scores(tmp_path, traine
     assert abs(auc(t.label, s32) - auc(t.label, s16)) < 2e-3
     with pytest.raises(ConfigError, match="float32' or 'float16'"):
         export(run, tmp_path / "x", embedding_dtype="int8")
+    with pytest.raises(ConfigError, match="'pack_tables' option of export must be one of auto, on, off"):
+        export(run, tmp_path / "x", pack_tables="yes")
 
 
 def test_versions_increment_and_are_never_overwritten_silently(tmp_path, trained_run):
@@ -109,7 +112,10 @@ def test_evaluate_reports_metrics_of_an_export_equal_to_the_run(exported, traine
     p = Predictor.load(exported[0])
     with open_batches(test_dir, PipelineOptions(batch_size=20000, shuffle=False)) as bs:
         t = next(iter(bs))
-    assert auc(t.label, p.predict_ids(t.ids, t.numeric)) == pytest.approx(evaluate(run, test_dir)["auc"], abs=1e-9)
+    # abs 1e-6, not 1e-9: this FM export serves from packed tables (export's pack_tables="auto"), whose sums
+    # over fields add the same floats in another order (scores within ~1e-7 of the run's, float32 rounding)
+    assert json.loads((exported[0] / "1" / "ctrflow.json").read_text())["packed_tables"]
+    assert auc(t.label, p.predict_ids(t.ids, t.numeric)) == pytest.approx(evaluate(run, test_dir)["auc"], abs=1e-6)
 
 
 # --- every model kind: the export scores exactly what the model scores ------------------------------------
@@ -127,8 +133,12 @@ def small_shards(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lr", "fm", "fwfm", "ffm", "deepfm", "dcnv2"])
-def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_converter_ids(tmp_path, small_shards, kind):
+# Each kind once (the test is slow: not doubled), in the table layout that is not covered elsewhere end to
+# end: FM unpacked (its default "auto" packs; the FM exports above are packed), DeepFM and FFM in their
+# default unpacked layout ("auto"), FwFM and DCN-v2 packed ("on": the sliced packed path); LR has none.
+@pytest.mark.parametrize("kind,pack", [("lr", "auto"), ("fm", "off"), ("fwfm", "on"), ("ffm", "auto"), ("deepfm", "auto"),
+                                       ("dcnv2", "on")])
+def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_converter_ids(tmp_path, small_shards, kind, pack):
     from ctrflow.models import MODELS
     from ctrflow.models.registry import ModelConfig
     from ctrflow.train.config import TrainConfig
@@ -138,7 +148,8 @@ def test_every_model_kind_exports_serving_default_scores_equal_to_the_model_on_c
     model_config = ModelConfig(kind, embedding_dim=8, hidden=(32,), ffm_dim=2, cross_layers=2, batch_norm=kind == "dcnv2")
     run = tmp_path / "run"
     train(small_shards, run, TrainConfig(model=model_config, batch_size=512, learning_rate=0.003, max_steps=8))
-    export(run, tmp_path / "m")
+    export(run, tmp_path / "m", pack_tables=pack)
+    assert json.loads((tmp_path / "m" / "1" / "ctrflow.json").read_text())["packed_tables"] == (pack == "on")
     with open_batches(small_shards, PipelineOptions(batch_size=500, shuffle=False)) as bs:
         b = next(iter(bs))
     model = build_model_from_run(load_run_info(run))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from ctrflow.models.layers import CtrModel, FieldEmbedding, SparseLinear, fm_interaction
+from ctrflow.models.layers import CtrModel, FieldEmbedding, SparseLinear, fm_interaction, packed_fm
 
 __all__ = ["FactorizationMachine"]
 
@@ -45,13 +45,24 @@ class FactorizationMachine(CtrModel):
         self.embedding.build()
 
     def call(self, ids: tf.Tensor, values: tf.Tensor | None, training: bool) -> tf.Tensor:
+        if self.packed_rows is not None:  # a packed export: one gather, both terms from the same rows
+            linear, fm, _ = packed_fm(self.embedding.packed(ids, values), self.embedding.table.dim)
+            return linear + self.linear.bias + fm
         return self.linear(ids, values) + fm_interaction(self.embedding(ids, values))
 
     # Context requests: FM(all) = FM(context) + FM(candidate) + <sum of context vectors, sum of candidate vectors>.
+    packed_terms = True  # packed exports: call and the context terms below read the packed rows whole
+
     def context_terms(self, split, ids, values):
+        if self.packed_rows is not None:  # the linear sums ride along (CtrModel._call_context adds none)
+            linear, fm, vectors = packed_fm(self.embedding.packed_side(ids, values, split.context), self.embedding.table.dim)
+            return {"logit": linear + fm, "sum": vectors}
         emb = self.embedding.side(ids, values, split.context)
         return {"logit": fm_interaction(emb), "sum": tf.reduce_sum(emb, axis=1)}
 
     def candidate_terms(self, split, context, ids, values):
+        if self.packed_rows is not None:
+            linear, fm, vectors = packed_fm(self.embedding.packed_side(ids, values, split.candidate), self.embedding.table.dim)
+            return linear + fm + tf.reduce_sum(context["sum"] * vectors, axis=1)
         emb = self.embedding.side(ids, values, split.candidate)
         return fm_interaction(emb) + tf.reduce_sum(context["sum"] * tf.reduce_sum(emb, axis=1), axis=1)

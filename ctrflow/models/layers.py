@@ -22,8 +22,10 @@ row-partitioned `ShardedVariable` it dispatches to one gather per shard.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -32,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ctrflow.data.batch import FeatureSpec
-from ctrflow.errors import ConfigError
+from ctrflow.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from ctrflow.models.registry import ModelConfig
@@ -49,10 +51,12 @@ __all__ = [
     "ContextSide",
     "ContextSplit",
     "FieldTables",
+    "PackedRows",
     "SparseLinear",
     "FieldEmbedding",
     "OnlineNormalizer",
     "fm_interaction",
+    "packed_fm",
     "FieldPairInteraction",
     "ffm_interaction",
     "ffm_pair_fields",
@@ -360,11 +364,57 @@ class FieldTables(tf.Module):
                     )
         self.built = True
 
+    @property
+    def _width(self) -> int:
+        """Columns of `self.tables`' rows: `dim`, or the packed width when packed."""
+        return self.dim if self.packed is None else self.packed.dim + 1
+
+    # -- packed serving tables (exports, `CtrModel.pack_tables`) ----------------------------------------
+    packed: "PackedRows | None" = None
+
+    def _part(self, rows: tf.Tensor) -> tf.Tensor:
+        """This table's columns of packed rows: the embedding's first `dim`, or the linear weight after them."""
+        width = self.packed.dim
+        return rows[..., :width] if self.group == "embedding" else rows[..., width:]
+
     def lookup_ids(self, ids: tf.Tensor) -> tf.Tensor:
         """`[B, F]` int32 local ids -> `[B, F, dim]` rows."""
+        if self.packed is not None:
+            return self._part(self.packed.rows(("ids",), ids, lambda: self._lookup_ids(ids)))
+        return self._lookup_ids(ids)
+
+    def lookup_fields(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
+        """`[B, len(fields)]` local ids of the active id fields `fields` (layout indices, ascending) ->
+        `[B, len(fields), dim]`: `lookup_ids` restricted to some fields (one side of a context split)."""
+        if self.packed is not None:
+            fields = tuple(fields)
+            return self._part(self.packed.rows(("fields", fields), ids, lambda: self._lookup_fields(ids, fields)))
+        return self._lookup_fields(ids, fields)
+
+    def numeric_rows(self) -> tf.Tensor:
+        """`[N, dim]` rows of the normalized numeric fields (gathered, for IndexedSlices gradients)."""
+        if self.packed is not None:
+            return self._part(self.packed.rows(("numeric",), None, self._numeric_rows))
+        return self._numeric_rows()
+
+    def lookup_packed(self, ids: tf.Tensor) -> tf.Tensor:
+        """Packed tables only: `[B, F]` local ids -> the whole packed rows `[B, F, dim + 1]` (no slice copy:
+        models whose ops take the linear column along, `FieldEmbedding.packed`)."""
+        return self.packed.rows(("ids",), ids, lambda: self._lookup_ids(ids))
+
+    def lookup_fields_packed(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
+        """Packed tables only: `lookup_fields` as whole packed rows `[B, len(fields), dim + 1]`."""
+        fields = tuple(fields)
+        return self.packed.rows(("fields", fields), ids, lambda: self._lookup_fields(ids, fields))
+
+    def numeric_packed(self) -> tf.Tensor:
+        """Packed tables only: the normalized numerics' whole packed rows `[N, dim + 1]`."""
+        return self.packed.rows(("numeric",), None, self._numeric_rows)
+
+    def _lookup_ids(self, ids: tf.Tensor) -> tf.Tensor:
         lay = self.layout
         if lay.n_id_fields == 0:
-            return tf.zeros([tf.shape(ids)[0], 0, self.dim])
+            return tf.zeros([tf.shape(ids)[0], 0, self._width])
         if self.table_mode == "shared":
             if lay.shared_rows >= 2**31:
                 return lookup(self.tables[0], tf.cast(ids, tf.int64) + tf.constant(lay.offsets, tf.int64))
@@ -372,15 +422,13 @@ class FieldTables(tf.Module):
         columns = tf.unstack(ids, num=lay.n_id_fields, axis=1)
         return tf.stack([lookup(t, c) for t, c in zip(self.tables, columns)], axis=1)
 
-    def lookup_fields(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
-        """`[B, len(fields)]` local ids of the active id fields `fields` (layout indices, ascending) ->
-        `[B, len(fields), dim]`: `lookup_ids` restricted to some fields (one side of a context split)."""
+    def _lookup_fields(self, ids: tf.Tensor, fields: Sequence[int]) -> tf.Tensor:
         lay = self.layout
         fields = tuple(fields)
         if not fields:
-            return tf.zeros([tf.shape(ids)[0], 0, self.dim])
+            return tf.zeros([tf.shape(ids)[0], 0, self._width])
         if fields == tuple(range(lay.n_id_fields)):
-            return self.lookup_ids(ids)
+            return self._lookup_ids(ids)
         if self.table_mode == "shared":
             offsets = [lay.offsets[f] for f in fields]
             if lay.shared_rows >= 2**31:
@@ -389,13 +437,57 @@ class FieldTables(tf.Module):
         columns = tf.unstack(ids, num=len(fields), axis=1)
         return tf.stack([lookup(self.tables[f], c) for f, c in zip(fields, columns)], axis=1)
 
-    def numeric_rows(self) -> tf.Tensor:
-        """`[N, dim]` rows of the normalized numeric fields (gathered, for IndexedSlices gradients)."""
+    def _numeric_rows(self) -> tf.Tensor:
         lay = self.layout
         if self.table_mode == "shared":
             start = sum(lay.id_buckets)
             return lookup(self.tables[0], tf.range(start, start + lay.n_numeric_fields))
         return lookup(self.tables[-1], tf.range(lay.n_numeric_fields))
+
+
+class PackedRows:
+    """Serving layout of an export: the linear weight as one more column of the embedding table's rows.
+
+    Every model but LR looks each id up twice, in the embedding `[R, dim]` and the linear `[R, 1]` table
+    (same rows); `CtrModel.pack_tables` makes one `[R, dim + 1]` table of the two (per table of the
+    layout) and sets it on both `FieldTables`, which then take their columns of the same rows. Inside
+    `scope()` (one call of the model) a lookup of the same ids tensor is gathered once and shared by
+    both; outside it each lookup gathers (still correct). The memo is per thread and per graph, so
+    concurrent calls and tracings (serving threads, several `tf.function`s) never share a gather. The values are the same floats: sliced, they
+    give the unpacked scores bitwise; kinds that read the rows whole (`CtrModel.packed_terms`, FM) sum
+    them in another order, equal within float32 rounding. Training never packs: checkpoints keep the
+    two tables.
+    """
+
+    def __init__(self, tables: Sequence[tf.Variable], dim: int) -> None:
+        self.tables = list(tables)
+        self.dim = dim  # the embedding's columns; the linear weight is column `dim`
+        # One memo per thread (serving threads and tracings run concurrently on one model), keyed by the
+        # graph too: a gather of one graph (or of eager mode) must never be handed to another.
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Share the gathers of one call of the model (nested scopes join the outer one of this thread)."""
+        if getattr(self._local, "memo", None) is not None:
+            yield
+            return
+        self._local.memo = {}
+        try:
+            yield
+        finally:
+            self._local.memo = None
+
+    def rows(self, key: tuple, ids: tf.Tensor | None, gather: Callable[[], tf.Tensor]) -> tf.Tensor:
+        """The packed rows for `key` of this ids tensor (by identity) in the current graph, gathered on
+        first use in this thread's scope."""
+        memo = getattr(self._local, "memo", None)
+        if memo is None:
+            return gather()
+        k = (tf.compat.v1.get_default_graph(), key, None if ids is None else ids.ref())
+        if k not in memo:
+            memo[k] = (ids, gather())  # ids kept alive: its ref cannot be reused within the scope
+        return memo[k][1]
 
 
 class SparseLinear(tf.Module):
@@ -478,6 +570,23 @@ class FieldEmbedding(tf.Module):
         numeric = values[:, :, None] * self.table.numeric_rows()[None, :, :]
         return tf.concat([emb, numeric], axis=1)
 
+    def packed(self, ids: tf.Tensor, values: tf.Tensor | None) -> tf.Tensor:
+        """Packed tables only (`CtrModel.pack_tables`): `__call__`'s `[B, F + N, dim]` with each field's
+        linear term as column `dim` (`[B, F + N, dim + 1]`; numerics scaled by their value, which is the
+        linear layer's `w_j x_j`), taken straight from the gathered rows: no copy of the slice."""
+        rows = self.table.lookup_packed(ids)
+        if values is None:
+            return rows
+        return tf.concat([rows, values[:, :, None] * self.table.numeric_packed()[None, :, :]], axis=1)
+
+    def packed_side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
+        """Packed tables only: `side` as whole packed rows `[B, len(side.fields), dim + 1]` (see `packed`)."""
+        rows = self.table.lookup_fields_packed(ids, side.id_fields)
+        if values is None or not side.numeric_fields:
+            return rows
+        num = tf.gather(self.table.numeric_packed(), list(side.numeric_fields))
+        return tf.concat([rows, values[:, :, None] * num[None, :, :]], axis=1)
+
     def side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
         """One side's field vectors `[B, len(side.fields), dim]`, in global field order (context splits)."""
         emb = self.table.lookup_fields(ids, side.id_fields)
@@ -485,6 +594,18 @@ class FieldEmbedding(tf.Module):
             return emb
         rows = tf.gather(self.table.numeric_rows(), list(side.numeric_fields))
         return tf.concat([emb, values[:, :, None] * rows[None, :, :]], axis=1)
+
+
+def packed_fm(rows: tf.Tensor, dim: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`FieldEmbedding.packed` rows `[B, S, dim + 1]` -> (the linear sum over fields `[B]`, without the
+    bias; `fm_interaction` of the embedding columns `[B]`; the sum of the embedding vectors `[B, dim]`),
+    reducing the packed rows as they are: only the `[B, dim + 1]` sums are sliced (slicing the rows
+    themselves copies them and costs what the saved gather saves). Equal to the unpacked terms up to
+    float32 rounding (the linear sum adds the id and numeric terms in one reduction)."""
+    total = tf.reduce_sum(rows, axis=1)
+    squares = tf.reduce_sum(tf.square(rows), axis=1)
+    vectors = total[:, :dim]
+    return total[:, dim], 0.5 * tf.reduce_sum(tf.square(vectors) - squares[:, :dim], axis=1), vectors
 
 
 def fm_interaction(emb: tf.Tensor) -> tf.Tensor:
@@ -1076,11 +1197,14 @@ class CtrModel(tf.Module):
         raise NotImplementedError
 
     def __call__(self, ids, numeric=None, training: bool = False) -> tf.Tensor:
-        if self.pair_cross is None:
-            return self.call(*self.prepare_inputs(ids, numeric, training), training)
-        active, values = self._inputs(ids, numeric, training)
-        logit = self.call(self.remap_ids(active, range(self.layout.n_id_fields)), values, training)
-        return logit + self.pair_cross(active, values)
+        if training:
+            self._refuse_training_if_packed()
+        with self._packed_scope():
+            if self.pair_cross is None:
+                return self.call(*self.prepare_inputs(ids, numeric, training), training)
+            active, values = self._inputs(ids, numeric, training)
+            logit = self.call(self.remap_ids(active, range(self.layout.n_id_fields)), values, training)
+            return logit + self.pair_cross(active, values)
 
     def prepare_inputs(self, ids, numeric=None, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
         """`__call__`'s inputs as `call` takes them: the active id columns remapped, normalized numerics or None."""
@@ -1121,18 +1245,28 @@ class CtrModel(tf.Module):
         term that involves only context fields is computed once per context row, then gathered.
         """
         self.build()
+        with self._packed_scope():
+            return self._call_context(split, context_ids, context_numeric, ids, numeric, row)
+
+    def _call_context(self, split, context_ids, context_numeric, ids, numeric, row) -> tf.Tensor:
         c_raw, c_vals = self._side_inputs(split.context, context_ids, context_numeric, remap=False)
         k_raw, k_vals = self._side_inputs(split.candidate, ids, numeric, remap=False)
         c_ids, k_ids = self.remap_ids(c_raw, split.context.id_fields), self.remap_ids(k_raw, split.candidate.id_fields)
+        packed = self.packed_rows is not None and self.packed_terms  # the terms below carry the linear sums
         parts = self.context_terms(split, c_ids, c_vals)
-        parts["logit"] = parts.get("logit", 0.0) + self.linear.side(c_ids, c_vals, split.context) + self.linear.bias
+        if packed:
+            parts["logit"] = parts.get("logit", 0.0) + self.linear.bias
+        else:
+            parts["logit"] = parts.get("logit", 0.0) + self.linear.side(c_ids, c_vals, split.context) + self.linear.bias
         row = tf.cast(row, tf.int32)
         if self.pair_cross is not None:
             both_context = self.pair_cross.context_logit(split, c_raw, c_vals)
             if both_context is not None:
                 parts["logit"] += both_context
         gathered = {name: tf.gather(value, row) for name, value in parts.items()}
-        logit = gathered.pop("logit") + self.linear.side(k_ids, k_vals, split.candidate)
+        logit = gathered.pop("logit")
+        if not packed:
+            logit += self.linear.side(k_ids, k_vals, split.candidate)
         if self.pair_cross is not None:
             with_candidate = self.pair_cross.candidate_logit(split, c_raw, c_vals, k_raw, k_vals, row)
             if with_candidate is not None:
@@ -1203,7 +1337,72 @@ class CtrModel(tf.Module):
                 for f in range(lay.n_id_fields):
                     table = module.tables[f]
                     table.assign(tf.gather(table, remap[starts[f]:starts[f + 1]]))
-        self.id_remap = None
+        del self.id_remap  # (not `= None`: the module would keep tracking the variable, and exports would save it)
+
+    # -- packed serving tables (exports) ----------------------------------------------------------------
+    packed_rows: PackedRows | None = None
+    # True for a kind whose call / context_terms / candidate_terms read the packed rows whole once packed
+    # (`FieldEmbedding.packed`, `packed_fm`), the linear sums included; the others read sliced columns.
+    packed_terms: ClassVar[bool] = False
+
+    def can_pack_tables(self) -> bool:
+        """Whether this model has an embedding and a linear table of the same rows (every kind but LR)."""
+        lin, emb = getattr(self, "linear", None), getattr(self, "embedding", None)
+        if not isinstance(lin, SparseLinear) or not isinstance(emb, FieldEmbedding):
+            return False
+        a, b = emb.table, lin.table
+        return (a.layout is b.layout and a.table_mode == b.table_mode and len(a.tables) == len(b.tables) > 0
+                and all(e.shape[0] == w.shape[0] and e.dtype == w.dtype for e, w in zip(a.tables, b.tables)))
+
+    def pack_tables(self) -> bool:
+        """For exports: replace the embedding and linear tables by one `[rows, dim + 1]` table each (the
+        linear weight as the last column, `PackedRows`), so serving gathers each id once instead of twice.
+        Scores are unchanged: the same floats are read, bitwise for the kinds that slice the packed rows,
+        within float32 rounding for FM (`packed_terms`: it sums the rows in another order). Returns False
+        (and changes nothing) where the model has no such pair of tables (LR) or they are packed already.
+        Call after `bake_id_remap` and any float16 slimming; the model is a serving model afterwards: it
+        refuses training (`variable_groups`, `__call__(training=True)` raise TrainingError).
+
+        Memory: tables are packed one at a time, each old pair freed before the next is made, so the
+        extra peak is bounded by the largest table (its copy, plus the concat's while it is made); in
+        "shared" mode that one table is the whole set (measured: +269 MB for 252 MB of shared tables;
+        per field, 8 tables of 32 MB: +77 MB, was +243 MB), provided nothing else holds the old variables.
+        """
+        self.build()
+        if self.packed_rows is not None or not self.can_pack_tables():
+            return False
+        emb, lin = self.embedding.table, self.linear.table
+        from tensorflow.python.distribute.sharded_variable import ShardedVariableMixin  # (as train/distributed.py)
+
+        sharded = [t.name for t in emb.tables + lin.tables if isinstance(t, ShardedVariableMixin)]
+        if sharded:  # the concat would silently gather every shard into one local variable
+            raise ConfigError(f"pack_tables does not take row-sharded tables (ShardedVariable: {', '.join(sharded)}); "
+                              "export from a model built without a variable partitioner.")
+        packed = PackedRows([], emb.dim)
+        # Plain lists, and the modules' tracked lists dropped: a tracked list keeps a snapshot of its items
+        old_emb, old_lin = list(emb.tables), list(lin.tables)
+        emb.tables, lin.tables = [], []
+        for i in range(len(old_emb)):
+            e, w = old_emb[i], old_lin[i]
+            old_emb[i] = old_lin[i] = None
+            packed.tables.append(tf.Variable(tf.concat([e, w], axis=1), name=e.name.split(":")[0] + "_with_linear",
+                                             trainable=False))
+            del e, w  # the old pair is freed here, before the next table's copy is made
+        for module in (emb, lin):
+            module.tables = list(packed.tables)
+            module.packed = packed
+        self.packed_rows = packed
+        return True
+
+    def _refuse_training_if_packed(self) -> None:
+        """A packed model shares one non-trainable variable between its embedding and linear tables: an
+        optimizer would get it in both groups (and no gradient), so training one must fail loudly."""
+        if self.packed_rows is not None:
+            raise TrainingError("this model's tables are packed for serving (CtrModel.pack_tables): it cannot be "
+                                "trained; train from the run's checkpoint (it keeps the two tables) instead.")
+
+    def _packed_scope(self):
+        return self.packed_rows.scope() if self.packed_rows is not None else contextlib.nullcontext()
 
     def set_id_counts(self, counts: Sequence["np.ndarray"], *, keep: bool = False) -> dict[str, dict[str, int]]:
         """Set the rare-id remap from `counts` (one array per column of `Batch.ids`: how often each bucket
@@ -1240,6 +1439,7 @@ class CtrModel(tf.Module):
         `tf.IndexedSlices` gradients); "dense": everything else (biases, MLP, batch norm scale/offset).
         """
         self.build()
+        self._refuse_training_if_packed()
         groups: dict[str, list[tf.Variable]] = {g: [] for g in VARIABLE_GROUPS}
         sparse = set()
         for module in (m for m in self.submodules if isinstance(m, FieldTables)):

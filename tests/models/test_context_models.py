@@ -78,6 +78,10 @@ def test_context_call_equals_flat_call(config, split_cols):
     assert got.shape == (m,)
     assert np.std(want) > 1e-3  # the random weights make candidates differ: the comparison means something
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if model.pack_tables():  # packed exports: one gather per id, the same answers
+        np.testing.assert_allclose(model(flat_ids, flat_num).numpy(), want, rtol=1e-5, atol=1e-5)
+        got = model.call_context(split, ctx_ids[:, ci], ctx_num[:, cn], cand_ids[:, ki], cand_num[:, kn], row).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_context_split_rejects_out_of_range_columns():
