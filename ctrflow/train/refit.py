@@ -437,12 +437,12 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
     vloss = lambda th: _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else 0.0  # noqa: E731
-    valid_before = vloss(start) if valid is not None else None
-    lams = options.lams
-    has_cross = bool(train.cross_rows.size)
     if train.weight.sum() <= 0 or (valid is not None and valid.weight.sum() <= 0):
         raise ConfigError(f"the {'training' if train.weight.sum() <= 0 else 'validation'} rows' weights sum to 0: "
                           "no logloss to refit on.")
+    valid_before = vloss(start) if valid is not None else None
+    lams = options.lams
+    has_cross = bool(train.cross_rows.size)
     # (lam index, lam_cross index) -> valid logloss; the weights of the walk's current point and of the one tried
     # from it only (every table a full float64 copy)
     scores: dict[tuple[int, int], float] = {}
