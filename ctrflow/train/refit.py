@@ -574,6 +574,10 @@ def _too_big(model: Any, train_data: Any, valid: Any) -> str | None:
     return None
 
 
+def _failed(e: BaseException) -> str:
+    return f"failed ({type(e).__name__}: {str(e).strip()[:300]}); the trained model stays the run's latest"
+
+
 def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: Any, config: Any, *, step: int, examples: int,
                          record: Callable[[dict[str, Any]], None], predict: Callable[..., Any],
                          distributed: bool = False, optimizer: Any = None) -> dict[str, Any] | None:
@@ -601,7 +605,10 @@ def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: A
             return {**prior, "note": f"done by an earlier run of this command ({checkpoints.latest})"}
         skip = f"already done ({checkpoints.latest})"
     else:
-        skip = _too_big(model, train_data, valid)
+        try:
+            skip = _too_big(model, train_data, valid)
+        except Exception as e:  # noqa: BLE001 -- as below: the finished training stands
+            skip = _failed(e)
     if skip:
         out = {"status": "skipped", "reason": skip}
         record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": 0.0, **out})
@@ -638,8 +645,7 @@ def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: A
             counters["best"].assign(best_before[0])
             counters["bad_validations"].assign(best_before[1])
             checkpoints.restore_latest()
-        out = {"status": "skipped", "reason": f"failed ({type(e).__name__}: {str(e).strip()[:300]}); the trained "
-               "model stays the run's latest"}
+        out = {"status": "skipped", "reason": _failed(e)}
     out["seconds"] = time.perf_counter() - t0
     record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": out["seconds"],
             **{k: v for k, v in out.items() if isinstance(v, (int, float, str)) or v is None}})

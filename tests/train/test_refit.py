@@ -176,3 +176,25 @@ def test_collect_and_write_params_agree_with_the_models_logit(tmp_path):
             served = np.concatenate([model(tf.constant(b.ids), tf.constant(b.numeric), training=False).numpy() for b in batches])
         assert len(served) == d.rows and len(th.cross) == (257 if config["kind"] == "ffm" else 0)
         np.testing.assert_allclose(logits(d, th), served, atol=1e-4, err_msg=config["kind"])
+
+
+@pytest.mark.slow
+def test_a_refit_that_fails_leaves_the_finished_training_as_it_was(tmp_path):
+    """An error inside the refit (here: its validation folder is gone) is recorded as skipped with the reason; the
+    trained model stays the run's latest checkpoint and its weights are untouched."""
+    from ctrflow.data.batch import FeatureSpec
+    from ctrflow.models import ModelConfig
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import Trainer
+    from ctrflow.train.refit import read_params, refit_after_training
+
+    config = TrainConfig(model=ModelConfig("lr"), refit=True)
+    trainer = Trainer(tmp_path / "run", config, FeatureSpec(("a", "b"), (8, 8)))
+    saved = trainer.save()
+    before = read_params(trainer.model)
+    records = []
+    out = refit_after_training(trainer.model, trainer.checkpoints, tmp_path / "train", tmp_path / "gone", config, step=0,
+                               examples=0, record=records.append, predict=trainer.predict, optimizer=trainer.optimizer)
+    assert out["status"] == "skipped" and out["reason"].startswith("failed ("), out
+    assert records[-1]["status"] == "skipped" and trainer.checkpoints.latest == saved
+    np.testing.assert_array_equal(read_params(trainer.model).linear, before.linear)
