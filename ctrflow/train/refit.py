@@ -292,7 +292,10 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
     the bias leaves every logit as it was; the penalty is least at c = -their mean); an id x id cross pair's rows
     into the bias, and, grouped by the row of either field they go with, into that field's row (+c on the group,
     -c on the row: least at c = (lam w_row - lc sum group) / (lc n + lam)); an id x numeric pair's into the
-    numeric's weight.
+    numeric's weight. An id field's centring moves every row the field can read (`RefitData.field_rows`), not
+    only this data's, so an id trained on earlier data (warm start, continuous training) keeps its logit; a cross
+    pair's cannot (the hashed table is shared by every pair): a row with a combination this data does not hold
+    reads the bias (or the field's row) without the +c and moves by that step's -c; every row of the data is exact.
     Without them coordinate descent crawls along those directions (the bias is unpenalized; measured on
     zipfmix: LR's bias gradient still 60 after 12 sweeps; FFM + 4 crosses 30 sweeps without reaching tol, 6-8
     with). The cross rows that two pairs share (hash collisions) are a block of their own (a Jacobi step over all
