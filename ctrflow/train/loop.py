@@ -297,7 +297,7 @@ def train(
         from ctrflow.train.refit import refit_after_training
 
         refit = refit_after_training(trainer.model, trainer.checkpoints, train_data, source.valid, config, step=step, examples=int(trainer.examples.numpy()),
-                                     record=record, predict=trainer.predict)
+                                     record=record, predict=trainer.predict, optimizer=trainer.optimizer)
         if refit and refit.get("valid"):
             validation.last = refit["valid"]  # the summary's metrics are the final model's
         latest = trainer.checkpoints.latest

@@ -216,6 +216,10 @@ class SparseOptimizer(tf.Module):
 
     # ---- implementation details ---------------------------------------------------------------------
 
+    def adopt(self, var: tf.Variable) -> None:
+        """`var` was assigned from outside (ctrflow.train.refit): make its slots agree, so the next update moves
+        from its new value. SGD, Adagrad and the Adams step the weight itself: nothing to do."""
+
     def _catches_up(self) -> bool:
         """Whether rows keep a `last_step` slot: L2 on every row at every step, applied when touched."""
         return bool(self.l2) and self.l2_mode == "every_step" and not self.dense_only and self._l2_in_gradient
@@ -469,6 +473,20 @@ class SparseFtrl(SparseOptimizer):
     def _regularized(self, grad, rows):
         return grad  # l2 enters the closed-form solution below, not the gradient
 
+    def adopt(self, var: tf.Variable) -> None:
+        """Set `z` of every row to the value whose solution is its current weight (the class docstring's
+        `z = -w * quadratic - sign(w) * l1`, at the next step's rate): FTRL recomputes a weight from `z` at
+        each update, which would otherwise undo an assigned weight on its row's next update."""
+        slots = self.slots.get(_variable_key(var))
+        if not slots:
+            return
+        w = tf.convert_to_tensor(var)
+        dtype = w.dtype
+        lr = tf.cast(self.current_learning_rate(), dtype)
+        quadratic = (tf.cast(self.beta, dtype) + tf.sqrt(tf.convert_to_tensor(slots["accumulator"]))) / lr \
+            + tf.cast(2.0 * self.l2, dtype)
+        slots["linear"].assign(-w * quadratic - tf.sign(w) * tf.cast(self.l1, dtype))
+
     def _update_rows(self, rows, grad, slot_rows, *, lr, step):
         dtype = rows.dtype
         accumulator = slot_rows["accumulator"]
@@ -682,6 +700,10 @@ class OptimizerGroups(tf.Module):
                 f"does not exist. Groups: {', '.join(self.optimizers)}."
             )
         return group
+
+    def adopt(self, var: tf.Variable) -> None:
+        """`var` was assigned from outside: its group's optimizer makes its slots agree (`SparseOptimizer.adopt`)."""
+        self.optimizers[self.group_of(var)].adopt(var)
 
     def build(self, var_list: Iterable[tf.Variable]) -> None:
         """Make the slots of each variable in its group's optimizer."""

@@ -85,6 +85,9 @@ class RefitData:
     # per cross pair: its two id fields (columns of id_rows) for id x id, or (field, None) and the numeric's column
     pair_fields: list[tuple[int, int | None]] = field(default_factory=list)
     pair_numeric: list[int | None] = field(default_factory=list)
+    # per id field: the [start, stop) of the flat linear rows it can read (its table, or its part of the shared one);
+    # the centring steps move all of them, so ids this data does not hold (trained on earlier data) keep their logit
+    field_rows: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -127,6 +130,15 @@ class RefitResult:
 
 
 # --- reading the model ----------------------------------------------------------------------------------------
+def _field_rows(model: Any) -> list[tuple[int, int]]:
+    """Each id field's flat linear rows, [start, stop) (`RefitData.field_rows`)."""
+    lay = model.layout
+    tables, starts, _, _ = _linear_layout(model)
+    if model.linear.table.table_mode == "shared":
+        return [(int(o), int(o) + int(n)) for o, n in zip(lay.offsets, lay.id_buckets)]
+    return [(int(starts[f]), int(starts[f]) + int(tables[f].shape[0])) for f in range(lay.n_id_fields)]
+
+
 def _linear_layout(model: Any) -> tuple[list[Any], np.ndarray, Callable[[int, np.ndarray], np.ndarray], np.ndarray]:
     """The linear tables, their start in the flat vector, `row(f, remapped local ids)`, the numerics' rows."""
     lin = model.linear.table
@@ -152,16 +164,24 @@ def read_params(model: Any) -> Params:
     return Params(linear, num_rows, cross, float(model.linear.bias.numpy()))
 
 
-def write_params(model: Any, params: Params) -> None:
-    """Assign the refit weights into the model's variables (float32)."""
+def write_params(model: Any, params: Params, optimizer: Any = None) -> None:
+    """Assign the refit weights into the model's variables (float32); `optimizer` (the run's) then adopts them, so
+    that a resumed or warm-started run moves on from them (FTRL recomputes a weight from its slots otherwise)."""
     tables, starts, _, _ = _linear_layout(model)
+    written = []
     for t, s in zip(tables, starts):
         n = int(t.shape[0])
         t.assign(params.linear[s:s + n, None].astype(np.float32))
+        written.append(t)
     pc = model.pair_cross
     if pc is not None:
         pc.table.tables[0].assign((params.cross / pc.scale)[:, None].astype(np.float32))
+        written.append(pc.table.tables[0])
     model.linear.bias.assign(np.float32(params.bias))
+    written.append(model.linear.bias)
+    if optimizer is not None:
+        for v in written:
+            optimizer.adopt(v)
 
 
 def collect(model: Any, data: Any, *, batch_rows: int = 65536, correction: float = 0.0) -> RefitData:
@@ -213,7 +233,7 @@ def collect(model: Any, data: Any, *, batch_rows: int = 65536, correction: float
     if not parts["label"]:
         raise ConfigError(f"{data}: no rows to refit on.")
     return RefitData(**{k: np.concatenate(v) for k, v in parts.items()}, pair_fields=[(a, bb) for _, a, bb, _ in pairs],
-                     pair_numeric=[j for _, _, _, j in pairs])
+                     pair_numeric=[j for _, _, _, j in pairs], field_rows=_field_rows(model))
 
 
 # --- the objective ------------------------------------------------------------------------------------------
@@ -272,7 +292,10 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
     the bias leaves every logit as it was; the penalty is least at c = -their mean); an id x id cross pair's rows
     into the bias, and, grouped by the row of either field they go with, into that field's row (+c on the group,
     -c on the row: least at c = (lam w_row - lc sum group) / (lc n + lam)); an id x numeric pair's into the
-    numeric's weight.
+    numeric's weight. An id field's centring moves every row the field can read (`RefitData.field_rows`), not
+    only this data's, so an id trained on earlier data (warm start, continuous training) keeps its logit; a cross
+    pair's cannot (the hashed table is shared by every pair): a row with a combination this data does not hold
+    reads the bias (or the field's row) without the +c and moves by that step's -c; every row of the data is exact.
     Without them coordinate descent crawls along those directions (the bias is unpenalized; measured on
     zipfmix: LR's bias gradient still 60 after 12 sweeps; FFM + 4 crosses 30 sweeps without reaching tol, 6-8
     with). The cross rows that two pairs share (hash collisions) are a block of their own (a Jacobi step over all
@@ -334,14 +357,19 @@ def _fit(d: RefitData, th: Params, lam: float, lc: float, *, max_sweeps: int, to
         delta = float(np.clip(-r.sum() / max(s.sum(), 1e-12), -MAX_STEP, MAX_STEP))
         t, z = step(np.float64(delta), lambda t: 0.0, z)
         th.bias += t * delta
-        for uniq, inv in fields:  # each id field: diagonal Hessian, an exact per-id Newton step; then centred
+        for f, (uniq, inv) in enumerate(fields):  # each id field: diagonal Hessian, an exact per-id Newton step; centred
             r, s = residuals(z)
             w = th.linear[uniq]
             g = np.bincount(inv, r, minlength=len(uniq)) + lam * w
             delta = np.clip(-g / (np.bincount(inv, s, minlength=len(uniq)) + lam), -MAX_STEP, MAX_STEP)
             t, z = step(delta[inv], sq(w, delta), z)
             c = -float(np.mean(w + t * delta))
-            th.linear[uniq] = w + t * delta + c
+            th.linear[uniq] = w + t * delta
+            if d.field_rows:  # every row the field can read, not only this data's: each logit the model makes stays
+                lo, hi = d.field_rows[f]
+                th.linear[lo:hi] += c
+            else:
+                th.linear[uniq] += c
             th.bias -= c
         for j, row in enumerate(th.num_rows):  # each normalized numeric: one scalar
             x = d.values[:, j]
@@ -412,10 +440,16 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
     vloss = lambda th: _loss(valid, logits(valid, th)) / valid.weight.sum() if valid is not None else 0.0  # noqa: E731
+    if train.weight.sum() <= 0 or (valid is not None and valid.weight.sum() <= 0):
+        raise ConfigError(f"the {'training' if train.weight.sum() <= 0 else 'validation'} rows' weights sum to 0: "
+                          "no logloss to refit on.")
     valid_before = vloss(start) if valid is not None else None
     lams = options.lams
     has_cross = bool(train.cross_rows.size)
-    fits: dict[tuple[int, int], tuple[float, Params]] = {}  # (lam index, lam_cross index) -> (valid, params)
+    # (lam index, lam_cross index) -> valid logloss; the weights of the walk's current point and of the one tried
+    # from it only (every table a full float64 copy)
+    scores: dict[tuple[int, int], float] = {}
+    kept: dict[tuple[int, int], Params] = {}
     grid = []
 
     def fit(i: int, j: int, th: Params, sweeps_max: int) -> tuple[float, Params]:
@@ -429,9 +463,9 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
         return v, th
 
     def at(i: int, j: int, near: tuple[int, int]) -> float:
-        if (i, j) not in fits:
-            fits[(i, j)] = fit(i, j, fits[near][1], options.search_sweeps)
-        return fits[(i, j)][0]
+        if (i, j) not in scores:
+            scores[(i, j)], kept[(i, j)] = fit(i, j, kept[near], options.search_sweeps)
+        return scores[(i, j)]
 
     def walk(point: tuple[int, int], move: Callable[[tuple[int, int], int], tuple[int, int]]) -> tuple[int, int]:
         """From `point`, steps of `move` up the grid while valid improves, else down it."""
@@ -439,15 +473,18 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
             cur, moved = point, False
             while True:
                 nxt = move(cur, direction)
-                if not (0 <= nxt[0] < len(lams) and 0 <= nxt[1] < len(lams)) or at(*nxt, cur) >= fits[cur][0]:
+                if not (0 <= nxt[0] < len(lams) and 0 <= nxt[1] < len(lams)) or at(*nxt, cur) >= scores[cur]:
+                    if nxt != cur:
+                        kept.pop(nxt, None)
                     break
+                kept.pop(cur, None)
                 cur, moved = nxt, True
             if moved:
                 return cur
         return point
 
     mid = (len(lams) - 1) // 2
-    fits[(mid, mid)] = fit(mid, mid, start, options.search_sweeps if valid is not None else options.max_sweeps)
+    scores[(mid, mid)], kept[(mid, mid)] = fit(mid, mid, start, options.search_sweeps if valid is not None else options.max_sweeps)
     point = (mid, mid)
     if valid is not None:
         point = walk(point, lambda p, d: (p[0] + d, p[1] + d))  # both tables at one lam
@@ -458,9 +495,8 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
             if point == before:
                 break
         # the chosen point to convergence
-        v, th = fit(*point, fits[point][1], options.max_sweeps)
-        fits[point] = (v, th)
-    v, fitted = fits[point]
+        scores[point], kept[point] = fit(*point, kept[point], options.max_sweeps)
+    v, fitted = scores[point], kept[point]
     final = grid[-1]
     lam, lam_cross = lams[point[0]], lams[point[1]]
     result = RefitResult(
@@ -474,11 +510,12 @@ def refit(train: RefitData, valid: RefitData | None, start: Params, options: Ref
 
 def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: RefitOptions = RefitOptions(), *,
                 correction: float = 0.0, progress: Callable[[str], None] | None = None,
-                keep_if_worse: bool = True) -> RefitResult:
+                keep_if_worse: bool = True, optimizer: Any = None) -> RefitResult:
     """Refit `model`'s per-id weights in place on `train_data` (shards), lam chosen on `valid_data`.
 
     `keep_if_worse`: when the best lam's valid logloss is not below the trained weights', keep those (applied
-    False). Models without a sparse linear layer are refused (every ctrflow kind has one)."""
+    False). `optimizer`: the run's, made to adopt the written weights (`write_params`). Models without a sparse
+    linear layer are refused (every ctrflow kind has one)."""
     if getattr(model, "linear", None) is None:
         raise ConfigError(f"a {model.kind} model has no per-id linear weights to refit.")
     t0 = time.perf_counter()
@@ -486,22 +523,30 @@ def refit_model(model: Any, train_data: Any, valid_data: Any | None, options: Re
     train = collect(model, train_data, batch_rows=options.batch_rows, correction=correction)
     valid = None if valid_data is None else collect(model, valid_data, batch_rows=options.batch_rows, correction=correction)
     fitted, result = refit(train, valid, start, options, progress)
-    if keep_if_worse and valid is not None and result.valid_logloss_after >= result.valid_logloss_before:
-        result.applied = False
+    finite = all(v is None or math.isfinite(v) for v in (result.objective_after, result.valid_logloss_before,
+                                                          result.valid_logloss_after))
+    if not finite or (keep_if_worse and valid is not None and result.valid_logloss_after >= result.valid_logloss_before):
+        result.applied = False  # a non-finite fit is never written
     else:
-        write_params(model, fitted)
+        write_params(model, fitted, optimizer)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 # --- after training (the trainer core's last step) ------------------------------------------------------------
 def refit_bytes(model: Any, rows: int) -> int:
-    """What `collect` and `_fit` hold for `rows` rows: offset, label, weight, the logits and per-block temporaries
-    (float64, ~10 per row), one int32 row and an int64 inverse per id field and per pair, the numerics and the
-    pairs' multipliers (float64)."""
+    """What `collect` and `refit` hold for `rows` rows: the collected columns (offset, label, weight, the numerics
+    and the pairs' multipliers float64, one int32 row per id field and per pair), twice at `collect`'s concatenation;
+    the logits and per-block temporaries (float64, ~10 per row), `logits`' gathers (float64 per field, two per pair)
+    and `_fit`'s int64 inverses (per field and pair); and ~6 float64 copies of the tables (the start, the walk's
+    current and tried fits, `_fit`'s copy, its per-sweep temporaries)."""
     lay = model.layout
     pairs = len(model.pair_cross.id_pairs) + len(model.pair_cross.num_pairs) if model.pair_cross is not None else 0
-    return rows * (10 * 8 + (lay.n_id_fields + pairs) * 12 + (lay.n_numeric_fields + pairs) * 8)
+    columns = 24 + 4 * lay.n_id_fields + 8 * lay.n_numeric_fields + 12 * pairs
+    tables = sum(int(t.shape[0]) for t in model.linear.table.tables)
+    if model.pair_cross is not None:
+        tables += int(model.pair_cross.table.tables[0].shape[0])
+    return rows * (2 * columns + 10 * 8 + 16 * lay.n_id_fields + 24 * pairs) + 6 * 8 * tables
 
 
 def _prior_record(run: Any) -> dict[str, Any] | None:
@@ -532,13 +577,22 @@ def _too_big(model: Any, train_data: Any, valid: Any) -> str | None:
     return None
 
 
+def _failed(e: BaseException) -> str:
+    return f"failed ({type(e).__name__}: {str(e).strip()[:300]}); the trained model stays the run's latest"
+
+
 def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: Any, config: Any, *, step: int, examples: int,
                          record: Callable[[dict[str, Any]], None], predict: Callable[..., Any],
-                         distributed: bool = False) -> dict[str, Any] | None:
+                         distributed: bool = False, optimizer: Any = None) -> dict[str, Any] | None:
     """`TrainConfig.refit`: refit the trained model's per-id weights (lam chosen on `valid`) and save them as the
     run's latest checkpoint (`RunCheckpoints.save_refit`). Returns run.json / summary's record of it: "status"
     "refit" (applied), "kept" (no lam beat the trained weights on valid: they stay), or "skipped" with the reason;
-    None when `config.refit` is off."""
+    None when `config.refit` is off.
+
+    Applied, it is the run's best model too (its valid logloss the best score, saved as checkpoints/best/), so a
+    continued run compares against it. It never fails a finished training: an error inside it (memory, an empty
+    or zero-weight split) or a non-finite result is "skipped" with the reason, and the trained model stays the
+    run's latest; `optimizer` (the run's) adopts the written weights (`write_params`)."""
     if not getattr(config, "refit", False):
         return None
     skip = None
@@ -554,7 +608,10 @@ def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: A
             return {**prior, "note": f"done by an earlier run of this command ({checkpoints.latest})"}
         skip = f"already done ({checkpoints.latest})"
     else:
-        skip = _too_big(model, train_data, valid)
+        try:
+            skip = _too_big(model, train_data, valid)
+        except Exception as e:  # noqa: BLE001 -- as below: the finished training stands
+            skip = _failed(e)
     if skip:
         out = {"status": "skipped", "reason": skip}
         record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": 0.0, **out})
@@ -563,14 +620,35 @@ def refit_after_training(model: Any, checkpoints: Any, train_data: Any, valid: A
     from ctrflow.train.core import evaluate_stream, logit_correction
 
     t0 = time.perf_counter()
-    res = refit_model(model, train_data, valid, RefitOptions(), correction=logit_correction(config.negative_sampling_rate),
-                      progress=lambda m: record({"kind": "refit", "step": step, "examples": examples, "epoch": -1,
-                                                 "seconds": time.perf_counter() - t0, "message": m}))
-    out: dict[str, Any] = {"status": "refit" if res.applied else "kept", **res.to_dict()}
-    if res.applied:
-        out["checkpoint"] = checkpoints.save_refit(step)
-        with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
-            out["valid"] = evaluate_stream(predict, vb)
+    counters = checkpoints.counters
+    best_before = (float(counters["best"].numpy()), int(counters["bad_validations"].numpy()))
+    res = None
+    try:
+        res = refit_model(model, train_data, valid, RefitOptions(), correction=logit_correction(config.negative_sampling_rate),
+                          progress=lambda m: record({"kind": "refit", "step": step, "examples": examples, "epoch": -1,
+                                                     "seconds": time.perf_counter() - t0, "message": m}),
+                          optimizer=optimizer)
+        values = (res.objective_before, res.objective_after, res.valid_logloss_before, res.valid_logloss_after)
+        if not all(v is not None and math.isfinite(v) for v in values):
+            out = {"status": "skipped", "reason": "its objective or valid logloss is not finite "
+                   f"({', '.join(f'{v:.6g}' if v is not None else 'None' for v in values)}); the trained weights stay"}
+        else:
+            out = {"status": "refit" if res.applied else "kept", **res.to_dict()}
+        if out["status"] == "refit":
+            with open_batches(valid, PipelineOptions(batch_size=max(config.batch_size, 8192), shuffle=False)) as vb:
+                out["valid"] = evaluate_stream(predict, vb)
+            if out["valid"]["logloss"] < best_before[0]:  # the run's best now (Validation's rule), saved as such
+                counters["best"].assign(out["valid"]["logloss"])
+                counters["bad_validations"].assign(0)
+                if config.restore_best:
+                    checkpoints.save_best(step)
+            out["checkpoint"] = checkpoints.save_refit(step)
+    except Exception as e:  # noqa: BLE001 -- the training is done and saved: the refit must not fail it
+        if res is not None and res.applied:  # weights (and slots) written: back to the trained model's checkpoint
+            counters["best"].assign(best_before[0])
+            counters["bad_validations"].assign(best_before[1])
+            checkpoints.restore_latest()
+        out = {"status": "skipped", "reason": _failed(e)}
     out["seconds"] = time.perf_counter() - t0
     record({"kind": "refit", "step": step, "examples": examples, "epoch": -1, "seconds": out["seconds"],
             **{k: v for k, v in out.items() if isinstance(v, (int, float, str)) or v is None}})

@@ -86,6 +86,8 @@ def test_train_refit_saves_the_refit_as_the_runs_checkpoint(tmp_path):
     if fit["status"] == "refit":
         assert "ckpt-refit" in fit["checkpoint"] and s["checkpoint"] == fit["checkpoint"]
         assert s["valid_logloss"] == pytest.approx(fit["valid_logloss_after"], rel=1e-4)
+        assert s["best_valid_logloss"] == s["valid_logloss"]  # the run's best now: a continued run compares against it
+        assert (run / "checkpoints" / "best" / "checkpoint").exists()
         import tensorflow as tf
 
         info = load_run_info(run)
@@ -99,3 +101,100 @@ def test_train_refit_saves_the_refit_as_the_runs_checkpoint(tmp_path):
         assert after < 0.02 * before, (after, before)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert any(h["kind"] == "refit" and h.get("lam") == fit["lam"] for h in history)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "lazyadam", "ftrl"])
+def test_the_runs_optimizer_moves_on_from_assigned_weights(kind):
+    """After `adopt`, a step moves an assigned weight as it would any weight (FTRL, which recomputes a weight from
+    its slots, moved it back to the value it had trained: a resumed FTRL run undid the refit)."""
+    import tensorflow as tf
+
+    from ctrflow.train.optimizers import make_optimizer
+
+    grad = lambda g: tf.IndexedSlices(tf.constant(g, tf.float32), tf.constant([0, 2]), tf.constant([4, 1]))  # noqa: E731
+    moved = []
+    for assign in (False, True):
+        var = tf.Variable(np.zeros((4, 1), np.float32), name=f"w_{kind}_{assign}")
+        opt = make_optimizer(kind, learning_rate=0.1, l2=0.01)
+        opt.apply_gradients([(grad([[0.5], [-0.3]]), var)])
+        new = np.array([[1.5], [0.0], [-0.7], [2.0]], np.float32)
+        var.assign(new if assign else var.numpy())
+        if assign:
+            opt.adopt(var)
+        before = var.numpy()
+        opt.apply_gradients([(grad([[0.0], [0.0]]) if kind == "ftrl" else grad([[0.2], [0.1]]), var)])
+        moved.append(var.numpy() - before)
+        if assign:
+            np.testing.assert_allclose(var.numpy()[[1, 3]], new[[1, 3]])  # rows not updated keep it
+    if kind == "ftrl":  # no gradient: the weight stays where it was put
+        np.testing.assert_allclose(moved[1], 0.0, atol=1e-6)
+    else:  # the step does not depend on where the weight is (no L2 in it for touched rows: l2 small, checked loosely)
+        np.testing.assert_allclose(moved[1], moved[0], atol=0.02)
+
+
+def test_a_zero_weight_split_is_refused():
+    from ctrflow.errors import ConfigError
+
+    d, start = _problem(0, rows=500)
+    v, _ = _problem(1, rows=200)
+    v.weight[:] = 0.0
+    with pytest.raises(ConfigError, match="validation rows' weights sum to 0"):
+        refit(d, v, start, RefitOptions(lams=(1.0,)))
+
+
+@pytest.mark.slow
+def test_collect_and_write_params_agree_with_the_models_logit(tmp_path):
+    """Weights written by `write_params` give the logit `logits` computes from `collect`'s rows: the refit's layout
+    (per-field or shared tables, rare-id remap, a normalized numeric, hashed crosses) is the model's."""
+    import dataclasses
+
+    import tensorflow as tf
+    from conftest import synthetic_split
+
+    from ctrflow.data.pipeline import PipelineOptions, open_batches
+    from ctrflow.models import ModelConfig, make_model
+    from ctrflow.train.refit import collect, logits, read_params, write_params
+
+    data = synthetic_split(tmp_path, 600, 10, seed=1, cap=64) / "train"
+    with open_batches(data, PipelineOptions(batch_size=1024, shuffle=False)) as b:
+        spec = dataclasses.replace(b.spec, normalized_numeric=("I1",))
+    for config in (dict(kind="fm", table_mode="per_field", min_count=2, embedding_dim=4),
+                   dict(kind="ffm", table_mode="shared", ffm_dim=2, cross_pairs=(("C1", "C2"), ("C3", "I1")), cross_buckets=257)):
+        model = make_model(ModelConfig(**config), spec)
+        rng = np.random.default_rng(0)
+        for v in model.trainable_variables:
+            v.assign(rng.normal(0.0, 0.3, v.shape).astype(np.float32))
+        if config.get("min_count"):
+            model.set_id_counts([rng.integers(0, 4, n) for n in spec.id_buckets])
+        d = collect(model, data)
+        th = read_params(model)
+        th.linear += rng.normal(0.0, 0.5, th.linear.shape)
+        th.cross += rng.normal(0.0, 0.5, th.cross.shape)
+        th.bias += 0.3
+        write_params(model, th)
+        with open_batches(data, PipelineOptions(batch_size=1024, shuffle=False)) as batches:
+            served = np.concatenate([model(tf.constant(b.ids), tf.constant(b.numeric), training=False).numpy() for b in batches])
+        assert len(served) == d.rows and len(th.cross) == (257 if config["kind"] == "ffm" else 0)
+        np.testing.assert_allclose(logits(d, th), served, atol=1e-4, err_msg=config["kind"])
+
+
+@pytest.mark.slow
+def test_a_refit_that_fails_leaves_the_finished_training_as_it_was(tmp_path):
+    """An error inside the refit (here: its validation folder is gone) is recorded as skipped with the reason; the
+    trained model stays the run's latest checkpoint and its weights are untouched."""
+    from ctrflow.data.batch import FeatureSpec
+    from ctrflow.models import ModelConfig
+    from ctrflow.train.config import TrainConfig
+    from ctrflow.train.loop import Trainer
+    from ctrflow.train.refit import read_params, refit_after_training
+
+    config = TrainConfig(model=ModelConfig("lr"), refit=True)
+    trainer = Trainer(tmp_path / "run", config, FeatureSpec(("a", "b"), (8, 8)))
+    saved = trainer.save()
+    before = read_params(trainer.model)
+    records = []
+    out = refit_after_training(trainer.model, trainer.checkpoints, tmp_path / "train", tmp_path / "gone", config, step=0,
+                               examples=0, record=records.append, predict=trainer.predict, optimizer=trainer.optimizer)
+    assert out["status"] == "skipped" and out["reason"].startswith("failed ("), out
+    assert records[-1]["status"] == "skipped" and trainer.checkpoints.latest == saved
+    np.testing.assert_array_equal(read_params(trainer.model).linear, before.linear)
