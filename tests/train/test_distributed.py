@@ -362,8 +362,10 @@ def test_cluster_training_matches_one_process_and_exports_serve_alike(tmp_path, 
     e, e_single = export(tmp_path / "dist", tmp_path / "models" / "dist"), export(tmp_path / "single", tmp_path / "models" / "single")
     saved = dict(tf.train.list_variables(str(Path(e.path) / "variables" / "variables")))
     assert saved == dict(tf.train.list_variables(str(Path(e_single.path) / "variables" / "variables")))
-    tables = [shape for key, shape in saved.items() if "embedding/table/tables" in key]
-    assert tables == [[sum(info["distributed"]["table_shards"]["fm/embedding/table/shared"]), 8]]
+    rows = sum(info["distributed"]["table_shards"]["fm/embedding/table/shared"])
+    # FM exports serve from one packed table (export's pack_tables "auto"): the 8 embedding columns + the linear weight
+    tables = [shape for key, shape in saved.items() if shape and shape[0] == rows]
+    assert tables == [[rows, 8 + 1]], saved
     model = build_model_from_run(load_run_info(tmp_path / "dist"))
     restore_latest(tmp_path / "dist", model)
     with open_batches(test_dir, PipelineOptions(batch_size=2000, shuffle=False)) as batches:
