@@ -564,36 +564,33 @@ class FieldEmbedding(tf.Module):
 
     def __call__(self, ids: tf.Tensor, values: tf.Tensor | None) -> tf.Tensor:
         """ids: `[B, F]` int32 local ids; values: `[B, N]` normalized numerics or None when N = 0."""
-        emb = self.table.lookup_ids(ids)
-        if values is None:
-            return emb
-        numeric = values[:, :, None] * self.table.numeric_rows()[None, :, :]
-        return tf.concat([emb, numeric], axis=1)
+        return _with_numerics(self.table.lookup_ids(ids), values, self.table.numeric_rows)
 
     def packed(self, ids: tf.Tensor, values: tf.Tensor | None) -> tf.Tensor:
         """Packed tables only (`CtrModel.pack_tables`): `__call__`'s `[B, F + N, dim]` with each field's
         linear term as column `dim` (`[B, F + N, dim + 1]`; numerics scaled by their value, which is the
         linear layer's `w_j x_j`), taken straight from the gathered rows: no copy of the slice."""
-        rows = self.table.lookup_packed(ids)
-        if values is None:
-            return rows
-        return tf.concat([rows, values[:, :, None] * self.table.numeric_packed()[None, :, :]], axis=1)
+        return _with_numerics(self.table.lookup_packed(ids), values, self.table.numeric_packed)
 
     def packed_side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
         """Packed tables only: `side` as whole packed rows `[B, len(side.fields), dim + 1]` (see `packed`)."""
-        rows = self.table.lookup_fields_packed(ids, side.id_fields)
-        if values is None or not side.numeric_fields:
-            return rows
-        num = tf.gather(self.table.numeric_packed(), list(side.numeric_fields))
-        return tf.concat([rows, values[:, :, None] * num[None, :, :]], axis=1)
+        return _with_numerics(self.table.lookup_fields_packed(ids, side.id_fields), values, self.table.numeric_packed,
+                              side.numeric_fields)
 
     def side(self, ids: tf.Tensor, values: tf.Tensor | None, side: "ContextSide") -> tf.Tensor:
         """One side's field vectors `[B, len(side.fields), dim]`, in global field order (context splits)."""
-        emb = self.table.lookup_fields(ids, side.id_fields)
-        if values is None or not side.numeric_fields:
-            return emb
-        rows = tf.gather(self.table.numeric_rows(), list(side.numeric_fields))
-        return tf.concat([emb, values[:, :, None] * rows[None, :, :]], axis=1)
+        return _with_numerics(self.table.lookup_fields(ids, side.id_fields), values, self.table.numeric_rows,
+                              side.numeric_fields)
+
+
+def _with_numerics(rows: tf.Tensor, values: tf.Tensor | None, numeric_rows: Callable[[], tf.Tensor],
+                   fields: Sequence[int] | None = None) -> tf.Tensor:
+    """`rows` `[B, F, W]` followed by the normalized numerics' rows scaled by their values (`fields`: those of one
+    context side; None: all) -> `[B, F + N, W]`; `rows` as they are without numerics."""
+    if values is None or (fields is not None and not fields):
+        return rows
+    num = numeric_rows() if fields is None else tf.gather(numeric_rows(), list(fields))
+    return tf.concat([rows, values[:, :, None] * num[None, :, :]], axis=1)
 
 
 def packed_fm(rows: tf.Tensor, dim: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
